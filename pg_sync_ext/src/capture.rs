@@ -1,0 +1,372 @@
+//! The capture trigger `sync.capture()`: turns each INSERT, UPDATE, DELETE and TRUNCATE of a
+//! tracked table into rows of `sync.change_history`, inside the writing transaction.
+//!
+//! It owns the row-to-log mapping and nothing else: which tables are tracked and with which
+//! options is decided by `sync.track` (api.sql), which passes the options as trigger
+//! arguments, so the hot path never looks anything up. What it needs from the catalog (the
+//! primary key, the published columns, an insert plan) is computed once per trigger and
+//! backend and cached by trigger OID; any change of options or of the table's shape recreates
+//! the trigger, which gives it a new OID.
+//!
+//! Decisions made here:
+//! - an UPDATE that changes no published column writes no row (compared by value, after
+//!   detoasting, so `SET x = x` is not a change);
+//! - an UPDATE that changes the primary key is a DELETE of the old id and an INSERT of the new
+//!   one, because clients key their caches by id;
+//! - `data`/`old_data` are `to_jsonb` of the row minus unpublished columns;
+//! - `entity_id` is the key's text, or for a composite key the JSON array of the columns' texts
+//!   (`["7","u1"]`).
+//!
+//! The function is SECURITY DEFINER (api.sql) so writers need no privilege on the log, and
+//! every name in its SQL is schema-qualified so a writer's search_path cannot reach it.
+
+use crate::wakeup;
+use pgrx::prelude::*;
+use pgrx::{PgRelation, PgTupleDesc};
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::ffi::{CStr, CString};
+use std::rc::Rc;
+
+/// What the trigger needs to know about one tracked table, built once per backend.
+struct TableCapture {
+    relid: pg_sys::Oid,
+    natts: usize,
+    table_name: String,
+    entity_code: String,
+    schema_version: i32,
+    /// Per attribute (by attnum - 1): its name when published, None when unpublished or dropped.
+    published: Vec<Option<String>>,
+    /// The primary key's attributes in key order, with their output functions.
+    key: Vec<(usize, pg_sys::Oid)>,
+    /// A kept SPI plan of the log insert.
+    plan: pg_sys::SPIPlanPtr,
+}
+
+impl Drop for TableCapture {
+    fn drop(&mut self) {
+        // SAFETY: the plan was kept by SPI_keepplan and is referenced only by this entry.
+        unsafe { pg_sys::SPI_freeplan(self.plan) };
+    }
+}
+
+thread_local! {
+    static CACHE: RefCell<HashMap<pg_sys::Oid, Rc<TableCapture>>> = RefCell::new(HashMap::new());
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CaptureError {
+    #[error("sync.capture must be called as an AFTER trigger by a table tracked with sync.track")]
+    Misused,
+    #[error("sync.capture: the trigger arguments of {0} are damaged; run sync.track again")]
+    BadArguments(String),
+    #[error("sync.capture: {0} has no primary key")]
+    NoPrimaryKey(String),
+}
+
+#[pg_trigger]
+fn capture<'a>(
+    trigger: &'a PgTrigger<'a>,
+) -> Result<Option<PgHeapTuple<'a, AllocatedByPostgres>>, CaptureError> {
+    let data = trigger.trigger_data();
+    let event = data.tg_event;
+    if !pgrx::trigger_support::trigger_fired_after(event) {
+        return Err(CaptureError::Misused);
+    }
+    // SAFETY: PostgreSQL hands the trigger a connected-for-this-call relation and tuples that
+    // live until the trigger returns; SPI is connected around everything that uses them.
+    unsafe {
+        if pg_sys::SPI_connect() != pg_sys::SPI_OK_CONNECT as i32 {
+            panic!("SPI_connect failed");
+        }
+        let table = table_capture(trigger)?;
+        let tupdesc = (*data.tg_relation).rd_att;
+        if pgrx::trigger_support::trigger_fired_by_truncate(event) {
+            table.log("TRUNCATE", None, None, None, None);
+        } else if pgrx::trigger_support::trigger_fired_by_insert(event) {
+            let new = data.tg_trigtuple;
+            table.log(
+                "INSERT",
+                Some(table.entity_id(new, tupdesc)),
+                Some((new, tupdesc)),
+                None,
+                None,
+            );
+        } else if pgrx::trigger_support::trigger_fired_by_delete(event) {
+            let old = data.tg_trigtuple;
+            table.log(
+                "DELETE",
+                Some(table.entity_id(old, tupdesc)),
+                None,
+                Some((old, tupdesc)),
+                None,
+            );
+        } else {
+            let (old, new) = (data.tg_trigtuple, data.tg_newtuple);
+            let (old_id, new_id) = (table.entity_id(old, tupdesc), table.entity_id(new, tupdesc));
+            if old_id != new_id {
+                table.log("DELETE", Some(old_id), None, Some((old, tupdesc)), None);
+                table.log("INSERT", Some(new_id), Some((new, tupdesc)), None, None);
+            } else {
+                let changed = table.changed_columns(old, new, tupdesc);
+                if !changed.is_empty() {
+                    table.log(
+                        "UPDATE",
+                        Some(new_id),
+                        Some((new, tupdesc)),
+                        Some((old, tupdesc)),
+                        Some(changed),
+                    );
+                }
+            }
+        }
+        pg_sys::SPI_finish();
+    }
+    Ok(None)
+}
+
+/// The cached capture of the firing trigger, built on first use.
+unsafe fn table_capture(trigger: &PgTrigger<'_>) -> Result<Rc<TableCapture>, CaptureError> {
+    let tgoid = trigger.trigger().tgoid;
+    let rel = trigger.trigger_data().tg_relation;
+    let natts = (*(*rel).rd_att).natts as usize;
+    if let Some(found) = CACHE.with(|c| c.borrow().get(&tgoid).cloned()) {
+        if found.natts == natts {
+            return Ok(found);
+        }
+    }
+    let built = Rc::new(TableCapture::build(trigger)?);
+    CACHE.with(|c| {
+        let mut cache = c.borrow_mut();
+        cache.retain(|_, t| t.relid != built.relid);
+        cache.insert(tgoid, built.clone());
+    });
+    Ok(built)
+}
+
+impl TableCapture {
+    unsafe fn build(trigger: &PgTrigger<'_>) -> Result<Self, CaptureError> {
+        let rel = PgRelation::from_pg(trigger.trigger_data().tg_relation);
+        let table_name = format!("{}.{}", rel.namespace(), rel.name());
+        let args = trigger
+            .extra_args()
+            .map_err(|_| CaptureError::BadArguments(table_name.clone()))?;
+        let (Some(entity_code), Some(version)) = (args.first(), args.get(1)) else {
+            return Err(CaptureError::BadArguments(table_name));
+        };
+        let schema_version = version
+            .parse()
+            .map_err(|_| CaptureError::BadArguments(table_name.clone()))?;
+        let allow_list = &args[2..];
+
+        let key = primary_key(rel.as_ptr());
+        if key.is_empty() {
+            return Err(CaptureError::NoPrimaryKey(table_name));
+        }
+        let tupdesc = PgTupleDesc::from_pg_unchecked(rel.rd_att);
+        let mut published = Vec::with_capacity(tupdesc.len());
+        let mut hidden = Vec::new();
+        for (i, att) in tupdesc.iter().enumerate() {
+            let name = att.name().to_owned();
+            let in_key = key.iter().any(|&(k, _)| k == i);
+            if att.is_dropped() {
+                published.push(None);
+            } else if allow_list.is_empty() || in_key || allow_list.contains(&name) {
+                published.push(Some(name));
+            } else {
+                published.push(None);
+                hidden.push(name);
+            }
+        }
+        let key = key
+            .into_iter()
+            .map(|(i, typid)| {
+                let (mut out, mut varlena) = (pg_sys::InvalidOid, false);
+                pg_sys::getTypeOutputInfo(typid, &mut out, &mut varlena);
+                (i, out)
+            })
+            .collect();
+        let plan = prepare_insert(rel.rd_rel.as_ref().expect("relation form").reltype, &hidden);
+        Ok(TableCapture {
+            relid: rel.oid(),
+            natts: tupdesc.len(),
+            table_name,
+            entity_code: entity_code.clone(),
+            schema_version,
+            published,
+            key,
+            plan,
+        })
+    }
+
+    /// The key's text; a composite key as a JSON array of texts.
+    unsafe fn entity_id(&self, tuple: pg_sys::HeapTuple, tupdesc: pg_sys::TupleDesc) -> String {
+        let mut parts = self.key.iter().map(|&(i, out)| {
+            let mut is_null = false;
+            let datum = pg_sys::heap_getattr(tuple, i as i32 + 1, tupdesc, &mut is_null);
+            if is_null {
+                String::new() // a primary key column is NOT NULL; kept total anyway
+            } else {
+                let text = pg_sys::OidOutputFunctionCall(out, datum);
+                let owned = CStr::from_ptr(text).to_string_lossy().into_owned();
+                pg_sys::pfree(text.cast());
+                owned
+            }
+        });
+        if self.key.len() == 1 {
+            parts.next().unwrap_or_default()
+        } else {
+            serde_json::to_string(&parts.collect::<Vec<_>>()).expect("strings serialize")
+        }
+    }
+
+    /// The published columns whose values differ between the two versions of a row.
+    unsafe fn changed_columns(
+        &self,
+        old: pg_sys::HeapTuple,
+        new: pg_sys::HeapTuple,
+        tupdesc: pg_sys::TupleDesc,
+    ) -> Vec<String> {
+        let desc = PgTupleDesc::from_pg_unchecked(tupdesc);
+        let mut changed = Vec::new();
+        for (i, name) in self.published.iter().enumerate() {
+            let Some(name) = name else { continue };
+            let att = desc.get(i).expect("attribute in range");
+            let (mut old_null, mut new_null) = (false, false);
+            let a = pg_sys::heap_getattr(old, i as i32 + 1, tupdesc, &mut old_null);
+            let b = pg_sys::heap_getattr(new, i as i32 + 1, tupdesc, &mut new_null);
+            let same = match (old_null, new_null) {
+                (true, true) => true,
+                (false, false) => same_value(a, b, att.attlen, att.attbyval),
+                _ => false,
+            };
+            if !same {
+                changed.push(name.clone());
+            }
+        }
+        changed
+    }
+
+    /// Inserts one log row and arranges the wake-up of readers.
+    unsafe fn log(
+        &self,
+        op: &str,
+        entity_id: Option<String>,
+        data: Option<(pg_sys::HeapTuple, pg_sys::TupleDesc)>,
+        old_data: Option<(pg_sys::HeapTuple, pg_sys::TupleDesc)>,
+        changed: Option<Vec<String>>,
+    ) {
+        let row = |t: Option<(pg_sys::HeapTuple, pg_sys::TupleDesc)>| {
+            t.map(|(tuple, desc)| pg_sys::heap_copy_tuple_as_datum(tuple, desc))
+        };
+        let values = [
+            self.table_name.as_str().into_datum(),
+            self.entity_code.as_str().into_datum(),
+            op.into_datum(),
+            entity_id.into_datum(),
+            row(data),
+            row(old_data),
+            changed.into_datum(),
+            self.schema_version.into_datum(),
+        ];
+        let mut datums: Vec<pg_sys::Datum> = values.iter().map(|v| v.unwrap_or(0.into())).collect();
+        let nulls: Vec<std::ffi::c_char> = values
+            .iter()
+            .map(|v| if v.is_some() { b' ' } else { b'n' } as std::ffi::c_char)
+            .collect();
+        let rc = pg_sys::SPI_execute_plan(self.plan, datums.as_mut_ptr(), nulls.as_ptr(), false, 0);
+        if rc != pg_sys::SPI_OK_INSERT as i32 {
+            panic!("sync.capture: inserting into sync.change_history failed ({rc})");
+        }
+        wakeup::note_log_write();
+    }
+}
+
+/// The primary key's attributes (0-based) and their types, in key order; empty without one.
+unsafe fn primary_key(rel: pg_sys::Relation) -> Vec<(usize, pg_sys::Oid)> {
+    let index_oid = pg_sys::RelationGetPrimaryKeyIndex(rel);
+    if index_oid == pg_sys::InvalidOid {
+        return Vec::new();
+    }
+    let index = pg_sys::index_open(index_oid, pg_sys::AccessShareLock as i32);
+    let form = (*index).rd_index;
+    let n = (*form).indnkeyatts as usize;
+    let attnums = (*form).indkey.values.as_slice(n);
+    let desc = PgTupleDesc::from_pg_unchecked((*rel).rd_att);
+    let key = attnums
+        .iter()
+        .map(|&attnum| {
+            let i = attnum as usize - 1;
+            (i, desc.get(i).expect("key attribute").atttypid)
+        })
+        .collect();
+    pg_sys::index_close(index, pg_sys::AccessShareLock as i32);
+    key
+}
+
+/// Plans the log insert for a table whose row type is `rowtype`, removing `hidden` columns
+/// from the JSON.
+unsafe fn prepare_insert(rowtype: pg_sys::Oid, hidden: &[String]) -> pg_sys::SPIPlanPtr {
+    let strip = if hidden.is_empty() {
+        String::new()
+    } else {
+        let names: Vec<String> = hidden.iter().map(pgrx::spi::quote_literal).collect();
+        format!(
+            " OPERATOR(pg_catalog.-) ARRAY[{}]::text[]",
+            names.join(", ")
+        )
+    };
+    let sql = format!(
+        "INSERT INTO sync.change_history (table_name, entity_code, op, entity_id, data, old_data, \
+                                          changed_columns, schema_version, client_id) \
+         VALUES ($1, $2, $3, $4, pg_catalog.to_jsonb($5){strip}, pg_catalog.to_jsonb($6){strip}, \
+                 $7, $8, NULLIF(pg_catalog.current_setting('sync.client_id', true), ''))"
+    );
+    let sql = CString::new(sql).expect("no NUL in SQL");
+    let mut types = [
+        pg_sys::TEXTOID,
+        pg_sys::TEXTOID,
+        pg_sys::TEXTOID,
+        pg_sys::TEXTOID,
+        rowtype,
+        rowtype,
+        pg_sys::TEXTARRAYOID,
+        pg_sys::INT4OID,
+    ];
+    let plan = pg_sys::SPI_prepare(sql.as_ptr(), types.len() as i32, types.as_mut_ptr());
+    if plan.is_null() {
+        panic!("sync.capture: preparing the log insert failed");
+    }
+    pg_sys::SPI_keepplan(plan);
+    plan
+}
+
+/// Whether two non-null values of one attribute are the same value, byte for byte after
+/// detoasting (so a value that moved between inline and TOAST storage is unchanged).
+unsafe fn same_value(a: pg_sys::Datum, b: pg_sys::Datum, attlen: i16, byval: bool) -> bool {
+    if byval {
+        return a == b;
+    }
+    if a == b {
+        return true; // the same pointer
+    }
+    match attlen {
+        -1 => {
+            let va = pg_sys::pg_detoast_datum_packed(a.cast_mut_ptr());
+            let vb = pg_sys::pg_detoast_datum_packed(b.cast_mut_ptr());
+            let (la, lb) = (
+                pgrx::varlena::varsize_any_exhdr(va),
+                pgrx::varlena::varsize_any_exhdr(vb),
+            );
+            la == lb
+                && std::slice::from_raw_parts(pgrx::varlena::vardata_any(va).cast::<u8>(), la)
+                    == std::slice::from_raw_parts(pgrx::varlena::vardata_any(vb).cast::<u8>(), lb)
+        }
+        -2 => CStr::from_ptr(a.cast_mut_ptr()) == CStr::from_ptr(b.cast_mut_ptr()),
+        n => {
+            let n = n as usize;
+            std::slice::from_raw_parts(a.cast_mut_ptr::<u8>(), n)
+                == std::slice::from_raw_parts(b.cast_mut_ptr::<u8>(), n)
+        }
+    }
+}

@@ -1,0 +1,289 @@
+//! Reading the log from a cursor: `sync.current_cursor()` and the pages behind
+//! `sync.changes_since`. The meaning of cursors and why the queries below are gap-free is
+//! explained in `cursor.rs`; this module only runs them.
+//!
+//! Every query of one call reads with snapshots it names explicitly (`pg_visible_in_snapshot`
+//! against the batch's end), so the result does not depend on whether SPI gives each query a
+//! fresh snapshot. Expiry is checked by the PL/pgSQL wrapper `sync.changes_since`, which holds
+//! the log's read lock so that no prune moves the horizon in between.
+
+use crate::cursor::{expiry, Cursor, CursorError, Mark, Position, Snapshot};
+use pgrx::pg_sys::panic::ErrorReport;
+use pgrx::prelude::*;
+use pgrx::spi::{OwnedPreparedStatement, SpiClient};
+use pgrx::PgOid;
+use std::cell::OnceCell;
+
+/// Pages larger than this are refused: a caller wanting more reads on from the last cursor.
+const MAX_PAGE_ROWS: i32 = 100_000;
+
+/// The page query, for the batch `(from, to]` after a position:
+/// - the rest of the transaction at the position, when it was left in the middle;
+/// - the transactions that were in progress at `from` and are visible at `to`, by txid;
+/// - the other transactions: their last rows lie in `(from.max_id, to.max_id]`, found in id
+///   order by asking, for each row, whether it is its transaction's last;
+///
+/// ordered by their last id, each transaction's rows in id order.
+const PAGE_SQL: &str = "
+WITH tails AS (
+        SELECT $5 AS txkey, $6::xid8 AS txid, $7 AS after
+         WHERE $7 < $5
+    UNION ALL
+        SELECT max(h.id), h.txid, 0 FROM sync.change_history h
+         WHERE h.txid = ANY ($1::xid8[])
+           AND pg_catalog.pg_visible_in_snapshot(h.txid, $2::pg_snapshot)
+         GROUP BY h.txid HAVING max(h.id) > $5
+    UNION ALL
+        (SELECT t.id, t.txid, 0 FROM sync.change_history t
+          WHERE t.id > pg_catalog.int8larger($3, $5) AND t.id <= $4
+            AND t.txid <> ALL ($1::xid8[])
+            AND pg_catalog.pg_visible_in_snapshot(t.txid, $2::pg_snapshot)
+            AND NOT EXISTS (SELECT FROM sync.change_history l WHERE l.txid = t.txid AND l.id > t.id)
+          ORDER BY t.id LIMIT $8)
+)
+SELECT c.id, c.txid::text, t.txkey
+  FROM (SELECT * FROM tails ORDER BY txkey LIMIT $8) t
+ CROSS JOIN LATERAL (SELECT h.id, h.txid FROM sync.change_history h
+                      WHERE h.txid = t.txid AND h.id > t.after
+                      ORDER BY h.id LIMIT $8) c
+ ORDER BY t.txkey, c.id
+ LIMIT $8";
+
+thread_local! {
+    static PAGE_PLAN: OnceCell<OwnedPreparedStatement> = const { OnceCell::new() };
+}
+
+/// The cursor of the calling transaction's snapshot: each change visible to the transaction
+/// is before it, each other change after it.
+#[pg_extern(volatile, parallel_unsafe)]
+fn current_cursor() -> String {
+    Spi::connect(|client| {
+        let generation = log_state(client).0;
+        Cursor::At {
+            generation,
+            mark: current_mark(client),
+        }
+        .encode()
+    })
+}
+
+/// NULL when `cursor` can be read from, else why it is expired. Raises 22023 when it is
+/// malformed. (Internal: `sync.changes_since` raises SY410 with the reason.)
+#[pg_extern(name = "_cursor_problem", volatile, parallel_unsafe)]
+fn cursor_problem(cursor: Option<&str>) -> Option<String> {
+    let cursor = cursor.map(parse_or_raise)?;
+    Spi::connect(|client| {
+        let (generation, horizon) = log_state(client);
+        expiry(&cursor, &generation, horizon).map(str::to_owned)
+    })
+}
+
+/// One page of changes after `cursor`: the ids of the log rows in delivery order, each with
+/// the cursor after it. (Internal: `sync.changes_since` joins the rows.)
+#[pg_extern(name = "_changes_page", volatile, parallel_unsafe)]
+fn changes_page(
+    cursor: Option<&str>,
+    max_rows: i32,
+) -> TableIterator<'static, (name!(change_id, i64), name!(cursor, String))> {
+    if !(1..=MAX_PAGE_ROWS).contains(&max_rows) {
+        invalid_parameter(format!(
+            "max_rows must be between 1 and {MAX_PAGE_ROWS}, not {max_rows}"
+        ));
+    }
+    let cursor = cursor.map(parse_or_raise);
+    let rows = Spi::connect(|client| read_page(client, cursor, max_rows as usize));
+    TableIterator::new(rows)
+}
+
+fn parse_or_raise(text: &str) -> Cursor {
+    Cursor::decode(text).unwrap_or_else(|CursorError::Malformed(why)| {
+        invalid_parameter(format!("malformed cursor: {why}"))
+    })
+}
+
+/// Raises SQLSTATE 22023 (invalid_parameter_value).
+fn invalid_parameter(message: String) -> ! {
+    ErrorReport::new(
+        PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+        message,
+        function_name!(),
+    )
+    .report(PgLogLevel::ERROR);
+    unreachable!("an ERROR does not return")
+}
+
+/// Walks batches from the cursor to the current snapshot until `max_rows` changes are found.
+fn read_page(
+    client: &SpiClient<'_>,
+    cursor: Option<Cursor>,
+    max_rows: usize,
+) -> Vec<(i64, String)> {
+    let now = current_mark(client);
+    let (generation, horizon) = log_state(client);
+    // NULL: from the oldest retained change, i.e. from a mark that sees exactly the pruned past.
+    let cursor = cursor.unwrap_or_else(|| Cursor::At {
+        generation: generation.clone(),
+        mark: Mark {
+            snapshot: Snapshot {
+                xmin: horizon,
+                xmax: horizon,
+                xip: vec![],
+            },
+            max_id: 0,
+        },
+    });
+    let (mut from, mut to, mut position) = match cursor {
+        Cursor::At { mark, .. } => (mark, now.clone(), None),
+        Cursor::Within {
+            from, to, position, ..
+        } => (from, to, Some(position)),
+    };
+    let mut out: Vec<(i64, String)> = Vec::new();
+    loop {
+        // A cursor from a snapshot newer than ours (a REPEATABLE READ transaction reading a
+        // cursor made later): its changes may be invisible to us, so deliver nothing yet.
+        if !now.snapshot.covers(&to.snapshot) {
+            return out;
+        }
+        let room = max_rows - out.len();
+        let rows = batch_rows(client, &from, &to, position, room + 1);
+        let exhausted = rows.len() <= room;
+        for (id, txid, txkey) in rows.into_iter().take(room) {
+            let position = Position { txkey, txid, id };
+            let within = Cursor::Within {
+                generation: generation.clone(),
+                from: from.clone(),
+                to: to.clone(),
+                position,
+            };
+            out.push((id, within.encode()));
+        }
+        if !exhausted {
+            return out;
+        }
+        // The batch is done: the cursor after its last change (or, if it had none, after the
+        // last change of the batches before) is the batch's end, where the next one starts.
+        if let Some(last) = out.last_mut() {
+            last.1 = Cursor::At {
+                generation: generation.clone(),
+                mark: to.clone(),
+            }
+            .encode();
+        }
+        if to == now || out.len() == max_rows {
+            return out;
+        }
+        from = to;
+        to = now.clone();
+        position = None;
+    }
+}
+
+/// Up to `limit` rows of the batch `(from, to]` after `position`: (id, txid, txkey).
+fn batch_rows(
+    client: &SpiClient<'_>,
+    from: &Mark,
+    to: &Mark,
+    position: Option<Position>,
+    limit: usize,
+) -> Vec<(i64, u64, i64)> {
+    let p = position.unwrap_or(Position {
+        txkey: 0,
+        txid: 0,
+        id: 0,
+    });
+    let xip = format!(
+        "{{{}}}",
+        from.snapshot
+            .xip
+            .iter()
+            .map(u64::to_string)
+            .collect::<Vec<_>>()
+            .join(",")
+    );
+    let args = [
+        xip.into(),
+        to.snapshot.to_pg().into(),
+        from.max_id.into(),
+        to.max_id.into(),
+        p.txkey.into(),
+        p.txid.to_string().into(),
+        p.id.into(),
+        (limit as i64).into(),
+    ];
+    PAGE_PLAN.with(|plan| {
+        let plan = plan.get_or_init(|| {
+            let types = [
+                PgOid::from(pg_sys::TEXTOID),
+                pg_sys::TEXTOID.into(),
+                pg_sys::INT8OID.into(),
+                pg_sys::INT8OID.into(),
+                pg_sys::INT8OID.into(),
+                pg_sys::TEXTOID.into(),
+                pg_sys::INT8OID.into(),
+                pg_sys::INT8OID.into(),
+            ];
+            client
+                .prepare(PAGE_SQL, &types)
+                .expect("page query prepares")
+                .keep()
+        });
+        client
+            .select(plan, None, &args)
+            .expect("page query runs")
+            .map(|row| {
+                let id: i64 = row.get(1).expect("id").expect("id not null");
+                let txid: String = row.get(2).expect("txid").expect("txid not null");
+                let txkey: i64 = row.get(3).expect("txkey").expect("txkey not null");
+                (id, txid.parse().expect("xid8 is a number"), txkey)
+            })
+            .collect()
+    })
+}
+
+/// The mark of the current snapshot: it and the largest log id visible in it, read together.
+///
+/// A transaction that has written sees its own changes, but no other session does until it
+/// commits, and `pg_current_snapshot()` is inconsistent about them (its own xid is "visible"
+/// once a later xid completed, invisible before). So the mark counts the calling transaction
+/// as in progress, like everyone else's view of it: its own changes come after its cursor.
+fn current_mark(client: &SpiClient<'_>) -> Mark {
+    let row = client
+        .select(
+            "SELECT pg_catalog.pg_current_snapshot()::text, own.xid::text,
+                    coalesce((SELECT h.id FROM sync.change_history h
+                               WHERE h.txid IS DISTINCT FROM own.xid
+                               ORDER BY h.id DESC LIMIT 1), 0)
+               FROM (SELECT pg_catalog.pg_current_xact_id_if_assigned() AS xid) own",
+            Some(1),
+            &[],
+        )
+        .expect("snapshot query runs")
+        .first();
+    let snapshot: String = row.get(1).expect("snapshot").expect("snapshot not null");
+    let own: Option<String> = row.get(2).expect("own xid");
+    let max_id: i64 = row.get(3).expect("max id").expect("max id not null");
+    let mut snapshot = Snapshot::parse_pg(&snapshot).expect("PostgreSQL snapshots parse");
+    if let Some(own) = own {
+        snapshot.add_in_progress(own.parse().expect("xid8 is a number"));
+    }
+    Mark { snapshot, max_id }
+}
+
+/// The log's generation and retention horizon.
+fn log_state(client: &SpiClient<'_>) -> (String, u64) {
+    let row = client
+        .select(
+            "SELECT generation, horizon::text FROM sync.state",
+            Some(1),
+            &[],
+        )
+        .expect("sync.state is readable")
+        .first();
+    let generation: String = row
+        .get(1)
+        .expect("generation")
+        .expect("generation not null");
+    let horizon: String = row.get(2).expect("horizon").expect("horizon not null");
+    (generation, horizon.parse().expect("xid8 is a number"))
+}

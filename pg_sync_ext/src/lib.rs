@@ -1,0 +1,44 @@
+//! pg_sync, the PostgreSQL extension: an ordered, gap-free change log of tracked tables for
+//! applications that keep a local copy of their data.
+//!
+//! Data flows through the modules in this order:
+//! - `capture`: the trigger that writes each change of a tracked table into the log;
+//! - `wakeup`: readers are woken after the writers commit, without writers paying for NOTIFY;
+//! - `cursor`: what a position in the log is (a snapshot), as pure Rust;
+//! - `changes`: reading the log from a cursor.
+//!
+//! The tables live in `sql/schema.sql`, the PL/pgSQL part of the API (tracking, pruning,
+//! status and the error-raising wrapper of `changes_since`) in `sql/api.sql`.
+
+use pgrx::prelude::*;
+
+mod capture;
+mod changes;
+mod cursor;
+mod wakeup;
+
+pgrx::pg_module_magic!();
+
+extension_sql_file!("sql/schema.sql", name = "schema", bootstrap);
+extension_sql_file!("sql/api.sql", name = "api", finalize);
+
+#[pg_guard]
+pub extern "C-unwind" fn _PG_init() {
+    wakeup::init();
+}
+
+#[cfg(any(test, feature = "pg_test"))]
+mod pg_tests;
+
+/// Set-up of the cluster that `cargo pgrx test` starts.
+#[cfg(test)]
+pub mod pg_test {
+    pub fn setup(_options: Vec<&str>) {}
+
+    pub fn postgresql_conf_options() -> Vec<&'static str> {
+        vec![
+            "shared_preload_libraries = 'pg_sync'",
+            "wal_level = logical",
+        ]
+    }
+}

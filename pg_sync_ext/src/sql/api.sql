@@ -1,0 +1,288 @@
+-- pg_sync's SQL API written in PL/pgSQL: tracking, reading the log with its errors, pruning
+-- and status. Runs last in `CREATE EXTENSION pg_sync`, after the Rust functions exist.
+--
+-- Identifiers reach dynamic SQL only through regclass output and format('%I'); trigger
+-- arguments through quote_literal. Every function pins search_path so that no object of the
+-- caller's schemas can stand in for a catalog function.
+
+-- (Re)creates the capture triggers of one tracked table from its row in sync.tracked. The
+-- triggers carry the table's options as arguments (entity_code, schema_version, then the
+-- allow-listed columns), so the capture never looks anything up per row; any change of
+-- options recreates them. A trigger that an administrator disabled stays disabled.
+CREATE FUNCTION sync._install_capture(tbl regclass) RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog AS $$
+DECLARE
+    t sync.tracked%ROWTYPE;
+    args text;
+    was_disabled boolean;
+    trg text;
+BEGIN
+    SELECT * INTO t FROM sync.tracked WHERE relid = tbl;
+    SELECT bool_or(tgenabled = 'D') INTO was_disabled
+      FROM pg_trigger WHERE tgrelid = tbl AND tgname IN ('sync_capture', 'sync_capture_truncate');
+    -- Our own ALTER TABLE below must not count as a schema change.
+    PERFORM set_config('sync.internal_ddl', 'on', true);
+    PERFORM sync._drop_capture(tbl);
+    IF t.capture = 'trigger' THEN
+        SELECT string_agg(quote_literal(a), ', ' ORDER BY ord) INTO args
+          FROM unnest(ARRAY[t.entity_code, t.schema_version::text] || coalesce(t.columns, '{}'))
+               WITH ORDINALITY AS u(a, ord);
+        EXECUTE format('CREATE TRIGGER sync_capture AFTER INSERT OR UPDATE OR DELETE ON %s '
+                       'FOR EACH ROW EXECUTE FUNCTION sync.capture(%s)', tbl, args);
+        EXECUTE format('CREATE TRIGGER sync_capture_truncate AFTER TRUNCATE ON %s '
+                       'FOR EACH STATEMENT EXECUTE FUNCTION sync.capture(%s)', tbl, args);
+        -- ALWAYS: restores and logical-replication appliers run with
+        -- session_replication_role = replica, which skips ordinary triggers.
+        FOREACH trg IN ARRAY ARRAY['sync_capture', 'sync_capture_truncate'] LOOP
+            EXECUTE format('ALTER TABLE %s %s TRIGGER %I', tbl,
+                           CASE WHEN was_disabled THEN 'DISABLE' ELSE 'ENABLE ALWAYS' END, trg);
+        END LOOP;
+    END IF;
+    PERFORM set_config('sync.internal_ddl', '', true);
+END
+$$;
+
+CREATE FUNCTION sync._drop_capture(tbl regclass) RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog AS $$
+DECLARE
+    trg name;
+BEGIN
+    FOR trg IN SELECT tgname FROM pg_trigger
+                WHERE tgrelid = tbl AND tgname IN ('sync_capture', 'sync_capture_truncate') LOOP
+        EXECUTE format('DROP TRIGGER %I ON %s', trg, tbl);
+    END LOOP;
+END
+$$;
+
+CREATE FUNCTION sync.track(tbl regclass, entity_code text DEFAULT NULL,
+                           capture text DEFAULT 'trigger', columns text[] DEFAULT NULL)
+RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog AS $$
+#variable_conflict use_column
+DECLARE
+    code text;
+    unknown text;
+    holder regclass;
+BEGIN
+    IF tbl IS NULL THEN
+        RAISE EXCEPTION 'sync.track: tbl must not be NULL' USING ERRCODE = '22004';
+    END IF;
+    IF (SELECT c.relkind FROM pg_class c WHERE c.oid = tbl) NOT IN ('r', 'p') THEN
+        RAISE EXCEPTION 'sync.track: % is not a table', tbl USING ERRCODE = '42809';
+    END IF;
+    IF (SELECT c.relnamespace FROM pg_class c WHERE c.oid = tbl) = 'sync'::regnamespace THEN
+        RAISE EXCEPTION 'sync.track: % belongs to pg_sync itself and cannot be tracked', tbl
+            USING ERRCODE = '42809';
+    END IF;
+    IF track.capture IS NULL OR track.capture NOT IN ('trigger', 'wal') THEN
+        RAISE EXCEPTION 'sync.track: capture must be ''trigger'' or ''wal'', not %',
+            coalesce(quote_literal(track.capture), 'NULL') USING ERRCODE = '22023';
+    END IF;
+    IF track.capture = 'wal' THEN
+        RAISE EXCEPTION 'sync.track: capture => ''wal'' is not available in this version'
+            USING ERRCODE = '0A000', HINT = 'Track the table with capture => ''trigger''.';
+    END IF;
+    code := coalesce(track.entity_code, (SELECT c.relname::text FROM pg_class c WHERE c.oid = tbl));
+    IF code = '' OR length(code) > 128 THEN
+        RAISE EXCEPTION 'sync.track: entity_code must have 1 to 128 characters'
+            USING ERRCODE = '22023';
+    END IF;
+    IF NOT EXISTS (SELECT FROM pg_index i WHERE i.indrelid = tbl AND i.indisprimary) THEN
+        RAISE EXCEPTION 'sync.track: table % has no primary key', tbl
+            USING ERRCODE = '55000',
+                  HINT = 'pg_sync identifies rows by their primary key; add one, then track the table.';
+    END IF;
+    IF track.columns IS NOT NULL THEN
+        SELECT c INTO unknown FROM unnest(track.columns) AS c
+         WHERE c IS NULL OR NOT EXISTS (SELECT FROM pg_attribute a WHERE a.attrelid = tbl
+                               AND a.attname = c AND a.attnum > 0 AND NOT a.attisdropped)
+         LIMIT 1;
+        IF FOUND THEN
+            RAISE EXCEPTION 'sync.track: column % does not exist in %',
+                coalesce(quote_ident(unknown), 'NULL'), tbl USING ERRCODE = '42703';
+        END IF;
+    END IF;
+    SELECT t.relid INTO holder FROM sync.tracked t WHERE t.entity_code = code AND t.relid <> tbl;
+    IF FOUND THEN
+        RAISE EXCEPTION 'sync.track: entity_code % is already used by %', quote_literal(code), holder
+            USING ERRCODE = '23505';
+    END IF;
+
+    INSERT INTO sync.tracked AS t (relid, entity_code, capture, columns)
+    VALUES (tbl, code, track.capture,
+            -- the allow-list in column order, without duplicates
+            (SELECT array_agg(a.attname::text ORDER BY a.attnum) FROM pg_attribute a
+              WHERE a.attrelid = tbl AND a.attname = ANY (track.columns)))
+    ON CONFLICT (relid) DO UPDATE
+       SET entity_code = excluded.entity_code,
+           capture = excluded.capture,
+           columns = excluded.columns,
+           schema_version = t.schema_version
+               + CASE WHEN t.columns IS DISTINCT FROM excluded.columns THEN 1 ELSE 0 END;
+    PERFORM sync._install_capture(tbl);
+END
+$$;
+
+CREATE FUNCTION sync.untrack(tbl regclass) RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog AS $$
+BEGIN
+    DELETE FROM sync.tracked WHERE relid = tbl;
+    IF NOT FOUND THEN
+        RAISE NOTICE 'sync.untrack: % is not tracked', tbl;
+        RETURN;
+    END IF;
+    PERFORM set_config('sync.internal_ddl', 'on', true);
+    PERFORM sync._drop_capture(tbl);
+    PERFORM set_config('sync.internal_ddl', '', true);
+END
+$$;
+
+-- ALTER TABLE on a tracked table: a new schema_version, and triggers that carry it. Columns of
+-- the allow-list that no longer exist leave it (with a warning); the primary key stays.
+CREATE FUNCTION sync._on_alter_table() RETURNS event_trigger
+LANGUAGE plpgsql SET search_path = pg_catalog AS $$
+DECLARE
+    altered regclass;
+    gone text[];
+BEGIN
+    IF current_setting('sync.internal_ddl', true) = 'on' THEN
+        RETURN;
+    END IF;
+    FOR altered IN
+        SELECT DISTINCT c.objid::regclass FROM pg_event_trigger_ddl_commands() c
+          JOIN sync.tracked t ON t.relid = c.objid::regclass
+         WHERE c.object_type = 'table'
+    LOOP
+        IF NOT EXISTS (SELECT FROM pg_index i WHERE i.indrelid = altered AND i.indisprimary) THEN
+            RAISE EXCEPTION 'pg_sync: % is tracked and needs its primary key', altered
+                USING ERRCODE = '55000', HINT = 'Run sync.untrack first.';
+        END IF;
+        SELECT array_agg(c) INTO gone FROM sync.tracked t, unnest(t.columns) AS c
+         WHERE t.relid = altered
+           AND NOT EXISTS (SELECT FROM pg_attribute a WHERE a.attrelid = altered
+                              AND a.attname = c AND a.attnum > 0 AND NOT a.attisdropped);
+        IF gone IS NOT NULL THEN
+            RAISE WARNING 'pg_sync: columns % of % left its published columns', gone, altered;
+        END IF;
+        UPDATE sync.tracked t
+           SET schema_version = t.schema_version + 1,
+               columns = CASE WHEN gone IS NULL THEN t.columns
+                              ELSE ARRAY(SELECT c FROM unnest(t.columns) AS c WHERE c <> ALL (gone)) END
+         WHERE t.relid = altered;
+        PERFORM sync._install_capture(altered);
+    END LOOP;
+END
+$$;
+CREATE EVENT TRIGGER sync_alter_table ON ddl_command_end WHEN TAG IN ('ALTER TABLE')
+    EXECUTE FUNCTION sync._on_alter_table();
+ALTER EVENT TRIGGER sync_alter_table ENABLE ALWAYS;
+
+-- DROP TABLE of a tracked table ends its tracking; its history stays.
+CREATE FUNCTION sync._on_sql_drop() RETURNS event_trigger
+LANGUAGE plpgsql SET search_path = pg_catalog AS $$
+BEGIN
+    DELETE FROM sync.tracked
+     WHERE relid::oid IN (SELECT objid FROM pg_event_trigger_dropped_objects()
+                           WHERE object_type = 'table');
+END
+$$;
+CREATE EVENT TRIGGER sync_sql_drop ON sql_drop EXECUTE FUNCTION sync._on_sql_drop();
+ALTER EVENT TRIGGER sync_sql_drop ENABLE ALWAYS;
+
+-- Readers of the log hold this advisory lock shared and sync.prune holds it exclusively, so
+-- that a page is never read across a prune that moves the horizon under it.
+CREATE FUNCTION sync._log_read_lock() RETURNS void
+LANGUAGE sql AS $$ SELECT pg_catalog.pg_advisory_xact_lock_shared(7378659442) $$;
+
+-- The committed changes after `cursor`, in delivery order, each with the cursor after it.
+-- Expiry is raised here, in PL/pgSQL, because a custom SQLSTATE (SY410) does not survive
+-- being raised from Rust: pgrx maps SQLSTATEs it does not know to XX000.
+-- A change as sync.changes_since returns it: a log row and the cursor after it.
+CREATE TYPE sync.change AS (
+    id bigint, table_name text, entity_code text, op text, entity_id text, data jsonb,
+    old_data jsonb, changed_columns text[], client_id text, txid xid8, lsn pg_lsn,
+    schema_version integer, source text, captured_at timestamptz, cursor text);
+
+CREATE FUNCTION sync.changes_since(cursor text, max_rows integer DEFAULT 1000)
+RETURNS SETOF sync.change
+LANGUAGE plpgsql SET search_path = pg_catalog AS $$
+DECLARE
+    problem text;
+BEGIN
+    PERFORM sync._log_read_lock();
+    problem := sync._cursor_problem(changes_since.cursor);
+    IF problem IS NOT NULL THEN
+        RAISE EXCEPTION 'cursor expired: %', problem
+            USING ERRCODE = 'SY410', HINT = 'Refetch a snapshot and continue from its cursor.';
+    END IF;
+    RETURN QUERY
+        SELECT h.id, h.table_name, h.entity_code, h.op, h.entity_id, h.data, h.old_data,
+               h.changed_columns, h.client_id, h.txid, h.lsn, h.schema_version, h.source,
+               h.captured_at, p.cursor
+          FROM sync._changes_page(changes_since.cursor, changes_since.max_rows)
+               WITH ORDINALITY AS p(change_id, cursor, ord)
+          JOIN sync.change_history h ON h.id = p.change_id
+         ORDER BY p.ord;
+END
+$$;
+
+-- Removes the changes older than `keep` and moves the retention horizon past them. Only whole
+-- transactions that every snapshot already sees are removed.
+CREATE FUNCTION sync.prune(keep interval DEFAULT '7 days') RETURNS bigint
+LANGUAGE plpgsql SET search_path = pg_catalog AS $$
+DECLARE
+    new_horizon xid8;
+    removed bigint;
+BEGIN
+    IF keep IS NULL OR keep < interval '0' THEN
+        RAISE EXCEPTION 'sync.prune: keep must be a positive interval' USING ERRCODE = '22023';
+    END IF;
+    PERFORM pg_advisory_xact_lock(7378659442);
+    -- Below the oldest transaction still running, and below every change younger than keep.
+    SELECT least(pg_snapshot_xmin(pg_current_snapshot()),
+                 (SELECT min(h.txid) FROM sync.change_history h WHERE h.captured_at >= now() - keep))
+      INTO new_horizon;
+    IF new_horizon <= (SELECT s.horizon FROM sync.state s) THEN
+        RETURN 0;
+    END IF;
+    DELETE FROM sync.change_history h WHERE h.txid < new_horizon;
+    GET DIAGNOSTICS removed = ROW_COUNT;
+    UPDATE sync.state SET horizon = new_horizon;
+    RETURN removed;
+END
+$$;
+
+CREATE FUNCTION sync.status() RETURNS jsonb
+LANGUAGE sql STABLE SET search_path = pg_catalog AS $$
+SELECT jsonb_build_object(
+    'tracked', coalesce((
+        SELECT jsonb_agg(jsonb_build_object(
+                   'table', t.relid::text,
+                   'entity_code', t.entity_code,
+                   'capture', t.capture,
+                   'columns', t.columns,
+                   'schema_version', t.schema_version,
+                   -- trigger capture is healthy when both triggers exist and fire ALWAYS
+                   'capture_enabled', t.capture <> 'trigger' OR (
+                       SELECT count(*) = 2 AND bool_and(g.tgenabled = 'A') FROM pg_trigger g
+                        WHERE g.tgrelid = t.relid
+                          AND g.tgname IN ('sync_capture', 'sync_capture_truncate')))
+                 ORDER BY t.entity_code)
+          FROM sync.tracked t), '[]'::jsonb),
+    'log_rows_estimate', (SELECT greatest(s.n_live_tup, 0) FROM pg_stat_user_tables s
+                           WHERE s.relid = 'sync.change_history'::regclass),
+    'oldest_change_at', (SELECT h.captured_at FROM sync.change_history h ORDER BY h.id LIMIT 1),
+    'horizon', (SELECT s.horizon::text FROM sync.state s),
+    'wakeup', sync._wakeup_mode(),
+    'wal_slot', coalesce((
+        SELECT jsonb_build_object(
+                   'exists', true,
+                   'retained_bytes', pg_wal_lsn_diff(pg_current_wal_lsn(), r.restart_lsn)::bigint)
+          FROM pg_replication_slots r WHERE r.slot_name = 'pg_sync'),
+        jsonb_build_object('exists', false, 'retained_bytes', 0)),
+    'last_ingest_at', (SELECT s.last_ingest_at FROM sync.state s))
+$$;
+
+-- Writers need no privilege on the log: the capture runs as the extension's owner. Its SQL
+-- names only schema-qualified objects (capture.rs).
+ALTER FUNCTION sync.capture() SECURITY DEFINER;

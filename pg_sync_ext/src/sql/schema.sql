@@ -1,0 +1,74 @@
+-- pg_sync's tables. Runs first when `CREATE EXTENSION pg_sync` builds the schema `sync`;
+-- the functions over these tables come from Rust (capture, cursors, wake-ups) and from
+-- api.sql (tracking, pruning, status).
+
+-- One row: what identifies this log and how far back it reaches.
+CREATE TABLE sync.state (
+    singleton      boolean PRIMARY KEY DEFAULT true CHECK (singleton),
+    -- A random id of this log. Cursors carry it, so that a cursor from another database, or
+    -- from before a dump and restore (transaction ids start again), is expired, not wrong.
+    -- Not dumped: a restore creates the extension anew and so a new generation.
+    generation     text NOT NULL DEFAULT pg_catalog.md5(pg_catalog.gen_random_uuid()::text),
+    -- Every change of a transaction older than this is gone (pruned) or never existed.
+    -- A cursor whose snapshot does not see all of them is expired.
+    horizon        xid8 NOT NULL DEFAULT pg_catalog.pg_snapshot_xmin(pg_catalog.pg_current_snapshot()),
+    last_ingest_at timestamptz
+);
+INSERT INTO sync.state DEFAULT VALUES;
+
+-- The change log. `id` comes from a CACHE 1 sequence inside the capturing transaction after
+-- it wrote (and so locked) the row: ids of one row's changes follow its commit order, and a
+-- transaction that starts after a snapshot takes only ids above that snapshot's largest
+-- visible id. Both facts carry the cursor design (see cursor.rs).
+CREATE TABLE sync.change_history (
+    id              bigint GENERATED ALWAYS AS IDENTITY (CACHE 1) PRIMARY KEY,
+    table_name      text NOT NULL,
+    entity_code     text NOT NULL,
+    op              text NOT NULL CHECK (op IN ('INSERT', 'UPDATE', 'DELETE', 'TRUNCATE')),
+    entity_id       text,
+    data            jsonb,
+    old_data        jsonb,
+    changed_columns text[],
+    client_id       text,
+    txid            xid8 NOT NULL DEFAULT pg_catalog.pg_current_xact_id(),
+    lsn             pg_lsn,
+    schema_version  integer NOT NULL,
+    source          text NOT NULL DEFAULT 'trigger' CHECK (source IN ('trigger', 'wal')),
+    captured_at     timestamptz NOT NULL DEFAULT pg_catalog.now()
+);
+-- Reading a page walks a transaction's rows in id order and asks whether a row is the
+-- last of its transaction: both are lookups on (txid, id).
+CREATE INDEX change_history_txid_id ON sync.change_history (txid, id);
+
+-- One row per tracked table. Dumped with the database, so tracking survives a restore.
+CREATE TABLE sync.tracked (
+    relid          regclass PRIMARY KEY,
+    entity_code    text NOT NULL UNIQUE CHECK (entity_code <> '' AND pg_catalog.length(entity_code) <= 128),
+    capture        text NOT NULL DEFAULT 'trigger' CHECK (capture IN ('trigger', 'wal')),
+    columns        text[],
+    schema_version integer NOT NULL DEFAULT 1,
+    tracked_at     timestamptz NOT NULL DEFAULT pg_catalog.now()
+);
+SELECT pg_catalog.pg_extension_config_dump('sync.tracked', '');
+
+-- Live subscriptions of the gateways' connections (kept current by the gateways).
+CREATE TABLE sync.subscription (
+    connection_id text NOT NULL,
+    user_id       text NOT NULL,
+    entity_code   text NOT NULL,
+    entity_id     text,
+    filter        jsonb,
+    mode          text NOT NULL DEFAULT 'invalidate' CHECK (mode IN ('invalidate', 'delta')),
+    gateway_id    text NOT NULL,
+    subscribed_at timestamptz NOT NULL DEFAULT pg_catalog.now()
+);
+CREATE INDEX subscription_connection ON sync.subscription (connection_id);
+CREATE INDEX subscription_entity ON sync.subscription (entity_code, entity_id);
+CREATE INDEX subscription_gateway ON sync.subscription (gateway_id);
+
+-- Gateways' heartbeats: the subscriptions of a gateway whose heartbeat went stale are removed.
+CREATE TABLE sync.gateway (
+    gateway_id   text PRIMARY KEY,
+    started_at   timestamptz NOT NULL DEFAULT pg_catalog.now(),
+    heartbeat_at timestamptz NOT NULL DEFAULT pg_catalog.now()
+);

@@ -1,0 +1,288 @@
+//! Test harness for pg_sync's end-to-end tests: a throwaway PostgreSQL cluster with the
+//! extension preloaded, and small helpers to talk to it.
+//!
+//! The cluster runs as the `postgres` user (PostgreSQL refuses root) on a free port, with its
+//! data and socket in a fresh directory, and is stopped and deleted when the [`Cluster`] is
+//! dropped, also when the test panics. The extension's files must be installed first
+//! (`make test` runs `cargo pgrx install`).
+
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use tokio::sync::mpsc;
+use tokio_postgres::{AsyncMessage, Client, GenericClient, NoTls, Notification};
+
+const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
+
+/// A running PostgreSQL cluster, stopped on drop.
+pub struct Cluster {
+    dir: PathBuf,
+    port: u16,
+}
+
+impl Cluster {
+    /// Starts a cluster with `wal_level=logical` and pg_sync preloaded, and creates the
+    /// extension in the `postgres` database.
+    pub async fn start() -> Cluster {
+        Self::start_with(&[]).await
+    }
+
+    /// As [`Cluster::start`], with extra `-c name=value` settings.
+    pub async fn start_with(settings: &[&str]) -> Cluster {
+        static COUNTER: AtomicUsize = AtomicUsize::new(0);
+        let n = COUNTER.fetch_add(1, Ordering::SeqCst);
+        let dir = std::env::temp_dir().join(format!("pg_sync_test_{}_{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        run("chown", &["postgres:postgres", dir.to_str().unwrap()]);
+        let cluster = Cluster {
+            dir,
+            port: free_port(),
+        };
+        let data = cluster.data();
+        as_postgres(&[
+            &format!("{PG_BIN}/initdb"),
+            "-D",
+            data.to_str().unwrap(),
+            "-A",
+            "trust",
+            "-U",
+            "postgres",
+            "--no-sync",
+        ]);
+        cluster.pg_ctl_start(settings);
+        cluster.execute("CREATE EXTENSION pg_sync").await;
+        cluster
+    }
+
+    fn pg_ctl_start(&self, settings: &[&str]) {
+        let mut options = format!(
+            "-p {} -c listen_addresses=127.0.0.1 -c unix_socket_directories={} \
+             -c wal_level=logical -c max_replication_slots=10 \
+             -c shared_preload_libraries=pg_sync -c fsync=off",
+            self.port,
+            self.dir.display()
+        );
+        for s in settings {
+            options.push_str(&format!(" -c {s}"));
+        }
+        let log = self.dir.join("log");
+        as_postgres(&[
+            &format!("{PG_BIN}/pg_ctl"),
+            "-D",
+            self.data().to_str().unwrap(),
+            "-l",
+            log.to_str().unwrap(),
+            "-w",
+            "-o",
+            &options,
+            "start",
+        ]);
+    }
+
+    fn data(&self) -> PathBuf {
+        self.dir.join("data")
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// A connection string for a database of this cluster.
+    pub fn url(&self, database: &str) -> String {
+        format!(
+            "host=127.0.0.1 port={} user=postgres dbname={database}",
+            self.port
+        )
+    }
+
+    /// A new connection to the `postgres` database.
+    pub async fn connect(&self) -> Client {
+        self.connect_to("postgres").await
+    }
+
+    pub async fn connect_to(&self, database: &str) -> Client {
+        let (client, connection) = tokio_postgres::connect(&self.url(database), NoTls)
+            .await
+            .expect("connect");
+        tokio::spawn(connection);
+        client
+    }
+
+    /// A connection whose notifications arrive on the returned channel.
+    pub async fn connect_listening(&self) -> (Client, mpsc::UnboundedReceiver<Notification>) {
+        let (client, mut connection) = tokio_postgres::connect(&self.url("postgres"), NoTls)
+            .await
+            .expect("connect");
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            // tokio-postgres hands out notifications only to whoever polls the connection.
+            let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
+            while let Some(Ok(message)) = futures_util::StreamExt::next(&mut messages).await {
+                if let AsyncMessage::Notification(n) = message {
+                    let _ = tx.send(n);
+                }
+            }
+        });
+        (client, rx)
+    }
+
+    /// Runs SQL on a fresh connection, panicking on error.
+    pub async fn execute(&self, sql: &str) {
+        self.connect()
+            .await
+            .batch_execute(sql)
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"));
+    }
+
+    /// Stops the server the way a crash would, then starts it again.
+    pub fn restart_immediate(&self) {
+        self.pg_ctl_stop("immediate");
+        self.pg_ctl_start(&[]);
+    }
+
+    fn pg_ctl_stop(&self, mode: &str) {
+        as_postgres(&[
+            &format!("{PG_BIN}/pg_ctl"),
+            "-D",
+            self.data().to_str().unwrap(),
+            "-m",
+            mode,
+            "-w",
+            "stop",
+        ]);
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        let _ = Command::new("runuser")
+            .args(["-u", "postgres", "--", &format!("{PG_BIN}/pg_ctl")])
+            .args([
+                "-D",
+                self.data().to_str().unwrap(),
+                "-m",
+                "immediate",
+                "-w",
+                "stop",
+            ])
+            .output();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn as_postgres(args: &[&str]) {
+    let mut all = vec!["-u", "postgres", "--"];
+    all.extend_from_slice(args);
+    run("runuser", &all);
+}
+
+fn run(program: &str, args: &[&str]) {
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{program}: {e}"));
+    assert!(
+        out.status.success(),
+        "{program} {args:?} failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// One change as `sync.changes_since` returns it, with the columns the tests look at.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Change {
+    pub id: i64,
+    pub op: String,
+    pub entity_code: String,
+    pub entity_id: Option<String>,
+    pub data: Option<String>,
+    pub changed_columns: Option<Vec<String>>,
+    pub client_id: Option<String>,
+    pub txid: String,
+    pub cursor: String,
+}
+
+/// Reads one page after `cursor`.
+pub async fn changes_since(
+    client: &impl GenericClient,
+    cursor: Option<&str>,
+    max_rows: i32,
+) -> Result<Vec<Change>, tokio_postgres::Error> {
+    let rows = client
+        .query(
+            "SELECT id, op, entity_code, entity_id, data::text, changed_columns, client_id, \
+                    txid::text, cursor FROM sync.changes_since($1, $2)",
+            &[&cursor, &max_rows],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|r| Change {
+            id: r.get(0),
+            op: r.get(1),
+            entity_code: r.get(2),
+            entity_id: r.get(3),
+            data: r.get(4),
+            changed_columns: r.get(5),
+            client_id: r.get(6),
+            txid: r.get(7),
+            cursor: r.get(8),
+        })
+        .collect())
+}
+
+/// Reads every change after `cursor` in pages of `page`, returning them and the cursor to
+/// continue from (the last change's, or the reading transaction's snapshot when the log
+/// ends, so that an idle reader's cursor moves on too).
+pub async fn drain(
+    client: &mut Client,
+    cursor: Option<String>,
+    page: i32,
+) -> (Vec<Change>, String) {
+    let mut all = Vec::new();
+    let mut cursor = cursor;
+    loop {
+        let tx = client
+            .build_transaction()
+            .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+            .start()
+            .await
+            .unwrap();
+        let rows = changes_since(&tx, cursor.as_deref(), page).await.unwrap();
+        let done = rows.len() < page as usize;
+        if done {
+            // Everything the snapshot sees has been read: its cursor is where to go on.
+            let now: String = tx
+                .query_one("SELECT sync.current_cursor()", &[])
+                .await
+                .unwrap()
+                .get(0);
+            tx.commit().await.unwrap();
+            all.extend(rows);
+            return (all, now);
+        }
+        tx.commit().await.unwrap();
+        cursor = rows.last().map(|c| c.cursor.clone());
+        all.extend(rows);
+    }
+}
+
+/// The SQLSTATE of a database error, for asserting on error classes.
+pub fn sqlstate(error: &tokio_postgres::Error) -> String {
+    error
+        .code()
+        .map(|c| c.code().to_owned())
+        .unwrap_or_default()
+}

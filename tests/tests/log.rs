@@ -1,0 +1,598 @@
+//! The change log across sessions, on a real cluster: capture, cursors that survive commit
+//! reordering, retention, wake-ups and the snapshot hand-over.
+
+use pg_sync_tests::{changes_since, drain, sqlstate, Change, Cluster};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::time::Duration;
+use tokio_postgres::Client;
+
+const ITEM: &str = "CREATE TABLE item (id int PRIMARY KEY, v int NOT NULL DEFAULT 0, note text);
+                    SELECT sync.track('item');";
+
+fn entity_ids(changes: &[Change]) -> Vec<&str> {
+    changes
+        .iter()
+        .map(|c| c.entity_id.as_deref().unwrap_or(""))
+        .collect()
+}
+
+async fn log_ids(client: &Client) -> Vec<i64> {
+    let rows = client
+        .query("SELECT id FROM sync.change_history ORDER BY id", &[])
+        .await
+        .unwrap();
+    rows.iter().map(|r| r.get(0)).collect()
+}
+
+fn int_field(change: &Change, field: &str) -> i64 {
+    let data: serde_json::Value = serde_json::from_str(change.data.as_deref().unwrap()).unwrap();
+    data[field]
+        .as_i64()
+        .unwrap_or_else(|| panic!("{field} in {data}"))
+}
+
+/// A small deterministic generator, so a failing run can be repeated from its seed.
+struct Rng(u64);
+
+impl Rng {
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % n
+    }
+}
+
+fn seed() -> u64 {
+    let seed = std::env::var("PG_SYNC_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64
+        })
+        | 1;
+    eprintln!("seed {seed} (rerun with PG_SYNC_SEED={seed})");
+    seed
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_transaction_that_captured_first_and_commits_last_is_delivered() {
+    let cluster = Cluster::start().await;
+    cluster.execute(ITEM).await;
+    let mut reader = cluster.connect().await;
+    let (_, start) = drain(&mut reader, None, 10).await;
+
+    let early = cluster.connect().await;
+    early
+        .batch_execute("BEGIN; INSERT INTO item VALUES (1)")
+        .await
+        .unwrap();
+    cluster.execute("INSERT INTO item VALUES (2)").await;
+
+    let (first, cursor) = drain(&mut reader, Some(start), 10).await;
+    assert_eq!(entity_ids(&first), ["2"]);
+    early.batch_execute("COMMIT").await.unwrap();
+    let (second, _) = drain(&mut reader, Some(cursor), 10).await;
+    assert_eq!(entity_ids(&second), ["1"]);
+    // It really was the reordered case: the late commit holds the smaller log id.
+    assert!(second[0].id < first[0].id);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_writers_committing_in_random_order_are_read_exactly_once() {
+    const WRITERS: u64 = 8;
+    const TRANSACTIONS: u64 = 40;
+    const COUNTERS: u64 = 4;
+    let seed = seed();
+    let cluster = Cluster::start().await;
+    cluster.execute(ITEM).await;
+    cluster
+        .execute(
+            "CREATE TABLE counter (id int PRIMARY KEY, version int NOT NULL);
+             INSERT INTO counter SELECT g, 0 FROM generate_series(1, 4) g;
+             SELECT sync.track('counter');",
+        )
+        .await;
+
+    let mut writers = Vec::new();
+    for w in 0..WRITERS {
+        let client = cluster.connect().await;
+        let mut rng = Rng(seed.wrapping_mul(w + 1) | 1);
+        writers.push(tokio::spawn(async move {
+            let mut committed = Vec::new();
+            for t in 0..TRANSACTIONS {
+                client.batch_execute("BEGIN").await.unwrap();
+                let mut ids = Vec::new();
+                for k in 0..=rng.below(3) {
+                    let id = ((w * TRANSACTIONS + t) * 4 + k) as i32;
+                    client
+                        .execute("INSERT INTO item (id) VALUES ($1)", &[&id])
+                        .await
+                        .unwrap();
+                    ids.push(id);
+                }
+                let counter = (rng.below(COUNTERS) + 1) as i32;
+                client
+                    .execute(
+                        "UPDATE counter SET version = version + 1 WHERE id = $1",
+                        &[&counter],
+                    )
+                    .await
+                    .unwrap();
+                // Vary how long each transaction stays open, so commits interleave.
+                tokio::time::sleep(Duration::from_micros(rng.below(3000))).await;
+                if rng.below(10) == 0 {
+                    client.batch_execute("ROLLBACK").await.unwrap();
+                } else {
+                    client.batch_execute("COMMIT").await.unwrap();
+                    committed.extend(ids);
+                }
+            }
+            committed
+        }));
+    }
+
+    // Read in small pages while the writers run, then once more after they finished.
+    let mut reader = cluster.connect().await;
+    let mut delivered: Vec<Change> = Vec::new();
+    let mut cursor = None;
+    while writers.iter().any(|w| !w.is_finished()) {
+        let (page, next) = drain(&mut reader, cursor.take(), 3).await;
+        delivered.extend(page);
+        cursor = Some(next);
+    }
+    let mut expected_items = HashSet::new();
+    for w in writers {
+        expected_items.extend(w.await.unwrap());
+    }
+    let (rest, _) = drain(&mut reader, cursor, 3).await;
+    delivered.extend(rest);
+
+    // Every log row exactly once.
+    let mut delivered_ids: Vec<i64> = delivered.iter().map(|c| c.id).collect();
+    delivered_ids.sort();
+    assert_eq!(delivered_ids, log_ids(&reader).await, "seed {seed}");
+    // Exactly the committed inserts.
+    let items: HashSet<i32> = delivered
+        .iter()
+        .filter(|c| c.entity_code == "item")
+        .map(|c| c.entity_id.as_ref().unwrap().parse().unwrap())
+        .collect();
+    assert_eq!(items, expected_items, "seed {seed}");
+    // One row's updates in commit order: versions 1, 2, 3, ... with none missing.
+    let mut versions: BTreeMap<String, Vec<i64>> = BTreeMap::new();
+    for c in delivered.iter().filter(|c| c.entity_code == "counter") {
+        versions
+            .entry(c.entity_id.clone().unwrap())
+            .or_default()
+            .push(int_field(c, "version"));
+    }
+    for (row, seen) in versions {
+        let expected: Vec<i64> = (1..=seen.len() as i64).collect();
+        assert_eq!(seen, expected, "counter {row}, seed {seed}");
+    }
+    // The changes of a transaction are contiguous.
+    let mut finished: HashSet<&str> = HashSet::new();
+    for pair in delivered.windows(2) {
+        if pair[0].txid != pair[1].txid {
+            assert!(
+                finished.insert(&pair[0].txid),
+                "transaction {} split, seed {seed}",
+                pair[0].txid
+            );
+            assert!(!finished.contains(pair[1].txid.as_str()), "seed {seed}");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_transactions_on_one_row_replay_in_commit_order() {
+    let cluster = Cluster::start().await;
+    cluster.execute(ITEM).await;
+    cluster
+        .execute("INSERT INTO item VALUES (1, 0), (2, 0)")
+        .await;
+    let mut reader = cluster.connect().await;
+    let (_, start) = drain(&mut reader, None, 10).await;
+
+    // `first` gets the smaller xid, but `second` updates row 1 first and commits first.
+    let first = cluster.connect().await;
+    first
+        .batch_execute("BEGIN; UPDATE item SET v = 10 WHERE id = 2")
+        .await
+        .unwrap();
+    let second = cluster.connect().await;
+    second
+        .batch_execute("BEGIN; UPDATE item SET v = 20 WHERE id = 1")
+        .await
+        .unwrap();
+    let blocked = tokio::spawn(async move {
+        first
+            .batch_execute("UPDATE item SET v = 30 WHERE id = 1; COMMIT")
+            .await
+            .unwrap();
+    });
+    // Wait until `first` is blocked on the row lock `second` holds.
+    let watcher = cluster.connect().await;
+    loop {
+        let waiting: i64 = watcher
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if waiting == 1 {
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
+    second.batch_execute("COMMIT").await.unwrap();
+    blocked.await.unwrap();
+
+    let (changes, _) = drain(&mut reader, Some(start), 10).await;
+    let row1: Vec<i64> = changes
+        .iter()
+        .filter(|c| c.entity_id.as_deref() == Some("1"))
+        .map(|c| int_field(c, "v"))
+        .collect();
+    assert_eq!(row1, [20, 30]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_snapshot_and_its_cursor_hand_over_to_the_log_without_gap_or_overlap() {
+    let seed = seed();
+    let cluster = Cluster::start().await;
+    cluster.execute(ITEM).await;
+    cluster
+        .execute("INSERT INTO item SELECT g, 0 FROM generate_series(1, 50) g")
+        .await;
+
+    let writer = cluster.connect().await;
+    let workload = tokio::spawn(async move {
+        let mut rng = Rng(seed);
+        for _ in 0..400 {
+            let id = (rng.below(60) + 1) as i32;
+            match rng.below(3) {
+                0 => writer
+                    .execute("INSERT INTO item VALUES ($1, 0) ON CONFLICT (id) DO UPDATE SET v = item.v + 1", &[&id])
+                    .await
+                    .unwrap(),
+                1 => writer.execute("UPDATE item SET v = v + 1 WHERE id = $1", &[&id]).await.unwrap(),
+                _ => writer.execute("DELETE FROM item WHERE id = $1", &[&id]).await.unwrap(),
+            };
+        }
+    });
+
+    // The snapshot: the table and the cursor, read in one REPEATABLE READ transaction.
+    let mut reader = cluster.connect().await;
+    let tx = reader
+        .build_transaction()
+        .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+        .start()
+        .await
+        .unwrap();
+    let mut cache: HashMap<String, String> = HashMap::new();
+    for row in tx
+        .query("SELECT id::text, to_jsonb(item)::text FROM item", &[])
+        .await
+        .unwrap()
+    {
+        cache.insert(row.get(0), row.get(1));
+    }
+    let cursor: String = tx
+        .query_one("SELECT sync.current_cursor()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    tx.commit().await.unwrap();
+
+    workload.await.unwrap();
+    let (changes, _) = drain(&mut reader, Some(cursor), 7).await;
+    for c in changes {
+        let id = c.entity_id.unwrap();
+        match c.op.as_str() {
+            "INSERT" => assert!(
+                cache.insert(id, c.data.unwrap()).is_none(),
+                "overlap, seed {seed}"
+            ),
+            "UPDATE" => assert!(
+                cache.insert(id, c.data.unwrap()).is_some(),
+                "gap, seed {seed}"
+            ),
+            "DELETE" => assert!(cache.remove(&id).is_some(), "gap, seed {seed}"),
+            other => panic!("unexpected {other}"),
+        };
+    }
+    let mut table: HashMap<String, String> = HashMap::new();
+    for row in reader
+        .query("SELECT id::text, to_jsonb(item)::text FROM item", &[])
+        .await
+        .unwrap()
+    {
+        table.insert(row.get(0), row.get(1));
+    }
+    assert_eq!(cache, table, "seed {seed}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn pruning_expires_old_cursors_with_sy410() {
+    let cluster = Cluster::start().await;
+    cluster.execute(ITEM).await;
+    let mut reader = cluster.connect().await;
+    let (_, old) = drain(&mut reader, None, 10).await;
+    cluster.execute("INSERT INTO item VALUES (1), (2)").await;
+    let removed: i64 = reader
+        .query_one("SELECT sync.prune('0 seconds')", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(removed, 2);
+    let error = changes_since(&reader, Some(&old), 10).await.unwrap_err();
+    assert_eq!(sqlstate(&error), "SY410", "{error}");
+    // NULL starts from the oldest retained change, and a current cursor still works.
+    cluster.execute("INSERT INTO item VALUES (3)").await;
+    let (changes, _) = drain(&mut reader, None, 10).await;
+    assert_eq!(entity_ids(&changes), ["3"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_cursor_of_another_database_is_expired_and_a_malformed_one_is_refused() {
+    let cluster = Cluster::start().await;
+    cluster.execute("CREATE DATABASE other").await;
+    let other = cluster.connect_to("other").await;
+    other
+        .batch_execute("CREATE EXTENSION pg_sync")
+        .await
+        .unwrap();
+    let foreign: String = other
+        .query_one("SELECT sync.current_cursor()", &[])
+        .await
+        .unwrap()
+        .get(0);
+
+    let client = cluster.connect().await;
+    let error = changes_since(&client, Some(&foreign), 10)
+        .await
+        .unwrap_err();
+    assert_eq!(sqlstate(&error), "SY410", "{error}");
+    for bad in ["", "garbage", "1.ab.1_1__0;DROP TABLE x", "1.ab.9_1__0"] {
+        let error = changes_since(&client, Some(bad), 10).await.unwrap_err();
+        assert_eq!(sqlstate(&error), "22023", "{bad}: {error}");
+    }
+    let error = changes_since(&client, None, 0).await.unwrap_err();
+    assert_eq!(sqlstate(&error), "22023", "{error}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn hostile_names_are_quoted_not_executed() {
+    let cluster = Cluster::start().await;
+    cluster
+        .execute(
+            r#"CREATE TABLE victim (id int PRIMARY KEY);
+               CREATE TABLE "we'ird""; DROP TABLE victim; --" (
+                   "k""ey" int PRIMARY KEY, "na'me; DROP TABLE victim" text, hidden text);
+               SELECT sync.track('"we''ird""; DROP TABLE victim; --"',
+                                 entity_code => $$x'); DROP TABLE victim; --$$,
+                                 columns => ARRAY['na''me; DROP TABLE victim']);
+               INSERT INTO "we'ird""; DROP TABLE victim; --" VALUES (1, 'a', 'secret');"#,
+        )
+        .await;
+    let client = cluster.connect().await;
+    let (changes, _) = drain(&mut cluster.connect().await, None, 10).await;
+    assert_eq!(changes.len(), 1);
+    assert_eq!(changes[0].entity_code, "x'); DROP TABLE victim; --");
+    assert_eq!(
+        changes[0].data.as_deref(),
+        Some(r#"{"k\"ey": 1, "na'me; DROP TABLE victim": "a"}"#)
+    );
+    let victim: i64 = client
+        .query_one(
+            "SELECT count(*) FROM pg_class WHERE relname = 'victim'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(victim, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn truncate_no_op_updates_and_rollbacks_behave_as_specified() {
+    let cluster = Cluster::start().await;
+    cluster
+        .execute(
+            "CREATE TABLE doc (id int PRIMARY KEY, title text, body text, internal text);
+             SELECT sync.track('doc', columns => ARRAY['title', 'body']);
+             INSERT INTO doc VALUES (1, 't', repeat('x', 300000), 'i');",
+        )
+        .await;
+    let mut reader = cluster.connect().await;
+    let (_, start) = drain(&mut reader, None, 10).await;
+    cluster
+        .execute(
+            "UPDATE doc SET title = title;
+             UPDATE doc SET body = body;
+             UPDATE doc SET internal = 'changed';
+             BEGIN; UPDATE doc SET title = 'rolled back'; ROLLBACK;
+             BEGIN; SAVEPOINT s; UPDATE doc SET title = 'to savepoint'; ROLLBACK TO s; COMMIT;
+             UPDATE doc SET title = 'new';
+             TRUNCATE doc;",
+        )
+        .await;
+    let (changes, _) = drain(&mut reader, Some(start), 10).await;
+    let ops: Vec<&str> = changes.iter().map(|c| c.op.as_str()).collect();
+    assert_eq!(ops, ["UPDATE", "TRUNCATE"]);
+    assert_eq!(
+        changes[0].changed_columns.as_deref(),
+        Some(&["title".to_owned()][..])
+    );
+    assert_eq!(changes[1].entity_id, None);
+    assert_eq!(changes[1].data, None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn writes_under_session_replication_role_replica_are_captured() {
+    let cluster = Cluster::start().await;
+    cluster.execute(ITEM).await;
+    cluster
+        .execute("SET session_replication_role = replica; INSERT INTO item VALUES (7);")
+        .await;
+    let (changes, _) = drain(&mut cluster.connect().await, None, 10).await;
+    assert_eq!(entity_ids(&changes), ["7"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn client_ids_and_schema_versions_are_recorded() {
+    let cluster = Cluster::start().await;
+    cluster.execute(ITEM).await;
+    cluster
+        .execute(
+            "BEGIN; SET LOCAL sync.client_id = 'tab-42'; INSERT INTO item VALUES (1); COMMIT;
+             ALTER TABLE item ADD COLUMN extra int;
+             INSERT INTO item VALUES (2);",
+        )
+        .await;
+    let client = cluster.connect().await;
+    let rows = client
+        .query(
+            "SELECT entity_id, client_id, schema_version FROM sync.change_history ORDER BY id",
+            &[],
+        )
+        .await
+        .unwrap();
+    let got: Vec<(String, Option<String>, i32)> = rows
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            ("1".into(), Some("tab-42".into()), 1),
+            ("2".into(), None, 2)
+        ]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn readers_are_woken_by_the_notifier_not_by_the_writer() {
+    let cluster = Cluster::start().await;
+    cluster.execute(ITEM).await;
+    let (listener, mut notifications) = cluster.connect_listening().await;
+    listener.batch_execute("LISTEN sync_changes").await.unwrap();
+    let writer = cluster.connect().await;
+    let writer_pid: i32 = writer
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    writer
+        .batch_execute("INSERT INTO item VALUES (1)")
+        .await
+        .unwrap();
+    let n = tokio::time::timeout(Duration::from_secs(10), notifications.recv())
+        .await
+        .expect("a notification within 10 s")
+        .unwrap();
+    assert_eq!(n.channel(), "sync_changes");
+    assert_ne!(n.process_id(), writer_pid);
+    let mode: String = writer
+        .query_one("SELECT sync.status()->>'wakeup'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(mode, "worker");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn without_preloading_the_writer_notifies() {
+    let cluster = Cluster::start_with(&["shared_preload_libraries=''"]).await;
+    cluster.execute(ITEM).await;
+    let (listener, mut notifications) = cluster.connect_listening().await;
+    listener.batch_execute("LISTEN sync_changes").await.unwrap();
+    let writer = cluster.connect().await;
+    let writer_pid: i32 = writer
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    writer
+        .batch_execute("INSERT INTO item VALUES (1)")
+        .await
+        .unwrap();
+    let n = tokio::time::timeout(Duration::from_secs(10), notifications.recv())
+        .await
+        .expect("a notification within 10 s")
+        .unwrap();
+    assert_eq!(n.process_id(), writer_pid);
+    let mode: String = writer
+        .query_one("SELECT sync.status()->>'wakeup'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(mode, "transaction");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn status_flags_a_disabled_capture_trigger() {
+    let cluster = Cluster::start().await;
+    cluster.execute(ITEM).await;
+    let client = cluster.connect().await;
+    let query = "SELECT (sync.status()->'tracked'->0->>'capture_enabled')::boolean";
+    assert!(client
+        .query_one(query, &[])
+        .await
+        .unwrap()
+        .get::<_, bool>(0));
+    client
+        .batch_execute("ALTER TABLE item DISABLE TRIGGER sync_capture")
+        .await
+        .unwrap();
+    assert!(!client
+        .query_one(query, &[])
+        .await
+        .unwrap()
+        .get::<_, bool>(0));
+}
+
+/// A crash hands out again the xids that never reached the WAL (here the notifier's
+/// asynchronously committed NOTIFY): a cursor from before the crash must not take the new
+/// transaction that reuses one for a change it has seen.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_log_and_cursors_survive_a_crash_restart() {
+    let cluster = Cluster::start().await;
+    cluster.execute(ITEM).await;
+    cluster.execute("INSERT INTO item VALUES (1)").await;
+    let (_, cursor) = drain(&mut cluster.connect().await, None, 10).await;
+    cluster.restart_immediate();
+    cluster.execute("INSERT INTO item VALUES (2)").await;
+    let (changes, _) = drain(&mut cluster.connect().await, Some(cursor), 10).await;
+    assert_eq!(entity_ids(&changes), ["2"]);
+}
+
+/// A writer's cursor, taken after it wrote and before it committed, still has its own
+/// changes ahead: other readers only see them once it commits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_cursor_taken_inside_a_writing_transaction_precedes_its_writes() {
+    let cluster = Cluster::start().await;
+    cluster.execute(ITEM).await;
+    let writer = cluster.connect().await;
+    writer
+        .batch_execute("BEGIN; INSERT INTO item VALUES (1)")
+        .await
+        .unwrap();
+    // A later transaction commits, so the writer's xid is below the snapshot's xmax.
+    cluster.execute("INSERT INTO item VALUES (2)").await;
+    let cursor: String = writer
+        .query_one("SELECT sync.current_cursor()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    writer.batch_execute("COMMIT").await.unwrap();
+    let (changes, _) = drain(&mut cluster.connect().await, Some(cursor), 10).await;
+    assert_eq!(entity_ids(&changes), ["1"]);
+}
