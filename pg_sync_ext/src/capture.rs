@@ -6,7 +6,7 @@
 //! arguments, so the hot path never looks anything up. What it needs from the catalog (the
 //! primary key, the published columns, an insert plan) is computed once per trigger and
 //! backend and cached by trigger OID; any change of options or of the table's shape recreates
-//! the trigger, which gives it a new OID.
+//! the trigger, which gives it a new OID. Rows reach the log through `log.rs`, without SPI.
 //!
 //! Decisions made here:
 //! - an UPDATE that changes no published column writes no row (compared by value, after
@@ -17,15 +17,16 @@
 //! - `entity_id` is the key's text, or for a composite key the JSON array of the columns' texts
 //!   (`["7","u1"]`).
 //!
-//! The function is SECURITY DEFINER (api.sql) so writers need no privilege on the log, and
-//! every name in its SQL is schema-qualified so a writer's search_path cannot reach it.
+//! The function is SECURITY DEFINER (api.sql) so writers need no privilege on the log's
+//! sequence; it runs no SQL, so a writer's search_path cannot reach into it.
 
+use crate::log::{LogRow, LogTable, LogTableError};
 use crate::wakeup;
 use pgrx::prelude::*;
-use pgrx::{PgRelation, PgTupleDesc};
+use pgrx::{PgMemoryContexts, PgRelation, PgTupleDesc};
 use std::cell::RefCell;
 use std::collections::HashMap;
-use std::ffi::{CStr, CString};
+use std::ffi::CStr;
 use std::rc::Rc;
 
 /// What the trigger needs to know about one tracked table, built once per backend.
@@ -39,15 +40,8 @@ struct TableCapture {
     published: Vec<Option<String>>,
     /// The primary key's attributes in key order, with their output functions.
     key: Vec<(usize, pg_sys::Oid)>,
-    /// A kept SPI plan of the log insert.
-    plan: pg_sys::SPIPlanPtr,
-}
-
-impl Drop for TableCapture {
-    fn drop(&mut self) {
-        // SAFETY: the plan was kept by SPI_keepplan and is referenced only by this entry.
-        unsafe { pg_sys::SPI_freeplan(self.plan) };
-    }
+    to_json: RowToJson,
+    log: LogTable,
 }
 
 thread_local! {
@@ -62,6 +56,8 @@ pub enum CaptureError {
     BadArguments(String),
     #[error("sync.capture: {0} has no primary key")]
     NoPrimaryKey(String),
+    #[error(transparent)]
+    Log(#[from] LogTableError),
 }
 
 #[pg_trigger]
@@ -73,12 +69,9 @@ fn capture<'a>(
     if !pgrx::trigger_support::trigger_fired_after(event) {
         return Err(CaptureError::Misused);
     }
-    // SAFETY: PostgreSQL hands the trigger a connected-for-this-call relation and tuples that
-    // live until the trigger returns; SPI is connected around everything that uses them.
+    // SAFETY: PostgreSQL hands the trigger an open relation and tuples that live until the
+    // trigger returns.
     unsafe {
-        if pg_sys::SPI_connect() != pg_sys::SPI_OK_CONNECT as i32 {
-            panic!("SPI_connect failed");
-        }
         let table = table_capture(trigger)?;
         let tupdesc = (*data.tg_relation).rd_att;
         if pgrx::trigger_support::trigger_fired_by_truncate(event) {
@@ -120,7 +113,6 @@ fn capture<'a>(
                 }
             }
         }
-        pg_sys::SPI_finish();
     }
     Ok(None)
 }
@@ -186,7 +178,7 @@ impl TableCapture {
                 (i, out)
             })
             .collect();
-        let plan = prepare_insert(rel.rd_rel.as_ref().expect("relation form").reltype, &hidden);
+        let rowtype = rel.rd_rel.as_ref().expect("relation form").reltype;
         Ok(TableCapture {
             relid: rel.oid(),
             natts: tupdesc.len(),
@@ -195,7 +187,8 @@ impl TableCapture {
             schema_version,
             published,
             key,
-            plan,
+            to_json: RowToJson::new(rowtype, &hidden),
+            log: LogTable::resolve()?,
         })
     }
 
@@ -247,38 +240,71 @@ impl TableCapture {
         changed
     }
 
-    /// Inserts one log row and arranges the wake-up of readers.
+    /// Appends one log row and arranges the wake-up of readers.
     unsafe fn log(
         &self,
         op: &str,
         entity_id: Option<String>,
         data: Option<(pg_sys::HeapTuple, pg_sys::TupleDesc)>,
         old_data: Option<(pg_sys::HeapTuple, pg_sys::TupleDesc)>,
-        changed: Option<Vec<String>>,
+        changed_columns: Option<Vec<String>>,
     ) {
-        let row = |t: Option<(pg_sys::HeapTuple, pg_sys::TupleDesc)>| {
-            t.map(|(tuple, desc)| pg_sys::heap_copy_tuple_as_datum(tuple, desc))
-        };
-        let values = [
-            self.table_name.as_str().into_datum(),
-            self.entity_code.as_str().into_datum(),
-            op.into_datum(),
-            entity_id.into_datum(),
-            row(data),
-            row(old_data),
-            changed.into_datum(),
-            self.schema_version.into_datum(),
-        ];
-        let mut datums: Vec<pg_sys::Datum> = values.iter().map(|v| v.unwrap_or(0.into())).collect();
-        let nulls: Vec<std::ffi::c_char> = values
-            .iter()
-            .map(|v| if v.is_some() { b' ' } else { b'n' } as std::ffi::c_char)
-            .collect();
-        let rc = pg_sys::SPI_execute_plan(self.plan, datums.as_mut_ptr(), nulls.as_ptr(), false, 0);
-        if rc != pg_sys::SPI_OK_INSERT as i32 {
-            panic!("sync.capture: inserting into sync.change_history failed ({rc})");
-        }
+        self.log.append(LogRow {
+            table_name: &self.table_name,
+            entity_code: &self.entity_code,
+            op,
+            entity_id,
+            data: data.map(|(t, d)| self.to_json.convert(t, d)),
+            old_data: old_data.map(|(t, d)| self.to_json.convert(t, d)),
+            changed_columns,
+            schema_version: self.schema_version,
+        });
         wakeup::note_log_write();
+    }
+}
+
+/// `to_jsonb(row) - hidden_columns`, called directly: `to_jsonb` takes `anyelement`, so its
+/// call needs an expression that tells it the argument's type.
+struct RowToJson {
+    to_jsonb: *mut pg_sys::FmgrInfo,
+    /// The unpublished columns' names as a text[], when there are any.
+    hidden: Option<pg_sys::Datum>,
+}
+
+impl RowToJson {
+    unsafe fn new(rowtype: pg_sys::Oid, hidden: &[String]) -> Self {
+        // Lives as long as the backend's cache entry, so in TopMemoryContext.
+        PgMemoryContexts::TopMemoryContext.switch_to(|_| {
+            let to_jsonb = pg_sys::palloc0(size_of::<pg_sys::FmgrInfo>()).cast::<pg_sys::FmgrInfo>();
+            let function = pg_sys::Oid::from(pg_sys::F_TO_JSONB);
+            pg_sys::fmgr_info_cxt(function, to_jsonb, pg_sys::TopMemoryContext);
+            let argument = pg_sys::makeNullConst(rowtype, -1, pg_sys::InvalidOid);
+            let arguments = pg_sys::lappend(std::ptr::null_mut(), argument.cast());
+            (*to_jsonb).fn_expr = pg_sys::makeFuncExpr(
+                function,
+                pg_sys::JSONBOID,
+                arguments,
+                pg_sys::InvalidOid,
+                pg_sys::InvalidOid,
+                pg_sys::CoercionForm::COERCE_EXPLICIT_CALL,
+            )
+            .cast();
+            let hidden = if hidden.is_empty() { None } else { hidden.to_vec().into_datum() };
+            RowToJson { to_jsonb, hidden }
+        })
+    }
+
+    unsafe fn convert(&self, tuple: pg_sys::HeapTuple, desc: pg_sys::TupleDesc) -> pg_sys::Datum {
+        let row = pg_sys::heap_copy_tuple_as_datum(tuple, desc);
+        let json = pg_sys::FunctionCall1Coll(self.to_jsonb, pg_sys::InvalidOid, row);
+        match self.hidden {
+            None => json,
+            Some(hidden) => pgrx::direct_function_call_as_datum(
+                pg_sys::jsonb_delete_array,
+                &[Some(json), Some(hidden)],
+            )
+            .expect("jsonb minus keys is not null"),
+        }
     }
 }
 
@@ -302,43 +328,6 @@ unsafe fn primary_key(rel: pg_sys::Relation) -> Vec<(usize, pg_sys::Oid)> {
         .collect();
     pg_sys::index_close(index, pg_sys::AccessShareLock as i32);
     key
-}
-
-/// Plans the log insert for a table whose row type is `rowtype`, removing `hidden` columns
-/// from the JSON.
-unsafe fn prepare_insert(rowtype: pg_sys::Oid, hidden: &[String]) -> pg_sys::SPIPlanPtr {
-    let strip = if hidden.is_empty() {
-        String::new()
-    } else {
-        let names: Vec<String> = hidden.iter().map(pgrx::spi::quote_literal).collect();
-        format!(
-            " OPERATOR(pg_catalog.-) ARRAY[{}]::text[]",
-            names.join(", ")
-        )
-    };
-    let sql = format!(
-        "INSERT INTO sync.change_history (table_name, entity_code, op, entity_id, data, old_data, \
-                                          changed_columns, schema_version, client_id) \
-         VALUES ($1, $2, $3, $4, pg_catalog.to_jsonb($5){strip}, pg_catalog.to_jsonb($6){strip}, \
-                 $7, $8, NULLIF(pg_catalog.current_setting('sync.client_id', true), ''))"
-    );
-    let sql = CString::new(sql).expect("no NUL in SQL");
-    let mut types = [
-        pg_sys::TEXTOID,
-        pg_sys::TEXTOID,
-        pg_sys::TEXTOID,
-        pg_sys::TEXTOID,
-        rowtype,
-        rowtype,
-        pg_sys::TEXTARRAYOID,
-        pg_sys::INT4OID,
-    ];
-    let plan = pg_sys::SPI_prepare(sql.as_ptr(), types.len() as i32, types.as_mut_ptr());
-    if plan.is_null() {
-        panic!("sync.capture: preparing the log insert failed");
-    }
-    pg_sys::SPI_keepplan(plan);
-    plan
 }
 
 /// Whether two non-null values of one attribute are the same value, byte for byte after

@@ -2,7 +2,8 @@
 //! applications that keep a local copy of their data.
 //!
 //! Data flows through the modules in this order:
-//! - `capture`: the trigger that writes each change of a tracked table into the log;
+//! - `capture`: the trigger that turns each change of a tracked table into a log row;
+//! - `log`: appends rows to `sync.change_history` without the executor;
 //! - `wakeup`: readers are woken after the writers commit, without writers paying for NOTIFY;
 //! - `cursor`: what a position in the log is (a snapshot), as pure Rust;
 //! - `changes`: reading the log from a cursor.
@@ -15,6 +16,7 @@ use pgrx::prelude::*;
 mod capture;
 mod changes;
 mod cursor;
+mod log;
 mod wakeup;
 
 pgrx::pg_module_magic!();

@@ -16,7 +16,8 @@ CREATE TABLE sync.state (
 );
 INSERT INTO sync.state DEFAULT VALUES;
 
--- The change log. `id` comes from a CACHE 1 sequence inside the capturing transaction after
+-- The change log. Written by log.rs straight into the heap and indexes (no constraints,
+-- triggers or defaults apply there: keep the column order in step with log.rs). `id` comes from a CACHE 1 sequence inside the capturing transaction after
 -- it wrote (and so locked) the row: ids of one row's changes follow its commit order, and a
 -- transaction that starts after a snapshot takes only ids above that snapshot's largest
 -- visible id. Both facts carry the cursor design (see cursor.rs).
@@ -24,7 +25,7 @@ CREATE TABLE sync.change_history (
     id              bigint GENERATED ALWAYS AS IDENTITY (CACHE 1) PRIMARY KEY,
     table_name      text NOT NULL,
     entity_code     text NOT NULL,
-    op              text NOT NULL CHECK (op IN ('INSERT', 'UPDATE', 'DELETE', 'TRUNCATE')),
+    op              text NOT NULL,    -- INSERT, UPDATE, DELETE or TRUNCATE
     entity_id       text,
     data            jsonb,
     old_data        jsonb,
@@ -33,7 +34,7 @@ CREATE TABLE sync.change_history (
     txid            xid8 NOT NULL DEFAULT pg_catalog.pg_current_xact_id(),
     lsn             pg_lsn,
     schema_version  integer NOT NULL,
-    source          text NOT NULL DEFAULT 'trigger' CHECK (source IN ('trigger', 'wal')),
+    source          text NOT NULL DEFAULT 'trigger',    -- trigger or wal
     captured_at     timestamptz NOT NULL DEFAULT pg_catalog.now()
 );
 -- Reading a page walks a transaction's rows in id order and asks whether a row is the
