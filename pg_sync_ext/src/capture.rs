@@ -275,7 +275,8 @@ impl RowToJson {
     unsafe fn new(rowtype: pg_sys::Oid, hidden: &[String]) -> Self {
         // Lives as long as the backend's cache entry, so in TopMemoryContext.
         PgMemoryContexts::TopMemoryContext.switch_to(|_| {
-            let to_jsonb = pg_sys::palloc0(size_of::<pg_sys::FmgrInfo>()).cast::<pg_sys::FmgrInfo>();
+            let to_jsonb =
+                pg_sys::palloc0(size_of::<pg_sys::FmgrInfo>()).cast::<pg_sys::FmgrInfo>();
             let function = pg_sys::Oid::from(pg_sys::F_TO_JSONB);
             pg_sys::fmgr_info_cxt(function, to_jsonb, pg_sys::TopMemoryContext);
             let argument = pg_sys::makeNullConst(rowtype, -1, pg_sys::InvalidOid);
@@ -289,7 +290,11 @@ impl RowToJson {
                 pg_sys::CoercionForm::COERCE_EXPLICIT_CALL,
             )
             .cast();
-            let hidden = if hidden.is_empty() { None } else { hidden.to_vec().into_datum() };
+            let hidden = if hidden.is_empty() {
+                None
+            } else {
+                hidden.to_vec().into_datum()
+            };
             RowToJson { to_jsonb, hidden }
         })
     }

@@ -78,12 +78,14 @@ fn cursor_problem(cursor: Option<&str>) -> Option<String> {
     })
 }
 
-/// One page of changes after `cursor`: the ids of the log rows in delivery order, each with
-/// the cursor after it. (Internal: `sync.changes_since` joins the rows.)
+/// One page of changes after `cursor` and, when `until` is given, not after it: the ids of
+/// the log rows in delivery order, each with the cursor after it. (Internal:
+/// `sync.changes_since` joins the rows.)
 #[pg_extern(name = "_changes_page", volatile, parallel_unsafe)]
 fn changes_page(
     cursor: Option<&str>,
     max_rows: i32,
+    until: Option<&str>,
 ) -> TableIterator<'static, (name!(change_id, i64), name!(cursor, String))> {
     if !(1..=MAX_PAGE_ROWS).contains(&max_rows) {
         invalid_parameter(format!(
@@ -91,8 +93,35 @@ fn changes_page(
         ));
     }
     let cursor = cursor.map(parse_or_raise);
-    let rows = Spi::connect(|client| read_page(client, cursor, max_rows as usize));
+    let until = until.map(parse_or_raise).map(|until| match until {
+        Cursor::At { mark, .. } => mark,
+        Cursor::Within { .. } => {
+            invalid_parameter("until must be a cursor from sync.current_cursor()".into())
+        }
+    });
+    if let (Some(cursor), Some(until)) = (&cursor, &until) {
+        if !until.reaches(cursor) {
+            invalid_parameter("cursor is after until".into());
+        }
+    }
+    let rows = Spi::connect(|client| read_page(client, cursor, max_rows as usize, until));
     TableIterator::new(rows)
+}
+
+/// Whether `position` is at or after `target`: every change before `target` is before
+/// `position` too. `position` must be a cursor from `sync.current_cursor()` (a gateway uses
+/// this to see whether its live stream has reached a client's cursor).
+#[pg_extern(immutable, parallel_safe)]
+fn cursor_reached(position: &str, target: &str) -> bool {
+    match (parse_or_raise(position), parse_or_raise(target)) {
+        (Cursor::At { mark, generation }, target) if generation == target.generation() => {
+            mark.reaches(&target)
+        }
+        (Cursor::At { .. }, _) => false,
+        (Cursor::Within { .. }, _) => {
+            invalid_parameter("position must be a cursor from sync.current_cursor()".into())
+        }
+    }
 }
 
 fn parse_or_raise(text: &str) -> Cursor {
@@ -112,13 +141,21 @@ fn invalid_parameter(message: String) -> ! {
     unreachable!("an ERROR does not return")
 }
 
-/// Walks batches from the cursor to the current snapshot until `max_rows` changes are found.
+/// Walks batches from the cursor to the current snapshot (or `until`) until `max_rows` changes
+/// are found.
 fn read_page(
     client: &SpiClient<'_>,
     cursor: Option<Cursor>,
     max_rows: usize,
+    until: Option<Mark>,
 ) -> Vec<(i64, String)> {
-    let now = current_mark(client);
+    let current = current_mark(client);
+    // The end of the read: `until`, unless this snapshot does not see all of it yet.
+    let now = match until {
+        Some(until) if current.snapshot.covers(&until.snapshot) => until,
+        Some(_) => return Vec::new(),
+        None => current,
+    };
     let (generation, horizon) = log_state(client);
     // NULL: from the oldest retained change, i.e. from a mark that sees exactly the pruned past.
     let cursor = cursor.unwrap_or_else(|| Cursor::At {

@@ -136,6 +136,13 @@ pub struct Mark {
 }
 
 impl Mark {
+    /// Whether this mark is at or after `cursor`: every change before the cursor is before
+    /// the mark.
+    pub fn reaches(&self, cursor: &Cursor) -> bool {
+        let end = cursor.end();
+        self.snapshot.covers(&end.snapshot) && self.max_id >= end.max_id
+    }
+
     fn encode(&self) -> String {
         let s = &self.snapshot;
         format!(
@@ -206,6 +213,15 @@ impl Cursor {
         match self {
             Cursor::At { mark, .. } => mark,
             Cursor::Within { from, .. } => from,
+        }
+    }
+
+    /// The mark at which this cursor's batch ends: every change before the cursor is visible
+    /// in it.
+    pub fn end(&self) -> &Mark {
+        match self {
+            Cursor::At { mark, .. } => mark,
+            Cursor::Within { to, .. } => to,
         }
     }
 
@@ -426,6 +442,37 @@ mod tests {
             assert!(Cursor::decode(bad).is_err(), "accepted {bad:?}");
         }
         assert!(Cursor::decode(&"9".repeat(MAX_CURSOR_LEN + 1)).is_err());
+    }
+
+    #[test]
+    fn a_mark_reaches_cursors_up_to_it() {
+        let early = Mark {
+            snapshot: snap(10, 20, &[12]),
+            max_id: 50,
+        };
+        let late = Mark {
+            snapshot: snap(12, 30, &[12]),
+            max_id: 80,
+        };
+        let at = |mark: &Mark| Cursor::At {
+            generation: "ab".into(),
+            mark: mark.clone(),
+        };
+        assert!(late.reaches(&at(&early)));
+        assert!(late.reaches(&at(&late)));
+        assert!(!early.reaches(&at(&late)));
+        let within = Cursor::Within {
+            generation: "ab".into(),
+            from: early.clone(),
+            to: late.clone(),
+            position: Position {
+                txkey: 60,
+                txid: 25,
+                id: 60,
+            },
+        };
+        assert!(late.reaches(&within));
+        assert!(!early.reaches(&within));
     }
 
     #[test]

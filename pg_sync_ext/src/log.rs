@@ -102,7 +102,9 @@ impl LogTable {
             None,
             row.schema_version.into_datum(),
             "trigger".into_datum(),
-            Some(pg_sys::Datum::from(pg_sys::GetCurrentTransactionStartTimestamp())),
+            Some(pg_sys::Datum::from(
+                pg_sys::GetCurrentTransactionStartTimestamp(),
+            )),
         ];
         let mut datums = values.map(|v| v.unwrap_or(pg_sys::Datum::from(0)));
         let mut nulls = values.map(|v| v.is_none());

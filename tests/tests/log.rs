@@ -596,3 +596,55 @@ async fn a_cursor_taken_inside_a_writing_transaction_precedes_its_writes() {
     let (changes, _) = drain(&mut cluster.connect().await, Some(cursor), 10).await;
     assert_eq!(entity_ids(&changes), ["1"]);
 }
+
+/// A gateway replays a client's gap up to its own live position: `until` ends the read there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn reading_until_a_cursor_stops_there() {
+    let cluster = Cluster::start().await;
+    cluster.execute(ITEM).await;
+    let client = cluster.connect().await;
+    let cursor = || async {
+        client
+            .query_one("SELECT sync.current_cursor()", &[])
+            .await
+            .unwrap()
+            .get::<_, String>(0)
+    };
+    let start = cursor().await;
+    cluster.execute("INSERT INTO item VALUES (1)").await;
+    let middle = cursor().await;
+    cluster.execute("INSERT INTO item VALUES (2)").await;
+
+    let rows = client
+        .query(
+            "SELECT entity_id FROM sync.changes_since($1, 10, $2)",
+            &[&start, &middle],
+        )
+        .await
+        .unwrap();
+    let ids: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
+    assert_eq!(ids, ["1"]);
+    let error = client
+        .query(
+            "SELECT * FROM sync.changes_since($1, 10, $2)",
+            &[&middle, &start],
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(sqlstate(&error), "22023", "{error}");
+
+    let reached = |a: &str, b: &str| {
+        let (a, b) = (a.to_owned(), b.to_owned());
+        let client = &client;
+        async move {
+            client
+                .query_one("SELECT sync.cursor_reached($1, $2)", &[&a, &b])
+                .await
+                .unwrap()
+                .get::<_, bool>(0)
+        }
+    };
+    assert!(reached(&middle, &start).await);
+    assert!(reached(&middle, &middle).await);
+    assert!(!reached(&start, &middle).await);
+}

@@ -203,7 +203,9 @@ CREATE TYPE sync.change AS (
     old_data jsonb, changed_columns text[], client_id text, txid xid8, lsn pg_lsn,
     schema_version integer, source text, captured_at timestamptz, cursor text);
 
-CREATE FUNCTION sync.changes_since(cursor text, max_rows integer DEFAULT 1000)
+-- `until` (a cursor from sync.current_cursor()) ends the read there instead of at the current
+-- snapshot: a gateway replays a client's gap up to where its live stream stands.
+CREATE FUNCTION sync.changes_since(cursor text, max_rows integer DEFAULT 1000, until text DEFAULT NULL)
 RETURNS SETOF sync.change
 LANGUAGE plpgsql SET search_path = pg_catalog AS $$
 DECLARE
@@ -219,7 +221,7 @@ BEGIN
         SELECT h.id, h.table_name, h.entity_code, h.op, h.entity_id, h.data, h.old_data,
                h.changed_columns, h.client_id, h.txid, h.lsn, h.schema_version, h.source,
                h.captured_at, p.cursor
-          FROM sync._changes_page(changes_since.cursor, changes_since.max_rows)
+          FROM sync._changes_page(changes_since.cursor, changes_since.max_rows, changes_since.until)
                WITH ORDINALITY AS p(change_id, cursor, ord)
           JOIN sync.change_history h ON h.id = p.change_id
          ORDER BY p.ord;
