@@ -23,10 +23,12 @@ test-ext:
 	$(CARGO) pgrx test pg15 -p pg_sync_ext --runas postgres --pgdata $(PGRX_TEST_ROOT)/data
 
 test-e2e: install
+	$(CARGO) build -p sync-gateway
 	$(CARGO) test
 
-## run: a local cluster under ./.pgdata with the demo schema tracked; Ctrl-C stops it
+## run: a local cluster under ./.pgdata with the demo schema tracked, and the gateway; Ctrl-C stops both
 run: install
+	$(CARGO) build --release -p sync-gateway
 	@scripts/run.sh
 
 ## bench: the capture benchmark (pgbench), results in bench/results/

@@ -1,12 +1,17 @@
 #!/usr/bin/env bash
 # `make run`: a local PostgreSQL under ./.pgdata (free port, wal_level=logical, pg_sync
-# preloaded) with the extension and the tracked demo schema, until Ctrl-C. With
-# SYNC_DATABASE_URL set, that database gets the extension and the demo schema instead.
+# preloaded) with the extension and the tracked demo schema, and the gateway beside it, until
+# Ctrl-C. With SYNC_DATABASE_URL set, that database gets the extension and the demo schema
+# instead, and the gateway serves it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PG_BIN=/usr/lib/postgresql/15/bin
 DATA="$PWD/.pgdata"
+GATEWAY=target/release/sync-gateway
+LISTEN=${SYNC_LISTEN:-127.0.0.1:8787}
+export SYNC_JWT_SECRET=${SYNC_JWT_SECRET:-dev-secret-change-me}
+GATEWAY_PID=
 
 # PostgreSQL refuses to run as root: run it as the postgres user then.
 as_pg() { if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi; }
@@ -19,15 +24,53 @@ load_demo() {
     psql "$1" -v ON_ERROR_STOP=1 -q -c "CREATE EXTENSION IF NOT EXISTS pg_sync" -f sql/demo.sql >/dev/null
 }
 
+# Starts the gateway on database $1 and prints how to use it.
+start_gateway() {
+    SYNC_DATABASE_URL="$1" SYNC_LISTEN="$LISTEN" "$GATEWAY" serve &
+    GATEWAY_PID=$!
+    local token
+    token=$("$GATEWAY" token --sub demo --ttl 7d)
+    cat <<EOF
+The gateway listens on ws://$LISTEN/ws/sync (health: http://$LISTEN/healthz, /readyz).
+A development token for user "demo", valid 7 days (secret: \$SYNC_JWT_SECRET):
+
+  $token
+
+Watch the demo tasks change, with websocat:
+
+  websocat "ws://$LISTEN/ws/sync?token=$token"
+  {"type":"SUBSCRIBE","payload":{"entityCode":"task","mode":"delta"}}
+
+or in a browser console:
+
+  const ws = new WebSocket("ws://$LISTEN/ws/sync?token=$token");
+  ws.onmessage = (m) => console.log(JSON.parse(m.data));
+  ws.onopen = () => ws.send(JSON.stringify({type: "SUBSCRIBE", payload: {entityCode: "task", mode: "delta"}}));
+
+Ctrl-C stops it.
+EOF
+}
+
+stop_gateway() {
+    if [ -n "$GATEWAY_PID" ]; then
+        kill "$GATEWAY_PID" 2>/dev/null || true
+        wait "$GATEWAY_PID" 2>/dev/null || true
+    fi
+}
+
 if [ -n "${SYNC_DATABASE_URL:-}" ]; then
     load_demo "$SYNC_DATABASE_URL"
     echo "pg_sync is installed in $SYNC_DATABASE_URL with the demo schema (app.project, app.task)."
+    trap stop_gateway EXIT
+    trap 'exit 0' INT TERM
+    start_gateway "$SYNC_DATABASE_URL"
+    wait "$GATEWAY_PID"
     exit 0
 fi
 
 if [ ! -s "$DATA/PG_VERSION" ]; then
     mkdir -p "$DATA"
-    [ "$(id -u)" = 0 ] && chown postgres:postgres "$DATA"
+    if [ "$(id -u)" = 0 ]; then chown postgres:postgres "$DATA"; fi
     if ! as_pg test -w "$DATA"; then
         echo "run: the postgres user cannot write $DATA (a parent directory is closed to it)" >&2
         exit 1
@@ -40,7 +83,11 @@ as_pg "$PG_BIN/pg_ctl" -D "$DATA" -l "$DATA/server.log" -w -o \
     "-p $PORT -c listen_addresses=127.0.0.1 -c unix_socket_directories=$DATA \
      -c wal_level=logical -c max_replication_slots=10 -c shared_preload_libraries=pg_sync" \
     start >/dev/null
-stop() { as_pg "$PG_BIN/pg_ctl" -D "$DATA" -m fast -w stop >/dev/null; echo "stopped."; }
+stop() {
+    stop_gateway
+    as_pg "$PG_BIN/pg_ctl" -D "$DATA" -m fast -w stop >/dev/null
+    echo "stopped."
+}
 trap stop EXIT
 
 URL="postgresql://postgres@127.0.0.1:$PORT/postgres"
@@ -53,7 +100,7 @@ The demo tables app.project and app.task are tracked.
   INSERT INTO app.task (project_id, title) VALUES ('p1', 'Try pg_sync');
   SELECT id, op, entity_code, entity_id, data FROM sync.changes_since(NULL);
 
-Ctrl-C stops it.
 EOF
 trap 'exit 0' INT TERM
-while as_pg "$PG_BIN/pg_ctl" -D "$DATA" status >/dev/null; do sleep 1; done
+start_gateway "$URL"
+wait "$GATEWAY_PID"

@@ -1,10 +1,13 @@
 //! Test harness for pg_sync's end-to-end tests: a throwaway PostgreSQL cluster with the
-//! extension preloaded, and small helpers to talk to it.
+//! extension preloaded, small helpers to talk to it, and (in `gateway`) a real gateway
+//! process with WebSocket and HTTP clients.
 //!
 //! The cluster runs as the `postgres` user (PostgreSQL refuses root) on a free port, with its
 //! data and socket in a fresh directory, and is stopped and deleted when the [`Cluster`] is
 //! dropped, also when the test panics. The extension's files must be installed first
 //! (`make test` runs `cargo pgrx install`).
+
+pub mod gateway;
 
 use std::net::TcpListener;
 use std::path::PathBuf;
@@ -173,7 +176,7 @@ impl Drop for Cluster {
     }
 }
 
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()

@@ -1,0 +1,179 @@
+//! The command line: `sync-gateway serve` and `sync-gateway token`. Every flag of `serve` is
+//! also an environment variable (SPEC 2.1).
+
+use clap::{ArgAction, Args, Parser, Subcommand};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "sync-gateway",
+    version,
+    about = "pg_sync's gateway: pushes PostgreSQL changes to WebSocket clients"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve WebSocket clients from the database's change log.
+    Serve(ServeArgs),
+    /// Print a development token signed with the configured HS256 secret.
+    Token(TokenArgs),
+}
+
+#[derive(Clone, Debug, Args)]
+pub struct ServeArgs {
+    /// PostgreSQL connection string of the database with the pg_sync extension.
+    #[arg(long, env = "SYNC_DATABASE_URL")]
+    pub database_url: String,
+
+    /// Address to listen on for WebSocket and HTTP clients.
+    #[arg(long, env = "SYNC_LISTEN", default_value = "127.0.0.1:8787")]
+    pub listen: SocketAddr,
+
+    #[command(flatten)]
+    pub auth: AuthArgs,
+
+    /// Role for row-visibility checks when a token has no `role` claim.
+    #[arg(long, env = "SYNC_DEFAULT_ROLE")]
+    pub default_role: Option<String>,
+
+    /// Drive sync.ingest_wal for WAL-captured tables while holding the ingest lock.
+    #[arg(long, env = "SYNC_WAL_INGEST", default_value_t = true, action = ArgAction::Set)]
+    pub wal_ingest: bool,
+
+    /// Read the log at least this often when no NOTIFY arrives (milliseconds).
+    #[arg(long, env = "SYNC_POLL_INTERVAL_MS", default_value_t = 1000)]
+    pub poll_interval_ms: u64,
+
+    /// Subscriptions one connection may hold.
+    #[arg(long, env = "SYNC_MAX_SUBSCRIPTIONS", default_value_t = 10_000)]
+    pub max_subscriptions: usize,
+
+    /// Messages queued for one connection before it counts as too slow and is closed (4008);
+    /// it resumes from its cursor.
+    #[arg(long, env = "SYNC_SEND_QUEUE", default_value_t = 1024)]
+    pub send_queue: usize,
+
+    /// Seconds between server pings; a connection that has not answered the previous ping by
+    /// the next one is closed.
+    #[arg(long, env = "SYNC_PING_INTERVAL_SECS", default_value_t = 30)]
+    pub ping_interval_secs: u64,
+
+    /// Name of this gateway in sync.subscription and sync.gateway (default: a random id).
+    #[arg(long, env = "SYNC_GATEWAY_ID")]
+    pub gateway_id: Option<String>,
+
+    /// Seconds between heartbeats in sync.gateway; a gateway silent for six of them is dead
+    /// and its subscriptions are removed by the others.
+    #[arg(long, env = "SYNC_HEARTBEAT_SECS", default_value_t = 5)]
+    pub heartbeat_secs: u64,
+}
+
+impl ServeArgs {
+    pub fn poll_interval(&self) -> Duration {
+        Duration::from_millis(self.poll_interval_ms.max(10))
+    }
+
+    pub fn ping_interval(&self) -> Duration {
+        Duration::from_secs(self.ping_interval_secs.max(1))
+    }
+
+    pub fn heartbeat(&self) -> Duration {
+        Duration::from_secs(self.heartbeat_secs.max(1))
+    }
+}
+
+/// How tokens are checked. Exactly one of the two keys; its algorithm is the only one accepted.
+#[derive(Clone, Debug, Args)]
+pub struct AuthArgs {
+    /// HS256 secret.
+    #[arg(long, env = "SYNC_JWT_SECRET", hide_env_values = true)]
+    pub jwt_secret: Option<String>,
+
+    /// Path to a PEM public key (RS256 for RSA, ES256 for P-256).
+    #[arg(long, env = "SYNC_JWT_PUBLIC_KEY")]
+    pub jwt_public_key: Option<PathBuf>,
+
+    /// Required `aud` claim (not checked when unset).
+    #[arg(long, env = "SYNC_JWT_AUDIENCE")]
+    pub jwt_audience: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct TokenArgs {
+    /// HS256 secret to sign with.
+    #[arg(long, env = "SYNC_JWT_SECRET", hide_env_values = true)]
+    pub jwt_secret: String,
+
+    /// The user id (`sub`).
+    #[arg(long)]
+    pub sub: String,
+
+    /// PostgreSQL role for row visibility (`role`).
+    #[arg(long)]
+    pub role: Option<String>,
+
+    /// Lifetime, e.g. 30s, 15m, 1h, 7d.
+    #[arg(long, default_value = "1h", value_parser = parse_duration)]
+    pub ttl: Duration,
+
+    /// Audience (`aud`).
+    #[arg(long, env = "SYNC_JWT_AUDIENCE")]
+    pub aud: Option<String>,
+
+    /// More claims, as key=value (repeatable).
+    #[arg(long = "claim", value_parser = parse_claim)]
+    pub claims: Vec<(String, String)>,
+}
+
+/// `30s`, `15m`, `1h`, `7d`, or plain seconds.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number: u64 = number
+        .parse()
+        .map_err(|_| format!("not a duration: {text:?}"))?;
+    let seconds = match unit {
+        "" | "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => return Err(format!("unknown unit in {text:?}: use s, m, h or d")),
+    };
+    Ok(Duration::from_secs(number * seconds))
+}
+
+fn parse_claim(text: &str) -> Result<(String, String), String> {
+    let (key, value) = text
+        .split_once('=')
+        .ok_or_else(|| format!("a claim is key=value, not {text:?}"))?;
+    Ok((key.to_owned(), value.to_owned()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse() {
+        assert_eq!(parse_duration("45").unwrap(), Duration::from_secs(45));
+        assert_eq!(parse_duration("15m").unwrap(), Duration::from_secs(900));
+        assert_eq!(parse_duration("1h").unwrap(), Duration::from_secs(3600));
+        assert!(parse_duration("1w").is_err());
+        assert!(parse_duration("h").is_err());
+    }
+
+    #[test]
+    fn the_cli_is_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+}

@@ -1,0 +1,715 @@
+//! The router: which connection receives which change. One task owns every subscription
+//! and sees every batch the reader hands over, in log order, so that routing needs no locks
+//! and each connection's messages follow the log's order.
+//!
+//! Index: entity code → (entity id → subscriptions) plus the entity's whole-table and
+//! filtered subscriptions. Per batch, each change is matched against the subscriptions of
+//! its entity and becomes, per connection, part of a message holding a run of consecutive
+//! changes of one entity (as that connection sees them): its cursor is the position after
+//! its last change, safe to resume from.
+//!
+//! A subscription with `since` starts in replay: its live changes wait in a buffer while a
+//! replay task reads the gap up to the router's position at that moment (`until`), then
+//! the buffer follows. No change falls in the seam or appears twice. The router never waits
+//! on a connection: a full send queue closes that connection (it resumes from its cursor).
+
+use crate::filter::{matches_all, Condition};
+use crate::log::{Change, Op};
+use crate::protocol::{Action, ChangeOut, ErrorCode, Mode, ResyncReason, ServerMessage};
+use crate::store::{StoreOp, SubscriptionRow};
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio_util::sync::CancellationToken;
+
+pub type ConnId = u64;
+pub type SubId = u64;
+
+/// Changes a replaying subscription may buffer before its connection counts as too slow.
+const MAX_REPLAY_BUFFER: usize = 100_000;
+
+/// What the router is asked to do.
+pub enum Command {
+    Connect(Connection),
+    Disconnect(ConnId),
+    Subscribe(SubscribeRequest),
+    Unsubscribe {
+        conn: ConnId,
+        entity_code: String,
+        entity_ids: Option<Vec<String>>,
+    },
+    UnsubscribeAll(ConnId),
+    /// Changes read by the reader, in log order, and the position after them.
+    Batch(Arc<Batch>),
+    /// The reader lost its place (its cursor expired): everyone resynchronises.
+    Reset(String),
+    /// A replay reached its `until`: release the buffered changes and go live.
+    ReplayDone {
+        conn: ConnId,
+        sub: SubId,
+    },
+    /// A replay could not run (bad or expired cursor): drop the subscription.
+    ReplayFailed {
+        conn: ConnId,
+        sub: SubId,
+    },
+    /// A replay found the client's cursor ahead of `until`: drop the buffer and answer the
+    /// router's position now, to replay up to.
+    Reanchor {
+        conn: ConnId,
+        sub: SubId,
+        reply: oneshot::Sender<String>,
+    },
+}
+
+pub struct Batch {
+    pub changes: Vec<Change>,
+    pub end: String,
+}
+
+/// A connection as the router sees it.
+pub struct Connection {
+    pub id: ConnId,
+    pub user: String,
+    /// Changes carrying this origin tag are not sent back.
+    pub client_id: Option<String>,
+    pub outbound: mpsc::Sender<String>,
+    /// Cancelled to close the connection (too slow).
+    pub kick: CancellationToken,
+}
+
+/// A SUBSCRIBE that the session has validated against the catalog.
+pub struct SubscribeRequest {
+    pub conn: ConnId,
+    pub entity_code: String,
+    pub target: Target,
+    pub mode: Mode,
+    pub columns: Option<Vec<String>>,
+    pub since: Option<String>,
+    pub reference: Option<String>,
+}
+
+/// A replay for the replay task to run, with the `until` the router chose.
+pub struct ReplayStart {
+    pub conn: ConnId,
+    pub sub: Subscription,
+    pub sub_id: SubId,
+    pub since: String,
+    pub until: String,
+    pub outbound: mpsc::Sender<String>,
+    pub client_id: Option<String>,
+    pub count: usize,
+    pub reference: Option<String>,
+}
+
+/// Which rows of an entity a subscription covers.
+#[derive(Clone, Debug)]
+pub enum Target {
+    Ids(HashSet<String>),
+    /// Every row, or the rows matching the filter.
+    Rows(Option<Vec<Condition>>),
+}
+
+#[derive(Clone, Debug)]
+pub struct Subscription {
+    pub entity_code: String,
+    pub target: Target,
+    pub mode: Mode,
+    pub columns: Option<Vec<String>>,
+}
+
+impl Subscription {
+    /// How this subscription sees a change: None when it does not concern it.
+    pub fn view(&self, change: &Change) -> Option<Action> {
+        let plain = match change.op {
+            Op::Insert => Action::Create,
+            Op::Update => Action::Update,
+            Op::Delete => Action::Delete,
+            Op::Truncate => return None,
+        };
+        match &self.target {
+            Target::Ids(ids) => change
+                .entity_id
+                .as_ref()
+                .filter(|id| ids.contains(*id))
+                .map(|_| plain),
+            Target::Rows(None) => Some(plain),
+            Target::Rows(Some(filter)) => {
+                let before = change
+                    .old_data
+                    .as_ref()
+                    .is_some_and(|row| matches_all(filter, row));
+                let after = change
+                    .data
+                    .as_ref()
+                    .is_some_and(|row| matches_all(filter, row));
+                match (change.op, before, after) {
+                    (Op::Insert, _, true) => Some(Action::Create),
+                    (Op::Delete, true, _) => Some(Action::Delete),
+                    (Op::Update, false, true) => Some(Action::Create),
+                    (Op::Update, true, false) => Some(Action::Delete),
+                    (Op::Update, true, true) => Some(Action::Update),
+                    _ => None,
+                }
+            }
+        }
+    }
+
+    /// The change as this subscription sends it.
+    pub fn render(&self, change: &Change, action: Action) -> ChangeOut {
+        let delta = self.mode == Mode::Delta;
+        let data = (delta && action != Action::Delete).then(|| {
+            let row = change.data.clone().unwrap_or_default();
+            let row = match &self.columns {
+                None => row,
+                Some(columns) => row
+                    .into_iter()
+                    .filter(|(k, _)| columns.contains(k))
+                    .collect(),
+            };
+            serde_json::Value::Object(row)
+        });
+        ChangeOut {
+            entity_id: change.entity_id.clone().unwrap_or_default(),
+            action,
+            data,
+            changed: (delta && action == Action::Update)
+                .then(|| change.changed.clone().unwrap_or_default()),
+            schema_version: delta.then_some(change.schema_version),
+        }
+    }
+
+    fn rows(&self, conn: &ConnState) -> Vec<SubscriptionRow> {
+        let row = |entity_id: Option<String>, filter| SubscriptionRow {
+            connection_id: conn.name.clone(),
+            user_id: conn.user.clone(),
+            entity_code: self.entity_code.clone(),
+            entity_id,
+            filter,
+            mode: self.mode,
+        };
+        match &self.target {
+            Target::Ids(ids) => ids.iter().map(|id| row(Some(id.clone()), None)).collect(),
+            Target::Rows(filter) => vec![row(None, filter_json(filter.as_deref()))],
+        }
+    }
+
+    fn size(&self) -> usize {
+        match &self.target {
+            Target::Ids(ids) => ids.len(),
+            Target::Rows(_) => 1,
+        }
+    }
+}
+
+/// A filter as `sync.subscription.filter` stores it.
+fn filter_json(filter: Option<&[Condition]>) -> Option<serde_json::Value> {
+    filter.map(|f| serde_json::to_value(f).expect("filters serialize"))
+}
+
+struct ConnState {
+    /// The connection's id in `sync.subscription`.
+    name: String,
+    user: String,
+    client_id: Option<String>,
+    outbound: mpsc::Sender<String>,
+    kick: CancellationToken,
+    subs: HashMap<SubId, SubState>,
+}
+
+struct SubState {
+    sub: Subscription,
+    /// Some while replaying: the live changes (and how this subscription sees them) that
+    /// wait for the replay to end.
+    buffer: Option<Vec<(Arc<Change>, Action)>>,
+}
+
+/// Who wants which changes of one entity.
+#[derive(Default)]
+struct EntityIndex {
+    by_id: HashMap<String, HashSet<(ConnId, SubId)>>,
+    rows: HashSet<(ConnId, SubId)>,
+}
+
+pub struct Router {
+    gateway_id: String,
+    max_subscriptions: usize,
+    connections: HashMap<ConnId, ConnState>,
+    index: HashMap<String, EntityIndex>,
+    next_sub: SubId,
+    position: watch::Sender<String>,
+    store: mpsc::UnboundedSender<StoreOp>,
+    replays: mpsc::UnboundedSender<ReplayStart>,
+}
+
+impl Router {
+    /// `position` publishes where the live stream stands; subscriptions go to `store`,
+    /// replays to be run to `replays`.
+    pub fn new(
+        gateway_id: String,
+        max_subscriptions: usize,
+        position: watch::Sender<String>,
+        store: mpsc::UnboundedSender<StoreOp>,
+        replays: mpsc::UnboundedSender<ReplayStart>,
+    ) -> Self {
+        Router {
+            gateway_id,
+            max_subscriptions,
+            connections: HashMap::new(),
+            index: HashMap::new(),
+            next_sub: 1,
+            position,
+            store,
+            replays,
+        }
+    }
+
+    /// Handles commands until every sender is gone.
+    pub async fn run(mut self, mut commands: mpsc::Receiver<Command>) {
+        while let Some(command) = commands.recv().await {
+            self.handle(command);
+        }
+    }
+
+    pub fn handle(&mut self, command: Command) {
+        match command {
+            Command::Connect(c) => {
+                let name = format!("{}:{}", self.gateway_id, c.id);
+                let state = ConnState {
+                    name,
+                    user: c.user,
+                    client_id: c.client_id,
+                    outbound: c.outbound,
+                    kick: c.kick,
+                    subs: HashMap::new(),
+                };
+                self.connections.insert(c.id, state);
+            }
+            Command::Disconnect(conn) => {
+                if let Some(state) = self.connections.remove(&conn) {
+                    for (sub_id, sub) in &state.subs {
+                        self.unindex(conn, *sub_id, &sub.sub);
+                    }
+                    let _ = self.store.send(StoreOp::RemoveConnection(state.name));
+                }
+            }
+            Command::Subscribe(request) => self.subscribe(request),
+            Command::Unsubscribe {
+                conn,
+                entity_code,
+                entity_ids,
+            } => self.unsubscribe(conn, Some(&entity_code), entity_ids.as_deref()),
+            Command::UnsubscribeAll(conn) => self.unsubscribe(conn, None, None),
+            Command::Batch(batch) => self.route(&batch),
+            Command::Reset(position) => {
+                let _ = self.position.send(position);
+                let entities: Vec<(ConnId, String)> = self
+                    .connections
+                    .iter()
+                    .flat_map(|(id, c)| c.subs.values().map(|s| (*id, s.sub.entity_code.clone())))
+                    .collect::<HashSet<_>>()
+                    .into_iter()
+                    .collect();
+                for (conn, entity_code) in entities {
+                    self.send(
+                        conn,
+                        &ServerMessage::Resync {
+                            entity_code,
+                            reason: ResyncReason::CursorExpired,
+                        },
+                    );
+                }
+            }
+            Command::ReplayDone { conn, sub } => self.replay_done(conn, sub),
+            Command::ReplayFailed { conn, sub } => self.remove_sub(conn, sub),
+            Command::Reanchor { conn, sub, reply } => {
+                if let Some(state) = self
+                    .connections
+                    .get_mut(&conn)
+                    .and_then(|c| c.subs.get_mut(&sub))
+                {
+                    state.buffer = Some(Vec::new());
+                }
+                let _ = reply.send(self.position.borrow().clone());
+            }
+        }
+    }
+
+    fn subscribe(&mut self, request: SubscribeRequest) {
+        let conn_id = request.conn;
+        let Some(conn) = self.connections.get(&conn_id) else {
+            return;
+        };
+        let sub = Subscription {
+            entity_code: request.entity_code,
+            target: request.target,
+            mode: request.mode,
+            columns: request.columns,
+        };
+        let held: usize = conn.subs.values().map(|s| s.sub.size()).sum();
+        if held + sub.size() > self.max_subscriptions {
+            let message = format!(
+                "a connection holds at most {} subscriptions",
+                self.max_subscriptions
+            );
+            self.send(
+                conn_id,
+                &ServerMessage::error(ErrorCode::TooManySubscriptions, message, request.reference),
+            );
+            return;
+        }
+        let sub_id = self.next_sub;
+        self.next_sub += 1;
+        let count = sub.size();
+        let rows = sub.rows(conn);
+        let (outbound, client_id) = (conn.outbound.clone(), conn.client_id.clone());
+        self.index(conn_id, sub_id, &sub);
+        let _ = self.store.send(StoreOp::Add(rows));
+        let position = self.position.borrow().clone();
+        match request.since {
+            None => {
+                let state = SubState {
+                    sub: sub.clone(),
+                    buffer: None,
+                };
+                self.connections
+                    .get_mut(&conn_id)
+                    .expect("checked")
+                    .subs
+                    .insert(sub_id, state);
+                let answer = ServerMessage::Subscribed {
+                    entity_code: sub.entity_code,
+                    count,
+                    cursor: position,
+                    reference: request.reference,
+                };
+                self.send(conn_id, &answer);
+            }
+            Some(since) => {
+                let state = SubState {
+                    sub: sub.clone(),
+                    buffer: Some(Vec::new()),
+                };
+                self.connections
+                    .get_mut(&conn_id)
+                    .expect("checked")
+                    .subs
+                    .insert(sub_id, state);
+                let _ = self.replays.send(ReplayStart {
+                    conn: conn_id,
+                    sub,
+                    sub_id,
+                    since,
+                    until: position,
+                    outbound,
+                    client_id,
+                    count,
+                    reference: request.reference,
+                });
+            }
+        }
+    }
+
+    fn unsubscribe(&mut self, conn: ConnId, entity_code: Option<&str>, ids: Option<&[String]>) {
+        let Some(state) = self.connections.get_mut(&conn) else {
+            return;
+        };
+        let name = state.name.clone();
+        let mut emptied = Vec::new();
+        let mut removed_ids = Vec::new();
+        for (sub_id, sub) in state.subs.iter_mut() {
+            if entity_code.is_some_and(|e| e != sub.sub.entity_code) {
+                continue;
+            }
+            match (ids, &mut sub.sub.target) {
+                (Some(ids), Target::Ids(held)) => {
+                    for id in ids {
+                        if held.remove(id) {
+                            removed_ids.push((*sub_id, sub.sub.entity_code.clone(), id.clone()));
+                        }
+                    }
+                    if held.is_empty() {
+                        emptied.push(*sub_id);
+                    }
+                }
+                (Some(_), Target::Rows(_)) => {}
+                (None, _) => emptied.push(*sub_id),
+            }
+        }
+        for (sub_id, entity_code, id) in removed_ids {
+            self.unindex_id(conn, sub_id, &entity_code, &id);
+        }
+        for sub_id in emptied {
+            if let Some(state) = self
+                .connections
+                .get_mut(&conn)
+                .and_then(|c| c.subs.remove(&sub_id))
+            {
+                self.unindex(conn, sub_id, &state.sub);
+            }
+        }
+        let _ = self.store.send(match (entity_code, ids) {
+            (None, _) => StoreOp::RemoveConnection(name),
+            (Some(entity_code), None) => StoreOp::RemoveEntity {
+                connection_id: name,
+                entity_code: entity_code.into(),
+            },
+            (Some(entity_code), Some(ids)) => StoreOp::RemoveIds {
+                connection_id: name,
+                entity_code: entity_code.into(),
+                entity_ids: ids.to_vec(),
+            },
+        });
+    }
+
+    fn remove_sub(&mut self, conn: ConnId, sub_id: SubId) {
+        let Some(state) = self.connections.get_mut(&conn) else {
+            return;
+        };
+        let name = state.name.clone();
+        let Some(sub) = state.subs.remove(&sub_id) else {
+            return;
+        };
+        self.unindex(conn, sub_id, &sub.sub);
+        let entity_code = sub.sub.entity_code.clone();
+        let _ = self.store.send(match sub.sub.target {
+            Target::Ids(ids) => StoreOp::RemoveIds {
+                connection_id: name,
+                entity_code,
+                entity_ids: ids.into_iter().collect(),
+            },
+            Target::Rows(filter) => StoreOp::RemoveRows {
+                connection_id: name,
+                entity_code,
+                filter: filter_json(filter.as_deref()),
+            },
+        });
+    }
+
+    fn replay_done(&mut self, conn: ConnId, sub_id: SubId) {
+        let Some(state) = self.connections.get_mut(&conn) else {
+            return;
+        };
+        let Some(sub) = state.subs.get_mut(&sub_id) else {
+            return;
+        };
+        let buffered = sub.buffer.take().unwrap_or_default();
+        let sub = sub.sub.clone();
+        let mut out = Outbox::default();
+        for (change, action) in buffered {
+            out.push(&sub, &change, action);
+        }
+        self.deliver(conn, out);
+    }
+
+    fn index(&mut self, conn: ConnId, sub_id: SubId, sub: &Subscription) {
+        let entry = self.index.entry(sub.entity_code.clone()).or_default();
+        match &sub.target {
+            Target::Ids(ids) => {
+                for id in ids {
+                    entry
+                        .by_id
+                        .entry(id.clone())
+                        .or_default()
+                        .insert((conn, sub_id));
+                }
+            }
+            Target::Rows(_) => {
+                entry.rows.insert((conn, sub_id));
+            }
+        }
+    }
+
+    fn unindex(&mut self, conn: ConnId, sub_id: SubId, sub: &Subscription) {
+        match &sub.target {
+            Target::Ids(ids) => {
+                for id in ids {
+                    self.unindex_id(conn, sub_id, &sub.entity_code, id);
+                }
+            }
+            Target::Rows(_) => {
+                if let Some(entry) = self.index.get_mut(&sub.entity_code) {
+                    entry.rows.remove(&(conn, sub_id));
+                }
+            }
+        }
+    }
+
+    fn unindex_id(&mut self, conn: ConnId, sub_id: SubId, entity_code: &str, id: &str) {
+        if let Some(entry) = self.index.get_mut(entity_code) {
+            if let Some(set) = entry.by_id.get_mut(id) {
+                set.remove(&(conn, sub_id));
+                if set.is_empty() {
+                    entry.by_id.remove(id);
+                }
+            }
+        }
+    }
+
+    /// Routes one batch: every change to every connection that sees it.
+    fn route(&mut self, batch: &Batch) {
+        let mut outboxes: HashMap<ConnId, Outbox> = HashMap::new();
+        for change in &batch.changes {
+            let Some(entry) = self.index.get(&change.entity_code) else {
+                continue;
+            };
+            let by_id = change.entity_id.as_ref().and_then(|id| entry.by_id.get(id));
+            let candidates: HashSet<ConnId> = by_id
+                .into_iter()
+                .flatten()
+                .chain(entry.rows.iter())
+                .map(|(c, _)| *c)
+                .collect();
+            if candidates.is_empty() {
+                continue;
+            }
+            let change = Arc::new(change.clone());
+            for conn in candidates {
+                let Some(state) = self.connections.get_mut(&conn) else {
+                    continue;
+                };
+                if change.client_id.is_some() && change.client_id == state.client_id {
+                    continue; // its own write
+                }
+                let out = outboxes.entry(conn).or_default();
+                if change.op == Op::Truncate {
+                    out.resync(&change.entity_code, ResyncReason::Truncate);
+                    continue;
+                }
+                // Live subscriptions answer now; replaying ones keep the change for later.
+                let mut live: Option<(&Subscription, Action)> = None;
+                for sub in state
+                    .subs
+                    .values_mut()
+                    .filter(|s| s.sub.entity_code == change.entity_code)
+                {
+                    let Some(action) = sub.sub.view(&change) else {
+                        continue;
+                    };
+                    match &mut sub.buffer {
+                        Some(buffer) => buffer.push((change.clone(), action)),
+                        None if live.is_none() => live = Some((&sub.sub, action)),
+                        None => {}
+                    }
+                }
+                if let Some((sub, action)) = live {
+                    out.push(sub, &change, action);
+                }
+            }
+        }
+        for (conn, out) in outboxes {
+            self.deliver(conn, out);
+        }
+        // Replays that outgrew their buffer: their connection is too slow to wait for.
+        let overflowing: Vec<ConnId> = self
+            .connections
+            .iter()
+            .filter(|(_, c)| {
+                c.subs.values().any(|s| {
+                    s.buffer
+                        .as_ref()
+                        .is_some_and(|b| b.len() > MAX_REPLAY_BUFFER)
+                })
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        for conn in overflowing {
+            self.kick(conn);
+        }
+        let _ = self.position.send(batch.end.clone());
+    }
+
+    fn deliver(&mut self, conn: ConnId, out: Outbox) {
+        for message in out.messages {
+            if !self.send(conn, &message) {
+                return;
+            }
+        }
+    }
+
+    /// Queues a message for a connection; false when the connection is gone or was closed
+    /// for being too slow.
+    fn send(&mut self, conn: ConnId, message: &ServerMessage) -> bool {
+        let Some(state) = self.connections.get(&conn) else {
+            return false;
+        };
+        match state.outbound.try_send(message.to_json()) {
+            Ok(()) => true,
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                self.kick(conn);
+                false
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => false,
+        }
+    }
+
+    fn kick(&mut self, conn: ConnId) {
+        if let Some(state) = self.connections.get(&conn) {
+            tracing::info!(conn, "closing a connection whose send queue is full");
+            state.kick.cancel();
+        }
+    }
+}
+
+/// Messages for one connection, built change by change.
+#[derive(Default)]
+pub struct Outbox {
+    pub messages: Vec<ServerMessage>,
+}
+
+impl Outbox {
+    /// Adds a change, extending the last message when it is of the same entity and kind.
+    pub fn push(&mut self, sub: &Subscription, change: &Change, action: Action) {
+        let rendered = sub.render(change, action);
+        let last_is_delta = matches!(self.messages.last(), Some(ServerMessage::Delta { .. }));
+        if let Some(
+            ServerMessage::Delta {
+                entity_code,
+                changes,
+                timestamp,
+                cursor,
+            }
+            | ServerMessage::Invalidate {
+                entity_code,
+                changes,
+                timestamp,
+                cursor,
+            },
+        ) = self.messages.last_mut()
+        {
+            if last_is_delta == (sub.mode == Mode::Delta) && *entity_code == change.entity_code {
+                changes.push(rendered);
+                *timestamp = change.captured_at.clone();
+                *cursor = change.cursor.clone();
+                return;
+            }
+        }
+        let (entity_code, changes, timestamp, cursor) = (
+            change.entity_code.clone(),
+            vec![rendered],
+            change.captured_at.clone(),
+            change.cursor.clone(),
+        );
+        self.messages.push(match sub.mode {
+            Mode::Delta => ServerMessage::Delta {
+                entity_code,
+                changes,
+                timestamp,
+                cursor,
+            },
+            Mode::Invalidate => ServerMessage::Invalidate {
+                entity_code,
+                changes,
+                timestamp,
+                cursor,
+            },
+        });
+    }
+
+    pub fn resync(&mut self, entity_code: &str, reason: ResyncReason) {
+        self.messages.push(ServerMessage::Resync {
+            entity_code: entity_code.to_owned(),
+            reason,
+        });
+    }
+}

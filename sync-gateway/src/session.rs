@@ -1,0 +1,253 @@
+//! One WebSocket connection: reads the client's messages, checks them against the catalog
+//! and hands subscriptions to the router; writes what the router queues for it; pings, and
+//! closes the connection when the token expires (4001), the client stops answering, the
+//! client is too slow (4008), it keeps sending bad messages (1008) or the gateway stops
+//! (1001). Its subscriptions go with it.
+
+use crate::auth::Claims;
+use crate::catalog::Entity;
+use crate::protocol::{parse, reference_of, ClientMessage, ErrorCode, ServerMessage, Subscribe};
+use crate::router::{Command, ConnId, Connection, SubscribeRequest, Target};
+use crate::AppState;
+use axum::extract::ws::{CloseFrame, Message, WebSocket};
+use futures_util::{SinkExt, StreamExt};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use tokio::sync::mpsc;
+use tokio::time::{sleep_until, Instant};
+use tokio_util::sync::CancellationToken;
+
+/// Bad messages in a row after which a connection is closed with 1008.
+const MAX_BAD_MESSAGES: u32 = 20;
+
+pub const CLOSE_GOING_AWAY: u16 = 1001;
+pub const CLOSE_POLICY: u16 = 1008;
+pub const CLOSE_TOKEN_EXPIRED: u16 = 4001;
+pub const CLOSE_TOO_SLOW: u16 = 4008;
+
+pub async fn run(
+    socket: WebSocket,
+    state: Arc<AppState>,
+    claims: Claims,
+    client_id: Option<String>,
+) {
+    let id: ConnId = state.next_connection.fetch_add(1, Ordering::SeqCst);
+    let (outbound, mut queue) = mpsc::channel::<String>(state.send_queue);
+    let kick = CancellationToken::new();
+    let connection = Connection {
+        id,
+        user: claims.sub.clone(),
+        client_id,
+        outbound: outbound.clone(),
+        kick: kick.clone(),
+    };
+    if state
+        .router
+        .send(Command::Connect(connection))
+        .await
+        .is_err()
+    {
+        return;
+    }
+    let mut session = Session {
+        id,
+        state: state.clone(),
+        claims,
+        outbound,
+        bad_in_a_row: 0,
+    };
+    let (mut sink, mut stream) = socket.split();
+    let mut ping =
+        tokio::time::interval_at(Instant::now() + state.ping_interval, state.ping_interval);
+    let mut answered_ping = true;
+    let close = loop {
+        let expiry = Instant::now() + session.claims.remaining();
+        tokio::select! {
+            incoming = stream.next() => match incoming {
+                Some(Ok(Message::Text(text))) => {
+                    if let Some(close) = session.handle(&text).await {
+                        break Some(close);
+                    }
+                }
+                Some(Ok(Message::Binary(_))) => {
+                    session.reply(ServerMessage::error(ErrorCode::BadRequest, "messages are JSON text", None)).await;
+                }
+                Some(Ok(Message::Pong(_))) => answered_ping = true,
+                Some(Ok(Message::Ping(_))) => {} // axum answers pings
+                Some(Ok(Message::Close(_))) | Some(Err(_)) | None => break None,
+            },
+            Some(text) = queue.recv() => {
+                if sink.send(Message::Text(text.into())).await.is_err() {
+                    break None;
+                }
+            }
+            _ = ping.tick() => {
+                if !answered_ping {
+                    tracing::debug!(id, "no pong since the last ping; closing");
+                    break None;
+                }
+                answered_ping = false;
+                if sink.send(Message::Ping(Default::default())).await.is_err() {
+                    break None;
+                }
+            }
+            _ = sleep_until(expiry) => {
+                let message = ServerMessage::error(ErrorCode::TokenExpired, "the token expired; reconnect with a new one", None);
+                let _ = sink.send(Message::Text(message.to_json().into())).await;
+                break Some((CLOSE_TOKEN_EXPIRED, "token expired"));
+            }
+            _ = kick.cancelled() => break Some((CLOSE_TOO_SLOW, "too slow; resume from your last cursor")),
+            _ = state.shutdown.cancelled() => break Some((CLOSE_GOING_AWAY, "gateway shutting down")),
+        }
+    };
+    if let Some((code, reason)) = close {
+        let frame = CloseFrame {
+            code,
+            reason: reason.into(),
+        };
+        let _ = sink.send(Message::Close(Some(frame))).await;
+    }
+    let _ = state.router.send(Command::Disconnect(id)).await;
+}
+
+struct Session {
+    id: ConnId,
+    state: Arc<AppState>,
+    claims: Claims,
+    outbound: mpsc::Sender<String>,
+    bad_in_a_row: u32,
+}
+
+impl Session {
+    /// Handles one text message; Some when the connection must close.
+    async fn handle(&mut self, text: &str) -> Option<(u16, &'static str)> {
+        let message = match parse(text) {
+            Ok(message) => message,
+            Err(e) => {
+                self.bad_in_a_row += 1;
+                if self.bad_in_a_row > MAX_BAD_MESSAGES {
+                    return Some((CLOSE_POLICY, "too many bad messages"));
+                }
+                self.reply(ServerMessage::error(
+                    e.code(),
+                    e.to_string(),
+                    reference_of(text),
+                ))
+                .await;
+                return None;
+            }
+        };
+        self.bad_in_a_row = 0;
+        match message {
+            ClientMessage::Subscribe(request) => self.subscribe(request).await,
+            ClientMessage::Unsubscribe(u) => {
+                let command = Command::Unsubscribe {
+                    conn: self.id,
+                    entity_code: u.entity_code,
+                    entity_ids: u.entity_ids,
+                };
+                let _ = self.state.router.send(command).await;
+            }
+            ClientMessage::UnsubscribeAll => {
+                let _ = self
+                    .state
+                    .router
+                    .send(Command::UnsubscribeAll(self.id))
+                    .await;
+            }
+            ClientMessage::Ping => self.reply(ServerMessage::Pong).await,
+            ClientMessage::Auth(auth) => match self.state.verifier.verify(&auth.token) {
+                Ok(claims) if claims.sub == self.claims.sub => self.claims = claims,
+                Ok(_) => {
+                    let message = "a refreshed token must be for the same user";
+                    self.reply(ServerMessage::error(ErrorCode::Unauthorized, message, None))
+                        .await
+                }
+                Err(e) => {
+                    self.reply(ServerMessage::error(
+                        ErrorCode::Unauthorized,
+                        e.to_string(),
+                        None,
+                    ))
+                    .await
+                }
+            },
+        }
+        None
+    }
+
+    async fn subscribe(&mut self, s: Subscribe) {
+        let reference = s.reference.clone();
+        let entity = match self.state.catalog.entity(&s.entity_code).await {
+            Ok(Some(entity)) => entity,
+            Ok(None) => {
+                let message = format!("{} is not a tracked entity", s.entity_code);
+                return self
+                    .reply(ServerMessage::error(
+                        ErrorCode::UnknownEntity,
+                        message,
+                        reference,
+                    ))
+                    .await;
+            }
+            Err(e) => {
+                tracing::warn!(error = %crate::ErrorChain(&e), "catalog unavailable");
+                return self
+                    .reply(ServerMessage::error(
+                        ErrorCode::Internal,
+                        "try again",
+                        reference,
+                    ))
+                    .await;
+            }
+        };
+        if let Err((code, message)) = check_against(&entity, &s) {
+            return self
+                .reply(ServerMessage::error(code, message, reference))
+                .await;
+        }
+        let target = match (s.entity_ids, s.filter) {
+            (Some(ids), _) => Target::Ids(ids.into_iter().collect()),
+            (None, filter) => Target::Rows(filter),
+        };
+        let request = SubscribeRequest {
+            conn: self.id,
+            entity_code: s.entity_code,
+            target,
+            mode: s.mode,
+            columns: s.columns,
+            since: s.since,
+            reference: s.reference,
+        };
+        let _ = self.state.router.send(Command::Subscribe(request)).await;
+    }
+
+    async fn reply(&self, message: ServerMessage) {
+        let _ = self.outbound.send(message.to_json()).await;
+    }
+}
+
+/// What the catalog says about a SUBSCRIBE: the columns it names must be published, and
+/// (until row-level security is handled) a table with RLS is refused.
+fn check_against(entity: &Entity, s: &Subscribe) -> Result<(), (ErrorCode, String)> {
+    if entity.rls {
+        let message = format!(
+            "{} has row-level security, which this gateway does not serve yet",
+            entity.code
+        );
+        return Err((ErrorCode::Forbidden, message));
+    }
+    let named = s
+        .filter
+        .iter()
+        .flatten()
+        .map(|c| &c.column)
+        .chain(s.columns.iter().flatten());
+    for column in named {
+        if !entity.columns.contains(column) {
+            let message = format!("{column} is not a published column of {}", entity.code);
+            return Err((ErrorCode::BadRequest, message));
+        }
+    }
+    Ok(())
+}
