@@ -31,13 +31,16 @@ run: install
 	$(CARGO) build --release -p sync-gateway
 	@scripts/run.sh
 
-## bench: the capture benchmark (pgbench), results in bench/results/
+## bench: the capture benchmark (pgbench) and the gateway benchmark, results in bench/results/
 bench: install
+	$(CARGO) build --release -p sync-gateway -p sync-loadgen
 	@bench/trigger_bench.sh
+	@bench/gateway_bench.sh
 
 lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --all-targets -- -D warnings
+	$(CARGO) clippy -p sync-loadgen --all-targets -- -D warnings
 	$(CARGO) clippy -p pg_sync_ext --all-targets -- -D warnings
 
 fmt:

@@ -10,23 +10,10 @@ cd "$(dirname "$0")/.."
 
 SECONDS_PER_RUN=${BENCH_SECONDS:-20}
 ROWS=100000
-PG_BIN=/usr/lib/postgresql/15/bin
-WORK=$(mktemp -d /tmp/pg_sync_bench.XXXXXX)
 OUT=bench/results
 mkdir -p "$OUT"
-chown postgres:postgres "$WORK" 2>/dev/null || true
-
-as_pg() { if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi; }
-PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-as_pg "$PG_BIN/initdb" -D "$WORK/data" -A trust -U postgres >/dev/null
-as_pg "$PG_BIN/pg_ctl" -D "$WORK/data" -l "$WORK/log" -w -o \
-    "-p $PORT -c listen_addresses=127.0.0.1 -c unix_socket_directories=$WORK \
-     -c shared_preload_libraries=pg_sync -c max_wal_size=4GB -c shared_buffers=1GB" start >/dev/null
-cleanup() { as_pg "$PG_BIN/pg_ctl" -D "$WORK/data" -m immediate -w stop >/dev/null 2>&1 || true; rm -rf "$WORK"; }
-trap cleanup EXIT
-
-export PGHOST=127.0.0.1 PGPORT=$PORT PGUSER=postgres PGDATABASE=postgres
-psql -q -v ON_ERROR_STOP=1 -c "CREATE EXTENSION pg_sync" -f sql/bench/audit_trigger.sql >/dev/null
+. bench/lib.sh
+psql -q -v ON_ERROR_STOP=1 -f sql/bench/audit_trigger.sql >/dev/null
 for t in plain tracked audit; do
     psql -q -v ON_ERROR_STOP=1 <<SQL >/dev/null
 CREATE TABLE bench_$t (id int PRIMARY KEY, balance int NOT NULL, note text, updated_at timestamptz);

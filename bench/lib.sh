@@ -1,0 +1,26 @@
+# Shared by the benchmark scripts: a throwaway cluster with pg_sync preloaded, stopped on exit.
+# Sets WORK, PORT and the PG* variables.
+
+PG_BIN=/usr/lib/postgresql/15/bin
+WORK=$(mktemp -d /tmp/pg_sync_bench.XXXXXX)
+chown postgres:postgres "$WORK" 2>/dev/null || true
+
+as_pg() { if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi; }
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+
+PORT=$(free_port)
+as_pg "$PG_BIN/initdb" -D "$WORK/data" -A trust -U postgres >/dev/null
+as_pg "$PG_BIN/pg_ctl" -D "$WORK/data" -l "$WORK/log" -w -o \
+    "-p $PORT -c listen_addresses=127.0.0.1 -c unix_socket_directories=$WORK \
+     -c shared_preload_libraries=pg_sync -c max_wal_size=4GB -c shared_buffers=1GB \
+     -c max_connections=200" start >/dev/null
+CLEANUP=()
+cleanup() {
+    for c in "${CLEANUP[@]}"; do eval "$c" || true; done
+    as_pg "$PG_BIN/pg_ctl" -D "$WORK/data" -m immediate -w stop >/dev/null 2>&1 || true
+    rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+export PGHOST=127.0.0.1 PGPORT=$PORT PGUSER=postgres PGDATABASE=postgres
+psql -q -v ON_ERROR_STOP=1 -c "CREATE EXTENSION pg_sync" >/dev/null
