@@ -259,6 +259,47 @@ mod tests {
     }
 
     #[test]
+    fn public_keys_pin_rs256_and_es256() {
+        let keys = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/keys/");
+        let claims = serde_json::json!({"sub": "a", "exp": now() + 600});
+        for (public, private, algorithm) in [
+            ("rs256-public.pem", "rs256-private.pem", Algorithm::RS256),
+            (
+                "es256-public.pem",
+                "es256-private.pk8.pem",
+                Algorithm::ES256,
+            ),
+        ] {
+            let public_path = format!("{keys}{public}");
+            let args = AuthArgs {
+                jwt_secret: None,
+                jwt_public_key: Some(public_path.clone().into()),
+                jwt_audience: None,
+            };
+            let verifier = Verifier::new(&args).unwrap();
+            let pem = std::fs::read(format!("{keys}{private}")).unwrap();
+            let key = match algorithm {
+                Algorithm::RS256 => EncodingKey::from_rsa_pem(&pem).unwrap(),
+                _ => EncodingKey::from_ec_pem(&pem).unwrap(),
+            };
+            let good = encode(&Header::new(algorithm), &claims, &key).unwrap();
+            assert_eq!(verifier.verify(&good).unwrap().sub, "a", "{algorithm:?}");
+            // The classic confusion: HS256 "signed" with the public key as the secret.
+            let public_bytes = std::fs::read(&public_path).unwrap();
+            let forged = encode(
+                &Header::new(Algorithm::HS256),
+                &claims,
+                &EncodingKey::from_secret(&public_bytes),
+            )
+            .unwrap();
+            assert!(
+                verifier.verify(&forged).is_err(),
+                "{algorithm:?} accepted HS256"
+            );
+        }
+    }
+
+    #[test]
     fn exactly_one_key_is_required() {
         assert!(matches!(
             Verifier::new(&AuthArgs {
