@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The gateway benchmark: commit-to-client latency with 1,000 subscribed connections at 500
-# commits/s, fan-out to 10,000 connections, and resident memory per idle connection. The
+# commits/s, fan-out to 10,000 connections, fan-out with row-level security (1,000
+# subscribers in 1,000 and in 10 claim sets), snapshot streaming of 1M rows, and resident
+# memory per idle connection. The
 # load generator (bench/loadgen) is a separate process; on this machine it shares the cores
 # with the gateway and PostgreSQL. Writes bench/results/gateway.md and gateway.jsonl.
 #
@@ -34,16 +36,23 @@ loadgen() {
 start_gateway
 loadgen latency --connections 1000 --ids-per-connection 10 --rows 1000 --rate 500 | tee -a "$OUT/gateway.jsonl"
 loadgen fanout --connections 10000 | tee -a "$OUT/gateway.jsonl"
-# A fresh gateway for the memory of idle connections.
-kill "$GATEWAY_PID"; wait "$GATEWAY_PID" || true
-start_gateway
+loadgen fanout --connections 1000 --rls-claim-sets 1000 | tee -a "$OUT/gateway.jsonl"
+loadgen fanout --connections 1000 --rls-claim-sets 10 | tee -a "$OUT/gateway.jsonl"
+# Fresh gateways for memory: idle connections, then a 1M-row snapshot's peak.
+restart_gateway() { kill "$GATEWAY_PID"; wait "$GATEWAY_PID" || true; start_gateway; }
+restart_gateway
 loadgen idle --connections 10000 --gateway-pid "$GATEWAY_PID" | tee -a "$OUT/gateway.jsonl"
+restart_gateway
+loadgen snapshot --rows "${SNAPSHOT_ROWS:-1000000}" --gateway-pid "$GATEWAY_PID" | tee -a "$OUT/gateway.jsonl"
 
 python3 - "$OUT" <<'PY' > "$OUT/gateway.md"
 import json, os, sys
 out = sys.argv[1]
-runs = {r["mode"]: r for r in map(json.loads, open(os.path.join(out, "gateway.jsonl")))}
-lat, fan, idle = runs["latency"], runs["fanout"], runs["idle"]
+all_runs = [json.loads(l) for l in open(os.path.join(out, "gateway.jsonl"))]
+runs = {r["mode"]: r for r in all_runs}
+lat, idle, snap = runs["latency"], runs["idle"], runs["snapshot"]
+fan = next(r for r in all_runs if r["mode"] == "fanout" and r["rls_claim_sets"] == 0)
+rls = [r for r in all_runs if r["mode"] == "fanout" and r["rls_claim_sets"] > 0]
 mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
 print("# Gateway benchmark\n")
 print(f"Machine: {os.cpu_count()} cores ({mem:.0f} GiB), shared by PostgreSQL, the gateway and the "
@@ -56,6 +65,13 @@ print(f"| commit → client latency, {lat['connections']} connections × {lat['i
 print(f"| fan-out to {fan['connections']} connections subscribed to the whole table "
       f"({fan['commits']} single-row commits in {fan['seconds']} s) | {fan['messages_per_s']:.0f} messages/s, "
       f"{fan['changes_per_s']:.0f} changes/s | ≥ 100k messages/s |")
+for r in rls:
+    print(f"| fan-out with RLS: {r['connections']} subscribers in {r['rls_claim_sets']} claim sets "
+          f"({r['commits']} commits in {r['seconds']} s) | {r['changes_per_s']:.0f} changes/s in "
+          f"{r['messages_per_s']:.0f} messages/s | ≥ 30k messages/s with 1,000 claim sets |")
+print(f"| snapshot of {snap['rows']} rows ({snap['megabytes']} MB of NDJSON) | {snap['rows_per_s']:.0f} rows/s "
+      f"({snap['seconds']} s); gateway peak RSS {snap['gateway_peak_rss_kib'] // 1024} MiB "
+      f"(before: {snap['gateway_rss_before_kib'] // 1024} MiB) | memory bounded |")
 print(f"| resident memory per idle connection ({idle['connections']} connections, one subscription each) | "
       f"{idle['kib_per_connection']} KiB | ≤ 32 KiB |")
 PY

@@ -251,6 +251,22 @@ mod tests {
     }
 
     #[pg_test]
+    fn a_mutation_id_is_claimed_once_per_user() {
+        assert_eq!(
+            one::<bool>("SELECT sync.claim_mutation('alice', 'm1')"),
+            Some(true)
+        );
+        assert_eq!(
+            one::<bool>("SELECT sync.claim_mutation('alice', 'm1')"),
+            Some(false)
+        );
+        assert_eq!(
+            one::<bool>("SELECT sync.claim_mutation('bob', 'm1')"),
+            Some(true)
+        );
+    }
+
+    #[pg_test]
     fn status_reports_tables_mode_and_slot() {
         project();
         let status = one::<pgrx::JsonB>("SELECT sync.status()").unwrap().0;

@@ -1,6 +1,9 @@
-//! What the gateway knows about tracked entities: their published columns (for filters and
-//! `columns`) and whether row-level security is on. Read from `sync.tracked` and the catalog,
-//! refreshed every few seconds and when a client names an entity not seen yet.
+//! What the gateway knows about tracked entities: their table, primary key and published
+//! columns (for filters, `columns`, snapshots and writes) and whether row-level security is
+//! on. Read from `sync.tracked` and the catalog, refreshed every few seconds and when a
+//! client names an entity not seen yet.
+//!
+//! Every identifier that reaches SQL built by the gateway comes from here, quoted here.
 
 use deadpool_postgres::Pool;
 use std::collections::{HashMap, HashSet};
@@ -13,10 +16,60 @@ const REFRESH: Duration = Duration::from_secs(5);
 #[derive(Debug)]
 pub struct Entity {
     pub code: String,
+    /// The table, schema-qualified and quoted: `"app"."task"`.
+    pub table: String,
+    /// The primary key's columns, in key order, and their SQL types.
+    pub key: Vec<String>,
+    pub key_types: Vec<String>,
     /// The columns that reach the log: the allow-list and the primary key, or all.
     pub columns: HashSet<String>,
+    /// The table's other columns, which never leave the database.
+    pub hidden: Vec<String>,
     /// Row-level security is enabled on the table.
     pub rls: bool,
+}
+
+impl Entity {
+    /// SQL for the log's `entity_id` of row `t`: the key's text, or for a composite key the
+    /// JSON array of the columns' texts.
+    pub fn id_sql(&self) -> String {
+        match self.key.as_slice() {
+            [one] => format!("t.{}::text", quote(one)),
+            many => {
+                let parts: Vec<String> = many
+                    .iter()
+                    .map(|k| format!("to_json(t.{}::text)::text", quote(k)))
+                    .collect();
+                format!("'[' || concat_ws(',', {}) || ']'", parts.join(", "))
+            }
+        }
+    }
+
+    /// SQL matching row `t` against parameter `$n`, a text[] of entity ids, usable by the
+    /// primary key's index.
+    pub fn key_in_sql(&self, n: usize) -> String {
+        match (self.key.as_slice(), self.key_types.as_slice()) {
+            ([one], [ty]) => format!("t.{} = ANY (${n}::text[]::{ty}[])", quote(one)),
+            (many, types) => {
+                let columns: Vec<String> = many.iter().map(|k| format!("t.{}", quote(k))).collect();
+                let parts: Vec<String> = types
+                    .iter()
+                    .enumerate()
+                    .map(|(i, ty)| format!("(u.id::jsonb ->> {i})::{ty}"))
+                    .collect();
+                format!(
+                    "({}) IN (SELECT {} FROM unnest(${n}::text[]) AS u(id))",
+                    columns.join(", "),
+                    parts.join(", ")
+                )
+            }
+        }
+    }
+}
+
+/// A quoted SQL identifier.
+pub fn quote(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
 }
 
 /// Tracked entities by code.
@@ -26,16 +79,29 @@ pub struct Catalog {
     pool: Pool,
     /// When the entities were read, and what was read.
     entities: RwLock<(Instant, Entities)>,
+    /// Held while re-reading, so that concurrent misses share one read.
+    reloading: tokio::sync::Mutex<()>,
 }
 
 const ENTITIES_SQL: &str = "
-SELECT t.entity_code, c.relrowsecurity,
+SELECT t.entity_code, c.relrowsecurity, n.nspname::text, c.relname::text,
+       ARRAY(SELECT a.attname::text FROM unnest(k.indkey::int2[]) WITH ORDINALITY u(attnum, o)
+               JOIN pg_catalog.pg_attribute a ON a.attrelid = t.relid AND a.attnum = u.attnum
+              ORDER BY u.o),
+       ARRAY(SELECT pg_catalog.format_type(a.atttypid, a.atttypmod)
+               FROM unnest(k.indkey::int2[]) WITH ORDINALITY u(attnum, o)
+               JOIN pg_catalog.pg_attribute a ON a.attrelid = t.relid AND a.attnum = u.attnum
+              ORDER BY u.o),
        ARRAY(SELECT a.attname::text FROM pg_catalog.pg_attribute a
               WHERE a.attrelid = t.relid AND a.attnum > 0 AND NOT a.attisdropped
-                AND (t.columns IS NULL OR a.attname = ANY (t.columns)
-                     OR a.attnum = ANY ((SELECT i.indkey FROM pg_catalog.pg_index i
-                                          WHERE i.indrelid = t.relid AND i.indisprimary)::int2[])))
-  FROM sync.tracked t JOIN pg_catalog.pg_class c ON c.oid = t.relid";
+                AND (t.columns IS NULL OR a.attname = ANY (t.columns) OR a.attnum = ANY (k.indkey::int2[]))),
+       ARRAY(SELECT a.attname::text FROM pg_catalog.pg_attribute a
+              WHERE a.attrelid = t.relid AND a.attnum > 0 AND NOT a.attisdropped
+                AND NOT (t.columns IS NULL OR a.attname = ANY (t.columns) OR a.attnum = ANY (k.indkey::int2[])))
+  FROM sync.tracked t
+  JOIN pg_catalog.pg_class c ON c.oid = t.relid
+  JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+  JOIN pg_catalog.pg_index k ON k.indrelid = t.relid AND k.indisprimary";
 
 impl Catalog {
     pub fn new(pool: Pool) -> Self {
@@ -43,18 +109,50 @@ impl Catalog {
         Catalog {
             pool,
             entities: RwLock::new((stale, Arc::new(HashMap::new()))),
+            reloading: tokio::sync::Mutex::new(()),
         }
+    }
+
+    /// Re-reads the entities every few seconds, so that routing (which uses `cached`) sees
+    /// row-level security switched on or off and tables tracked or altered.
+    pub async fn refresh(self: Arc<Self>, shutdown: tokio_util::sync::CancellationToken) {
+        let mut tick = tokio::time::interval(REFRESH);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {
+                    if let Err(e) = self.reload().await {
+                        tracing::warn!(error = %crate::ErrorChain(&e), "reading tracked entities failed");
+                    }
+                }
+                _ = shutdown.cancelled() => return,
+            }
+        }
+    }
+
+    /// The entity named `code` as last read, without going to the database.
+    pub fn cached(&self, code: &str) -> Option<Arc<Entity>> {
+        self.entities
+            .read()
+            .expect("catalog lock")
+            .1
+            .get(code)
+            .cloned()
     }
 
     /// The entity named `code`, if it is tracked.
     pub async fn entity(&self, code: &str) -> Result<Option<Arc<Entity>>, CatalogError> {
         let (loaded_at, entities) = self.entities.read().expect("catalog lock").clone();
-        match entities.get(code) {
-            Some(entity) if loaded_at.elapsed() < REFRESH => Ok(Some(entity.clone())),
-            // Unknown or stale: look again, at most once a second for unknown names.
-            _ if loaded_at.elapsed() < Duration::from_secs(1) => Ok(entities.get(code).cloned()),
-            _ => Ok(self.reload().await?.get(code).cloned()),
+        if let Some(entity) = entities.get(code).filter(|_| loaded_at.elapsed() < REFRESH) {
+            return Ok(Some(entity.clone()));
         }
+        // Unknown (perhaps tracked a moment ago) or stale: read again, unless another caller
+        // did while this one waited for the lock.
+        let _reloading = self.reloading.lock().await;
+        let (now_loaded_at, entities) = self.entities.read().expect("catalog lock").clone();
+        if now_loaded_at > loaded_at {
+            return Ok(entities.get(code).cloned());
+        }
+        Ok(self.reload().await?.get(code).cloned())
     }
 
     async fn reload(&self) -> Result<Entities, CatalogError> {
@@ -64,11 +162,16 @@ impl Catalog {
             .iter()
             .map(|r| {
                 let code: String = r.get(0);
-                let columns: Vec<String> = r.get(2);
+                let (schema, table): (String, String) = (r.get(2), r.get(3));
+                let columns: Vec<String> = r.get(6);
                 let entity = Entity {
                     code: code.clone(),
                     rls: r.get(1),
+                    table: format!("{}.{}", quote(&schema), quote(&table)),
+                    key: r.get(4),
+                    key_types: r.get(5),
                     columns: columns.into_iter().collect(),
+                    hidden: r.get(7),
                 };
                 (code, Arc::new(entity))
             })

@@ -54,10 +54,10 @@ pub struct ServeArgs {
     #[arg(long, env = "SYNC_MAX_SUBSCRIPTIONS", default_value_t = 10_000)]
     pub max_subscriptions: usize,
 
-    /// Messages queued for one connection before it counts as too slow and is closed (4008);
+    /// Bytes queued for one connection before it counts as too slow and is closed (4008);
     /// it resumes from its cursor.
-    #[arg(long, env = "SYNC_SEND_QUEUE", default_value_t = 1024)]
-    pub send_queue: usize,
+    #[arg(long, env = "SYNC_SEND_QUEUE_BYTES", default_value_t = 4 << 20)]
+    pub send_queue_bytes: usize,
 
     /// Seconds between server pings; a connection that has not answered the previous ping by
     /// the next one is closed.

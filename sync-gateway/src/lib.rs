@@ -9,25 +9,34 @@
 //!   `filter`, against `catalog`) and writes what the router queues;
 //! - `replay` serves SUBSCRIBE with `since` from the log up to the live position;
 //! - `store` mirrors subscriptions into `sync.subscription` and heartbeats;
-//! - `http` holds the endpoints, `auth` the tokens, `config` the command line.
+//! - `access` runs queries as the user (role and claims) for row-level security;
+//! - `http` holds the endpoints, with `snapshot`, `changes` and `write` for clients without
+//!   sockets; `metrics` counts; `auth` checks tokens, `config` is the command line.
 
+pub mod access;
 pub mod auth;
 pub mod catalog;
+pub mod changes;
 pub mod config;
 pub mod filter;
 pub mod http;
 pub mod log;
+pub mod metrics;
+pub mod outbound;
 pub mod protocol;
 pub mod reader;
 pub mod replay;
 pub mod router;
 pub mod session;
+pub mod snapshot;
 pub mod store;
+pub mod write;
 
 use crate::auth::Verifier;
 use crate::catalog::Catalog;
 use crate::config::ServeArgs;
-use crate::router::Router;
+use crate::metrics::Metrics;
+use crate::router::{Database, Router};
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, AtomicU64};
@@ -57,11 +66,16 @@ impl std::fmt::Display for ErrorChain<'_> {
 pub struct AppState {
     pub pool: Pool,
     pub verifier: Verifier,
-    pub catalog: Catalog,
+    pub catalog: Arc<Catalog>,
+    pub metrics: Arc<Metrics>,
+    pub default_role: Option<String>,
+    pub gateway_id: String,
+    /// Where the live stream stands; changes as batches are routed (long-polls wait on it).
+    pub position: watch::Receiver<String>,
     pub router: mpsc::Sender<router::Command>,
     pub ready: Arc<AtomicBool>,
     pub next_connection: AtomicU64,
-    pub send_queue: usize,
+    pub send_queue_bytes: usize,
     pub ping_interval: Duration,
     pub shutdown: CancellationToken,
     pub tracker: TaskTracker,
@@ -107,6 +121,7 @@ pub async fn serve(args: ServeArgs, shutdown: CancellationToken) -> Result<(), S
     }
 
     let (router_tx, router_rx) = mpsc::channel(1024);
+    let (batch_tx, batch_rx) = mpsc::channel(2);
     let (store_tx, store_rx) = mpsc::unbounded_channel();
     let (replay_tx, replay_rx) = mpsc::unbounded_channel();
     let (position_tx, position_rx) = watch::channel(String::new());
@@ -119,25 +134,35 @@ pub async fn serve(args: ServeArgs, shutdown: CancellationToken) -> Result<(), S
         heartbeat: args.heartbeat(),
     };
     let store_task = tokio::spawn(store.run(store_rx, shutdown.clone()));
+    let catalog = Arc::new(Catalog::new(pool.clone()));
+    tokio::spawn(catalog.clone().refresh(shutdown.clone()));
+    let metrics = Arc::new(Metrics::default());
+    let database = Database {
+        pool: pool.clone(),
+        catalog: catalog.clone(),
+        metrics: metrics.clone(),
+    };
     let router = Router::new(
+        database,
         gateway_id.clone(),
         args.max_subscriptions,
         position_tx,
         store_tx,
         replay_tx,
     );
-    let router_task = tokio::spawn(router.run(router_rx));
+    let router_task = tokio::spawn(router.run(router_rx, batch_rx));
     let replayer = replay::Replayer {
         pool: pool.clone(),
+        catalog: catalog.clone(),
         router: router_tx.clone(),
-        position: position_rx,
+        position: position_rx.clone(),
     };
     tokio::spawn(replayer.run(replay_rx, shutdown.clone()));
     let reader = reader::Reader {
         pool: pool.clone(),
         listen_config: pg_config,
         poll_interval: args.poll_interval(),
-        router: router_tx.clone(),
+        router: batch_tx,
         ready: ready.clone(),
     };
     let reader_task = tokio::spawn(reader.run(shutdown.clone()));
@@ -145,11 +170,15 @@ pub async fn serve(args: ServeArgs, shutdown: CancellationToken) -> Result<(), S
     let state = Arc::new(AppState {
         pool: pool.clone(),
         verifier,
-        catalog: Catalog::new(pool),
+        catalog,
+        metrics,
+        default_role: args.default_role.clone(),
+        gateway_id: gateway_id.clone(),
+        position: position_rx,
         router: router_tx,
         ready,
         next_connection: AtomicU64::new(1),
-        send_queue: args.send_queue.max(1),
+        send_queue_bytes: args.send_queue_bytes,
         ping_interval: args.ping_interval(),
         shutdown: shutdown.clone(),
         tracker: tracker.clone(),

@@ -53,6 +53,7 @@ impl Reader {
             .send(Command::Batch(Arc::new(Batch {
                 changes: vec![],
                 end: position.clone(),
+                complete: true,
             })))
             .await
             .is_err()
@@ -104,6 +105,7 @@ impl Reader {
                 let batch = Batch {
                     changes: page.changes,
                     end: page.end,
+                    complete: !page.more,
                 };
                 if self
                     .router

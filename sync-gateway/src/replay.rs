@@ -4,10 +4,13 @@
 //! subscription, waiting on the client's send queue (a slow replay slows only its client)
 //! and never on the live stream.
 
-use crate::log::{check_cursor, cursor_reached, read_page, ReadError};
+use crate::access::{ids_to_check, verdict, visible_rows};
+use crate::catalog::Catalog;
+use crate::log::{check_cursor, cursor_reached, read_page, Change, Op, ReadError};
 use crate::protocol::{ErrorCode, ResyncReason, ServerMessage};
 use crate::router::{Command, Outbox, ReplayStart};
 use deadpool_postgres::Pool;
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
@@ -20,6 +23,7 @@ const CATCH_UP_LIMIT: Duration = Duration::from_secs(30);
 
 pub struct Replayer {
     pub pool: Pool,
+    pub catalog: Arc<Catalog>,
     pub router: mpsc::Sender<Command>,
     pub position: watch::Receiver<String>,
 }
@@ -41,12 +45,13 @@ impl Replayer {
                 self.router.clone(),
                 self.position.clone(),
             );
+            let catalog = self.catalog.clone();
             tokio::spawn(async move {
                 let (conn, sub) = (start.conn, start.sub_id);
                 let outbound = start.outbound.clone();
                 let (entity_code, reference) =
                     (start.sub.entity_code.clone(), start.reference.clone());
-                let outcome = replay(&pool, &router, position, start).await;
+                let outcome = replay(&pool, &catalog, &router, position, start).await;
                 let message = match outcome {
                     Ok(()) => return,
                     Err(ReplayError::Gone) => None,
@@ -61,6 +66,9 @@ impl Replayer {
                             reference,
                         ))
                     }
+                    Err(ReplayError::Forbidden(why)) => {
+                        Some(ServerMessage::error(ErrorCode::Forbidden, why, reference))
+                    }
                     Err(e) => {
                         tracing::warn!(error = %crate::ErrorChain(&e), "replay failed");
                         Some(ServerMessage::error(
@@ -71,7 +79,7 @@ impl Replayer {
                     }
                 };
                 if let Some(message) = message {
-                    let _ = outbound.send(message.to_json()).await;
+                    let _ = outbound.push(message.to_json()).await;
                 }
                 let _ = router.send(Command::ReplayFailed { conn, sub }).await;
             });
@@ -89,10 +97,13 @@ enum ReplayError {
     Ahead,
     #[error("the connection or the router is gone")]
     Gone,
+    #[error("{0}")]
+    Forbidden(String),
 }
 
 async fn replay(
     pool: &Pool,
+    catalog: &Catalog,
     router: &mpsc::Sender<Command>,
     mut position: watch::Receiver<String>,
     start: ReplayStart,
@@ -122,7 +133,7 @@ async fn replay(
     let outbound = &start.outbound;
     let send = |message: ServerMessage| async move {
         outbound
-            .send(message.to_json())
+            .push(message.to_json())
             .await
             .map_err(|_| ReplayError::Gone)
     };
@@ -133,20 +144,42 @@ async fn replay(
         reference: start.reference.clone(),
     })
     .await?;
+    let entity = catalog.entity(&start.sub.entity_code).await.ok().flatten();
+    let rls = entity.filter(|e| e.rls);
     let mut cursor = start.since.clone();
     loop {
         let page = read_page(&mut client, Some(&cursor), PAGE, Some(&until)).await?;
+        let mine: Vec<&Change> = page
+            .changes
+            .iter()
+            .filter(|c| c.entity_code == start.sub.entity_code)
+            .filter(|c| c.client_id.is_none() || c.client_id != start.client_id)
+            .collect();
+        // As the router does for live changes: the user's visible current rows decide.
+        let visible = match &rls {
+            Some(entity) => {
+                let ids = ids_to_check(mine.iter().copied());
+                let rows = visible_rows(&mut client, entity, &start.user, &ids).await;
+                Some(rows.map_err(|_| {
+                    ReplayError::Forbidden(format!(
+                        "a row-level-security policy of {} failed for you",
+                        entity.code
+                    ))
+                })?)
+            }
+            None => None,
+        };
         let mut out = Outbox::default();
-        for change in &page.changes {
-            if change.client_id.is_some() && change.client_id == start.client_id {
-                continue;
-            }
-            if change.entity_code != start.sub.entity_code {
-                continue;
-            }
-            if change.op == crate::log::Op::Truncate {
-                out.resync(&change.entity_code, ResyncReason::Truncate);
-            } else if let Some(action) = start.sub.view(change) {
+        for change in mine {
+            let action = match &visible {
+                _ if change.op == Op::Truncate => {
+                    out.resync(&change.entity_code, ResyncReason::Truncate);
+                    continue;
+                }
+                None => start.sub.view(change),
+                Some(rows) => start.sub.view_checked(change, verdict(change, rows)),
+            };
+            if let Some(action) = action {
                 out.push(&start.sub, change, action);
             }
         }

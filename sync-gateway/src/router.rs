@@ -8,15 +8,27 @@
 //! changes of one entity (as that connection sees them): its cursor is the position after
 //! its last change, safe to resume from.
 //!
+//! Tables with row-level security: before a batch is routed, the current rows it wrote are
+//! read once per group of subscribers sharing a role and claims (not per subscriber, not
+//! per change), and each subscriber gets a change only as `access::verdict` allows. A policy
+//! that raises for one group costs that group an ERROR `forbidden`, nobody else anything.
+//!
 //! A subscription with `since` starts in replay: its live changes wait in a buffer while a
 //! replay task reads the gap up to the router's position at that moment (`until`), then
 //! the buffer follows. No change falls in the seam or appears twice. The router never waits
 //! on a connection: a full send queue closes that connection (it resumes from its cursor).
 
+use crate::access::{ids_to_check, verdict, visible_rows, UserContext, Verdict};
+use crate::catalog::{Catalog, Entity};
 use crate::filter::{matches_all, Condition};
 use crate::log::{Change, Op};
+use crate::metrics::Metrics;
+use crate::outbound::{Outbound, Refused};
 use crate::protocol::{Action, ChangeOut, ErrorCode, Mode, ResyncReason, ServerMessage};
 use crate::store::{StoreOp, SubscriptionRow};
+use deadpool_postgres::Pool;
+use futures_util::StreamExt;
+use serde_json::{Map, Value};
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -25,6 +37,9 @@ use tokio_util::sync::CancellationToken;
 pub type ConnId = u64;
 pub type SubId = u64;
 
+/// Changes in one message at most: a longer run is split, each part with its own cursor.
+const MAX_CHANGES_PER_MESSAGE: usize = 256;
+
 /// Changes a replaying subscription may buffer before its connection counts as too slow.
 const MAX_REPLAY_BUFFER: usize = 100_000;
 
@@ -32,6 +47,11 @@ const MAX_REPLAY_BUFFER: usize = 100_000;
 pub enum Command {
     Connect(Connection),
     Disconnect(ConnId),
+    /// The connection refreshed its token: later checks run with these claims.
+    Reauth {
+        conn: ConnId,
+        user: UserContext,
+    },
     Subscribe(SubscribeRequest),
     Unsubscribe {
         conn: ConnId,
@@ -65,15 +85,19 @@ pub enum Command {
 pub struct Batch {
     pub changes: Vec<Change>,
     pub end: String,
+    /// The read reached the end of the log: `end` is a batch boundary (a cursor of
+    /// `sync.current_cursor`), which is what a replay can read up to. A full page ends
+    /// inside a batch instead.
+    pub complete: bool,
 }
 
 /// A connection as the router sees it.
 pub struct Connection {
     pub id: ConnId,
-    pub user: String,
+    pub user: UserContext,
     /// Changes carrying this origin tag are not sent back.
     pub client_id: Option<String>,
-    pub outbound: mpsc::Sender<String>,
+    pub outbound: Outbound,
     /// Cancelled to close the connection (too slow).
     pub kick: CancellationToken,
 }
@@ -92,11 +116,12 @@ pub struct SubscribeRequest {
 /// A replay for the replay task to run, with the `until` the router chose.
 pub struct ReplayStart {
     pub conn: ConnId,
+    pub user: UserContext,
     pub sub: Subscription,
     pub sub_id: SubId,
     pub since: String,
     pub until: String,
-    pub outbound: mpsc::Sender<String>,
+    pub outbound: Outbound,
     pub client_id: Option<String>,
     pub count: usize,
     pub reference: Option<String>,
@@ -119,6 +144,23 @@ pub struct Subscription {
 }
 
 impl Subscription {
+    /// How this subscription sees a change of a table with RLS, given the user's verdict.
+    pub fn view_checked(&self, change: &Change, verdict: Verdict) -> Option<Action> {
+        match verdict {
+            Verdict::Send => self.view(change),
+            Verdict::Skip => None,
+            // An id is itself information: only those who named it learn that it left.
+            Verdict::Gone => match &self.target {
+                Target::Ids(ids)
+                    if change.entity_id.as_ref().is_some_and(|id| ids.contains(id)) =>
+                {
+                    Some(Action::Delete)
+                }
+                _ => None,
+            },
+        }
+    }
+
     /// How this subscription sees a change: None when it does not concern it.
     pub fn view(&self, change: &Change) -> Option<Action> {
         let plain = match change.op {
@@ -182,7 +224,7 @@ impl Subscription {
     fn rows(&self, conn: &ConnState) -> Vec<SubscriptionRow> {
         let row = |entity_id: Option<String>, filter| SubscriptionRow {
             connection_id: conn.name.clone(),
-            user_id: conn.user.clone(),
+            user_id: conn.user.sub.clone(),
             entity_code: self.entity_code.clone(),
             entity_id,
             filter,
@@ -210,9 +252,9 @@ fn filter_json(filter: Option<&[Condition]>) -> Option<serde_json::Value> {
 struct ConnState {
     /// The connection's id in `sync.subscription`.
     name: String,
-    user: String,
+    user: UserContext,
     client_id: Option<String>,
-    outbound: mpsc::Sender<String>,
+    outbound: Outbound,
     kick: CancellationToken,
     subs: HashMap<SubId, SubState>,
 }
@@ -231,7 +273,27 @@ struct EntityIndex {
     rows: HashSet<(ConnId, SubId)>,
 }
 
+/// Visible current rows per (entity, group of users), or the error their check raised.
+type Visibility = HashMap<(String, Group), Result<HashMap<String, Map<String, Value>>, ()>>;
+
+/// Users sharing a role and claims see the same rows.
+type Group = (Option<String>, String);
+
+/// One visibility check to run: the entity, a user of the group, the ids to look up.
+type Check = (Arc<Entity>, UserContext, Vec<String>);
+
+/// RLS checks run at once.
+const PARALLEL_CHECKS: usize = 8;
+
+/// What the router reads from the database: the catalog and a pool for RLS checks.
+pub struct Database {
+    pub pool: Pool,
+    pub catalog: Arc<Catalog>,
+    pub metrics: Arc<Metrics>,
+}
+
 pub struct Router {
+    db: Database,
     gateway_id: String,
     max_subscriptions: usize,
     connections: HashMap<ConnId, ConnState>,
@@ -240,12 +302,17 @@ pub struct Router {
     position: watch::Sender<String>,
     store: mpsc::UnboundedSender<StoreOp>,
     replays: mpsc::UnboundedSender<ReplayStart>,
+    /// The last batch ended inside a batch of the log (a full page).
+    mid_drain: bool,
+    /// Replays to start, and re-anchors to answer, once the drain ends.
+    deferred: Vec<Command>,
 }
 
 impl Router {
     /// `position` publishes where the live stream stands; subscriptions go to `store`,
     /// replays to be run to `replays`.
     pub fn new(
+        db: Database,
         gateway_id: String,
         max_subscriptions: usize,
         position: watch::Sender<String>,
@@ -253,6 +320,7 @@ impl Router {
         replays: mpsc::UnboundedSender<ReplayStart>,
     ) -> Self {
         Router {
+            db,
             gateway_id,
             max_subscriptions,
             connections: HashMap::new(),
@@ -261,17 +329,36 @@ impl Router {
             position,
             store,
             replays,
+            mid_drain: false,
+            deferred: Vec::new(),
         }
     }
 
-    /// Handles commands until every sender is gone.
-    pub async fn run(mut self, mut commands: mpsc::Receiver<Command>) {
-        while let Some(command) = commands.recv().await {
-            self.handle(command);
+    /// Handles commands until every sender is gone. Control commands (connections,
+    /// subscriptions, replays) go before batches, so a disconnect never waits behind a
+    /// backlog of changes; the batch channel is short, so the reader does not read far ahead.
+    pub async fn run(
+        mut self,
+        mut control: mpsc::Receiver<Command>,
+        mut batches: mpsc::Receiver<Command>,
+    ) {
+        let (mut control_open, mut batches_open) = (true, true);
+        while control_open || batches_open {
+            tokio::select! {
+                biased;
+                command = control.recv(), if control_open => match command {
+                    Some(command) => self.handle(command).await,
+                    None => control_open = false,
+                },
+                command = batches.recv(), if batches_open => match command {
+                    Some(command) => self.handle(command).await,
+                    None => batches_open = false,
+                },
+            }
         }
     }
 
-    pub fn handle(&mut self, command: Command) {
+    async fn handle(&mut self, command: Command) {
         match command {
             Command::Connect(c) => {
                 let name = format!("{}:{}", self.gateway_id, c.id);
@@ -293,6 +380,17 @@ impl Router {
                     let _ = self.store.send(StoreOp::RemoveConnection(state.name));
                 }
             }
+            Command::Reauth { conn, user } => {
+                if let Some(state) = self.connections.get_mut(&conn) {
+                    state.user = user;
+                }
+            }
+            // A replay reads up to the router's position, which must be a batch boundary:
+            // in the middle of a drain, it waits for the drain's end.
+            Command::Subscribe(request) if request.since.is_some() && self.mid_drain => {
+                self.deferred.push(Command::Subscribe(request));
+            }
+            Command::Reanchor { .. } if self.mid_drain => self.deferred.push(command),
             Command::Subscribe(request) => self.subscribe(request),
             Command::Unsubscribe {
                 conn,
@@ -300,9 +398,19 @@ impl Router {
                 entity_ids,
             } => self.unsubscribe(conn, Some(&entity_code), entity_ids.as_deref()),
             Command::UnsubscribeAll(conn) => self.unsubscribe(conn, None, None),
-            Command::Batch(batch) => self.route(&batch),
+            Command::Batch(batch) => {
+                let visibility = self.check_visibility(&batch).await;
+                self.route(&batch, &visibility);
+                self.mid_drain = !batch.complete;
+                if !self.mid_drain {
+                    for command in std::mem::take(&mut self.deferred) {
+                        Box::pin(self.handle(command)).await;
+                    }
+                }
+            }
             Command::Reset(position) => {
                 let _ = self.position.send(position);
+                self.mid_drain = false;
                 let entities: Vec<(ConnId, String)> = self
                     .connections
                     .iter()
@@ -362,9 +470,17 @@ impl Router {
         self.next_sub += 1;
         let count = sub.size();
         let rows = sub.rows(conn);
-        let (outbound, client_id) = (conn.outbound.clone(), conn.client_id.clone());
+        let (outbound, client_id, user) = (
+            conn.outbound.clone(),
+            conn.client_id.clone(),
+            conn.user.clone(),
+        );
         self.index(conn_id, sub_id, &sub);
         let _ = self.store.send(StoreOp::Add(rows));
+        self.db
+            .metrics
+            .subscriptions
+            .fetch_add(count as i64, std::sync::atomic::Ordering::Relaxed);
         let position = self.position.borrow().clone();
         match request.since {
             None => {
@@ -397,6 +513,7 @@ impl Router {
                     .insert(sub_id, state);
                 let _ = self.replays.send(ReplayStart {
                     conn: conn_id,
+                    user,
                     sub,
                     sub_id,
                     since,
@@ -437,6 +554,10 @@ impl Router {
             }
         }
         for (sub_id, entity_code, id) in removed_ids {
+            self.db
+                .metrics
+                .subscriptions
+                .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
             self.unindex_id(conn, sub_id, &entity_code, &id);
         }
         for sub_id in emptied {
@@ -521,6 +642,10 @@ impl Router {
     }
 
     fn unindex(&mut self, conn: ConnId, sub_id: SubId, sub: &Subscription) {
+        self.db
+            .metrics
+            .subscriptions
+            .fetch_sub(sub.size() as i64, std::sync::atomic::Ordering::Relaxed);
         match &sub.target {
             Target::Ids(ids) => {
                 for id in ids {
@@ -546,9 +671,60 @@ impl Router {
         }
     }
 
+    /// Reads, for the batch's writes to tables with RLS, the current rows each group of
+    /// their subscribers may see: one query per entity and group.
+    async fn check_visibility(&self, batch: &Batch) -> Visibility {
+        let mut jobs: HashMap<(String, Group), Check> = HashMap::new();
+        let codes: HashSet<&str> = batch
+            .changes
+            .iter()
+            .map(|c| c.entity_code.as_str())
+            .collect();
+        for code in codes {
+            let Some(entity) = self.db.catalog.cached(code).filter(|e| e.rls) else {
+                continue;
+            };
+            let Some(entry) = self.index.get(code) else {
+                continue;
+            };
+            let ids = ids_to_check(batch.changes.iter().filter(|c| c.entity_code == code));
+            if ids.is_empty() {
+                continue;
+            }
+            let by_id = ids.iter().filter_map(|id| entry.by_id.get(id)).flatten();
+            for (conn, _) in entry.rows.iter().chain(by_id) {
+                let Some(state) = self.connections.get(conn) else {
+                    continue;
+                };
+                jobs.entry((code.to_owned(), state.user.group()))
+                    .or_insert_with(|| (entity.clone(), state.user.clone(), ids.clone()));
+            }
+        }
+        let (pool, metrics) = (&self.db.pool, &self.db.metrics);
+        futures_util::stream::iter(jobs)
+            .map(|(key, (entity, user, ids))| async move {
+                let started = std::time::Instant::now();
+                let rows = match pool.get().await {
+                    Ok(mut client) => visible_rows(&mut client, &entity, &user, &ids).await.map_err(|e| {
+                        tracing::info!(entity = entity.code, role = ?user.role, error = %crate::ErrorChain(&e), "visibility check failed");
+                    }),
+                    Err(e) => {
+                        tracing::warn!(error = %crate::ErrorChain(&e), "no connection for a visibility check");
+                        Err(())
+                    }
+                };
+                metrics.record_rls_check(started.elapsed());
+                (key, rows)
+            })
+            .buffer_unordered(PARALLEL_CHECKS)
+            .collect()
+            .await
+    }
+
     /// Routes one batch: every change to every connection that sees it.
-    fn route(&mut self, batch: &Batch) {
+    fn route(&mut self, batch: &Batch, visibility: &Visibility) {
         let mut outboxes: HashMap<ConnId, Outbox> = HashMap::new();
+        let mut refused: HashSet<(ConnId, String)> = HashSet::new();
         for change in &batch.changes {
             let Some(entry) = self.index.get(&change.entity_code) else {
                 continue;
@@ -576,6 +752,25 @@ impl Router {
                     out.resync(&change.entity_code, ResyncReason::Truncate);
                     continue;
                 }
+                let checked =
+                    match visibility.get(&(change.entity_code.clone(), state.user.group())) {
+                        None => None,
+                        Some(Ok(rows)) => Some(verdict(&change, rows)),
+                        Some(Err(())) => {
+                            if refused.insert((conn, change.entity_code.clone())) {
+                                let message = format!(
+                                    "a row-level-security policy of {} failed for you",
+                                    change.entity_code
+                                );
+                                out.messages.push(ServerMessage::error(
+                                    ErrorCode::Forbidden,
+                                    message,
+                                    None,
+                                ));
+                            }
+                            continue;
+                        }
+                    };
                 // Live subscriptions answer now; replaying ones keep the change for later.
                 let mut live: Option<(&Subscription, Action)> = None;
                 for sub in state
@@ -583,7 +778,11 @@ impl Router {
                     .values_mut()
                     .filter(|s| s.sub.entity_code == change.entity_code)
                 {
-                    let Some(action) = sub.sub.view(&change) else {
+                    let action = match checked {
+                        None => sub.sub.view(&change),
+                        Some(v) => sub.sub.view_checked(&change, v),
+                    };
+                    let Some(action) = action else {
                         continue;
                     };
                     match &mut sub.buffer {
@@ -616,6 +815,11 @@ impl Router {
         for conn in overflowing {
             self.kick(conn);
         }
+        if let Some(last) = batch.changes.last() {
+            self.db
+                .metrics
+                .record_routed(batch.changes.len(), &last.captured_at);
+        }
         let _ = self.position.send(batch.end.clone());
     }
 
@@ -633,13 +837,13 @@ impl Router {
         let Some(state) = self.connections.get(&conn) else {
             return false;
         };
-        match state.outbound.try_send(message.to_json()) {
+        match state.outbound.try_push(message.to_json()) {
             Ok(()) => true,
-            Err(mpsc::error::TrySendError::Full(_)) => {
+            Err(Refused::Full) => {
                 self.kick(conn);
                 false
             }
-            Err(mpsc::error::TrySendError::Closed(_)) => false,
+            Err(Refused::Closed) => false,
         }
     }
 
@@ -677,7 +881,10 @@ impl Outbox {
             },
         ) = self.messages.last_mut()
         {
-            if last_is_delta == (sub.mode == Mode::Delta) && *entity_code == change.entity_code {
+            if last_is_delta == (sub.mode == Mode::Delta)
+                && *entity_code == change.entity_code
+                && changes.len() < MAX_CHANGES_PER_MESSAGE
+            {
                 changes.push(rendered);
                 *timestamp = change.captured_at.clone();
                 *cursor = change.cursor.clone();

@@ -4,8 +4,10 @@
 //! client is too slow (4008), it keeps sending bad messages (1008) or the gateway stops
 //! (1001). Its subscriptions go with it.
 
+use crate::access::{can_read, UserContext};
 use crate::auth::Claims;
 use crate::catalog::Entity;
+use crate::outbound::{self, Outbound, Refused};
 use crate::protocol::{parse, reference_of, ClientMessage, ErrorCode, ServerMessage, Subscribe};
 use crate::router::{Command, ConnId, Connection, SubscribeRequest, Target};
 use crate::AppState;
@@ -13,12 +15,14 @@ use axum::extract::ws::{CloseFrame, Message, WebSocket};
 use futures_util::{SinkExt, StreamExt};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use tokio::sync::mpsc;
 use tokio::time::{sleep_until, Instant};
 use tokio_util::sync::CancellationToken;
 
 /// Bad messages in a row after which a connection is closed with 1008.
 const MAX_BAD_MESSAGES: u32 = 20;
+
+/// How long a closing connection waits for the client's close frame.
+const CLOSE_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
 
 pub const CLOSE_GOING_AWAY: u16 = 1001;
 pub const CLOSE_POLICY: u16 = 1008;
@@ -32,11 +36,12 @@ pub async fn run(
     client_id: Option<String>,
 ) {
     let id: ConnId = state.next_connection.fetch_add(1, Ordering::SeqCst);
-    let (outbound, mut queue) = mpsc::channel::<String>(state.send_queue);
+    let (outbound, mut queue) = outbound::channel(state.send_queue_bytes);
     let kick = CancellationToken::new();
+    let user = UserContext::new(&claims, state.default_role.as_deref());
     let connection = Connection {
         id,
-        user: claims.sub.clone(),
+        user,
         client_id,
         outbound: outbound.clone(),
         kick: kick.clone(),
@@ -49,11 +54,13 @@ pub async fn run(
     {
         return;
     }
+    state.metrics.connections.fetch_add(1, Ordering::Relaxed);
     let mut session = Session {
         id,
         state: state.clone(),
         claims,
         outbound,
+        kick: kick.clone(),
         bad_in_a_row: 0,
     };
     let (mut sink, mut stream) = socket.split();
@@ -76,7 +83,8 @@ pub async fn run(
                 Some(Ok(Message::Ping(_))) => {} // axum answers pings
                 Some(Ok(Message::Close(_))) | Some(Err(_)) | None => break None,
             },
-            Some(text) = queue.recv() => {
+            Some(text) = queue.next() => {
+                state.metrics.record_sent(text.len());
                 if sink.send(Message::Text(text.into())).await.is_err() {
                     break None;
                 }
@@ -106,15 +114,28 @@ pub async fn run(
             reason: reason.into(),
         };
         let _ = sink.send(Message::Close(Some(frame))).await;
+        // The closing handshake: read (and drop) what the client still sends until its own
+        // close frame, so that closing the socket with unread data does not reset the
+        // connection before the client has read ours.
+        let _ = tokio::time::timeout(CLOSE_GRACE, async {
+            while let Some(Ok(message)) = stream.next().await {
+                if matches!(message, Message::Close(_)) {
+                    break;
+                }
+            }
+        })
+        .await;
     }
     let _ = state.router.send(Command::Disconnect(id)).await;
+    state.metrics.connections.fetch_sub(1, Ordering::Relaxed);
 }
 
 struct Session {
     id: ConnId,
     state: Arc<AppState>,
     claims: Claims,
-    outbound: mpsc::Sender<String>,
+    outbound: Outbound,
+    kick: CancellationToken,
     bad_in_a_row: u32,
 }
 
@@ -157,7 +178,18 @@ impl Session {
             }
             ClientMessage::Ping => self.reply(ServerMessage::Pong).await,
             ClientMessage::Auth(auth) => match self.state.verifier.verify(&auth.token) {
-                Ok(claims) if claims.sub == self.claims.sub => self.claims = claims,
+                Ok(claims) if claims.sub == self.claims.sub => {
+                    let user = UserContext::new(&claims, self.state.default_role.as_deref());
+                    let _ = self
+                        .state
+                        .router
+                        .send(Command::Reauth {
+                            conn: self.id,
+                            user,
+                        })
+                        .await;
+                    self.claims = claims;
+                }
                 Ok(_) => {
                     let message = "a refreshed token must be for the same user";
                     self.reply(ServerMessage::error(ErrorCode::Unauthorized, message, None))
@@ -201,10 +233,41 @@ impl Session {
                     .await;
             }
         };
-        if let Err((code, message)) = check_against(&entity, &s) {
+        let has_role = self.claims.role.is_some() || self.state.default_role.is_some();
+        if let Err((code, message)) = check_against(&entity, &s, has_role) {
             return self
                 .reply(ServerMessage::error(code, message, reference))
                 .await;
+        }
+        let user = UserContext::new(&self.claims, self.state.default_role.as_deref());
+        let readable = match self.state.pool.get().await {
+            Ok(client) => can_read(&client, &user, &entity)
+                .await
+                .map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        match readable {
+            Ok(true) => {}
+            Ok(false) => {
+                let message = format!("no read access to {}", entity.code);
+                return self
+                    .reply(ServerMessage::error(
+                        ErrorCode::Forbidden,
+                        message,
+                        reference,
+                    ))
+                    .await;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "privilege check failed");
+                return self
+                    .reply(ServerMessage::error(
+                        ErrorCode::Internal,
+                        "try again",
+                        reference,
+                    ))
+                    .await;
+            }
         }
         let target = match (s.entity_ids, s.filter) {
             (Some(ids), _) => Target::Ids(ids.into_iter().collect()),
@@ -223,16 +286,23 @@ impl Session {
     }
 
     async fn reply(&self, message: ServerMessage) {
-        let _ = self.outbound.send(message.to_json()).await;
+        // Never wait here: this task is also the one that empties the queue.
+        if self.outbound.try_push(message.to_json()) == Err(Refused::Full) {
+            self.kick.cancel();
+        }
     }
 }
 
-/// What the catalog says about a SUBSCRIBE: the columns it names must be published, and
-/// (until row-level security is handled) a table with RLS is refused.
-fn check_against(entity: &Entity, s: &Subscribe) -> Result<(), (ErrorCode, String)> {
-    if entity.rls {
+/// What the catalog says about a SUBSCRIBE: the columns it names must be published, and a
+/// table with RLS needs a role to check visibility as (the token's, or --default-role).
+fn check_against(
+    entity: &Entity,
+    s: &Subscribe,
+    has_role: bool,
+) -> Result<(), (ErrorCode, String)> {
+    if entity.rls && !has_role {
         let message = format!(
-            "{} has row-level security, which this gateway does not serve yet",
+            "{} has row-level security and the token names no role",
             entity.code
         );
         return Err((ErrorCode::Forbidden, message));

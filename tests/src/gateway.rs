@@ -76,7 +76,10 @@ impl Gateway {
             .headers_mut()
             .insert("Authorization", format!("Bearer {token}").parse().unwrap());
         match tokio_tungstenite::connect_async(request).await {
-            Ok((stream, _)) => Ok(Session { stream }),
+            Ok((stream, _)) => Ok(Session {
+                stream,
+                pending: Default::default(),
+            }),
             Err(tungstenite::Error::Http(response)) => Err(response.status().as_u16()),
             Err(e) => panic!("websocket: {e}"),
         }
@@ -84,11 +87,56 @@ impl Gateway {
 
     /// GET `path`: the status and the body.
     pub async fn get(&self, path: &str) -> std::io::Result<(u16, String)> {
-        http(
-            self.port,
-            &format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"),
-        )
-        .await
+        let response = self.request("GET", path, &[], None).await?;
+        Ok((
+            response.status,
+            String::from_utf8_lossy(&response.body).into_owned(),
+        ))
+    }
+
+    /// An HTTP/1.1 request with extra headers and an optional JSON body.
+    pub async fn request(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: Option<&Value>,
+    ) -> std::io::Result<HttpResponse> {
+        let body = body.map(Value::to_string).unwrap_or_default();
+        let mut request = format!("{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n");
+        for (name, value) in headers {
+            request.push_str(&format!("{name}: {value}\r\n"));
+        }
+        if !body.is_empty() {
+            request.push_str(&format!(
+                "Content-Type: application/json\r\nContent-Length: {}\r\n",
+                body.len()
+            ));
+        }
+        request.push_str("\r\n");
+        request.push_str(&body);
+        let mut stream = TcpStream::connect(("127.0.0.1", self.port)).await?;
+        stream.write_all(request.as_bytes()).await?;
+        let mut raw = Vec::new();
+        stream.read_to_end(&mut raw).await?;
+        Ok(HttpResponse::parse(&raw))
+    }
+
+    /// A JSON request as `user`: the status and the JSON answer.
+    pub async fn call(
+        &self,
+        method: &str,
+        path: &str,
+        user: &str,
+        body: Option<Value>,
+    ) -> (u16, Value) {
+        let token = format!("Bearer {}", token(user, &[("role", json!("app_user"))]));
+        let response = self
+            .request(method, path, &[("Authorization", &token)], body.as_ref())
+            .await
+            .unwrap();
+        let value = serde_json::from_slice(&response.body).unwrap_or(Value::Null);
+        (response.status, value)
     }
 
     /// Sends SIGTERM; true when the process then exits successfully within PATIENCE.
@@ -116,22 +164,47 @@ fn binary() -> PathBuf {
         .join("sync-gateway")
 }
 
-async fn http(port: u16, request: &str) -> std::io::Result<(u16, String)> {
-    let mut stream = TcpStream::connect(("127.0.0.1", port)).await?;
-    stream.write_all(request.as_bytes()).await?;
-    let mut response = Vec::new();
-    stream.read_to_end(&mut response).await?;
-    let text = String::from_utf8_lossy(&response).into_owned();
-    let status = text
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    Ok((status, body))
+/// An HTTP response, its chunked body decoded.
+pub struct HttpResponse {
+    pub status: u16,
+    /// The header lines, lower-cased.
+    pub headers: String,
+    pub body: Vec<u8>,
+}
+
+impl HttpResponse {
+    fn parse(raw: &[u8]) -> Self {
+        let split = raw
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .map(|i| i + 4)
+            .unwrap_or(raw.len());
+        let head = String::from_utf8_lossy(&raw[..split]).to_lowercase();
+        let status = head
+            .split(' ')
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        let mut body = raw[split..].to_vec();
+        if head.contains("transfer-encoding: chunked") {
+            let (mut rest, mut decoded) = (&body[..], Vec::new());
+            while let Some(end) = rest.windows(2).position(|w| w == b"\r\n") {
+                let size = usize::from_str_radix(String::from_utf8_lossy(&rest[..end]).trim(), 16)
+                    .unwrap_or(0);
+                if size == 0 {
+                    break;
+                }
+                decoded.extend_from_slice(&rest[end + 2..end + 2 + size]);
+                rest = &rest[end + 2 + size + 2..];
+            }
+            body = decoded;
+        }
+        HttpResponse {
+            status,
+            headers: head,
+            body,
+        }
+    }
 }
 
 /// A token signed with the test secret for `sub`, valid for an hour, with extra claims.
@@ -163,6 +236,8 @@ pub fn now() -> u64 {
 /// One client's WebSocket session.
 pub struct Session {
     stream: WebSocketStream<MaybeTlsStream<TcpStream>>,
+    /// Messages that arrived while `subscribe` waited for its answer, delivered next.
+    pending: std::collections::VecDeque<Value>,
 }
 
 impl Session {
@@ -186,6 +261,9 @@ impl Session {
 
     /// The next JSON message, or the close code when the connection ends.
     pub async fn next_or_close(&mut self) -> Result<Value, Option<u16>> {
+        if let Some(message) = self.pending.pop_front() {
+            return Ok(message);
+        }
         loop {
             let frame = tokio::time::timeout(PATIENCE, self.stream.next())
                 .await
@@ -209,11 +287,23 @@ impl Session {
         message["payload"].clone()
     }
 
-    /// Subscribes and waits for SUBSCRIBED.
+    /// Subscribes and waits for its SUBSCRIBED (or an ERROR, which fails the test); other
+    /// messages arriving meanwhile (live changes of other subscriptions) wait in `pending`.
     pub async fn subscribe(&mut self, payload: Value) -> Value {
+        let entity = payload["entityCode"].clone();
         self.send(json!({"type": "SUBSCRIBE", "payload": payload}))
             .await;
-        self.expect("SUBSCRIBED").await
+        let mut other = Vec::new();
+        let answer = loop {
+            let message = self.next().await.expect("connection open");
+            match message["type"].as_str() {
+                Some("SUBSCRIBED") if message["payload"]["entityCode"] == entity => break message,
+                Some("ERROR") => panic!("expected SUBSCRIBED, got {message}"),
+                _ => other.push(message),
+            }
+        };
+        self.pending.extend(other);
+        answer["payload"].clone()
     }
 
     /// Every message up to (not including) the change of row `id` of the `marker` entity,

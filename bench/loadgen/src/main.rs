@@ -9,6 +9,11 @@
 //!   updates as fast as they can; reports messages and changes delivered per second.
 //! - `idle`: opens N connections holding one subscription each and reports the gateway's
 //!   resident memory per connection.
+//! - `snapshot`: streams `GET /v1/snapshot` of a table of `--rows` rows; reports rows per
+//!   second and the gateway's peak resident memory.
+//!
+//! With `--rls-claim-sets N`, `bench_item` has row-level security: row `id` belongs to team
+//! `id % N`, connection `i` is in team `i % N` (a claim of its token), and sees its team's rows.
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
@@ -31,6 +36,7 @@ enum Mode {
     Latency(Common),
     Fanout(Common),
     Idle(Common),
+    Snapshot(Common),
 }
 
 #[derive(Args, Clone)]
@@ -55,9 +61,12 @@ struct Common {
     rate: u64,
     #[arg(long, default_value_t = 15)]
     seconds: u64,
-    /// The gateway's process id (idle).
+    /// The gateway's process id (idle, snapshot).
     #[arg(long)]
     gateway_pid: Option<u32>,
+    /// Row-level security with this many distinct claim sets (0: none).
+    #[arg(long, default_value_t = 0)]
+    rls_claim_sets: usize,
 }
 
 #[tokio::main]
@@ -66,6 +75,7 @@ async fn main() -> Result<()> {
         Mode::Latency(c) => latency(c).await?,
         Mode::Fanout(c) => fanout(c).await?,
         Mode::Idle(c) => idle(c).await?,
+        Mode::Snapshot(c) => snapshot(c).await?,
     };
     println!("{report}");
     Ok(())
@@ -74,20 +84,21 @@ async fn main() -> Result<()> {
 type Socket =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
-fn token(secret: &str, sub: &str) -> String {
+/// The token of connection `i`: its own user and, with RLS, its team.
+fn token(c: &Common, i: usize) -> String {
     use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
     let exp = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap()
         .as_secs()
         + 3600;
-    let claims = json!({"sub": sub, "exp": exp});
-    encode(
-        &Header::new(Algorithm::HS256),
-        &claims,
-        &EncodingKey::from_secret(secret.as_bytes()),
-    )
-    .unwrap()
+    let mut claims = json!({"sub": format!("user{i}"), "exp": exp});
+    if c.rls_claim_sets > 0 {
+        claims["role"] = json!("bench_user");
+        claims["team"] = json!((i % c.rls_claim_sets).to_string());
+    }
+    let key = EncodingKey::from_secret(c.secret.as_bytes());
+    encode(&Header::new(Algorithm::HS256), &claims, &key).unwrap()
 }
 
 /// Opens `n` connections (200 handshakes at a time), each subscribed with `payload(i)`.
@@ -95,11 +106,7 @@ async fn open(c: &Common, n: usize, payload: impl Fn(usize) -> Value) -> Result<
     let gate = Arc::new(Semaphore::new(200));
     let mut tasks = Vec::with_capacity(n);
     for i in 0..n {
-        let url = format!(
-            "ws://{}/ws/sync?token={}",
-            c.gateway,
-            token(&c.secret, &format!("user{i}"))
-        );
+        let url = format!("ws://{}/ws/sync?token={}", c.gateway, token(c, i));
         let subscribe = json!({"type": "SUBSCRIBE", "payload": payload(i)}).to_string();
         let gate = gate.clone();
         tasks.push(tokio::spawn(async move {
@@ -135,14 +142,25 @@ async fn database(url: &str) -> Result<tokio_postgres::Client> {
 
 async fn prepare_table(c: &Common) -> Result<()> {
     let db = database(&c.database_url).await?;
+    let teams = c.rls_claim_sets.max(1);
     db.batch_execute(&format!(
         "DROP TABLE IF EXISTS bench_item;
-         CREATE TABLE bench_item (id int PRIMARY KEY, seq bigint NOT NULL DEFAULT 0, pad text);
-         INSERT INTO bench_item SELECT g, 0, repeat('x', 40) FROM generate_series(0, {}) g;
+         CREATE TABLE bench_item (id int PRIMARY KEY, team text NOT NULL, seq bigint NOT NULL DEFAULT 0, pad text);
+         INSERT INTO bench_item SELECT g, (g % {teams})::text, 0, repeat('x', 40) FROM generate_series(0, {}) g;
          SELECT sync.track('bench_item');",
         c.rows - 1
     ))
     .await?;
+    if c.rls_claim_sets > 0 {
+        db.batch_execute(
+            "DO $$ BEGIN CREATE ROLE bench_user NOLOGIN; EXCEPTION WHEN duplicate_object THEN NULL; END $$;
+             GRANT SELECT ON bench_item TO bench_user;
+             ALTER TABLE bench_item ENABLE ROW LEVEL SECURITY;
+             CREATE POLICY team ON bench_item
+                 USING (team = current_setting('request.jwt.claims', true)::jsonb ->> 'team');",
+        )
+        .await?;
+    }
     Ok(())
 }
 
@@ -296,28 +314,16 @@ async fn fanout(c: Common) -> Result<Value> {
         .count();
     let secs = c.seconds as f64;
     Ok(json!({
-        "mode": "fanout", "connections": c.connections, "seconds": c.seconds, "commits": committed,
+        "mode": "fanout", "connections": c.connections, "rls_claim_sets": c.rls_claim_sets,
+        "seconds": c.seconds, "commits": committed,
         "messages_per_s": (messages as f64 / secs).round(), "changes_per_s": (changes as f64 / secs).round(),
     }))
-}
-
-fn rss_kib(pid: u32) -> Result<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let line = status
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .context("VmRSS")?;
-    Ok(line
-        .split_whitespace()
-        .nth(1)
-        .context("VmRSS value")?
-        .parse()?)
 }
 
 async fn idle(c: Common) -> Result<Value> {
     let pid = c.gateway_pid.context("--gateway-pid is required")?;
     prepare_table(&c).await?;
-    let before = rss_kib(pid)?;
+    let before = status_kib(pid, "VmRSS:")?;
     let rows = c.rows;
     let sockets = open(
         &c,
@@ -327,10 +333,62 @@ async fn idle(c: Common) -> Result<Value> {
     .await?;
     // Let allocations settle, then read.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let after = rss_kib(pid)?;
+    let after = status_kib(pid, "VmRSS:")?;
     drop(sockets);
     Ok(json!({
         "mode": "idle", "connections": c.connections, "rss_before_kib": before, "rss_after_kib": after,
         "kib_per_connection": ((after.saturating_sub(before)) as f64 / c.connections as f64 * 10.0).round() / 10.0,
+    }))
+}
+
+fn status_kib(pid: u32, field: &str) -> Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let line = status
+        .lines()
+        .find(|l| l.starts_with(field))
+        .context("field")?;
+    Ok(line.split_whitespace().nth(1).context("value")?.parse()?)
+}
+
+async fn snapshot(c: Common) -> Result<Value> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let pid = c.gateway_pid.context("--gateway-pid is required")?;
+    let db = database(&c.database_url).await?;
+    db.batch_execute(&format!(
+        "DROP TABLE IF EXISTS bench_snapshot;
+         CREATE TABLE bench_snapshot (id int PRIMARY KEY, n int, label text, at timestamptz DEFAULT now());
+         INSERT INTO bench_snapshot SELECT g, g % 1000, 'row ' || g FROM generate_series(1, {}) g;
+         VACUUM ANALYZE bench_snapshot;
+         SELECT sync.track('bench_snapshot');",
+        c.rows
+    ))
+    .await?;
+    let before = status_kib(pid, "VmRSS:")?;
+    let mut stream = tokio::net::TcpStream::connect(&c.gateway).await?;
+    let request = format!(
+        "GET /v1/snapshot/bench_snapshot HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\nConnection: close\r\n\r\n",
+        token(&c, 0)
+    );
+    let start = Instant::now();
+    stream.write_all(request.as_bytes()).await?;
+    let (mut lines, mut bytes, mut buffer) = (0u64, 0u64, vec![0u8; 1 << 16]);
+    loop {
+        let n = stream.read(&mut buffer).await?;
+        if n == 0 {
+            break;
+        }
+        bytes += n as u64;
+        lines += buffer[..n].iter().filter(|b| **b == b'\n').count() as u64;
+    }
+    let seconds = start.elapsed().as_secs_f64();
+    // Chunk headers and the cursor line add a few newlines; the rows dominate.
+    let rows = c.rows as f64;
+    if (lines as f64) < rows {
+        bail!("only {lines} lines for {rows} rows");
+    }
+    Ok(json!({
+        "mode": "snapshot", "rows": c.rows, "seconds": (seconds * 100.0).round() / 100.0,
+        "rows_per_s": (rows / seconds).round(), "megabytes": bytes / 1_000_000,
+        "gateway_rss_before_kib": before, "gateway_peak_rss_kib": status_kib(pid, "VmHWM:")?,
     }))
 }

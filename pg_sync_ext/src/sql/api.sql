@@ -240,6 +240,8 @@ BEGIN
         RAISE EXCEPTION 'sync.prune: keep must be a positive interval' USING ERRCODE = '22023';
     END IF;
     PERFORM pg_advisory_xact_lock(7378659442);
+    -- A retried write older than the retained log is no longer recognised either.
+    DELETE FROM sync.applied_mutation m WHERE m.applied_at < now() - keep;
     -- Below the oldest transaction still running, and below every change younger than keep.
     SELECT least(pg_snapshot_xmin(pg_current_snapshot()),
                  (SELECT min(h.txid) FROM sync.change_history h WHERE h.captured_at >= now() - keep))
@@ -283,6 +285,16 @@ SELECT jsonb_build_object(
           FROM pg_replication_slots r WHERE r.slot_name = 'pg_sync'),
         jsonb_build_object('exists', false, 'retained_bytes', 0)),
     'last_ingest_at', (SELECT s.last_ingest_at FROM sync.state s))
+$$;
+
+-- Records that `user_id` applies mutation `id` in this transaction; false when it was
+-- applied before. SECURITY DEFINER: the gateway calls it in the writing transaction, as the
+-- writer's role, which has no privilege on sync.applied_mutation.
+CREATE FUNCTION sync.claim_mutation(user_id text, id text) RETURNS boolean
+LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog AS $$
+    WITH claimed AS (INSERT INTO sync.applied_mutation (user_id, id) VALUES ($1, $2)
+                     ON CONFLICT DO NOTHING RETURNING 1)
+    SELECT EXISTS (SELECT FROM claimed)
 $$;
 
 -- Writers need no privilege on the log: the capture runs as the extension's owner. Its SQL

@@ -73,3 +73,12 @@ CREATE TABLE sync.gateway (
     started_at   timestamptz NOT NULL DEFAULT pg_catalog.now(),
     heartbeat_at timestamptz NOT NULL DEFAULT pg_catalog.now()
 );
+
+-- Mutation ids the gateway's POST /v1/write has applied, so that a retried batch applies
+-- nothing twice. Pruned with the log (sync.prune).
+CREATE TABLE sync.applied_mutation (
+    user_id    text NOT NULL,
+    id         text NOT NULL,
+    applied_at timestamptz NOT NULL DEFAULT pg_catalog.now(),
+    PRIMARY KEY (user_id, id)
+);

@@ -1,0 +1,102 @@
+//! A connection's send queue, bounded in bytes: the router queues without ever waiting
+//! (a connection over its bound is closed with 4008 and resumes from its cursor), replays
+//! wait for room, and the session's writer frees room as it sends. Counting bytes, not
+//! messages, is what keeps memory bounded when messages carry hundreds of changes.
+
+use std::sync::Arc;
+use tokio::sync::{mpsc, Semaphore};
+
+/// The sending side, shared by the router, replays and the session itself.
+#[derive(Clone)]
+pub struct Outbound {
+    tx: mpsc::UnboundedSender<String>,
+    room: Arc<Semaphore>,
+    limit: usize,
+}
+
+/// The receiving side, the session's writer.
+pub struct Queue {
+    rx: mpsc::UnboundedReceiver<String>,
+    room: Arc<Semaphore>,
+    limit: usize,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum Refused {
+    /// Over the byte bound: the client is not keeping up.
+    Full,
+    /// The connection is gone.
+    Closed,
+}
+
+/// A queue holding at most `limit` bytes (a single larger message still fits alone).
+pub fn channel(limit: usize) -> (Outbound, Queue) {
+    let limit = limit.clamp(1, u32::MAX as usize);
+    let (tx, rx) = mpsc::unbounded_channel();
+    let room = Arc::new(Semaphore::new(limit));
+    (
+        Outbound {
+            tx,
+            room: room.clone(),
+            limit,
+        },
+        Queue { rx, room, limit },
+    )
+}
+
+fn cost(text: &str, limit: usize) -> u32 {
+    text.len().clamp(1, limit) as u32
+}
+
+impl Outbound {
+    /// Queues now, or refuses.
+    pub fn try_push(&self, text: String) -> Result<(), Refused> {
+        let permit = self
+            .room
+            .try_acquire_many(cost(&text, self.limit))
+            .map_err(|_| Refused::Full)?;
+        self.tx.send(text).map_err(|_| Refused::Closed)?;
+        permit.forget();
+        Ok(())
+    }
+
+    /// Queues once there is room.
+    pub async fn push(&self, text: String) -> Result<(), Refused> {
+        let permit = self
+            .room
+            .acquire_many(cost(&text, self.limit))
+            .await
+            .map_err(|_| Refused::Closed)?;
+        self.tx.send(text).map_err(|_| Refused::Closed)?;
+        permit.forget();
+        Ok(())
+    }
+}
+
+impl Queue {
+    /// The next message, its room given back.
+    pub async fn next(&mut self) -> Option<String> {
+        let text = self.rx.recv().await?;
+        self.room.add_permits(cost(&text, self.limit) as usize);
+        Some(text)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn the_bound_is_in_bytes_and_frees_as_messages_leave() {
+        let (outbound, mut queue) = channel(10);
+        assert_eq!(outbound.try_push("12345".into()), Ok(()));
+        assert_eq!(outbound.try_push("123456".into()), Err(Refused::Full));
+        assert_eq!(outbound.try_push("12345".into()), Ok(()));
+        assert_eq!(queue.next().await.as_deref(), Some("12345"));
+        assert_eq!(outbound.try_push("123".into()), Ok(()));
+        // A message larger than the bound goes alone.
+        let (outbound, _queue) = channel(4);
+        assert_eq!(outbound.try_push("123456789".into()), Ok(()));
+        assert_eq!(outbound.try_push("1".into()), Err(Refused::Full));
+    }
+}

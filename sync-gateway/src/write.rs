@@ -1,0 +1,250 @@
+//! `POST /v1/write`: a batch of mutations applied in one transaction as the user (role and
+//! claims, so RLS and privileges decide), tagged with the client's `clientId` so the change
+//! is not echoed to it, and applied at most once per mutation id (`sync.claim_mutation`).
+//! `expect` makes an UPDATE or DELETE conditional on the current row. Never partly applied:
+//! the first failure rolls everything back and answers for that mutation.
+//!
+//! Entity and column names reach SQL only after being checked against the catalog, and
+//! quoted; values only as parameters, typed by `jsonb_populate_record` against the table.
+
+use crate::access::{act_as, UserContext};
+use crate::catalog::{quote, Entity};
+use crate::http::ApiError;
+use crate::AppState;
+use serde::Deserialize;
+use serde_json::{json, Map, Value};
+use std::collections::HashSet;
+use std::sync::Arc;
+use tokio_postgres::Transaction;
+
+/// Mutations one request may carry.
+pub const MAX_MUTATIONS: usize = 500;
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct WriteRequest {
+    pub client_id: Option<String>,
+    pub mutations: Vec<Mutation>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Mutation {
+    pub id: String,
+    pub entity_code: String,
+    pub action: Action,
+    pub entity_id: Option<String>,
+    pub data: Option<Map<String, Value>>,
+    pub expect: Option<Map<String, Value>>,
+}
+
+#[derive(Deserialize, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum Action {
+    Create,
+    Update,
+    Delete,
+}
+
+/// A mutation checked against its entity.
+struct Checked<'a> {
+    mutation: &'a Mutation,
+    entity: Arc<Entity>,
+}
+
+pub async fn write(
+    state: Arc<AppState>,
+    user: UserContext,
+    request: WriteRequest,
+) -> Result<Value, ApiError> {
+    if request.mutations.is_empty() || request.mutations.len() > MAX_MUTATIONS {
+        return Err(ApiError::bad_request(format!(
+            "a write has 1 to {MAX_MUTATIONS} mutations"
+        )));
+    }
+    let mut ids = HashSet::new();
+    let mut checked = Vec::with_capacity(request.mutations.len());
+    for m in &request.mutations {
+        if m.id.is_empty() || m.id.len() > 128 || !ids.insert(m.id.as_str()) {
+            return Err(ApiError::bad_request(
+                "each mutation needs its own id of 1 to 128 characters",
+            )
+            .with_mutation(&m.id));
+        }
+        let entity = state
+            .catalog
+            .entity(&m.entity_code)
+            .await
+            .map_err(ApiError::internal)?
+            .ok_or_else(|| ApiError::unknown_entity(&m.entity_code).with_mutation(&m.id))?;
+        check(&entity, m).map_err(|e| e.with_mutation(&m.id))?;
+        checked.push(Checked {
+            mutation: m,
+            entity,
+        });
+    }
+
+    let mut client = state.pool.get().await.map_err(ApiError::internal)?;
+    let tx = client.transaction().await.map_err(ApiError::from_db)?;
+    // Claim the mutation ids first, as the gateway; a rollback releases them again.
+    let ids: Vec<&str> = checked.iter().map(|c| c.mutation.id.as_str()).collect();
+    let fresh: HashSet<String> = tx
+        .query(
+            "SELECT m FROM unnest($2::text[]) AS m WHERE sync.claim_mutation($1, m)",
+            &[&user.sub, &ids],
+        )
+        .await
+        .map_err(ApiError::from_db)?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    act_as(&tx, &user).await.map_err(ApiError::from_db)?;
+    if let Some(client_id) = &request.client_id {
+        tx.execute(
+            "SELECT pg_catalog.set_config('sync.client_id', $1, true)",
+            &[client_id],
+        )
+        .await
+        .map_err(ApiError::from_db)?;
+    }
+    let mut results = Vec::with_capacity(checked.len());
+    for c in &checked {
+        let id = &c.mutation.id;
+        let applied = fresh.contains(id);
+        if applied {
+            apply(&tx, c).await.map_err(|e| e.with_mutation(id))?;
+        }
+        results.push(json!({"id": id, "status": if applied { "applied" } else { "duplicate" }}));
+    }
+    tx.commit().await.map_err(ApiError::from_db)?;
+    // Read after the commit: the cursor is at or after this write.
+    let cursor: String = client
+        .query_one("SELECT sync.current_cursor()", &[])
+        .await
+        .map_err(ApiError::from_db)?
+        .get(0);
+    Ok(json!({"cursor": cursor, "results": results}))
+}
+
+/// Checks a mutation's shape and names before anything touches the database.
+fn check(entity: &Entity, m: &Mutation) -> Result<(), ApiError> {
+    let needs_data = matches!(m.action, Action::Create | Action::Update);
+    if needs_data && m.data.as_ref().is_none_or(|d| d.is_empty()) {
+        return Err(ApiError::bad_request("CREATE and UPDATE need data"));
+    }
+    if m.action == Action::Delete && m.data.is_some() {
+        return Err(ApiError::bad_request("DELETE takes no data"));
+    }
+    if m.action != Action::Create && m.entity_id.is_none() {
+        return Err(ApiError::bad_request("UPDATE and DELETE need an entityId"));
+    }
+    if m.action == Action::Create && m.expect.is_some() {
+        return Err(ApiError::bad_request("expect applies to UPDATE and DELETE"));
+    }
+    let named = m.data.iter().chain(m.expect.iter()).flat_map(|d| d.keys());
+    for column in named {
+        if !entity.columns.contains(column) {
+            return Err(ApiError::bad_request(format!(
+                "{column} is not a published column of {}",
+                entity.code
+            )));
+        }
+    }
+    if m.action == Action::Create && m.entity_id.is_some() && entity.key.len() != 1 {
+        return Err(ApiError::bad_request(
+            "with a composite key, CREATE takes the key's columns in data",
+        ));
+    }
+    Ok(())
+}
+
+type Param<'p> = &'p (dyn tokio_postgres::types::ToSql + Sync);
+
+/// The expected values are one more parameter, when there are any.
+fn with_expect<'p>(mut params: Vec<Param<'p>>, expect: &'p Option<Value>) -> Vec<Param<'p>> {
+    if let Some(expect) = expect {
+        params.push(expect);
+    }
+    params
+}
+
+async fn apply(tx: &Transaction<'_>, c: &Checked<'_>) -> Result<(), ApiError> {
+    let (m, entity) = (c.mutation, &c.entity);
+    let table = &entity.table;
+    let row = |values: &Map<String, Value>| -> (String, Value) {
+        let columns: Vec<String> = values.keys().map(|k| quote(k)).collect();
+        (columns.join(", "), Value::Object(values.clone()))
+    };
+    let ids = vec![m.entity_id.clone().unwrap_or_default()];
+    let expect_sql = |n: usize| match &m.expect {
+        Some(expect) if !expect.is_empty() => {
+            let (columns, _) = row(expect);
+            let qualified: Vec<String> = expect.keys().map(|k| format!("t.{}", quote(k))).collect();
+            format!(
+                " AND ({}) IS NOT DISTINCT FROM (SELECT {columns} FROM jsonb_populate_record(NULL::{table}, ${n}))",
+                qualified.join(", ")
+            )
+        }
+        _ => String::new(),
+    };
+    let expect = m
+        .expect
+        .clone()
+        .filter(|e| !e.is_empty())
+        .map(Value::Object);
+    let touched = match m.action {
+        Action::Create => {
+            let mut data = m.data.clone().unwrap_or_default();
+            if let (Some(id), [key]) = (&m.entity_id, entity.key.as_slice()) {
+                data.entry(key.clone())
+                    .or_insert_with(|| Value::String(id.clone()));
+            }
+            let (columns, values) = row(&data);
+            let sql = format!(
+                "INSERT INTO {table} ({columns}) SELECT {columns} FROM jsonb_populate_record(NULL::{table}, $1)"
+            );
+            tx.execute(&sql, &[&values])
+                .await
+                .map_err(ApiError::from_db)?
+        }
+        Action::Update => {
+            let (columns, values) = row(m.data.as_ref().expect("checked"));
+            let sql = format!(
+                "UPDATE {table} t SET ({columns}) = (SELECT {columns} FROM jsonb_populate_record(NULL::{table}, $1)) \
+                  WHERE {}{}",
+                entity.key_in_sql(2),
+                expect_sql(3)
+            );
+            tx.execute(&sql, &with_expect(vec![&values, &ids], &expect))
+                .await
+                .map_err(ApiError::from_db)?
+        }
+        Action::Delete => {
+            let sql = format!(
+                "DELETE FROM {table} t WHERE {}{}",
+                entity.key_in_sql(1),
+                expect_sql(2)
+            );
+            tx.execute(&sql, &with_expect(vec![&ids], &expect))
+                .await
+                .map_err(ApiError::from_db)?
+        }
+    };
+    if touched == 0 {
+        // Either the condition failed (the row is there: 409 with it) or there is no such
+        // row the user may see.
+        let sql = format!(
+            "SELECT to_jsonb(t) - $2::text[] FROM {table} t WHERE {}",
+            entity.key_in_sql(1)
+        );
+        let current = tx
+            .query_opt(&sql, &[&ids, &entity.hidden])
+            .await
+            .map_err(ApiError::from_db)?;
+        return Err(match current {
+            Some(row) => ApiError::conflict(row.get::<_, Value>(0)),
+            None => ApiError::not_found(format!("no {} with id {}", entity.code, ids[0])),
+        });
+    }
+    Ok(())
+}
