@@ -36,14 +36,16 @@ loadgen() {
 start_gateway
 loadgen latency --connections 1000 --ids-per-connection 10 --rows 1000 --rate 500 | tee -a "$OUT/gateway.jsonl"
 loadgen fanout --connections 10000 | tee -a "$OUT/gateway.jsonl"
-loadgen fanout --connections 1000 --rls-claim-sets 1000 | tee -a "$OUT/gateway.jsonl"
-loadgen fanout --connections 1000 --rls-claim-sets 10 | tee -a "$OUT/gateway.jsonl"
 # Fresh gateways for memory: idle connections, then a 1M-row snapshot's peak.
 restart_gateway() { kill "$GATEWAY_PID"; wait "$GATEWAY_PID" || true; start_gateway; }
 restart_gateway
 loadgen idle --connections 10000 --gateway-pid "$GATEWAY_PID" | tee -a "$OUT/gateway.jsonl"
 restart_gateway
 loadgen snapshot --rows "${SNAPSHOT_ROWS:-1000000}" --gateway-pid "$GATEWAY_PID" | tee -a "$OUT/gateway.jsonl"
+# Row-level security last: the table keeps its policy from here on.
+restart_gateway
+loadgen fanout --connections 1000 --rls-claim-sets 1000 | tee -a "$OUT/gateway.jsonl"
+loadgen fanout --connections 1000 --rls-claim-sets 10 | tee -a "$OUT/gateway.jsonl"
 
 python3 - "$OUT" <<'PY' > "$OUT/gateway.md"
 import json, os, sys

@@ -19,7 +19,8 @@ const MAX_PAGE_ROWS: i32 = 100_000;
 
 /// The page query, for the batch `(from, to]` after a position:
 /// - the rest of the transaction at the position, when it was left in the middle;
-/// - the transactions that were in progress at `from` and are visible at `to`, by txid;
+/// - the transactions `from` does not see that may have written before it (`unsettled`)
+///   and are visible at `to`, by txid;
 /// - the other transactions: their last rows lie in `(from.max_id, to.max_id]`, found in id
 ///   order by asking, for each row, whether it is its transaction's last;
 ///
@@ -29,10 +30,11 @@ WITH tails AS (
         SELECT $5 AS txkey, $6::xid8 AS txid, $7 AS after
          WHERE $7 < $5
     UNION ALL
-        SELECT max(h.id), h.txid, 0 FROM sync.change_history h
-         WHERE h.txid = ANY ($1::xid8[])
-           AND pg_catalog.pg_visible_in_snapshot(h.txid, $2::pg_snapshot)
-         GROUP BY h.txid HAVING max(h.id) > $5
+        SELECT m.txkey, x.txid, 0 FROM unnest($1::xid8[]) AS x(txid)
+         CROSS JOIN LATERAL (SELECT max(h.id) AS txkey FROM sync.change_history h
+                              WHERE h.txid = x.txid) m
+         WHERE m.txkey > $5
+           AND pg_catalog.pg_visible_in_snapshot(x.txid, $2::pg_snapshot)
     UNION ALL
         (SELECT t.id, t.txid, 0 FROM sync.change_history t
           WHERE t.id > pg_catalog.int8larger($3, $5) AND t.id <= $4
@@ -167,6 +169,7 @@ fn read_page(
                 xip: vec![],
             },
             max_id: 0,
+            next_xid: horizon,
         },
     });
     let (mut from, mut to, mut position) = match cursor {
@@ -229,17 +232,16 @@ fn batch_rows(
         txid: 0,
         id: 0,
     });
-    let xip = format!(
+    let unsettled = format!(
         "{{{}}}",
-        from.snapshot
-            .xip
+        from.unsettled()
             .iter()
             .map(u64::to_string)
             .collect::<Vec<_>>()
             .join(",")
     );
     let args = [
-        xip.into(),
+        unsettled.into(),
         to.snapshot.to_pg().into(),
         from.max_id.into(),
         to.max_id.into(),
@@ -300,11 +302,18 @@ fn current_mark(client: &SpiClient<'_>) -> Mark {
     let snapshot: String = row.get(1).expect("snapshot").expect("snapshot not null");
     let own: Option<String> = row.get(2).expect("own xid");
     let max_id: i64 = row.get(3).expect("max id").expect("max id not null");
+    // Read after the snapshot was taken: an upper bound of the xids assigned before it.
+    // SAFETY: reads a counter under its lock.
+    let next_xid = unsafe { pg_sys::ReadNextFullTransactionId() }.value;
     let mut snapshot = Snapshot::parse_pg(&snapshot).expect("PostgreSQL snapshots parse");
     if let Some(own) = own {
         snapshot.add_in_progress(own.parse().expect("xid8 is a number"));
     }
-    Mark { snapshot, max_id }
+    Mark {
+        snapshot,
+        max_id,
+        next_xid,
+    }
 }
 
 /// The log's generation and retention horizon.

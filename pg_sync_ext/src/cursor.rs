@@ -28,12 +28,17 @@
 //! # Finding a batch without scanning the log
 //!
 //! Each mark keeps `max_id`, the largest log id visible in its snapshot, so a change with a
-//! larger id is not visible in it. A transaction of the batch `(A, B]` either was in progress
-//! at `A` (it is in `A.xip`, looked up by txid) or started after `A`: it got its xid after `A`
-//! was taken and took its log ids after that (ids come from a CACHE 1 sequence, and every path
-//! that writes the log assigns the xid first), so all of them are above `A.max_id`. The rows
-//! of a batch are therefore found in the id range `(A.max_id, B.max_id]` plus the few
-//! in-progress transactions of `A`, and a page costs about its own size.
+//! larger id is not visible in it, and `next_xid`, an upper bound of the xids assigned when
+//! its snapshot was taken (read right after it). A transaction of the batch `(A, B]` either
+//! had its xid when `A` was taken, or got it later. The first kind are *unsettled* at `A`:
+//! the ones in `A.xip`, and every xid from `A.xmax` up to `A.next_xid` (a snapshot's xmax is
+//! the latest *completed* xid + 1, so a running transaction whose xid is larger than every
+//! completed one is neither visible nor listed, and may have written before `A`; a test
+//! catches it). They are few, and looked up by txid. The second kind took their log ids
+//! after `A` was taken (ids come from a CACHE 1 sequence, and every path that writes the log
+//! assigns the xid first), so all of them are above `A.max_id`. The rows of a batch are
+//! therefore found in the id range `(A.max_id, B.max_id]` plus the unsettled transactions,
+//! and a page costs about its own size.
 //!
 //! The id range is also what keeps cursors right across a crash. Transaction ids that were
 //! handed out but never reached the WAL (an aborted or asynchronously committed transaction
@@ -46,7 +51,7 @@
 //! Cursors are opaque to clients but must survive URLs, so they use only `[0-9a-f._-]`:
 //! `1.<generation>.<mark>` at a batch boundary and
 //! `1.<generation>.<mark from>.<mark to>.<txkey>.<txid>.<id>` inside one, where a mark is
-//! `<xmin>_<xmax>_<xip-xip-…>_<max_id>`. The generation identifies the log (see
+//! `<xmin>_<xmax>_<xip-xip-…>_<max_id>_<next_xid>`. The generation identifies the log (see
 //! `sync.state`), so a cursor of another database or of an earlier life of this one is
 //! recognised as expired.
 
@@ -128,14 +133,24 @@ impl Snapshot {
 }
 
 /// A consistent cut of the log: the changes visible in `snapshot`, the largest of whose ids
-/// is at most `max_id`.
+/// is at most `max_id`. `next_xid` is at least the next transaction id to be assigned when
+/// the snapshot was taken (read after it).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Mark {
     pub snapshot: Snapshot,
     pub max_id: i64,
+    pub next_xid: u64,
 }
 
 impl Mark {
+    /// The transactions this mark does not see that may have written before it: those in
+    /// progress below xmax, and every xid from xmax to `next_xid` (a snapshot's xmax is the
+    /// latest *completed* xid + 1, so transactions above it may have been running too).
+    pub fn unsettled(&self) -> Vec<u64> {
+        let s = &self.snapshot;
+        s.xip.iter().copied().chain(s.xmax..self.next_xid).collect()
+    }
+
     /// Whether this mark is at or after `cursor`: every change before the cursor is before
     /// the mark.
     pub fn reaches(&self, cursor: &Cursor) -> bool {
@@ -146,33 +161,42 @@ impl Mark {
     fn encode(&self) -> String {
         let s = &self.snapshot;
         format!(
-            "{}_{}_{}_{}",
+            "{}_{}_{}_{}_{}",
             s.xmin,
             s.xmax,
             join(&s.xip, "-"),
-            self.max_id
+            self.max_id,
+            self.next_xid
         )
     }
 
     fn decode(text: &str) -> Result<Self, CursorError> {
         let mut parts = text.split('_');
-        let (Some(xmin), Some(xmax), Some(xip), Some(max_id), None) = (
+        let (Some(xmin), Some(xmax), Some(xip), Some(max_id), Some(next_xid), None) = (
+            parts.next(),
             parts.next(),
             parts.next(),
             parts.next(),
             parts.next(),
             parts.next(),
         ) else {
-            return Err(CursorError::Malformed("mark needs four fields"));
+            return Err(CursorError::Malformed("mark needs five fields"));
         };
         let xip = if xip.is_empty() {
             Vec::new()
         } else {
             xip.split('-').map(parse_u64).collect::<Result<_, _>>()?
         };
+        let snapshot = Snapshot::new(parse_u64(xmin)?, parse_u64(xmax)?, xip)?;
+        let next_xid = parse_u64(next_xid)?;
+        // A running range far larger than any number of connections is a forged cursor.
+        if next_xid < snapshot.xmax || next_xid - snapshot.xmax > MAX_UNSETTLED {
+            return Err(CursorError::Malformed("next xid outside its snapshot"));
+        }
         Ok(Mark {
-            snapshot: Snapshot::new(parse_u64(xmin)?, parse_u64(xmax)?, xip)?,
+            snapshot,
             max_id: parse_i64(max_id)?,
+            next_xid,
         })
     }
 }
@@ -292,6 +316,9 @@ impl Cursor {
     }
 }
 
+/// Transactions a mark may count as running above its xmax.
+const MAX_UNSETTLED: u64 = 1 << 20;
+
 /// Cursors stay short enough for a URL even with hundreds of transactions in progress.
 pub const MAX_CURSOR_LEN: usize = 8192;
 
@@ -341,6 +368,15 @@ mod tests {
         Snapshot::new(xmin, xmax, xip.to_vec()).unwrap()
     }
 
+    fn mark(snapshot: Snapshot, max_id: i64) -> Mark {
+        let next_xid = snapshot.xmax + 2;
+        Mark {
+            snapshot,
+            max_id,
+            next_xid,
+        }
+    }
+
     #[test]
     fn pg_text_round_trip() {
         let s = Snapshot::parse_pg("10:20:12,15").unwrap();
@@ -385,25 +421,16 @@ mod tests {
     fn cursors_round_trip() {
         let at = Cursor::At {
             generation: "ab12".into(),
-            mark: Mark {
-                snapshot: snap(10, 20, &[12, 15]),
-                max_id: 99,
-            },
+            mark: mark(snap(10, 20, &[12, 15]), 99),
         };
         let text = at.encode();
-        assert_eq!(text, "1.ab12.10_20_12-15_99");
+        assert_eq!(text, "1.ab12.10_20_12-15_99_22");
         assert_eq!(Cursor::decode(&text).unwrap(), at);
 
         let within = Cursor::Within {
             generation: "ab12".into(),
-            from: Mark {
-                snapshot: snap(10, 20, &[12, 15]),
-                max_id: 99,
-            },
-            to: Mark {
-                snapshot: snap(15, 30, &[15]),
-                max_id: 180,
-            },
+            from: mark(snap(10, 20, &[12, 15]), 99),
+            to: mark(snap(15, 30, &[15]), 180),
             position: Position {
                 txkey: 150,
                 txid: 12,
@@ -422,22 +449,25 @@ mod tests {
         for bad in [
             "",
             "x",
-            "2.ab.1_1__0",
-            "1..1_1__0",
-            "1.zz.1_1__0",
+            "2.ab.1_1__0_1",
+            "1..1_1__0_1",
+            "1.zz.1_1__0_1",
             "1.ab.1_1_0",
-            "1.ab.5_1__0",
-            "1.ab.1_9_9_0",
-            "1.ab.1_9_4-3_0",
-            "1.ab.1_9__-1",
-            "1.ab.1_9__99999999999999999999",
-            "1.ab.1_9__0.1_9__0",
-            "1.ab.1_1__0;DROP TABLE x",
+            "1.ab.1_1__0",
+            "1.ab.5_1__0_5",
+            "1.ab.1_9_9_0_9",
+            "1.ab.1_9_4-3_0_9",
+            "1.ab.1_9__-1_9",
+            "1.ab.1_9__99999999999999999999_9",
+            "1.ab.1_9__0_8",
+            "1.ab.1_9__0_99999999",
+            "1.ab.1_9__0_9.1_9__0_9",
+            "1.ab.1_1__0_1;DROP TABLE x",
             // batch end before its start; position outside the batch
-            "1.ab.10_20__50.5_10__60.55.12.55",
-            "1.ab.10_20__50.10_30__60.70.25.70",
-            "1.ab.10_20__50.10_30__60.55.35.55",
-            "1.ab.10_20__50.10_30__60.55.25.56",
+            "1.ab.10_20__50_20.5_10__60_10.55.12.55",
+            "1.ab.10_20__50_20.10_30__60_30.70.25.70",
+            "1.ab.10_20__50_20.10_30__60_30.55.35.55",
+            "1.ab.10_20__50_20.10_30__60_30.55.25.56",
         ] {
             assert!(Cursor::decode(bad).is_err(), "accepted {bad:?}");
         }
@@ -445,15 +475,17 @@ mod tests {
     }
 
     #[test]
+    fn unsettled_transactions_include_those_above_xmax() {
+        assert_eq!(
+            mark(snap(10, 20, &[12, 15]), 5).unsettled(),
+            [12, 15, 20, 21]
+        );
+    }
+
+    #[test]
     fn a_mark_reaches_cursors_up_to_it() {
-        let early = Mark {
-            snapshot: snap(10, 20, &[12]),
-            max_id: 50,
-        };
-        let late = Mark {
-            snapshot: snap(12, 30, &[12]),
-            max_id: 80,
-        };
+        let early = mark(snap(10, 20, &[12]), 50);
+        let late = mark(snap(12, 30, &[12]), 80);
         let at = |mark: &Mark| Cursor::At {
             generation: "ab".into(),
             mark: mark.clone(),
@@ -479,10 +511,7 @@ mod tests {
     fn expiry_checks_generation_and_horizon() {
         let cursor = Cursor::At {
             generation: "ab".into(),
-            mark: Mark {
-                snapshot: snap(100, 110, &[100]),
-                max_id: 5,
-            },
+            mark: mark(snap(100, 110, &[100]), 5),
         };
         assert_eq!(expiry(&cursor, "ab", 100), None);
         assert!(expiry(&cursor, "cd", 100).is_some());

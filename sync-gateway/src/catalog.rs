@@ -11,7 +11,7 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 /// How stale the cached entities may get.
-const REFRESH: Duration = Duration::from_secs(5);
+const REFRESH: Duration = Duration::from_secs(2);
 
 #[derive(Debug)]
 pub struct Entity {
@@ -27,6 +27,9 @@ pub struct Entity {
     pub hidden: Vec<String>,
     /// Row-level security is enabled on the table.
     pub rls: bool,
+    /// `sync.tracked.schema_version`: a change captured under a newer one means the table
+    /// was altered since this was read (ENABLE ROW LEVEL SECURITY is an ALTER TABLE too).
+    pub schema_version: i32,
 }
 
 impl Entity {
@@ -48,8 +51,13 @@ impl Entity {
     /// SQL matching row `t` against parameter `$n`, a text[] of entity ids, usable by the
     /// primary key's index.
     pub fn key_in_sql(&self, n: usize) -> String {
+        self.key_in_sql_literal(&format!("${n}::text[]"))
+    }
+
+    /// As `key_in_sql`, against a text[] expression.
+    pub fn key_in_sql_literal(&self, ids: &str) -> String {
         match (self.key.as_slice(), self.key_types.as_slice()) {
-            ([one], [ty]) => format!("t.{} = ANY (${n}::text[]::{ty}[])", quote(one)),
+            ([one], [ty]) => format!("t.{} = ANY (({ids})::{ty}[])", quote(one)),
             (many, types) => {
                 let columns: Vec<String> = many.iter().map(|k| format!("t.{}", quote(k))).collect();
                 let parts: Vec<String> = types
@@ -58,7 +66,7 @@ impl Entity {
                     .map(|(i, ty)| format!("(u.id::jsonb ->> {i})::{ty}"))
                     .collect();
                 format!(
-                    "({}) IN (SELECT {} FROM unnest(${n}::text[]) AS u(id))",
+                    "({}) IN (SELECT {} FROM unnest({ids}) AS u(id))",
                     columns.join(", "),
                     parts.join(", ")
                 )
@@ -84,7 +92,7 @@ pub struct Catalog {
 }
 
 const ENTITIES_SQL: &str = "
-SELECT t.entity_code, c.relrowsecurity, n.nspname::text, c.relname::text,
+SELECT t.entity_code, c.relrowsecurity, n.nspname::text, c.relname::text, t.schema_version,
        ARRAY(SELECT a.attname::text FROM unnest(k.indkey::int2[]) WITH ORDINALITY u(attnum, o)
                JOIN pg_catalog.pg_attribute a ON a.attrelid = t.relid AND a.attnum = u.attnum
               ORDER BY u.o),
@@ -155,6 +163,24 @@ impl Catalog {
         Ok(self.reload().await?.get(code).cloned())
     }
 
+    /// Reads the entities again now, unless a change's schema version shows nothing is new.
+    pub async fn refresh_for(&self, code: &str, schema_version: i32) {
+        if self
+            .cached(code)
+            .is_some_and(|e| e.schema_version < schema_version)
+        {
+            let _reloading = self.reloading.lock().await;
+            if self
+                .cached(code)
+                .is_some_and(|e| e.schema_version < schema_version)
+            {
+                if let Err(e) = self.reload().await {
+                    tracing::warn!(error = %crate::ErrorChain(&e), "reading tracked entities failed");
+                }
+            }
+        }
+    }
+
     async fn reload(&self) -> Result<Entities, CatalogError> {
         let client = self.pool.get().await?;
         let rows = client.query(ENTITIES_SQL, &[]).await?;
@@ -163,15 +189,16 @@ impl Catalog {
             .map(|r| {
                 let code: String = r.get(0);
                 let (schema, table): (String, String) = (r.get(2), r.get(3));
-                let columns: Vec<String> = r.get(6);
+                let columns: Vec<String> = r.get(7);
                 let entity = Entity {
                     code: code.clone(),
                     rls: r.get(1),
                     table: format!("{}.{}", quote(&schema), quote(&table)),
-                    key: r.get(4),
-                    key_types: r.get(5),
+                    key: r.get(5),
+                    key_types: r.get(6),
                     columns: columns.into_iter().collect(),
-                    hidden: r.get(7),
+                    hidden: r.get(8),
+                    schema_version: r.get(4),
                 };
                 (code, Arc::new(entity))
             })

@@ -3,13 +3,15 @@
 //! `wait` long-polls: with nothing new, the request waits (woken by the same reader that
 //! feeds the sockets) until a change arrives or the time is up.
 
-use crate::access::{can_read, ids_to_check, verdict, visible_rows, UserContext, Verdict};
+use crate::access::{can_read, ids_to_check, judge, visible_rows, UserContext, Verdict};
 use crate::http::ApiError;
 use crate::log::{read_page, Op, ReadError};
+use crate::outbox::Shape;
 use crate::router::{Subscription, Target};
 use crate::AppState;
 use serde::Deserialize;
 use serde_json::{json, Value};
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -85,7 +87,7 @@ pub async fn changes(
                 .push(change);
         }
         // The verdicts of the changes of tables with RLS, one query per entity.
-        let mut verdicts: HashMap<i64, Verdict> = HashMap::new();
+        let mut verdicts: HashMap<i64, (Verdict, Option<crate::log::Change>)> = HashMap::new();
         for (code, changes) in &by_entity {
             let Some(entity) = state
                 .catalog
@@ -110,34 +112,42 @@ pub async fn changes(
             } else if entity.rls {
                 let ids = ids_to_check(changes.iter().copied());
                 Some(
-                    visible_rows(&mut client, &entity, &user, &ids)
+                    visible_rows(&client, &entity, &user, &ids)
                         .await
                         .map_err(ApiError::from_db)?,
                 )
             } else {
                 for change in changes {
-                    verdicts.insert(change.id, Verdict::Send);
+                    verdicts.insert(change.id, (Verdict::Send, None));
                 }
                 continue;
             };
             for change in changes {
-                let v = rows
-                    .as_ref()
-                    .map(|rows| verdict(change, rows))
-                    .unwrap_or(Verdict::Skip);
-                verdicts.insert(change.id, v);
+                let judged = match &rows {
+                    Some(rows) => {
+                        let (verdict, change) = judge(change, rows);
+                        let copy = matches!(change, Cow::Owned(_)).then(|| change.into_owned());
+                        (verdict, copy)
+                    }
+                    None => (Verdict::Skip, None),
+                };
+                verdicts.insert(change.id, judged);
             }
         }
         let everything = Subscription {
             entity_code: String::new(),
             target: Target::Rows(None),
-            mode: crate::protocol::Mode::Delta,
-            columns: None,
+            shape: Shape {
+                mode: crate::protocol::Mode::Delta,
+                columns: None,
+            },
         };
         for change in &page.changes {
-            let Some(v) = verdicts.get(&change.id) else {
+            let Some((v, current)) = verdicts.get(&change.id) else {
                 continue;
             };
+            // A visible row that changed since goes out as it is now.
+            let change = current.as_ref().unwrap_or(change);
             if change.op == Op::Truncate {
                 if *v == Verdict::Send {
                     out.push(json!({"entityCode": change.entity_code, "action": "TRUNCATE", "cursor": change.cursor}));
@@ -149,7 +159,7 @@ pub async fn changes(
                 continue;
             };
             let mut rendered =
-                serde_json::to_value(everything.render(change, action)).expect("serializes");
+                serde_json::to_value(everything.shape.render(change, action)).expect("serializes");
             rendered["entityCode"] = json!(change.entity_code);
             rendered["cursor"] = json!(change.cursor);
             out.push(rendered);

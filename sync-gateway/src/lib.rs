@@ -23,6 +23,7 @@ pub mod http;
 pub mod log;
 pub mod metrics;
 pub mod outbound;
+pub mod outbox;
 pub mod protocol;
 pub mod reader;
 pub mod replay;

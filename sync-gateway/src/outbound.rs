@@ -3,20 +3,21 @@
 //! wait for room, and the session's writer frees room as it sends. Counting bytes, not
 //! messages, is what keeps memory bounded when messages carry hundreds of changes.
 
+use axum::extract::ws::Utf8Bytes;
 use std::sync::Arc;
 use tokio::sync::{mpsc, Semaphore};
 
 /// The sending side, shared by the router, replays and the session itself.
 #[derive(Clone)]
 pub struct Outbound {
-    tx: mpsc::UnboundedSender<String>,
+    tx: mpsc::UnboundedSender<Utf8Bytes>,
     room: Arc<Semaphore>,
     limit: usize,
 }
 
 /// The receiving side, the session's writer.
 pub struct Queue {
-    rx: mpsc::UnboundedReceiver<String>,
+    rx: mpsc::UnboundedReceiver<Utf8Bytes>,
     room: Arc<Semaphore>,
     limit: usize,
 }
@@ -50,7 +51,7 @@ fn cost(text: &str, limit: usize) -> u32 {
 
 impl Outbound {
     /// Queues now, or refuses.
-    pub fn try_push(&self, text: String) -> Result<(), Refused> {
+    pub fn try_push(&self, text: Utf8Bytes) -> Result<(), Refused> {
         let permit = self
             .room
             .try_acquire_many(cost(&text, self.limit))
@@ -61,7 +62,7 @@ impl Outbound {
     }
 
     /// Queues once there is room.
-    pub async fn push(&self, text: String) -> Result<(), Refused> {
+    pub async fn push(&self, text: Utf8Bytes) -> Result<(), Refused> {
         let permit = self
             .room
             .acquire_many(cost(&text, self.limit))
@@ -75,7 +76,7 @@ impl Outbound {
 
 impl Queue {
     /// The next message, its room given back.
-    pub async fn next(&mut self) -> Option<String> {
+    pub async fn next(&mut self) -> Option<Utf8Bytes> {
         let text = self.rx.recv().await?;
         self.room.add_permits(cost(&text, self.limit) as usize);
         Some(text)
@@ -92,7 +93,10 @@ mod tests {
         assert_eq!(outbound.try_push("12345".into()), Ok(()));
         assert_eq!(outbound.try_push("123456".into()), Err(Refused::Full));
         assert_eq!(outbound.try_push("12345".into()), Ok(()));
-        assert_eq!(queue.next().await.as_deref(), Some("12345"));
+        assert_eq!(
+            queue.next().await.as_ref().map(|t| t.as_str()),
+            Some("12345")
+        );
         assert_eq!(outbound.try_push("123".into()), Ok(()));
         // A message larger than the bound goes alone.
         let (outbound, _queue) = channel(4);

@@ -4,12 +4,14 @@
 //! subscription, waiting on the client's send queue (a slow replay slows only its client)
 //! and never on the live stream.
 
-use crate::access::{ids_to_check, verdict, visible_rows};
+use crate::access::{ids_to_check, judge, visible_rows};
 use crate::catalog::Catalog;
 use crate::log::{check_cursor, cursor_reached, read_page, Change, Op, ReadError};
+use crate::outbox::{Outbox, RunCache};
 use crate::protocol::{ErrorCode, ResyncReason, ServerMessage};
-use crate::router::{Command, Outbox, ReplayStart};
+use crate::router::{Command, ReplayStart};
 use deadpool_postgres::Pool;
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -79,7 +81,7 @@ impl Replayer {
                     }
                 };
                 if let Some(message) = message {
-                    let _ = outbound.push(message.to_json()).await;
+                    let _ = outbound.push(message.to_json().into()).await;
                 }
                 let _ = router.send(Command::ReplayFailed { conn, sub }).await;
             });
@@ -133,7 +135,7 @@ async fn replay(
     let outbound = &start.outbound;
     let send = |message: ServerMessage| async move {
         outbound
-            .push(message.to_json())
+            .push(message.to_json().into())
             .await
             .map_err(|_| ReplayError::Gone)
     };
@@ -159,7 +161,7 @@ async fn replay(
         let visible = match &rls {
             Some(entity) => {
                 let ids = ids_to_check(mine.iter().copied());
-                let rows = visible_rows(&mut client, entity, &start.user, &ids).await;
+                let rows = visible_rows(&client, entity, &start.user, &ids).await;
                 Some(rows.map_err(|_| {
                     ReplayError::Forbidden(format!(
                         "a row-level-security policy of {} failed for you",
@@ -171,20 +173,24 @@ async fn replay(
         };
         let mut out = Outbox::default();
         for change in mine {
-            let action = match &visible {
-                _ if change.op == Op::Truncate => {
-                    out.resync(&change.entity_code, ResyncReason::Truncate);
-                    continue;
+            if change.op == Op::Truncate {
+                out.resync(&change.entity_code, ResyncReason::Truncate);
+                continue;
+            }
+            let (change, action) = match &visible {
+                None => (Cow::Borrowed(change), start.sub.view(change)),
+                Some(rows) => {
+                    let (verdict, change) = judge(change, rows);
+                    let action = start.sub.view_checked(&change, verdict);
+                    (change, action)
                 }
-                None => start.sub.view(change),
-                Some(rows) => start.sub.view_checked(change, verdict(change, rows)),
             };
             if let Some(action) = action {
-                out.push(&start.sub, change, action);
+                out.push(&start.sub.shape, &Arc::new(change.into_owned()), action);
             }
         }
-        for message in out.messages {
-            send(message).await?;
+        for text in out.render(&mut RunCache::new()) {
+            outbound.push(text).await.map_err(|_| ReplayError::Gone)?;
         }
         cursor = page.end;
         if !page.more {

@@ -18,14 +18,16 @@
 //! the buffer follows. No change falls in the seam or appears twice. The router never waits
 //! on a connection: a full send queue closes that connection (it resumes from its cursor).
 
-use crate::access::{ids_to_check, verdict, visible_rows, UserContext, Verdict};
+use crate::access::{as_current, ids_to_check, verdict, visible_rows, UserContext, Verdict};
 use crate::catalog::{Catalog, Entity};
 use crate::filter::{matches_all, Condition};
 use crate::log::{Change, Op};
 use crate::metrics::Metrics;
 use crate::outbound::{Outbound, Refused};
-use crate::protocol::{Action, ChangeOut, ErrorCode, Mode, ResyncReason, ServerMessage};
+use crate::outbox::{Outbox, RunCache, Shape};
+use crate::protocol::{Action, ErrorCode, Mode, ResyncReason, ServerMessage};
 use crate::store::{StoreOp, SubscriptionRow};
+use axum::extract::ws::Utf8Bytes;
 use deadpool_postgres::Pool;
 use futures_util::StreamExt;
 use serde_json::{Map, Value};
@@ -36,9 +38,6 @@ use tokio_util::sync::CancellationToken;
 
 pub type ConnId = u64;
 pub type SubId = u64;
-
-/// Changes in one message at most: a longer run is split, each part with its own cursor.
-const MAX_CHANGES_PER_MESSAGE: usize = 256;
 
 /// Changes a replaying subscription may buffer before its connection counts as too slow.
 const MAX_REPLAY_BUFFER: usize = 100_000;
@@ -139,15 +138,14 @@ pub enum Target {
 pub struct Subscription {
     pub entity_code: String,
     pub target: Target,
-    pub mode: Mode,
-    pub columns: Option<Vec<String>>,
+    pub shape: Shape,
 }
 
 impl Subscription {
     /// How this subscription sees a change of a table with RLS, given the user's verdict.
     pub fn view_checked(&self, change: &Change, verdict: Verdict) -> Option<Action> {
         match verdict {
-            Verdict::Send => self.view(change),
+            Verdict::Send | Verdict::Current => self.view(change),
             Verdict::Skip => None,
             // An id is itself information: only those who named it learn that it left.
             Verdict::Gone => match &self.target {
@@ -197,30 +195,6 @@ impl Subscription {
         }
     }
 
-    /// The change as this subscription sends it.
-    pub fn render(&self, change: &Change, action: Action) -> ChangeOut {
-        let delta = self.mode == Mode::Delta;
-        let data = (delta && action != Action::Delete).then(|| {
-            let row = change.data.clone().unwrap_or_default();
-            let row = match &self.columns {
-                None => row,
-                Some(columns) => row
-                    .into_iter()
-                    .filter(|(k, _)| columns.contains(k))
-                    .collect(),
-            };
-            serde_json::Value::Object(row)
-        });
-        ChangeOut {
-            entity_id: change.entity_id.clone().unwrap_or_default(),
-            action,
-            data,
-            changed: (delta && action == Action::Update)
-                .then(|| change.changed.clone().unwrap_or_default()),
-            schema_version: delta.then_some(change.schema_version),
-        }
-    }
-
     fn rows(&self, conn: &ConnState) -> Vec<SubscriptionRow> {
         let row = |entity_id: Option<String>, filter| SubscriptionRow {
             connection_id: conn.name.clone(),
@@ -228,7 +202,7 @@ impl Subscription {
             entity_code: self.entity_code.clone(),
             entity_id,
             filter,
-            mode: self.mode,
+            mode: self.shape.mode,
         };
         match &self.target {
             Target::Ids(ids) => ids.iter().map(|id| row(Some(id.clone()), None)).collect(),
@@ -451,8 +425,10 @@ impl Router {
         let sub = Subscription {
             entity_code: request.entity_code,
             target: request.target,
-            mode: request.mode,
-            columns: request.columns,
+            shape: Shape {
+                mode: request.mode,
+                columns: request.columns,
+            },
         };
         let held: usize = conn.subs.values().map(|s| s.sub.size()).sum();
         if held + sub.size() > self.max_subscriptions {
@@ -618,9 +594,9 @@ impl Router {
         let sub = sub.sub.clone();
         let mut out = Outbox::default();
         for (change, action) in buffered {
-            out.push(&sub, &change, action);
+            out.push(&sub.shape, &change, action);
         }
-        self.deliver(conn, out);
+        self.deliver(conn, out, &mut RunCache::new());
     }
 
     fn index(&mut self, conn: ConnId, sub_id: SubId, sub: &Subscription) {
@@ -674,6 +650,15 @@ impl Router {
     /// Reads, for the batch's writes to tables with RLS, the current rows each group of
     /// their subscribers may see: one query per entity and group.
     async fn check_visibility(&self, batch: &Batch) -> Visibility {
+        // A table altered since the catalog was read (RLS switched on, say) is read again first.
+        let mut newest: HashMap<&str, i32> = HashMap::new();
+        for c in &batch.changes {
+            let v = newest.entry(&c.entity_code).or_insert(c.schema_version);
+            *v = (*v).max(c.schema_version);
+        }
+        for (code, version) in newest {
+            self.db.catalog.refresh_for(code, version).await;
+        }
         let mut jobs: HashMap<(String, Group), Check> = HashMap::new();
         let codes: HashSet<&str> = batch
             .changes
@@ -705,7 +690,7 @@ impl Router {
             .map(|(key, (entity, user, ids))| async move {
                 let started = std::time::Instant::now();
                 let rows = match pool.get().await {
-                    Ok(mut client) => visible_rows(&mut client, &entity, &user, &ids).await.map_err(|e| {
+                    Ok(client) => visible_rows(&client, &entity, &user, &ids).await.map_err(|e| {
                         tracing::info!(entity = entity.code, role = ?user.role, error = %crate::ErrorChain(&e), "visibility check failed");
                     }),
                     Err(e) => {
@@ -725,6 +710,7 @@ impl Router {
     fn route(&mut self, batch: &Batch, visibility: &Visibility) {
         let mut outboxes: HashMap<ConnId, Outbox> = HashMap::new();
         let mut refused: HashSet<(ConnId, String)> = HashSet::new();
+        let mut current_copies: HashMap<i64, Arc<Change>> = HashMap::new();
         for change in &batch.changes {
             let Some(entry) = self.index.get(&change.entity_code) else {
                 continue;
@@ -752,25 +738,33 @@ impl Router {
                     out.resync(&change.entity_code, ResyncReason::Truncate);
                     continue;
                 }
-                let checked =
-                    match visibility.get(&(change.entity_code.clone(), state.user.group())) {
-                        None => None,
-                        Some(Ok(rows)) => Some(verdict(&change, rows)),
-                        Some(Err(())) => {
-                            if refused.insert((conn, change.entity_code.clone())) {
-                                let message = format!(
-                                    "a row-level-security policy of {} failed for you",
-                                    change.entity_code
-                                );
-                                out.messages.push(ServerMessage::error(
-                                    ErrorCode::Forbidden,
-                                    message,
-                                    None,
-                                ));
-                            }
-                            continue;
+                let checked = match visibility
+                    .get(&(change.entity_code.clone(), state.user.group()))
+                {
+                    None => None,
+                    Some(Ok(rows)) => Some((verdict(&change, rows), rows)),
+                    Some(Err(())) => {
+                        if refused.insert((conn, change.entity_code.clone())) {
+                            let message = format!(
+                                "a row-level-security policy of {} failed for you",
+                                change.entity_code
+                            );
+                            out.message(ServerMessage::error(ErrorCode::Forbidden, message, None));
                         }
-                    };
+                        continue;
+                    }
+                };
+                // A visible row that changed since goes out as it is now (one copy per change).
+                let (change, checked) = match checked {
+                    Some((Verdict::Current, rows)) => {
+                        let copy = current_copies
+                            .entry(change.id)
+                            .or_insert_with(|| Arc::new(as_current(&change, rows)))
+                            .clone();
+                        (copy, Some(Verdict::Send))
+                    }
+                    other => (change.clone(), other.map(|(v, _)| v)),
+                };
                 // Live subscriptions answer now; replaying ones keep the change for later.
                 let mut live: Option<(&Subscription, Action)> = None;
                 for sub in state
@@ -792,12 +786,13 @@ impl Router {
                     }
                 }
                 if let Some((sub, action)) = live {
-                    out.push(sub, &change, action);
+                    out.push(&sub.shape, &change, action);
                 }
             }
         }
+        let mut cache = RunCache::new();
         for (conn, out) in outboxes {
-            self.deliver(conn, out);
+            self.deliver(conn, out, &mut cache);
         }
         // Replays that outgrew their buffer: their connection is too slow to wait for.
         let overflowing: Vec<ConnId> = self
@@ -823,21 +818,25 @@ impl Router {
         let _ = self.position.send(batch.end.clone());
     }
 
-    fn deliver(&mut self, conn: ConnId, out: Outbox) {
-        for message in out.messages {
-            if !self.send(conn, &message) {
+    fn deliver(&mut self, conn: ConnId, out: Outbox, cache: &mut RunCache) {
+        for text in out.render(cache) {
+            if !self.queue(conn, text) {
                 return;
             }
         }
     }
 
+    fn send(&mut self, conn: ConnId, message: &ServerMessage) -> bool {
+        self.queue(conn, message.to_json().into())
+    }
+
     /// Queues a message for a connection; false when the connection is gone or was closed
     /// for being too slow.
-    fn send(&mut self, conn: ConnId, message: &ServerMessage) -> bool {
+    fn queue(&mut self, conn: ConnId, text: Utf8Bytes) -> bool {
         let Some(state) = self.connections.get(&conn) else {
             return false;
         };
-        match state.outbound.try_push(message.to_json()) {
+        match state.outbound.try_push(text) {
             Ok(()) => true,
             Err(Refused::Full) => {
                 self.kick(conn);
@@ -852,71 +851,5 @@ impl Router {
             tracing::info!(conn, "closing a connection whose send queue is full");
             state.kick.cancel();
         }
-    }
-}
-
-/// Messages for one connection, built change by change.
-#[derive(Default)]
-pub struct Outbox {
-    pub messages: Vec<ServerMessage>,
-}
-
-impl Outbox {
-    /// Adds a change, extending the last message when it is of the same entity and kind.
-    pub fn push(&mut self, sub: &Subscription, change: &Change, action: Action) {
-        let rendered = sub.render(change, action);
-        let last_is_delta = matches!(self.messages.last(), Some(ServerMessage::Delta { .. }));
-        if let Some(
-            ServerMessage::Delta {
-                entity_code,
-                changes,
-                timestamp,
-                cursor,
-            }
-            | ServerMessage::Invalidate {
-                entity_code,
-                changes,
-                timestamp,
-                cursor,
-            },
-        ) = self.messages.last_mut()
-        {
-            if last_is_delta == (sub.mode == Mode::Delta)
-                && *entity_code == change.entity_code
-                && changes.len() < MAX_CHANGES_PER_MESSAGE
-            {
-                changes.push(rendered);
-                *timestamp = change.captured_at.clone();
-                *cursor = change.cursor.clone();
-                return;
-            }
-        }
-        let (entity_code, changes, timestamp, cursor) = (
-            change.entity_code.clone(),
-            vec![rendered],
-            change.captured_at.clone(),
-            change.cursor.clone(),
-        );
-        self.messages.push(match sub.mode {
-            Mode::Delta => ServerMessage::Delta {
-                entity_code,
-                changes,
-                timestamp,
-                cursor,
-            },
-            Mode::Invalidate => ServerMessage::Invalidate {
-                entity_code,
-                changes,
-                timestamp,
-                cursor,
-            },
-        });
-    }
-
-    pub fn resync(&mut self, entity_code: &str, reason: ResyncReason) {
-        self.messages.push(ServerMessage::Resync {
-            entity_code: entity_code.to_owned(),
-            reason,
-        });
     }
 }

@@ -85,7 +85,7 @@ pub async fn run(
             },
             Some(text) = queue.next() => {
                 state.metrics.record_sent(text.len());
-                if sink.send(Message::Text(text.into())).await.is_err() {
+                if sink.send(Message::Text(text)).await.is_err() {
                     break None;
                 }
             }
@@ -287,7 +287,7 @@ impl Session {
 
     async fn reply(&self, message: ServerMessage) {
         // Never wait here: this task is also the one that empties the queue.
-        if self.outbound.try_push(message.to_json()) == Err(Refused::Full) {
+        if self.outbound.try_push(message.to_json().into()) == Err(Refused::Full) {
             self.kick.cancel();
         }
     }

@@ -490,3 +490,42 @@ async fn metrics_and_status_report_the_gateway() {
     assert_eq!(status["ready"], true);
     assert_eq!(status["database"]["wakeup"], "worker");
 }
+
+/// Row-level security switched on while clients are subscribed applies to the very next
+/// change: ENABLE ROW LEVEL SECURITY bumps the schema version, and the gateway re-reads
+/// the table before routing a change made under a newer one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn row_level_security_switched_on_applies_at_once() {
+    let cluster = Cluster::start().await;
+    cluster
+        .execute(
+            "CREATE TABLE note (id int PRIMARY KEY, owner text NOT NULL);
+             CREATE TABLE marker (id int PRIMARY KEY);
+             CREATE ROLE app_user NOLOGIN;
+             GRANT SELECT ON note, marker TO app_user;
+             SELECT sync.track('note'); SELECT sync.track('marker');",
+        )
+        .await;
+    let gateway = Gateway::start(&cluster, &["--default-role", "app_user"]).await;
+    let mut bob = gateway.connect("bob").await;
+    bob.subscribe(json!({"entityCode": "marker"})).await;
+    bob.subscribe(json!({"entityCode": "note"})).await;
+    cluster
+        .execute("INSERT INTO note VALUES (1, 'alice'); INSERT INTO marker VALUES (1);")
+        .await;
+    assert_eq!(
+        actions(&bob.changes_until(1).await),
+        [("1".to_owned(), "CREATE".to_owned())]
+    );
+    cluster
+        .execute(
+            "ALTER TABLE note ENABLE ROW LEVEL SECURITY;
+             CREATE POLICY own ON note USING (owner = current_setting('request.jwt.claims', true)::jsonb ->> 'sub');
+             INSERT INTO note VALUES (2, 'alice'), (3, 'bob'); INSERT INTO marker VALUES (2);",
+        )
+        .await;
+    assert_eq!(
+        actions(&bob.changes_until(2).await),
+        [("3".to_owned(), "CREATE".to_owned())]
+    );
+}

@@ -648,3 +648,30 @@ async fn reading_until_a_cursor_stops_there() {
     assert!(reached(&middle, &middle).await);
     assert!(!reached(&start, &middle).await);
 }
+
+/// A snapshot's xmax is the latest completed xid + 1, not the next xid: a transaction that
+/// got a larger xid and wrote before the snapshot is neither visible nor listed as running,
+/// and its log ids can lie below the snapshot's largest visible id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_writer_above_the_snapshots_xmax_is_not_skipped() {
+    // Without the notifier, whose own transactions would complete larger xids meanwhile.
+    let cluster = Cluster::start_with(&["shared_preload_libraries=''"]).await;
+    cluster.execute(ITEM).await;
+    cluster.execute("CREATE TABLE scratch (id int)").await;
+    let (y, x) = (cluster.connect().await, cluster.connect().await);
+    y.batch_execute("BEGIN; INSERT INTO scratch VALUES (1)")
+        .await
+        .unwrap(); // y gets the smaller xid
+    x.batch_execute("BEGIN; INSERT INTO item VALUES (1)")
+        .await
+        .unwrap(); // x: larger xid, smaller log id
+    y.batch_execute("INSERT INTO item VALUES (2); COMMIT")
+        .await
+        .unwrap();
+    let mut reader = cluster.connect().await;
+    let (first, cursor) = drain(&mut reader, None, 10).await;
+    assert_eq!(entity_ids(&first), ["2"]);
+    x.batch_execute("COMMIT").await.unwrap();
+    let (second, _) = drain(&mut reader, Some(cursor), 10).await;
+    assert_eq!(entity_ids(&second), ["1"]);
+}

@@ -1,0 +1,142 @@
+//! The messages for one connection, built change by change and serialized at the end.
+//!
+//! A message holds a run of consecutive changes of one entity (at most 256); its cursor is
+//! the position after its last change. Runs are kept as (change, action) until delivery, and
+//! runs that are the same for many connections (every whole-table subscriber of a batch, say)
+//! are serialized once and their text shared: with 10,000 subscribers, serializing per
+//! connection was the gateway's bottleneck.
+
+use crate::log::Change;
+use crate::protocol::{Action, ChangeOut, Mode, ResyncReason, ServerMessage};
+use axum::extract::ws::Utf8Bytes;
+use std::collections::HashMap;
+use std::sync::Arc;
+
+/// Changes in one message at most: a longer run is split, each part with its own cursor.
+pub const MAX_CHANGES_PER_MESSAGE: usize = 256;
+
+/// How a subscription shows changes: INVALIDATE or DELTA, and which columns of DELTA data.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Shape {
+    pub mode: Mode,
+    pub columns: Option<Vec<String>>,
+}
+
+impl Shape {
+    /// A change as this shape sends it.
+    pub fn render(&self, change: &Change, action: Action) -> ChangeOut {
+        let delta = self.mode == Mode::Delta;
+        let data = (delta && action != Action::Delete).then(|| {
+            let row = change.data.clone().unwrap_or_default();
+            let row = match &self.columns {
+                None => row,
+                Some(columns) => row
+                    .into_iter()
+                    .filter(|(k, _)| columns.contains(k))
+                    .collect(),
+            };
+            serde_json::Value::Object(row)
+        });
+        ChangeOut {
+            entity_id: change.entity_id.clone().unwrap_or_default(),
+            action,
+            data,
+            changed: (delta && action == Action::Update)
+                .then(|| change.changed.clone().unwrap_or_default()),
+            schema_version: delta.then_some(change.schema_version),
+        }
+    }
+}
+
+enum Part {
+    Message(ServerMessage),
+    Run {
+        shape: Shape,
+        changes: Vec<(Arc<Change>, Action)>,
+    },
+}
+
+/// Serialized runs of one batch, by what they hold.
+pub type RunCache = HashMap<(Shape, Vec<(i64, Action)>), Utf8Bytes>;
+
+#[derive(Default)]
+pub struct Outbox {
+    parts: Vec<Part>,
+}
+
+impl Outbox {
+    /// Adds a change, extending the last run when it is of the same entity and shape.
+    pub fn push(&mut self, shape: &Shape, change: &Arc<Change>, action: Action) {
+        if let Some(Part::Run {
+            shape: last,
+            changes,
+        }) = self.parts.last_mut()
+        {
+            if last == shape
+                && changes[0].0.entity_code == change.entity_code
+                && changes.len() < MAX_CHANGES_PER_MESSAGE
+            {
+                changes.push((change.clone(), action));
+                return;
+            }
+        }
+        self.parts.push(Part::Run {
+            shape: shape.clone(),
+            changes: vec![(change.clone(), action)],
+        });
+    }
+
+    pub fn resync(&mut self, entity_code: &str, reason: ResyncReason) {
+        self.message(ServerMessage::Resync {
+            entity_code: entity_code.to_owned(),
+            reason,
+        });
+    }
+
+    pub fn message(&mut self, message: ServerMessage) {
+        self.parts.push(Part::Message(message));
+    }
+
+    /// The messages' texts, reusing those of identical runs already in `cache`.
+    pub fn render(self, cache: &mut RunCache) -> Vec<Utf8Bytes> {
+        self.parts
+            .into_iter()
+            .map(|part| match part {
+                Part::Message(message) => message.to_json().into(),
+                Part::Run { shape, changes } => {
+                    let key = (shape, changes.iter().map(|(c, a)| (c.id, *a)).collect());
+                    if let Some(text) = cache.get(&key) {
+                        return text.clone();
+                    }
+                    let text: Utf8Bytes = run_message(&key.0, &changes).to_json().into();
+                    cache.insert(key, text.clone());
+                    text
+                }
+            })
+            .collect()
+    }
+}
+
+fn run_message(shape: &Shape, changes: &[(Arc<Change>, Action)]) -> ServerMessage {
+    let last = &changes[changes.len() - 1].0;
+    let (entity_code, timestamp, cursor) = (
+        last.entity_code.clone(),
+        last.captured_at.clone(),
+        last.cursor.clone(),
+    );
+    let changes = changes.iter().map(|(c, a)| shape.render(c, *a)).collect();
+    match shape.mode {
+        Mode::Delta => ServerMessage::Delta {
+            entity_code,
+            changes,
+            timestamp,
+            cursor,
+        },
+        Mode::Invalidate => ServerMessage::Invalidate {
+            entity_code,
+            changes,
+            timestamp,
+            cursor,
+        },
+    }
+}
