@@ -79,9 +79,14 @@ if [ ! -s "$DATA/PG_VERSION" ]; then
 fi
 
 PORT=${PGPORT:-$(free_port)}
+# Builds of PostgreSQL that list the allowed output plugins must allow wal2json.
+PLUGINS=
+if "$PG_BIN/postgres" --describe-config 2>/dev/null | grep -q output_plugin_libraries; then
+    PLUGINS="-c output_plugin_libraries=pgoutput,test_decoding,wal2json"
+fi
 as_pg "$PG_BIN/pg_ctl" -D "$DATA" -l "$DATA/server.log" -w -o \
     "-p $PORT -c listen_addresses=127.0.0.1 -c unix_socket_directories=$DATA \
-     -c wal_level=logical -c max_replication_slots=10 -c shared_preload_libraries=pg_sync" \
+     -c wal_level=logical -c max_replication_slots=10 -c shared_preload_libraries=pg_sync $PLUGINS" \
     start >/dev/null
 stop() {
     stop_gateway

@@ -20,7 +20,8 @@
 //! The function is SECURITY DEFINER (api.sql) so writers need no privilege on the log's
 //! sequence; it runs no SQL, so a writer's search_path cannot reach into it.
 
-use crate::log::{LogRow, LogTable, LogTableError};
+use crate::jsonb::ToJsonb;
+use crate::log::{setting_client_id, LogRow, LogTable, LogTableError};
 use crate::wakeup;
 use pgrx::prelude::*;
 use pgrx::{PgMemoryContexts, PgRelation, PgTupleDesc};
@@ -258,50 +259,38 @@ impl TableCapture {
             old_data: old_data.map(|(t, d)| self.to_json.convert(t, d)),
             changed_columns,
             schema_version: self.schema_version,
+            client_id: setting_client_id(),
+            source: "trigger",
+            lsn: None,
         });
         wakeup::note_log_write();
     }
 }
 
-/// `to_jsonb(row) - hidden_columns`, called directly: `to_jsonb` takes `anyelement`, so its
-/// call needs an expression that tells it the argument's type.
+/// `to_jsonb(row) - hidden_columns`.
 struct RowToJson {
-    to_jsonb: *mut pg_sys::FmgrInfo,
+    to_jsonb: ToJsonb,
     /// The unpublished columns' names as a text[], when there are any.
     hidden: Option<pg_sys::Datum>,
 }
 
 impl RowToJson {
     unsafe fn new(rowtype: pg_sys::Oid, hidden: &[String]) -> Self {
-        // Lives as long as the backend's cache entry, so in TopMemoryContext.
-        PgMemoryContexts::TopMemoryContext.switch_to(|_| {
-            let to_jsonb =
-                pg_sys::palloc0(size_of::<pg_sys::FmgrInfo>()).cast::<pg_sys::FmgrInfo>();
-            let function = pg_sys::Oid::from(pg_sys::F_TO_JSONB);
-            pg_sys::fmgr_info_cxt(function, to_jsonb, pg_sys::TopMemoryContext);
-            let argument = pg_sys::makeNullConst(rowtype, -1, pg_sys::InvalidOid);
-            let arguments = pg_sys::lappend(std::ptr::null_mut(), argument.cast());
-            (*to_jsonb).fn_expr = pg_sys::makeFuncExpr(
-                function,
-                pg_sys::JSONBOID,
-                arguments,
-                pg_sys::InvalidOid,
-                pg_sys::InvalidOid,
-                pg_sys::CoercionForm::COERCE_EXPLICIT_CALL,
-            )
-            .cast();
-            let hidden = if hidden.is_empty() {
-                None
-            } else {
-                hidden.to_vec().into_datum()
-            };
-            RowToJson { to_jsonb, hidden }
-        })
+        let hidden = if hidden.is_empty() {
+            None
+        } else {
+            PgMemoryContexts::TopMemoryContext.switch_to(|_| hidden.to_vec().into_datum())
+        };
+        RowToJson {
+            to_jsonb: ToJsonb::new(rowtype),
+            hidden,
+        }
     }
 
     unsafe fn convert(&self, tuple: pg_sys::HeapTuple, desc: pg_sys::TupleDesc) -> pg_sys::Datum {
-        let row = pg_sys::heap_copy_tuple_as_datum(tuple, desc);
-        let json = pg_sys::FunctionCall1Coll(self.to_jsonb, pg_sys::InvalidOid, row);
+        let json = self
+            .to_jsonb
+            .call(pg_sys::heap_copy_tuple_as_datum(tuple, desc));
         match self.hidden {
             None => json,
             Some(hidden) => pgrx::direct_function_call_as_datum(

@@ -133,7 +133,7 @@ fn parse_or_raise(text: &str) -> Cursor {
 }
 
 /// Raises SQLSTATE 22023 (invalid_parameter_value).
-fn invalid_parameter(message: String) -> ! {
+pub(crate) fn invalid_parameter(message: String) -> ! {
     ErrorReport::new(
         PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
         message,

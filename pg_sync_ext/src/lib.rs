@@ -16,8 +16,10 @@ use pgrx::prelude::*;
 mod capture;
 mod changes;
 mod cursor;
+mod jsonb;
 mod log;
 mod wakeup;
+mod wal;
 
 pgrx::pg_module_magic!();
 

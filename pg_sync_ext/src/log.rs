@@ -39,6 +39,12 @@ pub struct LogRow<'a> {
     pub old_data: Option<pg_sys::Datum>,
     pub changed_columns: Option<Vec<String>>,
     pub schema_version: i32,
+    /// The writer's origin tag.
+    pub client_id: Option<String>,
+    /// `trigger` or `wal`.
+    pub source: &'a str,
+    /// The commit LSN, for WAL capture.
+    pub lsn: Option<u64>,
 }
 
 /// The log table and its id sequence, resolved once per cached capture.
@@ -78,11 +84,11 @@ impl LogTable {
         }
     }
 
-    /// Appends one row, with its id taken now from the log's sequence.
+    /// Appends one row, with its id taken now from the log's sequence; returns the id.
     ///
     /// # Safety
     /// The datums in `row` must be valid values of the columns' types.
-    pub unsafe fn append(&self, row: LogRow<'_>) {
+    pub unsafe fn append(&self, row: LogRow<'_>) -> i64 {
         let rel = pg_sys::table_open(self.relid, pg_sys::RowExclusiveLock as i32);
         let id = pgrx::direct_function_call_as_datum(
             pg_sys::nextval_oid,
@@ -97,11 +103,11 @@ impl LogTable {
             row.data,
             row.old_data,
             row.changed_columns.into_datum(),
-            client_id().into_datum(),
+            row.client_id.into_datum(),
             Some(pg_sys::Datum::from(pg_sys::GetTopFullTransactionId().value)),
-            None,
+            row.lsn.map(pg_sys::Datum::from),
             row.schema_version.into_datum(),
-            "trigger".into_datum(),
+            row.source.into_datum(),
             Some(pg_sys::Datum::from(
                 pg_sys::GetCurrentTransactionStartTimestamp(),
             )),
@@ -112,11 +118,12 @@ impl LogTable {
         pg_sys::CatalogTupleInsert(rel, tuple);
         pg_sys::heap_freetuple(tuple);
         pg_sys::table_close(rel, pg_sys::NoLock as i32);
+        id.map(|d| d.value() as i64).unwrap_or_default()
     }
 }
 
 /// The writer's origin tag: the `sync.client_id` setting, NULL when unset or empty.
-fn client_id() -> Option<String> {
+pub fn setting_client_id() -> Option<String> {
     // SAFETY: GetConfigOption returns NULL or a string owned by the GUC machinery.
     unsafe {
         let value = pg_sys::GetConfigOption(c"sync.client_id".as_ptr(), true, false);

@@ -267,6 +267,35 @@ mod tests {
     }
 
     #[pg_test]
+    fn enrich_types_values_as_to_jsonb_and_keeps_toasted_columns() {
+        run("CREATE TABLE doc (id int PRIMARY KEY, at timestamptz, tags int[], body text, note text);
+             SELECT sync.track('doc', columns => ARRAY['at', 'tags', 'body']);");
+        let change = r#"{"action":"U","schema":"public","table":"doc","lsn":"0/16B3748",
+            "columns":[{"name":"id","typeoid":23,"value":1},{"name":"at","typeoid":1184,"value":"2026-01-02 03:04:05+00"},
+                       {"name":"tags","typeoid":1007,"value":"{1,2}"},{"name":"note","typeoid":25,"value":"n2"}],
+            "identity":[{"name":"id","typeoid":23,"value":1},{"name":"at","typeoid":1184,"value":"2026-01-01 00:00:00+00"},
+                        {"name":"tags","typeoid":1007,"value":"{1,2}"},{"name":"body","typeoid":25,"value":"long body"},
+                        {"name":"note","typeoid":25,"value":"n1"}]}"#;
+        let rows = Spi::get_one_with_args::<pgrx::JsonB>(
+            "SELECT sync.enrich_wal2json($1::jsonb)",
+            &[change.into()],
+        )
+        .unwrap()
+        .unwrap()
+        .0;
+        let row = &rows[0];
+        assert_eq!(row["op"], "UPDATE");
+        assert_eq!(row["entity_id"], "1");
+        assert_eq!(row["data"]["at"], "2026-01-02T03:04:05+00:00");
+        assert_eq!(row["data"]["tags"], serde_json::json!([1, 2]));
+        // Absent from `columns` (unchanged, TOASTed): taken from the old row, not NULL.
+        assert_eq!(row["data"]["body"], "long body");
+        assert!(row["data"].get("note").is_none());
+        assert_eq!(row["changed_columns"], serde_json::json!(["at"]));
+        assert_eq!(row["source"], "wal");
+    }
+
+    #[pg_test]
     fn status_reports_tables_mode_and_slot() {
         project();
         let status = one::<pgrx::JsonB>("SELECT sync.status()").unwrap().0;

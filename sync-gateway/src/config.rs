@@ -42,9 +42,14 @@ pub struct ServeArgs {
     #[arg(long, env = "SYNC_DEFAULT_ROLE")]
     pub default_role: Option<String>,
 
-    /// Drive sync.ingest_wal for WAL-captured tables while holding the ingest lock.
+    /// Drive sync.ingest_wal for WAL-captured tables while holding the ingest lock (one
+    /// gateway at a time does).
     #[arg(long, env = "SYNC_WAL_INGEST", default_value_t = true, action = ArgAction::Set)]
     pub wal_ingest: bool,
+
+    /// How often the ingesting gateway looks for new WAL when the slot was drained (ms).
+    #[arg(long, env = "SYNC_WAL_INGEST_INTERVAL_MS", default_value_t = 200)]
+    pub wal_ingest_interval_ms: u64,
 
     /// Read the log at least this often when no NOTIFY arrives (milliseconds).
     #[arg(long, env = "SYNC_POLL_INTERVAL_MS", default_value_t = 1000)]
@@ -81,6 +86,10 @@ impl ServeArgs {
 
     pub fn ping_interval(&self) -> Duration {
         Duration::from_secs(self.ping_interval_secs.max(1))
+    }
+
+    pub fn wal_ingest_interval(&self) -> Duration {
+        Duration::from_millis(self.wal_ingest_interval_ms.max(10))
     }
 
     pub fn heartbeat(&self) -> Duration {

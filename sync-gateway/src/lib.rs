@@ -8,6 +8,7 @@
 //! - `session` is one WebSocket connection: it checks the client's messages (`protocol`,
 //!   `filter`, against `catalog`) and writes what the router queues;
 //! - `replay` serves SUBSCRIBE with `since` from the log up to the live position;
+//! - `ingest` drives WAL capture (`sync.ingest_wal`) on one gateway at a time;
 //! - `store` mirrors subscriptions into `sync.subscription` and heartbeats;
 //! - `access` runs queries as the user (role and claims) for row-level security;
 //! - `http` holds the endpoints, with `snapshot`, `changes` and `write` for clients without
@@ -20,6 +21,7 @@ pub mod changes;
 pub mod config;
 pub mod filter;
 pub mod http;
+pub mod ingest;
 pub mod log;
 pub mod metrics;
 pub mod outbound;
@@ -117,9 +119,6 @@ pub async fn serve(args: ServeArgs, shutdown: CancellationToken) -> Result<(), S
         .gateway_id
         .clone()
         .unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string());
-    if !args.wal_ingest {
-        tracing::debug!("WAL ingest disabled");
-    }
 
     let (router_tx, router_rx) = mpsc::channel(1024);
     let (batch_tx, batch_rx) = mpsc::channel(2);
@@ -167,6 +166,13 @@ pub async fn serve(args: ServeArgs, shutdown: CancellationToken) -> Result<(), S
         ready: ready.clone(),
     };
     let reader_task = tokio::spawn(reader.run(shutdown.clone()));
+    if args.wal_ingest {
+        let ingest = ingest::Ingest {
+            pool: pool.clone(),
+            interval: args.wal_ingest_interval(),
+        };
+        tokio::spawn(ingest.run(shutdown.clone()));
+    }
 
     let state = Arc::new(AppState {
         pool: pool.clone(),

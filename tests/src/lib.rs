@@ -67,6 +67,11 @@ impl Cluster {
             self.port,
             self.dir.display()
         );
+        if allows_plugin_setting() {
+            // This build of PostgreSQL lists the output plugins it allows (wal2json for WAL
+            // capture is not among them by default).
+            options.push_str(" -c output_plugin_libraries=pgoutput,test_decoding,wal2json");
+        }
         for s in settings {
             options.push_str(&format!(" -c {s}"));
         }
@@ -174,6 +179,17 @@ impl Drop for Cluster {
             .output();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// Whether the server has the `output_plugin_libraries` setting (Debian's builds do).
+fn allows_plugin_setting() -> bool {
+    static KNOWN: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *KNOWN.get_or_init(|| {
+        let out = Command::new(format!("{PG_BIN}/postgres"))
+            .arg("--describe-config")
+            .output();
+        out.is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("output_plugin_libraries"))
+    })
 }
 
 pub fn free_port() -> u16 {

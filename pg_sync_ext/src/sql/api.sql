@@ -23,7 +23,10 @@ BEGIN
     -- Our own ALTER TABLE below must not count as a schema change.
     PERFORM set_config('sync.internal_ddl', 'on', true);
     PERFORM sync._drop_capture(tbl);
-    IF t.capture = 'trigger' THEN
+    IF t.capture = 'wal' THEN
+        -- Old rows in full: DELETEs and UPDATEs need them for old_data, filters and ids.
+        EXECUTE format('ALTER TABLE %s REPLICA IDENTITY FULL', tbl);
+    ELSIF t.capture = 'trigger' THEN
         SELECT string_agg(quote_literal(a), ', ' ORDER BY ord) INTO args
           FROM unnest(ARRAY[t.entity_code, t.schema_version::text] || coalesce(t.columns, '{}'))
                WITH ORDINALITY AS u(a, ord);
@@ -54,6 +57,15 @@ BEGIN
 END
 $$;
 
+-- Whether wal2json is installed and allowed as an output plugin. SECURITY DEFINER: reading
+-- the library directory needs privileges the caller may lack.
+CREATE FUNCTION sync._wal2json_usable() RETURNS boolean
+LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog AS $$
+    SELECT (SELECT (pg_stat_file(setting || '/wal2json.so', true)).size IS NOT NULL
+              FROM pg_config WHERE name = 'PKGLIBDIR')
+       AND coalesce(current_setting('output_plugin_libraries', true) ~ '(^|[ ,])wal2json($|[ ,])', true)
+$$;
+
 CREATE FUNCTION sync.track(tbl regclass, entity_code text DEFAULT NULL,
                            capture text DEFAULT 'trigger', columns text[] DEFAULT NULL)
 RETURNS void
@@ -79,8 +91,17 @@ BEGIN
             coalesce(quote_literal(track.capture), 'NULL') USING ERRCODE = '22023';
     END IF;
     IF track.capture = 'wal' THEN
-        RAISE EXCEPTION 'sync.track: capture => ''wal'' is not available in this version'
-            USING ERRCODE = '0A000', HINT = 'Track the table with capture => ''trigger''.';
+        IF current_setting('wal_level') <> 'logical' THEN
+            RAISE EXCEPTION 'sync.track: capture => ''wal'' needs wal_level = logical, not %',
+                current_setting('wal_level')
+                USING ERRCODE = '55000', HINT = 'Set wal_level = logical and restart PostgreSQL.';
+        END IF;
+        IF NOT sync._wal2json_usable() THEN
+            RAISE EXCEPTION 'sync.track: capture => ''wal'' needs the wal2json output plugin'
+                USING ERRCODE = '55000',
+                      HINT = 'Install it (Debian: postgresql-15-wal2json) and, where the server has the '
+                             'output_plugin_libraries setting, list wal2json in it.';
+        END IF;
     END IF;
     code := coalesce(track.entity_code, (SELECT c.relname::text FROM pg_class c WHERE c.oid = tbl));
     IF code = '' OR length(code) > 128 THEN
@@ -281,10 +302,26 @@ SELECT jsonb_build_object(
     'wal_slot', coalesce((
         SELECT jsonb_build_object(
                    'exists', true,
-                   'retained_bytes', pg_wal_lsn_diff(pg_current_wal_lsn(), r.restart_lsn)::bigint)
+                   'retained_bytes', pg_wal_lsn_diff(pg_current_wal_lsn(), r.restart_lsn)::bigint,
+                   'lost_at', (SELECT s.wal_slot_lost_at FROM sync.state s))
           FROM pg_replication_slots r WHERE r.slot_name = 'pg_sync'),
-        jsonb_build_object('exists', false, 'retained_bytes', 0)),
+        jsonb_build_object('exists', false, 'retained_bytes', 0,
+                           'lost_at', (SELECT s.wal_slot_lost_at FROM sync.state s))),
     'last_ingest_at', (SELECT s.last_ingest_at FROM sync.state s))
+$$;
+
+-- Tags the calling transaction's changes with an origin: a transactional logical message
+-- that WAL enrichment attaches to every change of the transaction, and sync.client_id for
+-- trigger capture. (wal2json cuts a message at a NUL byte; text cannot hold one anyway.)
+CREATE FUNCTION sync.tag_origin(client_id text) RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF client_id IS NULL OR client_id = '' THEN
+        RAISE EXCEPTION 'sync.tag_origin: client_id must not be empty' USING ERRCODE = '22023';
+    END IF;
+    PERFORM pg_catalog.pg_logical_emit_message(true, 'pg_sync', client_id);
+    PERFORM pg_catalog.set_config('sync.client_id', client_id, true);
+END
 $$;
 
 -- Records that `user_id` applies mutation `id` in this transaction; false when it was
@@ -296,6 +333,10 @@ LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog AS $$
                      ON CONFLICT DO NOTHING RETURNING 1)
     SELECT EXISTS (SELECT FROM claimed)
 $$;
+
+-- The gateway's role need not hold REPLICATION: ingesting runs as the extension's owner.
+ALTER FUNCTION sync.ingest_wal(integer) SECURITY DEFINER;
+ALTER FUNCTION sync.ingest_wal(integer) SET search_path = pg_catalog, pg_temp;
 
 -- Writers need no privilege on the log: the capture runs as the extension's owner. Its SQL
 -- names only schema-qualified objects (capture.rs).

@@ -12,7 +12,12 @@ CREATE TABLE sync.state (
     -- Every change of a transaction older than this is gone (pruned) or never existed.
     -- A cursor whose snapshot does not see all of them is expired.
     horizon        xid8 NOT NULL DEFAULT pg_catalog.pg_snapshot_xmin(pg_catalog.pg_current_snapshot()),
-    last_ingest_at timestamptz
+    -- WAL capture: the commit LSN of the last transaction stored from the slot (the slot
+    -- moves past it at the next ingest), when an ingest last ran, and when the slot was found
+    -- lost after it had been read (its gap was announced as a TRUNCATE per WAL entity).
+    wal_stored_lsn   pg_lsn,
+    last_ingest_at   timestamptz,
+    wal_slot_lost_at timestamptz
 );
 INSERT INTO sync.state DEFAULT VALUES;
 
