@@ -6,7 +6,7 @@ CARGO          ?= cargo
 # pgrx's own test cluster; its parent must belong to the postgres user.
 PGRX_TEST_ROOT ?= /tmp/pg_sync_pgrx_test
 
-.PHONY: setup install test test-ext test-e2e run bench lint fmt clean
+.PHONY: setup install test test-ext test-e2e run bench bench-quick fuzz soak lint fmt clean
 
 setup:
 	@scripts/setup.sh
@@ -31,11 +31,45 @@ run: install
 	$(CARGO) build --release -p sync-gateway
 	@scripts/run.sh
 
-## bench: the capture benchmark (pgbench) and the gateway benchmark, results in bench/results/
+## bench: every benchmark beside its reference, in one run: bench/results/REPORT.md, the raw
+## data (results.jsonl, trigger.csv, bulk.csv, results.json) and latency.svg
 bench: install
 	$(CARGO) build --release -p sync-gateway -p sync-loadgen
-	@bench/trigger_bench.sh
-	@bench/gateway_bench.sh
+	rm -f bench/results/results.jsonl
+	bench/trigger_bench.sh
+	bench/wal_bench.sh
+	bench/gateway_bench.sh
+	python3 bench/report.py bench/results $${BENCH_SECONDS:-15}
+
+## bench-quick: the same suite with small sizes and 3 s runs (a smoke test, about two
+## minutes), into target/bench-quick/
+QUICK = BENCH_OUT=target/bench-quick BENCH_SECONDS=3 TRIGGER_ROWS=10000 WAL_CHANGES=20000 \
+	LATENCY_CONNECTIONS="100 1000" FANOUT_CONNECTIONS=1000 IDLE_CONNECTIONS=1000 \
+	SNAPSHOT_ROWS=100000 CATCHUP_CHANGES=100000
+bench-quick: install
+	$(CARGO) build --release -p sync-gateway -p sync-loadgen
+	rm -rf target/bench-quick
+	$(QUICK) bench/trigger_bench.sh
+	$(QUICK) bench/wal_bench.sh
+	$(QUICK) bench/gateway_bench.sh
+	python3 bench/report.py target/bench-quick 3
+
+## fuzz: the property tests of the client-facing parsers, new random cases for FUZZ_SECONDS
+## (default 60; `make test` runs a short round of 256 cases)
+fuzz:
+	$(CARGO) test -p sync-gateway --lib --no-run
+	@end=$$(( $$(date +%s) + $${FUZZ_SECONDS:-60} )); rounds=0; \
+	while [ $$(date +%s) -lt $$end ]; do \
+	    out=$$(PROPTEST_CASES=20000 $(CARGO) test -q -p sync-gateway --lib fuzz 2>&1) || \
+	        { echo "$$out" | tail -40; echo "fuzz: a case failed (minimal input above)"; exit 1; }; \
+	    rounds=$$((rounds + 1)); \
+	done; echo "fuzz: $$rounds rounds of 20000 cases per property, no failure"
+
+## soak: the long variants of the reliability suite (a 3,000-step convergence run under
+## faults, 10,000 idle connections held for a minute), plus the fuzzing run
+soak: install fuzz
+	$(CARGO) build -p sync-gateway
+	PG_SYNC_SOAK=1 $(CARGO) test -p pg_sync_tests --test convergence --test reliability -- --test-threads 1
 
 lint:
 	$(CARGO) fmt --all -- --check

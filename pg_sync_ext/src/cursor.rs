@@ -507,6 +507,32 @@ mod tests {
         assert!(!early.reaches(&within));
     }
 
+    /// Decoding whatever a client sends never panics: random strings over the cursor
+    /// alphabet, and mutations of a valid cursor.
+    #[test]
+    fn decoding_random_text_never_panics() {
+        let alphabet = b"0123456789._-abz";
+        let valid = "1.ab12.10_20_12-15_99_22.15_30_15_180_32.150.12.140";
+        let mut state = 0x2545_F491_4F6C_DD1Du64;
+        let mut next = || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        for _ in 0..20_000 {
+            let len = (next() % 80) as usize;
+            let text: String = (0..len)
+                .map(|_| alphabet[(next() % 16) as usize] as char)
+                .collect();
+            let _ = Cursor::decode(&text);
+            let mut mutated = valid.as_bytes().to_vec();
+            let at = (next() as usize) % mutated.len();
+            mutated[at] = alphabet[(next() % 16) as usize];
+            let _ = Cursor::decode(&String::from_utf8(mutated).unwrap());
+        }
+    }
+
     #[test]
     fn expiry_checks_generation_and_horizon() {
         let cursor = Cursor::At {

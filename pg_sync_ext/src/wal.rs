@@ -317,7 +317,7 @@ fn ingest(client: &mut SpiClient<'_>, max_changes: i32) -> i64 {
     if tables.is_empty() {
         return 0;
     }
-    let stored: Option<String> = client
+    let mut stored: Option<String> = client
         .select("SELECT wal_stored_lsn::text FROM sync.state", None, &[])
         .unwrap()
         .first()
@@ -338,12 +338,13 @@ fn ingest(client: &mut SpiClient<'_>, max_changes: i32) -> i64 {
     if !slot_exists {
         // Before any write of this transaction, PostgreSQL requires; `select` runs it without
         // first giving the transaction an xid (pgrx's `update` would).
-        client
+        let start: Option<String> = client
             .select(
-                "SELECT pg_catalog.pg_create_logical_replication_slot($1, 'wal2json')",
+                "SELECT lsn::text FROM pg_catalog.pg_create_logical_replication_slot($1, 'wal2json')",
                 None,
                 &[SLOT.into()],
             )
+            .and_then(|rows| rows.first().get_one())
             .expect(
                 "creating the pg_sync slot (the first ingest must run in a transaction of its own)",
             );
@@ -353,6 +354,17 @@ fn ingest(client: &mut SpiClient<'_>, max_changes: i32) -> i64 {
             // TRUNCATE (a RESYNC for them), and sync.status() says when.
             added += mark_slot_lost(client, &tables);
         }
+        // Everything before the new slot's start counts as stored: the slot is then just past
+        // what is stored, as after any ingest, which `_wal_settled` relies on.
+        let before_start = start.map(|s| format_lsn(parse_lsn(&s) - 1));
+        client
+            .update(
+                "UPDATE sync.state SET wal_stored_lsn = $1::pg_lsn",
+                None,
+                &[before_start.as_deref().into()],
+            )
+            .expect("recording the new slot's start");
+        stored = before_start;
     } else if let Some(stored) = &stored {
         if fault() != Some("skip_advance") {
             client
@@ -465,6 +477,103 @@ fn ingest(client: &mut SpiClient<'_>, max_changes: i32) -> i64 {
         wakeup::note_log_write();
     }
     added
+}
+
+/// Whether a snapshot of `entity_code` taken by the calling REPEATABLE READ transaction may
+/// be paired with its `current_cursor()`: false while a WAL change of that entity, committed
+/// before the transaction's snapshot, is not yet stored in the log as the snapshot sees it.
+/// Its row would be in the snapshot but its log row after the cursor, reaching the client
+/// twice. True for trigger-captured entities, which log in the writing transaction. False
+/// also when it cannot tell (an ingest runs, or moved the slot after the snapshot): retry.
+/// (Internal: the gateway's snapshot endpoint waits for this.)
+#[pg_extern(name = "_wal_settled", volatile, parallel_unsafe)]
+fn wal_settled(entity_code: &str) -> bool {
+    let tables: HashMap<_, _> = Spi::connect(|client| tracked_tables(client, true))
+        .into_iter()
+        .filter(|(_, t)| t.entity_code == entity_code)
+        .collect();
+    if tables.is_empty() {
+        return true;
+    }
+    let locked = Spi::get_one_with_args::<bool>(
+        "SELECT pg_catalog.pg_try_advisory_lock($1)",
+        &[INGEST_LOCK.into()],
+    );
+    if locked != Ok(Some(true)) {
+        return false; // an ingest holds the slot
+    }
+    PgTryBuilder::new(|| Spi::connect(|client| no_pending_change(client, &tables)))
+        .finally(|| {
+            Spi::run_with_args(
+                "SELECT pg_catalog.pg_advisory_unlock($1)",
+                &[INGEST_LOCK.into()],
+            )
+            .expect("releasing the ingest lock");
+        })
+        .execute()
+}
+
+/// No change of `tables` visible to the transaction's snapshot waits in the slot unstored.
+fn no_pending_change(client: &SpiClient<'_>, tables: &HashMap<(String, String), Tracked>) -> bool {
+    let state = client
+        .select(
+            "SELECT s.wal_stored_lsn::text,
+                    (SELECT r.confirmed_flush_lsn::text FROM pg_catalog.pg_replication_slots r
+                      WHERE r.slot_name = $1)
+               FROM sync.state s",
+            None,
+            &[SLOT.into()],
+        )
+        .expect("reading sync.state")
+        .first()
+        .get_two::<String, String>()
+        .expect("reading sync.state");
+    let (stored, Some(confirmed)) = state else {
+        return true; // no slot yet: nothing was decoded that the log lacks
+    };
+    let stored = stored.map(|s| parse_lsn(&s));
+    // The slot moves only past stored changes (to just past them); past what this snapshot
+    // sees stored, it moved after the snapshot and hides changes this snapshot may see.
+    // (Before the first store the slot has not moved.)
+    if stored.is_some_and(|s| parse_lsn(&confirmed) > s + 1) {
+        return false;
+    }
+    let sql = format!(
+        "SELECT xid::text, data FROM pg_catalog.pg_logical_slot_peek_changes($1, NULL, NULL, {})",
+        peek_options(tables)
+    );
+    // SAFETY: the transaction snapshot of the calling (REPEATABLE READ) transaction, valid
+    // until it ends.
+    let snapshot = unsafe { pg_sys::GetTransactionSnapshot() };
+    let mut pending = false;
+    let mut cursor = client.open_cursor(sql.as_str(), &[SLOT.into()]);
+    loop {
+        let rows = cursor.fetch(FETCH).expect("reading decoded changes");
+        if rows.is_empty() {
+            return true;
+        }
+        for row in rows {
+            let data: String = row.get(2).unwrap().unwrap();
+            let change: Value = serde_json::from_str(&data).expect("wal2json writes JSON");
+            match change["action"].as_str() {
+                Some("B") => {
+                    let commit = change["lsn"].as_str().map(parse_lsn);
+                    let xid: u32 = row
+                        .get::<String>(1)
+                        .unwrap()
+                        .and_then(|x| x.parse().ok())
+                        .unwrap_or(0);
+                    // SAFETY: a valid snapshot; xid of a committed transaction.
+                    let visible = !unsafe {
+                        pg_sys::XidInMVCCSnapshot(pg_sys::TransactionId::from(xid), snapshot)
+                    };
+                    pending = visible && commit.is_none_or(|c| stored.is_none_or(|s| c > s));
+                }
+                Some("I" | "U" | "D" | "T") if pending => return false,
+                _ => {}
+            }
+        }
+    }
 }
 
 /// The transaction being read from the slot.

@@ -107,7 +107,7 @@ pub async fn visible_rows(
     let sql = format!(
         "BEGIN READ ONLY;
          SELECT pg_catalog.set_config('request.jwt.claims', {claims}, true), pg_catalog.set_config('role', {role}, true);
-         SELECT {id}, (to_jsonb(t) - {hidden}::text[])::text FROM {table} t WHERE {key};
+         SELECT {id}, (to_jsonb(t.*) - {hidden}::text[])::text FROM {table} t WHERE {key};
          COMMIT;",
         claims = literal(&user.claims),
         id = entity.id_sql(),

@@ -4,8 +4,8 @@
 //!
 //! The log types values as `to_jsonb` does (numbers, strings, booleans, null), while clients
 //! often send every filter value as a string (`"value":"7"`). Comparison therefore coerces:
-//! a number compares numerically with a number or a numeric string, a boolean with a boolean
-//! or `"true"`/`"false"`, anything else compares as text. As in SQL, a NULL (or missing)
+//! a number compares numerically with a number or a numeric string (and with nothing else),
+//! a boolean with a boolean or `"true"`/`"false"`, anything else compares as text. As in SQL, a NULL (or missing)
 //! column matches only `is_null`.
 
 use serde::{Deserialize, Serialize};
@@ -117,12 +117,9 @@ pub fn matches_all(conditions: &[Condition], row: &Map<String, Value>) -> bool {
 /// they cannot be compared (a JSON array or object, a NaN).
 fn compare(actual: &Value, expected: &Value) -> Option<Ordering> {
     match (actual, expected) {
+        // A number compares only with a number or a finite numeric string.
         (Value::Number(_), _) | (_, Value::Number(_)) => {
-            let (a, b) = (as_number(actual), as_number(expected));
-            match (a, b) {
-                (Some(a), Some(b)) => a.partial_cmp(&b),
-                _ => text(actual)?.partial_cmp(&text(expected)?),
-            }
+            as_number(actual)?.partial_cmp(&as_number(expected)?)
         }
         (Value::Bool(_), _) | (_, Value::Bool(_)) => match (as_bool(actual), as_bool(expected)) {
             (Some(a), Some(b)) => Some(a.cmp(&b)),
@@ -186,7 +183,8 @@ mod tests {
         assert!(condition("project_id", Op::Lte, Some(json!("7"))).matches(&r));
         assert!(condition("score", Op::Gt, Some(json!(2))).matches(&r));
         assert!(condition("score", Op::Gte, Some(json!("2.5"))).matches(&r));
-        assert!(condition("project_id", Op::Neq, Some(json!("x"))).matches(&r));
+        // A number and a non-numeric string are not comparable: nothing matches, not even neq.
+        assert!(!condition("project_id", Op::Neq, Some(json!("x"))).matches(&r));
     }
 
     #[test]

@@ -35,6 +35,9 @@ pub mod snapshot;
 pub mod store;
 pub mod write;
 
+#[cfg(test)]
+mod fuzz;
+
 use crate::auth::Verifier;
 use crate::catalog::Catalog;
 use crate::config::ServeArgs;

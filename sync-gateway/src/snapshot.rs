@@ -3,6 +3,14 @@
 //! `{"cursor":…}` from that same transaction, so subscribing with `since` = that cursor
 //! continues exactly where the snapshot ends. Rows travel through a small bounded channel
 //! as PostgreSQL sends them: memory stays flat for any table size.
+//!
+//! A WAL-captured entity's changes reach the log after their commit, when ingested: a
+//! snapshot taken in between would show a row whose log row lies after its cursor (sent
+//! again after it). Such a snapshot is retried, ingesting in between, until
+//! `sync._wal_settled` says the log has caught up with it. Under writes to the entity so
+//! steady that this never happens within `SETTLE_PATIENCE`, the last try is served: changes
+//! committed just before it may then arrive again after it, in order, so a cache that
+//! applies them passes through older versions of those rows and converges.
 
 use crate::access::{act_as, UserContext};
 use crate::catalog::Entity;
@@ -14,13 +22,19 @@ use axum::response::{IntoResponse, Response};
 use futures_util::{pin_mut, StreamExt};
 use serde_json::{json, Value};
 use std::sync::Arc;
+use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
 use tokio_postgres::IsolationLevel;
 
 /// Ids one snapshot may name.
 const MAX_IDS: usize = 1000;
 /// Lines buffered between the database and the client.
 const BUFFERED_LINES: usize = 256;
+/// How long a snapshot of a WAL-captured entity tries to find ingestion caught up.
+const SETTLE_PATIENCE: Duration = Duration::from_secs(2);
+/// Between two tries when another session is ingesting.
+const SETTLE_RETRY: Duration = Duration::from_millis(10);
 
 pub async fn stream(
     state: Arc<AppState>,
@@ -43,18 +57,35 @@ pub async fn stream(
         let mut client = client;
         let mut started = Some(started);
         let outcome = async {
-            let tx = client
-                .build_transaction()
-                .isolation_level(IsolationLevel::RepeatableRead)
-                .read_only(true)
-                .start()
-                .await?;
-            // The cursor first, as the gateway: it fixes the transaction's snapshot, and the
-            // user need not read the log itself.
-            let cursor: String = tx
-                .query_one("SELECT sync.current_cursor()", &[])
-                .await?
-                .get(0);
+            let deadline = Instant::now() + SETTLE_PATIENCE;
+            let (tx, cursor) = loop {
+                let tx = client
+                    .build_transaction()
+                    .isolation_level(IsolationLevel::RepeatableRead)
+                    .read_only(true)
+                    .start()
+                    .await?;
+                // The cursor first, as the gateway: it fixes the transaction's snapshot, and
+                // the user need not read the log itself.
+                let row = tx
+                    .query_one(
+                        "SELECT sync.current_cursor(), sync._wal_settled($1)",
+                        &[&entity.code],
+                    )
+                    .await?;
+                if row.get::<_, bool>(1) {
+                    break (tx, row.get::<_, String>(0));
+                }
+                if Instant::now() >= deadline {
+                    tracing::warn!(entity = %entity.code, "snapshot served before WAL ingestion caught up");
+                    break (tx, row.get::<_, String>(0));
+                }
+                tx.rollback().await?;
+                let ingested: i64 = client.query_one("SELECT sync.ingest_wal()", &[]).await?.get(0);
+                if ingested == 0 {
+                    tokio::time::sleep(SETTLE_RETRY).await; // another session is ingesting
+                }
+            };
             act_as(&tx, &user).await?;
             let filter = if ids.is_some() {
                 format!(" WHERE {}", entity.key_in_sql(2))
@@ -62,7 +93,7 @@ pub async fn stream(
                 String::new()
             };
             let sql = format!(
-                "SELECT to_jsonb(t) - $1::text[] FROM {} t{filter}",
+                "SELECT to_jsonb(t.*) - $1::text[] FROM {} t{filter}",
                 entity.table
             );
             let ids = ids.unwrap_or_default();

@@ -234,7 +234,7 @@ async fn apply(tx: &Transaction<'_>, c: &Checked<'_>) -> Result<(), ApiError> {
         // Either the condition failed (the row is there: 409 with it) or there is no such
         // row the user may see.
         let sql = format!(
-            "SELECT to_jsonb(t) - $2::text[] FROM {table} t WHERE {}",
+            "SELECT to_jsonb(t.*) - $2::text[] FROM {table} t WHERE {}",
             entity.key_in_sql(1)
         );
         let current = tx

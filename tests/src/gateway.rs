@@ -153,6 +153,26 @@ impl Gateway {
     pub async fn kill(mut self) {
         let _ = self.child.kill().await;
     }
+
+    /// The process's resident memory in KiB (VmRSS).
+    pub fn rss_kib(&self) -> u64 {
+        let pid = self.child.id().expect("the gateway runs");
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmRSS in /proc/<pid>/status")
+    }
+
+    /// SIGKILL through a shared handle (the process is reaped on drop).
+    pub fn kill_shared(&self) {
+        if let Some(pid) = self.child.id() {
+            let _ = std::process::Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .status();
+        }
+    }
 }
 
 fn binary() -> PathBuf {

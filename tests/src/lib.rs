@@ -151,6 +151,16 @@ impl Cluster {
         self.pg_ctl_start(&[]);
     }
 
+    /// Stops the server in immediate mode and leaves it down (see [`Cluster::start_again`]).
+    pub fn stop_immediate(&self) {
+        self.pg_ctl_stop("immediate");
+    }
+
+    /// Starts a stopped server again, on the same port.
+    pub fn start_again(&self) {
+        self.pg_ctl_start(&[]);
+    }
+
     fn pg_ctl_stop(&self, mode: &str) {
         as_postgres(&[
             &format!("{PG_BIN}/pg_ctl"),

@@ -388,3 +388,40 @@ async fn the_gateway_ingests_and_delivers_wal_changes() {
     );
     assert_eq!(delta["changes"][0]["data"]["big"], "from the wal");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_snapshot_waits_for_its_wal_changes_to_reach_the_log() {
+    let cluster = Cluster::start().await;
+    cluster.execute(TWINS).await;
+    let mut client = cluster.connect().await;
+    ingest(&client).await; // creates the slot
+                           // No gateway ingests: a change committed now is in the table and not yet in the log.
+    let gateway = Gateway::start(&cluster, &["--wal-ingest", "false"]).await;
+    cluster
+        .execute("INSERT INTO by_wal (id, big) VALUES (1, 'committed, not ingested')")
+        .await;
+    let auth = format!("Bearer {}", pg_sync_tests::gateway::token("alice", &[]));
+    let response = gateway
+        .request(
+            "GET",
+            "/v1/snapshot/by_wal",
+            &[("Authorization", &auth)],
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(response.status, 200);
+    let text = String::from_utf8(response.body).unwrap();
+    let lines: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2, "{text}");
+    assert_eq!(lines[1]["big"], "committed, not ingested");
+    // The snapshot shows the row, so its change is before the cursor, not after it, once
+    // everything is ingested.
+    ingest(&client).await;
+    let cursor = lines[0]["cursor"].as_str().unwrap().to_owned();
+    let (after, _) = drain(&mut client, Some(cursor), 100).await;
+    assert!(after.is_empty(), "sent again after the snapshot: {after:?}");
+}

@@ -337,6 +337,8 @@ $$;
 -- The gateway's role need not hold REPLICATION: ingesting runs as the extension's owner.
 ALTER FUNCTION sync.ingest_wal(integer) SECURITY DEFINER;
 ALTER FUNCTION sync.ingest_wal(integer) SET search_path = pg_catalog, pg_temp;
+ALTER FUNCTION sync._wal_settled(text) SECURITY DEFINER;
+ALTER FUNCTION sync._wal_settled(text) SET search_path = pg_catalog, pg_temp;
 
 -- Writers need no privilege on the log: the capture runs as the extension's owner. Its SQL
 -- names only schema-qualified objects (capture.rs).

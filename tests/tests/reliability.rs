@@ -1,0 +1,360 @@
+//! Bounds and trouble: a bulk UPDATE to whole-table subscribers, a client that never reads,
+//! many idle connections, the database gone for 30 s, the replication slot dropped. Each test
+//! names the guarantee it checks; `PG_SYNC_SOAK=1` makes the idle-connection test the long
+//! variant (10,000 connections for a minute, `make soak`).
+
+use futures_util::StreamExt;
+use pg_sync_tests::gateway::{token, Gateway, Session, PATIENCE};
+use pg_sync_tests::Cluster;
+use serde_json::{json, Value};
+use std::collections::HashSet;
+use std::time::Duration;
+
+fn soak() -> bool {
+    std::env::var("PG_SYNC_SOAK").is_ok()
+}
+
+/// The changes of a DELTA or INVALIDATE message (none for other messages).
+fn changes(message: &Value) -> Vec<Value> {
+    match message["type"].as_str() {
+        Some("DELTA" | "INVALIDATE") => message["payload"]["changes"].as_array().unwrap().clone(),
+        _ => Vec::new(),
+    }
+}
+
+/// Polls `path` until it answers `status` (or fails after PATIENCE).
+async fn wait_for_status(gateway: &Gateway, path: &str, status: u16, patience: Duration) {
+    let deadline = tokio::time::Instant::now() + patience;
+    loop {
+        if gateway.get(path).await.is_ok_and(|(s, _)| s == status) {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{path} never answered {status}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A gauge of `/metrics`.
+async fn metric(gateway: &Gateway, name: &str) -> i64 {
+    let (_, text) = gateway.get("/metrics").await.unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} ")))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("{name} in /metrics"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_100k_row_update_reaches_every_whole_table_subscriber() {
+    const ROWS: usize = 100_000;
+    let cluster = Cluster::start().await;
+    cluster
+        .execute(&format!(
+            "CREATE TABLE item (id int PRIMARY KEY, v int NOT NULL);
+             INSERT INTO item SELECT g, 0 FROM generate_series(1, {ROWS}) g;
+             SELECT sync.track('item');"
+        ))
+        .await;
+    let gateway = Gateway::start(&cluster, &[]).await;
+    let mut readers = Vec::new();
+    for (user, mode) in [("a", "delta"), ("b", "delta"), ("c", "invalidate")] {
+        let mut session = gateway.connect(user).await;
+        session
+            .subscribe(json!({"entityCode": "item", "mode": mode}))
+            .await;
+        readers.push(tokio::spawn(async move {
+            let (mut seen, mut twice, mut messages) = (HashSet::new(), 0, 0);
+            while seen.len() < ROWS {
+                let message = match session.next_or_close().await {
+                    Ok(m) if m["type"] == "RESYNC" => return Err(format!("{user}: {m}")),
+                    Ok(m) => m,
+                    Err(code) => return Err(format!("{user}: closed with {code:?}")),
+                };
+                messages += 1;
+                for change in changes(&message) {
+                    assert_eq!(change["action"], "UPDATE", "{user}: {change}");
+                    if mode == "delta" {
+                        assert_eq!(change["data"]["v"], 1, "{user}: {change}");
+                    }
+                    if !seen.insert(change["entityId"].as_str().unwrap().to_owned()) {
+                        twice += 1;
+                    }
+                }
+            }
+            Ok((user, twice, messages))
+        }));
+    }
+    cluster.execute("UPDATE item SET v = 1").await;
+    for reader in readers {
+        // A client that reads keeps up: every change, once, in batched messages.
+        let (user, twice, messages) = reader.await.unwrap().unwrap();
+        assert_eq!(twice, 0, "{user} saw changes twice");
+        assert!(
+            messages * 100 <= ROWS,
+            "{user}: {messages} messages for {ROWS} changes"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_client_that_never_reads_is_cut_off_and_memory_stays_bounded() {
+    const CHANGES: usize = 50_000;
+    let cluster = Cluster::start().await;
+    cluster
+        .execute(
+            "CREATE TABLE doc (id int PRIMARY KEY, body text);
+             SELECT sync.track('doc');",
+        )
+        .await;
+    let gateway = Gateway::start(&cluster, &[]).await;
+    let mut stalled = gateway.connect("stalled").await;
+    stalled
+        .subscribe(json!({"entityCode": "doc", "mode": "delta"}))
+        .await;
+    let mut watcher = gateway.connect("watcher").await;
+    watcher
+        .subscribe(json!({"entityCode": "doc", "entityIds": [CHANGES.to_string()]}))
+        .await;
+    let before = gateway.rss_kib();
+    // 50k changes of 1 KiB, about 55 MiB of DELTA frames, committed 1,000 at a time.
+    cluster
+        .execute(&format!(
+            "DO $$ BEGIN FOR b IN 0..{} LOOP
+                 INSERT INTO doc SELECT g, repeat('x', 1024)
+                   FROM generate_series(b * 1000 + 1, b * 1000 + 1000) g;
+                 COMMIT;
+             END LOOP; END $$;",
+            CHANGES / 1000 - 1
+        ))
+        .await;
+    // The last row reached the watcher: the gateway has routed every change.
+    let last = watcher.expect("INVALIDATE").await;
+    assert_eq!(last["changes"][0]["entityId"], CHANGES.to_string());
+    let grown = gateway.rss_kib().saturating_sub(before);
+    eprintln!(
+        "the gateway grew by {grown} KiB while {CHANGES} changes passed a client that never reads"
+    );
+    assert!(
+        grown < 24 * 1024,
+        "the gateway grew by {grown} KiB for a client that never reads"
+    );
+    // The stalled client finds, after what was already on its way, RESYNC or the close.
+    let ending = loop {
+        match stalled.next_or_close().await {
+            Ok(m) if m["type"] == "RESYNC" => break format!("RESYNC {}", m["payload"]["reason"]),
+            Ok(_) => continue,
+            Err(code) => break format!("closed {code:?}"),
+        }
+    };
+    assert!(
+        ending == "closed Some(4008)" || ending.starts_with("RESYNC"),
+        "{ending}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn idle_connections_hold_flat_memory() {
+    let (count, hold) = if soak() { (10_000, 60) } else { (2_000, 10) };
+    let cluster = Cluster::start().await;
+    cluster
+        .execute("CREATE TABLE room (id int PRIMARY KEY); SELECT sync.track('room');")
+        .await;
+    let gateway = Gateway::start(&cluster, &["--ping-interval-secs", "2"]).await;
+    let url = gateway.ws_url(&format!("?token={}", token("idle", &[])));
+    let subscribe = json!({"type": "SUBSCRIBE", "payload": {"entityCode": "room"}}).to_string();
+    let mut readers = Vec::new();
+    for _ in 0..count {
+        let (mut socket, _) = tokio_tungstenite::connect_async(&url).await.unwrap();
+        futures_util::SinkExt::send(&mut socket, subscribe.as_str().into())
+            .await
+            .unwrap();
+        // Reading answers the server's pings; the connection ends only if the server closes it.
+        readers.push(tokio::spawn(async move {
+            while let Some(Ok(_)) = socket.next().await {}
+        }));
+    }
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while metric(&gateway, "sync_subscriptions").await < count as i64 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "subscriptions never reached {count}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let settled = gateway.rss_kib();
+    let mut peak = settled;
+    for _ in 0..hold {
+        tokio::time::sleep(Duration::from_secs(1)).await; // the duration under test, not a wait
+        peak = peak.max(gateway.rss_kib());
+    }
+    eprintln!(
+        "{count} idle connections: {settled} KiB after connecting, peak {peak} KiB over {hold} s"
+    );
+    assert!(
+        peak <= settled + settled / 20 + 2048,
+        "memory grew from {settled} to {peak} KiB"
+    );
+    assert_eq!(
+        metric(&gateway, "sync_connections").await,
+        count as i64,
+        "idle connections were closed"
+    );
+    assert!(
+        readers.iter().all(|r| !r.is_finished()),
+        "a connection ended"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn thirty_seconds_without_the_database_lose_nothing() {
+    let cluster = Cluster::start().await;
+    cluster
+        .execute("CREATE TABLE note (id int PRIMARY KEY); SELECT sync.track('note');")
+        .await;
+    let gateway = Gateway::start(&cluster, &[]).await;
+    let mut session = gateway.connect("alice").await;
+    session
+        .subscribe(json!({"entityCode": "note", "mode": "delta"}))
+        .await;
+    cluster
+        .execute("INSERT INTO note SELECT generate_series(1, 3)")
+        .await;
+    let mut received = Vec::new();
+    let mut cursor = String::new();
+    while received.len() < 3 {
+        let message = session.next().await.unwrap();
+        received.extend(
+            changes(&message)
+                .iter()
+                .map(|c| c["entityId"].as_str().unwrap().to_owned()),
+        );
+        cursor = message["payload"]["cursor"]
+            .as_str()
+            .unwrap_or(&cursor)
+            .to_owned();
+    }
+
+    cluster.stop_immediate();
+    wait_for_status(&gateway, "/readyz", 503, PATIENCE).await;
+    assert_eq!(gateway.get("/healthz").await.unwrap().0, 200);
+    tokio::time::sleep(Duration::from_secs(30)).await; // the outage under test
+    assert_eq!(gateway.get("/readyz").await.unwrap().0, 503);
+    cluster.start_again();
+    wait_for_status(&gateway, "/readyz", 200, PATIENCE * 2).await;
+
+    cluster
+        .execute("INSERT INTO note SELECT generate_series(4, 6)")
+        .await;
+    // The connection stayed open, or was closed with a close frame and resumes from its cursor.
+    while received.len() < 6 {
+        let message = match session.next_or_close().await {
+            Ok(message) => message,
+            Err(Some(code)) => {
+                eprintln!("closed with {code} during the outage; resuming");
+                session = gateway.connect("alice").await;
+                session
+                    .subscribe(json!({"entityCode": "note", "mode": "delta", "since": cursor}))
+                    .await;
+                continue;
+            }
+            Err(None) => panic!("the connection was dropped without a close frame"),
+        };
+        received.extend(
+            changes(&message)
+                .iter()
+                .map(|c| c["entityId"].as_str().unwrap().to_owned()),
+        );
+        cursor = message["payload"]["cursor"]
+            .as_str()
+            .unwrap_or(&cursor)
+            .to_owned();
+    }
+    assert_eq!(received, ["1", "2", "3", "4", "5", "6"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_dropped_slot_brings_resync_and_status_says_why() {
+    let cluster = Cluster::start().await;
+    cluster
+        .execute(
+            "CREATE TABLE ev (id int PRIMARY KEY, body text);
+             SELECT sync.track('ev', capture => 'wal');",
+        )
+        .await;
+    let gateway = Gateway::start(&cluster, &["--wal-ingest-interval-ms", "50"]).await;
+    let mut session = gateway.connect("alice").await;
+    session
+        .subscribe(json!({"entityCode": "ev", "mode": "delta"}))
+        .await;
+    let admin = cluster.connect().await;
+    let slot_exists =
+        "SELECT EXISTS (SELECT FROM pg_replication_slots WHERE slot_name = 'pg_sync')";
+    while !admin
+        .query_one(slot_exists, &[])
+        .await
+        .unwrap()
+        .get::<_, bool>(0)
+    {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    cluster.execute("INSERT INTO ev VALUES (1, 'kept')").await;
+    assert_eq!(session.expect("DELTA").await["changes"][0]["entityId"], "1");
+
+    // Someone drops the slot (retrying while the gateway's ingest holds it).
+    while let Err(e) = admin
+        .batch_execute("SELECT pg_drop_replication_slot('pg_sync')")
+        .await
+    {
+        assert!(e.to_string().contains("is active"), "{e}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    cluster
+        .execute("INSERT INTO ev VALUES (2, 'lost with the slot')")
+        .await;
+    // (Row 2 arrives as a DELTA too when the new slot was made before it was written.)
+    let resync = loop {
+        let message = session.next().await.expect("connection open");
+        match message["type"].as_str() {
+            Some("RESYNC") => break message["payload"].clone(),
+            Some("DELTA") => assert_eq!(message["payload"]["changes"][0]["entityId"], "2"),
+            _ => panic!("unexpected {message}"),
+        }
+    };
+    assert_eq!(resync["entityCode"], "ev");
+    let (status, body) = gateway.get("/v1/status").await.unwrap();
+    assert_eq!(status, 200);
+    let status: Value = serde_json::from_str(&body).unwrap();
+    assert!(
+        status["database"]["wal_slot"]["lost_at"].is_string(),
+        "{status}"
+    );
+
+    // The refetch heals: a snapshot has both rows, and its cursor continues with new changes.
+    let auth = format!("Bearer {}", token("alice", &[]));
+    let response = gateway
+        .request("GET", "/v1/snapshot/ev", &[("Authorization", &auth)], None)
+        .await
+        .unwrap();
+    assert_eq!(response.status, 200);
+    let text = String::from_utf8(response.body).unwrap();
+    let mut lines = text
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap());
+    let cursor = lines.next().unwrap()["cursor"].as_str().unwrap().to_owned();
+    let ids: Vec<i64> = lines.map(|row| row["id"].as_i64().unwrap()).collect();
+    assert_eq!(ids.len(), 2);
+    let mut resumed: Session = gateway.connect("alice").await;
+    resumed
+        .subscribe(json!({"entityCode": "ev", "mode": "delta", "since": cursor}))
+        .await;
+    cluster.execute("INSERT INTO ev VALUES (3, 'after')").await;
+    let next = loop {
+        let message = resumed.next().await.unwrap();
+        if let Some(change) = changes(&message).first() {
+            break change.clone();
+        }
+    };
+    assert_eq!(next["entityId"], "3");
+}
