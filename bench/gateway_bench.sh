@@ -1,17 +1,20 @@
 #!/usr/bin/env bash
-# The gateway benchmark: commit-to-client latency with 1,000 subscribed connections at 500
-# commits/s, fan-out to 10,000 connections, fan-out with row-level security (1,000
-# subscribers in 1,000 and in 10 claim sets), snapshot streaming of 1M rows, and resident
-# memory per idle connection. The
-# load generator (bench/loadgen) is a separate process; on this machine it shares the cores
-# with the gateway and PostgreSQL. Writes bench/results/gateway.md and gateway.jsonl.
+# The gateway benchmark, each figure beside its reference from the same run: commit-to-client
+# latency at several connection counts (reference: a NOTIFY round trip), fan-out without and
+# with row-level security (reference: a bare WebSocket server writing the same frames),
+# catch-up of missed changes (reference: sync.changes_since read alone), snapshot streaming
+# (reference: COPY TO STDOUT) and resident memory per idle connection. The load generator
+# (bench/loadgen) is a separate process; on this machine it shares the cores with the
+# gateway and PostgreSQL. Appends JSON lines to $OUT/results.jsonl.
 #
-# BENCH_SECONDS (default 15) is the length of the latency and fan-out runs.
+# BENCH_SECONDS (default 15): length of the latency and fan-out runs; LATENCY_CONNECTIONS,
+# FANOUT_CONNECTIONS, IDLE_CONNECTIONS, SNAPSHOT_ROWS, CATCHUP_CHANGES: sizes (bench-quick
+# makes them small).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 SECONDS_PER_RUN=${BENCH_SECONDS:-15}
-OUT=bench/results
+OUT=${BENCH_OUT:-bench/results}
 mkdir -p "$OUT"
 ulimit -n "$(ulimit -Hn)"
 . bench/lib.sh
@@ -26,55 +29,46 @@ start_gateway() {
     CLEANUP+=("kill $GATEWAY_PID 2>/dev/null; wait $GATEWAY_PID 2>/dev/null")
     until curl -sf "http://127.0.0.1:$GATEWAY_PORT/readyz" >/dev/null; do sleep 0.1; done
 }
+restart_gateway() { kill "$GATEWAY_PID"; wait "$GATEWAY_PID" || true; start_gateway; }
 loadgen() {
-    target/release/sync-loadgen "$1" --gateway "127.0.0.1:$GATEWAY_PORT" \
+    target/release/sync-loadgen "$1" --gateway "${TARGET:-127.0.0.1:$GATEWAY_PORT}" \
         --database-url "host=127.0.0.1 port=$PORT user=postgres dbname=postgres" --secret "$SECRET" \
-        --seconds "$SECONDS_PER_RUN" "${@:2}"
+        --seconds "$SECONDS_PER_RUN" "${@:2}" | tee -a "$OUT/results.jsonl"
 }
 
-: > "$OUT/gateway.jsonl"
+loadgen notify
 start_gateway
-loadgen latency --connections 1000 --ids-per-connection 10 --rows 1000 --rate 500 | tee -a "$OUT/gateway.jsonl"
-loadgen fanout --connections 10000 | tee -a "$OUT/gateway.jsonl"
+for n in ${LATENCY_CONNECTIONS:-100 1000 10000}; do
+    loadgen latency --connections "$n" --ids-per-connection 10 --rows 1000 --rate 1000
+done
+FANOUT=${FANOUT_CONNECTIONS:-10000}
+loadgen fanout --connections "$FANOUT"
+# The reference: a bare server writing frames as large as the gateway's were.
+per_frame=$(tail -1 "$OUT/results.jsonl" | python3 -c \
+    'import json,sys; r=json.load(sys.stdin); print(max(1, round(r["changes_per_s"] / max(r["messages_per_s"], 1))))')
+BARE_PORT=$(free_port)
+target/release/sync-loadgen bare-server --listen "127.0.0.1:$BARE_PORT" --changes-per-frame "$per_frame" &
+BARE_PID=$!
+CLEANUP+=("kill $BARE_PID 2>/dev/null")
+sleep 0.5
+TARGET=127.0.0.1:$BARE_PORT loadgen bare-fanout --connections "$FANOUT"
+kill "$BARE_PID"
+restart_gateway
+loadgen catchup --changes "${CATCHUP_CHANGES:-1000000}"
 # Fresh gateways for memory: idle connections, then a 1M-row snapshot's peak.
-restart_gateway() { kill "$GATEWAY_PID"; wait "$GATEWAY_PID" || true; start_gateway; }
 restart_gateway
-loadgen idle --connections 10000 --gateway-pid "$GATEWAY_PID" | tee -a "$OUT/gateway.jsonl"
+loadgen idle --connections "${IDLE_CONNECTIONS:-10000}" --gateway-pid "$GATEWAY_PID"
 restart_gateway
-loadgen snapshot --rows "${SNAPSHOT_ROWS:-1000000}" --gateway-pid "$GATEWAY_PID" | tee -a "$OUT/gateway.jsonl"
+ROWS=${SNAPSHOT_ROWS:-1000000}
+loadgen snapshot --rows "$ROWS" --gateway-pid "$GATEWAY_PID"
+best=
+for _ in 1 2 3; do
+    start=$(date +%s.%N)
+    psql -qAt -c "COPY bench_snapshot TO STDOUT" >/dev/null
+    best=$(python3 -c "print(min($(date +%s.%N) - $start, ${best:-1e9}))")
+done
+echo "{\"mode\": \"copy\", \"rows\": $ROWS, \"seconds\": $best}" | tee -a "$OUT/results.jsonl"
 # Row-level security last: the table keeps its policy from here on.
 restart_gateway
-loadgen fanout --connections 1000 --rls-claim-sets 1000 | tee -a "$OUT/gateway.jsonl"
-loadgen fanout --connections 1000 --rls-claim-sets 10 | tee -a "$OUT/gateway.jsonl"
-
-python3 - "$OUT" <<'PY' > "$OUT/gateway.md"
-import json, os, sys
-out = sys.argv[1]
-all_runs = [json.loads(l) for l in open(os.path.join(out, "gateway.jsonl"))]
-runs = {r["mode"]: r for r in all_runs}
-lat, idle, snap = runs["latency"], runs["idle"], runs["snapshot"]
-fan = next(r for r in all_runs if r["mode"] == "fanout" and r["rls_claim_sets"] == 0)
-rls = [r for r in all_runs if r["mode"] == "fanout" and r["rls_claim_sets"] > 0]
-mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-print("# Gateway benchmark\n")
-print(f"Machine: {os.cpu_count()} cores ({mem:.0f} GiB), shared by PostgreSQL, the gateway and the "
-      "load generator (a separate process). Release builds; durable commits.\n")
-print("| figure | measured | target |")
-print("| --- | --- | --- |")
-print(f"| commit → client latency, {lat['connections']} connections × {lat['ids_per_connection']} rows each, "
-      f"{lat['rate']} commits/s ({lat['deliveries']} deliveries) | p50 {lat['p50_ms']:.1f} ms, p90 {lat['p90_ms']:.1f} ms, "
-      f"p99 {lat['p99_ms']:.1f} ms, max {lat['max_ms']:.1f} ms | p99 ≤ 50 ms |")
-print(f"| fan-out to {fan['connections']} connections subscribed to the whole table "
-      f"({fan['commits']} single-row commits in {fan['seconds']} s) | {fan['messages_per_s']:.0f} messages/s, "
-      f"{fan['changes_per_s']:.0f} changes/s | ≥ 100k messages/s |")
-for r in rls:
-    print(f"| fan-out with RLS: {r['connections']} subscribers in {r['rls_claim_sets']} claim sets "
-          f"({r['commits']} commits in {r['seconds']} s) | {r['changes_per_s']:.0f} changes/s in "
-          f"{r['messages_per_s']:.0f} messages/s | ≥ 30k messages/s with 1,000 claim sets |")
-print(f"| snapshot of {snap['rows']} rows ({snap['megabytes']} MB of NDJSON) | {snap['rows_per_s']:.0f} rows/s "
-      f"({snap['seconds']} s); gateway peak RSS {snap['gateway_peak_rss_kib'] // 1024} MiB "
-      f"(before: {snap['gateway_rss_before_kib'] // 1024} MiB) | memory bounded |")
-print(f"| resident memory per idle connection ({idle['connections']} connections, one subscription each) | "
-      f"{idle['kib_per_connection']} KiB | ≤ 32 KiB |")
-PY
-cat "$OUT/gateway.md"
+loadgen fanout --connections 1000 --rls-claim-sets 1000
+loadgen fanout --connections 1000 --rls-claim-sets 10

@@ -9,11 +9,16 @@ as_pg() { if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 
 PORT=$(free_port)
+# WAL capture needs logical decoding, and wal2json listed where the server limits plugins.
+PLUGINS=
+if "$PG_BIN/postgres" --describe-config | grep output_plugin_libraries >/dev/null; then
+    PLUGINS="-c output_plugin_libraries=pgoutput,test_decoding,wal2json"
+fi
 as_pg "$PG_BIN/initdb" -D "$WORK/data" -A trust -U postgres >/dev/null
 as_pg "$PG_BIN/pg_ctl" -D "$WORK/data" -l "$WORK/log" -w -o \
     "-p $PORT -c listen_addresses=127.0.0.1 -c unix_socket_directories=$WORK \
      -c shared_preload_libraries=pg_sync -c max_wal_size=4GB -c shared_buffers=1GB \
-     -c max_connections=200" start >/dev/null
+     -c max_connections=200 -c wal_level=logical $PLUGINS" start >/dev/null
 CLEANUP=()
 cleanup() {
     for c in "${CLEANUP[@]}"; do eval "$c" || true; done

@@ -17,8 +17,8 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
-/// Changes read per query.
-const PAGE: i32 = 1000;
+/// Changes read per query (a page of 10,000 changes is a few MB).
+const PAGE: i32 = 10_000;
 /// How long a client's cursor may stay ahead of this gateway's live stream (a cursor from a
 /// gateway further ahead) before the subscription fails.
 const CATCH_UP_LIMIT: Duration = Duration::from_secs(30);

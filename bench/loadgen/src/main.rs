@@ -12,6 +12,15 @@
 //! - `snapshot`: streams `GET /v1/snapshot` of a table of `--rows` rows; reports rows per
 //!   second and the gateway's peak resident memory.
 //!
+//! - `notify`: the reference for latency: a NOTIFY's round trip on loopback, from the
+//!   sending statement to the listening connection receiving it.
+//! - `catchup`: `--changes` changes committed while a client is away (1,000 per
+//!   transaction); the time to read them with `sync.changes_since` alone (pages of 10,000,
+//!   as a gateway would) and the time for a client resubscribing with `since` to get them all.
+//! - `bare-server` and `bare-fanout`: the reference for fan-out: a WebSocket server that
+//!   only writes the same DELTA frame (`--changes-per-frame` changes) to every connection
+//!   as fast as it can, and the clients that count what arrives, as `fanout` does.
+//!
 //! With `--rls-claim-sets N`, `bench_item` has row-level security: row `id` belongs to team
 //! `id % N`, connection `i` is in team `i % N` (a claim of its token), and sees its team's rows.
 
@@ -37,6 +46,18 @@ enum Mode {
     Fanout(Common),
     Idle(Common),
     Snapshot(Common),
+    Notify(Common),
+    Catchup(Common),
+    BareServer(BareServer),
+    BareFanout(Common),
+}
+
+#[derive(Args, Clone)]
+struct BareServer {
+    #[arg(long)]
+    listen: String,
+    #[arg(long, default_value_t = 1)]
+    changes_per_frame: usize,
 }
 
 #[derive(Args, Clone)]
@@ -67,6 +88,9 @@ struct Common {
     /// Row-level security with this many distinct claim sets (0: none).
     #[arg(long, default_value_t = 0)]
     rls_claim_sets: usize,
+    /// Changes missed while away (catchup).
+    #[arg(long, default_value_t = 1_000_000)]
+    changes: usize,
 }
 
 #[tokio::main]
@@ -76,6 +100,10 @@ async fn main() -> Result<()> {
         Mode::Fanout(c) => fanout(c).await?,
         Mode::Idle(c) => idle(c).await?,
         Mode::Snapshot(c) => snapshot(c).await?,
+        Mode::Notify(c) => notify(c).await?,
+        Mode::Catchup(c) => catchup(c).await?,
+        Mode::BareServer(b) => return bare_server(b).await,
+        Mode::BareFanout(c) => bare_fanout(c).await?,
     };
     println!("{report}");
     Ok(())
@@ -224,7 +252,11 @@ async fn drain(
     mut on_change: impl FnMut(u64, u64),
 ) -> (u64, u64) {
     let (mut messages, mut changes) = (0, 0);
+    // A stream that is always ready never times out: the deadline is checked as well.
     while let Ok(Some(Ok(frame))) = tokio::time::timeout_at(until.into(), socket.next()).await {
+        if Instant::now() >= until {
+            break;
+        }
         let Message::Text(text) = frame else { continue };
         let at = start.elapsed().as_micros() as u64;
         messages += 1;
@@ -275,39 +307,29 @@ async fn latency(c: Common) -> Result<Value> {
             }
         }
     }
-    latencies.sort_unstable();
-    let pct = |p: f64| {
-        latencies
-            .get(((latencies.len() as f64 - 1.0) * p) as usize)
-            .map(|us| *us as f64 / 1000.0)
-    };
     let committed = commits
         .iter()
         .filter(|a| a.load(Ordering::SeqCst) > 0)
         .count();
-    Ok(json!({
+    let mut report = percentiles(latencies);
+    let run = json!({
         "mode": "latency", "connections": c.connections, "ids_per_connection": k, "rate": c.rate,
-        "seconds": c.seconds, "commits": committed, "deliveries": latencies.len(), "messages": messages,
-        "p50_ms": pct(0.5), "p90_ms": pct(0.9), "p99_ms": pct(0.99), "max_ms": pct(1.0),
-    }))
+        "seconds": c.seconds, "commits": committed, "messages": messages,
+    });
+    report
+        .as_object_mut()
+        .unwrap()
+        .extend(run.as_object().unwrap().clone());
+    Ok(report)
 }
 
 async fn fanout(c: Common) -> Result<Value> {
     prepare_table(&c).await?;
     let sockets = open(&c, c.connections, |_| json!({"entityCode": "bench_item"})).await?;
     let start = Instant::now();
-    let until = start + Duration::from_secs(c.seconds);
-    let readers: Vec<_> = sockets
-        .into_iter()
-        .map(|s| tokio::spawn(async move { drain(s, until, start, |_, _| {}).await }))
-        .collect();
+    let readers = read_all(sockets, start + Duration::from_secs(c.seconds), start);
     let commits = write(&c, None, start).await?;
-    let (mut messages, mut changes) = (0u64, 0u64);
-    for r in readers {
-        let (m, ch) = r.await?;
-        messages += m;
-        changes += ch;
-    }
+    let (messages, changes) = total(readers).await?;
     let committed = commits
         .iter()
         .filter(|a| a.load(Ordering::SeqCst) > 0)
@@ -316,6 +338,196 @@ async fn fanout(c: Common) -> Result<Value> {
     Ok(json!({
         "mode": "fanout", "connections": c.connections, "rls_claim_sets": c.rls_claim_sets,
         "seconds": c.seconds, "commits": committed,
+        "messages_per_s": (messages as f64 / secs).round(), "changes_per_s": (changes as f64 / secs).round(),
+    }))
+}
+
+type Reader = tokio::task::JoinHandle<(u64, u64)>;
+
+/// Reads every socket until `until`, counting messages and changes.
+fn read_all(sockets: Vec<Socket>, until: Instant, start: Instant) -> Vec<Reader> {
+    sockets
+        .into_iter()
+        .map(|s| tokio::spawn(async move { drain(s, until, start, |_, _| {}).await }))
+        .collect()
+}
+
+/// Messages and changes all readers counted.
+async fn total(readers: Vec<Reader>) -> Result<(u64, u64)> {
+    let (mut messages, mut changes) = (0, 0);
+    for r in readers {
+        let (m, ch) = r.await?;
+        messages += m;
+        changes += ch;
+    }
+    Ok((messages, changes))
+}
+
+/// Percentiles in ms of samples in µs (sorted here).
+fn percentiles(mut samples: Vec<u64>) -> Value {
+    samples.sort_unstable();
+    let pct = |p: f64| {
+        samples
+            .get(((samples.len() as f64 - 1.0) * p) as usize)
+            .map(|us| *us as f64 / 1000.0)
+    };
+    json!({"samples": samples.len(), "p50_ms": pct(0.5), "p90_ms": pct(0.9), "p99_ms": pct(0.99), "max_ms": pct(1.0)})
+}
+
+async fn notify(c: Common) -> Result<Value> {
+    use tokio_postgres::AsyncMessage;
+    let (listener, mut connection) =
+        tokio_postgres::connect(&c.database_url, tokio_postgres::NoTls)
+            .await
+            .context("connecting")?;
+    let (arrived, mut arrivals) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
+        while let Some(Ok(message)) = messages.next().await {
+            if let AsyncMessage::Notification(_) = message {
+                let _ = arrived.send(Instant::now());
+            }
+        }
+    });
+    listener.batch_execute("LISTEN bench_round_trip").await?;
+    let sender = database(&c.database_url).await?;
+    let end = Instant::now() + Duration::from_secs(c.seconds);
+    let mut samples = Vec::new();
+    while Instant::now() < end {
+        let sent = Instant::now();
+        sender.batch_execute("NOTIFY bench_round_trip").await?;
+        let at = arrivals.recv().await.context("the listener ended")?;
+        samples.push(at.duration_since(sent).as_micros() as u64);
+    }
+    let mut report = percentiles(samples);
+    report["mode"] = json!("notify");
+    Ok(report)
+}
+
+async fn catchup(c: Common) -> Result<Value> {
+    let mut db = database(&c.database_url).await?;
+    db.batch_execute(
+        "DROP TABLE IF EXISTS bench_catchup;
+         CREATE TABLE bench_catchup (id int PRIMARY KEY, n int NOT NULL, pad text);
+         SELECT sync.track('bench_catchup');",
+    )
+    .await?;
+    let away: String = db
+        .query_one("SELECT sync.current_cursor()", &[])
+        .await?
+        .get(0);
+    db.batch_execute(&format!(
+        "DO $$ BEGIN FOR b IN 0..{} LOOP
+             INSERT INTO bench_catchup SELECT g, g, repeat('x', 40)
+               FROM generate_series(b * 1000 + 1, b * 1000 + 1000) g;
+             COMMIT;
+         END LOOP; END $$;",
+        c.changes.div_ceil(1000) - 1
+    ))
+    .await?;
+    let changes = c.changes.div_ceil(1000) * 1000;
+
+    // The log read alone, in pages, each in a REPEATABLE READ transaction as the gateway does.
+    let start = Instant::now();
+    let (mut cursor, mut read) = (away.clone(), 0usize);
+    loop {
+        let tx = db
+            .build_transaction()
+            .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+            .start()
+            .await?;
+        let rows = tx
+            .query("SELECT * FROM sync.changes_since($1, 10000)", &[&cursor])
+            .await?;
+        tx.commit().await?;
+        read += rows.len();
+        match rows.last() {
+            Some(last) => cursor = last.get("cursor"),
+            None => break,
+        }
+    }
+    let sql_seconds = start.elapsed().as_secs_f64();
+    if read != changes {
+        bail!("changes_since read {read} changes, not {changes}");
+    }
+
+    // A client resubscribing with `since`: until SYNCED.
+    let url = format!("ws://{}/ws/sync?token={}", c.gateway, token(&c, 0));
+    let (mut socket, _) = tokio_tungstenite::connect_async(url).await?;
+    let start = Instant::now();
+    let subscribe = json!({"type": "SUBSCRIBE", "payload": {"entityCode": "bench_catchup", "mode": "delta", "since": away}});
+    socket.send(Message::text(subscribe.to_string())).await?;
+    let mut received = 0usize;
+    loop {
+        let frame = socket.next().await.context("connection closed")??;
+        let Message::Text(text) = frame else { continue };
+        let value: Value = serde_json::from_str(&text)?;
+        match value["type"].as_str() {
+            Some("DELTA") => received += value["payload"]["changes"].as_array().map_or(0, Vec::len),
+            Some("SYNCED") => break,
+            Some("SUBSCRIBED") => {}
+            _ => bail!("unexpected: {text}"),
+        }
+    }
+    let gateway_seconds = start.elapsed().as_secs_f64();
+    if received != changes {
+        bail!("the client received {received} changes, not {changes}");
+    }
+    Ok(json!({
+        "mode": "catchup", "changes": changes,
+        "changes_since_seconds": (sql_seconds * 100.0).round() / 100.0,
+        "gateway_seconds": (gateway_seconds * 100.0).round() / 100.0,
+    }))
+}
+
+/// A DELTA frame shaped like the gateway's for `bench_item`, with `n` changes.
+fn bare_frame(n: usize) -> String {
+    let changes: Vec<Value> = (0..n)
+        .map(|i| {
+            json!({"entityId": i.to_string(), "action": "UPDATE",
+                         "data": {"id": i, "team": "0", "seq": 123456, "pad": "x".repeat(40)},
+                         "changed": ["seq"], "schemaVersion": 1})
+        })
+        .collect();
+    json!({"type": "DELTA", "payload": {"entityCode": "bench_item", "changes": changes,
+           "timestamp": "2026-11-23T12:00:00.000Z",
+           "cursor": "1.0123456789abcdef0123456789abcdef.1000_1000__123456_1000"}})
+    .to_string()
+}
+
+async fn bare_server(b: BareServer) -> Result<()> {
+    let listener = tokio::net::TcpListener::bind(&b.listen).await?;
+    let frame = tokio_tungstenite::tungstenite::Utf8Bytes::from(bare_frame(b.changes_per_frame));
+    loop {
+        let (stream, _) = listener.accept().await?;
+        let frame = frame.clone();
+        tokio::spawn(async move {
+            let Ok(mut socket) = tokio_tungstenite::accept_async(stream).await else {
+                return;
+            };
+            // Wait for the client's SUBSCRIBE, answer it, then write until it leaves.
+            socket.next().await;
+            let subscribed = Message::text(r#"{"type":"SUBSCRIBED","payload":{}}"#);
+            if socket.send(subscribed).await.is_err() {
+                return;
+            }
+            while socket.send(Message::Text(frame.clone())).await.is_ok() {}
+        });
+    }
+}
+
+async fn bare_fanout(c: Common) -> Result<Value> {
+    let sockets = open(&c, c.connections, |_| json!({"entityCode": "bench_item"})).await?;
+    let start = Instant::now();
+    let (messages, changes) = total(read_all(
+        sockets,
+        start + Duration::from_secs(c.seconds),
+        start,
+    ))
+    .await?;
+    let secs = c.seconds as f64;
+    Ok(json!({
+        "mode": "bare_fanout", "connections": c.connections, "seconds": c.seconds,
         "messages_per_s": (messages as f64 / secs).round(), "changes_per_s": (changes as f64 / secs).round(),
     }))
 }

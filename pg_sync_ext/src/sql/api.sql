@@ -238,14 +238,17 @@ BEGIN
         RAISE EXCEPTION 'cursor expired: %', problem
             USING ERRCODE = 'SY410', HINT = 'Refetch a snapshot and continue from its cursor.';
     END IF;
-    RETURN QUERY
-        SELECT h.id, h.table_name, h.entity_code, h.op, h.entity_id, h.data, h.old_data,
-               h.changed_columns, h.client_id, h.txid, h.lsn, h.schema_version, h.source,
-               h.captured_at, p.cursor
-          FROM sync._changes_page(changes_since.cursor, changes_since.max_rows, changes_since.until)
-               WITH ORDINALITY AS p(change_id, cursor, ord)
-          JOIN sync.change_history h ON h.id = p.change_id
-         ORDER BY p.ord;
+    -- EXECUTE: planned for each call. A cached generic plan made while the log was small
+    -- (a hash join over all of it) stayed in use as the log grew, and a reader draining a
+    -- backlog read 9k changes/s instead of 70k.
+    RETURN QUERY EXECUTE
+        'SELECT h.id, h.table_name, h.entity_code, h.op, h.entity_id, h.data, h.old_data,
+                h.changed_columns, h.client_id, h.txid, h.lsn, h.schema_version, h.source,
+                h.captured_at, p.cursor
+           FROM sync._changes_page($1, $2, $3) WITH ORDINALITY AS p(change_id, cursor, ord)
+           JOIN sync.change_history h ON h.id = p.change_id
+          ORDER BY p.ord'
+        USING changes_since.cursor, changes_since.max_rows, changes_since.until;
 END
 $$;
 

@@ -1,0 +1,178 @@
+"""Turns one benchmark run's raw data (trigger.csv, bulk.csv, results.jsonl in the results
+directory) into REPORT.md, results.json (everything, machine-readable) and latency.svg."""
+import csv
+import json
+import os
+import platform
+import subprocess
+import sys
+
+out, seconds = sys.argv[1], sys.argv[2]
+
+
+def read_csv(name):
+    path = os.path.join(out, name)
+    return list(csv.DictReader(open(path))) if os.path.exists(path) else []
+
+
+def command(*args):
+    try:
+        return subprocess.run(args, capture_output=True, text=True).stdout.strip()
+    except OSError:
+        return "?"
+
+
+runs = [json.loads(line) for line in open(os.path.join(out, "results.jsonl")) if line.strip()]
+tps = {(r["variant"], r["durability"], r["clients"]): float(r["tps"] or 0) for r in read_csv("trigger.csv")}
+bulk = {r["variant"]: float(r["seconds"]) for r in read_csv("bulk.csv")}
+
+
+def run(mode, **match):
+    return next((r for r in runs if r["mode"] == mode and all(r.get(k) == v for k, v in match.items())), None)
+
+
+machine = {
+    "cores": os.cpu_count(),
+    "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30),
+    "platform": platform.platform(),
+    "postgresql": command("/usr/lib/postgresql/15/bin/postgres", "--version"),
+    "wal2json": command("dpkg-query", "-W", "-f=${Version}", "postgresql-15-wal2json"),
+    "rustc": command("rustc", "--version"),
+    "settings": "shared_buffers=1GB, max_wal_size=4GB, wal_level=logical, pg_sync preloaded; "
+                "release builds; the load generator is a separate process on the same cores",
+    "seconds_per_run": seconds,
+}
+goals = []
+
+
+def goal(name, met, detail):
+    goals.append({"goal": name, "met": met, "measured": detail})
+
+
+lines = ["# pg_sync benchmark report", ""]
+lines += [f"Machine: {machine['cores']} cores, {machine['memory_gib']} GiB, {machine['platform']}. "
+          f"{machine['postgresql']}; wal2json {machine['wal2json']}; {machine['rustc']}. "
+          f"Settings: {machine['settings']}. Runs of {seconds} s. Every ratio compares two "
+          "figures of this same run.", ""]
+lines += ["| figure | pg_sync | reference (same run) | ratio |", "| --- | --- | --- | --- |"]
+
+for durability in ("on", "off"):
+    for clients in ("2", "8"):
+        key = lambda v: tps.get((v, durability, clients))  # noqa: E731
+        p, t, a = key("plain"), key("tracked"), key("audit")
+        if not (p and t and a):
+            continue
+        label = "durable" if durability == "on" else "synchronous_commit=off"
+        lines.append(f"| trigger capture, single-row UPDATE TPS, {label}, {clients} clients | {t:.0f} | "
+                     f"untracked {p:.0f}; PL/pgSQL audit trigger {a:.0f} | {t / p:.2f}× untracked, {t / a:.2f}× audit |")
+        if durability == "on":
+            goal(f"trigger ≥ 0.85× untracked, durable, {clients} clients", t / p >= 0.85, f"{t / p:.2f}×")
+if bulk:
+    lines.append(f"| trigger capture, one UPDATE of all rows (s, best of 3) | {bulk['tracked']:.2f} s | "
+                 f"untracked {bulk['plain']:.2f} s; audit trigger {bulk['audit']:.2f} s | "
+                 f"{bulk['tracked'] / bulk['plain']:.2f}× the time |")
+
+wal = run("wal_ingest")
+if wal:
+    ingest, raw = wal["changes"] / wal["ingest_seconds"], wal["changes"] / wal["raw_decode_seconds"]
+    lines.append(f"| WAL ingest of a {wal['changes']:,}-change backlog (changes/s) | {ingest:,.0f} | "
+                 f"wal2json decoding alone {raw:,.0f} | {ingest / raw:.2f}× |")
+
+notify = run("notify")
+latency = [r for r in runs if r["mode"] == "latency"]
+for r in latency:
+    ref = f"NOTIFY round trip p50 {notify['p50_ms']:.2f} ms, p99 {notify['p99_ms']:.2f} ms" if notify else "—"
+    ratio = f"p99 {r['p99_ms'] / notify['p99_ms']:.1f}× NOTIFY's" if notify and r["p99_ms"] else "—"
+    lines.append(f"| commit → client latency, {r['connections']:,} connections, {r['rate']} commits/s "
+                 f"({r['samples']:,} deliveries) | p50 {r['p50_ms']:.1f}, p90 {r['p90_ms']:.1f}, "
+                 f"p99 {r['p99_ms']:.1f}, max {r['max_ms']:.1f} ms | {ref} | {ratio} |")
+    if r["connections"] == 1000:
+        goal("p99 ≤ 25 ms at 1,000 connections and 1,000 commits/s", r["p99_ms"] <= 25, f"{r['p99_ms']:.1f} ms")
+
+fan, bare = run("fanout", rls_claim_sets=0), run("bare_fanout")
+if fan:
+    ref = (f"bare WebSocket server, same frames: {bare['messages_per_s']:,.0f} msgs/s "
+           f"({bare['changes_per_s']:,.0f} changes/s)") if bare else "—"
+    ratio = f"{fan['messages_per_s'] / bare['messages_per_s']:.2f}×" if bare else "—"
+    lines.append(f"| fan-out to {fan['connections']:,} whole-table subscribers, no RLS | "
+                 f"{fan['messages_per_s']:,.0f} msgs/s ({fan['changes_per_s']:,.0f} changes/s) | {ref} | {ratio} |")
+    goal("fan-out ≥ 300k msgs/s without RLS (changes delivered/s; messages batch changes)",
+         fan["changes_per_s"] >= 300_000, f"{fan['changes_per_s']:,.0f} changes/s in {fan['messages_per_s']:,.0f} messages/s")
+for sets in (10, 1000):
+    r = run("fanout", rls_claim_sets=sets)
+    if r and fan:
+        lines.append(f"| fan-out with RLS, {r['connections']:,} subscribers in {sets:,} claim sets | "
+                     f"{r['messages_per_s']:,.0f} msgs/s ({r['changes_per_s']:,.0f} changes/s) | "
+                     f"no RLS above: {fan['changes_per_s']:,.0f} changes/s | "
+                     f"{r['changes_per_s'] / fan['changes_per_s']:.3f}× |")
+        if sets == 10:
+            goal("fan-out ≥ 100k msgs/s with RLS in 10 claim sets (changes delivered/s)",
+                 r["changes_per_s"] >= 100_000, f"{r['changes_per_s']:,.0f} changes/s")
+
+idle = run("idle")
+if idle:
+    lines.append(f"| resident memory per idle connection ({idle['connections']:,}, one subscription each) | "
+                 f"{idle['kib_per_connection']} KiB | — | — |")
+    goal("≤ 16 KiB per idle connection", idle["kib_per_connection"] <= 16, f"{idle['kib_per_connection']} KiB")
+
+catchup = run("catchup")
+if catchup:
+    lines.append(f"| catch-up: {catchup['changes']:,} missed changes to one client (until SYNCED) | "
+                 f"{catchup['gateway_seconds']:.2f} s | sync.changes_since read alone "
+                 f"{catchup['changes_since_seconds']:.2f} s | "
+                 f"{catchup['gateway_seconds'] / catchup['changes_since_seconds']:.2f}× the time |")
+    goal(f"catch-up of {catchup['changes']:,} changes ≤ 10 s", catchup["gateway_seconds"] <= 10,
+         f"{catchup['gateway_seconds']:.2f} s")
+
+snap, copy = run("snapshot"), run("copy")
+if snap:
+    copy_rate = copy["rows"] / copy["seconds"] if copy else None
+    ref = f"COPY … TO STDOUT {copy_rate:,.0f} rows/s" if copy else "—"
+    ratio = f"{snap['rows_per_s'] / copy_rate:.2f}×" if copy else "—"
+    lines.append(f"| snapshot streaming of {snap['rows']:,} rows (NDJSON, {snap['megabytes']} MB) | "
+                 f"{snap['rows_per_s']:,.0f} rows/s, gateway peak RSS {snap['gateway_peak_rss_kib'] // 1024} MiB | "
+                 f"{ref} | {ratio} |")
+
+lines += ["", "## Goals", "", "| goal | measured | met |", "| --- | --- | --- |"]
+lines += [f"| {g['goal']} | {g['measured']} | {'yes' if g['met'] else '**no**'} |" for g in goals]
+lines += ["", "![commit → client latency](latency.svg)", "",
+          "Raw data: `results.jsonl` (one line per run), `trigger.csv`, `bulk.csv`; everything in "
+          "`results.json`. Produced by `make bench` (`make bench-quick` for a smoke run with small sizes)."]
+open(os.path.join(out, "REPORT.md"), "w").write("\n".join(lines) + "\n")
+json.dump({"machine": machine, "goals": goals, "runs": runs, "trigger_tps": [
+    {"variant": v, "durability": d, "clients": c, "tps": x} for (v, d, c), x in tps.items()],
+    "bulk_seconds": bulk}, open(os.path.join(out, "results.json"), "w"), indent=1)
+
+
+def latency_svg():
+    """Grouped bars of p50/p90/p99 per connection count, NOTIFY's p99 as a dashed line."""
+    width, height, left, bottom, top = 640, 340, 60, 40, 30
+    peak = max([r["p99_ms"] for r in latency] + [notify["p99_ms"] if notify else 0] + [1])
+    scale = (height - bottom - top) / peak
+    group = (width - left - 20) / max(len(latency), 1)
+    colors = {"p50_ms": "#8ecae6", "p90_ms": "#219ebc", "p99_ms": "#023047"}
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" font-size="12">',
+             f'<text x="{left}" y="18">commit → client latency (ms), {latency[0]["rate"] if latency else ""} commits/s</text>',
+             f'<line x1="{left}" y1="{height - bottom}" x2="{width - 10}" y2="{height - bottom}" stroke="black"/>']
+    for i, r in enumerate(latency):
+        x0 = left + i * group + group * 0.15
+        bar = group * 0.7 / 3
+        for j, key in enumerate(colors):
+            h = r[key] * scale
+            x = x0 + j * bar
+            parts.append(f'<rect x="{x:.1f}" y="{height - bottom - h:.1f}" width="{bar - 2:.1f}" height="{h:.1f}" fill="{colors[key]}"/>')
+            parts.append(f'<text x="{x + bar / 2 - 1:.1f}" y="{height - bottom - h - 3:.1f}" text-anchor="middle" font-size="10">{r[key]:.1f}</text>')
+        parts.append(f'<text x="{x0 + group * 0.35:.1f}" y="{height - bottom + 16}" text-anchor="middle">{r["connections"]:,} connections</text>')
+    if notify:
+        y = height - bottom - notify["p99_ms"] * scale
+        parts.append(f'<line x1="{left}" y1="{y:.1f}" x2="{width - 10}" y2="{y:.1f}" stroke="#fb8500" stroke-dasharray="5,4"/>')
+        parts.append(f'<text x="{width - 12}" y="{y - 4:.1f}" text-anchor="end" fill="#fb8500">NOTIFY round trip p99 {notify["p99_ms"]:.2f} ms</text>')
+    for j, key in enumerate(colors):
+        parts.append(f'<rect x="{left + j * 70}" y="{height - 14}" width="10" height="10" fill="{colors[key]}"/>'
+                     f'<text x="{left + j * 70 + 14}" y="{height - 5}">{key[:3]}</text>')
+    parts.append("</svg>")
+    return "\n".join(parts) + "\n"
+
+
+open(os.path.join(out, "latency.svg"), "w").write(latency_svg())
+print(open(os.path.join(out, "REPORT.md")).read())
