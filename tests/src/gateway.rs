@@ -190,6 +190,8 @@ pub struct HttpResponse {
     /// The header lines, lower-cased.
     pub headers: String,
     pub body: Vec<u8>,
+    /// The whole body arrived (a chunked body ended with its closing chunk).
+    pub complete: bool,
 }
 
 impl HttpResponse {
@@ -206,16 +208,23 @@ impl HttpResponse {
             .and_then(|s| s.parse().ok())
             .unwrap_or(0);
         let mut body = raw[split..].to_vec();
+        let mut complete = true;
         if head.contains("transfer-encoding: chunked") {
+            // Complete only with the closing zero-size chunk: a stream cut short is not.
+            complete = false;
             let (mut rest, mut decoded) = (&body[..], Vec::new());
             while let Some(end) = rest.windows(2).position(|w| w == b"\r\n") {
                 let size = usize::from_str_radix(String::from_utf8_lossy(&rest[..end]).trim(), 16)
                     .unwrap_or(0);
                 if size == 0 {
+                    complete = true;
                     break;
                 }
-                decoded.extend_from_slice(&rest[end + 2..end + 2 + size]);
-                rest = &rest[end + 2 + size + 2..];
+                let Some(chunk) = rest.get(end + 2..end + 2 + size) else {
+                    break;
+                };
+                decoded.extend_from_slice(chunk);
+                rest = rest.get(end + 2 + size + 2..).unwrap_or_default();
             }
             body = decoded;
         }
@@ -223,6 +232,7 @@ impl HttpResponse {
             status,
             headers: head,
             body,
+            complete,
         }
     }
 }

@@ -315,3 +315,19 @@ pub fn sqlstate(error: &tokio_postgres::Error) -> String {
         .map(|c| c.code().to_owned())
         .unwrap_or_default()
 }
+
+/// A random seed, or `PG_SYNC_SEED`'s, printed so a failing run can be repeated.
+pub fn seed() -> u64 {
+    let seed = std::env::var("PG_SYNC_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64
+        })
+        | 1;
+    eprintln!("seed {seed} (rerun with PG_SYNC_SEED={seed})");
+    seed
+}

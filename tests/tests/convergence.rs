@@ -50,6 +50,8 @@ struct Cache {
 impl Cache {
     /// Replaces what is known of `entity` by a snapshot.
     fn load(&mut self, entity: &str, cursor: String, rows: Vec<Value>) {
+        self.events
+            .push(format!("snapshot {entity} {} rows {cursor}", rows.len()));
         self.rows.remove(entity);
         self.versions.retain(|(e, _), _| e != entity);
         self.dirty.retain(|(e, _)| e != entity);
@@ -113,7 +115,7 @@ async fn snapshot(
         .request("GET", &path, &[("Authorization", &auth)], None)
         .await
         .ok()?;
-    if response.status != 200 {
+    if response.status != 200 || !response.complete {
         return None;
     }
     let text = String::from_utf8(response.body).ok()?;
@@ -276,17 +278,7 @@ async fn tables(cluster: &Cluster) -> HashMap<String, BTreeMap<String, Value>> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn caches_converge_under_faults() {
-    let seed = std::env::var("PG_SYNC_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos() as u64
-        })
-        | 1;
-    eprintln!("seed {seed} (rerun with PG_SYNC_SEED={seed})");
+    let seed = pg_sync_tests::seed();
     let soak = std::env::var("PG_SYNC_SOAK").is_ok();
     let steps = if soak { 3000 } else { 300 };
     let bulk_rows = 20_000;
@@ -391,7 +383,11 @@ async fn caches_converge_under_faults() {
             _ => format!("UPDATE {table} SET version = version + 1 WHERE id = {id}"),
         };
         // Errors (a row deleted meanwhile, the restart) are part of the workload.
-        let _ = db.batch_execute(&sql).await;
+        if db.batch_execute(&sql).await.is_err() {
+            // A multi-statement transaction stops at its error: end it, or every later
+            // statement fails in the aborted transaction.
+            let _ = db.batch_execute("ROLLBACK").await;
+        }
         if step % 97 == 96 {
             if let Some(long) = long_tx.take() {
                 let _ = long.batch_execute("COMMIT").await;
@@ -403,7 +399,7 @@ async fn caches_converge_under_faults() {
             }
             db.batch_execute("UPDATE acct SET version = version + 1")
                 .await
-                .unwrap(); // the bulk UPDATE
+                .expect("the bulk UPDATE");
         }
     }
     if let Some(long) = long_tx.take() {

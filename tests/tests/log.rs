@@ -43,21 +43,6 @@ impl Rng {
     }
 }
 
-fn seed() -> u64 {
-    let seed = std::env::var("PG_SYNC_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos() as u64
-        })
-        | 1;
-    eprintln!("seed {seed} (rerun with PG_SYNC_SEED={seed})");
-    seed
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_transaction_that_captured_first_and_commits_last_is_delivered() {
     let cluster = Cluster::start().await;
@@ -86,7 +71,7 @@ async fn concurrent_writers_committing_in_random_order_are_read_exactly_once() {
     const WRITERS: u64 = 8;
     const TRANSACTIONS: u64 = 40;
     const COUNTERS: u64 = 4;
-    let seed = seed();
+    let seed = pg_sync_tests::seed();
     let cluster = Cluster::start().await;
     cluster.execute(ITEM).await;
     cluster
@@ -245,7 +230,7 @@ async fn two_transactions_on_one_row_replay_in_commit_order() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_snapshot_and_its_cursor_hand_over_to_the_log_without_gap_or_overlap() {
-    let seed = seed();
+    let seed = pg_sync_tests::seed();
     let cluster = Cluster::start().await;
     cluster.execute(ITEM).await;
     cluster

@@ -207,6 +207,18 @@ async fn idle_connections_hold_flat_memory() {
     );
 }
 
+/// Notes the ids a message changed and the cursor it ends at.
+fn note(message: &Value, received: &mut Vec<String>, cursor: &mut String) {
+    received.extend(
+        changes(message)
+            .iter()
+            .map(|c| c["entityId"].as_str().unwrap().to_owned()),
+    );
+    if let Some(at) = message["payload"]["cursor"].as_str() {
+        *cursor = at.to_owned();
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn thirty_seconds_without_the_database_lose_nothing() {
     let cluster = Cluster::start().await;
@@ -225,15 +237,7 @@ async fn thirty_seconds_without_the_database_lose_nothing() {
     let mut cursor = String::new();
     while received.len() < 3 {
         let message = session.next().await.unwrap();
-        received.extend(
-            changes(&message)
-                .iter()
-                .map(|c| c["entityId"].as_str().unwrap().to_owned()),
-        );
-        cursor = message["payload"]["cursor"]
-            .as_str()
-            .unwrap_or(&cursor)
-            .to_owned();
+        note(&message, &mut received, &mut cursor);
     }
 
     cluster.stop_immediate();
@@ -261,15 +265,7 @@ async fn thirty_seconds_without_the_database_lose_nothing() {
             }
             Err(None) => panic!("the connection was dropped without a close frame"),
         };
-        received.extend(
-            changes(&message)
-                .iter()
-                .map(|c| c["entityId"].as_str().unwrap().to_owned()),
-        );
-        cursor = message["payload"]["cursor"]
-            .as_str()
-            .unwrap_or(&cursor)
-            .to_owned();
+        note(&message, &mut received, &mut cursor);
     }
     assert_eq!(received, ["1", "2", "3", "4", "5", "6"]);
 }
