@@ -239,7 +239,7 @@ BEGIN
             USING ERRCODE = 'SY410', HINT = 'Refetch a snapshot and continue from its cursor.';
     END IF;
     -- EXECUTE: planned for each call. A cached generic plan made while the log was small
-    -- (a hash join over all of it) stayed in use as the log grew, and a reader draining a
+    -- stayed in use as the log grew, and a reader draining a
     -- backlog read 9k changes/s instead of 70k.
     RETURN QUERY EXECUTE
         'SELECT h.id, h.table_name, h.entity_code, h.op, h.entity_id, h.data, h.old_data,
