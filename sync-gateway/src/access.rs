@@ -9,11 +9,13 @@
 //! RLS enabled.
 
 use crate::auth::Claims;
-use crate::catalog::Entity;
+use crate::catalog::{Catalog, Entity};
 use crate::log::{Change, Op};
+use deadpool_postgres::Pool;
 use serde_json::{Map, Value};
 use std::borrow::Cow;
 use std::collections::HashMap;
+use std::sync::Arc;
 use tokio_postgres::{Client, IsolationLevel, SimpleQueryMessage, Transaction};
 
 /// Who a query runs as.
@@ -88,6 +90,47 @@ pub async fn can_read(
         )
         .await?;
     Ok(row.get(0))
+}
+
+/// Why a user may not read an entity at all.
+#[derive(Debug, thiserror::Error)]
+pub enum Refusal {
+    #[error("{0} is not a tracked entity")]
+    Unknown(String),
+    #[error("{0} has row-level security and the token names no role")]
+    NoRole(String),
+    #[error("no read access to {0}")]
+    NoPrivilege(String),
+    /// The catalog or the database could not answer.
+    #[error("{0}")]
+    Failed(String),
+}
+
+/// The entity `code`, if `user` may read it (subscribing, snapshots): tracked, its table
+/// readable by the user's role, and, with row-level security, a role to check rows as.
+pub async fn readable_entity(
+    catalog: &Catalog,
+    pool: &Pool,
+    user: &UserContext,
+    code: &str,
+) -> Result<Arc<Entity>, Refusal> {
+    let entity = catalog
+        .entity(code)
+        .await
+        .map_err(|e| Refusal::Failed(crate::ErrorChain(&e).to_string()))?
+        .ok_or_else(|| Refusal::Unknown(code.to_owned()))?;
+    if entity.rls && user.role.is_none() {
+        return Err(Refusal::NoRole(entity.code.clone()));
+    }
+    let client = pool
+        .get()
+        .await
+        .map_err(|e| Refusal::Failed(e.to_string()))?;
+    match can_read(&client, user, &entity).await {
+        Ok(true) => Ok(entity),
+        Ok(false) => Err(Refusal::NoPrivilege(entity.code.clone())),
+        Err(e) => Err(Refusal::Failed(crate::ErrorChain(&e).to_string())),
+    }
 }
 
 /// The current rows, by entity id, among `ids`, that `user` may see.

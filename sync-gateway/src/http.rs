@@ -3,7 +3,7 @@
 //! `/v1/changes`, `/v1/write`), health, `/metrics` and `/v1/status`. Errors answer
 //! `{"error": code, "message": …}`; a 500 says nothing about its cause (that goes to the log).
 
-use crate::access::{can_read, UserContext};
+use crate::access::{readable_entity, Refusal, UserContext};
 use crate::auth::Claims;
 use crate::changes::Params as ChangesParams;
 use crate::write::WriteRequest;
@@ -222,27 +222,15 @@ async fn snapshot_handler(
 ) -> Result<Response, ApiError> {
     let claims = authenticate(&state, &headers, params.token.as_deref())?;
     let user = user_of(&state, &claims);
-    let entity = state
-        .catalog
-        .entity(&entity_code)
+    let entity = readable_entity(&state.catalog, &state.pool, &user, &entity_code)
         .await
-        .map_err(ApiError::internal)?
-        .ok_or_else(|| ApiError::unknown_entity(&entity_code))?;
-    if entity.rls && user.role.is_none() {
-        return Err(ApiError::forbidden(
-            "the table has row-level security and the token names no role",
-        ));
-    }
-    let client = state.pool.get().await.map_err(ApiError::internal)?;
-    if !can_read(&client, &user, &entity)
-        .await
-        .map_err(ApiError::from_db)?
-    {
-        return Err(ApiError::forbidden(format!(
-            "no read access to {entity_code}"
-        )));
-    }
-    drop(client);
+        .map_err(|refusal| match refusal {
+            Refusal::Unknown(code) => ApiError::unknown_entity(&code),
+            Refusal::NoRole(_) | Refusal::NoPrivilege(_) => {
+                ApiError::forbidden(refusal.to_string())
+            }
+            Refusal::Failed(e) => ApiError::internal(e),
+        })?;
     let ids = params
         .ids
         .map(|ids| ids.split(',').map(str::to_owned).collect());

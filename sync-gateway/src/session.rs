@@ -4,7 +4,7 @@
 //! client is too slow (4008), it keeps sending bad messages (1008) or the gateway stops
 //! (1001). Its subscriptions go with it.
 
-use crate::access::{can_read, UserContext};
+use crate::access::{readable_entity, Refusal, UserContext};
 use crate::auth::Claims;
 use crate::catalog::Entity;
 use crate::outbound::{self, Outbound, Refused};
@@ -209,65 +209,10 @@ impl Session {
     }
 
     async fn subscribe(&mut self, s: Subscribe) {
-        let reference = s.reference.clone();
-        let entity = match self.state.catalog.entity(&s.entity_code).await {
-            Ok(Some(entity)) => entity,
-            Ok(None) => {
-                let message = format!("{} is not a tracked entity", s.entity_code);
-                return self
-                    .reply(ServerMessage::error(
-                        ErrorCode::UnknownEntity,
-                        message,
-                        reference,
-                    ))
-                    .await;
-            }
-            Err(e) => {
-                tracing::warn!(error = %crate::ErrorChain(&e), "catalog unavailable");
-                return self
-                    .reply(ServerMessage::error(
-                        ErrorCode::Internal,
-                        "try again",
-                        reference,
-                    ))
-                    .await;
-            }
-        };
-        let has_role = self.claims.role.is_some() || self.state.default_role.is_some();
-        if let Err((code, message)) = check_against(&entity, &s, has_role) {
+        if let Err((code, message)) = self.admit(&s).await {
             return self
-                .reply(ServerMessage::error(code, message, reference))
+                .reply(ServerMessage::error(code, message, s.reference))
                 .await;
-        }
-        let user = UserContext::new(&self.claims, self.state.default_role.as_deref());
-        let readable = match self.state.pool.get().await {
-            Ok(client) => can_read(&client, &user, &entity)
-                .await
-                .map_err(|e| e.to_string()),
-            Err(e) => Err(e.to_string()),
-        };
-        match readable {
-            Ok(true) => {}
-            Ok(false) => {
-                let message = format!("no read access to {}", entity.code);
-                return self
-                    .reply(ServerMessage::error(
-                        ErrorCode::Forbidden,
-                        message,
-                        reference,
-                    ))
-                    .await;
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "privilege check failed");
-                return self
-                    .reply(ServerMessage::error(
-                        ErrorCode::Internal,
-                        "try again",
-                        reference,
-                    ))
-                    .await;
-            }
         }
         let target = match (s.entity_ids, s.filter) {
             (Some(ids), _) => Target::Ids(ids.into_iter().collect()),
@@ -285,6 +230,25 @@ impl Session {
         let _ = self.state.router.send(Command::Subscribe(request)).await;
     }
 
+    /// Whether this user may have subscription `s`, else the error to answer.
+    async fn admit(&self, s: &Subscribe) -> Result<(), (ErrorCode, String)> {
+        let user = UserContext::new(&self.claims, self.state.default_role.as_deref());
+        let state = &self.state;
+        let entity = readable_entity(&state.catalog, &state.pool, &user, &s.entity_code)
+            .await
+            .map_err(|refusal| match refusal {
+                Refusal::Unknown(_) => (ErrorCode::UnknownEntity, refusal.to_string()),
+                Refusal::NoRole(_) | Refusal::NoPrivilege(_) => {
+                    (ErrorCode::Forbidden, refusal.to_string())
+                }
+                Refusal::Failed(e) => {
+                    tracing::warn!(error = %e, "subscription check failed");
+                    (ErrorCode::Internal, "try again".to_owned())
+                }
+            })?;
+        check_columns(&entity, s).map_err(|message| (ErrorCode::BadRequest, message))
+    }
+
     async fn reply(&self, message: ServerMessage) {
         // Never wait here: this task is also the one that empties the queue.
         if self.outbound.try_push(message.to_json().into()) == Err(Refused::Full) {
@@ -293,20 +257,8 @@ impl Session {
     }
 }
 
-/// What the catalog says about a SUBSCRIBE: the columns it names must be published, and a
-/// table with RLS needs a role to check visibility as (the token's, or --default-role).
-fn check_against(
-    entity: &Entity,
-    s: &Subscribe,
-    has_role: bool,
-) -> Result<(), (ErrorCode, String)> {
-    if entity.rls && !has_role {
-        let message = format!(
-            "{} has row-level security and the token names no role",
-            entity.code
-        );
-        return Err((ErrorCode::Forbidden, message));
-    }
+/// The columns a SUBSCRIBE names (filter, `columns`) must be published.
+fn check_columns(entity: &Entity, s: &Subscribe) -> Result<(), String> {
     let named = s
         .filter
         .iter()
@@ -315,8 +267,10 @@ fn check_against(
         .chain(s.columns.iter().flatten());
     for column in named {
         if !entity.columns.contains(column) {
-            let message = format!("{column} is not a published column of {}", entity.code);
-            return Err((ErrorCode::BadRequest, message));
+            return Err(format!(
+                "{column} is not a published column of {}",
+                entity.code
+            ));
         }
     }
     Ok(())
