@@ -122,6 +122,38 @@ impl Gateway {
         Ok(HttpResponse::parse(&raw))
     }
 
+    /// `GET /v1/snapshot/{path}` as `sub`: the cursor and the rows; Err with the status when
+    /// it is not 200, or 0 when the request failed or the body was cut short.
+    pub async fn snapshot(&self, sub: &str, path: &str) -> Result<(String, Vec<Value>), u16> {
+        let auth = format!("Bearer {}", token(sub, &[]));
+        let response = self
+            .request(
+                "GET",
+                &format!("/v1/snapshot/{path}"),
+                &[("Authorization", &auth)],
+                None,
+            )
+            .await
+            .map_err(|_| 0u16)?;
+        if response.status != 200 {
+            return Err(response.status);
+        }
+        if !response.complete {
+            return Err(0);
+        }
+        let text = String::from_utf8(response.body).map_err(|_| 0u16)?;
+        let mut lines = text
+            .lines()
+            .map(|l| serde_json::from_str::<Value>(l).unwrap());
+        let cursor = lines
+            .next()
+            .and_then(|first| first["cursor"].as_str().map(str::to_owned));
+        Ok((
+            cursor.expect("the first line holds the cursor"),
+            lines.collect(),
+        ))
+    }
+
     /// A JSON request as `user`: the status and the JSON answer.
     pub async fn call(
         &self,

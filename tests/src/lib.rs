@@ -151,6 +151,23 @@ impl Cluster {
         self.pg_ctl_start(&[]);
     }
 
+    /// Waits until the `pg_sync` replication slot exists (a gateway makes it on its first
+    /// ingest); panics after PATIENCE.
+    pub async fn wait_for_slot(&self) {
+        let client = self.connect().await;
+        let deadline = tokio::time::Instant::now() + gateway::PATIENCE;
+        let exists = "SELECT EXISTS (SELECT FROM pg_replication_slots WHERE slot_name = 'pg_sync')";
+        while !client
+            .query_one(exists, &[])
+            .await
+            .unwrap()
+            .get::<_, bool>(0)
+        {
+            assert!(tokio::time::Instant::now() < deadline, "no pg_sync slot");
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    }
+
     /// Stops the server in immediate mode and leaves it down (see [`Cluster::start_again`]).
     pub fn stop_immediate(&self) {
         self.pg_ctl_stop("immediate");
@@ -330,4 +347,17 @@ pub fn seed() -> u64 {
         | 1;
     eprintln!("seed {seed} (rerun with PG_SYNC_SEED={seed})");
     seed
+}
+
+/// A small deterministic generator (xorshift), so a failing run can be repeated from its seed.
+pub struct Rng(pub u64);
+
+impl Rng {
+    /// A number below `n`.
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % n
+    }
 }

@@ -91,22 +91,9 @@ async fn users_see_only_their_rows_on_every_path() {
     );
 
     // Snapshot: only her row.
-    let (status, body) = {
-        let auth = format!("Bearer {}", token("alice", &[]));
-        let r = gateway
-            .request("GET", "/v1/snapshot/doc", &[("Authorization", &auth)], None)
-            .await
-            .unwrap();
-        (r.status, String::from_utf8(r.body).unwrap())
-    };
-    assert_eq!(status, 200, "{body}");
-    let lines: Vec<Value> = body
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
-    assert!(lines[0]["cursor"].is_string());
+    let (_cursor, rows) = gateway.snapshot("alice", "doc").await.unwrap();
     assert_eq!(
-        lines[1..],
+        rows,
         [json!({"id": 1, "owner": "alice", "title": "a2", "version": 1})]
     );
 
@@ -220,19 +207,11 @@ async fn a_snapshot_taken_under_writes_and_its_cursor_rebuild_the_table() {
             }
         }
     });
-    let auth = format!("Bearer {}", token("alice", &[]));
-    let r = gateway
-        .request("GET", "/v1/snapshot/doc", &[("Authorization", &auth)], None)
-        .await
-        .unwrap();
-    assert_eq!(r.status, 200);
-    let body = String::from_utf8(r.body).unwrap();
-    let mut lines = body
-        .lines()
-        .map(|l| serde_json::from_str::<Value>(l).unwrap());
-    let cursor = lines.next().unwrap()["cursor"].as_str().unwrap().to_owned();
-    let mut cache: std::collections::BTreeMap<String, Value> =
-        lines.map(|row| (row["id"].to_string(), row)).collect();
+    let (cursor, rows) = gateway.snapshot("alice", "doc").await.unwrap();
+    let mut cache: std::collections::BTreeMap<String, Value> = rows
+        .into_iter()
+        .map(|row| (row["id"].to_string(), row))
+        .collect();
     writes.await.unwrap();
 
     let mut session = gateway.connect("alice").await;

@@ -9,7 +9,7 @@
 
 use futures_util::{SinkExt, StreamExt};
 use pg_sync_tests::gateway::{token, Gateway, PATIENCE};
-use pg_sync_tests::Cluster;
+use pg_sync_tests::{Cluster, Rng};
 use serde_json::{json, Value};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -18,17 +18,6 @@ use std::time::Duration;
 use tokio_tungstenite::tungstenite::Message;
 
 const ENTITIES: [&str; 2] = ["acct", "evt"];
-
-struct Rng(u64);
-
-impl Rng {
-    fn below(&mut self, n: u64) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0 % n
-    }
-}
 
 /// What one client believes, and what it checks as it goes.
 #[derive(Default)]
@@ -99,31 +88,18 @@ impl Cache {
     }
 }
 
-/// A snapshot of `entity` (optionally some ids): the rows by id and the cursor.
+/// A snapshot of `entity` (optionally some ids): the cursor and the rows; None on failure.
 async fn snapshot(
     gateway: &Gateway,
     user: &str,
     entity: &str,
     ids: Option<&[String]>,
 ) -> Option<(String, Vec<Value>)> {
-    let auth = format!("Bearer {}", token(user, &[]));
     let path = match ids {
-        Some(ids) => format!("/v1/snapshot/{entity}?ids={}", ids.join(",")),
-        None => format!("/v1/snapshot/{entity}"),
+        Some(ids) => format!("{entity}?ids={}", ids.join(",")),
+        None => entity.to_owned(),
     };
-    let response = gateway
-        .request("GET", &path, &[("Authorization", &auth)], None)
-        .await
-        .ok()?;
-    if response.status != 200 || !response.complete {
-        return None;
-    }
-    let text = String::from_utf8(response.body).ok()?;
-    let mut lines = text
-        .lines()
-        .map(|l| serde_json::from_str::<Value>(l).unwrap());
-    let cursor = lines.next()?["cursor"].as_str()?.to_owned();
-    Some((cursor, lines.collect()))
+    gateway.snapshot(user, &path).await.ok()
 }
 
 /// One client: hydrates, subscribes, applies, and moves to another gateway when its

@@ -1,7 +1,7 @@
 //! The change log across sessions, on a real cluster: capture, cursors that survive commit
 //! reordering, retention, wake-ups and the snapshot hand-over.
 
-use pg_sync_tests::{changes_since, drain, sqlstate, Change, Cluster};
+use pg_sync_tests::{changes_since, drain, sqlstate, Change, Cluster, Rng};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::Duration;
 use tokio_postgres::Client;
@@ -29,18 +29,6 @@ fn int_field(change: &Change, field: &str) -> i64 {
     data[field]
         .as_i64()
         .unwrap_or_else(|| panic!("{field} in {data}"))
-}
-
-/// A small deterministic generator, so a failing run can be repeated from its seed.
-struct Rng(u64);
-
-impl Rng {
-    fn below(&mut self, n: u64) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0 % n
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

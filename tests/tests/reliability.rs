@@ -284,17 +284,8 @@ async fn a_dropped_slot_brings_resync_and_status_says_why() {
     session
         .subscribe(json!({"entityCode": "ev", "mode": "delta"}))
         .await;
+    cluster.wait_for_slot().await;
     let admin = cluster.connect().await;
-    let slot_exists =
-        "SELECT EXISTS (SELECT FROM pg_replication_slots WHERE slot_name = 'pg_sync')";
-    while !admin
-        .query_one(slot_exists, &[])
-        .await
-        .unwrap()
-        .get::<_, bool>(0)
-    {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
     cluster.execute("INSERT INTO ev VALUES (1, 'kept')").await;
     assert_eq!(session.expect("DELTA").await["changes"][0]["entityId"], "1");
 
@@ -328,19 +319,8 @@ async fn a_dropped_slot_brings_resync_and_status_says_why() {
     );
 
     // The refetch heals: a snapshot has both rows, and its cursor continues with new changes.
-    let auth = format!("Bearer {}", token("alice", &[]));
-    let response = gateway
-        .request("GET", "/v1/snapshot/ev", &[("Authorization", &auth)], None)
-        .await
-        .unwrap();
-    assert_eq!(response.status, 200);
-    let text = String::from_utf8(response.body).unwrap();
-    let mut lines = text
-        .lines()
-        .map(|l| serde_json::from_str::<Value>(l).unwrap());
-    let cursor = lines.next().unwrap()["cursor"].as_str().unwrap().to_owned();
-    let ids: Vec<i64> = lines.map(|row| row["id"].as_i64().unwrap()).collect();
-    assert_eq!(ids.len(), 2);
+    let (cursor, rows) = gateway.snapshot("alice", "ev").await.unwrap();
+    assert_eq!(rows.len(), 2);
     let mut resumed: Session = gateway.connect("alice").await;
     resumed
         .subscribe(json!({"entityCode": "ev", "mode": "delta", "since": cursor}))

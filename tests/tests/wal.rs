@@ -362,22 +362,7 @@ async fn the_gateway_ingests_and_delivers_wal_changes() {
     session
         .subscribe(json!({"entityCode": "by_wal", "mode": "delta"}))
         .await;
-    // The gateway creates the slot on its first ingest; wait until it exists.
-    let client = cluster.connect().await;
-    loop {
-        let exists: bool = client
-            .query_one(
-                "SELECT EXISTS (SELECT FROM pg_replication_slots WHERE slot_name = 'pg_sync')",
-                &[],
-            )
-            .await
-            .unwrap()
-            .get(0);
-        if exists {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
+    cluster.wait_for_slot().await;
     cluster
         .execute("INSERT INTO by_wal (id, big) VALUES (1, 'from the wal')")
         .await;
@@ -394,34 +379,19 @@ async fn a_snapshot_waits_for_its_wal_changes_to_reach_the_log() {
     let cluster = Cluster::start().await;
     cluster.execute(TWINS).await;
     let mut client = cluster.connect().await;
-    ingest(&client).await; // creates the slot
-                           // No gateway ingests: a change committed now is in the table and not yet in the log.
+    // The first ingest creates the slot. No gateway ingests after it: a change committed now
+    // is in the table and not yet in the log.
+    ingest(&client).await;
     let gateway = Gateway::start(&cluster, &["--wal-ingest", "false"]).await;
     cluster
         .execute("INSERT INTO by_wal (id, big) VALUES (1, 'committed, not ingested')")
         .await;
-    let auth = format!("Bearer {}", pg_sync_tests::gateway::token("alice", &[]));
-    let response = gateway
-        .request(
-            "GET",
-            "/v1/snapshot/by_wal",
-            &[("Authorization", &auth)],
-            None,
-        )
-        .await
-        .unwrap();
-    assert_eq!(response.status, 200);
-    let text = String::from_utf8(response.body).unwrap();
-    let lines: Vec<serde_json::Value> = text
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
-    assert_eq!(lines.len(), 2, "{text}");
-    assert_eq!(lines[1]["big"], "committed, not ingested");
+    let (cursor, rows) = gateway.snapshot("alice", "by_wal").await.unwrap();
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    assert_eq!(rows[0]["big"], "committed, not ingested");
     // The snapshot shows the row, so its change is before the cursor, not after it, once
     // everything is ingested.
     ingest(&client).await;
-    let cursor = lines[0]["cursor"].as_str().unwrap().to_owned();
     let (after, _) = drain(&mut client, Some(cursor), 100).await;
     assert!(after.is_empty(), "sent again after the snapshot: {after:?}");
 }
