@@ -27,6 +27,7 @@ use pgrx::JsonB;
 use serde_json::{Map, Value};
 use std::collections::HashMap;
 use std::ffi::{CStr, CString};
+use std::ops::ControlFlow;
 
 /// The replication slot pg_sync reads.
 pub const SLOT: &str = "pg_sync";
@@ -390,52 +391,39 @@ fn ingest(client: &mut SpiClient<'_>, max_changes: i32) -> i64 {
     // Tags that came after some of their transaction's rows: (first id, last id, tag),
     // applied to those rows at the end.
     let mut late_tags: Vec<(i64, i64, String)> = Vec::new();
-    let options = peek_options(&tables);
-    let sql = format!(
-        "SELECT data FROM pg_catalog.pg_logical_slot_peek_changes($1, NULL, $2, {options})"
-    );
-    let mut cursor = client.open_cursor(sql.as_str(), &[SLOT.into(), max_changes.into()]);
-    loop {
-        let rows = cursor.fetch(FETCH).expect("reading decoded changes");
-        if rows.is_empty() {
-            break;
-        }
-        for row in rows {
-            let text: String = row.get(1).unwrap().unwrap();
-            let change: Value = serde_json::from_str(&text).expect("wal2json writes JSON");
-            match change["action"].as_str() {
-                Some("B") => {
-                    let commit = change["lsn"].as_str().map(parse_lsn);
-                    tx = Transaction {
-                        commit,
-                        skip: commit.is_some_and(|c| stored.is_some_and(|s| c <= s)),
-                        ..Default::default()
-                    };
-                }
-                Some("C") if !tx.skip => {
-                    last_commit = tx.commit.or(last_commit);
-                    if let (Some(first), Some(last), Some(client_id)) =
-                        (tx.tag_from, tx.last_id, &tx.client_id)
-                    {
-                        late_tags.push((first, last, client_id.clone()));
-                    }
-                }
-                Some("M")
-                    if !tx.skip
-                        && change["prefix"] == MESSAGE_PREFIX
-                        && change["transactional"] == true =>
+    // Reads everything up to `max_changes` (whole transactions): never breaks.
+    let _ = peek(client, &tables, Some(max_changes), |_, change| {
+        match change["action"].as_str() {
+            Some("B") => {
+                let commit = change["lsn"].as_str().map(parse_lsn);
+                tx = Transaction {
+                    commit,
+                    skip: already_stored(commit, stored),
+                    ..Default::default()
+                };
+            }
+            Some("C") if !tx.skip => {
+                last_commit = tx.commit.or(last_commit);
+                if let (Some(first), Some(last), Some(client_id)) =
+                    (tx.tag_from, tx.last_id, &tx.client_id)
                 {
-                    tx.client_id = change["content"].as_str().map(str::to_owned);
-                    tx.tag_from = tx.first_id;
+                    late_tags.push((first, last, client_id.clone()));
                 }
-                Some("I" | "U" | "D" | "T") if !tx.skip => {
-                    let key = (
-                        change["schema"].as_str().unwrap_or("").to_owned(),
-                        change["table"].as_str().unwrap_or("").to_owned(),
-                    );
-                    let Some(tracked) = tables.get(&key) else {
-                        continue;
-                    };
+            }
+            Some("M")
+                if !tx.skip
+                    && change["prefix"] == MESSAGE_PREFIX
+                    && change["transactional"] == true =>
+            {
+                tx.client_id = change["content"].as_str().map(str::to_owned);
+                tx.tag_from = tx.first_id;
+            }
+            Some("I" | "U" | "D" | "T") if !tx.skip => {
+                let key = (
+                    change["schema"].as_str().unwrap_or("").to_owned(),
+                    change["table"].as_str().unwrap_or("").to_owned(),
+                );
+                if let Some(tracked) = tables.get(&key) {
                     for r in enrich(&change, tracked, &mut types) {
                         let id = append(&log, r, &tx);
                         tx.first_id.get_or_insert(id);
@@ -443,11 +431,11 @@ fn ingest(client: &mut SpiClient<'_>, max_changes: i32) -> i64 {
                         added += 1;
                     }
                 }
-                _ => {}
             }
+            _ => {}
         }
-    }
-    drop(cursor);
+        ControlFlow::Continue(())
+    });
     for (first, last, client_id) in late_tags {
         client
             .update(
@@ -538,40 +526,58 @@ fn no_pending_change(client: &SpiClient<'_>, tables: &HashMap<(String, String), 
     if stored.is_some_and(|s| parse_lsn(&confirmed) > s + 1) {
         return false;
     }
-    let sql = format!(
-        "SELECT xid::text, data FROM pg_catalog.pg_logical_slot_peek_changes($1, NULL, NULL, {})",
-        peek_options(tables)
-    );
     // SAFETY: the transaction snapshot of the calling (REPEATABLE READ) transaction, valid
     // until it ends.
     let snapshot = unsafe { pg_sys::GetTransactionSnapshot() };
     let mut pending = false;
-    let mut cursor = client.open_cursor(sql.as_str(), &[SLOT.into()]);
+    let outcome = peek(client, tables, None, |xid, change| {
+        match change["action"].as_str() {
+            Some("B") => {
+                let commit = change["lsn"].as_str().map(parse_lsn);
+                // SAFETY: a valid snapshot; xid of a committed transaction.
+                let visible = !unsafe {
+                    pg_sys::XidInMVCCSnapshot(pg_sys::TransactionId::from(xid), snapshot)
+                };
+                pending = visible && !already_stored(commit, stored);
+            }
+            Some("I" | "U" | "D" | "T") if pending => return ControlFlow::Break(()),
+            _ => {}
+        }
+        ControlFlow::Continue(())
+    });
+    outcome.is_continue()
+}
+
+/// Whether a transaction with this commit LSN was stored by an earlier ingest (whose last
+/// stored commit is `stored`).
+fn already_stored(commit: Option<u64>, stored: Option<u64>) -> bool {
+    commit.is_some_and(|c| stored.is_some_and(|s| c <= s))
+}
+
+/// Streams what the slot holds for `tables` (peeked, so the slot does not move; through a
+/// cursor, so memory stays flat), at most `upto` changes when given, to `each` with its
+/// transaction's xid, until `each` breaks; says whether it did.
+fn peek(
+    client: &SpiClient<'_>,
+    tables: &HashMap<(String, String), Tracked>,
+    upto: Option<i32>,
+    mut each: impl FnMut(u32, Value) -> ControlFlow<()>,
+) -> ControlFlow<()> {
+    let sql = format!(
+        "SELECT xid::text, data FROM pg_catalog.pg_logical_slot_peek_changes($1, NULL, $2, {})",
+        peek_options(tables)
+    );
+    let mut cursor = client.open_cursor(sql.as_str(), &[SLOT.into(), upto.into()]);
     loop {
         let rows = cursor.fetch(FETCH).expect("reading decoded changes");
         if rows.is_empty() {
-            return true;
+            return ControlFlow::Continue(());
         }
         for row in rows {
+            let xid = row.get::<String>(1).unwrap().and_then(|x| x.parse().ok());
             let data: String = row.get(2).unwrap().unwrap();
             let change: Value = serde_json::from_str(&data).expect("wal2json writes JSON");
-            match change["action"].as_str() {
-                Some("B") => {
-                    let commit = change["lsn"].as_str().map(parse_lsn);
-                    let xid: u32 = row
-                        .get::<String>(1)
-                        .unwrap()
-                        .and_then(|x| x.parse().ok())
-                        .unwrap_or(0);
-                    // SAFETY: a valid snapshot; xid of a committed transaction.
-                    let visible = !unsafe {
-                        pg_sys::XidInMVCCSnapshot(pg_sys::TransactionId::from(xid), snapshot)
-                    };
-                    pending = visible && commit.is_none_or(|c| stored.is_none_or(|s| c > s));
-                }
-                Some("I" | "U" | "D" | "T") if pending => return false,
-                _ => {}
-            }
+            each(xid.unwrap_or(0), change)?;
         }
     }
 }
