@@ -61,12 +61,7 @@ loadgen idle --connections "${IDLE_CONNECTIONS:-10000}" --gateway-pid "$GATEWAY_
 restart_gateway
 ROWS=${SNAPSHOT_ROWS:-1000000}
 loadgen snapshot --rows "$ROWS" --gateway-pid "$GATEWAY_PID"
-best=
-for _ in 1 2 3; do
-    start=$(date +%s.%N)
-    psql -qAt -c "COPY bench_snapshot TO STDOUT" >/dev/null
-    best=$(python3 -c "print(min($(date +%s.%N) - $start, ${best:-1e9}))")
-done
+best=$(best_of_3 psql -qAt -c "COPY bench_snapshot TO STDOUT")
 echo "{\"mode\": \"copy\", \"rows\": $ROWS, \"seconds\": $best}" | tee -a "$OUT/results.jsonl"
 # Row-level security last: the table keeps its policy from here on.
 restart_gateway

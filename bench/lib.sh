@@ -6,6 +6,16 @@ WORK=$(mktemp -d /tmp/pg_sync_bench.XXXXXX)
 chown postgres:postgres "$WORK" 2>/dev/null || true
 
 as_pg() { if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi; }
+# The shortest wall time, in seconds, of three runs of a command (its output discarded).
+best_of_3() {
+    local best= start
+    for _ in 1 2 3; do
+        start=$(date +%s.%N)
+        "$@" >/dev/null
+        best=$(python3 -c "print(min($(date +%s.%N) - $start, ${best:-1e9}))")
+    done
+    echo "$best"
+}
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 
 PORT=$(free_port)

@@ -23,21 +23,15 @@ SQL
 OPTIONS="'format-version', '2', 'include-xids', '1', 'include-lsn', '1', 'include-timestamp', '1',
          'include-pk', '1', 'include-transaction', '1', 'include-type-oids', '1',
          'add-tables', 'public.bench_wal', 'add-msg-prefixes', 'pg_sync'"
-now() { date +%s.%N; }
-raw=
-for _ in 1 2 3; do
-    start=$(now)
-    psql -qAt -c "SELECT count(*) FROM pg_logical_slot_peek_changes('pg_sync', NULL, NULL, $OPTIONS)" >/dev/null
-    raw=$(python3 -c "print(min($(now) - $start, ${raw:-1e9}))")
-done
-start=$(now)
+raw=$(best_of_3 psql -qAt -c "SELECT count(*) FROM pg_logical_slot_peek_changes('pg_sync', NULL, NULL, $OPTIONS)")
+start=$(date +%s.%N)
 stored=0
 while :; do
     added=$(psql -qAt -c "SELECT sync.ingest_wal(100000)")
     [ "$added" = 0 ] && break
     stored=$((stored + added))
 done
-ingest=$(python3 -c "print($(now) - $start)")
+ingest=$(python3 -c "print($(date +%s.%N) - $start)")
 [ "$stored" = "$CHANGES" ] || { echo "wal bench: stored $stored of $CHANGES changes" >&2; exit 1; }
 echo "{\"mode\": \"wal_ingest\", \"changes\": $CHANGES, \"raw_decode_seconds\": $raw, \"ingest_seconds\": $ingest}" \
     | tee -a "$OUT/results.jsonl"
