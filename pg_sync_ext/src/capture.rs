@@ -21,7 +21,7 @@
 //! sequence; it runs no SQL, so a writer's search_path cannot reach into it.
 
 use crate::jsonb::ToJsonb;
-use crate::log::{setting_client_id, LogRow, LogTable, LogTableError};
+use crate::log::{setting, LogRow, LogTable, LogTableError};
 use crate::wakeup;
 use pgrx::prelude::*;
 use pgrx::{PgMemoryContexts, PgRelation, PgTupleDesc};
@@ -259,7 +259,7 @@ impl TableCapture {
             old_data: old_data.map(|(t, d)| self.to_json.convert(t, d)),
             changed_columns,
             schema_version: self.schema_version,
-            client_id: setting_client_id(),
+            client_id: setting(c"sync.client_id"), // the writer's origin tag
             source: "trigger",
             lsn: None,
         });

@@ -122,11 +122,11 @@ impl LogTable {
     }
 }
 
-/// The writer's origin tag: the `sync.client_id` setting, NULL when unset or empty.
-pub fn setting_client_id() -> Option<String> {
+/// A setting's value (`SET sync.client_id = ...`), None when unset or empty.
+pub fn setting(name: &CStr) -> Option<String> {
     // SAFETY: GetConfigOption returns NULL or a string owned by the GUC machinery.
     unsafe {
-        let value = pg_sys::GetConfigOption(c"sync.client_id".as_ptr(), true, false);
+        let value = pg_sys::GetConfigOption(name.as_ptr(), true, false);
         if value.is_null() {
             return None;
         }

@@ -367,7 +367,7 @@ fn ingest(client: &mut SpiClient<'_>, max_changes: i32) -> i64 {
             .expect("recording the new slot's start");
         stored = before_start;
     } else if let Some(stored) = &stored {
-        if fault() != Some("skip_advance") {
+        if fault().as_deref() != Some("skip_advance") {
             client
                 .update(
                     "SELECT pg_catalog.pg_replication_slot_advance($1, $2::pg_lsn + 1)
@@ -445,7 +445,7 @@ fn ingest(client: &mut SpiClient<'_>, max_changes: i32) -> i64 {
             )
             .expect("tagging stored rows");
     }
-    if fault() == Some("fail_after_store") {
+    if fault().as_deref() == Some("fail_after_store") {
         error!("sync.test_ingest_fault: failing after storing, before the slot moves");
     }
     if let Some(commit) = last_commit {
@@ -681,21 +681,8 @@ fn peek_options(tables: &HashMap<(String, String), Tracked>) -> String {
 }
 
 /// The test-only fault to inject (`SET sync.test_ingest_fault = ...`).
-fn fault() -> Option<&'static str> {
-    // SAFETY: GetConfigOption returns NULL or a string owned by the GUC machinery.
-    let value = unsafe {
-        let v = pg_sys::GetConfigOption(c"sync.test_ingest_fault".as_ptr(), true, false);
-        if v.is_null() {
-            String::new()
-        } else {
-            CStr::from_ptr(v).to_string_lossy().into_owned()
-        }
-    };
-    match value.as_str() {
-        "skip_advance" => Some("skip_advance"),
-        "fail_after_store" => Some("fail_after_store"),
-        _ => None,
-    }
+fn fault() -> Option<String> {
+    crate::log::setting(c"sync.test_ingest_fault")
 }
 
 fn parse_lsn(text: &str) -> u64 {
