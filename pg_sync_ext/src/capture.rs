@@ -17,12 +17,17 @@
 //! - `entity_id` is the key's text, or for a composite key the JSON array of the columns' texts
 //!   (`["7","u1"]`).
 //!
-//! The function is SECURITY DEFINER (api.sql) so writers need no privilege on the log's
-//! sequence; it runs no SQL, so a writer's search_path cannot reach into it.
+//! It runs as the writer (not SECURITY DEFINER: `to_jsonb` calls user-defined casts, which
+//! must not run with the extension owner's rights) and needs no privilege on `sync`: the log
+//! is written by `log.rs` without asking for any. It runs no SQL, so a writer's search_path
+//! cannot reach into it. Because anyone could attach it to a table of their own, it writes
+//! only for a table and options recorded in `sync.tracked` (SPEC 1.9), checked when its
+//! cache entry is built.
 
 use crate::jsonb::ToJsonb;
 use crate::log::{setting, LogRow, LogTable, LogTableError};
 use crate::wakeup;
+use pgrx::pg_sys::panic::ErrorReport;
 use pgrx::prelude::*;
 use pgrx::{PgMemoryContexts, PgRelation, PgTupleDesc};
 use std::cell::RefCell;
@@ -55,27 +60,57 @@ pub enum CaptureError {
     Misused,
     #[error("sync.capture: the trigger arguments of {0} are damaged; run sync.track again")]
     BadArguments(String),
+    #[error("sync.capture: {0} is not tracked with these options; only sync.track installs capture triggers")]
+    NotTracked(String),
     #[error("sync.capture: {0} has no primary key")]
     NoPrimaryKey(String),
     #[error(transparent)]
     Log(#[from] LogTableError),
 }
 
+impl CaptureError {
+    /// Raises the error with its SQLSTATE.
+    fn report(self) -> ! {
+        let code = match self {
+            CaptureError::NotTracked(_) => PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
+            CaptureError::NoPrimaryKey(_) => {
+                PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE
+            }
+            CaptureError::Misused | CaptureError::BadArguments(_) => {
+                PgSqlErrorCode::ERRCODE_TRIGGERED_ACTION_EXCEPTION
+            }
+            CaptureError::Log(_) => PgSqlErrorCode::ERRCODE_INTERNAL_ERROR,
+        };
+        ErrorReport::new(code, self.to_string(), "sync.capture").report(PgLogLevel::ERROR);
+        unreachable!("an ERROR does not return")
+    }
+}
+
 #[pg_trigger]
 fn capture<'a>(
     trigger: &'a PgTrigger<'a>,
-) -> Result<Option<PgHeapTuple<'a, AllocatedByPostgres>>, CaptureError> {
+) -> Result<Option<PgHeapTuple<'a, AllocatedByPostgres>>, std::convert::Infallible> {
+    if let Err(e) = capture_change(trigger) {
+        e.report();
+    }
+    Ok(None)
+}
+
+fn capture_change(trigger: &PgTrigger<'_>) -> Result<(), CaptureError> {
     let data = trigger.trigger_data();
     let event = data.tg_event;
-    if !pgrx::trigger_support::trigger_fired_after(event) {
-        return Err(CaptureError::Misused);
+    let truncate = pgrx::trigger_support::trigger_fired_by_truncate(event);
+    if !pgrx::trigger_support::trigger_fired_after(event)
+        || truncate == pgrx::trigger_support::trigger_fired_for_row(event)
+    {
+        return Err(CaptureError::Misused); // AFTER, per row, or per statement for TRUNCATE
     }
     // SAFETY: PostgreSQL hands the trigger an open relation and tuples that live until the
     // trigger returns.
     unsafe {
         let table = table_capture(trigger)?;
         let tupdesc = (*data.tg_relation).rd_att;
-        if pgrx::trigger_support::trigger_fired_by_truncate(event) {
+        if truncate {
             table.log("TRUNCATE", None, None, None, None);
         } else if pgrx::trigger_support::trigger_fired_by_insert(event) {
             let new = data.tg_trigtuple;
@@ -115,7 +150,7 @@ fn capture<'a>(
             }
         }
     }
-    Ok(None)
+    Ok(())
 }
 
 /// The cached capture of the firing trigger, built on first use.
@@ -151,6 +186,16 @@ impl TableCapture {
             .parse()
             .map_err(|_| CaptureError::BadArguments(table_name.clone()))?;
         let allow_list = &args[2..];
+        let tracked = TrackedRow::find(rel.oid());
+        let matches = tracked.as_ref().is_some_and(|t| {
+            t.capture == "trigger"
+                && t.entity_code == *entity_code
+                && t.schema_version == schema_version
+                && t.columns.as_deref().unwrap_or_default() == allow_list
+        });
+        if !matches {
+            return Err(CaptureError::NotTracked(table_name));
+        }
 
         let key = primary_key(rel.as_ptr());
         if key.is_empty() {
@@ -264,6 +309,70 @@ impl TableCapture {
             lsn: None,
         });
         wakeup::note_log_write();
+    }
+}
+
+/// A table's row of `sync.tracked`, read without SQL and without privileges (the writer has
+/// none on `sync`), as of the latest snapshot, like the trigger that fired.
+struct TrackedRow {
+    entity_code: String,
+    capture: String,
+    columns: Option<Vec<String>>,
+    schema_version: i32,
+}
+
+impl TrackedRow {
+    fn find(relid: pg_sys::Oid) -> Option<TrackedRow> {
+        // SAFETY: a scan of sync.tracked by its first column (relid), opened and closed here;
+        // the columns are read by their position in schema.sql.
+        unsafe {
+            let schema = pg_sys::get_namespace_oid(c"sync".as_ptr(), true);
+            let table = pg_sys::get_relname_relid(c"tracked".as_ptr(), schema);
+            if table == pg_sys::InvalidOid {
+                return None;
+            }
+            let rel = pg_sys::table_open(table, pg_sys::AccessShareLock as i32);
+            let mut key = pg_sys::ScanKeyData::default();
+            pg_sys::ScanKeyInit(
+                &mut key,
+                1,
+                pg_sys::BTEqualStrategyNumber as u16,
+                pg_sys::Oid::from(pg_sys::F_OIDEQ),
+                pg_sys::Datum::from(relid),
+            );
+            let scan = pg_sys::systable_beginscan(
+                rel,
+                pg_sys::InvalidOid,
+                false,
+                pg_sys::GetLatestSnapshot(),
+                1,
+                &mut key,
+            );
+            let tuple = pg_sys::systable_getnext(scan);
+            let found = (!tuple.is_null()).then(|| {
+                let desc = (*rel).rd_att;
+                let get = |attnum: i32| {
+                    let mut is_null = false;
+                    let datum = pg_sys::heap_getattr(tuple, attnum, desc, &mut is_null);
+                    (datum, is_null)
+                };
+                let text = |attnum| {
+                    let (d, n) = get(attnum);
+                    String::from_datum(d, n).unwrap_or_default()
+                };
+                let (columns, columns_null) = get(4);
+                let (version, version_null) = get(5);
+                TrackedRow {
+                    entity_code: text(2),
+                    capture: text(3),
+                    columns: Vec::<String>::from_datum(columns, columns_null),
+                    schema_version: i32::from_datum(version, version_null).unwrap_or_default(),
+                }
+            });
+            pg_sys::systable_endscan(scan);
+            pg_sys::table_close(rel, pg_sys::AccessShareLock as i32);
+            found
+        }
     }
 }
 

@@ -8,6 +8,9 @@
 //! - `cursor`: what a position in the log is (a snapshot), as pure Rust;
 //! - `changes`: reading the log from a cursor.
 //!
+//! Beside them: `wal` (capture from the WAL through wal2json), `roles` (whose rights each
+//! piece runs with: SPEC 1.9) and `gucs` (settings).
+//!
 //! The tables live in `sql/schema.sql`, the PL/pgSQL part of the API (tracking, pruning,
 //! status and the error-raising wrapper of `changes_since`) in `sql/api.sql`.
 
@@ -16,8 +19,10 @@ use pgrx::prelude::*;
 mod capture;
 mod changes;
 mod cursor;
+mod gucs;
 mod jsonb;
 mod log;
+mod roles;
 mod wakeup;
 mod wal;
 
@@ -28,6 +33,7 @@ extension_sql_file!("sql/api.sql", name = "api", finalize);
 
 #[pg_guard]
 pub extern "C-unwind" fn _PG_init() {
+    gucs::init();
     wakeup::init();
 }
 

@@ -7,6 +7,10 @@
 //! `nextval`, one heap insert and one insert per index, as PostgreSQL does for its catalogs
 //! (`CatalogTupleInsert`). The log has no triggers, constraints or rules to skip; the column
 //! layout is checked once against what this module writes.
+//!
+//! Neither the heap insert nor the id (`nextval_internal` without its permission check)
+//! asks for privileges: the capture runs as the writer, who has none on `sync`, and this is
+//! the only way it writes there. Nothing here runs user-defined code.
 
 use pgrx::prelude::*;
 use std::ffi::CStr;
@@ -90,12 +94,11 @@ impl LogTable {
     /// The datums in `row` must be valid values of the columns' types.
     pub unsafe fn append(&self, row: LogRow<'_>) -> i64 {
         let rel = pg_sys::table_open(self.relid, pg_sys::RowExclusiveLock as i32);
-        let id = pgrx::direct_function_call_as_datum(
-            pg_sys::nextval_oid,
-            &[Some(pg_sys::Datum::from(self.sequence))],
-        );
+        let id = pg_sys::submodules::ffi::pg_guard_ffi_boundary(|| {
+            nextval_internal(self.sequence, false)
+        });
         let values: [Option<pg_sys::Datum>; 14] = [
-            id,
+            Some(pg_sys::Datum::from(id)),
             row.table_name.into_datum(),
             row.entity_code.into_datum(),
             row.op.into_datum(),
@@ -118,8 +121,14 @@ impl LogTable {
         pg_sys::CatalogTupleInsert(rel, tuple);
         pg_sys::heap_freetuple(tuple);
         pg_sys::table_close(rel, pg_sys::NoLock as i32);
-        id.map(|d| d.value() as i64).unwrap_or_default()
+        id
     }
+}
+
+unsafe extern "C-unwind" {
+    /// commands/sequence.h; `check_permissions = false` skips the USAGE/UPDATE check that
+    /// `nextval()` makes for the current user.
+    fn nextval_internal(relid: pg_sys::Oid, check_permissions: bool) -> i64;
 }
 
 /// A setting's value (`SET sync.client_id = ...`), None when unset or empty.

@@ -18,9 +18,12 @@
 //! whole with bounded memory. Known wal2json limits: a numeric NaN or ±Infinity arrives as
 //! JSON null (recorded as NULL); a logical message's content ends at a NUL byte.
 
+use crate::gucs::test_ingest_fault;
 use crate::jsonb::{to_value, ToJsonb};
 use crate::log::{LogRow, LogTable};
+use crate::roles::as_role;
 use crate::wakeup;
+use pgrx::pg_sys::panic::ErrorReport;
 use pgrx::prelude::*;
 use pgrx::spi::SpiClient;
 use pgrx::JsonB;
@@ -46,6 +49,9 @@ pub struct Tracked {
     pub published: Option<Vec<String>>,
     /// The primary key's columns in key order.
     pub key: Vec<String>,
+    /// The table's owner: its values are typed with the owner's rights, not the
+    /// extension's (type input functions, domain checks and casts to json are user code).
+    pub owner: pg_sys::Oid,
 }
 
 impl Tracked {
@@ -64,7 +70,8 @@ fn tracked_tables(client: &SpiClient<'_>, wal_only: bool) -> HashMap<(String, St
                     ARRAY(SELECT a.attname::text FROM pg_catalog.pg_index i
                            CROSS JOIN LATERAL unnest(i.indkey::int2[]) WITH ORDINALITY u(attnum, o)
                             JOIN pg_catalog.pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = u.attnum
-                           WHERE i.indrelid = t.relid AND i.indisprimary ORDER BY u.o)
+                           WHERE i.indrelid = t.relid AND i.indisprimary ORDER BY u.o),
+                    c.relowner
                FROM sync.tracked t
                JOIN pg_catalog.pg_class c ON c.oid = t.relid
                JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
@@ -83,6 +90,7 @@ fn tracked_tables(client: &SpiClient<'_>, wal_only: bool) -> HashMap<(String, St
             schema_version: r.get(4).unwrap().unwrap(),
             published: r.get(5).unwrap(),
             key: r.get(6).unwrap().unwrap_or_default(),
+            owner: r.get(7).unwrap().unwrap(),
         };
         (key, tracked)
     })
@@ -256,7 +264,8 @@ pub fn enrich(change: &Value, tracked: &Tracked, types: &mut Types) -> Vec<Enric
 }
 
 /// One wal2json format-version-2 change as the log rows it becomes (a JSON array, empty when
-/// the table is not tracked or an UPDATE changed nothing published).
+/// the table is not tracked or an UPDATE changed nothing published). Runs as the caller,
+/// who needs to read `sync.tracked`.
 #[pg_extern(name = "enrich_wal2json", stable, parallel_safe)]
 fn enrich_wal2json(change: JsonB) -> JsonB {
     let change = change.0;
@@ -324,50 +333,13 @@ fn ingest(client: &mut SpiClient<'_>, max_changes: i32) -> i64 {
         .first()
         .get_one()
         .unwrap();
-    let slot_exists: bool = client
-        .select(
-            "SELECT EXISTS (SELECT FROM pg_catalog.pg_replication_slots WHERE slot_name = $1)",
-            None,
-            &[SLOT.into()],
-        )
-        .unwrap()
-        .first()
-        .get_one()
-        .unwrap()
-        .unwrap_or(false);
     let mut added = 0;
-    if !slot_exists {
-        // Before any write of this transaction, PostgreSQL requires; `select` runs it without
-        // first giving the transaction an xid (pgrx's `update` would).
-        let start: Option<String> = client
-            .select(
-                "SELECT lsn::text FROM pg_catalog.pg_create_logical_replication_slot($1, 'wal2json')",
-                None,
-                &[SLOT.into()],
-            )
-            .and_then(|rows| rows.first().get_one())
-            .expect(
-                "creating the pg_sync slot (the first ingest must run in a transaction of its own)",
-            );
-        if stored.is_some() {
-            // The slot was lost after changes were read from it: what happened in between is
-            // gone. Clients must not believe they are current, so each WAL entity gets a
-            // TRUNCATE (a RESYNC for them), and sync.status() says when.
-            added += mark_slot_lost(client, &tables);
-        }
-        // Everything before the new slot's start counts as stored: the slot is then just past
-        // what is stored, as after any ingest, which `_wal_settled` relies on.
-        let before_start = start.map(|s| format_lsn(parse_lsn(&s) - 1));
-        client
-            .update(
-                "UPDATE sync.state SET wal_stored_lsn = $1::pg_lsn",
-                None,
-                &[before_start.as_deref().into()],
-            )
-            .expect("recording the new slot's start");
-        stored = before_start;
+    if !slot_exists(client) {
+        let (lost, start) = create_slot(client, &tables, stored.is_some());
+        added += lost;
+        stored = Some(start);
     } else if let Some(stored) = &stored {
-        if fault().as_deref() != Some("skip_advance") {
+        if test_ingest_fault().as_deref() != Some("skip_advance") {
             client
                 .update(
                     "SELECT pg_catalog.pg_replication_slot_advance($1, $2::pg_lsn + 1)
@@ -424,7 +396,7 @@ fn ingest(client: &mut SpiClient<'_>, max_changes: i32) -> i64 {
                     change["table"].as_str().unwrap_or("").to_owned(),
                 );
                 if let Some(tracked) = tables.get(&key) {
-                    for r in enrich(&change, tracked, &mut types) {
+                    for r in as_role(tracked.owner, || enrich(&change, tracked, &mut types)) {
                         let id = append(&log, r, &tx);
                         tx.first_id.get_or_insert(id);
                         tx.last_id = Some(id);
@@ -445,7 +417,7 @@ fn ingest(client: &mut SpiClient<'_>, max_changes: i32) -> i64 {
             )
             .expect("tagging stored rows");
     }
-    if fault().as_deref() == Some("fail_after_store") {
+    if test_ingest_fault().as_deref() == Some("fail_after_store") {
         error!("sync.test_ingest_fault: failing after storing, before the slot moves");
     }
     if let Some(commit) = last_commit {
@@ -465,6 +437,100 @@ fn ingest(client: &mut SpiClient<'_>, max_changes: i32) -> i64 {
         wakeup::note_log_write();
     }
     added
+}
+
+/// Creates pg_sync's replication slot unless it exists, so that no WAL change committed
+/// from now on is missed (SPEC 1.5); true when it made one. `sync.track(..., capture =>
+/// 'wal')` calls it before it writes anything, and so can an administrator, in a transaction
+/// of its own, where `track` cannot (its transaction has already written).
+#[pg_extern(volatile, parallel_unsafe)]
+fn create_wal_slot() -> bool {
+    Spi::connect_mut(|client| {
+        // One creator at a time, and not while an ingest reads the slot.
+        client
+            .select(
+                "SELECT pg_catalog.pg_advisory_xact_lock($1)",
+                None,
+                &[INGEST_LOCK.into()],
+            )
+            .expect("taking the ingest lock");
+        if slot_exists(client) {
+            return false;
+        }
+        let tables = tracked_tables(client, true);
+        let stored: Option<String> = client
+            .select("SELECT wal_stored_lsn::text FROM sync.state", None, &[])
+            .unwrap()
+            .first()
+            .get_one()
+            .unwrap();
+        create_slot(client, &tables, stored.is_some());
+        true
+    })
+}
+
+fn slot_exists(client: &SpiClient<'_>) -> bool {
+    client
+        .select(
+            "SELECT EXISTS (SELECT FROM pg_catalog.pg_replication_slots WHERE slot_name = $1)",
+            None,
+            &[SLOT.into()],
+        )
+        .unwrap()
+        .first()
+        .get_one()
+        .unwrap()
+        .unwrap_or(false)
+}
+
+/// Creates the slot; `was_read` says an earlier slot had been read from, so that its loss
+/// is announced. Returns the log rows that announcement added and the LSN now counted as
+/// stored (just before the new slot's start).
+fn create_slot(
+    client: &mut SpiClient<'_>,
+    tables: &HashMap<(String, String), Tracked>,
+    was_read: bool,
+) -> (i64, String) {
+    // SAFETY: reads the current transaction's state.
+    if unsafe { pg_sys::GetTopTransactionIdIfAny() } != pg_sys::InvalidTransactionId {
+        ErrorReport::new(
+            PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            "pg_sync: WAL capture needs its replication slot, and a transaction that has \
+             already written cannot create one",
+            function_name!(),
+        )
+        .set_hint("Run SELECT sync.create_wal_slot(); in a transaction of its own first.")
+        .report(PgLogLevel::ERROR);
+    }
+    // `select` runs it without first giving the transaction an xid (pgrx's `update` would).
+    let start: String = client
+        .select(
+            "SELECT lsn::text FROM pg_catalog.pg_create_logical_replication_slot($1, 'wal2json')",
+            None,
+            &[SLOT.into()],
+        )
+        .and_then(|rows| rows.first().get_one())
+        .expect("creating the pg_sync slot")
+        .expect("a new slot has a start");
+    let lost = if was_read {
+        // The slot was lost after changes were read from it: what happened in between is
+        // gone. Clients must not believe they are current, so each WAL entity gets a
+        // TRUNCATE (a RESYNC for them), and sync.status() says when.
+        mark_slot_lost(client, tables)
+    } else {
+        0
+    };
+    // Everything before the new slot's start counts as stored: the slot is then just past
+    // what is stored, as after any ingest, which `_wal_settled` relies on.
+    let before_start = format_lsn(parse_lsn(&start) - 1);
+    client
+        .update(
+            "UPDATE sync.state SET wal_stored_lsn = $1::pg_lsn",
+            None,
+            &[before_start.as_str().into()],
+        )
+        .expect("recording the new slot's start");
+    (lost, before_start)
 }
 
 /// Whether a snapshot of `entity_code` taken by the calling REPEATABLE READ transaction may
@@ -678,11 +744,6 @@ fn peek_options(tables: &HashMap<(String, String), Tracked>) -> String {
     .map(|(k, v)| format!("{}, {}", literal(k), literal(v)))
     .collect::<Vec<_>>()
     .join(", ")
-}
-
-/// The test-only fault to inject (`SET sync.test_ingest_fault = ...`).
-fn fault() -> Option<String> {
-    crate::log::setting(c"sync.test_ingest_fault")
 }
 
 fn parse_lsn(text: &str) -> u64 {

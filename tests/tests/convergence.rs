@@ -260,6 +260,7 @@ async fn caches_converge_under_faults() {
     let bulk_rows = 20_000;
 
     let cluster = Cluster::start().await;
+    cluster.execute("SELECT sync.create_wal_slot()").await;
     cluster
         .execute(&format!(
             "CREATE TABLE acct (id int PRIMARY KEY, version int NOT NULL DEFAULT 1, body text);

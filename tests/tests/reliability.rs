@@ -39,7 +39,7 @@ async fn wait_for_status(gateway: &Gateway, path: &str, status: u16, patience: D
 
 /// A gauge of `/metrics`.
 async fn metric(gateway: &Gateway, name: &str) -> i64 {
-    let (_, text) = gateway.get("/metrics").await.unwrap();
+    let (_, text) = gateway.admin_get("/metrics").await.unwrap();
     text.lines()
         .find_map(|l| l.strip_prefix(&format!("{name} ")))
         .and_then(|v| v.trim().parse().ok())
@@ -273,6 +273,7 @@ async fn thirty_seconds_without_the_database_lose_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_dropped_slot_brings_resync_and_status_says_why() {
     let cluster = Cluster::start().await;
+    cluster.execute("SELECT sync.create_wal_slot()").await;
     cluster
         .execute(
             "CREATE TABLE ev (id int PRIMARY KEY, body text);
@@ -310,7 +311,7 @@ async fn a_dropped_slot_brings_resync_and_status_says_why() {
         }
     };
     assert_eq!(resync["entityCode"], "ev");
-    let (status, body) = gateway.get("/v1/status").await.unwrap();
+    let (status, body) = gateway.admin_get("/v1/status").await.unwrap();
     assert_eq!(status, 200);
     let status: Value = serde_json::from_str(&body).unwrap();
     assert!(

@@ -15,6 +15,13 @@ const TWINS: &str = "
     SELECT sync.track('by_trigger', columns => ARRAY['n', 'f', 't', 'd', 'j', 'a', 'b', 'u', 'big']);
     SELECT sync.track('by_wal', capture => 'wal', columns => ARRAY['n', 'f', 't', 'd', 'j', 'a', 'b', 'u', 'big']);";
 
+/// Creates the twin tables. Tracking for WAL capture needs the replication slot first, and the
+/// statements run in one transaction, which cannot create it once it has written.
+async fn twins(cluster: &Cluster) {
+    cluster.execute("SELECT sync.create_wal_slot()").await;
+    cluster.execute(TWINS).await;
+}
+
 async fn ingest(client: &Client) -> i64 {
     client
         .query_one("SELECT sync.ingest_wal(100000)", &[])
@@ -50,7 +57,7 @@ async fn log(
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn wal_capture_writes_what_trigger_capture_writes() {
     let cluster = Cluster::start().await;
-    cluster.execute(TWINS).await;
+    twins(&cluster).await;
     let client = cluster.connect().await;
     // The first ingest creates the slot: changes count from there.
     ingest(&client).await;
@@ -103,7 +110,7 @@ async fn wal_capture_writes_what_trigger_capture_writes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn origin_tags_follow_the_transaction_and_rollbacks_leave_nothing() {
     let cluster = Cluster::start().await;
-    cluster.execute(TWINS).await;
+    twins(&cluster).await;
     let client = cluster.connect().await;
     ingest(&client).await;
     cluster
@@ -143,7 +150,7 @@ async fn origin_tags_follow_the_transaction_and_rollbacks_leave_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_transaction_larger_than_max_changes_is_stored_whole() {
     let cluster = Cluster::start().await;
-    cluster.execute(TWINS).await;
+    twins(&cluster).await;
     let client = cluster.connect().await;
     ingest(&client).await;
     cluster
@@ -169,7 +176,7 @@ async fn a_transaction_larger_than_max_changes_is_stored_whole() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_failure_between_storing_and_moving_the_slot_stores_nothing_twice() {
     let cluster = Cluster::start().await;
-    cluster.execute(TWINS).await;
+    twins(&cluster).await;
     let client = cluster.connect().await;
     ingest(&client).await;
     cluster
@@ -216,7 +223,7 @@ async fn a_failure_between_storing_and_moving_the_slot_stores_nothing_twice() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_crash_in_the_middle_of_a_backlog_loses_and_doubles_nothing() {
     let cluster = Cluster::start().await;
-    cluster.execute(TWINS).await;
+    twins(&cluster).await;
     ingest(&cluster.connect().await).await;
     for batch in 0..20 {
         cluster
@@ -253,7 +260,7 @@ async fn a_crash_in_the_middle_of_a_backlog_loses_and_doubles_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn trigger_and_wal_changes_of_one_transaction_read_back_in_a_consistent_order() {
     let cluster = Cluster::start().await;
-    cluster.execute(TWINS).await;
+    twins(&cluster).await;
     let client = cluster.connect().await;
     ingest(&client).await;
     let mut reader = cluster.connect().await;
@@ -292,7 +299,7 @@ async fn trigger_and_wal_changes_of_one_transaction_read_back_in_a_consistent_or
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_ingests_do_not_overlap() {
     let cluster = Cluster::start().await;
-    cluster.execute(TWINS).await;
+    twins(&cluster).await;
     let first = cluster.connect().await;
     ingest(&first).await;
     cluster.execute("INSERT INTO by_wal (id) VALUES (1)").await;
@@ -305,10 +312,57 @@ async fn concurrent_ingests_do_not_overlap() {
     assert_eq!(log(&second, "by_wal").await.len(), 1);
 }
 
+/// The sequence that once lost row 1 (SPEC 1.5): `track` makes the slot, so a change made
+/// before any ingest is still captured.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn no_change_after_track_is_missed_before_the_first_ingest() {
+    let cluster = Cluster::start().await;
+    let client = cluster.connect().await;
+    for statement in [
+        "CREATE TABLE doc (id int PRIMARY KEY, title text)",
+        "SELECT sync.track('doc', capture => 'wal')",
+        "INSERT INTO doc VALUES (1, 'a')",
+    ] {
+        client.batch_execute(statement).await.unwrap();
+    }
+    assert_eq!(ingest(&client).await, 1);
+    assert_eq!(ingest(&client).await, 0);
+    client
+        .batch_execute("INSERT INTO doc VALUES (2, 'b')")
+        .await
+        .unwrap();
+    assert_eq!(ingest(&client).await, 1);
+    let ids: Vec<Option<String>> = log(&client, "doc").await.into_iter().map(|r| r.1).collect();
+    assert_eq!(ids, [Some("1".to_owned()), Some("2".to_owned())]);
+
+    // A transaction that has written cannot make the slot: track says so, and changes nothing.
+    let other = Cluster::start().await;
+    let error = other
+        .connect()
+        .await
+        .batch_execute(
+            "CREATE TABLE doc (id int PRIMARY KEY); SELECT sync.track('doc', capture => 'wal')",
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(sqlstate(&error), "55000");
+    let db = error.as_db_error().unwrap();
+    assert!(db.message().contains("replication slot"), "{}", db.message());
+    assert!(db.hint().unwrap_or_default().contains("sync.create_wal_slot()"));
+    let tracked: i64 = other
+        .connect()
+        .await
+        .query_one("SELECT count(*) FROM sync.tracked", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(tracked, 0);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_lost_slot_is_announced_not_hidden() {
     let cluster = Cluster::start().await;
-    cluster.execute(TWINS).await;
+    twins(&cluster).await;
     let client = cluster.connect().await;
     ingest(&client).await;
     cluster.execute("INSERT INTO by_wal (id) VALUES (1)").await;
@@ -319,12 +373,19 @@ async fn a_lost_slot_is_announced_not_hidden() {
         .unwrap();
     cluster.execute("INSERT INTO by_wal (id) VALUES (2)").await; // lost with the slot
     ingest(&client).await;
-    let ops: Vec<String> = log(&client, "by_wal")
+    // Recreated: from here on nothing is missed again, with or without an ingest between.
+    cluster.execute("INSERT INTO by_wal (id) VALUES (3)").await;
+    ingest(&client).await;
+    let rows: Vec<(String, Option<String>)> = log(&client, "by_wal")
         .await
         .into_iter()
-        .map(|r| r.0)
+        .map(|r| (r.0, r.1))
         .collect();
-    assert_eq!(ops, ["INSERT", "TRUNCATE"]);
+    let at = |op: &str, id: Option<&str>| (op.to_owned(), id.map(str::to_owned));
+    assert_eq!(
+        rows,
+        [at("INSERT", Some("1")), at("TRUNCATE", None), at("INSERT", Some("3"))]
+    );
     let lost: bool = client
         .query_one(
             "SELECT (sync.status()->'wal_slot'->>'lost_at') IS NOT NULL",
@@ -356,7 +417,7 @@ async fn wal_capture_needs_logical_decoding() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_gateway_ingests_and_delivers_wal_changes() {
     let cluster = Cluster::start().await;
-    cluster.execute(TWINS).await;
+    twins(&cluster).await;
     let gateway = Gateway::start(&cluster, &["--wal-ingest-interval-ms", "50"]).await;
     let mut session = gateway.connect("alice").await;
     session
@@ -377,7 +438,7 @@ async fn the_gateway_ingests_and_delivers_wal_changes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_snapshot_waits_for_its_wal_changes_to_reach_the_log() {
     let cluster = Cluster::start().await;
-    cluster.execute(TWINS).await;
+    twins(&cluster).await;
     let mut client = cluster.connect().await;
     // The first ingest creates the slot. No gateway ingests after it: a change committed now
     // is in the table and not yet in the log.

@@ -1,9 +1,17 @@
 -- pg_sync's SQL API written in PL/pgSQL: tracking, reading the log with its errors, pruning
--- and status. Runs last in `CREATE EXTENSION pg_sync`, after the Rust functions exist.
+-- and status, and who may call what. Runs last in `CREATE EXTENSION pg_sync`, after the Rust
+-- functions exist.
 --
 -- Identifiers reach dynamic SQL only through regclass output and format('%I'); trigger
 -- arguments through quote_literal. Every function pins search_path so that no object of the
 -- caller's schemas can stand in for a catalog function.
+--
+-- Privileges (SPEC 1.9, README "Setting up a database"): nothing here is granted to PUBLIC
+-- (the REVOKEs at the end). SECURITY DEFINER is used only where a caller must do something
+-- it has no right to do itself, and such functions run no code the caller can define:
+-- `track`/`untrack` (for the table's owner: write sync.tracked, install triggers of
+-- sync.capture, create the WAL slot), the event triggers (for anyone altering or dropping a
+-- table), `prune`, and in Rust `ingest_wal` and `_wal_settled` (read the slot).
 
 -- (Re)creates the capture triggers of one tracked table from its row in sync.tracked. The
 -- triggers carry the table's options as arguments (entity_code, schema_version, then the
@@ -21,7 +29,7 @@ BEGIN
     SELECT bool_or(tgenabled = 'D') INTO was_disabled
       FROM pg_trigger WHERE tgrelid = tbl AND tgname IN ('sync_capture', 'sync_capture_truncate');
     -- Our own ALTER TABLE below must not count as a schema change.
-    PERFORM set_config('sync.internal_ddl', 'on', true);
+    PERFORM sync._internal_ddl(true);
     PERFORM sync._drop_capture(tbl);
     IF t.capture = 'wal' THEN
         -- Old rows in full: DELETEs and UPDATEs need them for old_data, filters and ids.
@@ -41,7 +49,7 @@ BEGIN
                            CASE WHEN was_disabled THEN 'DISABLE' ELSE 'ENABLE ALWAYS' END, trg);
         END LOOP;
     END IF;
-    PERFORM set_config('sync.internal_ddl', '', true);
+    PERFORM sync._internal_ddl(false);
 END
 $$;
 
@@ -66,10 +74,12 @@ LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog AS $$
        AND coalesce(current_setting('output_plugin_libraries', true) ~ '(^|[ ,])wal2json($|[ ,])', true)
 $$;
 
+-- For the table's owner (checked), as the extension's owner: it writes sync.tracked, makes
+-- the capture triggers and, for WAL capture, the replication slot.
 CREATE FUNCTION sync.track(tbl regclass, entity_code text DEFAULT NULL,
                            capture text DEFAULT 'trigger', columns text[] DEFAULT NULL)
 RETURNS void
-LANGUAGE plpgsql SET search_path = pg_catalog AS $$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog AS $$
 #variable_conflict use_column
 DECLARE
     code text;
@@ -79,6 +89,7 @@ BEGIN
     IF tbl IS NULL THEN
         RAISE EXCEPTION 'sync.track: tbl must not be NULL' USING ERRCODE = '22004';
     END IF;
+    PERFORM sync._require_owner(tbl);
     IF (SELECT c.relkind FROM pg_class c WHERE c.oid = tbl) NOT IN ('r', 'p') THEN
         RAISE EXCEPTION 'sync.track: % is not a table', tbl USING ERRCODE = '42809';
     END IF;
@@ -128,6 +139,11 @@ BEGIN
         RAISE EXCEPTION 'sync.track: entity_code % is already used by %', quote_literal(code), holder
             USING ERRCODE = '23505';
     END IF;
+    IF track.capture = 'wal' THEN
+        -- Before anything is written (a slot cannot be made after): from here on, no change
+        -- of the table can be missed, whether or not anything ingests yet (SPEC 1.5).
+        PERFORM sync.create_wal_slot();
+    END IF;
 
     INSERT INTO sync.tracked AS t (relid, entity_code, capture, columns)
     VALUES (tbl, code, track.capture,
@@ -144,29 +160,33 @@ BEGIN
 END
 $$;
 
+-- For the table's owner (checked), as the extension's owner.
 CREATE FUNCTION sync.untrack(tbl regclass) RETURNS void
-LANGUAGE plpgsql SET search_path = pg_catalog AS $$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog AS $$
 BEGIN
+    PERFORM sync._require_owner(tbl);
     DELETE FROM sync.tracked WHERE relid = tbl;
     IF NOT FOUND THEN
         RAISE NOTICE 'sync.untrack: % is not tracked', tbl;
         RETURN;
     END IF;
-    PERFORM set_config('sync.internal_ddl', 'on', true);
+    PERFORM sync._internal_ddl(true);
     PERFORM sync._drop_capture(tbl);
-    PERFORM set_config('sync.internal_ddl', '', true);
+    PERFORM sync._internal_ddl(false);
 END
 $$;
 
 -- ALTER TABLE on a tracked table: a new schema_version, and triggers that carry it. Columns of
 -- the allow-list that no longer exist leave it (with a warning); the primary key stays.
+-- SECURITY DEFINER: it runs for every role's ALTER TABLE, most of which have no rights on
+-- sync; it only reads the command's targets and re-installs pg_sync's own triggers.
 CREATE FUNCTION sync._on_alter_table() RETURNS event_trigger
-LANGUAGE plpgsql SET search_path = pg_catalog AS $$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog AS $$
 DECLARE
     altered regclass;
     gone text[];
 BEGIN
-    IF current_setting('sync.internal_ddl', true) = 'on' THEN
+    IF sync._in_internal_ddl() THEN
         RETURN;
     END IF;
     FOR altered IN
@@ -198,9 +218,10 @@ CREATE EVENT TRIGGER sync_alter_table ON ddl_command_end WHEN TAG IN ('ALTER TAB
     EXECUTE FUNCTION sync._on_alter_table();
 ALTER EVENT TRIGGER sync_alter_table ENABLE ALWAYS;
 
--- DROP TABLE of a tracked table ends its tracking; its history stays.
+-- DROP TABLE of a tracked table ends its tracking; its history stays. SECURITY DEFINER, as
+-- _on_alter_table: every role's DROP runs it.
 CREATE FUNCTION sync._on_sql_drop() RETURNS event_trigger
-LANGUAGE plpgsql SET search_path = pg_catalog AS $$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog AS $$
 BEGIN
     DELETE FROM sync.tracked
      WHERE relid::oid IN (SELECT objid FROM pg_event_trigger_dropped_objects()
@@ -253,9 +274,10 @@ END
 $$;
 
 -- Removes the changes older than `keep` and moves the retention horizon past them. Only whole
--- transactions that every snapshot already sees are removed.
+-- transactions that every snapshot already sees are removed. SECURITY DEFINER: for the
+-- administrators granted EXECUTE, who need no rights on the log itself.
 CREATE FUNCTION sync.prune(keep interval DEFAULT '7 days') RETURNS bigint
-LANGUAGE plpgsql SET search_path = pg_catalog AS $$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog AS $$
 DECLARE
     new_horizon xid8;
     removed bigint;
@@ -328,10 +350,10 @@ END
 $$;
 
 -- Records that `user_id` applies mutation `id` in this transaction; false when it was
--- applied before. SECURITY DEFINER: the gateway calls it in the writing transaction, as the
--- writer's role, which has no privilege on sync.applied_mutation.
+-- applied before. The gateway calls it in the writing transaction before it takes on the
+-- user's role.
 CREATE FUNCTION sync.claim_mutation(user_id text, id text) RETURNS boolean
-LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog AS $$
+LANGUAGE sql SET search_path = pg_catalog AS $$
     WITH claimed AS (INSERT INTO sync.applied_mutation (user_id, id) VALUES ($1, $2)
                      ON CONFLICT DO NOTHING RETURNING 1)
     SELECT EXISTS (SELECT FROM claimed)
@@ -343,6 +365,42 @@ ALTER FUNCTION sync.ingest_wal(integer) SET search_path = pg_catalog, pg_temp;
 ALTER FUNCTION sync._wal_settled(text) SECURITY DEFINER;
 ALTER FUNCTION sync._wal_settled(text) SET search_path = pg_catalog, pg_temp;
 
--- Writers need no privilege on the log: the capture runs as the extension's owner. Its SQL
--- names only schema-qualified objects (capture.rs).
-ALTER FUNCTION sync.capture() SECURITY DEFINER;
+-- What a gateway's login role needs, and nothing that bypasses row-level security: reading
+-- the log and the tracked tables, keeping its subscriptions and heartbeat, claiming mutation
+-- ids and tagging writes, ingesting the WAL (which runs as the extension's owner).
+CREATE FUNCTION sync.grant_gateway(gateway regrole) RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog AS $$
+DECLARE
+    f regprocedure;
+BEGIN
+    IF gateway IS NULL THEN
+        RAISE EXCEPTION 'sync.grant_gateway: gateway must not be NULL' USING ERRCODE = '22004';
+    END IF;
+    IF (SELECT r.rolsuper OR r.rolbypassrls FROM pg_roles r WHERE r.oid = gateway) THEN
+        RAISE WARNING 'pg_sync: % is a superuser or bypasses row-level security; the gateway refuses to run as it', gateway;
+    END IF;
+    EXECUTE format('GRANT USAGE ON SCHEMA sync TO %s', gateway);
+    EXECUTE format('GRANT USAGE ON TYPE sync.change TO %s', gateway);
+    EXECUTE format('GRANT SELECT ON sync.change_history, sync.state, sync.tracked TO %s', gateway);
+    EXECUTE format('GRANT SELECT, INSERT, UPDATE, DELETE ON sync.subscription, sync.gateway TO %s', gateway);
+    EXECUTE format('GRANT SELECT, INSERT ON sync.applied_mutation TO %s', gateway);
+    FOREACH f IN ARRAY ARRAY[
+        'sync.current_cursor()', 'sync.changes_since(text, integer, text)',
+        'sync._changes_page(text, integer, text)', 'sync._cursor_problem(text)',
+        'sync._log_read_lock()', 'sync.cursor_reached(text, text)',
+        'sync.ingest_wal(integer)', 'sync._wal_settled(text)', 'sync.status()',
+        'sync._wakeup_mode()', 'sync.claim_mutation(text, text)', 'sync.tag_origin(text)'
+    ]::regprocedure[] LOOP
+        EXECUTE format('GRANT EXECUTE ON FUNCTION %s TO %s', f, gateway);
+    END LOOP;
+END
+$$;
+
+-- Nothing of pg_sync's is anyone's by default (SPEC 1.9): the grants above, and those the
+-- README lists for writers and administrators, are the only way in. Capture needs none.
+REVOKE ALL ON ALL FUNCTIONS IN SCHEMA sync FROM PUBLIC;
+REVOKE ALL ON ALL TABLES IN SCHEMA sync FROM PUBLIC;
+REVOKE ALL ON ALL SEQUENCES IN SCHEMA sync FROM PUBLIC;
+REVOKE ALL ON TYPE sync.change FROM PUBLIC;
+ALTER FUNCTION sync.create_wal_slot() SECURITY DEFINER;
+ALTER FUNCTION sync.create_wal_slot() SET search_path = pg_catalog, pg_temp;
