@@ -22,8 +22,9 @@ ulimit -n "$(ulimit -Hn)"
 GATEWAY_PORT=$(free_port)
 SECRET=bench-secret
 start_gateway() {
-    target/release/sync-gateway serve --database-url "host=127.0.0.1 port=$PORT user=postgres dbname=postgres" \
-        --listen "127.0.0.1:$GATEWAY_PORT" --jwt-secret "$SECRET" --max-subscriptions 100 \
+    target/release/sync-gateway serve --database-url "host=127.0.0.1 port=$PORT user=sync_gateway dbname=postgres" \
+        --listen "127.0.0.1:$GATEWAY_PORT" --admin-listen "127.0.0.1:$(free_port)" --jwt-secret "$SECRET" \
+        --default-role app_user --allowed-roles app_user,bench_user --max-subscriptions 100 \
         >"$WORK/gateway.log" 2>&1 &
     GATEWAY_PID=$!
     CLEANUP+=("kill $GATEWAY_PID 2>/dev/null; wait $GATEWAY_PID 2>/dev/null")

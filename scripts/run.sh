@@ -24,12 +24,13 @@ load_demo() {
     psql "$1" -v ON_ERROR_STOP=1 -q -c "CREATE EXTENSION IF NOT EXISTS pg_sync" -f sql/demo.sql >/dev/null
 }
 
-# Starts the gateway on database $1 and prints how to use it.
+# Starts the gateway on database $1 (a URL it logs in with: as sync_gateway, never a
+# superuser) and prints how to use it.
 start_gateway() {
-    SYNC_DATABASE_URL="$1" SYNC_LISTEN="$LISTEN" "$GATEWAY" serve &
+    SYNC_DATABASE_URL="$1" SYNC_LISTEN="$LISTEN" SYNC_DEFAULT_ROLE=app_user "$GATEWAY" serve &
     GATEWAY_PID=$!
     local token
-    token=$("$GATEWAY" token --sub demo --ttl 7d)
+    token=$("$GATEWAY" token --sub demo --role app_user --ttl 7d)
     cat <<EOF
 The gateway listens on ws://$LISTEN/ws/sync (health: http://$LISTEN/healthz, /readyz).
 A development token for user "demo", valid 7 days (secret: \$SYNC_JWT_SECRET):
@@ -63,7 +64,9 @@ if [ -n "${SYNC_DATABASE_URL:-}" ]; then
     echo "pg_sync is installed in $SYNC_DATABASE_URL with the demo schema (app.project, app.task)."
     trap stop_gateway EXIT
     trap 'exit 0' INT TERM
-    start_gateway "$SYNC_DATABASE_URL"
+    # The gateway logs in as the role sync_gateway: SYNC_GATEWAY_DATABASE_URL says how (a
+    # password, say); without it, the same URL is used, and a superuser there is refused.
+    start_gateway "${SYNC_GATEWAY_DATABASE_URL:-$SYNC_DATABASE_URL}"
     wait "$GATEWAY_PID"
     exit 0
 fi
@@ -107,5 +110,5 @@ The demo tables app.project and app.task are tracked.
 
 EOF
 trap 'exit 0' INT TERM
-start_gateway "$URL"
+start_gateway "postgresql://sync_gateway@127.0.0.1:$PORT/postgres"
 wait "$GATEWAY_PID"

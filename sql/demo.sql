@@ -20,6 +20,16 @@ CREATE TABLE IF NOT EXISTS app.task (
     updated_at  timestamptz NOT NULL DEFAULT now()
 );
 
+-- The roles of README's "Setting up a database": the gateway logs in as sync_gateway (no
+-- superuser, no BYPASSRLS) and acts for the demo's users as app_user.
+DO $$ BEGIN CREATE ROLE sync_gateway LOGIN; EXCEPTION WHEN duplicate_object THEN NULL; END $$;
+SELECT sync.grant_gateway('sync_gateway');
+DO $$ BEGIN CREATE ROLE app_user NOLOGIN; EXCEPTION WHEN duplicate_object THEN NULL; END $$;
+GRANT app_user TO sync_gateway;
+GRANT USAGE ON SCHEMA app TO app_user;
+GRANT SELECT, INSERT, UPDATE, DELETE ON app.project, app.task TO app_user;
+GRANT USAGE ON ALL SEQUENCES IN SCHEMA app TO app_user;
+
 SELECT sync.track('app.project');
 -- `notes` stays private: it never enters the log.
 SELECT sync.track('app.task', columns => ARRAY['project_id', 'title', 'status', 'assignee', 'updated_at']);

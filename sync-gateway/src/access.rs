@@ -5,6 +5,11 @@
 //! member of those roles and must not bypass RLS itself (not a superuser, not BYPASSRLS,
 //! not the tables' owner).
 //!
+//! Which roles a token may name is decided here (`Roles`, SPEC 2.2): only the allowed ones,
+//! never `none`, the login role, a superuser or a BYPASSRLS role, checked at start and again
+//! every few seconds (a role altered since is refused from then on). Nothing runs as the
+//! login role on a user's behalf: a user without a role reads and writes no table.
+//!
 //! Also here: which versions of rows a user may see, for delivering changes of tables with
 //! RLS enabled.
 
@@ -14,34 +19,130 @@ use crate::log::{Change, Op};
 use deadpool_postgres::Pool;
 use serde_json::{Map, Value};
 use std::borrow::Cow;
-use std::collections::HashMap;
-use std::sync::Arc;
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, RwLock};
 use tokio_postgres::{Client, IsolationLevel, SimpleQueryMessage, Transaction};
 
 /// Who a query runs as.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct UserContext {
     pub sub: String,
+    /// An allowed role; None when the token names none and there is no default role: such a
+    /// user reads and writes no table.
     pub role: Option<String>,
     /// The token's claims as JSON text.
     pub claims: String,
 }
 
 impl UserContext {
-    pub fn new(claims: &Claims, default_role: Option<&str>) -> Self {
-        UserContext {
-            sub: claims.sub.clone(),
-            role: claims
-                .role
-                .clone()
-                .or_else(|| default_role.map(str::to_owned)),
-            claims: Value::Object(claims.all.clone()).to_string(),
-        }
-    }
-
     /// Users that see the same rows: same role, same claims.
     pub fn group(&self) -> (Option<String>, String) {
         (self.role.clone(), self.claims.clone())
+    }
+}
+
+/// The roles tokens may name.
+pub struct Roles {
+    default: Option<String>,
+    /// --allowed-roles.
+    configured: Vec<String>,
+    /// The configured roles that are safe to act as now.
+    usable: RwLock<HashSet<String>>,
+}
+
+/// Why a token's role is refused.
+#[derive(Debug, thiserror::Error)]
+#[error("the role {0:?} is not one this gateway acts as")]
+pub struct RoleNotAllowed(pub String);
+
+/// Why the gateway must not start with its login role and roles.
+#[derive(Debug, thiserror::Error)]
+pub enum RolesError {
+    #[error(
+        "the login role {0} is a superuser or has BYPASSRLS, which bypasses row-level \
+         security for every user; log in as a role without (see README: Setting up a \
+         database), or pass --insecure-superuser for development"
+    )]
+    PrivilegedLogin(String),
+    #[error(
+        "--allowed-roles/--default-role: {0} cannot be acted as: it must exist, be neither \
+         `none`, the login role, a superuser nor BYPASSRLS, and the login role must be a \
+         member of it (GRANT {0} TO <login role>)"
+    )]
+    Unusable(String),
+    #[error("database: {0}")]
+    Database(#[from] tokio_postgres::Error),
+}
+
+/// The configured roles that are safe to act as, as the database says now.
+const USABLE_ROLES_SQL: &str = "
+SELECT r.rolname::text FROM pg_catalog.pg_roles r
+ WHERE r.rolname = ANY ($1::text[]) AND r.rolname <> current_user
+   AND NOT r.rolsuper AND NOT r.rolbypassrls
+   AND pg_catalog.pg_has_role(current_user, r.oid, 'MEMBER')";
+
+impl Roles {
+    /// Checks the login role and the configured roles: an error refuses to start.
+    pub async fn check(
+        client: &Client,
+        default: Option<String>,
+        configured: Vec<String>,
+        insecure_superuser: bool,
+    ) -> Result<Roles, RolesError> {
+        let row = client
+            .query_one(
+                "SELECT current_user::text, rolsuper OR rolbypassrls FROM pg_catalog.pg_roles
+                  WHERE rolname = current_user",
+                &[],
+            )
+            .await?;
+        let (login, privileged): (String, bool) = (row.get(0), row.get(1));
+        if privileged {
+            if !insecure_superuser {
+                return Err(RolesError::PrivilegedLogin(login));
+            }
+            tracing::warn!(
+                login,
+                "INSECURE: the login role bypasses row-level security (--insecure-superuser); \
+                 every user can read every row"
+            );
+        }
+        let roles = Roles {
+            default,
+            configured,
+            usable: RwLock::default(),
+        };
+        roles.refresh(client).await?;
+        let usable = roles.usable.read().expect("roles lock").clone();
+        if let Some(bad) = roles.configured.iter().find(|r| !usable.contains(*r)) {
+            return Err(RolesError::Unusable(bad.clone()));
+        }
+        Ok(roles)
+    }
+
+    /// Reads again which configured roles are safe to act as.
+    pub async fn refresh(&self, client: &Client) -> Result<(), tokio_postgres::Error> {
+        let rows = client.query(USABLE_ROLES_SQL, &[&self.configured]).await?;
+        let usable: HashSet<String> = rows.iter().map(|r| r.get(0)).collect();
+        *self.usable.write().expect("roles lock") = usable;
+        Ok(())
+    }
+
+    /// Whom a token's holder acts as: its `role` claim, which must be allowed, else the
+    /// default role, else no role at all.
+    pub fn user(&self, claims: &Claims) -> Result<UserContext, RoleNotAllowed> {
+        let role = match claims.role.as_ref().or(self.default.as_ref()) {
+            None => None,
+            Some(role) if self.usable.read().expect("roles lock").contains(role) => {
+                Some(role.clone())
+            }
+            Some(role) => return Err(RoleNotAllowed(role.clone())),
+        };
+        Ok(UserContext {
+            sub: claims.sub.clone(),
+            role,
+            claims: Value::Object(claims.all.clone()).to_string(),
+        })
     }
 }
 
@@ -63,17 +164,18 @@ pub async fn begin_as<'a>(
 }
 
 /// From here on in `tx`, queries run as `user`. (What must run as the gateway, such as reading
-/// the log's cursor, runs before.)
+/// the log's cursor, runs before.) A user without a role is refused before getting here.
 pub async fn act_as(tx: &Transaction<'_>, user: &UserContext) -> Result<(), tokio_postgres::Error> {
+    let role = user
+        .role
+        .as_deref()
+        .expect("users without a role act as nobody");
     tx.execute(
-        "SELECT pg_catalog.set_config('request.jwt.claims', $1, true)",
-        &[&user.claims],
+        "SELECT pg_catalog.set_config('request.jwt.claims', $1, true),
+                pg_catalog.set_config('role', $2, true)",
+        &[&user.claims, &role],
     )
     .await?;
-    if let Some(role) = &user.role {
-        tx.execute("SELECT pg_catalog.set_config('role', $1, true)", &[role])
-            .await?;
-    }
     Ok(())
 }
 
@@ -83,10 +185,13 @@ pub async fn can_read(
     user: &UserContext,
     entity: &Entity,
 ) -> Result<bool, tokio_postgres::Error> {
+    let Some(role) = &user.role else {
+        return Ok(false);
+    };
     let row = client
         .query_one(
-            "SELECT pg_catalog.has_table_privilege(coalesce($1::text, current_user::text), $2::text::regclass, 'SELECT')",
-            &[&user.role, &entity.table],
+            "SELECT pg_catalog.has_table_privilege($1::text, $2::text::regclass, 'SELECT')",
+            &[role, &entity.table],
         )
         .await?;
     Ok(row.get(0))
@@ -97,7 +202,7 @@ pub async fn can_read(
 pub enum Refusal {
     #[error("{0} is not a tracked entity")]
     Unknown(String),
-    #[error("{0} has row-level security and the token names no role")]
+    #[error("reading {0} needs a role, and the token names none (and there is no default role)")]
     NoRole(String),
     #[error("no read access to {0}")]
     NoPrivilege(String),
@@ -119,7 +224,7 @@ pub async fn readable_entity(
         .await
         .map_err(|e| Refusal::Failed(crate::ErrorChain(&e).to_string()))?
         .ok_or_else(|| Refusal::Unknown(code.to_owned()))?;
-    if entity.rls && user.role.is_none() {
+    if user.role.is_none() {
         return Err(Refusal::NoRole(entity.code.clone()));
     }
     let client = pool
@@ -143,10 +248,11 @@ pub async fn visible_rows(
     // One round trip, in order: the statements go as one simple query, with the values as
     // dollar-quoted literals (no escaping to get wrong). Checks run per group and batch,
     // and the five round trips of a parameterised transaction were most of their time.
-    let role = match &user.role {
-        Some(role) => literal(role),
-        None => "'none'".into(),
-    };
+    let role = literal(
+        user.role
+            .as_deref()
+            .expect("users without a role see no rows"),
+    );
     let sql = format!(
         "BEGIN READ ONLY;
          SELECT pg_catalog.set_config('request.jwt.claims', {claims}, true), pg_catalog.set_config('role', {role}, true);

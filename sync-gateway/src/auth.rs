@@ -78,14 +78,17 @@ impl Verifier {
         let mut validation = Validation::new(algorithm);
         validation.validate_nbf = true;
         validation.leeway = 0;
+        if let Some(issuer) = &args.jwt_issuer {
+            validation.set_issuer(&[issuer]);
+        }
         match &args.jwt_audience {
             Some(audience) => {
                 validation.set_audience(&[audience]);
-                validation.set_required_spec_claims(&["exp", "sub", "aud"]);
+                validation.set_required_spec_claims(&required(&["exp", "sub", "aud"], args));
             }
             None => {
                 validation.validate_aud = false;
-                validation.set_required_spec_claims(&["exp", "sub"]);
+                validation.set_required_spec_claims(&required(&["exp", "sub"], args));
             }
         }
         Ok(Verifier { key, validation })
@@ -107,6 +110,15 @@ impl Verifier {
             all,
         })
     }
+}
+
+/// The claims a token must carry: `iss` too when an issuer is configured.
+fn required<'a>(claims: &[&'a str], args: &AuthArgs) -> Vec<&'a str> {
+    let mut claims = claims.to_vec();
+    if args.jwt_issuer.is_some() {
+        claims.push("iss");
+    }
+    claims
 }
 
 /// A token signed with an HS256 secret, for development.
@@ -155,6 +167,7 @@ mod tests {
             jwt_secret: Some(secret.into()),
             jwt_public_key: None,
             jwt_audience: audience.map(Into::into),
+            jwt_issuer: None,
         }
     }
 
@@ -259,6 +272,32 @@ mod tests {
     }
 
     #[test]
+    fn the_issuer_is_checked_when_configured() {
+        let verifier = Verifier::new(&AuthArgs {
+            jwt_issuer: Some("https://id.example".into()),
+            ..args("s3cret", None)
+        })
+        .unwrap();
+        let later = now() + 600;
+        let with = |iss: Value| {
+            hs256(
+                serde_json::json!({"sub": "a", "exp": later, "iss": iss}),
+                "s3cret",
+            )
+        };
+        assert!(verifier.verify(&with("https://id.example".into())).is_ok());
+        assert!(verifier
+            .verify(&with("https://evil.example".into()))
+            .is_err());
+        assert!(verifier
+            .verify(&hs256(
+                serde_json::json!({"sub": "a", "exp": later}),
+                "s3cret"
+            ))
+            .is_err());
+    }
+
+    #[test]
     fn public_keys_pin_rs256_and_es256() {
         let keys = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/keys/");
         let claims = serde_json::json!({"sub": "a", "exp": now() + 600});
@@ -275,6 +314,7 @@ mod tests {
                 jwt_secret: None,
                 jwt_public_key: Some(public_path.clone().into()),
                 jwt_audience: None,
+                jwt_issuer: None,
             };
             let verifier = Verifier::new(&args).unwrap();
             let pem = std::fs::read(format!("{keys}{private}")).unwrap();
@@ -305,7 +345,8 @@ mod tests {
             Verifier::new(&AuthArgs {
                 jwt_secret: None,
                 jwt_public_key: None,
-                jwt_audience: None
+                jwt_audience: None,
+                jwt_issuer: None,
             }),
             Err(AuthError::NoKey)
         ));

@@ -77,7 +77,7 @@ pub async fn changes(
                 .entity_code
                 .as_ref()
                 .is_some_and(|e| *e != change.entity_code)
-                || (change.client_id.is_some() && change.client_id == params.client_id)
+                || change.written_by(&user.sub, params.client_id.as_deref())
             {
                 continue;
             }

@@ -35,12 +35,28 @@ pub struct ServeArgs {
     #[arg(long, env = "SYNC_LISTEN", default_value = "127.0.0.1:8787")]
     pub listen: SocketAddr,
 
+    /// Address for operators: `/metrics` and `/v1/status` are served here, not on --listen.
+    #[arg(long, env = "SYNC_ADMIN_LISTEN", default_value = "127.0.0.1:8788")]
+    pub admin_listen: SocketAddr,
+
     #[command(flatten)]
     pub auth: AuthArgs,
 
-    /// Role for row-visibility checks when a token has no `role` claim.
+    /// Role the gateway acts as for a token without a `role` claim. Without it (and
+    /// without a claim), every request that reads or writes a table is refused.
     #[arg(long, env = "SYNC_DEFAULT_ROLE")]
     pub default_role: Option<String>,
+
+    /// Roles a token's `role` claim may name, comma-separated (default: --default-role
+    /// alone). `none`, the gateway's login role, superusers and BYPASSRLS roles are never
+    /// allowed: the gateway refuses to start when the list holds one.
+    #[arg(long, env = "SYNC_ALLOWED_ROLES", value_delimiter = ',')]
+    pub allowed_roles: Vec<String>,
+
+    /// Run even though the login role is a superuser or has BYPASSRLS, which bypasses
+    /// row-level security for every user. For development only: a loud warning is logged.
+    #[arg(long, env = "SYNC_INSECURE_SUPERUSER", default_value_t = false, action = ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    pub insecure_superuser: bool,
 
     /// Drive sync.ingest_wal for WAL-captured tables while holding the ingest lock (one
     /// gateway at a time does).
@@ -95,6 +111,15 @@ impl ServeArgs {
     pub fn heartbeat(&self) -> Duration {
         Duration::from_secs(self.heartbeat_secs.max(1))
     }
+
+    /// The roles tokens may name: --allowed-roles, else --default-role alone.
+    pub fn allowed_roles(&self) -> Vec<String> {
+        if self.allowed_roles.is_empty() {
+            self.default_role.iter().cloned().collect()
+        } else {
+            self.allowed_roles.clone()
+        }
+    }
 }
 
 /// How tokens are checked. Exactly one of the two keys; its algorithm is the only one accepted.
@@ -111,6 +136,10 @@ pub struct AuthArgs {
     /// Required `aud` claim (not checked when unset).
     #[arg(long, env = "SYNC_JWT_AUDIENCE")]
     pub jwt_audience: Option<String>,
+
+    /// Required `iss` claim (not checked when unset).
+    #[arg(long, env = "SYNC_JWT_ISSUER")]
+    pub jwt_issuer: Option<String>,
 }
 
 #[derive(Debug, Args)]

@@ -47,6 +47,13 @@ pub fn app(state: Arc<AppState>) -> Router {
         )
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(ready))
+        .with_state(state)
+}
+
+/// The operators' endpoints, on their own listener (`--admin-listen`): they name tables,
+/// columns, the slot and a live cursor, which clients have no business knowing.
+pub fn admin_app(state: Arc<AppState>) -> Router {
+    Router::new()
         .route("/metrics", get(metrics))
         .route("/v1/status", get(status))
         .with_state(state)
@@ -60,7 +67,7 @@ pub struct ApiError {
 }
 
 impl ApiError {
-    fn new(status: StatusCode, error: &str, message: impl Into<String>) -> Self {
+    pub fn new(status: StatusCode, error: &str, message: impl Into<String>) -> Self {
         ApiError {
             status,
             body: json!({"error": error, "message": message.into()}),
@@ -152,12 +159,13 @@ impl IntoResponse for ApiError {
     }
 }
 
-/// The token of a request: `Authorization: Bearer`, else `?token=`.
+/// The token of a request (`Authorization: Bearer`, else `?token=`) and whom its holder acts
+/// as. A role the gateway may not act as is refused like a bad token: 401, `forbidden`.
 fn authenticate(
     state: &AppState,
     headers: &HeaderMap,
     query_token: Option<&str>,
-) -> Result<Claims, ApiError> {
+) -> Result<(Claims, UserContext), ApiError> {
     let bearer = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
@@ -165,14 +173,25 @@ fn authenticate(
     let token = bearer.or(query_token).ok_or_else(|| {
         ApiError::unauthorized("a token is required: Authorization: Bearer or ?token=")
     })?;
-    state
+    let claims = state
         .verifier
         .verify(token)
-        .map_err(|e| ApiError::unauthorized(e.to_string()))
+        .map_err(|e| ApiError::unauthorized(e.to_string()))?;
+    let user = state
+        .roles
+        .user(&claims)
+        .map_err(|e| ApiError::new(StatusCode::UNAUTHORIZED, "forbidden", e.to_string()))?;
+    Ok((claims, user))
 }
 
-fn user_of(state: &AppState, claims: &Claims) -> UserContext {
-    UserContext::new(claims, state.default_role.as_deref())
+/// A user that acts as a role: every endpoint that reads or writes a table needs one.
+fn with_role(user: UserContext) -> Result<UserContext, ApiError> {
+    match user.role {
+        Some(_) => Ok(user),
+        None => Err(ApiError::forbidden(
+            "the token names no role and the gateway has no default role",
+        )),
+    }
 }
 
 #[derive(Deserialize)]
@@ -188,8 +207,8 @@ async fn websocket(
     headers: HeaderMap,
     upgrade: WebSocketUpgrade,
 ) -> Response {
-    let claims = match authenticate(&state, &headers, params.token.as_deref()) {
-        Ok(claims) => claims,
+    let (claims, user) = match authenticate(&state, &headers, params.token.as_deref()) {
+        Ok(found) => found,
         Err(e) => return e.into_response(),
     };
     // Before the first read of the log there is no live position to subscribe from.
@@ -197,6 +216,9 @@ async fn websocket(
         return (StatusCode::SERVICE_UNAVAILABLE, "not ready").into_response();
     }
     let client_id = params.client_id.or_else(|| claims.client_id.clone());
+    if let Err(e) = check_client_id(client_id.as_deref()) {
+        return e.into_response();
+    }
     let tracker = state.tracker.clone();
     upgrade
         .max_message_size(MAX_FRAME_BYTES)
@@ -204,7 +226,7 @@ async fn websocket(
         .read_buffer_size(SOCKET_BUFFER_BYTES)
         .write_buffer_size(SOCKET_BUFFER_BYTES)
         .on_upgrade(move |socket| {
-            tracker.track_future(session::run(socket, state, claims, client_id))
+            tracker.track_future(session::run(socket, state, claims, user, client_id))
         })
 }
 
@@ -220,8 +242,7 @@ async fn snapshot_handler(
     Query(params): Query<SnapshotParams>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let claims = authenticate(&state, &headers, params.token.as_deref())?;
-    let user = user_of(&state, &claims);
+    let (_, user) = authenticate(&state, &headers, params.token.as_deref())?;
     let entity = readable_entity(&state.catalog, &state.pool, &user, &entity_code)
         .await
         .map_err(|refusal| match refusal {
@@ -242,9 +263,11 @@ async fn changes_handler(
     Query(params): Query<ChangesParams>,
     headers: HeaderMap,
 ) -> Result<Json<Value>, ApiError> {
-    let claims = authenticate(&state, &headers, params.token.as_deref())?;
-    let user = user_of(&state, &claims);
-    Ok(Json(changes::changes(state, user, params).await?))
+    let (_, user) = authenticate(&state, &headers, params.token.as_deref())?;
+    check_client_id(params.client_id.as_deref())?;
+    Ok(Json(
+        changes::changes(state, with_role(user)?, params).await?,
+    ))
 }
 
 async fn write_handler(
@@ -252,11 +275,23 @@ async fn write_handler(
     headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> Result<Json<Value>, ApiError> {
-    let claims = authenticate(&state, &headers, None)?;
+    let (_, user) = authenticate(&state, &headers, None)?;
     let request: WriteRequest =
         serde_json::from_slice(&body).map_err(|e| ApiError::bad_request(format!("body: {e}")))?;
-    let user = user_of(&state, &claims);
-    Ok(Json(write::write(state, user, request).await?))
+    check_client_id(request.client_id.as_deref())?;
+    Ok(Json(write::write(state, with_role(user)?, request).await?))
+}
+
+/// A client id (an origin tag, SPEC 2.3) must not hold `:`, which separates the user from the
+/// client id in the tags `/v1/write` records (`<sub>:<clientId>`): with it, one user's tag
+/// could spell another user's.
+fn check_client_id(client_id: Option<&str>) -> Result<(), ApiError> {
+    match client_id {
+        Some(id) if id.is_empty() || id.len() > 128 || id.contains(':') => Err(
+            ApiError::bad_request("clientId must have 1 to 128 characters and no ':'"),
+        ),
+        _ => Ok(()),
+    }
 }
 
 /// Ready when the database answers and the first read of the log is done.

@@ -38,6 +38,7 @@ pub mod write;
 #[cfg(test)]
 mod fuzz;
 
+use crate::access::Roles;
 use crate::auth::Verifier;
 use crate::catalog::Catalog;
 use crate::config::ServeArgs;
@@ -74,7 +75,7 @@ pub struct AppState {
     pub verifier: Verifier,
     pub catalog: Arc<Catalog>,
     pub metrics: Arc<Metrics>,
-    pub default_role: Option<String>,
+    pub roles: Arc<Roles>,
     pub gateway_id: String,
     /// Where the live stream stands; changes as batches are routed (long-polls wait on it).
     pub position: watch::Receiver<String>,
@@ -95,6 +96,10 @@ pub enum ServeError {
     DatabaseUrl(tokio_postgres::Error),
     #[error("cannot build the connection pool: {0}")]
     Pool(#[from] deadpool_postgres::BuildError),
+    #[error("cannot connect to the database: {0}")]
+    Connect(#[from] deadpool_postgres::PoolError),
+    #[error(transparent)]
+    Roles(#[from] access::RolesError),
     #[error("cannot listen on {address}: {source}")]
     Listen {
         address: std::net::SocketAddr,
@@ -118,6 +123,16 @@ pub async fn serve(args: ServeArgs, shutdown: CancellationToken) -> Result<(), S
         },
     );
     let pool = Pool::builder(manager).max_size(16).build()?;
+    let roles = Arc::new(
+        Roles::check(
+            &**pool.get().await?,
+            args.default_role.clone(),
+            args.allowed_roles(),
+            args.insecure_superuser,
+        )
+        .await?,
+    );
+    tokio::spawn(refresh_roles(roles.clone(), pool.clone(), shutdown.clone()));
     let gateway_id = args
         .gateway_id
         .clone()
@@ -182,7 +197,7 @@ pub async fn serve(args: ServeArgs, shutdown: CancellationToken) -> Result<(), S
         verifier,
         catalog,
         metrics,
-        default_role: args.default_role.clone(),
+        roles,
         gateway_id: gateway_id.clone(),
         position: position_rx,
         router: router_tx,
@@ -199,11 +214,19 @@ pub async fn serve(args: ServeArgs, shutdown: CancellationToken) -> Result<(), S
             address: args.listen,
             source,
         })?;
-    tracing::info!(address = %args.listen, gateway_id, "serving");
-    axum::serve(listener, http::app(state.clone()))
-        .with_graceful_shutdown(shutdown.clone().cancelled_owned())
+    let admin_listener = tokio::net::TcpListener::bind(args.admin_listen)
         .await
-        .map_err(ServeError::Server)?;
+        .map_err(|source| ServeError::Listen {
+            address: args.admin_listen,
+            source,
+        })?;
+    tracing::info!(address = %args.listen, admin = %args.admin_listen, gateway_id, "serving");
+    let admin = axum::serve(admin_listener, http::admin_app(state.clone()))
+        .with_graceful_shutdown(shutdown.clone().cancelled_owned());
+    let public = axum::serve(listener, http::app(state.clone()))
+        .with_graceful_shutdown(shutdown.clone().cancelled_owned());
+    let (public, admin) = tokio::join!(public, admin);
+    public.and(admin).map_err(ServeError::Server)?;
 
     // The sessions close themselves on `shutdown`; wait for them to unsubscribe.
     tracker.close();
@@ -214,4 +237,26 @@ pub async fn serve(args: ServeArgs, shutdown: CancellationToken) -> Result<(), S
     let _ = store_task.await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Re-reads which allowed roles are safe to act as (a role made superuser or BYPASSRLS since
+/// the start is refused from then on).
+async fn refresh_roles(roles: Arc<Roles>, pool: Pool, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(Duration::from_secs(2));
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shutdown.cancelled() => return,
+        }
+        let refreshed = match pool.get().await {
+            Ok(client) => roles
+                .refresh(&client)
+                .await
+                .map_err(|e| ErrorChain(&e).to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        if let Err(e) = refreshed {
+            tracing::warn!(error = %e, "re-reading the allowed roles failed");
+        }
+    }
 }

@@ -24,6 +24,23 @@ pub struct Change {
     pub cursor: String,
 }
 
+impl Change {
+    /// Whether the connection or request of user `sub` tagged `client_id` wrote this change,
+    /// so that it is not sent back (SPEC 2.3): the change's tag is the plain client id (set by
+    /// a trusted SQL writer) or `<sub>:<client id>` (how `/v1/write` records it, so no user
+    /// can suppress another user's deliveries).
+    pub fn written_by(&self, sub: &str, client_id: Option<&str>) -> bool {
+        let (Some(tag), Some(client_id)) = (self.client_id.as_deref(), client_id) else {
+            return false;
+        };
+        tag == client_id
+            || tag
+                .strip_prefix(sub)
+                .and_then(|rest| rest.strip_prefix(':'))
+                .is_some_and(|own| own == client_id)
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Op {
     Insert,
@@ -164,5 +181,33 @@ pub async fn check_cursor(client: &Client, cursor: &str) -> Result<(), ReadError
     match row.get::<_, Option<String>>(0) {
         Some(problem) => Err(ReadError::Expired(problem)),
         None => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn own_writes_are_recognised_only_under_the_users_own_name() {
+        let tagged = |tag: &str| Change {
+            id: 1,
+            entity_code: "doc".into(),
+            op: Op::Insert,
+            entity_id: None,
+            data: None,
+            old_data: None,
+            changed: None,
+            client_id: Some(tag.into()),
+            schema_version: 1,
+            captured_at: String::new(),
+            cursor: String::new(),
+        };
+        assert!(tagged("tab-1").written_by("alice", Some("tab-1")));
+        assert!(tagged("alice:tab-1").written_by("alice", Some("tab-1")));
+        assert!(!tagged("mallory:tab-1").written_by("alice", Some("tab-1")));
+        assert!(!tagged("alice:tab-1").written_by("alice", Some("tab-2")));
+        assert!(!tagged("alicex:tab-1").written_by("alice", Some("tab-1")));
+        assert!(!tagged("tab-1").written_by("alice", None));
     }
 }

@@ -155,7 +155,7 @@ async fn replay(
             .changes
             .iter()
             .filter(|c| c.entity_code == start.sub.entity_code)
-            .filter(|c| c.client_id.is_none() || c.client_id != start.client_id)
+            .filter(|c| !c.written_by(&start.user.sub, start.client_id.as_deref()))
             .collect();
         // As the router does for live changes: the user's visible current rows decide.
         let visible = match &rls {

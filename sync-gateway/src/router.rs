@@ -730,7 +730,7 @@ impl Router {
                 let Some(state) = self.connections.get_mut(&conn) else {
                     continue;
                 };
-                if change.client_id.is_some() && change.client_id == state.client_id {
+                if change.written_by(&state.user.sub, state.client_id.as_deref()) {
                     continue; // its own write
                 }
                 let out = outboxes.entry(conn).or_default();

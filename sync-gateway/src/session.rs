@@ -13,6 +13,7 @@ use crate::router::{Command, ConnId, Connection, SubscribeRequest, Target};
 use crate::AppState;
 use axum::extract::ws::{CloseFrame, Message, WebSocket};
 use futures_util::{SinkExt, StreamExt};
+use std::collections::HashSet;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use tokio::time::{sleep_until, Instant};
@@ -33,15 +34,15 @@ pub async fn run(
     socket: WebSocket,
     state: Arc<AppState>,
     claims: Claims,
+    user: UserContext,
     client_id: Option<String>,
 ) {
     let id: ConnId = state.next_connection.fetch_add(1, Ordering::SeqCst);
     let (outbound, mut queue) = outbound::channel(state.send_queue_bytes);
     let kick = CancellationToken::new();
-    let user = UserContext::new(&claims, state.default_role.as_deref());
     let connection = Connection {
         id,
-        user,
+        user: user.clone(),
         client_id,
         outbound: outbound.clone(),
         kick: kick.clone(),
@@ -59,6 +60,8 @@ pub async fn run(
         id,
         state: state.clone(),
         claims,
+        user,
+        subscribed: HashSet::new(),
         outbound,
         kick: kick.clone(),
         bad_in_a_row: 0,
@@ -134,6 +137,10 @@ struct Session {
     id: ConnId,
     state: Arc<AppState>,
     claims: Claims,
+    user: UserContext,
+    /// The entities this connection subscribed to (a superset: what the router holds), whose
+    /// access is checked again when the token is refreshed.
+    subscribed: HashSet<String>,
     outbound: Outbound,
     kick: CancellationToken,
     bad_in_a_row: u32,
@@ -162,6 +169,9 @@ impl Session {
         match message {
             ClientMessage::Subscribe(request) => self.subscribe(request).await,
             ClientMessage::Unsubscribe(u) => {
+                if u.entity_ids.is_none() {
+                    self.subscribed.remove(&u.entity_code);
+                }
                 let command = Command::Unsubscribe {
                     conn: self.id,
                     entity_code: u.entity_code,
@@ -170,6 +180,7 @@ impl Session {
                 let _ = self.state.router.send(command).await;
             }
             ClientMessage::UnsubscribeAll => {
+                self.subscribed.clear();
                 let _ = self
                     .state
                     .router
@@ -178,18 +189,18 @@ impl Session {
             }
             ClientMessage::Ping => self.reply(ServerMessage::Pong).await,
             ClientMessage::Auth(auth) => match self.state.verifier.verify(&auth.token) {
-                Ok(claims) if claims.sub == self.claims.sub => {
-                    let user = UserContext::new(&claims, self.state.default_role.as_deref());
-                    let _ = self
-                        .state
-                        .router
-                        .send(Command::Reauth {
-                            conn: self.id,
-                            user,
-                        })
-                        .await;
-                    self.claims = claims;
-                }
+                Ok(claims) if claims.sub == self.claims.sub => match self.state.roles.user(&claims)
+                {
+                    Ok(user) => self.reauthenticate(claims, user).await,
+                    Err(e) => {
+                        self.reply(ServerMessage::error(
+                            ErrorCode::Forbidden,
+                            e.to_string(),
+                            None,
+                        ))
+                        .await
+                    }
+                },
                 Ok(_) => {
                     let message = "a refreshed token must be for the same user";
                     self.reply(ServerMessage::error(ErrorCode::Unauthorized, message, None))
@@ -208,12 +219,45 @@ impl Session {
         None
     }
 
+    /// A refreshed token: its claims and role apply from now on, and the subscriptions it may
+    /// no longer read end with ERROR `forbidden`.
+    async fn reauthenticate(&mut self, claims: Claims, user: UserContext) {
+        let state = self.state.clone();
+        let mut entities: Vec<String> = self.subscribed.iter().cloned().collect();
+        entities.sort();
+        for code in entities {
+            match readable_entity(&state.catalog, &state.pool, &user, &code).await {
+                Ok(_) | Err(Refusal::Failed(_)) => {}
+                Err(refusal) => {
+                    self.subscribed.remove(&code);
+                    let command = Command::Unsubscribe {
+                        conn: self.id,
+                        entity_code: code,
+                        entity_ids: None,
+                    };
+                    let _ = state.router.send(command).await;
+                    let message = format!("the refreshed token may not read this: {refusal}");
+                    self.reply(ServerMessage::error(ErrorCode::Forbidden, message, None))
+                        .await;
+                }
+            }
+        }
+        let command = Command::Reauth {
+            conn: self.id,
+            user: user.clone(),
+        };
+        let _ = state.router.send(command).await;
+        self.claims = claims;
+        self.user = user;
+    }
+
     async fn subscribe(&mut self, s: Subscribe) {
         if let Err((code, message)) = self.admit(&s).await {
             return self
                 .reply(ServerMessage::error(code, message, s.reference))
                 .await;
         }
+        self.subscribed.insert(s.entity_code.clone());
         let target = match (s.entity_ids, s.filter) {
             (Some(ids), _) => Target::Ids(ids.into_iter().collect()),
             (None, filter) => Target::Rows(filter),
@@ -232,9 +276,8 @@ impl Session {
 
     /// Whether this user may have subscription `s`, else the error to answer.
     async fn admit(&self, s: &Subscribe) -> Result<(), (ErrorCode, String)> {
-        let user = UserContext::new(&self.claims, self.state.default_role.as_deref());
         let state = &self.state;
-        let entity = readable_entity(&state.catalog, &state.pool, &user, &s.entity_code)
+        let entity = readable_entity(&state.catalog, &state.pool, &self.user, &s.entity_code)
             .await
             .map_err(|refusal| match refusal {
                 Refusal::Unknown(_) => (ErrorCode::UnknownEntity, refusal.to_string()),

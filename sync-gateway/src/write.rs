@@ -1,6 +1,6 @@
 //! `POST /v1/write`: a batch of mutations applied in one transaction as the user (role and
-//! claims, so RLS and privileges decide), tagged with the client's `clientId` so the change
-//! is not echoed to it, and applied at most once per mutation id (`sync.claim_mutation`).
+//! claims, so RLS and privileges decide), tagged `<sub>:<clientId>` so the change is not
+//! echoed to that client and no other user can claim it, and applied at most once per mutation id (`sync.claim_mutation`).
 //! `expect` makes an UPDATE or DELETE conditional on the current row. Never partly applied:
 //! the first failure rolls everything back and answers for that mutation.
 //!
@@ -98,15 +98,14 @@ pub async fn write(
         .iter()
         .map(|r| r.get(0))
         .collect();
-    act_as(&tx, &user).await.map_err(ApiError::from_db)?;
     if let Some(client_id) = &request.client_id {
-        tx.execute(
-            "SELECT pg_catalog.set_config('sync.client_id', $1, true)",
-            &[client_id],
-        )
-        .await
-        .map_err(ApiError::from_db)?;
+        // Under the user's own name (SPEC 2.3), for trigger and WAL capture alike.
+        let tag = format!("{}:{client_id}", user.sub);
+        tx.execute("SELECT sync.tag_origin($1)", &[&tag])
+            .await
+            .map_err(ApiError::from_db)?;
     }
+    act_as(&tx, &user).await.map_err(ApiError::from_db)?;
     let mut results = Vec::with_capacity(checked.len());
     for c in &checked {
         let id = &c.mutation.id;

@@ -1,13 +1,13 @@
 //! A real `sync-gateway` process for the tests, killed on drop, and the clients that talk to
 //! it: WebSocket sessions (tokio-tungstenite) and a minimal HTTP/1.1 client.
 
-use crate::{free_port, Cluster};
+use crate::{free_port, Cluster, APP_ROLE, GATEWAY_ROLE};
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::process::{Child, Command};
 use tokio_tungstenite::tungstenite::{self, Message};
@@ -23,30 +23,77 @@ pub const PATIENCE: Duration = Duration::from_secs(15);
 pub struct Gateway {
     child: Child,
     pub port: u16,
+    /// The listener of `/metrics` and `/v1/status`.
+    pub admin_port: u16,
 }
 
 impl Gateway {
     /// Starts a gateway on `cluster` with the test secret and `extra` flags, and waits until
-    /// it is ready (its first read of the log is done).
+    /// it is ready (its first read of the log is done). It logs in as the non-superuser
+    /// [`GATEWAY_ROLE`] and acts as [`APP_ROLE`] for tokens without a role, unless `extra`
+    /// says otherwise (`--default-role`, or `--database-url` to log in as someone else).
     pub async fn start(cluster: &Cluster, extra: &[&str]) -> Gateway {
-        let port = free_port();
-        let child = Command::new(binary())
+        let mut args: Vec<String> = Vec::new();
+        if !extra.contains(&"--database-url") {
+            args.extend([
+                "--database-url".into(),
+                cluster.url_as(GATEWAY_ROLE, "postgres"),
+            ]);
+        }
+        if !extra.contains(&"--default-role") {
+            args.extend(["--default-role".into(), APP_ROLE.into()]);
+        }
+        args.extend(extra.iter().map(|a| a.to_string()));
+        match Self::launch(&args).await {
+            Ok(gateway) => gateway,
+            Err(why) => panic!("the gateway did not start: {why}"),
+        }
+    }
+
+    /// Starts a gateway with the test secret, its listeners and `args` alone, and waits until
+    /// it is ready; Err with what it printed when it exits first (refuses to start).
+    pub async fn launch(args: &[String]) -> Result<Gateway, String> {
+        let (port, admin_port) = (free_port(), free_port());
+        let mut child = Command::new(binary())
             .arg("serve")
-            .args(["--database-url", &cluster.url("postgres")])
             .args(["--listen", &format!("127.0.0.1:{port}")])
+            .args(["--admin-listen", &format!("127.0.0.1:{admin_port}")])
             .args(["--jwt-secret", SECRET])
-            .args(extra)
+            .args(args)
             .env("RUST_LOG", "sync_gateway=debug")
             .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
+            .stderr(Stdio::piped())
             .kill_on_drop(true)
             .spawn()
             .expect("sync-gateway starts (build it first: cargo build -p sync-gateway)");
-        let gateway = Gateway { child, port };
+        // Its log goes on to the test's output; the start of it is kept to explain a refusal.
+        let printed = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let mut lines = tokio::io::BufReader::new(child.stderr.take().unwrap()).lines();
+        let keep = printed.clone();
+        tokio::spawn(async move {
+            while let Ok(Some(line)) = lines.next_line().await {
+                eprintln!("{line}");
+                let mut kept = keep.lock().unwrap();
+                if kept.len() < 64 * 1024 {
+                    kept.push_str(&line);
+                    kept.push('\n');
+                }
+            }
+        });
+        let mut gateway = Gateway {
+            child,
+            port,
+            admin_port,
+        };
         let deadline = tokio::time::Instant::now() + PATIENCE;
         loop {
             if let Ok((200, _)) = gateway.get("/readyz").await {
-                return gateway;
+                return Ok(gateway);
+            }
+            if let Ok(Some(status)) = gateway.child.try_wait() {
+                // Let the last lines arrive.
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                return Err(format!("{status}: {}", printed.lock().unwrap()));
             }
             assert!(
                 tokio::time::Instant::now() < deadline,
@@ -94,6 +141,15 @@ impl Gateway {
         ))
     }
 
+    /// GET `path` on the admin listener: the status and the body.
+    pub async fn admin_get(&self, path: &str) -> std::io::Result<(u16, String)> {
+        let response = http_request(self.admin_port, "GET", path, &[], None).await?;
+        Ok((
+            response.status,
+            String::from_utf8_lossy(&response.body).into_owned(),
+        ))
+    }
+
     /// An HTTP/1.1 request with extra headers and an optional JSON body.
     pub async fn request(
         &self,
@@ -102,26 +158,8 @@ impl Gateway {
         headers: &[(&str, &str)],
         body: Option<&Value>,
     ) -> std::io::Result<HttpResponse> {
-        let body = body.map(Value::to_string).unwrap_or_default();
-        let mut request = format!("{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n");
-        for (name, value) in headers {
-            request.push_str(&format!("{name}: {value}\r\n"));
-        }
-        if !body.is_empty() {
-            request.push_str(&format!(
-                "Content-Type: application/json\r\nContent-Length: {}\r\n",
-                body.len()
-            ));
-        }
-        request.push_str("\r\n");
-        request.push_str(&body);
-        let mut stream = TcpStream::connect(("127.0.0.1", self.port)).await?;
-        stream.write_all(request.as_bytes()).await?;
-        let mut raw = Vec::new();
-        stream.read_to_end(&mut raw).await?;
-        Ok(HttpResponse::parse(&raw))
+        http_request(self.port, method, path, headers, body).await
     }
-
     /// `GET /v1/snapshot/{path}` as `sub`: the cursor and the rows; Err with the status when
     /// it is not 200, or 0 when the request failed or the body was cut short.
     pub async fn snapshot(&self, sub: &str, path: &str) -> Result<(String, Vec<Value>), u16> {
@@ -205,6 +243,34 @@ impl Gateway {
                 .status();
         }
     }
+}
+
+/// An HTTP/1.1 request to 127.0.0.1:`port` with extra headers and an optional JSON body.
+async fn http_request(
+    port: u16,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Option<&Value>,
+) -> std::io::Result<HttpResponse> {
+    let body = body.map(Value::to_string).unwrap_or_default();
+    let mut request = format!("{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n");
+    for (name, value) in headers {
+        request.push_str(&format!("{name}: {value}\r\n"));
+    }
+    if !body.is_empty() {
+        request.push_str(&format!(
+            "Content-Type: application/json\r\nContent-Length: {}\r\n",
+            body.len()
+        ));
+    }
+    request.push_str("\r\n");
+    request.push_str(&body);
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).await?;
+    stream.write_all(request.as_bytes()).await?;
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw).await?;
+    Ok(HttpResponse::parse(&raw))
 }
 
 fn binary() -> PathBuf {

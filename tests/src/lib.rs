@@ -18,6 +18,21 @@ use tokio_postgres::{AsyncMessage, Client, GenericClient, NoTls, Notification};
 
 const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
 
+/// The gateway's login role in the tests.
+pub const GATEWAY_ROLE: &str = "sync_gateway";
+/// The role tokens name (`--default-role` of the test gateways).
+pub const APP_ROLE: &str = "app_user";
+
+const ROLES: &str = "
+    CREATE ROLE sync_gateway LOGIN NOSUPERUSER NOBYPASSRLS;
+    SELECT sync.grant_gateway('sync_gateway');
+    CREATE ROLE app_user NOLOGIN;
+    GRANT app_user TO sync_gateway;
+    ALTER DEFAULT PRIVILEGES FOR ROLE postgres IN SCHEMA public
+        GRANT SELECT, INSERT, UPDATE, DELETE ON TABLES TO app_user;
+    ALTER DEFAULT PRIVILEGES FOR ROLE postgres IN SCHEMA public
+        GRANT USAGE, SELECT ON SEQUENCES TO app_user;";
+
 /// A running PostgreSQL cluster, stopped on drop.
 pub struct Cluster {
     dir: PathBuf,
@@ -25,8 +40,11 @@ pub struct Cluster {
 }
 
 impl Cluster {
-    /// Starts a cluster with `wal_level=logical` and pg_sync preloaded, and creates the
-    /// extension in the `postgres` database.
+    /// Starts a cluster with `wal_level=logical` and pg_sync preloaded, creates the
+    /// extension in the `postgres` database, and the roles of README's "Setting up a
+    /// database": the gateway's login role [`GATEWAY_ROLE`] (no superuser, no BYPASSRLS) and
+    /// the role tokens name, [`APP_ROLE`], which may read and write every table the
+    /// superuser `postgres` creates in `public`.
     pub async fn start() -> Cluster {
         Self::start_with(&[]).await
     }
@@ -56,6 +74,7 @@ impl Cluster {
         ]);
         cluster.pg_ctl_start(settings);
         cluster.execute("CREATE EXTENSION pg_sync").await;
+        cluster.execute(ROLES).await;
         cluster
     }
 
@@ -97,10 +116,15 @@ impl Cluster {
         self.port
     }
 
-    /// A connection string for a database of this cluster.
+    /// A connection string for a database of this cluster, as the superuser `postgres`.
     pub fn url(&self, database: &str) -> String {
+        self.url_as("postgres", database)
+    }
+
+    /// A connection string for a database of this cluster, as `user`.
+    pub fn url_as(&self, user: &str, database: &str) -> String {
         format!(
-            "host=127.0.0.1 port={} user=postgres dbname={database}",
+            "host=127.0.0.1 port={} user={user} dbname={database}",
             self.port
         )
     }
@@ -111,7 +135,12 @@ impl Cluster {
     }
 
     pub async fn connect_to(&self, database: &str) -> Client {
-        let (client, connection) = tokio_postgres::connect(&self.url(database), NoTls)
+        self.connect_as("postgres", database).await
+    }
+
+    /// A new connection as `user` (a LOGIN role; the cluster trusts local connections).
+    pub async fn connect_as(&self, user: &str, database: &str) -> Client {
+        let (client, connection) = tokio_postgres::connect(&self.url_as(user, database), NoTls)
             .await
             .expect("connect");
         tokio::spawn(connection);
@@ -142,7 +171,7 @@ impl Cluster {
             .await
             .batch_execute(sql)
             .await
-            .unwrap_or_else(|e| panic!("{sql}: {e}"));
+            .unwrap_or_else(|e| panic!("{sql}: {}", error_text(&e)));
     }
 
     /// Stops the server the way a crash would, then starts it again.
@@ -322,6 +351,14 @@ pub async fn drain(
         tx.commit().await.unwrap();
         cursor = rows.last().map(|c| c.cursor.clone());
         all.extend(rows);
+    }
+}
+
+/// A database error's message with its SQLSTATE (tokio-postgres's own text is "db error").
+pub fn error_text(error: &tokio_postgres::Error) -> String {
+    match error.as_db_error() {
+        Some(db) => format!("{} ({})", db.message(), db.code().code()),
+        None => error.to_string(),
     }
 }
 

@@ -14,11 +14,10 @@ const SCHEMA: &str = "
         USING (owner = current_setting('request.jwt.claims', true)::jsonb ->> 'sub')
         WITH CHECK (owner = current_setting('request.jwt.claims', true)::jsonb ->> 'sub');
     CREATE TABLE marker (id int PRIMARY KEY);
-    CREATE ROLE app_user NOLOGIN;
-    GRANT SELECT, INSERT, UPDATE, DELETE ON doc TO app_user;
-    GRANT SELECT ON marker TO app_user;
+    -- (app_user, the tokens' default role, may read and write both: see the harness.)
     -- A role whose policy raises: its checks fail, nobody else's.
     CREATE ROLE broken_user NOLOGIN;
+    GRANT broken_user TO sync_gateway;
     GRANT SELECT ON doc, marker TO broken_user;
     CREATE FUNCTION fail() RETURNS boolean LANGUAGE plpgsql AS $$ BEGIN RAISE EXCEPTION 'broken policy'; END $$;
     CREATE POLICY broken ON doc FOR SELECT TO broken_user USING (fail());
@@ -28,7 +27,7 @@ const SCHEMA: &str = "
 async fn setup() -> (Cluster, Gateway) {
     let cluster = Cluster::start().await;
     cluster.execute(SCHEMA).await;
-    let gateway = Gateway::start(&cluster, &["--default-role", "app_user"]).await;
+    let gateway = Gateway::start(&cluster, &["--allowed-roles", "app_user,broken_user"]).await;
     (cluster, gateway)
 }
 
@@ -296,7 +295,7 @@ async fn writes_apply_once_atomically_and_as_the_user() {
     assert_eq!(
         count(
             &cluster,
-            "SELECT count(*) FROM sync.change_history WHERE client_id = 'tab-1'"
+            "SELECT count(*) FROM sync.change_history WHERE client_id = 'alice:tab-1'"
         )
         .await,
         2
@@ -448,7 +447,7 @@ async fn metrics_and_status_report_the_gateway() {
         .execute("INSERT INTO doc VALUES (1, 'alice', 'a'); INSERT INTO marker VALUES (1);")
         .await;
     alice.changes_until(1).await;
-    let (status, text) = gateway.get("/metrics").await.unwrap();
+    let (status, text) = gateway.admin_get("/metrics").await.unwrap();
     assert_eq!(status, 200);
     let value = |name: &str| -> f64 {
         let line = text
@@ -463,10 +462,13 @@ async fn metrics_and_status_report_the_gateway() {
     assert!(value("sync_rls_checks_total") >= 1.0);
     assert!(value("sync_changes_read_total") >= 2.0);
     assert_eq!(value("sync_wal_slot_retained_bytes"), 0.0);
-    let (status, body) = gateway.get("/v1/status").await.unwrap();
+    let (status, body) = gateway.admin_get("/v1/status").await.unwrap();
     assert_eq!(status, 200);
     let status: Value = serde_json::from_str(&body).unwrap();
     assert_eq!(status["ready"], true);
+    // Not on the clients' listener.
+    assert_eq!(gateway.get("/metrics").await.unwrap().0, 404);
+    assert_eq!(gateway.get("/v1/status").await.unwrap().0, 404);
     assert_eq!(status["database"]["wakeup"], "worker");
 }
 
@@ -480,12 +482,10 @@ async fn row_level_security_switched_on_applies_at_once() {
         .execute(
             "CREATE TABLE note (id int PRIMARY KEY, owner text NOT NULL);
              CREATE TABLE marker (id int PRIMARY KEY);
-             CREATE ROLE app_user NOLOGIN;
-             GRANT SELECT ON note, marker TO app_user;
              SELECT sync.track('note'); SELECT sync.track('marker');",
         )
         .await;
-    let gateway = Gateway::start(&cluster, &["--default-role", "app_user"]).await;
+    let gateway = Gateway::start(&cluster, &[]).await;
     let mut bob = gateway.connect("bob").await;
     bob.subscribe(json!({"entityCode": "marker"})).await;
     bob.subscribe(json!({"entityCode": "note"})).await;

@@ -262,31 +262,6 @@ async fn filters_on_unknown_or_unpublished_columns_are_bad_requests() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_table_with_row_level_security_is_refused() {
-    let (cluster, gateway) = setup(&[]).await;
-    cluster
-        .execute("ALTER TABLE project ENABLE ROW LEVEL SECURITY")
-        .await;
-    // The catalog may hold the table as it was a moment ago: wait for it to be re-read.
-    let mut session = gateway.connect("alice").await;
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    loop {
-        session
-            .send(json!({"type": "SUBSCRIBE", "payload": {"entityCode": "project"}}))
-            .await;
-        let message = session.next().await.unwrap();
-        if message["type"] == "ERROR" {
-            assert_eq!(message["payload"]["code"], "forbidden");
-            return;
-        }
-        assert_eq!(message["type"], "SUBSCRIBED");
-        session.send(json!({"type": "UNSUBSCRIBE_ALL"})).await;
-        assert!(tokio::time::Instant::now() < deadline, "RLS never noticed");
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
-}
-
 /// Resumes the project subscription on `gateway` from `cursor`: every change message that
 /// follows, replayed (up to SYNCED) and then live, until a marker written after SYNCED.
 async fn resume(
@@ -392,9 +367,11 @@ async fn changes_during_a_replay_arrive_once_after_it() {
             "SUBSCRIBED" => {}
             _ => {
                 let got = actions(&[message]);
-                if got.iter().any(|(id, _)| id == "during") {
+                // Live after SYNCED, or (when it committed before the subscription reached the
+                // router) the replay's last change: never in the middle of the replay.
+                if let Some(at) = got.iter().position(|(id, _)| id == "during") {
                     assert!(
-                        synced || seen.len() == 3000,
+                        synced || seen.len() + at == 3000,
                         "'during' before the replay ended"
                     );
                 }

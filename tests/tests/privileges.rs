@@ -1,0 +1,619 @@
+//! Least privilege (SPEC 1.9, 2.2), tried as an attacker would: every actor here is a
+//! non-superuser — the gateway's login role, app users, a table owner (`mallory`) and a plain
+//! writer — and each attack that once worked is repeated and must now fail.
+
+use pg_sync_tests::gateway::{actions, token, Gateway, Session};
+use pg_sync_tests::{error_text, sqlstate, Cluster, GATEWAY_ROLE};
+use serde_json::{json, Value};
+use tokio_postgres::Client;
+
+/// mallory owns a schema and, as README's owners do, may call track.
+const MALLORY: &str = "
+    CREATE ROLE mallory LOGIN;
+    CREATE SCHEMA m AUTHORIZATION mallory;
+    GRANT USAGE ON SCHEMA sync TO mallory;
+    GRANT EXECUTE ON FUNCTION sync.track(regclass, text, text, text[]) TO mallory;";
+
+/// mallory's trap: an enum whose cast to json, called by to_jsonb, tries to make her a
+/// superuser and records whom it ran as.
+const TRAP: &str = "
+    CREATE TABLE m.ran_as (who text, super boolean);
+    CREATE TYPE m.mood AS ENUM ('ok', 'evil');
+    CREATE FUNCTION m.evil(m.mood) RETURNS json LANGUAGE plpgsql AS $$
+    BEGIN
+        INSERT INTO m.ran_as SELECT current_user, rolsuper FROM pg_roles WHERE rolname = current_user;
+        BEGIN
+            EXECUTE 'ALTER ROLE mallory SUPERUSER';
+        EXCEPTION WHEN insufficient_privilege THEN NULL;
+        END;
+        RETURN to_json($1::text);
+    END $$;
+    CREATE CAST (m.mood AS json) WITH FUNCTION m.evil(m.mood);";
+
+async fn mallory(cluster: &Cluster) -> Client {
+    cluster.execute(MALLORY).await;
+    cluster.connect_as("mallory", "postgres").await
+}
+
+async fn is_superuser(cluster: &Cluster, role: &str) -> bool {
+    cluster
+        .connect()
+        .await
+        .query_one("SELECT rolsuper FROM pg_roles WHERE rolname = $1", &[&role])
+        .await
+        .unwrap()
+        .get(0)
+}
+
+async fn count(client: &Client, sql: &str) -> i64 {
+    client.query_one(sql, &[]).await.unwrap().get(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_table_owner_cannot_become_superuser_through_capture_or_ingest() {
+    let cluster = Cluster::start().await;
+    let admin = cluster.connect().await;
+    let mallory = mallory(&cluster).await;
+    mallory.batch_execute(TRAP).await.unwrap();
+    mallory
+        .batch_execute(
+            "CREATE TABLE m.t (id int PRIMARY KEY, mood m.mood);
+             CREATE TABLE m.w (id int PRIMARY KEY, mood m.mood);
+             SELECT sync.track('m.t');",
+        )
+        .await
+        .unwrap();
+    // track makes the slot itself; it must be the transaction's first write.
+    mallory
+        .batch_execute("SELECT sync.track('m.w', capture => 'wal')")
+        .await
+        .unwrap();
+
+    // Trigger capture: the cast runs in the writer's transaction, as the writer.
+    mallory
+        .batch_execute("INSERT INTO m.t VALUES (1, 'evil')")
+        .await
+        .unwrap();
+    // WAL capture: ingest runs as the extension's owner, the cast as the table's owner.
+    mallory
+        .batch_execute("INSERT INTO m.w VALUES (1, 'evil')")
+        .await
+        .unwrap();
+    let gateway_login = cluster.connect_as(GATEWAY_ROLE, "postgres").await;
+    let stored: i64 = gateway_login
+        .query_one("SELECT sync.ingest_wal()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(stored, 1);
+
+    let ran_as: Vec<(String, bool)> = admin
+        .query("SELECT who, super FROM m.ran_as", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    // The trap was sprung on both paths (so this test can fail), never with rights.
+    assert_eq!(ran_as.len(), 2, "{ran_as:?}");
+    assert!(
+        ran_as.iter().all(|(who, sup)| who == "mallory" && !sup),
+        "{ran_as:?}"
+    );
+    assert!(!is_superuser(&cluster, "mallory").await);
+    assert_eq!(
+        count(
+            &admin,
+            "SELECT count(*) FROM sync.change_history WHERE data->>'mood' = 'evil'"
+        )
+        .await,
+        2
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_forged_capture_trigger_raises_and_writes_nothing() {
+    let cluster = Cluster::start().await;
+    let admin = cluster.connect().await;
+    admin
+        .batch_execute(
+            "CREATE TABLE doc (id int PRIMARY KEY, body text); SELECT sync.track('doc');",
+        )
+        .await
+        .unwrap();
+    let mallory = mallory(&cluster).await;
+    mallory
+        .batch_execute("CREATE TABLE m.t (id int PRIMARY KEY); SELECT sync.track('m.t');")
+        .await
+        .unwrap();
+
+    // Without EXECUTE on sync.capture she cannot even make the trigger.
+    let error = mallory
+        .batch_execute(
+            "CREATE TEMP TABLE x (id int PRIMARY KEY);
+             CREATE TRIGGER f AFTER INSERT ON x FOR EACH ROW EXECUTE FUNCTION sync.capture('doc', '1');",
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(sqlstate(&error), "42501", "{}", error_text(&error));
+
+    // Granted it by mistake, her triggers still write nothing: neither on a table of her own
+    // that is not tracked, nor on her tracked table under another entity's name.
+    admin
+        .batch_execute("GRANT EXECUTE ON FUNCTION sync.capture() TO mallory")
+        .await
+        .unwrap();
+    mallory
+        .batch_execute(
+            "CREATE TEMP TABLE x (id int PRIMARY KEY);
+             CREATE TRIGGER f AFTER INSERT OR DELETE OR UPDATE ON x
+                 FOR EACH ROW EXECUTE FUNCTION sync.capture('doc', '1');
+             CREATE TRIGGER g AFTER TRUNCATE ON x
+                 FOR EACH STATEMENT EXECUTE FUNCTION sync.capture('doc', '1');
+             CREATE TRIGGER f AFTER INSERT ON m.t
+                 FOR EACH ROW EXECUTE FUNCTION sync.capture('doc', '1');",
+        )
+        .await
+        .unwrap();
+    for attack in [
+        "INSERT INTO x VALUES (999)",
+        "TRUNCATE x",
+        "INSERT INTO m.t VALUES (999)",
+    ] {
+        let error = mallory.batch_execute(attack).await.unwrap_err();
+        assert_eq!(
+            sqlstate(&error),
+            "42501",
+            "{attack}: {}",
+            error_text(&error)
+        );
+        assert!(
+            error_text(&error).contains("not tracked"),
+            "{attack}: {}",
+            error_text(&error)
+        );
+    }
+    assert_eq!(
+        count(
+            &admin,
+            "SELECT count(*) FROM sync.change_history WHERE entity_code = 'doc'"
+        )
+        .await,
+        0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn nothing_in_sync_is_anyones_by_default() {
+    let cluster = Cluster::start().await;
+    let admin = cluster.connect().await;
+    // No function, table, sequence or type of the schema grants anything to PUBLIC (a NULL
+    // ACL means the default, which for functions and types is PUBLIC's).
+    let public: Vec<String> = admin
+        .query(
+            "SELECT p.oid::regprocedure::text FROM pg_proc p
+              WHERE p.pronamespace = 'sync'::regnamespace
+                AND (p.proacl IS NULL OR EXISTS (SELECT FROM aclexplode(p.proacl) a WHERE a.grantee = 0))
+             UNION ALL
+             SELECT c.oid::regclass::text FROM pg_class c
+              WHERE c.relnamespace = 'sync'::regnamespace
+                AND EXISTS (SELECT FROM aclexplode(c.relacl) a WHERE a.grantee = 0)
+             UNION ALL
+             SELECT t.oid::regtype::text FROM pg_type t
+              WHERE t.typnamespace = 'sync'::regnamespace AND t.typtype = 'c'
+                AND t.typrelid IN (SELECT oid FROM pg_class WHERE relkind = 'c')
+                AND (t.typacl IS NULL OR EXISTS (SELECT FROM aclexplode(t.typacl) a WHERE a.grantee = 0))",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert!(public.is_empty(), "granted to PUBLIC: {public:?}");
+
+    // An app user given USAGE on the schema (as writers are, for tag_origin) still cannot
+    // call the gateway's helpers or read the log.
+    let mallory = mallory(&cluster).await;
+    for attack in [
+        "SELECT sync.claim_mutation('alice', 'her-next-mutation')",
+        "SELECT sync.ingest_wal()",
+        "SELECT sync._wal_settled('doc')",
+        "SELECT sync.prune('0 seconds')",
+        "SELECT sync.grant_gateway('mallory')",
+        "SELECT count(*) FROM sync.change_history",
+        "SELECT * FROM sync.changes_since(NULL)",
+        "INSERT INTO sync.tracked (relid, entity_code) VALUES ('pg_class'::regclass, 'doc')",
+    ] {
+        let error = mallory.batch_execute(attack).await.unwrap_err();
+        assert_eq!(
+            sqlstate(&error),
+            "42501",
+            "{attack}: {}",
+            error_text(&error)
+        );
+    }
+    // The fault-injection setting is for superusers.
+    let error = mallory
+        .batch_execute("SET sync.test_ingest_fault = 'fail_after_store'")
+        .await
+        .unwrap_err();
+    assert_eq!(sqlstate(&error), "42501", "{}", error_text(&error));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn ddl_and_writes_work_for_roles_without_rights_on_sync() {
+    let cluster = Cluster::start().await;
+    let admin = cluster.connect().await;
+    admin
+        .batch_execute(
+            "CREATE ROLE dev LOGIN; CREATE SCHEMA d AUTHORIZATION dev;
+             CREATE ROLE writer LOGIN;
+             CREATE TABLE item (id int PRIMARY KEY, body text); SELECT sync.track('item');
+             GRANT SELECT, INSERT, UPDATE ON item TO writer;",
+        )
+        .await
+        .unwrap();
+    // A role that has never heard of pg_sync: its DDL runs the event triggers untouched.
+    let dev = cluster.connect_as("dev", "postgres").await;
+    dev.batch_execute(
+        "CREATE TABLE d.x (id int PRIMARY KEY);
+         ALTER TABLE d.x ADD COLUMN y text;
+         DROP TABLE d.x;",
+    )
+    .await
+    .unwrap();
+    // Its track of a table it does not own is refused.
+    let error = dev
+        .batch_execute("SELECT sync.track('public.item')")
+        .await
+        .unwrap_err();
+    assert_eq!(sqlstate(&error), "42501", "{}", error_text(&error));
+
+    // A writer with no grant on sync is captured, with its origin tag.
+    let writer = cluster.connect_as("writer", "postgres").await;
+    writer
+        .batch_execute(
+            "BEGIN; SET LOCAL sync.client_id = 'tab-9'; INSERT INTO item VALUES (1, 'a'); COMMIT;
+             UPDATE item SET body = 'b' WHERE id = 1;",
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        count(
+            &admin,
+            "SELECT count(*) FROM sync.change_history WHERE entity_code = 'item'
+                AND (client_id = 'tab-9' OR op = 'UPDATE')"
+        )
+        .await,
+        2
+    );
+
+    // The owner of a tracked table alters and drops it; sync.tracked follows.
+    let mallory = mallory(&cluster).await;
+    mallory
+        .batch_execute(
+            "CREATE TABLE m.t (id int PRIMARY KEY); SELECT sync.track('m.t');
+             ALTER TABLE m.t ADD COLUMN note text;
+             INSERT INTO m.t VALUES (1, 'n');",
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        count(
+            &admin,
+            "SELECT count(*) FROM sync.change_history WHERE entity_code = 't' AND schema_version = 2"
+        )
+        .await,
+        1
+    );
+    mallory.batch_execute("DROP TABLE m.t").await.unwrap();
+    assert_eq!(
+        count(
+            &admin,
+            "SELECT count(*) FROM sync.tracked WHERE entity_code = 't'"
+        )
+        .await,
+        0
+    );
+}
+
+/// Tables for the gateway tests: `doc` readable by every app user; `secret` with an owner
+/// policy; `reader2`, an allowed role that may read `marker` only.
+const APP: &str = "
+    CREATE TABLE doc (id text PRIMARY KEY, body text);
+    CREATE TABLE secret (id text PRIMARY KEY, owner text NOT NULL);
+    ALTER TABLE secret ENABLE ROW LEVEL SECURITY;
+    CREATE POLICY own ON secret
+        USING (owner = current_setting('request.jwt.claims', true)::jsonb ->> 'sub');
+    CREATE TABLE marker (id int PRIMARY KEY);
+    CREATE ROLE reader2 NOLOGIN;
+    GRANT reader2 TO sync_gateway;
+    GRANT SELECT ON marker TO reader2;
+    CREATE ROLE other_role NOLOGIN;
+    GRANT other_role TO sync_gateway;
+    GRANT SELECT ON doc, secret, marker TO other_role;
+    SELECT sync.track('doc'); SELECT sync.track('secret'); SELECT sync.track('marker');";
+
+/// Each path a token opens: the socket (refused before the upgrade), snapshot, changes and
+/// write, as the HTTP status each answered.
+async fn statuses(gateway: &Gateway, token: &str) -> [u16; 4] {
+    let auth = format!("Bearer {token}");
+    let headers = [("Authorization", auth.as_str())];
+    let socket = match gateway.connect_with(token, "").await {
+        Ok(_) => 101,
+        Err(status) => status,
+    };
+    let snapshot = gateway
+        .request("GET", "/v1/snapshot/doc", &headers, None)
+        .await
+        .unwrap()
+        .status;
+    let cursor = cursor(gateway).await;
+    let changes = gateway
+        .request(
+            "GET",
+            &format!("/v1/changes?since={cursor}"),
+            &headers,
+            None,
+        )
+        .await
+        .unwrap()
+        .status;
+    let write = json!({"mutations": [{"id": "m1", "entityCode": "doc", "action": "CREATE",
+                                      "entityId": "x", "data": {"body": "pwned"}}]});
+    let write = gateway
+        .request("POST", "/v1/write", &headers, Some(&write))
+        .await
+        .unwrap()
+        .status;
+    [socket, snapshot, changes, write]
+}
+
+/// A cursor, from a snapshot read as an ordinary user.
+async fn cursor(gateway: &Gateway) -> String {
+    gateway.snapshot("someone", "marker").await.unwrap().0
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn tokens_naming_roles_the_gateway_may_not_act_as_are_refused_on_every_path() {
+    let cluster = Cluster::start().await;
+    cluster.execute(APP).await;
+    let gateway = Gateway::start(&cluster, &[]).await;
+    for role in [
+        "postgres",
+        "none",
+        GATEWAY_ROLE,
+        "other_role",
+        "pg_read_all_data",
+    ] {
+        let token = token("mallory", &[("role", json!(role))]);
+        assert_eq!(statuses(&gateway, &token).await, [401; 4], "role {role}");
+    }
+    // The allowed role, for contrast, opens every path.
+    let good = token("alice", &[("role", json!("app_user"))]);
+    assert_eq!(statuses(&gateway, &good).await, [101, 200, 200, 200]);
+    assert_eq!(
+        cluster
+            .connect()
+            .await
+            .query_one("SELECT count(*) FROM doc WHERE body = 'pwned'", &[])
+            .await
+            .unwrap()
+            .get::<_, i64>(0),
+        1
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_gateway_refuses_to_run_as_a_superuser_or_with_unsafe_roles() {
+    let cluster = Cluster::start().await;
+    cluster.execute(APP).await;
+    let as_superuser = |extra: &[&str]| {
+        let mut args = vec!["--database-url".to_owned(), cluster.url("postgres")];
+        args.extend(extra.iter().map(|a| a.to_string()));
+        args
+    };
+    let refused = Gateway::launch(&as_superuser(&["--default-role", "app_user"]))
+        .await
+        .err()
+        .expect("a superuser login is refused");
+    assert!(refused.contains("superuser"), "{refused}");
+    // Allowed roles that bypass RLS or are the login role itself are refused too.
+    let as_gateway = cluster.url_as(GATEWAY_ROLE, "postgres");
+    for roles in [
+        "app_user,postgres",
+        "app_user,sync_gateway",
+        "none",
+        "nobody",
+    ] {
+        let args = ["--database-url", &as_gateway, "--allowed-roles", roles].map(String::from);
+        let refused = Gateway::launch(&args).await.err().expect("refused");
+        assert!(refused.contains("cannot be acted as"), "{roles}: {refused}");
+    }
+    // --insecure-superuser starts, for development, and says so.
+    let gateway = Gateway::launch(&as_superuser(&[
+        "--default-role",
+        "app_user",
+        "--insecure-superuser",
+    ]))
+    .await
+    .expect("starts");
+    drop(gateway);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_token_without_a_role_reads_and_writes_no_table() {
+    let cluster = Cluster::start().await;
+    cluster.execute(APP).await;
+    // No --default-role: a token must name its role.
+    let args = [
+        "--database-url",
+        &cluster.url_as(GATEWAY_ROLE, "postgres"),
+        "--allowed-roles",
+        "app_user",
+    ]
+    .map(String::from);
+    let gateway = Gateway::launch(&args).await.unwrap();
+    let roleless = token("mallory", &[]);
+    let mut session = gateway.connect_with(&roleless, "").await.unwrap();
+    for entity in ["doc", "secret"] {
+        session
+            .send(json!({"type": "SUBSCRIBE", "payload": {"entityCode": entity, "ref": entity}}))
+            .await;
+        let error = session.expect("ERROR").await;
+        assert_eq!(error["code"], "forbidden", "{error}");
+    }
+    let auth = format!("Bearer {roleless}");
+    let headers = [("Authorization", auth.as_str())];
+    let alice = token("alice", &[("role", json!("app_user"))]);
+    let (cursor, _) = {
+        let auth = format!("Bearer {alice}");
+        let r = gateway
+            .request(
+                "GET",
+                "/v1/snapshot/marker",
+                &[("Authorization", &auth)],
+                None,
+            )
+            .await
+            .unwrap();
+        assert_eq!(r.status, 200);
+        let text = String::from_utf8(r.body).unwrap();
+        let first: Value = serde_json::from_str(text.lines().next().unwrap()).unwrap();
+        (first["cursor"].as_str().unwrap().to_owned(), ())
+    };
+    for (method, path) in [
+        ("GET", "/v1/snapshot/secret".to_owned()),
+        ("GET", format!("/v1/changes?since={cursor}")),
+    ] {
+        let status = gateway
+            .request(method, &path, &headers, None)
+            .await
+            .unwrap()
+            .status;
+        assert_eq!(status, 403, "{path}");
+    }
+    let write = json!({"mutations": [{"id": "m1", "entityCode": "secret", "action": "CREATE",
+                                      "entityId": "s1", "data": {"owner": "alice"}}]});
+    let status = gateway
+        .request("POST", "/v1/write", &headers, Some(&write))
+        .await
+        .unwrap()
+        .status;
+    assert_eq!(status, 403);
+}
+
+/// Subscribes to `doc` and waits until a marker row shows the subscription is live.
+async fn watch_doc(gateway: &Gateway, sub: &str, query: &str) -> Session {
+    let mut session = gateway.connect_with(&token(sub, &[]), query).await.unwrap();
+    session.subscribe(json!({"entityCode": "marker"})).await;
+    session
+        .subscribe(json!({"entityCode": "doc", "mode": "delta"}))
+        .await;
+    session
+}
+
+async fn write(gateway: &Gateway, sub: &str, client_id: &str, id: &str) -> (u16, Value) {
+    let auth = format!("Bearer {}", token(sub, &[]));
+    let body = json!({"clientId": client_id, "mutations": [{"id": format!("m-{id}"),
+        "entityCode": "doc", "action": "CREATE", "entityId": id, "data": {"body": sub}}]});
+    let r = gateway
+        .request(
+            "POST",
+            "/v1/write",
+            &[("Authorization", &auth)],
+            Some(&body),
+        )
+        .await
+        .unwrap();
+    (
+        r.status,
+        serde_json::from_slice(&r.body).unwrap_or(Value::Null),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_borrowed_client_id_does_not_suppress_another_users_delivery() {
+    let cluster = Cluster::start().await;
+    cluster.execute(APP).await;
+    let gateway = Gateway::start(&cluster, &[]).await;
+    let mut alice = watch_doc(&gateway, "alice", "?clientId=tab-1").await;
+    // Alice's own write is not echoed to her (the control), mallory's with her client id is.
+    assert_eq!(write(&gateway, "alice", "tab-1", "hers").await.0, 200);
+    assert_eq!(write(&gateway, "mallory", "tab-1", "forged").await.0, 200);
+    cluster.execute("INSERT INTO marker VALUES (1)").await;
+    let seen = actions(&alice.changes_until(1).await);
+    assert_eq!(seen, [("forged".to_owned(), "CREATE".to_owned())]);
+    // Spelling the tag out is refused.
+    let (status, answer) = write(&gateway, "mallory", "alice:tab-1", "x").await;
+    assert_eq!(status, 400, "{answer}");
+    assert_eq!(
+        gateway
+            .connect_with(&token("mallory", &[]), "?clientId=alice:tab-1")
+            .await
+            .err(),
+        Some(400)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_write_to_a_wal_table_is_not_echoed_and_is_tagged_with_its_user() {
+    let cluster = Cluster::start().await;
+    cluster.execute("SELECT sync.create_wal_slot()").await;
+    cluster
+        .execute(
+            "CREATE TABLE doc (id text PRIMARY KEY, body text);
+             CREATE TABLE marker (id int PRIMARY KEY);
+             SELECT sync.track('doc', capture => 'wal'); SELECT sync.track('marker', capture => 'wal');",
+        )
+        .await;
+    let gateway = Gateway::start(&cluster, &["--wal-ingest-interval-ms", "50"]).await;
+    let mut alice = watch_doc(&gateway, "alice", "?clientId=tab-1").await;
+    assert_eq!(write(&gateway, "alice", "tab-1", "hers").await.0, 200);
+    assert_eq!(write(&gateway, "bob", "tab-1", "his").await.0, 200);
+    cluster.execute("INSERT INTO marker VALUES (1)").await;
+    let seen = actions(&alice.changes_until(1).await);
+    assert_eq!(seen, [("his".to_owned(), "CREATE".to_owned())]);
+    let tags: Vec<String> = cluster
+        .connect()
+        .await
+        .query(
+            "SELECT client_id FROM sync.change_history WHERE entity_code = 'doc' ORDER BY id",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(tags, ["alice:tab-1", "bob:tab-1"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_refreshed_token_keeps_only_what_its_role_may_read() {
+    let cluster = Cluster::start().await;
+    cluster.execute(APP).await;
+    let gateway = Gateway::start(&cluster, &["--allowed-roles", "app_user,reader2"]).await;
+    let mut session = watch_doc(&gateway, "alice", "").await;
+    // reader2 may read marker, not doc: the doc subscription ends, the marker one stays.
+    let refreshed = token("alice", &[("role", json!("reader2"))]);
+    session
+        .send(json!({"type": "AUTH", "payload": {"token": refreshed}}))
+        .await;
+    let error = session.expect("ERROR").await;
+    assert_eq!(error["code"], "forbidden", "{error}");
+    assert!(
+        error["message"].as_str().unwrap().contains("doc"),
+        "{error}"
+    );
+    cluster
+        .execute("INSERT INTO doc VALUES ('after', 'x'); INSERT INTO marker VALUES (1);")
+        .await;
+    assert!(session.changes_until(1).await.is_empty());
+    // A refresh naming a role the gateway may not act as is refused; the old one stays.
+    session
+        .send(json!({"type": "AUTH", "payload": {"token": token("alice", &[("role", json!("postgres"))])}}))
+        .await;
+    assert_eq!(session.expect("ERROR").await["code"], "forbidden");
+}
