@@ -1,13 +1,13 @@
 //! Reading the log from a cursor: `sync.current_cursor()` and the pages behind
 //! `sync.changes_since`. The meaning of cursors and why the queries below are gap-free is
-//! explained in `cursor.rs`; this module only runs them.
+//! explained in the `pg_sync_cursor` crate; this module only runs them.
 //!
 //! Every query of one call reads with snapshots it names explicitly (`pg_visible_in_snapshot`
 //! against the batch's end), so the result does not depend on whether SPI gives each query a
 //! fresh snapshot. Expiry is checked by the PL/pgSQL wrapper `sync.changes_since`, which holds
 //! the log's read lock so that no prune moves the horizon in between.
 
-use crate::cursor::{expiry, Cursor, CursorError, Mark, Position, Snapshot};
+use pg_sync_cursor::{expiry, Cursor, CursorError, Mark, Position, Snapshot};
 use pgrx::pg_sys::panic::ErrorReport;
 use pgrx::prelude::*;
 use pgrx::spi::SpiClient;

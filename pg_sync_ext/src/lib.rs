@@ -5,11 +5,13 @@
 //! - `capture`: the trigger that turns each change of a tracked table into a log row;
 //! - `log`: appends rows to `sync.change_history` without the executor;
 //! - `wakeup`: readers are woken after the writers commit, without writers paying for NOTIFY;
-//! - `cursor`: what a position in the log is (a snapshot), as pure Rust;
+//! - `pg_sync_cursor` (the workspace's `cursor/` crate): what a position in the log is (a
+//!   snapshot), as pure Rust shared with the gateway;
 //! - `changes`: reading the log from a cursor.
 //!
-//! Beside them: `wal` (capture from the WAL through wal2json), `roles` (whose rights each
-//! piece runs with: SPEC 1.9) and `gucs` (settings).
+//! Beside them: `wal` (capture from the WAL through wal2json), `policy` (row-level security
+//! judged on row images, for the gateway), `roles` (whose rights each piece runs with: SPEC
+//! 1.9) and `gucs` (settings).
 //!
 //! The tables live in `sql/schema.sql`, the PL/pgSQL part of the API (tracking, pruning,
 //! status and the error-raising wrapper of `changes_since`) in `sql/api.sql`.
@@ -18,10 +20,10 @@ use pgrx::prelude::*;
 
 mod capture;
 mod changes;
-mod cursor;
 mod gucs;
 mod jsonb;
 mod log;
+mod policy;
 mod roles;
 mod wakeup;
 mod wal;

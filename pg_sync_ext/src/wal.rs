@@ -351,7 +351,7 @@ fn ingest(client: &mut SpiClient<'_>, max_changes: i32) -> i64 {
                 .expect("advancing the pg_sync slot");
         }
     }
-    // The transaction's xid before any log id (see cursor.rs).
+    // The transaction's xid before any log id (see cursor/src/lib.rs).
     client
         .update("SELECT pg_catalog.pg_current_xact_id()", None, &[])
         .unwrap();

@@ -20,7 +20,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Serve WebSocket clients from the database's change log.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Print a development token signed with the configured HS256 secret.
     Token(TokenArgs),
 }
@@ -85,6 +85,25 @@ pub struct ServeArgs {
     #[arg(long, env = "SYNC_PING_INTERVAL_SECS", default_value_t = 30)]
     pub ping_interval_secs: u64,
 
+    /// How long one message to a client may take to be sent; a client that does not read it
+    /// in time is closed (4008) and resumes from its cursor.
+    #[arg(long, env = "SYNC_SEND_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub send_timeout: Duration,
+
+    /// Serve the files of this folder at `/` (the demo app of `make run`). Off by default.
+    #[arg(long, env = "SYNC_STATIC_DIR")]
+    pub static_dir: Option<PathBuf>,
+
+    /// Browser origins allowed to call `/v1/*` (CORS), comma-separated. None by default.
+    #[arg(long, env = "SYNC_CORS_ORIGINS", value_delimiter = ',')]
+    pub cors_origins: Vec<String>,
+
+    #[command(flatten)]
+    pub pools: PoolArgs,
+
+    #[command(flatten)]
+    pub caps: CapArgs,
+
     /// Name of this gateway in sync.subscription and sync.gateway (default: a random id).
     #[arg(long, env = "SYNC_GATEWAY_ID")]
     pub gateway_id: Option<String>,
@@ -122,6 +141,84 @@ impl ServeArgs {
     }
 }
 
+/// Database connections, per concern (SPEC 2.4): client-driven work never takes the feed's.
+#[derive(Clone, Debug, Args)]
+pub struct PoolArgs {
+    /// Connections for the feed: the log reader, the catalog, roles, the subscription mirror.
+    #[arg(long, env = "SYNC_FEED_POOL_SIZE", default_value_t = 4)]
+    pub feed_pool_size: usize,
+
+    /// Connections for judging row-level security of the live stream in the database (for
+    /// policies that do not compile).
+    #[arg(long, env = "SYNC_VISIBILITY_POOL_SIZE", default_value_t = 2)]
+    pub visibility_pool_size: usize,
+
+    /// Connections for clients' work: snapshots, replays, long-polls, writes, admissions.
+    #[arg(long, env = "SYNC_CLIENT_POOL_SIZE", default_value_t = 16)]
+    pub client_pool_size: usize,
+
+    /// How long work waits for a pooled connection before it is refused (503, Retry-After).
+    #[arg(long, env = "SYNC_POOL_WAIT", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub pool_wait: Duration,
+
+    /// Longest a statement of the visibility pool may run (a slow policy fails its group).
+    #[arg(long, env = "SYNC_POLICY_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub policy_timeout: Duration,
+}
+
+/// Caps on what clients may hold at once (SPEC 2.4). Over one, a request is refused at once.
+#[derive(Clone, Debug, Args)]
+pub struct CapArgs {
+    /// WebSocket connections in total.
+    #[arg(long, env = "SYNC_MAX_CONNECTIONS", default_value_t = 50_000)]
+    pub max_connections: usize,
+
+    /// WebSocket connections of one user (`sub`).
+    #[arg(long, env = "SYNC_MAX_CONNECTIONS_PER_USER", default_value_t = 100)]
+    pub max_connections_per_user: usize,
+
+    /// Database queries of one user in flight at once (snapshots, replay pages, reads,
+    /// writes).
+    #[arg(long, env = "SYNC_MAX_QUERIES_PER_USER", default_value_t = 4)]
+    pub max_queries_per_user: usize,
+
+    /// Snapshots streaming at once, in total.
+    #[arg(long, env = "SYNC_MAX_SNAPSHOTS", default_value_t = 8)]
+    pub max_snapshots: usize,
+
+    /// Snapshots of one user streaming at once.
+    #[arg(long, env = "SYNC_MAX_SNAPSHOTS_PER_USER", default_value_t = 2)]
+    pub max_snapshots_per_user: usize,
+
+    /// A snapshot's client must take each line within this, or the snapshot ends.
+    #[arg(long, env = "SYNC_SNAPSHOT_IDLE_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub snapshot_idle_timeout: Duration,
+
+    /// A snapshot ends after this, whatever its size.
+    #[arg(long, env = "SYNC_SNAPSHOT_MAX_DURATION", default_value = "5m", value_parser = humantime::parse_duration)]
+    pub snapshot_max_duration: Duration,
+
+    /// `/v1/changes` requests in progress (waiting ones included), in total.
+    #[arg(long, env = "SYNC_MAX_LONG_POLLS", default_value_t = 10_000)]
+    pub max_long_polls: usize,
+
+    /// `/v1/changes` requests of one user in progress.
+    #[arg(long, env = "SYNC_MAX_LONG_POLLS_PER_USER", default_value_t = 8)]
+    pub max_long_polls_per_user: usize,
+
+    /// Replays one connection runs at once (SUBSCRIBE with `since`).
+    #[arg(long, env = "SYNC_MAX_REPLAYS_PER_CONNECTION", default_value_t = 4)]
+    pub max_replays_per_connection: usize,
+
+    /// Filter conditions over all subscriptions of one connection.
+    #[arg(long, env = "SYNC_MAX_FILTER_CONDITIONS", default_value_t = 256)]
+    pub max_filter_conditions: usize,
+
+    /// Values listed by `in` conditions over all subscriptions of one connection.
+    #[arg(long, env = "SYNC_MAX_FILTER_VALUES", default_value_t = 10_000)]
+    pub max_filter_values: usize,
+}
+
 /// How tokens are checked. Exactly one of the two keys; its algorithm is the only one accepted.
 #[derive(Clone, Debug, Args)]
 pub struct AuthArgs {
@@ -157,7 +254,7 @@ pub struct TokenArgs {
     pub role: Option<String>,
 
     /// Lifetime, e.g. 30s, 15m, 1h, 7d.
-    #[arg(long, default_value = "1h", value_parser = parse_duration)]
+    #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
     pub ttl: Duration,
 
     /// Audience (`aud`).
@@ -167,26 +264,6 @@ pub struct TokenArgs {
     /// More claims, as key=value (repeatable).
     #[arg(long = "claim", value_parser = parse_claim)]
     pub claims: Vec<(String, String)>,
-}
-
-/// `30s`, `15m`, `1h`, `7d`, or plain seconds.
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    let text = text.trim();
-    let split = text
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(text.len());
-    let (number, unit) = text.split_at(split);
-    let number: u64 = number
-        .parse()
-        .map_err(|_| format!("not a duration: {text:?}"))?;
-    let seconds = match unit {
-        "" | "s" => 1,
-        "m" => 60,
-        "h" => 3600,
-        "d" => 86_400,
-        _ => return Err(format!("unknown unit in {text:?}: use s, m, h or d")),
-    };
-    Ok(Duration::from_secs(number * seconds))
 }
 
 fn parse_claim(text: &str) -> Result<(String, String), String> {
@@ -199,15 +276,6 @@ fn parse_claim(text: &str) -> Result<(String, String), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn durations_parse() {
-        assert_eq!(parse_duration("45").unwrap(), Duration::from_secs(45));
-        assert_eq!(parse_duration("15m").unwrap(), Duration::from_secs(900));
-        assert_eq!(parse_duration("1h").unwrap(), Duration::from_secs(3600));
-        assert!(parse_duration("1w").is_err());
-        assert!(parse_duration("h").is_err());
-    }
 
     #[test]
     fn the_cli_is_consistent() {

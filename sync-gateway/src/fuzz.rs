@@ -3,8 +3,8 @@
 //! round; `make fuzz` runs new random rounds for FUZZ_SECONDS. Findings become the regression
 //! cases below.
 
-use crate::filter::{Condition, Op};
-use crate::protocol::{parse, reference_of};
+use crate::model::filter::{Condition, Op};
+use crate::model::protocol::{parse, reference_of};
 use proptest::prelude::*;
 use serde_json::{json, Map, Value};
 

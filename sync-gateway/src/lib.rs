@@ -1,55 +1,56 @@
 //! sync-gateway: the server beside PostgreSQL that pushes pg_sync's change log to clients.
 //!
-//! Data flows through the modules in this order:
-//! - `reader` wakes on NOTIFY (or polls), reads the log once for the whole gateway (`log`)
-//!   and hands batches to
-//! - `router`, one task that owns every subscription and turns each change into messages
-//!   for the connections that see it;
-//! - `session` is one WebSocket connection: it checks the client's messages (`protocol`,
-//!   `filter`, against `catalog`) and writes what the router queues;
-//! - `replay` serves SUBSCRIBE with `since` from the log up to the live position;
-//! - `ingest` drives WAL capture (`sync.ingest_wal`) on one gateway at a time;
-//! - `store` mirrors subscriptions into `sync.subscription` and heartbeats;
-//! - `access` runs queries as the user (role and claims) for row-level security;
-//! - `http` holds the endpoints, with `snapshot`, `changes` and `write` for clients without
-//!   sockets; `metrics` counts; `auth` checks tokens, `config` is the command line.
+//! A one-way pipeline; each stage owns its resources and talks to the next by a channel:
+//!
+//! ```text
+//!  PostgreSQL ──NOTIFY──▶ feed::listen ─wake─▶ feed::reader ──pages──▶ access::visibility
+//!                          (feed pool: reader, catalog, roles, mirror)   (visibility pool)
+//!                                                                            │ judged batches,
+//!  connections ──Connect/Subscribe/…─────────────────────────────────────────┤ commands in order
+//!                                                                            ▼
+//!  deliver::replay ──pages──▶ deliver::router (pure, no I/O) ──bounded queues──▶ connection writers
+//!  (client pool)                   │  └─▶ deliver::mirror (sync.subscription)          │
+//!                                  └─ live position ─▶ long-polls, ahead-cursor checks  ▼ sockets
+//! http: snapshot, changes, write (client pool, capped per user and in total); admin: metrics, status
+//! ```
+//!
+//! `model` holds the plain types every stage shares. Nothing calls back up the pipeline, and
+//! no client can make a stage before the router wait: client work has its own pool and caps
+//! (`access::limits`), and a connection that does not read is closed by its own writer.
 
 pub mod access;
-pub mod auth;
-pub mod catalog;
-pub mod changes;
+mod backoff;
 pub mod config;
-pub mod filter;
+pub mod deliver;
+pub mod feed;
 pub mod http;
-pub mod ingest;
-pub mod log;
 pub mod metrics;
-pub mod outbound;
-pub mod outbox;
-pub mod protocol;
-pub mod reader;
-pub mod replay;
-pub mod router;
-pub mod session;
-pub mod snapshot;
-pub mod store;
-pub mod write;
+pub mod model;
 
 #[cfg(test)]
 mod fuzz;
 
-use crate::access::Roles;
-use crate::auth::Verifier;
-use crate::catalog::Catalog;
+use crate::access::auth::Verifier;
+use crate::access::limits::{Cap, ClientWork};
+use crate::access::plans::Plans;
+use crate::access::roles::{Groups, Roles};
+use crate::access::visibility::Stage;
 use crate::config::ServeArgs;
+use crate::deliver::mirror::Mirror;
+use crate::deliver::replay::Replayer;
+use crate::deliver::router::{Command, Limits, Outlets, Router};
+use crate::feed::catalog::Catalog;
+use crate::feed::ingest::Ingest;
+use crate::feed::reader::Reader;
 use crate::metrics::Metrics;
-use crate::router::{Database, Router};
-use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use crate::model::cursor::Cursor;
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime, Timeouts};
+use std::path::PathBuf;
 use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, watch, Notify};
 use tokio_postgres::NoTls;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -69,21 +70,42 @@ impl std::fmt::Display for ErrorChain<'_> {
     }
 }
 
-/// What the endpoints and sessions share.
+/// Settings the connections and endpoints read.
+pub struct RuntimeConfig {
+    pub send_queue_bytes: usize,
+    pub send_timeout: Duration,
+    pub ping_interval: Duration,
+    pub snapshot_idle_timeout: Duration,
+    pub snapshot_max_duration: Duration,
+    pub cors_origins: Vec<String>,
+    pub static_dir: Option<PathBuf>,
+}
+
+/// What clients hold, capped.
+pub struct Caps {
+    pub connections: Arc<Cap>,
+    pub snapshots: Arc<Cap>,
+    pub long_polls: Arc<Cap>,
+}
+
+/// What the endpoints and connections share.
 pub struct AppState {
-    pub pool: Pool,
     pub verifier: Verifier,
-    pub catalog: Arc<Catalog>,
-    pub metrics: Arc<Metrics>,
     pub roles: Arc<Roles>,
+    pub groups: Groups,
+    pub catalog: Arc<Catalog>,
+    pub plans: Arc<Plans>,
+    pub work: Arc<ClientWork>,
+    /// Commands to the router, through the visibility stage.
+    pub control: mpsc::Sender<Command>,
+    /// Where the live stream stands; changes as batches are routed ("the log moved").
+    pub position: watch::Receiver<Option<Cursor>>,
+    pub config: RuntimeConfig,
+    pub caps: Caps,
+    pub metrics: Arc<Metrics>,
     pub gateway_id: String,
-    /// Where the live stream stands; changes as batches are routed (long-polls wait on it).
-    pub position: watch::Receiver<String>,
-    pub router: mpsc::Sender<router::Command>,
     pub ready: Arc<AtomicBool>,
     pub next_connection: AtomicU64,
-    pub send_queue_bytes: usize,
-    pub ping_interval: Duration,
     pub shutdown: CancellationToken,
     pub tracker: TaskTracker,
 }
@@ -91,15 +113,15 @@ pub struct AppState {
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
     #[error(transparent)]
-    Auth(#[from] auth::AuthError),
+    Auth(#[from] access::auth::AuthError),
     #[error("bad --database-url: {0}")]
     DatabaseUrl(tokio_postgres::Error),
-    #[error("cannot build the connection pool: {0}")]
+    #[error("cannot build a connection pool: {0}")]
     Pool(#[from] deadpool_postgres::BuildError),
     #[error("cannot connect to the database: {0}")]
     Connect(#[from] deadpool_postgres::PoolError),
     #[error(transparent)]
-    Roles(#[from] access::RolesError),
+    Roles(#[from] access::roles::RolesError),
     #[error("cannot listen on {address}: {source}")]
     Listen {
         address: std::net::SocketAddr,
@@ -109,117 +131,187 @@ pub enum ServeError {
     Server(std::io::Error),
 }
 
+/// A pool of `size` connections whose waits end after `wait`.
+fn pool(
+    config: tokio_postgres::Config,
+    size: usize,
+    wait: Duration,
+) -> Result<Pool, deadpool_postgres::BuildError> {
+    let manager = Manager::from_config(
+        config,
+        NoTls,
+        ManagerConfig {
+            recycling_method: RecyclingMethod::Fast,
+        },
+    );
+    Pool::builder(manager)
+        .max_size(size.max(1))
+        .timeouts(Timeouts {
+            wait: Some(wait),
+            create: Some(wait),
+            recycle: Some(wait),
+        })
+        .runtime(Runtime::Tokio1)
+        .build()
+}
+
 /// Serves until `shutdown` is cancelled, then closes every connection (1001), waits for
 /// them, and removes this gateway's subscriptions.
 pub async fn serve(args: ServeArgs, shutdown: CancellationToken) -> Result<(), ServeError> {
     let verifier = Verifier::new(&args.auth)?;
     let pg_config =
         tokio_postgres::Config::from_str(&args.database_url).map_err(ServeError::DatabaseUrl)?;
-    let manager = Manager::from_config(
-        pg_config.clone(),
-        NoTls,
-        ManagerConfig {
-            recycling_method: RecyclingMethod::Fast,
-        },
-    );
-    let pool = Pool::builder(manager).max_size(16).build()?;
+    let p = &args.pools;
+    let feed_pool = pool(pg_config.clone(), p.feed_pool_size, p.pool_wait)?;
+    let mut visibility_config = pg_config.clone();
+    visibility_config.options(format!(
+        "-c statement_timeout={}",
+        p.policy_timeout.as_millis()
+    ));
+    let visibility_pool = pool(visibility_config, p.visibility_pool_size, p.pool_wait)?;
+    let client_pool = pool(pg_config.clone(), p.client_pool_size, p.pool_wait)?;
+    let ingest_pool = pool(pg_config.clone(), 1, p.pool_wait)?;
     let roles = Arc::new(
         Roles::check(
-            &**pool.get().await?,
+            &**feed_pool.get().await?,
             args.default_role.clone(),
             args.allowed_roles(),
             args.insecure_superuser,
         )
         .await?,
     );
-    tokio::spawn(refresh_roles(roles.clone(), pool.clone(), shutdown.clone()));
+    tokio::spawn(refresh_roles(
+        roles.clone(),
+        feed_pool.clone(),
+        shutdown.clone(),
+    ));
     let gateway_id = args
         .gateway_id
         .clone()
         .unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string());
+    let catalog = Arc::new(Catalog::new(feed_pool.clone()));
+    tokio::spawn(catalog.clone().refresh(shutdown.clone()));
+    let plans = Arc::new(Plans::default());
+    let metrics = Arc::new(Metrics::default());
+    let work = Arc::new(ClientWork::new(client_pool, args.caps.max_queries_per_user));
 
-    let (router_tx, router_rx) = mpsc::channel(1024);
-    let (batch_tx, batch_rx) = mpsc::channel(2);
-    let (store_tx, store_rx) = mpsc::unbounded_channel();
-    let (replay_tx, replay_rx) = mpsc::unbounded_channel();
-    let (position_tx, position_rx) = watch::channel(String::new());
+    let (control_tx, control_rx) = mpsc::channel(1024);
+    let (feed_tx, feed_rx) = mpsc::channel(2);
+    let (router_tx, router_rx) = mpsc::channel(64);
+    let (replay_events_tx, replay_events_rx) = mpsc::channel(64);
+    let (mirror_tx, mirror_rx) = mpsc::unbounded_channel();
+    let (replays_tx, replays_rx) = mpsc::unbounded_channel();
+    let (position_tx, position_rx) = watch::channel(None);
     let ready = Arc::new(AtomicBool::new(false));
     let tracker = TaskTracker::new();
 
-    let store = store::Store {
-        pool: pool.clone(),
+    let mirror = Mirror {
+        pool: feed_pool.clone(),
         gateway_id: gateway_id.clone(),
         heartbeat: args.heartbeat(),
     };
-    let store_task = tokio::spawn(store.run(store_rx, shutdown.clone()));
-    let catalog = Arc::new(Catalog::new(pool.clone()));
-    tokio::spawn(catalog.clone().refresh(shutdown.clone()));
-    let metrics = Arc::new(Metrics::default());
-    let database = Database {
-        pool: pool.clone(),
-        catalog: catalog.clone(),
+    let mirror_task = tokio::spawn(mirror.run(mirror_rx, shutdown.clone()));
+    let limits = Limits {
+        subscriptions: args.max_subscriptions,
+        conditions: args.caps.max_filter_conditions,
+        in_values: args.caps.max_filter_values,
+        replays: args.caps.max_replays_per_connection,
+        replay_buffer: 100_000,
+    };
+    let outlets = Outlets {
+        mirror: mirror_tx,
+        replays: replays_tx,
+        position: position_tx,
         metrics: metrics.clone(),
     };
-    let router = Router::new(
-        database,
-        gateway_id.clone(),
-        args.max_subscriptions,
-        position_tx,
-        store_tx,
-        replay_tx,
+    let router_task = tokio::spawn(
+        Router::new(gateway_id.clone(), limits, outlets).run(router_rx, replay_events_rx),
     );
-    let router_task = tokio::spawn(router.run(router_rx, batch_rx));
-    let replayer = replay::Replayer {
-        pool: pool.clone(),
+    let stage = Stage {
+        pool: visibility_pool,
         catalog: catalog.clone(),
-        router: router_tx.clone(),
-        position: position_rx.clone(),
+        plans: plans.clone(),
+        roles: roles.clone(),
+        metrics: metrics.clone(),
+        router: router_tx,
     };
-    tokio::spawn(replayer.run(replay_rx, shutdown.clone()));
-    let reader = reader::Reader {
-        pool: pool.clone(),
-        listen_config: pg_config,
+    tokio::spawn(stage.run(control_rx, feed_rx));
+    let replayer = Replayer {
+        work: work.clone(),
+        plans: plans.clone(),
+        catalog: catalog.clone(),
+        events: replay_events_tx,
+    };
+    tokio::spawn(replayer.run(replays_rx, shutdown.clone()));
+    let wake = Arc::new(Notify::new());
+    tokio::spawn(feed::listen::listen(
+        pg_config,
+        wake.clone(),
+        shutdown.clone(),
+    ));
+    let reader = Reader {
+        pool: feed_pool.clone(),
+        catalog: catalog.clone(),
+        wake,
         poll_interval: args.poll_interval(),
-        router: batch_tx,
+        next: feed_tx,
         ready: ready.clone(),
     };
     let reader_task = tokio::spawn(reader.run(shutdown.clone()));
     if args.wal_ingest {
-        let ingest = ingest::Ingest {
-            pool: pool.clone(),
+        let ingest = Ingest {
+            pool: ingest_pool,
             interval: args.wal_ingest_interval(),
         };
         tokio::spawn(ingest.run(shutdown.clone()));
     }
 
+    let caps = &args.caps;
     let state = Arc::new(AppState {
-        pool: pool.clone(),
         verifier,
-        catalog,
-        metrics,
         roles,
-        gateway_id: gateway_id.clone(),
+        groups: Groups::default(),
+        catalog,
+        plans,
+        work,
+        control: control_tx,
         position: position_rx,
-        router: router_tx,
+        config: RuntimeConfig {
+            send_queue_bytes: args.send_queue_bytes,
+            send_timeout: args.send_timeout,
+            ping_interval: args.ping_interval(),
+            snapshot_idle_timeout: caps.snapshot_idle_timeout,
+            snapshot_max_duration: caps.snapshot_max_duration,
+            cors_origins: args.cors_origins.clone(),
+            static_dir: args.static_dir.clone(),
+        },
+        caps: Caps {
+            connections: Cap::new(
+                "connections",
+                caps.max_connections,
+                caps.max_connections_per_user,
+            ),
+            snapshots: Cap::new("snapshots", caps.max_snapshots, caps.max_snapshots_per_user),
+            long_polls: Cap::new(
+                "long-polls",
+                caps.max_long_polls,
+                caps.max_long_polls_per_user,
+            ),
+        },
+        metrics,
+        gateway_id: gateway_id.clone(),
         ready,
         next_connection: AtomicU64::new(1),
-        send_queue_bytes: args.send_queue_bytes,
-        ping_interval: args.ping_interval(),
         shutdown: shutdown.clone(),
         tracker: tracker.clone(),
     });
-    let listener = tokio::net::TcpListener::bind(args.listen)
-        .await
-        .map_err(|source| ServeError::Listen {
-            address: args.listen,
-            source,
-        })?;
-    let admin_listener = tokio::net::TcpListener::bind(args.admin_listen)
-        .await
-        .map_err(|source| ServeError::Listen {
-            address: args.admin_listen,
-            source,
-        })?;
+    let bind = |address| async move {
+        tokio::net::TcpListener::bind(address)
+            .await
+            .map_err(|source| ServeError::Listen { address, source })
+    };
+    let listener = bind(args.listen).await?;
+    let admin_listener = bind(args.admin_listen).await?;
     tracing::info!(address = %args.listen, admin = %args.admin_listen, gateway_id, "serving");
     let admin = axum::serve(admin_listener, http::admin_app(state.clone()))
         .with_graceful_shutdown(shutdown.clone().cancelled_owned());
@@ -228,19 +320,19 @@ pub async fn serve(args: ServeArgs, shutdown: CancellationToken) -> Result<(), S
     let (public, admin) = tokio::join!(public, admin);
     public.and(admin).map_err(ServeError::Server)?;
 
-    // The sessions close themselves on `shutdown`; wait for them to unsubscribe.
+    // The connections close themselves on `shutdown`; wait for them to unsubscribe.
     tracker.close();
     tracker.wait().await;
     let _ = reader_task.await;
     drop(state);
     let _ = router_task.await;
-    let _ = store_task.await;
+    let _ = mirror_task.await;
     tracing::info!("stopped");
     Ok(())
 }
 
 /// Re-reads which allowed roles are safe to act as (a role made superuser or BYPASSRLS since
-/// the start is refused from then on).
+/// the start is refused from then on), and whether roles changed.
 async fn refresh_roles(roles: Arc<Roles>, pool: Pool, shutdown: CancellationToken) {
     let mut tick = tokio::time::interval(Duration::from_secs(2));
     loop {

@@ -10,7 +10,7 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Token(t) => {
             let claims = t.claims.as_slice();
-            let token = sync_gateway::auth::mint(
+            let token = sync_gateway::access::auth::mint(
                 &t.jwt_secret,
                 &t.sub,
                 t.role.as_deref(),
@@ -32,7 +32,7 @@ fn main() -> anyhow::Result<()> {
             runtime.block_on(async {
                 let shutdown = CancellationToken::new();
                 tokio::spawn(stop_on_signal(shutdown.clone()));
-                sync_gateway::serve(args, shutdown)
+                sync_gateway::serve(*args, shutdown)
                     .await
                     .context("sync-gateway serve")
             })

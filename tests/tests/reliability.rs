@@ -162,10 +162,11 @@ async fn idle_connections_hold_flat_memory() {
         .execute("CREATE TABLE room (id int PRIMARY KEY); SELECT sync.track('room');")
         .await;
     let gateway = Gateway::start(&cluster, &["--ping-interval-secs", "2"]).await;
-    let url = gateway.ws_url(&format!("?token={}", token("idle", &[])));
     let subscribe = json!({"type": "SUBSCRIBE", "payload": {"entityCode": "room"}}).to_string();
     let mut readers = Vec::new();
-    for _ in 0..count {
+    for i in 0..count {
+        // One user each (a user may hold 100 connections at most).
+        let url = gateway.ws_url(&format!("?token={}", token(&format!("idle-{i}"), &[])));
         let (mut socket, _) = tokio_tungstenite::connect_async(&url).await.unwrap();
         futures_util::SinkExt::send(&mut socket, subscribe.as_str().into())
             .await

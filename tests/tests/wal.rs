@@ -347,8 +347,15 @@ async fn no_change_after_track_is_missed_before_the_first_ingest() {
         .unwrap_err();
     assert_eq!(sqlstate(&error), "55000");
     let db = error.as_db_error().unwrap();
-    assert!(db.message().contains("replication slot"), "{}", db.message());
-    assert!(db.hint().unwrap_or_default().contains("sync.create_wal_slot()"));
+    assert!(
+        db.message().contains("replication slot"),
+        "{}",
+        db.message()
+    );
+    assert!(db
+        .hint()
+        .unwrap_or_default()
+        .contains("sync.create_wal_slot()"));
     let tracked: i64 = other
         .connect()
         .await
@@ -384,7 +391,11 @@ async fn a_lost_slot_is_announced_not_hidden() {
     let at = |op: &str, id: Option<&str>| (op.to_owned(), id.map(str::to_owned));
     assert_eq!(
         rows,
-        [at("INSERT", Some("1")), at("TRUNCATE", None), at("INSERT", Some("3"))]
+        [
+            at("INSERT", Some("1")),
+            at("TRUNCATE", None),
+            at("INSERT", Some("3"))
+        ]
     );
     let lost: bool = client
         .query_one(

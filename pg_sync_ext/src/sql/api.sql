@@ -231,6 +231,20 @@ $$;
 CREATE EVENT TRIGGER sync_sql_drop ON sql_drop EXECUTE FUNCTION sync._on_sql_drop();
 ALTER EVENT TRIGGER sync_sql_drop ENABLE ALWAYS;
 
+-- Policies, grants and tables changed: the gateway re-reads how it judges row-level
+-- security (sync.policy_plan) before routing the next page of changes. SECURITY DEFINER, as
+-- the other event triggers: every role's GRANT runs it.
+CREATE FUNCTION sync._on_access_change() RETURNS event_trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog AS $$
+BEGIN
+    UPDATE sync.state SET policy_version = policy_version + 1;
+END
+$$;
+CREATE EVENT TRIGGER sync_access_change ON ddl_command_end
+    WHEN TAG IN ('CREATE POLICY', 'ALTER POLICY', 'DROP POLICY', 'GRANT', 'REVOKE', 'ALTER TABLE')
+    EXECUTE FUNCTION sync._on_access_change();
+ALTER EVENT TRIGGER sync_access_change ENABLE ALWAYS;
+
 -- Readers of the log hold this advisory lock shared and sync.prune holds it exclusively, so
 -- that a page is never read across a prune that moves the horizon under it.
 CREATE FUNCTION sync._log_read_lock() RETURNS void
@@ -389,7 +403,8 @@ BEGIN
         'sync._changes_page(text, integer, text)', 'sync._cursor_problem(text)',
         'sync._log_read_lock()', 'sync.cursor_reached(text, text)',
         'sync.ingest_wal(integer)', 'sync._wal_settled(text)', 'sync.status()',
-        'sync._wakeup_mode()', 'sync.claim_mutation(text, text)', 'sync.tag_origin(text)'
+        'sync._wakeup_mode()', 'sync.claim_mutation(text, text)', 'sync.tag_origin(text)',
+        'sync.policy_plan(oid, text)', 'sync.visible(oid, jsonb, jsonb)'
     ]::regprocedure[] LOOP
         EXECUTE format('GRANT EXECUTE ON FUNCTION %s TO %s', f, gateway);
     END LOOP;
@@ -402,5 +417,8 @@ REVOKE ALL ON ALL FUNCTIONS IN SCHEMA sync FROM PUBLIC;
 REVOKE ALL ON ALL TABLES IN SCHEMA sync FROM PUBLIC;
 REVOKE ALL ON ALL SEQUENCES IN SCHEMA sync FROM PUBLIC;
 REVOKE ALL ON TYPE sync.change FROM PUBLIC;
+-- Deparsed policies are planned again in sync.visible: both under one search_path, so that
+-- every name they hold resolves to what it named in the policy.
+ALTER FUNCTION sync.visible(oid, jsonb, jsonb) SET search_path = pg_catalog, pg_temp;
 ALTER FUNCTION sync.create_wal_slot() SECURITY DEFINER;
 ALTER FUNCTION sync.create_wal_slot() SET search_path = pg_catalog, pg_temp;

@@ -17,7 +17,11 @@ CREATE TABLE sync.state (
     -- lost after it had been read (its gap was announced as a TRUNCATE per WAL entity).
     wal_stored_lsn   pg_lsn,
     last_ingest_at   timestamptz,
-    wal_slot_lost_at timestamptz
+    wal_slot_lost_at timestamptz,
+    -- Bumped by every statement that can change who may read what (policies, grants, ALTER
+    -- TABLE): the gateway reads it with each page of the log and recompiles what it judges
+    -- row-level security with when it moved.
+    policy_version   bigint NOT NULL DEFAULT 0
 );
 INSERT INTO sync.state DEFAULT VALUES;
 
@@ -25,7 +29,7 @@ INSERT INTO sync.state DEFAULT VALUES;
 -- triggers or defaults apply there: keep the column order in step with log.rs). `id` comes from a CACHE 1 sequence inside the capturing transaction after
 -- it wrote (and so locked) the row: ids of one row's changes follow its commit order, and a
 -- transaction that starts after a snapshot takes only ids above that snapshot's largest
--- visible id. Both facts carry the cursor design (see cursor.rs).
+-- visible id. Both facts carry the cursor design (see cursor/src/lib.rs).
 CREATE TABLE sync.change_history (
     id              bigint GENERATED ALWAYS AS IDENTITY (CACHE 1) PRIMARY KEY,
     table_name      text NOT NULL,

@@ -5,7 +5,8 @@
 //! applies whatever has queued up in one transaction, in order. Every heartbeat it also
 //! removes the rows of gateways whose heartbeat went stale (they died without cleaning up).
 
-use crate::protocol::Mode;
+use crate::backoff::Backoff;
+use crate::model::protocol::Mode;
 use deadpool_postgres::Pool;
 use serde_json::Value;
 use std::time::Duration;
@@ -24,7 +25,7 @@ pub struct SubscriptionRow {
 }
 
 #[derive(Debug)]
-pub enum StoreOp {
+pub enum MirrorOp {
     Add(Vec<SubscriptionRow>),
     RemoveIds {
         connection_id: String,
@@ -47,33 +48,30 @@ pub enum StoreOp {
 /// Operations applied in one transaction at most.
 const BATCH: usize = 1000;
 
-pub struct Store {
+pub struct Mirror {
     pub pool: Pool,
     pub gateway_id: String,
     pub heartbeat: Duration,
 }
 
-impl Store {
+impl Mirror {
     /// Applies operations until `shutdown`, then removes this gateway's rows.
-    pub async fn run(self, mut ops: mpsc::UnboundedReceiver<StoreOp>, shutdown: CancellationToken) {
+    pub async fn run(
+        self,
+        mut ops: mpsc::UnboundedReceiver<MirrorOp>,
+        shutdown: CancellationToken,
+    ) {
         let mut heartbeat = tokio::time::interval(self.heartbeat);
         let mut pending = Vec::new();
         loop {
             tokio::select! {
                 biased;
-                received = ops.recv() => match received {
-                    Some(op) => {
-                        pending.push(op);
-                        while pending.len() < BATCH {
-                            match ops.try_recv() {
-                                Ok(op) => pending.push(op),
-                                Err(_) => break,
-                            }
-                        }
-                        self.retrying(|| self.apply(&pending), &shutdown).await;
-                        pending.clear();
+                received = ops.recv_many(&mut pending, BATCH) => {
+                    if received == 0 {
+                        break;
                     }
-                    None => break,
+                    self.retrying(|| self.apply(&pending), &shutdown).await;
+                    pending.clear();
                 },
                 _ = heartbeat.tick() => {
                     if let Err(e) = self.beat().await {
@@ -93,25 +91,23 @@ impl Store {
     async fn retrying<F, Fut>(&self, mut write: F, shutdown: &CancellationToken)
     where
         F: FnMut() -> Fut,
-        Fut: std::future::Future<Output = Result<(), StoreError>>,
+        Fut: std::future::Future<Output = Result<(), MirrorError>>,
     {
-        let mut backoff = Duration::from_millis(100);
+        let mut backoff = Backoff::default();
         while let Err(e) = write().await {
             tracing::warn!(error = %crate::ErrorChain(&e), "writing subscriptions failed; retrying");
-            tokio::select! {
-                _ = tokio::time::sleep(backoff) => {}
-                _ = shutdown.cancelled() => return,
+            if !backoff.wait(shutdown).await {
+                return;
             }
-            backoff = (backoff * 2).min(Duration::from_secs(5));
         }
     }
 
-    async fn apply(&self, ops: &[StoreOp]) -> Result<(), StoreError> {
+    async fn apply(&self, ops: &[MirrorOp]) -> Result<(), MirrorError> {
         let mut client = self.pool.get().await?;
         let tx = client.transaction().await?;
         for op in ops {
             match op {
-                StoreOp::Add(rows) => {
+                MirrorOp::Add(rows) => {
                     let column = |f: fn(&SubscriptionRow) -> Option<String>| {
                         rows.iter().map(f).collect::<Vec<_>>()
                     };
@@ -138,7 +134,7 @@ impl Store {
                     )
                     .await?;
                 }
-                StoreOp::RemoveIds {
+                MirrorOp::RemoveIds {
                     connection_id,
                     entity_code,
                     entity_ids,
@@ -150,7 +146,7 @@ impl Store {
                     )
                     .await?;
                 }
-                StoreOp::RemoveEntity {
+                MirrorOp::RemoveEntity {
                     connection_id,
                     entity_code,
                 } => {
@@ -160,7 +156,7 @@ impl Store {
                     )
                     .await?;
                 }
-                StoreOp::RemoveRows {
+                MirrorOp::RemoveRows {
                     connection_id,
                     entity_code,
                     filter,
@@ -173,7 +169,7 @@ impl Store {
                     )
                     .await?;
                 }
-                StoreOp::RemoveConnection(connection_id) => {
+                MirrorOp::RemoveConnection(connection_id) => {
                     tx.execute(
                         "DELETE FROM sync.subscription WHERE connection_id = $1",
                         &[connection_id],
@@ -186,7 +182,7 @@ impl Store {
         Ok(())
     }
 
-    async fn beat(&self) -> Result<(), StoreError> {
+    async fn beat(&self) -> Result<(), MirrorError> {
         let client = self.pool.get().await?;
         client
             .execute(
@@ -209,7 +205,7 @@ impl Store {
         Ok(())
     }
 
-    async fn leave(&self) -> Result<(), StoreError> {
+    async fn leave(&self) -> Result<(), MirrorError> {
         let client = self.pool.get().await?;
         client
             .execute(
@@ -228,7 +224,7 @@ impl Store {
 }
 
 #[derive(Debug, thiserror::Error)]
-pub enum StoreError {
+pub enum MirrorError {
     #[error("database: {0}")]
     Database(#[from] tokio_postgres::Error),
     #[error("database pool: {0}")]

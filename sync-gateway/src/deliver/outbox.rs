@@ -6,47 +6,15 @@
 //! are serialized once and their text shared: with 10,000 subscribers, serializing per
 //! connection was the gateway's bottleneck.
 
-use crate::log::Change;
-use crate::protocol::{Action, ChangeOut, Mode, ResyncReason, ServerMessage};
+use crate::model::change::{Action, Change};
+use crate::model::protocol::{Mode, ResyncReason, ServerMessage};
+use crate::model::subscription::Shape;
 use axum::extract::ws::Utf8Bytes;
 use std::collections::HashMap;
 use std::sync::Arc;
 
 /// Changes in one message at most: a longer run is split, each part with its own cursor.
 pub const MAX_CHANGES_PER_MESSAGE: usize = 256;
-
-/// How a subscription shows changes: INVALIDATE or DELTA, and which columns of DELTA data.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
-pub struct Shape {
-    pub mode: Mode,
-    pub columns: Option<Vec<String>>,
-}
-
-impl Shape {
-    /// A change as this shape sends it.
-    pub fn render(&self, change: &Change, action: Action) -> ChangeOut {
-        let delta = self.mode == Mode::Delta;
-        let data = (delta && action != Action::Delete).then(|| {
-            let row = change.data.clone().unwrap_or_default();
-            let row = match &self.columns {
-                None => row,
-                Some(columns) => row
-                    .into_iter()
-                    .filter(|(k, _)| columns.contains(k))
-                    .collect(),
-            };
-            serde_json::Value::Object(row)
-        });
-        ChangeOut {
-            entity_id: change.entity_id.clone().unwrap_or_default(),
-            action,
-            data,
-            changed: (delta && action == Action::Update)
-                .then(|| change.changed.clone().unwrap_or_default()),
-            schema_version: delta.then_some(change.schema_version),
-        }
-    }
-}
 
 enum Part {
     Message(ServerMessage),

@@ -7,14 +7,19 @@
 //! Entity and column names reach SQL only after being checked against the catalog, and
 //! quoted; values only as parameters, typed by `jsonb_populate_record` against the table.
 
-use crate::access::{act_as, UserContext};
-use crate::catalog::{quote, Entity};
-use crate::http::ApiError;
+use super::error::ApiError;
+use super::extract::{check_client_id, Authenticated};
+use crate::access::roles::act_as;
+use crate::feed::catalog::{quote, Entity};
+use crate::model::change::Action;
 use crate::AppState;
+use axum::extract::State;
+use axum::Json;
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 use std::collections::HashSet;
 use std::sync::Arc;
+use tokio_postgres::error::SqlState;
 use tokio_postgres::Transaction;
 
 /// Mutations one request may carry.
@@ -38,14 +43,6 @@ pub struct Mutation {
     pub expect: Option<Map<String, Value>>,
 }
 
-#[derive(Deserialize, Clone, Copy, PartialEq, Eq)]
-#[serde(rename_all = "UPPERCASE")]
-pub enum Action {
-    Create,
-    Update,
-    Delete,
-}
-
 /// A mutation checked against its entity.
 struct Checked<'a> {
     mutation: &'a Mutation,
@@ -53,10 +50,14 @@ struct Checked<'a> {
 }
 
 pub async fn write(
-    state: Arc<AppState>,
-    user: UserContext,
-    request: WriteRequest,
-) -> Result<Value, ApiError> {
+    State(state): State<Arc<AppState>>,
+    auth: Authenticated,
+    body: axum::body::Bytes,
+) -> Result<Json<Value>, ApiError> {
+    let user = auth.with_role()?;
+    let request: WriteRequest =
+        serde_json::from_slice(&body).map_err(|e| ApiError::bad_request(format!("body: {e}")))?;
+    check_client_id(request.client_id.as_deref())?;
     if request.mutations.is_empty() || request.mutations.len() > MAX_MUTATIONS {
         return Err(ApiError::bad_request(format!(
             "a write has 1 to {MAX_MUTATIONS} mutations"
@@ -84,7 +85,8 @@ pub async fn write(
         });
     }
 
-    let mut client = state.pool.get().await.map_err(ApiError::internal)?;
+    let mut work = state.work.start(&user.sub).await?;
+    let client = &mut work.client;
     let tx = client.transaction().await.map_err(ApiError::from_db)?;
     // Claim the mutation ids first, as the gateway; a rollback releases them again.
     let ids: Vec<&str> = checked.iter().map(|c| c.mutation.id.as_str()).collect();
@@ -122,7 +124,7 @@ pub async fn write(
         .await
         .map_err(ApiError::from_db)?
         .get(0);
-    Ok(json!({"cursor": cursor, "results": results}))
+    Ok(Json(json!({"cursor": cursor, "results": results})))
 }
 
 /// Checks a mutation's shape and names before anything touches the database.
@@ -167,6 +169,24 @@ fn with_expect<'p>(mut params: Vec<Param<'p>>, expect: &'p Option<Value>) -> Vec
     params
 }
 
+/// What a write refused by row-level security or privileges answers (403), whatever the
+/// reason: the answer to a write must not tell a hidden row from a policy.
+const REFUSED: &str = "the write was refused by row-level security or privileges";
+
+/// A database error of a write as the client sees it: a refusal says only `REFUSED`, a
+/// unique key taken by another row (not the primary key) a bare 409.
+fn refused(error: tokio_postgres::Error) -> ApiError {
+    match error.code() {
+        Some(code) if *code == SqlState::INSUFFICIENT_PRIVILEGE => ApiError::forbidden(REFUSED),
+        Some(code) if *code == SqlState::UNIQUE_VIOLATION => ApiError::new(
+            axum::http::StatusCode::CONFLICT,
+            "conflict",
+            "a unique value of this row is taken",
+        ),
+        _ => ApiError::from_db(error),
+    }
+}
+
 async fn apply(tx: &Transaction<'_>, c: &Checked<'_>) -> Result<(), ApiError> {
     let (m, entity) = (c.mutation, &c.entity);
     let table = &entity.table;
@@ -199,12 +219,31 @@ async fn apply(tx: &Transaction<'_>, c: &Checked<'_>) -> Result<(), ApiError> {
                     .or_insert_with(|| Value::String(id.clone()));
             }
             let (columns, values) = row(&data);
+            let key: Vec<String> = entity.key.iter().map(|k| quote(k)).collect();
+            let key = key.join(", ");
             let sql = format!(
-                "INSERT INTO {table} ({columns}) SELECT {columns} FROM jsonb_populate_record(NULL::{table}, $1)"
+                "INSERT INTO {table} ({columns}) SELECT {columns} FROM jsonb_populate_record(NULL::{table}, $1) \
+                 ON CONFLICT ({key}) DO NOTHING"
             );
-            tx.execute(&sql, &[&values])
-                .await
-                .map_err(ApiError::from_db)?
+            let inserted = tx.execute(&sql, &[&values]).await.map_err(refused)?;
+            if inserted == 0 {
+                // The id is taken: by a row the user sees (409, with it), or by one it may not
+                // see, which is answered as RLS refusals are, so that the answer tells nothing
+                // of a hidden row.
+                let sql = format!(
+                    "SELECT to_jsonb(t.*) - $2::text[] FROM {table} t \
+                      WHERE ({key}) = (SELECT {key} FROM jsonb_populate_record(NULL::{table}, $1))"
+                );
+                let current = tx
+                    .query_opt(&sql, &[&values, &entity.hidden])
+                    .await
+                    .map_err(refused)?;
+                return Err(match current {
+                    Some(row) => ApiError::conflict(row.get::<_, Value>(0)),
+                    None => ApiError::forbidden(REFUSED),
+                });
+            }
+            inserted
         }
         Action::Update => {
             let (columns, values) = row(m.data.as_ref().expect("checked"));
@@ -216,7 +255,7 @@ async fn apply(tx: &Transaction<'_>, c: &Checked<'_>) -> Result<(), ApiError> {
             );
             tx.execute(&sql, &with_expect(vec![&values, &ids], &expect))
                 .await
-                .map_err(ApiError::from_db)?
+                .map_err(refused)?
         }
         Action::Delete => {
             let sql = format!(
@@ -226,7 +265,7 @@ async fn apply(tx: &Transaction<'_>, c: &Checked<'_>) -> Result<(), ApiError> {
             );
             tx.execute(&sql, &with_expect(vec![&ids], &expect))
                 .await
-                .map_err(ApiError::from_db)?
+                .map_err(refused)?
         }
     };
     if touched == 0 {

@@ -1,8 +1,10 @@
 //! The WebSocket protocol of `/ws/sync` (SPEC 2.3): the messages and their JSON shapes,
 //! parsing with limits, and the error codes. Pure: no I/O, so it is unit-tested and fuzzed
-//! alone. What a message *does* is decided by `session` and `router`.
+//! alone. What a message *does* is decided by `deliver::connection` and `deliver::router`.
 
-use crate::filter::Condition;
+use super::change::Action;
+use super::cursor::Cursor;
+use super::filter::Condition;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -210,15 +212,6 @@ pub struct ChangeOut {
     pub schema_version: Option<i32>,
 }
 
-/// A change as the subscriber sees it.
-#[derive(Clone, Copy, Debug, Serialize, PartialEq, Eq, Hash)]
-#[serde(rename_all = "UPPERCASE")]
-pub enum Action {
-    Create,
-    Update,
-    Delete,
-}
-
 /// A message to a client.
 #[derive(Debug, Serialize, PartialEq)]
 #[serde(tag = "type", content = "payload")]
@@ -227,14 +220,7 @@ pub enum ServerMessage {
     Subscribed {
         entity_code: String,
         count: usize,
-        cursor: String,
-        #[serde(rename = "ref", skip_serializing_if = "Option::is_none")]
-        reference: Option<String>,
-    },
-    #[serde(rename = "UNSUBSCRIBED", rename_all = "camelCase")]
-    Unsubscribed {
-        entity_code: Option<String>,
-        count: usize,
+        cursor: Cursor,
         #[serde(rename = "ref", skip_serializing_if = "Option::is_none")]
         reference: Option<String>,
     },
@@ -243,19 +229,19 @@ pub enum ServerMessage {
         entity_code: String,
         changes: Vec<ChangeOut>,
         timestamp: String,
-        cursor: String,
+        cursor: Cursor,
     },
     #[serde(rename = "DELTA", rename_all = "camelCase")]
     Delta {
         entity_code: String,
         changes: Vec<ChangeOut>,
         timestamp: String,
-        cursor: String,
+        cursor: Cursor,
     },
     #[serde(rename = "SYNCED", rename_all = "camelCase")]
     Synced {
         entity_code: String,
-        cursor: String,
+        cursor: Cursor,
         #[serde(rename = "ref", skip_serializing_if = "Option::is_none")]
         reference: Option<String>,
     },
@@ -299,7 +285,7 @@ impl ServerMessage {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::filter::Op;
+    use crate::model::filter::Op;
     use serde_json::json;
 
     #[test]
@@ -402,7 +388,7 @@ mod tests {
                 schema_version: None,
             }],
             timestamp: "t".into(),
-            cursor: "c".into(),
+            cursor: Cursor::from_db("c".into()),
         };
         assert_eq!(
             serde_json::to_value(&m).unwrap(),

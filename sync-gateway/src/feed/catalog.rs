@@ -12,6 +12,8 @@ use std::time::{Duration, Instant};
 
 /// How stale the cached entities may get.
 const REFRESH: Duration = Duration::from_secs(2);
+/// How often a name not in the catalog may make it read again.
+const MISS_INTERVAL: Duration = Duration::from_millis(250);
 
 #[derive(Debug)]
 pub struct Entity {
@@ -147,11 +149,16 @@ impl Catalog {
             .cloned()
     }
 
-    /// The entity named `code`, if it is tracked.
+    /// The entity named `code`, if it is tracked. Clients name entities: an unknown name
+    /// reads the catalog again (perhaps it was tracked a moment ago), but at most every
+    /// `MISS_INTERVAL`, so that names made up in a flood cost the feed's pool nothing more.
     pub async fn entity(&self, code: &str) -> Result<Option<Arc<Entity>>, CatalogError> {
         let (loaded_at, entities) = self.entities.read().expect("catalog lock").clone();
         if let Some(entity) = entities.get(code).filter(|_| loaded_at.elapsed() < REFRESH) {
             return Ok(Some(entity.clone()));
+        }
+        if loaded_at.elapsed() < MISS_INTERVAL {
+            return Ok(entities.get(code).cloned());
         }
         // Unknown (perhaps tracked a moment ago) or stale: read again, unless another caller
         // did while this one waited for the lock.

@@ -1,6 +1,7 @@
 //! Cursors into the change log: what they mean, how they are written, and the snapshot
 //! arithmetic behind them. Pure Rust: no PostgreSQL calls, so it is unit-tested and fuzzable
-//! on its own; `changes.rs` runs the queries.
+//! on its own, and shared by the extension (whose `changes.rs` runs the queries) and the gateway
+//! (which compares cursors without asking the database).
 //!
 //! # Why snapshots, not ids
 //!

@@ -1,13 +1,15 @@
-//! A connection's send queue, bounded in bytes: the router queues without ever waiting
-//! (a connection over its bound is closed with 4008 and resumes from its cursor), replays
-//! wait for room, and the session's writer frees room as it sends. Counting bytes, not
-//! messages, is what keeps memory bounded when messages carry hundreds of changes.
+//! A connection's send queue, bounded in bytes: the router, its only writer, queues without
+//! ever waiting (a connection over its bound is closed with 4008 and resumes from its
+//! cursor), and the connection's writer frees room as it sends. Replays wait for room before
+//! they hand the router their next page. Counting bytes, not messages, is what keeps memory
+//! bounded when messages carry hundreds of changes; hand-written because tokio's bounded
+//! channels count messages.
 
 use axum::extract::ws::Utf8Bytes;
 use std::sync::Arc;
 use tokio::sync::{mpsc, Semaphore};
 
-/// The sending side, shared by the router, replays and the session itself.
+/// The sending side: the router pushes, replays wait for room.
 #[derive(Clone)]
 pub struct Outbound {
     tx: mpsc::UnboundedSender<Utf8Bytes>,
@@ -15,7 +17,7 @@ pub struct Outbound {
     limit: usize,
 }
 
-/// The receiving side, the session's writer.
+/// The receiving side, the connection's writer.
 pub struct Queue {
     rx: mpsc::UnboundedReceiver<Utf8Bytes>,
     room: Arc<Semaphore>,
@@ -61,16 +63,24 @@ impl Outbound {
         Ok(())
     }
 
-    /// Queues once there is room.
-    pub async fn push(&self, text: Utf8Bytes) -> Result<(), Refused> {
-        let permit = self
+    /// Waits until at least half the bound is free (Err once the connection is gone).
+    pub async fn wait_for_room(&self) -> Result<(), Refused> {
+        let half = (self.limit / 2).max(1) as u32;
+        let room = self
             .room
-            .acquire_many(cost(&text, self.limit))
+            .acquire_many(half)
             .await
             .map_err(|_| Refused::Closed)?;
-        self.tx.send(text).map_err(|_| Refused::Closed)?;
-        permit.forget();
+        drop(room);
         Ok(())
+    }
+
+}
+
+impl Drop for Queue {
+    /// Whoever waits for room learns the connection is gone.
+    fn drop(&mut self) {
+        self.room.close();
     }
 }
 
@@ -102,5 +112,14 @@ mod tests {
         let (outbound, _queue) = channel(4);
         assert_eq!(outbound.try_push("123456789".into()), Ok(()));
         assert_eq!(outbound.try_push("1".into()), Err(Refused::Full));
+    }
+
+    #[tokio::test]
+    async fn a_waiter_for_room_learns_when_the_connection_goes() {
+        let (outbound, queue) = channel(10);
+        outbound.try_push("1234567890".into()).unwrap();
+        let waiting = tokio::spawn(async move { outbound.wait_for_room().await });
+        drop(queue);
+        assert_eq!(waiting.await.unwrap(), Err(Refused::Closed));
     }
 }

@@ -1,0 +1,57 @@
+//! Whether a user may read an entity at all (subscribing, snapshots): it is tracked, the user
+//! acts as a role, and that role may SELECT it with every column its policies read
+//! published. Answered from the plans cache, so an admission rarely asks the database.
+
+use super::limits::{Busy, ClientWork};
+use super::plans::Plans;
+use super::roles::UserContext;
+use crate::feed::catalog::{Catalog, Entity};
+use std::sync::Arc;
+
+/// Why a user may not read an entity.
+#[derive(Debug, thiserror::Error)]
+pub enum Refusal {
+    #[error("{0} is not a tracked entity")]
+    Unknown(String),
+    #[error("reading {0} needs a role, and the token names none (and there is no default role)")]
+    NoRole(String),
+    #[error("{0}")]
+    NoAccess(String),
+    #[error(transparent)]
+    Busy(#[from] Busy),
+    /// The catalog or the database could not answer.
+    #[error("{0}")]
+    Failed(String),
+}
+
+/// The entity `code`, if `user` may read it.
+pub async fn readable_entity(
+    catalog: &Catalog,
+    plans: &Plans,
+    work: &ClientWork,
+    user: &UserContext,
+    code: &str,
+) -> Result<Arc<Entity>, Refusal> {
+    let entity = catalog
+        .entity(code)
+        .await
+        .map_err(|e| Refusal::Failed(crate::ErrorChain(&e).to_string()))?
+        .ok_or_else(|| Refusal::Unknown(code.to_owned()))?;
+    let Some(role) = &user.role else {
+        return Err(Refusal::NoRole(entity.code.clone()));
+    };
+    let plan = match plans.cached(&entity, role) {
+        Some(plan) => plan,
+        None => {
+            let work = work.start(&user.sub).await?;
+            plans
+                .get(&work.client, &entity, role)
+                .await
+                .map_err(|e| Refusal::Failed(crate::ErrorChain(&e).to_string()))?
+        }
+    };
+    match plan.refusal(&entity) {
+        Some(why) => Err(Refusal::NoAccess(why)),
+        None => Ok(entity),
+    }
+}

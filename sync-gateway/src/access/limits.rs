@@ -1,0 +1,143 @@
+//! Bounds on the work clients cause (SPEC 2.4): so that nothing one client does can delay
+//! another, client-driven work never touches the feed's connections (it has a pool of its
+//! own, `clients`), takes a database connection only for the time of a query, and is capped
+//! in total and per user. A request over a cap is refused at once (503 with `Retry-After`,
+//! or ERROR `internal` on the socket), never queued without end; a wait for a pooled
+//! connection ends at the pool's wait timeout the same way.
+
+use deadpool_postgres::{Object, Pool, PoolError};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// Why work was refused: the client should come back after `retry_after`.
+#[derive(Debug, thiserror::Error)]
+pub enum Busy {
+    #[error("too many {what} in progress for this user; retry later")]
+    UserCap { what: &'static str },
+    #[error("too many {what} in progress; retry later")]
+    GlobalCap { what: &'static str },
+    #[error("no database connection became free in time; retry later")]
+    Pool(#[from] PoolError),
+}
+
+impl Busy {
+    /// When to come back.
+    pub fn retry_after(&self) -> Duration {
+        Duration::from_secs(1)
+    }
+}
+
+/// A cap of things in progress, in total and per user, taken without waiting.
+pub struct Cap {
+    what: &'static str,
+    total: usize,
+    per_user: usize,
+    counts: Mutex<(usize, HashMap<String, usize>)>,
+}
+
+/// One of a cap's places, given back on drop.
+pub struct Held {
+    cap: Arc<Cap>,
+    user: String,
+}
+
+impl Cap {
+    pub fn new(what: &'static str, total: usize, per_user: usize) -> Arc<Cap> {
+        Arc::new(Cap {
+            what,
+            total,
+            per_user,
+            counts: Mutex::default(),
+        })
+    }
+
+    pub fn take(self: &Arc<Self>, user: &str) -> Result<Held, Busy> {
+        let mut counts = self.counts.lock().expect("cap lock");
+        let (total, users) = &mut *counts;
+        if *total >= self.total {
+            return Err(Busy::GlobalCap { what: self.what });
+        }
+        let mine = users.entry(user.to_owned()).or_default();
+        if *mine >= self.per_user {
+            return Err(Busy::UserCap { what: self.what });
+        }
+        *mine += 1;
+        *total += 1;
+        Ok(Held {
+            cap: self.clone(),
+            user: user.to_owned(),
+        })
+    }
+
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        let mut counts = self.cap.counts.lock().expect("cap lock");
+        let (total, users) = &mut *counts;
+        *total -= 1;
+        if let Some(mine) = users.get_mut(&self.user) {
+            *mine -= 1;
+            if *mine == 0 {
+                users.remove(&self.user);
+            }
+        }
+    }
+}
+
+/// Database work for clients: a connection of the clients' pool, at most `per_user` at once
+/// for one user.
+pub struct ClientWork {
+    pool: Pool,
+    queries: Arc<Cap>,
+}
+
+/// A connection for one client's query, and its place under the caps.
+pub struct Work {
+    pub client: Object,
+    _held: Held,
+}
+
+impl ClientWork {
+    /// The global bound is the pool itself, whose wait is bounded; the count keeps one user
+    /// from taking all of it.
+    pub fn new(pool: Pool, per_user: usize) -> ClientWork {
+        ClientWork {
+            pool,
+            queries: Cap::new("queries", usize::MAX, per_user),
+        }
+    }
+
+    /// A connection for `user`'s work, or why not (at once, or after the pool's wait).
+    pub async fn start(&self, user: &str) -> Result<Work, Busy> {
+        let held = self.queries.take(user)?;
+        let client = self.pool.get().await?;
+        Ok(Work {
+            client,
+            _held: held,
+        })
+    }
+
+    pub fn pool(&self) -> &Pool {
+        &self.pool
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn caps_count_per_user_and_in_total_and_free_on_drop() {
+        let cap = Cap::new("things", 3, 2);
+        let a1 = cap.take("alice").unwrap();
+        let _a2 = cap.take("alice").unwrap();
+        assert!(matches!(cap.take("alice"), Err(Busy::UserCap { .. })));
+        let _b1 = cap.take("bob").unwrap();
+        assert!(matches!(cap.take("carol"), Err(Busy::GlobalCap { .. })));
+        drop(a1);
+        let _c1 = cap.take("carol").expect("the place a1 freed");
+        assert!(matches!(cap.take("alice"), Err(Busy::GlobalCap { .. })));
+    }
+}

@@ -1,0 +1,224 @@
+//! Acting as a user in the database, the PostgREST way: each query run for a user sets, for
+//! its transaction only, the role (the token's `role` claim, else `--default-role`) and
+//! `request.jwt.claims` (every claim as JSON), so row-level-security policies read
+//! `current_setting('request.jwt.claims', true)::jsonb`. The gateway's login role must be a
+//! member of those roles and must not bypass RLS itself (not a superuser, not BYPASSRLS).
+//!
+//! Which roles a token may name is decided here (`Roles`, SPEC 2.2): only the allowed ones,
+//! never `none`, the login role, a superuser or a BYPASSRLS role, checked at start and again
+//! every few seconds (a role altered since is refused from then on). Nothing runs as the
+//! login role on a user's behalf: a user without a role reads and writes no table.
+//!
+//! Also here: which versions of rows a user may see, for delivering changes of tables with
+//! RLS enabled.
+
+use super::auth::Claims;
+use serde_json::Value;
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, RwLock};
+use tokio_postgres::{Client, Transaction};
+
+/// Who a query runs as.
+#[derive(Clone, Debug, PartialEq)]
+pub struct UserContext {
+    pub sub: String,
+    /// An allowed role; None when the token names none and there is no default role: such a
+    /// user reads and writes no table.
+    pub role: Option<String>,
+    /// The token's claims as JSON text, as policies read them.
+    pub claims: String,
+    /// The same, parsed, for policies evaluated in the gateway.
+    pub claims_json: Value,
+}
+
+/// Users that see the same rows: same role, same claims. Groups are what row-level security
+/// is judged for, once per group, not per subscriber.
+pub type GroupId = u32;
+
+/// A group's role and claims (as text).
+type GroupKey = (Option<String>, String);
+
+/// Gives users of one role and claims one group id, for as long as one of them is connected.
+#[derive(Default)]
+pub struct Groups {
+    ids: Mutex<GroupIds>,
+}
+
+/// The last id given, and per group its id and its users.
+type GroupIds = (GroupId, HashMap<GroupKey, (GroupId, usize)>);
+
+impl Groups {
+    /// The group of `user`, held until `release`.
+    pub fn join(&self, user: &UserContext) -> GroupId {
+        let mut ids = self.ids.lock().expect("groups lock");
+        let (next, map) = &mut *ids;
+        let entry = map
+            .entry((user.role.clone(), user.claims.clone()))
+            .or_insert_with(|| {
+                *next += 1;
+                (*next, 0)
+            });
+        entry.1 += 1;
+        entry.0
+    }
+
+    pub fn release(&self, user: &UserContext) {
+        let mut ids = self.ids.lock().expect("groups lock");
+        let key = (user.role.clone(), user.claims.clone());
+        if let Some(entry) = ids.1.get_mut(&key) {
+            entry.1 -= 1;
+            if entry.1 == 0 {
+                ids.1.remove(&key);
+            }
+        }
+    }
+}
+
+/// The roles tokens may name.
+pub struct Roles {
+    default: Option<String>,
+    /// --allowed-roles.
+    configured: Vec<String>,
+    /// The configured roles that are safe to act as now.
+    usable: RwLock<HashSet<String>>,
+    /// Role attributes and memberships as last read (a digest), and a number bumped when it
+    /// changes: which policies apply to a role depends on them, and no event trigger sees
+    /// ALTER ROLE or GRANT of a role.
+    fingerprint: RwLock<String>,
+    epoch: AtomicU64,
+}
+
+/// Why a token's role is refused.
+#[derive(Debug, thiserror::Error)]
+#[error("the role {0:?} is not one this gateway acts as")]
+pub struct RoleNotAllowed(pub String);
+
+/// Why the gateway must not start with its login role and roles.
+#[derive(Debug, thiserror::Error)]
+pub enum RolesError {
+    #[error(
+        "the login role {0} is a superuser or has BYPASSRLS, which bypasses row-level \
+         security for every user; log in as a role without (see README: Setting up a \
+         database), or pass --insecure-superuser for development"
+    )]
+    PrivilegedLogin(String),
+    #[error(
+        "--allowed-roles/--default-role: {0} cannot be acted as: it must exist, be neither \
+         `none`, the login role, a superuser nor BYPASSRLS, and the login role must be a \
+         member of it (GRANT {0} TO <login role>)"
+    )]
+    Unusable(String),
+    #[error("database: {0}")]
+    Database(#[from] tokio_postgres::Error),
+}
+
+/// The configured roles that are safe to act as, as the database says now.
+const USABLE_ROLES_SQL: &str = "
+SELECT r.rolname::text FROM pg_catalog.pg_roles r
+ WHERE r.rolname = ANY ($1::text[]) AND r.rolname <> current_user
+   AND NOT r.rolsuper AND NOT r.rolbypassrls
+   AND pg_catalog.pg_has_role(current_user, r.oid, 'MEMBER')";
+
+/// A digest of role attributes and memberships.
+const ROLES_FINGERPRINT_SQL: &str = "
+SELECT pg_catalog.md5(
+         (SELECT coalesce(string_agg(roleid || ':' || member, ',' ORDER BY roleid, member), '')
+            FROM pg_catalog.pg_auth_members)
+      || (SELECT string_agg(oid || ':' || rolsuper || rolbypassrls || rolinherit, ',' ORDER BY oid)
+            FROM pg_catalog.pg_roles))";
+
+impl Roles {
+    /// Checks the login role and the configured roles: an error refuses to start.
+    pub async fn check(
+        client: &Client,
+        default: Option<String>,
+        configured: Vec<String>,
+        insecure_superuser: bool,
+    ) -> Result<Roles, RolesError> {
+        let row = client
+            .query_one(
+                "SELECT current_user::text, rolsuper OR rolbypassrls FROM pg_catalog.pg_roles
+                  WHERE rolname = current_user",
+                &[],
+            )
+            .await?;
+        let (login, privileged): (String, bool) = (row.get(0), row.get(1));
+        if privileged {
+            if !insecure_superuser {
+                return Err(RolesError::PrivilegedLogin(login));
+            }
+            tracing::warn!(
+                login,
+                "INSECURE: the login role bypasses row-level security (--insecure-superuser); \
+                 every user can read every row"
+            );
+        }
+        let roles = Roles {
+            default,
+            configured,
+            usable: RwLock::default(),
+            fingerprint: RwLock::default(),
+            epoch: AtomicU64::new(0),
+        };
+        roles.refresh(client).await?;
+        let usable = roles.usable.read().expect("roles lock").clone();
+        if let Some(bad) = roles.configured.iter().find(|r| !usable.contains(*r)) {
+            return Err(RolesError::Unusable(bad.clone()));
+        }
+        Ok(roles)
+    }
+
+    /// Reads again which configured roles are safe to act as, and whether roles changed.
+    pub async fn refresh(&self, client: &Client) -> Result<(), tokio_postgres::Error> {
+        let rows = client.query(USABLE_ROLES_SQL, &[&self.configured]).await?;
+        let usable: HashSet<String> = rows.iter().map(|r| r.get(0)).collect();
+        *self.usable.write().expect("roles lock") = usable;
+        let fingerprint: String = client.query_one(ROLES_FINGERPRINT_SQL, &[]).await?.get(0);
+        let mut known = self.fingerprint.write().expect("roles lock");
+        if *known != fingerprint {
+            *known = fingerprint;
+            self.epoch.fetch_add(1, Ordering::SeqCst);
+        }
+        Ok(())
+    }
+
+    /// A number that changes when role attributes or memberships did.
+    pub fn epoch(&self) -> u64 {
+        self.epoch.load(Ordering::SeqCst)
+    }
+
+    /// Whom a token's holder acts as: its `role` claim, which must be allowed, else the
+    /// default role, else no role at all.
+    pub fn user(&self, claims: &Claims) -> Result<UserContext, RoleNotAllowed> {
+        let role = match claims.role.as_ref().or(self.default.as_ref()) {
+            None => None,
+            Some(role) if self.usable.read().expect("roles lock").contains(role) => {
+                Some(role.clone())
+            }
+            Some(role) => return Err(RoleNotAllowed(role.clone())),
+        };
+        Ok(UserContext {
+            sub: claims.sub.clone(),
+            role,
+            claims: Value::Object(claims.all.clone()).to_string(),
+            claims_json: Value::Object(claims.all.clone()),
+        })
+    }
+}
+
+/// From here on in `tx`, queries run as `user`. (What must run as the gateway, such as reading
+/// the log's cursor, runs before.) A user without a role is refused before getting here.
+pub async fn act_as(tx: &Transaction<'_>, user: &UserContext) -> Result<(), tokio_postgres::Error> {
+    let role = user
+        .role
+        .as_deref()
+        .expect("users without a role act as nobody");
+    tx.execute(
+        "SELECT pg_catalog.set_config('request.jwt.claims', $1, true),
+                pg_catalog.set_config('role', $2, true)",
+        &[&user.claims, &role],
+    )
+    .await?;
+    Ok(())
+}

@@ -1,0 +1,169 @@
+//! Replays: a SUBSCRIBE with `since` first receives every change of its subscription after
+//! that cursor, read from the log up to the router's live position at the time (`until`).
+//! Each replay is a task of its own that reads a page (taking a client connection only for
+//! the read and its judgement), judges it for the subscriber's group as the visibility stage
+//! judges live batches, and hands it to the router, which sends it as it sends everything.
+//! Before each part it waits for room in the connection's queue: a slow client slows only
+//! its own replay, and one that does not read at all is closed by its writer, which ends
+//! the replay.
+
+use super::router::{ReplayEvent, ReplayStart};
+use crate::access::limits::{Busy, ClientWork};
+use crate::access::plans::Plans;
+use crate::access::visibility::{ChangeSight, Group, Judge};
+use crate::feed::catalog::Catalog;
+use crate::feed::log::{read_page, ReadError};
+use crate::model::change::Change;
+use crate::model::protocol::{ErrorCode, ResyncReason, ServerMessage};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+/// Changes read per query.
+const PAGE: i32 = 1000;
+/// Changes handed to the router at a time, each part after waiting for half the connection's
+/// queue to be free: with rows up to 32 KiB a part fits in it.
+const PART: usize = 64;
+
+pub struct Replayer {
+    pub work: Arc<ClientWork>,
+    pub plans: Arc<Plans>,
+    pub catalog: Arc<Catalog>,
+    pub events: mpsc::Sender<ReplayEvent>,
+}
+
+#[derive(Debug, thiserror::Error)]
+enum ReplayError {
+    #[error(transparent)]
+    Read(#[from] ReadError),
+    #[error(transparent)]
+    Busy(#[from] Busy),
+    #[error("the connection is gone")]
+    Gone,
+    #[error("{0}")]
+    Forbidden(String),
+}
+
+impl Replayer {
+    /// Runs the replays the router asks for, each in a task of its own, until `shutdown`.
+    pub async fn run(
+        self,
+        mut starts: mpsc::UnboundedReceiver<ReplayStart>,
+        shutdown: CancellationToken,
+    ) {
+        let this = Arc::new(self);
+        while let Some(start) = tokio::select! {
+            start = starts.recv() => start,
+            _ = shutdown.cancelled() => None,
+        } {
+            let this = this.clone();
+            tokio::spawn(async move {
+                let (conn, sub) = (start.conn, start.sub);
+                let entity_code = start.subscription.entity_code.clone();
+                let message = match this.replay(&start).await {
+                    Ok(()) => return,
+                    Err(ReplayError::Gone) => return,
+                    Err(ReplayError::Read(ReadError::Expired(_))) => ServerMessage::Resync {
+                        entity_code,
+                        reason: ResyncReason::CursorExpired,
+                    },
+                    Err(ReplayError::Read(ReadError::Malformed(why))) => {
+                        ServerMessage::error(ErrorCode::BadRequest, format!("since: {why}"), None)
+                    }
+                    Err(ReplayError::Forbidden(why)) => {
+                        ServerMessage::error(ErrorCode::Forbidden, why, None)
+                    }
+                    Err(ReplayError::Busy(busy)) => ServerMessage::error(
+                        ErrorCode::Internal,
+                        format!("{busy}: subscribe again from your cursor"),
+                        None,
+                    ),
+                    Err(e) => {
+                        tracing::warn!(error = %crate::ErrorChain(&e), "replay failed");
+                        ServerMessage::error(
+                            ErrorCode::Internal,
+                            "the replay failed; subscribe again",
+                            None,
+                        )
+                    }
+                };
+                let _ = this
+                    .events
+                    .send(ReplayEvent::Failed { conn, sub, message })
+                    .await;
+            });
+        }
+    }
+
+    async fn replay(&self, start: &ReplayStart) -> Result<(), ReplayError> {
+        let code = &start.subscription.entity_code;
+        let groups = BTreeMap::from([(start.group, Group::of(&start.user))]);
+        let mut judge = Judge::default();
+        let mut cursor = start.since.clone();
+        loop {
+            start
+                .queue
+                .wait_for_room()
+                .await
+                .map_err(|_| ReplayError::Gone)?;
+            let mut work = self.work.start(&start.user.sub).await?;
+            let page = read_page(&mut work.client, Some(&cursor), PAGE, Some(&start.until)).await?;
+            let mine: Vec<&Change> = page
+                .changes
+                .iter()
+                .filter(|c| &c.entity_code == code)
+                .collect();
+            let sights = if mine.is_empty() {
+                None
+            } else {
+                let entity = self.catalog.cached(code).ok_or_else(|| {
+                    ReplayError::Forbidden(format!("{code} is no longer tracked"))
+                })?;
+                let judged = judge
+                    .entity(&work.client, &self.plans, &entity, &groups, 0, &mine)
+                    .await;
+                if let Some((_, why)) = judged.refused.into_iter().next() {
+                    return Err(ReplayError::Forbidden(why));
+                }
+                judged.sights
+            };
+            drop(work);
+            let judged: Vec<(Arc<Change>, _)> = mine
+                .iter()
+                .enumerate()
+                .map(|(i, c)| {
+                    let sight = sights.as_ref().map(|s| &s[i]);
+                    (Arc::new((*c).clone()), ChangeSight::of(sight, start.group))
+                })
+                .collect();
+            for (i, part) in judged.chunks(PART).enumerate() {
+                if i > 0 {
+                    start
+                        .queue
+                        .wait_for_room()
+                        .await
+                        .map_err(|_| ReplayError::Gone)?;
+                }
+                let event = ReplayEvent::Page {
+                    conn: start.conn,
+                    sub: start.sub,
+                    changes: part.to_vec(),
+                };
+                self.events
+                    .send(event)
+                    .await
+                    .map_err(|_| ReplayError::Gone)?;
+            }
+            cursor = page.end;
+            if !page.more {
+                break;
+            }
+        }
+        let done = ReplayEvent::Done {
+            conn: start.conn,
+            sub: start.sub,
+        };
+        self.events.send(done).await.map_err(|_| ReplayError::Gone)
+    }
+}

@@ -1,0 +1,805 @@
+//! The router: which connection receives which change. Pure state, no I/O: it owns every
+//! subscription, gets batches already judged for row-level security (the visibility stage
+//! comes before it), and decides who gets what, in log order, so that each connection's
+//! messages follow the log's order. Its decisions leave through queues it never waits on:
+//! each connection's byte-bounded send queue (a full one closes the connection, which resumes
+//! from its cursor), the subscription mirror, the replays to start, and its live position.
+//!
+//! A subscription with `since` starts in replay: its live changes wait in a buffer while a
+//! replay task reads the gap from the log up to the router's position at that moment
+//! (`until`) and hands its pages back here, then SYNCED, then the buffer. No change falls in
+//! the seam or appears twice, and the replay's messages take the same path as live ones.
+//!
+//! Index: entity → (entity id → subscriptions naming it) and (group → the group's
+//! whole-entity and filtered subscriptions), so a change of a table with row-level security
+//! visits only the subscriptions of the groups that may see it.
+
+use super::mirror::{MirrorOp, SubscriptionRow};
+use super::outbox::{Outbox, RunCache};
+use super::queue::{Outbound, Refused};
+use crate::access::roles::{GroupId, UserContext};
+use crate::access::visibility::{ChangeSight, JudgedBatch};
+use crate::metrics::Metrics;
+use crate::model::change::{Action, Change, Op};
+use crate::model::cursor::Cursor;
+use crate::model::filter::Condition;
+use crate::model::protocol::{ErrorCode, ResyncReason, ServerMessage};
+use crate::model::subscription::{judge, Judgement, Sight, Subscription, Target};
+use axum::extract::ws::Utf8Bytes;
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+
+pub type ConnId = u64;
+pub type SubId = u64;
+
+/// What the router is told: by connections (through the visibility stage), by the stage
+/// (judged batches), and by replays.
+pub enum Command {
+    Connect(Connection),
+    Disconnect(ConnId),
+    /// The connection refreshed its token: later changes are judged for this user and group.
+    Reauth {
+        conn: ConnId,
+        user: UserContext,
+        group: GroupId,
+    },
+    Subscribe(SubscribeRequest),
+    Unsubscribe {
+        conn: ConnId,
+        entity_code: String,
+        entity_ids: Option<Vec<String>>,
+    },
+    UnsubscribeAll(ConnId),
+    /// Changes in log order, judged, and the position after them.
+    Batch(Arc<JudgedBatch>),
+    /// The reader lost its place (its cursor expired): everyone resynchronises.
+    Reset(Cursor),
+    Replay(ReplayEvent),
+}
+
+/// A connection as the router sees it.
+pub struct Connection {
+    pub id: ConnId,
+    pub user: UserContext,
+    pub group: GroupId,
+    /// Changes carrying this origin tag (or `<sub>:<tag>`) are not sent back.
+    pub client_id: Option<String>,
+    pub queue: Outbound,
+    /// Cancelled to close the connection (too slow): it resumes from its cursor.
+    pub kick: CancellationToken,
+}
+
+/// A SUBSCRIBE that the connection checked (admission, names, columns, cursor).
+pub struct SubscribeRequest {
+    pub conn: ConnId,
+    pub subscription: Subscription,
+    pub since: Option<Cursor>,
+    pub reference: Option<String>,
+}
+
+/// What a replay reports.
+pub enum ReplayEvent {
+    /// Changes of the gap, in log order, with what the subscriber may see of each.
+    Page {
+        conn: ConnId,
+        sub: SubId,
+        changes: Vec<(Arc<Change>, Sight)>,
+    },
+    /// The gap is read up to `until`: SYNCED, then the live changes kept meanwhile.
+    Done { conn: ConnId, sub: SubId },
+    /// The replay could not run: this message ends the subscription.
+    Failed {
+        conn: ConnId,
+        sub: SubId,
+        message: ServerMessage,
+    },
+}
+
+/// A replay for the replay task to run.
+pub struct ReplayStart {
+    pub conn: ConnId,
+    pub sub: SubId,
+    pub user: UserContext,
+    pub group: GroupId,
+    pub client_id: Option<String>,
+    pub subscription: Subscription,
+    pub since: Cursor,
+    pub until: Cursor,
+    /// The connection's queue, whose room the replay waits for before each page.
+    pub queue: Outbound,
+}
+
+/// Per-connection bounds (SPEC 2.4).
+#[derive(Clone, Debug)]
+pub struct Limits {
+    /// Subscriptions (an id counts one).
+    pub subscriptions: usize,
+    /// Filter conditions, over all of the connection's subscriptions.
+    pub conditions: usize,
+    /// Values listed by `in` conditions, over all of them.
+    pub in_values: usize,
+    /// Replays in flight.
+    pub replays: usize,
+    /// Live changes a replaying subscription may hold before its connection counts as too
+    /// slow.
+    pub replay_buffer: usize,
+}
+
+/// Where the router's decisions go; none of them waits.
+pub struct Outlets {
+    pub mirror: mpsc::UnboundedSender<MirrorOp>,
+    pub replays: mpsc::UnboundedSender<ReplayStart>,
+    pub position: watch::Sender<Option<Cursor>>,
+    pub metrics: Arc<Metrics>,
+}
+
+struct Conn {
+    /// The connection's id in `sync.subscription`.
+    name: String,
+    user: UserContext,
+    group: GroupId,
+    client_id: Option<String>,
+    queue: Outbound,
+    kick: CancellationToken,
+    subs: HashMap<SubId, SubState>,
+    /// The last change this connection was given, so that a change several of its
+    /// subscriptions match goes out once.
+    last_change: i64,
+}
+
+struct SubState {
+    subscription: Subscription,
+    /// Some while replaying.
+    replay: Option<Replay>,
+}
+
+struct Replay {
+    /// Live changes, as this subscription sees them, waiting for the replay's end.
+    buffer: Vec<(Arc<Change>, Action)>,
+    until: Cursor,
+    reference: Option<String>,
+}
+
+/// Who wants which changes of one entity.
+#[derive(Default)]
+struct EntityIndex {
+    by_id: HashMap<String, HashSet<(ConnId, SubId)>>,
+    rows: HashMap<GroupId, HashSet<(ConnId, SubId)>>,
+}
+
+pub struct Router {
+    gateway_id: String,
+    limits: Limits,
+    connections: HashMap<ConnId, Conn>,
+    index: HashMap<String, EntityIndex>,
+    next_sub: SubId,
+    /// Where the live stream stands; None until the reader's first read.
+    position: Option<Cursor>,
+    /// The last batch ended inside a batch of the log (a full page): not a place a replay
+    /// can end, so replays start when the drain ends.
+    mid_drain: bool,
+    deferred: Vec<SubscribeRequest>,
+    out: Outlets,
+}
+
+impl Router {
+    pub fn new(gateway_id: String, limits: Limits, out: Outlets) -> Self {
+        Router {
+            gateway_id,
+            limits,
+            connections: HashMap::new(),
+            index: HashMap::new(),
+            next_sub: 1,
+            position: None,
+            mid_drain: false,
+            deferred: Vec::new(),
+            out,
+        }
+    }
+
+    /// Handles commands until every sender is gone; replay events go before commands, so a
+    /// replay's pages keep flowing.
+    pub async fn run(
+        mut self,
+        mut commands: mpsc::Receiver<Command>,
+        mut replays: mpsc::Receiver<ReplayEvent>,
+    ) {
+        let (mut commands_open, mut replays_open) = (true, true);
+        while commands_open || replays_open {
+            tokio::select! {
+                biased;
+                event = replays.recv(), if replays_open => match event {
+                    Some(event) => self.handle(Command::Replay(event)),
+                    None => replays_open = false,
+                },
+                command = commands.recv(), if commands_open => match command {
+                    Some(command) => self.handle(command),
+                    None => commands_open = false,
+                },
+            }
+        }
+    }
+
+    pub fn handle(&mut self, command: Command) {
+        match command {
+            Command::Connect(c) => {
+                let conn = Conn {
+                    name: format!("{}:{}", self.gateway_id, c.id),
+                    user: c.user,
+                    group: c.group,
+                    client_id: c.client_id,
+                    queue: c.queue,
+                    kick: c.kick,
+                    subs: HashMap::new(),
+                    last_change: 0,
+                };
+                self.connections.insert(c.id, conn);
+            }
+            Command::Disconnect(conn) => self.drop_connection(conn),
+            Command::Reauth { conn, user, group } => self.reauth(conn, user, group),
+            Command::Subscribe(request) if request.since.is_some() && self.mid_drain => {
+                self.deferred.push(request);
+            }
+            Command::Subscribe(request) => self.subscribe(request),
+            Command::Unsubscribe {
+                conn,
+                entity_code,
+                entity_ids,
+            } => self.unsubscribe(conn, Some(&entity_code), entity_ids.as_deref()),
+            Command::UnsubscribeAll(conn) => self.unsubscribe(conn, None, None),
+            Command::Batch(batch) => self.route(&batch),
+            Command::Reset(position) => self.reset(position),
+            Command::Replay(event) => self.replay_event(event),
+        }
+    }
+
+    fn reauth(&mut self, conn_id: ConnId, user: UserContext, group: GroupId) {
+        let Some(conn) = self.connections.get_mut(&conn_id) else {
+            return;
+        };
+        let old = conn.group;
+        conn.user = user;
+        conn.group = group;
+        let rows: Vec<(String, SubId)> = conn
+            .subs
+            .iter()
+            .filter(|(_, s)| matches!(s.subscription.target, Target::Rows(_)))
+            .map(|(id, s)| (s.subscription.entity_code.clone(), *id))
+            .collect();
+        for (entity, sub) in rows {
+            if let Some(entry) = self.index.get_mut(&entity) {
+                remove_from(&mut entry.rows, &old, &(conn_id, sub));
+                entry.rows.entry(group).or_default().insert((conn_id, sub));
+            }
+        }
+    }
+
+    fn subscribe(&mut self, request: SubscribeRequest) {
+        let conn_id = request.conn;
+        let Some(conn) = self.connections.get(&conn_id) else {
+            return;
+        };
+        let Some(position) = self.position.clone() else {
+            return;
+        };
+        let reference = request.reference.clone();
+        if let Err(message) = self.admits(conn, &request) {
+            let error = ServerMessage::error(ErrorCode::TooManySubscriptions, message, reference);
+            self.send(conn_id, &error);
+            return;
+        }
+        let subscription = request.subscription;
+        let sub_id = self.next_sub;
+        self.next_sub += 1;
+        let count = subscription.target.size();
+        let rows = mirror_rows(conn, &subscription);
+        let group = conn.group;
+        self.out.mirror.send(MirrorOp::Add(rows)).ok();
+        self.out.metrics.subscriptions.inc_by(count as i64);
+        self.index_sub(conn_id, sub_id, group, &subscription);
+        let entity_code = subscription.entity_code.clone();
+        let replay = request.since.as_ref().map(|since| {
+            let conn = &self.connections[&conn_id];
+            ReplayStart {
+                conn: conn_id,
+                sub: sub_id,
+                user: conn.user.clone(),
+                group,
+                client_id: conn.client_id.clone(),
+                subscription: subscription.clone(),
+                since: since.clone(),
+                until: position.clone(),
+                queue: conn.queue.clone(),
+            }
+        });
+        let state = SubState {
+            subscription,
+            replay: replay.as_ref().map(|r| Replay {
+                buffer: Vec::new(),
+                until: r.until.clone(),
+                reference: reference.clone(),
+            }),
+        };
+        self.connections
+            .get_mut(&conn_id)
+            .expect("checked")
+            .subs
+            .insert(sub_id, state);
+        let answer = ServerMessage::Subscribed {
+            entity_code,
+            count,
+            cursor: request.since.unwrap_or(position),
+            reference,
+        };
+        if self.send(conn_id, &answer) {
+            if let Some(replay) = replay {
+                self.out.replays.send(replay).ok();
+            }
+        }
+    }
+
+    /// Whether `conn` may add this subscription, else why not.
+    fn admits(&self, conn: &Conn, request: &SubscribeRequest) -> Result<(), String> {
+        let limits = &self.limits;
+        let subs = conn.subs.values().map(|s| &s.subscription);
+        let held: usize = subs.clone().map(|s| s.target.size()).sum();
+        if held + request.subscription.target.size() > limits.subscriptions {
+            return Err(format!(
+                "a connection holds at most {} subscriptions",
+                limits.subscriptions
+            ));
+        }
+        let (conditions, values) = subs
+            .chain([&request.subscription])
+            .filter_map(|s| match &s.target {
+                Target::Rows(Some(filter)) => Some(filter_cost(filter)),
+                _ => None,
+            })
+            .fold((0, 0), |(c, v), (c2, v2)| (c + c2, v + v2));
+        if conditions > limits.conditions || values > limits.in_values {
+            return Err(format!(
+                "the filters of a connection hold at most {} conditions and {} listed values",
+                limits.conditions, limits.in_values
+            ));
+        }
+        let replays = conn.subs.values().filter(|s| s.replay.is_some()).count();
+        if request.since.is_some() && replays >= limits.replays {
+            return Err(format!(
+                "a connection replays at most {} subscriptions at once",
+                limits.replays
+            ));
+        }
+        Ok(())
+    }
+
+    fn unsubscribe(&mut self, conn_id: ConnId, entity_code: Option<&str>, ids: Option<&[String]>) {
+        let Some(conn) = self.connections.get_mut(&conn_id) else {
+            return;
+        };
+        let name = conn.name.clone();
+        let mut emptied = Vec::new();
+        let mut removed_ids = Vec::new();
+        for (sub_id, sub) in conn.subs.iter_mut() {
+            if entity_code.is_some_and(|e| e != sub.subscription.entity_code) {
+                continue;
+            }
+            match (ids, &mut sub.subscription.target) {
+                (Some(ids), Target::Ids(held)) => {
+                    for id in ids {
+                        if held.remove(id) {
+                            removed_ids.push((
+                                *sub_id,
+                                sub.subscription.entity_code.clone(),
+                                id.clone(),
+                            ));
+                        }
+                    }
+                    if held.is_empty() {
+                        emptied.push(*sub_id);
+                    }
+                }
+                (Some(_), Target::Rows(_)) => {}
+                (None, _) => emptied.push(*sub_id),
+            }
+        }
+        for (sub_id, entity, id) in removed_ids {
+            self.out.metrics.subscriptions.dec();
+            if let Some(entry) = self.index.get_mut(&entity) {
+                remove_from(&mut entry.by_id, &id, &(conn_id, sub_id));
+            }
+        }
+        for sub_id in emptied {
+            self.remove_sub(conn_id, sub_id);
+        }
+        self.out
+            .mirror
+            .send(match (entity_code, ids) {
+                (None, _) => MirrorOp::RemoveConnection(name),
+                (Some(entity_code), None) => MirrorOp::RemoveEntity {
+                    connection_id: name,
+                    entity_code: entity_code.into(),
+                },
+                (Some(entity_code), Some(ids)) => MirrorOp::RemoveIds {
+                    connection_id: name,
+                    entity_code: entity_code.into(),
+                    entity_ids: ids.to_vec(),
+                },
+            })
+            .ok();
+    }
+
+    /// Removes one subscription from the connection and the index (not from the mirror).
+    fn remove_sub(&mut self, conn_id: ConnId, sub_id: SubId) -> Option<Subscription> {
+        let conn = self.connections.get_mut(&conn_id)?;
+        let group = conn.group;
+        let state = conn.subs.remove(&sub_id)?;
+        let subscription = state.subscription;
+        self.out
+            .metrics
+            .subscriptions
+            .dec_by(subscription.target.size() as i64);
+        if let Some(entry) = self.index.get_mut(&subscription.entity_code) {
+            match &subscription.target {
+                Target::Ids(ids) => {
+                    for id in ids {
+                        remove_from(&mut entry.by_id, id, &(conn_id, sub_id));
+                    }
+                }
+                Target::Rows(_) => remove_from(&mut entry.rows, &group, &(conn_id, sub_id)),
+            }
+        }
+        Some(subscription)
+    }
+
+    /// Ends one subscription: gone from the index and the mirror.
+    fn end_sub(&mut self, conn_id: ConnId, sub_id: SubId) {
+        let Some(name) = self.connections.get(&conn_id).map(|c| c.name.clone()) else {
+            return;
+        };
+        let Some(subscription) = self.remove_sub(conn_id, sub_id) else {
+            return;
+        };
+        let entity_code = subscription.entity_code;
+        self.out
+            .mirror
+            .send(match subscription.target {
+                Target::Ids(ids) => MirrorOp::RemoveIds {
+                    connection_id: name,
+                    entity_code,
+                    entity_ids: ids.into_iter().collect(),
+                },
+                Target::Rows(filter) => MirrorOp::RemoveRows {
+                    connection_id: name,
+                    entity_code,
+                    filter: filter_json(filter.as_deref()),
+                },
+            })
+            .ok();
+    }
+
+    fn drop_connection(&mut self, conn_id: ConnId) {
+        let Some(conn) = self.connections.get(&conn_id) else {
+            return;
+        };
+        let name = conn.name.clone();
+        let subs: Vec<SubId> = conn.subs.keys().copied().collect();
+        for sub in subs {
+            self.remove_sub(conn_id, sub);
+        }
+        self.connections.remove(&conn_id);
+        self.out.mirror.send(MirrorOp::RemoveConnection(name)).ok();
+    }
+
+    fn index_sub(&mut self, conn: ConnId, sub: SubId, group: GroupId, subscription: &Subscription) {
+        let entry = self
+            .index
+            .entry(subscription.entity_code.clone())
+            .or_default();
+        match &subscription.target {
+            Target::Ids(ids) => {
+                for id in ids {
+                    entry
+                        .by_id
+                        .entry(id.clone())
+                        .or_default()
+                        .insert((conn, sub));
+                }
+            }
+            Target::Rows(_) => {
+                entry.rows.entry(group).or_default().insert((conn, sub));
+            }
+        }
+    }
+
+    fn reset(&mut self, position: Cursor) {
+        self.set_position(position, true);
+        let entities: HashSet<(ConnId, String)> = self
+            .connections
+            .iter()
+            .flat_map(|(id, c)| {
+                c.subs
+                    .values()
+                    .map(|s| (*id, s.subscription.entity_code.clone()))
+            })
+            .collect();
+        for (conn, entity_code) in entities {
+            let message = ServerMessage::Resync {
+                entity_code,
+                reason: ResyncReason::CursorExpired,
+            };
+            self.send(conn, &message);
+        }
+    }
+
+    fn set_position(&mut self, position: Cursor, complete: bool) {
+        self.position = Some(position.clone());
+        self.mid_drain = !complete;
+        self.out.position.send_replace(Some(position));
+        if complete {
+            for request in std::mem::take(&mut self.deferred) {
+                self.subscribe(request);
+            }
+        }
+    }
+
+    /// Routes one batch: every change to every subscription that sees it.
+    fn route(&mut self, batch: &JudgedBatch) {
+        let mut outboxes: HashMap<ConnId, Outbox> = HashMap::new();
+        for (entity, group, why) in &batch.refused {
+            self.refuse(entity, *group, why, &mut outboxes);
+        }
+        let mut candidates: Vec<(ConnId, SubId)> = Vec::new();
+        for (change, sight) in batch.changes.iter().zip(&batch.sights) {
+            let Some(entry) = self.index.get(&change.entity_code) else {
+                continue;
+            };
+            let sight = sight.as_deref();
+            candidates.clear();
+            let by_id = change.entity_id.as_ref().and_then(|id| entry.by_id.get(id));
+            candidates.extend(by_id.into_iter().flatten());
+            match (change.op, sight) {
+                (Op::Truncate, _) => {
+                    candidates.extend(entry.by_id.values().flatten());
+                    candidates.extend(entry.rows.values().flatten());
+                }
+                (_, None) => candidates.extend(entry.rows.values().flatten()),
+                (_, Some(s)) => {
+                    let mut groups: Vec<GroupId> =
+                        s.before.iter().chain(&s.after).copied().collect();
+                    groups.sort_unstable();
+                    groups.dedup();
+                    for g in groups {
+                        candidates.extend(entry.rows.get(&g).into_iter().flatten());
+                    }
+                }
+            }
+            for &(conn_id, sub_id) in &candidates {
+                let Some(conn) = self.connections.get_mut(&conn_id) else {
+                    continue;
+                };
+                if conn.last_change == change.id {
+                    continue; // already given by another of its subscriptions
+                }
+                let Some(state) = conn.subs.get_mut(&sub_id) else {
+                    continue;
+                };
+                let own = change.written_by(&conn.user.sub, conn.client_id.as_deref());
+                let seen = ChangeSight::of(sight, conn.group);
+                match judge(change, &state.subscription.target, seen, own) {
+                    Judgement::Skip => {}
+                    Judgement::Resync => {
+                        conn.last_change = change.id;
+                        outboxes
+                            .entry(conn_id)
+                            .or_default()
+                            .resync(&change.entity_code, ResyncReason::Truncate);
+                    }
+                    Judgement::Deliver(action) => match &mut state.replay {
+                        Some(replay) => replay.buffer.push((change.clone(), action)),
+                        None => {
+                            conn.last_change = change.id;
+                            outboxes.entry(conn_id).or_default().push(
+                                &state.subscription.shape,
+                                change,
+                                action,
+                            );
+                        }
+                    },
+                }
+            }
+        }
+        let mut cache = RunCache::new();
+        for (conn, out) in outboxes {
+            self.deliver(conn, out, &mut cache);
+        }
+        let overflowing: Vec<ConnId> = self
+            .connections
+            .iter()
+            .filter(|(_, c)| {
+                c.subs.values().any(|s| {
+                    s.replay
+                        .as_ref()
+                        .is_some_and(|r| r.buffer.len() > self.limits.replay_buffer)
+                })
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        for conn in overflowing {
+            self.kick(conn);
+        }
+        if let Some(last) = batch.changes.last() {
+            self.out
+                .metrics
+                .record_routed(batch.changes.len(), &last.captured_at);
+        }
+        self.set_position(batch.end.clone(), batch.complete);
+    }
+
+    /// `group` may no longer read `entity`: its subscriptions to it end with ERROR forbidden.
+    fn refuse(
+        &mut self,
+        entity: &str,
+        group: GroupId,
+        why: &str,
+        outboxes: &mut HashMap<ConnId, Outbox>,
+    ) {
+        let ended: Vec<(ConnId, SubId)> = self
+            .connections
+            .iter()
+            .filter(|(_, c)| c.group == group)
+            .flat_map(|(id, c)| {
+                c.subs
+                    .iter()
+                    .filter(|(_, s)| s.subscription.entity_code == entity)
+                    .map(move |(sub, _)| (*id, *sub))
+            })
+            .collect();
+        let mut told = HashSet::new();
+        for (conn, sub) in ended {
+            if told.insert(conn) {
+                outboxes
+                    .entry(conn)
+                    .or_default()
+                    .message(ServerMessage::error(ErrorCode::Forbidden, why, None));
+            }
+            self.end_sub(conn, sub);
+        }
+    }
+
+    fn replay_event(&mut self, event: ReplayEvent) {
+        match event {
+            ReplayEvent::Page { conn, sub, changes } => {
+                let Some(state) = self.connections.get(&conn).and_then(|c| c.subs.get(&sub)) else {
+                    return;
+                };
+                let owner = &self.connections[&conn];
+                let mut out = Outbox::default();
+                for (change, sight) in changes {
+                    let own = change.written_by(&owner.user.sub, owner.client_id.as_deref());
+                    match judge(&change, &state.subscription.target, sight, own) {
+                        Judgement::Skip => {}
+                        Judgement::Resync => {
+                            out.resync(&change.entity_code, ResyncReason::Truncate)
+                        }
+                        Judgement::Deliver(action) => {
+                            out.push(&state.subscription.shape, &change, action)
+                        }
+                    }
+                }
+                self.deliver(conn, out, &mut RunCache::new());
+            }
+            ReplayEvent::Done { conn, sub } => {
+                let Some(state) = self
+                    .connections
+                    .get_mut(&conn)
+                    .and_then(|c| c.subs.get_mut(&sub))
+                else {
+                    return;
+                };
+                let Some(replay) = state.replay.take() else {
+                    return;
+                };
+                let mut out = Outbox::default();
+                out.message(ServerMessage::Synced {
+                    entity_code: state.subscription.entity_code.clone(),
+                    cursor: replay.until,
+                    reference: replay.reference,
+                });
+                for (change, action) in replay.buffer {
+                    out.push(&state.subscription.shape, &change, action);
+                }
+                self.deliver(conn, out, &mut RunCache::new());
+            }
+            ReplayEvent::Failed { conn, sub, message } => {
+                self.send(conn, &message);
+                self.end_sub(conn, sub);
+            }
+        }
+    }
+
+    fn deliver(&mut self, conn: ConnId, out: Outbox, cache: &mut RunCache) {
+        for text in out.render(cache) {
+            if !self.queue(conn, text) {
+                return;
+            }
+        }
+    }
+
+    fn send(&mut self, conn: ConnId, message: &ServerMessage) -> bool {
+        self.queue(conn, message.to_json().into())
+    }
+
+    /// Queues a message for a connection; false when the connection is gone or was closed
+    /// for being too slow.
+    fn queue(&mut self, conn: ConnId, text: Utf8Bytes) -> bool {
+        let Some(state) = self.connections.get(&conn) else {
+            return false;
+        };
+        match state.queue.try_push(text) {
+            Ok(()) => true,
+            Err(Refused::Full) => {
+                self.kick(conn);
+                false
+            }
+            Err(Refused::Closed) => false,
+        }
+    }
+
+    /// Closes a connection that does not keep up (4008) and frees what it held at once.
+    fn kick(&mut self, conn: ConnId) {
+        if let Some(state) = self.connections.get(&conn) {
+            tracing::info!(conn, "closing a connection that does not keep up");
+            state.kick.cancel();
+            self.drop_connection(conn);
+        }
+    }
+}
+
+fn remove_from<K: std::hash::Hash + Eq + Clone>(
+    map: &mut HashMap<K, HashSet<(ConnId, SubId)>>,
+    key: &K,
+    entry: &(ConnId, SubId),
+) {
+    if let Some(set) = map.get_mut(key) {
+        set.remove(entry);
+        if set.is_empty() {
+            map.remove(key);
+        }
+    }
+}
+
+/// Conditions and listed values of a filter, which evaluating it costs.
+fn filter_cost(filter: &[Condition]) -> (usize, usize) {
+    let values = filter
+        .iter()
+        .map(|c| {
+            c.value
+                .as_ref()
+                .and_then(|v| v.as_array())
+                .map_or(0, Vec::len)
+        })
+        .sum();
+    (filter.len(), values)
+}
+
+/// A filter as `sync.subscription.filter` stores it.
+fn filter_json(filter: Option<&[Condition]>) -> Option<serde_json::Value> {
+    filter.map(|f| serde_json::to_value(f).expect("filters serialize"))
+}
+
+fn mirror_rows(conn: &Conn, subscription: &Subscription) -> Vec<SubscriptionRow> {
+    let row = |entity_id: Option<String>, filter| SubscriptionRow {
+        connection_id: conn.name.clone(),
+        user_id: conn.user.sub.clone(),
+        entity_code: subscription.entity_code.clone(),
+        entity_id,
+        filter,
+        mode: subscription.shape.mode,
+    };
+    match &subscription.target {
+        Target::Ids(ids) => ids.iter().map(|id| row(Some(id.clone()), None)).collect(),
+        Target::Rows(filter) => vec![row(None, filter_json(filter.as_deref()))],
+    }
+}

@@ -1,0 +1,129 @@
+//! Reading pg_sync's change log: one page of `sync.changes_since` in one REPEATABLE READ
+//! transaction, with the transaction's own cursor and the database's policy version read at
+//! the same snapshot (pipelined, one round trip), so that when the page ends the log, that
+//! cursor is where the next read starts (an idle reader's cursor keeps moving and never
+//! expires).
+
+use crate::model::change::{Change, Op};
+use crate::model::cursor::Cursor;
+use serde_json::{Map, Value};
+use tokio_postgres::error::SqlState;
+use tokio_postgres::{Client, IsolationLevel};
+
+/// A page of changes and the cursor to continue from.
+#[derive(Debug)]
+pub struct Page {
+    pub changes: Vec<Change>,
+    /// After the last change, or, when the page reached the end of the read, the end itself.
+    pub end: Cursor,
+    /// Whether more changes may follow right away.
+    pub more: bool,
+    /// `sync.state.policy_version` at the page's snapshot.
+    pub policy_version: i64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    #[error("cursor expired: {0}")]
+    Expired(String),
+    #[error("malformed cursor: {0}")]
+    Malformed(String),
+    #[error("database: {0}")]
+    Database(#[from] tokio_postgres::Error),
+    #[error("database pool: {0}")]
+    Pool(#[from] deadpool_postgres::PoolError),
+}
+
+impl ReadError {
+    fn classify(error: tokio_postgres::Error) -> Self {
+        let message = error
+            .as_db_error()
+            .map(|e| e.message().to_owned())
+            .unwrap_or_default();
+        match error.code() {
+            Some(code) if code.code() == "SY410" => ReadError::Expired(message),
+            Some(code) if *code == SqlState::INVALID_PARAMETER_VALUE => {
+                ReadError::Malformed(message)
+            }
+            _ => ReadError::Database(error),
+        }
+    }
+}
+
+const PAGE_SQL: &str = "
+SELECT id, entity_code, op, entity_id, data, old_data, changed_columns, client_id, schema_version,
+       to_char(captured_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"'), cursor
+  FROM sync.changes_since($1, $2, $3)";
+
+const STATE_SQL: &str = "SELECT sync.current_cursor(), policy_version FROM sync.state";
+
+/// Reads up to `limit` changes after `since` (None: from the oldest retained), not beyond
+/// `until` when given.
+pub async fn read_page(
+    client: &mut Client,
+    since: Option<&Cursor>,
+    limit: i32,
+    until: Option<&Cursor>,
+) -> Result<Page, ReadError> {
+    let tx = client
+        .build_transaction()
+        .isolation_level(IsolationLevel::RepeatableRead)
+        .read_only(true)
+        .start()
+        .await?;
+    let (since_text, until_text) = (since.map(Cursor::as_str), until.map(Cursor::as_str));
+    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 3] =
+        [&since_text, &limit, &until_text];
+    let (rows, state) = tokio::join!(tx.query(PAGE_SQL, &params), tx.query_one(STATE_SQL, &[]));
+    let rows = rows.map_err(ReadError::classify)?;
+    let state = state?;
+    let changes: Vec<Change> = rows
+        .iter()
+        .map(|r| Change {
+            id: r.get(0),
+            entity_code: r.get(1),
+            op: match r.get::<_, &str>(2) {
+                "INSERT" => Op::Insert,
+                "UPDATE" => Op::Update,
+                "DELETE" => Op::Delete,
+                _ => Op::Truncate,
+            },
+            entity_id: r.get(3),
+            data: object(r.get(4)),
+            old_data: object(r.get(5)),
+            changed: r.get(6),
+            client_id: r.get(7),
+            schema_version: r.get(8),
+            captured_at: r.get(9),
+            cursor: Cursor::from_db(r.get(10)),
+        })
+        .collect();
+    let more = changes.len() >= limit as usize;
+    let end = match (changes.last(), more, until) {
+        (Some(last), true, _) => last.cursor.clone(),
+        (_, false, Some(until)) => until.clone(),
+        _ => Cursor::from_db(state.get(0)),
+    };
+    tx.commit().await?;
+    Ok(Page {
+        changes,
+        end,
+        more,
+        policy_version: state.get(1),
+    })
+}
+
+fn object(value: Option<Value>) -> Option<Map<String, Value>> {
+    match value {
+        Some(Value::Object(map)) => Some(map),
+        _ => None,
+    }
+}
+
+/// The cursor of now.
+pub async fn current_cursor(client: &Client) -> Result<Cursor, tokio_postgres::Error> {
+    let row = client
+        .query_one("SELECT sync.current_cursor()", &[])
+        .await?;
+    Ok(Cursor::from_db(row.get(0)))
+}

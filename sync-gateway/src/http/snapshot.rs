@@ -1,0 +1,218 @@
+//! `GET /v1/snapshot/{entityCode}[?ids=a,b]`: the rows a user may see, streamed as NDJSON
+//! from one REPEATABLE READ transaction run as the user. The first line is `{"cursor":…}`
+//! from that same transaction, so subscribing with `since` = that cursor continues exactly
+//! where the snapshot ends. Rows travel through a small bounded channel as PostgreSQL sends
+//! them: memory stays flat for any table size.
+//!
+//! A snapshot holds a client connection and an open transaction (which holds back VACUUM),
+//! so it is capped in total and per user, and never kept open for a client that does not
+//! read: each line must be taken within `--snapshot-idle-timeout`, and the whole snapshot
+//! ends by `--snapshot-max-duration`; either ends the body with an error.
+//!
+//! A WAL-captured entity's changes reach the log after their commit, when ingested: a
+//! snapshot taken in between would show a row whose log row lies after its cursor (sent
+//! again after it). Such a snapshot is retried, ingesting in between, until
+//! `sync._wal_settled` says the log has caught up with it. Under writes to the entity so
+//! steady that this never happens within `SETTLE_PATIENCE`, the last try is served: changes
+//! committed just before it may then arrive again after it, in order, so a cache that
+//! applies them passes through older versions of those rows and converges.
+
+use super::error::ApiError;
+use super::extract::Authenticated;
+use crate::access::admission::readable_entity;
+use crate::access::roles::act_as;
+use crate::AppState;
+use axum::body::Body;
+use axum::extract::{Path, Query, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use futures_util::{pin_mut, StreamExt};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+use tokio_postgres::IsolationLevel;
+
+/// Ids one snapshot may name.
+const MAX_IDS: usize = 1000;
+/// Lines buffered between the database and the client.
+const BUFFERED_LINES: usize = 256;
+/// How long a snapshot of a WAL-captured entity tries to find ingestion caught up.
+const SETTLE_PATIENCE: Duration = Duration::from_secs(2);
+/// Between two tries when another session is ingesting.
+const SETTLE_RETRY: Duration = Duration::from_millis(10);
+
+#[derive(Deserialize)]
+pub struct Params {
+    ids: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+enum Ended {
+    #[error(transparent)]
+    Database(#[from] tokio_postgres::Error),
+    #[error("the client did not read for {0:?}")]
+    Idle(Duration),
+    #[error("the snapshot took longer than {0:?}")]
+    TooLong(Duration),
+}
+
+pub async fn snapshot(
+    State(state): State<Arc<AppState>>,
+    auth: Authenticated,
+    Path(entity_code): Path<String>,
+    Query(params): Query<Params>,
+) -> Result<Response, ApiError> {
+    let user = auth.with_role()?;
+    let entity = readable_entity(
+        &state.catalog,
+        &state.plans,
+        &state.work,
+        &user,
+        &entity_code,
+    )
+    .await?;
+    let ids: Option<Vec<String>> = params
+        .ids
+        .map(|ids| ids.split(',').map(str::to_owned).collect());
+    if ids
+        .as_ref()
+        .is_some_and(|ids| ids.is_empty() || ids.len() > MAX_IDS)
+    {
+        return Err(ApiError::bad_request(format!(
+            "ids lists 1 to {MAX_IDS} ids"
+        )));
+    }
+    let place = state.caps.snapshots.take(&user.sub)?;
+    let work = state.work.start(&user.sub).await?;
+    let (idle, longest) = (
+        state.config.snapshot_idle_timeout,
+        state.config.snapshot_max_duration,
+    );
+    let (lines, body) = mpsc::channel::<Result<String, std::io::Error>>(BUFFERED_LINES);
+    let (started, start) = oneshot::channel::<Result<(), ApiError>>();
+    // Set when every row was sent: a body that ends without it ends with an error, so a
+    // client never takes a snapshot cut short for a whole one.
+    let complete = Arc::new(AtomicBool::new(false));
+    let finished = complete.clone();
+    tokio::spawn(async move {
+        let _place = place;
+        let mut work = work;
+        let cancel = work.client.cancel_token();
+        let mut started = Some(started);
+        let deadline = Instant::now() + longest;
+        let send = |line: String| {
+            let lines = lines.clone();
+            async move {
+                match tokio::time::timeout_at(
+                    deadline.min(Instant::now() + idle),
+                    lines.send(Ok(line)),
+                )
+                .await
+                {
+                    Ok(Ok(())) => Ok(true),
+                    Ok(Err(_)) => Ok(false), // the client left
+                    Err(_) if Instant::now() >= deadline => Err(Ended::TooLong(longest)),
+                    Err(_) => Err(Ended::Idle(idle)),
+                }
+            }
+        };
+        let outcome: Result<(), Ended> = async {
+            let client = &mut work.client;
+            let settle_by = Instant::now() + SETTLE_PATIENCE;
+            let (tx, cursor) = loop {
+                let tx = client
+                    .build_transaction()
+                    .isolation_level(IsolationLevel::RepeatableRead)
+                    .read_only(true)
+                    .start()
+                    .await?;
+                // The cursor first, as the gateway: it fixes the transaction's snapshot, and
+                // the user need not read the log itself.
+                let row = tx
+                    .query_one("SELECT sync.current_cursor(), sync._wal_settled($1)", &[&entity.code])
+                    .await?;
+                if row.get::<_, bool>(1) || Instant::now() >= settle_by {
+                    if !row.get::<_, bool>(1) {
+                        tracing::warn!(entity = %entity.code, "snapshot served before WAL ingestion caught up");
+                    }
+                    break (tx, row.get::<_, String>(0));
+                }
+                tx.rollback().await?;
+                let ingested: i64 = client.query_one("SELECT sync.ingest_wal()", &[]).await?.get(0);
+                if ingested == 0 {
+                    tokio::time::sleep(SETTLE_RETRY).await; // another session is ingesting
+                }
+            };
+            act_as(&tx, &user).await?;
+            let filter = if ids.is_some() {
+                format!(" WHERE {}", entity.key_in_sql(2))
+            } else {
+                String::new()
+            };
+            let sql = format!("SELECT to_jsonb(t.*) - $1::text[] FROM {} t{filter}", entity.table);
+            let ids = ids.unwrap_or_default();
+            let params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = if ids.is_empty() {
+                vec![&entity.hidden]
+            } else {
+                vec![&entity.hidden, &ids]
+            };
+            let rows = tx.query_raw(&sql, params).await?;
+            pin_mut!(rows);
+            let first = rows.next().await.transpose()?;
+            // The query runs: from here on the answer is 200 and the rows follow.
+            if let Some(started) = started.take() {
+                let _ = started.send(Ok(()));
+            }
+            if !send(format!("{}\n", json!({"cursor": cursor}))).await? {
+                return Ok(());
+            }
+            let mut next = first;
+            while let Some(row) = next {
+                if !send(format!("{}\n", row.get::<_, Value>(0))).await? {
+                    return Ok(()); // the client left
+                }
+                next = rows.next().await.transpose()?;
+            }
+            tx.commit().await?;
+            finished.store(true, Ordering::SeqCst);
+            Ok(())
+        }
+        .await;
+        if let Err(e) = outcome {
+            match (started.take(), e) {
+                (Some(started), Ended::Database(e)) => {
+                    let _ = started.send(Err(ApiError::from_db(e)));
+                }
+                (_, e) => {
+                    tracing::info!(error = %crate::ErrorChain(&e), "snapshot ended early");
+                    // Stop the query (else PostgreSQL streams the rest of the table into a
+                    // connection that discards it); the transaction is rolled back before the
+                    // connection goes back to the pool. The client sees the body end with an
+                    // error, not a complete snapshot.
+                    if !matches!(e, Ended::Database(_)) {
+                        let _ = cancel.cancel_query(tokio_postgres::NoTls).await;
+                    }
+                }
+            }
+        }
+    });
+    start
+        .await
+        .map_err(|_| ApiError::internal("snapshot task ended"))??;
+    let end = futures_util::stream::once(async move {
+        (!complete.load(Ordering::SeqCst))
+            .then(|| Err(std::io::Error::other("snapshot ended early")))
+    })
+    .filter_map(|end| async move { end });
+    let body = Body::from_stream(tokio_stream::wrappers::ReceiverStream::new(body).chain(end));
+    Ok((
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, "application/x-ndjson")],
+        body,
+    )
+        .into_response())
+}

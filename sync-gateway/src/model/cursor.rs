@@ -1,0 +1,81 @@
+//! Cursors as the gateway handles them: opaque text to clients and to the log's readers, and
+//! comparable here without asking the database (`pg_sync_cursor`, the extension's own code),
+//! so that a cursor from the future is refused at once and a replay knows where to stop.
+
+use serde::{Serialize, Serializer};
+use std::sync::Arc;
+
+pub use pg_sync_cursor::CursorError;
+
+/// A position in the log (`sync.current_cursor()`, a change's `cursor`, a client's `since`).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Cursor(Arc<str>);
+
+impl Cursor {
+    /// A cursor the database wrote.
+    pub fn from_db(text: String) -> Cursor {
+        Cursor(text.into())
+    }
+
+    /// A cursor a client sent: refused unless it is one the extension could have written.
+    pub fn from_client(text: &str) -> Result<Cursor, CursorError> {
+        pg_sync_cursor::Cursor::decode(text)?;
+        Ok(Cursor(text.into()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    fn decoded(&self) -> Option<pg_sync_cursor::Cursor> {
+        pg_sync_cursor::Cursor::decode(&self.0).ok()
+    }
+
+    /// Whether this position (a cursor of `sync.current_cursor()`) is at or after `target`:
+    /// every change before `target` is before it. False for a cursor of another log, and for
+    /// a position inside a batch (it is not a place a replay can end).
+    pub fn reaches(&self, target: &Cursor) -> bool {
+        match (self.decoded(), target.decoded()) {
+            (Some(pg_sync_cursor::Cursor::At { generation, mark }), Some(target)) => {
+                generation == target.generation() && mark.reaches(&target)
+            }
+            _ => false,
+        }
+    }
+
+    /// Whether both cursors belong to the same log (database and generation).
+    pub fn same_log(&self, other: &Cursor) -> bool {
+        match (self.decoded(), other.decoded()) {
+            (Some(a), Some(b)) => a.generation() == b.generation(),
+            _ => false,
+        }
+    }
+}
+
+impl std::fmt::Display for Cursor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl Serialize for Cursor {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&self.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn positions_compare_without_the_database() {
+        let early = Cursor::from_client("1.ab.10_20_12_50_22").unwrap();
+        let late = Cursor::from_client("1.ab.12_30_12_80_32").unwrap();
+        let elsewhere = Cursor::from_client("1.cd.12_30_12_80_32").unwrap();
+        assert!(late.reaches(&early) && late.reaches(&late));
+        assert!(!early.reaches(&late));
+        assert!(!late.reaches(&elsewhere) && !late.same_log(&elsewhere));
+        assert!(Cursor::from_client("1.ab.nonsense").is_err());
+    }
+}
