@@ -1,10 +1,12 @@
 //! The promise: a client's cache converges to the database whatever happens. A seeded random
-//! workload on a trigger-captured and a WAL-captured table runs while faults fire (a gateway
+//! workload on a trigger-captured and a WAL-captured table, and a table with row-level
+//! security whose rows move between the three users' sight, runs while faults fire (a gateway
 //! killed with -9 and its clients moving to another, PostgreSQL restarted in immediate mode,
 //! a client's TCP connection cut without a close frame, a WAL ingest failing after storing
 //! and another not moving the slot); clients build caches from a snapshot and `since`, by
-//! DELTA and by INVALIDATE-then-refetch. At the end every cache equals the table, and no
-//! client saw a change of a row twice or out of order. The seed is printed; `PG_SYNC_SEED`
+//! DELTA and by INVALIDATE-then-refetch. At the end every cache equals the table as its user
+//! may see it, no client saw a change of a row twice or out of order, and no client was ever
+//! sent a version of a row it may not see. The seed is printed; `PG_SYNC_SEED`
 //! repeats a run. `PG_SYNC_SOAK=1` runs a much longer workload (`make soak`).
 
 use futures_util::{SinkExt, StreamExt};
@@ -17,7 +19,19 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio_tungstenite::tungstenite::Message;
 
-const ENTITIES: [&str; 2] = ["acct", "evt"];
+const ENTITIES: [&str; 3] = ["acct", "evt", "doc"];
+/// Rows of `doc` at the start; each user owns a third, and may see only what it owns.
+const DOCS: u64 = 300;
+/// The users, one per client.
+const USERS: u64 = 3;
+
+/// The id of the row written last to `entity` that `user` must see, to know it caught up.
+fn marker(entity: &str, user: u64) -> String {
+    match entity {
+        "doc" => (2_000_000_000 + user).to_string(),
+        _ => "2000000000".to_owned(),
+    }
+}
 
 /// What one client believes, and what it checks as it goes.
 #[derive(Default)]
@@ -34,6 +48,8 @@ struct Cache {
     history: HashMap<(String, String), Vec<String>>,
     /// Connections, control messages and message sizes, to explain a failure.
     events: Vec<String>,
+    /// Entities whose replay reached the live stream at least once.
+    synced: BTreeSet<String>,
 }
 
 impl Cache {
@@ -191,6 +207,19 @@ async fn client(
                             continue;
                         }
                         let row = (change["action"] != "DELETE").then(|| change["data"].clone());
+                        if let Some(owner) = row.as_ref().and_then(|r| r.get("owner")) {
+                            if owner.as_str() != Some(user.as_str()) {
+                                c.violations
+                                    .push(format!("{entity}/{id}: sent {user} a row of {owner}"));
+                            }
+                        }
+                        if change["action"] == "DELETE"
+                            && !c.rows.get(&entity).is_some_and(|r| r.contains_key(&id))
+                        {
+                            c.violations.push(format!(
+                                "{entity}/{id}: sent {user} a DELETE of a row it did not have"
+                            ));
+                        }
                         c.apply_row(&entity, &id, row, true);
                     }
                     c.cursors.insert(
@@ -214,6 +243,9 @@ async fn client(
                         continue 'connection;
                     }
                 }
+                "SYNCED" => {
+                    cache.lock().unwrap().synced.insert(entity);
+                }
                 "ERROR" => continue 'connection, // e.g. a replay cut by a restart: start over
                 _ => {}
             }
@@ -232,9 +264,16 @@ async fn workload(cluster: &Cluster) -> tokio_postgres::Client {
     client
 }
 
-/// The tables as clients should see them.
-async fn tables(cluster: &Cluster) -> HashMap<String, BTreeMap<String, Value>> {
+/// The tables as `user`'s client should see them: `doc` as row-level security shows it to
+/// that user, read by PostgreSQL itself.
+async fn tables(cluster: &Cluster, user: &str) -> HashMap<String, BTreeMap<String, Value>> {
     let client = cluster.connect().await;
+    client
+        .batch_execute(&format!(
+            "SET ROLE app_user; SELECT set_config('request.jwt.claims', '{{\"sub\": \"{user}\"}}', false)"
+        ))
+        .await
+        .unwrap();
     let mut all = HashMap::new();
     for entity in ENTITIES {
         let rows = client
@@ -267,8 +306,13 @@ async fn caches_converge_under_faults() {
              CREATE TABLE evt (id int PRIMARY KEY, version int NOT NULL DEFAULT 1, body text);
              INSERT INTO acct SELECT g, 1, 'a' FROM generate_series(1, {bulk_rows}) g;
              INSERT INTO evt SELECT g, 1, 'e' FROM generate_series(1, 200) g;
+             CREATE TABLE doc (id int PRIMARY KEY, version int NOT NULL DEFAULT 1, body text, owner text NOT NULL);
+             INSERT INTO doc SELECT g, 1, 'd', 'user' || (g % {USERS}) FROM generate_series(1, {DOCS}) g;
+             ALTER TABLE doc ENABLE ROW LEVEL SECURITY;
+             CREATE POLICY own ON doc USING (owner = current_setting('request.jwt.claims', true)::jsonb ->> 'sub');
              SELECT sync.track('acct');
-             SELECT sync.track('evt', capture => 'wal');"
+             SELECT sync.track('evt', capture => 'wal');
+             SELECT sync.track('doc');"
         ))
         .await;
     let flags = [
@@ -284,7 +328,7 @@ async fn caches_converge_under_faults() {
     let gateways = Arc::new(Mutex::new(vec![first.clone(), second.clone()]));
     let done = Arc::new(AtomicBool::new(false));
     let mut clients = Vec::new();
-    for i in 0..3 {
+    for i in 0..USERS {
         let cache = Arc::new(Mutex::new(Cache::default()));
         let cut = Arc::new(AtomicBool::new(false));
         let task = tokio::spawn(client(
@@ -298,6 +342,19 @@ async fn caches_converge_under_faults() {
         clients.push((cache, cut, task));
     }
 
+    // The workload starts once every client is live on every entity, so that they live
+    // through it (and its faults) rather than take it all in from their first snapshot.
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while !clients
+        .iter()
+        .all(|(cache, _, _)| cache.lock().unwrap().synced.len() == ENTITIES.len())
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "clients never went live"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let mut rng = Rng(seed);
     let mut db = workload(&cluster).await;
     let mut next_id = 1_000_000;
@@ -335,21 +392,36 @@ async fn caches_converge_under_faults() {
                 )
                 .await;
         }
-        let table = ENTITIES[rng.below(2) as usize];
-        let max = if table == "acct" { bulk_rows } else { 200 };
+        let table = ENTITIES[rng.below(3) as usize];
+        let max = match table {
+            "acct" => bulk_rows,
+            "doc" => DOCS,
+            _ => 200,
+        };
         let id = rng.below(max) as i32 + 1;
+        let owner = format!("user{}", rng.below(USERS));
         let sql = match rng.below(10) {
+            0 if table == "doc" => {
+                next_id += 1;
+                format!("INSERT INTO doc (id, body, owner) VALUES ({next_id}, 'new', '{owner}')")
+            }
             0 => {
                 next_id += 1;
                 format!("INSERT INTO {table} (id, body) VALUES ({next_id}, 'new')")
+            }
+            // A row leaves one user's sight and enters another's.
+            4 | 5 if table == "doc" => {
+                format!("UPDATE doc SET version = version + 1, owner = '{owner}' WHERE id = {id}")
             }
             1 => format!("DELETE FROM {table} WHERE id = {id}"),
             2 => format!(
                 "BEGIN; UPDATE {table} SET version = version + 1 WHERE id = {id};
                  UPDATE {table} SET version = version + 1, body = 'multi' WHERE id = {};
-                 INSERT INTO {table} (id) VALUES ({}) ON CONFLICT (id) DO UPDATE SET version = {table}.version + 1; COMMIT;",
+                 INSERT INTO {table} (id{}) VALUES ({}{}) ON CONFLICT (id) DO UPDATE SET version = {table}.version + 1; COMMIT;",
                 (id % max as i32) + 1,
-                id + 2
+                if table == "doc" { ", owner" } else { "" },
+                id + 2,
+                if table == "doc" { format!(", '{owner}'") } else { String::new() },
             ),
             3 if long_tx.is_none() => {
                 let long = workload(&cluster).await;
@@ -385,21 +457,29 @@ async fn caches_converge_under_faults() {
 
     // Quiescence: the WAL drained, then every client past a final write to each table.
     let end = cluster.connect().await;
-    for entity in ENTITIES {
+    end.batch_execute(
+        "INSERT INTO acct (id, body) VALUES (2000000000, 'end');
+         INSERT INTO evt (id, body) VALUES (2000000000, 'end');",
+    )
+    .await
+    .unwrap();
+    for user in 0..USERS {
+        let id = marker("doc", user);
         end.batch_execute(&format!(
-            "INSERT INTO {entity} (id, body) VALUES (2000000000, 'end')"
+            "INSERT INTO doc (id, body, owner) VALUES ({id}, 'end', 'user{user}')"
         ))
         .await
         .unwrap();
     }
     let deadline = tokio::time::Instant::now() + PATIENCE * 8;
-    for (cache, _, _) in &clients {
+    for (user, (cache, _, _)) in clients.iter().enumerate() {
         loop {
             let seen = {
                 let c = cache.lock().unwrap();
                 ENTITIES.iter().all(|e| {
-                    c.rows.get(*e).is_some_and(|r| r.contains_key("2000000000"))
-                        || c.dirty.contains(&(e.to_string(), "2000000000".to_string()))
+                    let id = marker(e, user as u64);
+                    c.rows.get(*e).is_some_and(|r| r.contains_key(&id))
+                        || c.dirty.contains(&(e.to_string(), id))
                 })
             };
             if seen {
@@ -413,10 +493,10 @@ async fn caches_converge_under_faults() {
         }
     }
     done.store(true, Ordering::SeqCst);
-    let truth = tables(&cluster).await;
     let survivor = gateways.lock().unwrap()[0].clone();
     for (i, (cache, _, task)) in clients.into_iter().enumerate() {
         task.await.unwrap();
+        let truth = tables(&cluster, &format!("user{i}")).await;
         let mut c = Arc::try_unwrap(cache).ok().unwrap().into_inner().unwrap();
         // INVALIDATE clients refetch what they were told changed.
         let dirty: Vec<(String, String)> = std::mem::take(&mut c.dirty).into_iter().collect();

@@ -69,7 +69,6 @@ impl Cap {
             user: user.to_owned(),
         })
     }
-
 }
 
 impl Drop for Held {

@@ -74,7 +74,6 @@ impl Outbound {
         drop(room);
         Ok(())
     }
-
 }
 
 impl Drop for Queue {
