@@ -508,3 +508,148 @@ async fn row_level_security_switched_on_applies_at_once() {
         [("3".to_owned(), "CREATE".to_owned())]
     );
 }
+
+/// What alice may learn of bob's rows, path by path (SPEC 2.2): nothing. Her subscriptions
+/// (whole table, a filter on a value, bob's id named, INVALIDATE) and `/v1/changes` see no id,
+/// value or message of a version she may not see; a row leaving her sight arrives as DELETE,
+/// one entering as CREATE with that change's data; a CREATE of a hidden id is refused as a
+/// policy refusal is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_subscriber_learns_nothing_of_rows_it_cannot_see() {
+    let (cluster, gateway) = setup().await;
+    cluster
+        .execute(
+            "CREATE TABLE pay (id int PRIMARY KEY, owner text NOT NULL, salary int NOT NULL);
+             ALTER TABLE pay ENABLE ROW LEVEL SECURITY;
+             CREATE POLICY own ON pay
+                 USING (owner = current_setting('request.jwt.claims', true)::jsonb ->> 'sub')
+                 WITH CHECK (owner = current_setting('request.jwt.claims', true)::jsonb ->> 'sub');
+             GRANT SELECT, INSERT, UPDATE, DELETE ON pay TO app_user;
+             SELECT sync.track('pay');",
+        )
+        .await;
+    let start = cursor(&cluster).await;
+    let payloads = [
+        json!({"entityCode": "pay", "mode": "delta"}),
+        json!({"entityCode": "pay", "mode": "delta",
+               "filter": [{"column": "salary", "op": "gt", "value": 100000}]}),
+        json!({"entityCode": "pay", "mode": "delta", "entityIds": ["2", "3"]}),
+        json!({"entityCode": "pay", "mode": "invalidate"}),
+    ];
+    let mut alice = Vec::new();
+    for payload in &payloads {
+        let mut session = gateway.connect("alice").await;
+        session.subscribe(json!({"entityCode": "marker"})).await;
+        session.subscribe(payload.clone()).await;
+        alice.push(session);
+    }
+    cluster
+        .execute(
+            "INSERT INTO pay VALUES (1, 'alice', 200000), (2, 'bob', 150000), (3, 'bob', 50);
+             UPDATE pay SET salary = 160000 WHERE id = 2;
+             UPDATE pay SET salary = 60 WHERE id = 3;
+             DELETE FROM pay WHERE id = 2;
+             INSERT INTO marker VALUES (1);",
+        )
+        .await;
+    for (session, payload) in alice.iter_mut().zip(&payloads) {
+        let seen = session.changes_until(1).await;
+        let text = serde_json::to_string(&seen).unwrap();
+        let expected: &[(&str, &str)] = match payload.get("entityIds") {
+            Some(_) => &[],
+            None => &[("1", "CREATE")],
+        };
+        let expected: Vec<(String, String)> = expected
+            .iter()
+            .map(|(i, a)| (i.to_string(), a.to_string()))
+            .collect();
+        assert_eq!(actions(&seen), expected, "{payload}: {text}");
+        assert!(
+            !text.contains("bob") && !text.contains("150000"),
+            "{payload}: {text}"
+        );
+    }
+    // Rows moving: 1 leaves her sight, 3 enters it.
+    cluster
+        .execute(
+            "UPDATE pay SET owner = 'bob' WHERE id = 1;
+             UPDATE pay SET owner = 'alice', salary = 300000 WHERE id = 3;
+             INSERT INTO marker VALUES (2);",
+        )
+        .await;
+    let expected = [
+        vec![("1", "DELETE"), ("3", "CREATE")],
+        vec![("1", "DELETE"), ("3", "CREATE")],
+        vec![("3", "CREATE")],
+        vec![("1", "DELETE"), ("3", "CREATE")],
+    ];
+    for ((session, payload), expected) in alice.iter_mut().zip(&payloads).zip(expected) {
+        let seen = session.changes_until(2).await;
+        let expected: Vec<(String, String)> = expected
+            .iter()
+            .map(|(i, a)| (i.to_string(), a.to_string()))
+            .collect();
+        assert_eq!(actions(&seen), expected, "{payload}: {seen:?}");
+        let text = serde_json::to_string(&seen).unwrap();
+        assert!(!text.contains("bob"), "{payload}: {text}");
+        if payload["mode"] == "delta" {
+            // The data of that change, not of the row as it is now.
+            assert!(text.contains("300000"), "{payload}: {text}");
+        }
+    }
+
+    // The long-poll sees the same: 1 created and left, 3 entered; nothing of 2.
+    let (status, answer) = gateway
+        .call(
+            "GET",
+            &format!("/v1/changes?since={start}&entityCode=pay"),
+            "alice",
+            None,
+        )
+        .await;
+    assert_eq!(status, 200, "{answer}");
+    let got: Vec<(String, String)> = answer["changes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            (
+                c["entityId"].as_str().unwrap().to_owned(),
+                c["action"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    let want = [("1", "CREATE"), ("1", "DELETE"), ("3", "CREATE")];
+    assert_eq!(
+        got,
+        want.map(|(i, a)| (i.to_owned(), a.to_owned())),
+        "{answer}"
+    );
+    assert!(!answer.to_string().contains("bob"), "{answer}");
+
+    // Writes: creating bob's hidden id answers exactly as a policy refusal does.
+    let create = |id: i32, owner: &str| {
+        json!({"mutations": [{"id": format!("c{id}{owner}"), "entityCode": "pay", "action": "CREATE",
+                              "entityId": id.to_string(), "data": {"owner": owner, "salary": 1}}]})
+    };
+    let (hidden_status, mut hidden) = gateway
+        .call("POST", "/v1/write", "alice", Some(create(1, "alice")))
+        .await;
+    let (policy_status, mut policy) = gateway
+        .call("POST", "/v1/write", "alice", Some(create(7, "bob")))
+        .await;
+    assert_eq!(
+        (hidden_status, policy_status),
+        (403, 403),
+        "{hidden} {policy}"
+    );
+    hidden["mutation"] = Value::Null;
+    policy["mutation"] = Value::Null;
+    assert_eq!(hidden, policy);
+    // A visible row's id answers 409 with the row.
+    let (status, answer) = gateway
+        .call("POST", "/v1/write", "alice", Some(create(3, "alice")))
+        .await;
+    assert_eq!(status, 409, "{answer}");
+    assert_eq!(answer["current"]["salary"], 300000);
+}

@@ -150,16 +150,15 @@ impl Catalog {
     }
 
     /// The entity named `code`, if it is tracked. Clients name entities: an unknown name
-    /// reads the catalog again (perhaps it was tracked a moment ago), but at most every
-    /// `MISS_INTERVAL`, so that names made up in a flood cost the feed's pool nothing more.
+    /// reads the catalog again (perhaps it was tracked a moment ago), but the reads of misses
+    /// are at least `MISS_INTERVAL` apart and shared by every miss waiting for them, so that
+    /// names made up in a flood cost the feed's pool one read per interval.
     pub async fn entity(&self, code: &str) -> Result<Option<Arc<Entity>>, CatalogError> {
         let (loaded_at, entities) = self.entities.read().expect("catalog lock").clone();
         if let Some(entity) = entities.get(code).filter(|_| loaded_at.elapsed() < REFRESH) {
             return Ok(Some(entity.clone()));
         }
-        if loaded_at.elapsed() < MISS_INTERVAL {
-            return Ok(entities.get(code).cloned());
-        }
+        tokio::time::sleep_until((loaded_at + MISS_INTERVAL).into()).await;
         // Unknown (perhaps tracked a moment ago) or stale: read again, unless another caller
         // did while this one waited for the lock.
         let _reloading = self.reloading.lock().await;
