@@ -96,7 +96,7 @@ fn policies(rng: &mut Rng) -> Vec<String> {
 fn rows(rng: &mut Rng) -> String {
     let values: Vec<String> = (0..20)
         .map(|id| {
-            let mut value = |rng: &mut Rng, v: String| {
+            let value = |rng: &mut Rng, v: String| {
                 if rng.below(6) == 0 {
                     "NULL".to_owned()
                 } else {
