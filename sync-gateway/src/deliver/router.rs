@@ -233,7 +233,7 @@ impl Router {
                     queue: c.queue,
                     kick: c.kick,
                     subs: HashMap::new(),
-                    last_change: 0,
+                    last_change: i64::MIN,
                 };
                 self.connections.insert(c.id, conn);
             }
@@ -801,5 +801,397 @@ fn mirror_rows(conn: &Conn, subscription: &Subscription) -> Vec<SubscriptionRow>
     match &subscription.target {
         Target::Ids(ids) => ids.iter().map(|id| row(Some(id.clone()), None)).collect(),
         Target::Rows(filter) => vec![row(None, filter_json(filter.as_deref()))],
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::deliver::queue::{self, Queue};
+    use crate::model::change::sample;
+    use crate::model::filter::Op as FilterOp;
+    use crate::model::protocol::Mode;
+    use crate::model::subscription::Shape;
+    use serde_json::{json, Value};
+
+    struct Harness {
+        router: Router,
+        replays: mpsc::UnboundedReceiver<ReplayStart>,
+        metrics: Arc<Metrics>,
+    }
+
+    fn cursor(n: u64) -> Cursor {
+        Cursor::from_db(format!("1.ab.{n}_{n}__{n}_{n}"))
+    }
+
+    fn harness() -> Harness {
+        let (mirror, _) = mpsc::unbounded_channel();
+        let (replays_tx, replays) = mpsc::unbounded_channel();
+        let metrics = Arc::new(Metrics::default());
+        let outlets = Outlets {
+            mirror,
+            replays: replays_tx,
+            position: watch::channel(None).0,
+            metrics: metrics.clone(),
+        };
+        let limits = Limits {
+            subscriptions: 100,
+            conditions: 4,
+            in_values: 10,
+            replays: 2,
+            replay_buffer: 1000,
+        };
+        let mut router = Router::new("g".into(), limits, outlets);
+        router.handle(Command::Batch(Arc::new(batch(vec![], vec![], 10, true))));
+        Harness {
+            router,
+            replays,
+            metrics,
+        }
+    }
+
+    fn batch(
+        changes: Vec<Change>,
+        sights: Vec<Option<ChangeSight>>,
+        end: u64,
+        complete: bool,
+    ) -> JudgedBatch {
+        let sights = if sights.is_empty() {
+            vec![None; changes.len()]
+        } else {
+            sights.into_iter().map(|s| s.map(Arc::new)).collect()
+        };
+        JudgedBatch {
+            changes: changes.into_iter().map(Arc::new).collect(),
+            sights,
+            refused: vec![],
+            end: cursor(end),
+            complete,
+        }
+    }
+
+    fn connect(
+        h: &mut Harness,
+        id: ConnId,
+        group: GroupId,
+        queue_bytes: usize,
+    ) -> (Queue, CancellationToken) {
+        let (outbound, queue) = queue::channel(queue_bytes);
+        let kick = CancellationToken::new();
+        let user = UserContext {
+            sub: format!("user{id}"),
+            role: Some("app_user".into()),
+            claims: "{}".into(),
+            claims_json: json!({}),
+        };
+        h.router.handle(Command::Connect(Connection {
+            id,
+            user,
+            group,
+            client_id: None,
+            queue: outbound,
+            kick: kick.clone(),
+        }));
+        (queue, kick)
+    }
+
+    fn subscribe(h: &mut Harness, conn: ConnId, target: Target, since: Option<Cursor>) {
+        h.router.handle(Command::Subscribe(SubscribeRequest {
+            conn,
+            subscription: Subscription {
+                entity_code: "doc".into(),
+                target,
+                shape: Shape {
+                    mode: Mode::Delta,
+                    columns: None,
+                },
+            },
+            since,
+            reference: None,
+        }));
+    }
+
+    /// Everything queued for a connection so far.
+    async fn drain(queue: &mut Queue) -> Vec<Value> {
+        let mut out = Vec::new();
+        while let Ok(Some(text)) =
+            tokio::time::timeout(std::time::Duration::ZERO, queue.next()).await
+        {
+            out.push(serde_json::from_str(&text).unwrap());
+        }
+        out
+    }
+
+    /// (type, entity id, action) of each message, changes flattened.
+    fn shape(messages: &[Value]) -> Vec<(String, String, String)> {
+        let mut out = Vec::new();
+        for m in messages {
+            let kind = m["type"].as_str().unwrap().to_owned();
+            match m["payload"]["changes"].as_array() {
+                Some(changes) => out.extend(changes.iter().map(|c| {
+                    let id = c["entityId"].as_str().unwrap().to_owned();
+                    (kind.clone(), id, c["action"].as_str().unwrap().to_owned())
+                })),
+                None => out.push((kind, String::new(), String::new())),
+            }
+        }
+        out
+    }
+
+    fn insert(id: &str) -> Change {
+        Change {
+            id: id.parse().unwrap(),
+            ..sample(Op::Insert, id, Some(json!({"id": id, "n": 1})), None)
+        }
+    }
+
+    fn triple(kind: &str, id: &str, action: &str) -> (String, String, String) {
+        (kind.into(), id.into(), action.into())
+    }
+
+    #[tokio::test]
+    async fn a_live_subscription_gets_what_follows_and_nothing_after_unsubscribing() {
+        let mut h = harness();
+        let (mut q, _) = connect(&mut h, 1, 1, 1 << 20);
+        subscribe(&mut h, 1, Target::Rows(None), None);
+        let subscribed = drain(&mut q).await;
+        assert_eq!(subscribed[0]["payload"]["cursor"], cursor(10).as_str());
+        h.router.handle(Command::Batch(Arc::new(batch(
+            vec![insert("1")],
+            vec![],
+            11,
+            true,
+        ))));
+        assert_eq!(
+            shape(&drain(&mut q).await),
+            [triple("DELTA", "1", "CREATE")]
+        );
+        assert_eq!(h.metrics.subscriptions.get(), 1);
+        h.router.handle(Command::Unsubscribe {
+            conn: 1,
+            entity_code: "doc".into(),
+            entity_ids: None,
+        });
+        h.router.handle(Command::Batch(Arc::new(batch(
+            vec![insert("2")],
+            vec![],
+            12,
+            true,
+        ))));
+        assert!(drain(&mut q).await.is_empty());
+        assert_eq!(h.metrics.subscriptions.get(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_replay_comes_first_then_synced_then_what_was_held_back() {
+        let mut h = harness();
+        let (mut q, _) = connect(&mut h, 1, 1, 1 << 20);
+        subscribe(&mut h, 1, Target::Rows(None), Some(cursor(5)));
+        let start = h.replays.try_recv().expect("a replay to run");
+        assert_eq!(
+            (start.since.clone(), start.until.clone()),
+            (cursor(5), cursor(10))
+        );
+        // A live change while the replay runs waits.
+        h.router.handle(Command::Batch(Arc::new(batch(
+            vec![insert("9")],
+            vec![],
+            11,
+            true,
+        ))));
+        assert_eq!(shape(&drain(&mut q).await), [triple("SUBSCRIBED", "", "")]);
+        let page = vec![
+            (Arc::new(insert("6")), Sight::ALL),
+            (Arc::new(insert("7")), Sight::ALL),
+        ];
+        h.router.handle(Command::Replay(ReplayEvent::Page {
+            conn: 1,
+            sub: start.sub,
+            changes: page,
+        }));
+        h.router.handle(Command::Replay(ReplayEvent::Done {
+            conn: 1,
+            sub: start.sub,
+        }));
+        assert_eq!(
+            shape(&drain(&mut q).await),
+            [
+                triple("DELTA", "6", "CREATE"),
+                triple("DELTA", "7", "CREATE"),
+                triple("SYNCED", "", ""),
+                triple("DELTA", "9", "CREATE"),
+            ]
+        );
+        // Live from here on.
+        h.router.handle(Command::Batch(Arc::new(batch(
+            vec![insert("10")],
+            vec![],
+            12,
+            true,
+        ))));
+        assert_eq!(
+            shape(&drain(&mut q).await),
+            [triple("DELTA", "10", "CREATE")]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_replay_waits_for_the_end_of_a_drain_to_know_where_it_ends() {
+        let mut h = harness();
+        let (_q, _) = connect(&mut h, 1, 1, 1 << 20);
+        h.router.handle(Command::Batch(Arc::new(batch(
+            vec![insert("1")],
+            vec![],
+            11,
+            false,
+        ))));
+        subscribe(&mut h, 1, Target::Rows(None), Some(cursor(5)));
+        assert!(
+            h.replays.try_recv().is_err(),
+            "not in the middle of a drain"
+        );
+        h.router.handle(Command::Batch(Arc::new(batch(
+            vec![insert("2")],
+            vec![],
+            12,
+            true,
+        ))));
+        assert_eq!(h.replays.try_recv().expect("after it").until, cursor(12));
+    }
+
+    #[tokio::test]
+    async fn a_connection_over_its_queue_is_closed_and_freed_at_once() {
+        let mut h = harness();
+        let (_slow, kick) = connect(&mut h, 1, 1, 300);
+        let (mut fast, _) = connect(&mut h, 2, 1, 1 << 20);
+        subscribe(&mut h, 1, Target::Rows(None), None);
+        subscribe(&mut h, 2, Target::Rows(None), None);
+        drain(&mut fast).await;
+        for n in 0..5 {
+            let changes = (0..5).map(|i| insert(&(n * 10 + i).to_string())).collect();
+            h.router.handle(Command::Batch(Arc::new(batch(
+                changes,
+                vec![],
+                20 + n,
+                true,
+            ))));
+        }
+        assert!(kick.is_cancelled());
+        assert_eq!(
+            h.metrics.subscriptions.get(),
+            1,
+            "the slow one's subscription went"
+        );
+        assert_eq!(
+            shape(&drain(&mut fast).await).len(),
+            25,
+            "the other got everything"
+        );
+    }
+
+    #[tokio::test]
+    async fn each_group_sees_a_change_as_row_level_security_judged_it() {
+        let mut h = harness();
+        let (mut leaving, _) = connect(&mut h, 1, 1, 1 << 20);
+        let (mut entering, _) = connect(&mut h, 2, 2, 1 << 20);
+        let (mut outside, _) = connect(&mut h, 3, 3, 1 << 20);
+        let (mut by_id, _) = connect(&mut h, 4, 3, 1 << 20);
+        for conn in 1..=3 {
+            subscribe(&mut h, conn, Target::Rows(None), None);
+        }
+        subscribe(&mut h, 4, Target::Ids(["5".to_owned()].into()), None);
+        for q in [&mut leaving, &mut entering, &mut outside, &mut by_id] {
+            drain(q).await;
+        }
+        let moved = Change {
+            id: 5,
+            ..sample(
+                Op::Update,
+                "5",
+                Some(json!({"id": 5, "owner": "two"})),
+                Some(json!({"id": 5, "owner": "one"})),
+            )
+        };
+        let sight = ChangeSight {
+            before: vec![1],
+            after: vec![2],
+        };
+        h.router.handle(Command::Batch(Arc::new(batch(
+            vec![moved],
+            vec![Some(sight)],
+            11,
+            true,
+        ))));
+        assert_eq!(
+            shape(&drain(&mut leaving).await),
+            [triple("DELTA", "5", "DELETE")]
+        );
+        let entered = drain(&mut entering).await;
+        assert_eq!(shape(&entered), [triple("DELTA", "5", "CREATE")]);
+        assert_eq!(entered[0]["payload"]["changes"][0]["data"]["owner"], "two");
+        assert!(drain(&mut outside).await.is_empty());
+        assert!(
+            drain(&mut by_id).await.is_empty(),
+            "naming an id shows nothing of it"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_group_refused_loses_its_subscriptions_with_forbidden() {
+        let mut h = harness();
+        let (mut q, _) = connect(&mut h, 1, 7, 1 << 20);
+        subscribe(&mut h, 1, Target::Rows(None), None);
+        drain(&mut q).await;
+        let mut refused = batch(vec![], vec![], 11, true);
+        refused
+            .refused
+            .push(("doc".into(), 7, "no read access to doc".into()));
+        h.router.handle(Command::Batch(Arc::new(refused)));
+        let messages = drain(&mut q).await;
+        assert_eq!(messages[0]["payload"]["code"], "forbidden");
+        h.router.handle(Command::Batch(Arc::new(batch(
+            vec![insert("1")],
+            vec![],
+            12,
+            true,
+        ))));
+        assert!(drain(&mut q).await.is_empty());
+        assert_eq!(h.metrics.subscriptions.get(), 0);
+    }
+
+    #[tokio::test]
+    async fn filters_and_replays_are_bounded_per_connection() {
+        let mut h = harness();
+        let (mut q, _) = connect(&mut h, 1, 1, 1 << 20);
+        let condition = |n: i64| crate::model::filter::Condition {
+            column: "n".into(),
+            op: FilterOp::In,
+            value: Some(json!((0..n).collect::<Vec<_>>())),
+        };
+        subscribe(&mut h, 1, Target::Rows(Some(vec![condition(6)])), None);
+        subscribe(&mut h, 1, Target::Rows(Some(vec![condition(6)])), None);
+        subscribe(&mut h, 1, Target::Rows(None), Some(cursor(1)));
+        subscribe(&mut h, 1, Target::Rows(None), Some(cursor(2)));
+        subscribe(&mut h, 1, Target::Rows(None), Some(cursor(3)));
+        let answers: Vec<String> = drain(&mut q)
+            .await
+            .iter()
+            .map(|m| {
+                m["payload"]["code"]
+                    .as_str()
+                    .unwrap_or(m["type"].as_str().unwrap())
+                    .to_owned()
+            })
+            .collect();
+        assert_eq!(
+            answers,
+            [
+                "SUBSCRIBED",
+                "too_many_subscriptions",
+                "SUBSCRIBED",
+                "SUBSCRIBED",
+                "too_many_subscriptions"
+            ]
+        );
     }
 }
