@@ -210,11 +210,11 @@ pub struct CapArgs {
     #[arg(long, env = "SYNC_MAX_REPLAYS_PER_CONNECTION", default_value_t = 4)]
     pub max_replays_per_connection: usize,
 
-    /// Filter conditions over all subscriptions of one connection.
+    /// Filter conditions over all subscriptions of one user (all its connections).
     #[arg(long, env = "SYNC_MAX_FILTER_CONDITIONS", default_value_t = 256)]
     pub max_filter_conditions: usize,
 
-    /// Values listed by `in` conditions over all subscriptions of one connection.
+    /// Values listed by `in` conditions over all subscriptions of one user.
     #[arg(long, env = "SYNC_MAX_FILTER_VALUES", default_value_t = 10_000)]
     pub max_filter_values: usize,
 }

@@ -774,3 +774,44 @@ async fn sigterm_closes_connections_with_1001_and_removes_subscriptions() {
     wait_for_count(&cluster, "SELECT count(*) FROM sync.subscription", 0).await;
     wait_for_count(&cluster, "SELECT count(*) FROM sync.gateway", 0).await;
 }
+
+/// A `since` the database has not reached is refused with bad_request, on the socket and on
+/// `/v1/changes`; it is not waited on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_cursor_ahead_of_the_database_is_refused() {
+    let (cluster, gateway) = setup(&[]).await;
+    let now: String = cluster
+        .connect()
+        .await
+        .query_one("SELECT sync.current_cursor()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let (head, mark) = now.rsplit_once('.').unwrap();
+    let ahead: Vec<String> = mark
+        .split('_')
+        .map(|n| {
+            n.parse::<u64>()
+                .map_or(n.to_owned(), |n| (n + 1000).to_string())
+        })
+        .collect();
+    let ahead = format!("{head}.{}", ahead.join("_"));
+    let mut session = client(&gateway, "alice").await;
+    session
+        .send(json!({"type": "SUBSCRIBE", "payload": {"entityCode": "project", "since": ahead, "ref": "f"}}))
+        .await;
+    let error = session.expect("ERROR").await;
+    assert_eq!(
+        (error["code"].as_str(), error["ref"].as_str()),
+        (Some("bad_request"), Some("f"))
+    );
+    let (status, answer) = gateway
+        .call(
+            "GET",
+            &format!("/v1/changes?since={ahead}&wait=30"),
+            "alice",
+            None,
+        )
+        .await;
+    assert_eq!(status, 400, "{answer}");
+}

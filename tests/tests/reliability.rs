@@ -336,3 +336,187 @@ async fn a_dropped_slot_brings_resync_and_status_says_why() {
     };
     assert_eq!(next["entityId"], "3");
 }
+
+/// A cursor far ahead of the database: `cursor` with every number of its mark moved on.
+fn future_cursor(cursor: &str) -> String {
+    let (head, mark) = cursor.rsplit_once('.').unwrap();
+    let moved: Vec<String> = mark
+        .split('_')
+        .map(|n| {
+            n.parse::<u64>()
+                .map_or(n.to_owned(), |n| (n + 100_000).to_string())
+        })
+        .collect();
+    format!("{head}.{}", moved.join("_"))
+}
+
+/// Nothing one client does can stall another (SPEC 2.4): one user runs every abuse at once —
+/// long-polls by the dozen, cursors from the future, snapshots it never reads, a socket that
+/// never reads, filters as costly as it may make them — while a well-behaved client on the
+/// same gateway receives every change, in order, and the gateway's memory stays bounded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_users_abuse_does_not_stall_another_user() {
+    let cluster = Cluster::start().await;
+    cluster
+        .execute(
+            "CREATE TABLE ev (id int PRIMARY KEY, body text);
+             CREATE TABLE big (id int PRIMARY KEY, pad text);
+             INSERT INTO big SELECT g, repeat('x', 100) FROM generate_series(1, 200000) g;
+             SELECT sync.track('ev'); SELECT sync.track('big');",
+        )
+        .await;
+    let gateway = Gateway::start(
+        &cluster,
+        &[
+            "--snapshot-idle-timeout",
+            "2s",
+            "--send-queue-bytes",
+            "1048576",
+            "--send-timeout",
+            "2s",
+        ],
+    )
+    .await;
+    let start_rss = gateway.rss_kib();
+    let now: String = cluster
+        .connect()
+        .await
+        .query_one("SELECT sync.current_cursor()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let mallory = format!("Bearer {}", token("mallory", &[]));
+
+    // The well-behaved client, live before the abuse starts.
+    let mut alice = gateway.connect("alice").await;
+    alice
+        .subscribe(json!({"entityCode": "ev", "mode": "delta"}))
+        .await;
+
+    // Long-polls by the dozen: a few wait (holding no connection), the rest are refused.
+    let mut polls = Vec::new();
+    for _ in 0..40 {
+        let url = gateway.port;
+        let (auth, since) = (mallory.clone(), now.clone());
+        polls.push(tokio::spawn(async move {
+            let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", url)).await.unwrap();
+            let request = format!(
+                "GET /v1/changes?since={since}&entityCode=big&wait=60 HTTP/1.1\r\nHost: x\r\nAuthorization: {auth}\r\n\r\n"
+            );
+            tokio::io::AsyncWriteExt::write_all(&mut stream, request.as_bytes()).await.unwrap();
+            stream // held open
+        }));
+    }
+    // Snapshots never read: capped, and their transactions end at the idle timeout.
+    let mut snapshots = Vec::new();
+    for _ in 0..10 {
+        let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", gateway.port))
+            .await
+            .unwrap();
+        let request =
+            format!("GET /v1/snapshot/big HTTP/1.1\r\nHost: x\r\nAuthorization: {mallory}\r\n\r\n");
+        tokio::io::AsyncWriteExt::write_all(&mut stream, request.as_bytes())
+            .await
+            .unwrap();
+        snapshots.push(stream);
+    }
+    // Cursors from the future: refused at once, not waited on (or, with this user's
+    // queries all taken by the above, refused as busy).
+    let mut ahead = gateway.connect("mallory").await;
+    for i in 0..20 {
+        let since = future_cursor(&now);
+        ahead
+            .send(json!({"type": "SUBSCRIBE", "payload": {"entityCode": "ev", "since": since, "ref": i.to_string()}}))
+            .await;
+    }
+    for _ in 0..20 {
+        let error = ahead.expect("ERROR").await;
+        assert!(
+            ["bad_request", "internal"].contains(&error["code"].as_str().unwrap()),
+            "{error}"
+        );
+    }
+    // A socket that never reads, subscribed to everything.
+    let mut deaf = gateway.connect("mallory").await;
+    deaf.subscribe(json!({"entityCode": "ev", "mode": "delta"}))
+        .await;
+    deaf.subscribe(json!({"entityCode": "big", "mode": "delta"}))
+        .await;
+    // Filters as costly as one user may make them, and then some.
+    let values: Vec<i64> = (0..300).collect();
+    let filter: Vec<Value> = (0..32)
+        .map(|_| json!({"column": "id", "op": "in", "value": values}))
+        .collect();
+    let mut refused = 0;
+    let mut bombs = Vec::new();
+    for _ in 0..4 {
+        let mut bomb = gateway.connect("mallory").await;
+        for _ in 0..4 {
+            bomb.send(
+                json!({"type": "SUBSCRIBE", "payload": {"entityCode": "ev", "filter": filter}}),
+            )
+            .await;
+            let answer = bomb.next().await.unwrap();
+            if answer["payload"]["code"] == "too_many_subscriptions" {
+                refused += 1;
+            }
+        }
+        bombs.push(bomb);
+    }
+    assert!(refused > 0, "a user's filters are capped");
+
+    // Meanwhile: changes flow, to ev (alice's) and to big (the deaf socket's).
+    let writer = cluster.connect().await;
+    for id in 1..=500 {
+        writer
+            .execute("INSERT INTO ev VALUES ($1, 'e')", &[&id])
+            .await
+            .unwrap();
+        if id % 50 == 0 {
+            writer
+                .batch_execute(&format!(
+                    "UPDATE big SET pad = repeat('y', 100) WHERE id <= {}",
+                    id * 20
+                ))
+                .await
+                .unwrap();
+        }
+    }
+    let mut received = Vec::new();
+    while received.len() < 500 {
+        let message = alice.next().await.expect("alice's connection stays open");
+        received.extend(
+            changes(&message)
+                .iter()
+                .map(|c| c["entityId"].as_str().unwrap().parse::<i32>().unwrap()),
+        );
+    }
+    assert_eq!(
+        received,
+        (1..=500).collect::<Vec<_>>(),
+        "every change, once, in order"
+    );
+
+    // The snapshots nobody reads hold no transaction open for long.
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    let open = "SELECT count(*) FROM pg_stat_activity
+                 WHERE usename = 'sync_gateway' AND xact_start < now() - interval '4 seconds'";
+    let observer = cluster.connect().await;
+    while observer
+        .query_one(open, &[])
+        .await
+        .unwrap()
+        .get::<_, i64>(0)
+        > 0
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "a snapshot kept its transaction open"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let grown = gateway.rss_kib().saturating_sub(start_rss);
+    eprintln!("the gateway grew {grown} KiB under abuse");
+    assert!(grown < 96 * 1024, "memory grew by {grown} KiB");
+    drop((polls, snapshots, deaf, bombs));
+}

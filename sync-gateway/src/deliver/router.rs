@@ -111,12 +111,13 @@ pub struct ReplayStart {
     pub queue: Outbound,
 }
 
-/// Per-connection bounds (SPEC 2.4).
+/// Bounds per connection and per user (SPEC 2.4).
 #[derive(Clone, Debug)]
 pub struct Limits {
     /// Subscriptions (an id counts one).
     pub subscriptions: usize,
-    /// Filter conditions, over all of the connection's subscriptions.
+    /// Filter conditions, over all subscriptions of one user (all its connections): what
+    /// routing a change costs grows with them.
     pub conditions: usize,
     /// Values listed by `in` conditions, over all of them.
     pub in_values: usize,
@@ -351,7 +352,12 @@ impl Router {
                 limits.subscriptions
             ));
         }
-        let (conditions, values) = subs
+        let users = self
+            .connections
+            .values()
+            .filter(|c| c.user.sub == conn.user.sub);
+        let (conditions, values) = users
+            .flat_map(|c| c.subs.values().map(|s| &s.subscription))
             .chain([&request.subscription])
             .filter_map(|s| match &s.target {
                 Target::Rows(Some(filter)) => Some(filter_cost(filter)),
@@ -360,7 +366,7 @@ impl Router {
             .fold((0, 0), |(c, v), (c2, v2)| (c + c2, v + v2));
         if conditions > limits.conditions || values > limits.in_values {
             return Err(format!(
-                "the filters of a connection hold at most {} conditions and {} listed values",
+                "the filters of one user hold at most {} conditions and {} listed values",
                 limits.conditions, limits.in_values
             ));
         }
@@ -876,10 +882,20 @@ mod tests {
         group: GroupId,
         queue_bytes: usize,
     ) -> (Queue, CancellationToken) {
+        connect_as(h, id, group, queue_bytes, &format!("user{id}"))
+    }
+
+    fn connect_as(
+        h: &mut Harness,
+        id: ConnId,
+        group: GroupId,
+        queue_bytes: usize,
+        sub: &str,
+    ) -> (Queue, CancellationToken) {
         let (outbound, queue) = queue::channel(queue_bytes);
         let kick = CancellationToken::new();
         let user = UserContext {
-            sub: format!("user{id}"),
+            sub: sub.to_owned(),
             role: Some("app_user".into()),
             claims: "{}".into(),
             claims_json: json!({}),
@@ -1160,7 +1176,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn filters_and_replays_are_bounded_per_connection() {
+    async fn filters_are_bounded_per_user_and_replays_per_connection() {
         let mut h = harness();
         let (mut q, _) = connect(&mut h, 1, 1, 1 << 20);
         let condition = |n: i64| crate::model::filter::Condition {
@@ -1168,8 +1184,14 @@ mod tests {
             op: FilterOp::In,
             value: Some(json!((0..n).collect::<Vec<_>>())),
         };
+        let (mut other, _) = connect_as(&mut h, 2, 1, 1 << 20, "user1");
         subscribe(&mut h, 1, Target::Rows(Some(vec![condition(6)])), None);
-        subscribe(&mut h, 1, Target::Rows(Some(vec![condition(6)])), None);
+        // The same user's other connection shares the budget.
+        subscribe(&mut h, 2, Target::Rows(Some(vec![condition(6)])), None);
+        assert_eq!(
+            drain(&mut other).await[0]["payload"]["code"],
+            "too_many_subscriptions"
+        );
         subscribe(&mut h, 1, Target::Rows(None), Some(cursor(1)));
         subscribe(&mut h, 1, Target::Rows(None), Some(cursor(2)));
         subscribe(&mut h, 1, Target::Rows(None), Some(cursor(3)));
@@ -1187,7 +1209,6 @@ mod tests {
             answers,
             [
                 "SUBSCRIBED",
-                "too_many_subscriptions",
                 "SUBSCRIBED",
                 "SUBSCRIBED",
                 "too_many_subscriptions"
