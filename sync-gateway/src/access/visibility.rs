@@ -76,19 +76,32 @@ pub struct JudgedBatch {
     pub complete: bool,
 }
 
-/// A group as its policies read it.
-#[derive(Clone, Debug)]
-pub struct Group {
-    pub role: Option<String>,
-    pub claims: Value,
+/// A group as its policies read it: a user of it (users of one group share role and claims).
+pub type Group = Arc<UserContext>;
+
+/// The groups listening to an entity, by role, as judging needs them; built again only when
+/// the set changes (its `generation`).
+pub struct Listeners {
+    generation: u64,
+    by_role: BTreeMap<String, Vec<(GroupId, Group)>>,
+    /// Groups without a role, which read nothing.
+    roleless: Vec<GroupId>,
 }
 
-impl Group {
-    pub fn of(user: &UserContext) -> Group {
-        Group {
-            role: user.role.clone(),
-            claims: user.claims_json.clone(),
+impl Listeners {
+    pub fn new(generation: u64, groups: impl IntoIterator<Item = (GroupId, Group)>) -> Listeners {
+        let mut listeners = Listeners {
+            generation,
+            by_role: BTreeMap::new(),
+            roleless: Vec::new(),
+        };
+        for (g, group) in groups {
+            match group.role.clone() {
+                Some(role) => listeners.by_role.entry(role).or_default().push((g, group)),
+                None => listeners.roleless.push(g),
+            }
         }
+        listeners
     }
 }
 
@@ -108,29 +121,26 @@ pub struct EntityJudgement {
 }
 
 impl Judge {
-    /// Judges `changes` (all of `entity`) for `groups`, whose set is at `generation` (a
-    /// number that changes when the set does).
+    /// Judges `changes` (all of `entity`) for the groups listening.
     pub async fn entity(
         &mut self,
         client: &Client,
         plans: &Plans,
         entity: &Entity,
-        groups: &BTreeMap<GroupId, Group>,
-        generation: u64,
+        listeners: &Listeners,
         changes: &[&Change],
     ) -> EntityJudgement {
-        let mut refused = Vec::new();
+        let generation = listeners.generation;
+        let mut refused: Vec<(GroupId, String)> = listeners
+            .roleless
+            .iter()
+            .map(|g| (*g, format!("reading {} needs a role", entity.code)))
+            .collect();
         let mut see_all: Vec<GroupId> = Vec::new();
         let mut indexed: Vec<Arc<GroupIndex>> = Vec::new();
         let mut in_database: Vec<(GroupId, &Group)> = Vec::new();
-        let mut by_role: BTreeMap<&str, Vec<(GroupId, &Group)>> = BTreeMap::new();
-        for (&g, group) in groups {
-            match group.role.as_deref() {
-                Some(role) => by_role.entry(role).or_default().push((g, group)),
-                None => refused.push((g, format!("reading {} needs a role", entity.code))),
-            }
-        }
-        for (role, members) in by_role {
+        for (role, members) in &listeners.by_role {
+            let role = role.as_str();
             let plan = match plans.get(client, entity, role).await {
                 Ok(plan) => plan,
                 Err(e) => {
@@ -154,7 +164,9 @@ impl Judge {
                         index.clone()
                     }
                     _ => {
-                        let groups = members.iter().map(|(g, group)| (*g, group.claims.clone()));
+                        let groups = members
+                            .iter()
+                            .map(|(g, group)| (*g, group.claims_json.clone()));
                         let index = Arc::new(GroupIndex::new(expr.clone(), groups));
                         self.indexes
                             .insert(key, (generation, plan_id, index.clone()));
@@ -172,7 +184,7 @@ impl Judge {
                 }));
                 indexed.push(index);
             } else {
-                in_database.extend(members);
+                in_database.extend(members.iter().map(|(g, group)| (*g, group)));
             }
         }
         if indexed.is_empty() && in_database.is_empty() {
@@ -256,7 +268,7 @@ async fn visible_in_database(
 ) -> Result<Vec<Result<Vec<bool>, String>>, tokio_postgres::Error> {
     let groups_json: Vec<Value> = groups
         .iter()
-        .map(|(_, g)| json!({"role": g.role, "claims": g.claims}))
+        .map(|(_, g)| json!({"role": g.role, "claims": g.claims_json}))
         .collect();
     let images_json = Value::Array(images.iter().map(|i| Value::Object((*i).clone())).collect());
     let row = client
@@ -287,16 +299,18 @@ struct Registry {
     /// Entity → a number that changes whenever its set of groups does.
     generations: HashMap<String, u64>,
     next_generation: u64,
+    /// The listeners of each entity as last built, for their generation.
+    built: HashMap<String, Arc<Listeners>>,
 }
 
 impl Registry {
     fn observe(&mut self, command: &Command) {
         match command {
             Command::Connect(c) => {
-                self.connections.insert(c.id, (c.group, Group::of(&c.user)));
+                self.connections.insert(c.id, (c.group, c.user.clone()));
             }
             Command::Reauth { conn, user, group } => {
-                let old = self.connections.insert(*conn, (*group, Group::of(user)));
+                let old = self.connections.insert(*conn, (*group, user.clone()));
                 if let Some((old_group, _)) = old {
                     let entities: Vec<String> = self
                         .listening
@@ -366,18 +380,25 @@ impl Registry {
         }
     }
 
-    /// The groups listening to `entity`, with their details, and the set's generation.
-    fn groups(&self, entity: &str) -> Option<(BTreeMap<GroupId, Group>, u64)> {
+    /// The groups listening to `entity`, built again only when they changed.
+    fn listeners(&mut self, entity: &str) -> Option<Arc<Listeners>> {
         let groups = self.listening.get(entity).filter(|g| !g.is_empty())?;
-        let details = groups
-            .iter()
-            .filter_map(|(g, conns)| {
-                let conn = conns.iter().next()?;
-                let (_, group) = self.connections.get(conn)?;
-                Some((*g, group.clone()))
-            })
-            .collect();
-        Some((details, self.generations.get(entity).copied().unwrap_or(0)))
+        let generation = self.generations.get(entity).copied().unwrap_or(0);
+        if let Some(built) = self
+            .built
+            .get(entity)
+            .filter(|b| b.generation == generation)
+        {
+            return Some(built.clone());
+        }
+        let details = groups.iter().filter_map(|(g, conns)| {
+            let conn = conns.iter().next()?;
+            let (_, group) = self.connections.get(conn)?;
+            Some((*g, group.clone()))
+        });
+        let built = Arc::new(Listeners::new(generation, details));
+        self.built.insert(entity.to_owned(), built.clone());
+        Some(built)
     }
 
     /// `group` no longer reads `entity`: the router ends its subscriptions.
@@ -458,8 +479,8 @@ impl Stage {
         }
         let mut client = None;
         for (code, at) in by_entity {
-            let (Some(entity), Some((groups, generation))) =
-                (self.catalog.cached(code), registry.groups(code))
+            let (Some(entity), Some(listeners)) =
+                (self.catalog.cached(code), registry.listeners(code))
             else {
                 continue;
             };
@@ -476,26 +497,21 @@ impl Stage {
                 Some(client) => {
                     let of_entity: Vec<&Change> = at.iter().map(|&i| &*changes[i]).collect();
                     judge
-                        .entity(
-                            client,
-                            &self.plans,
-                            &entity,
-                            &groups,
-                            generation,
-                            &of_entity,
-                        )
+                        .entity(client, &self.plans, &entity, &listeners, &of_entity)
                         .await
                 }
                 None => EntityJudgement {
                     sights: Some(vec![ChangeSight::default(); at.len()]),
-                    refused: groups
-                        .keys()
+                    refused: listeners
+                        .by_role
+                        .values()
+                        .flatten()
+                        .map(|(g, _)| *g)
+                        .chain(listeners.roleless.iter().copied())
                         .map(|g| {
-                            (
-                                *g,
-                                "the gateway could not judge this table's rows; subscribe again"
-                                    .to_owned(),
-                            )
+                            let why =
+                                "the gateway could not judge this table's rows; subscribe again";
+                            (g, why.to_owned())
                         })
                         .collect(),
                 },

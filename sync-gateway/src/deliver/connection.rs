@@ -61,9 +61,10 @@ pub async fn run(
     _place: Held,
 ) {
     let id: ConnId = state.next_connection.fetch_add(1, Ordering::SeqCst);
+    let user = Arc::new(user);
     let group = state.groups.join(&user);
     let (outbound, queue) = queue::channel(state.config.send_queue_bytes);
-    let (replies, replies_rx) = mpsc::channel(32);
+    let (replies, replies_rx) = mpsc::channel(8);
     let kick = CancellationToken::new();
     let connection = Connection {
         id,
@@ -118,7 +119,7 @@ pub async fn run(
                     }
                 }
                 Some(Ok(Message::Binary(_))) => {
-                    session.reply(ServerMessage::error(ErrorCode::BadRequest, "messages are JSON text", None));
+                    session.reply(ServerMessage::error(ErrorCode::BadRequest, "messages are JSON text", None)).await;
                 }
                 Some(Ok(Message::Pong(_))) => answered_ping.store(true, Ordering::SeqCst),
                 Some(Ok(Message::Ping(_))) => {} // answered by the library
@@ -126,7 +127,7 @@ pub async fn run(
             },
             _ = sleep_until(expiry) => {
                 let message = ServerMessage::error(ErrorCode::TokenExpired, "the token expired; reconnect with a new one", None);
-                session.reply(message);
+                session.reply(message).await;
                 break Some((CLOSE_TOKEN_EXPIRED, "token expired"));
             }
             _ = kick.cancelled() => break None,
@@ -226,7 +227,7 @@ struct Session {
     id: ConnId,
     state: Arc<AppState>,
     claims: Claims,
-    user: UserContext,
+    user: Arc<UserContext>,
     group: GroupId,
     /// The entities this connection subscribed to (a superset of what the router holds),
     /// whose access is checked again when the token is refreshed.
@@ -250,7 +251,8 @@ impl Session {
                     e.code(),
                     e.to_string(),
                     reference_of(text),
-                ));
+                ))
+                .await;
                 return None;
             }
         };
@@ -272,27 +274,36 @@ impl Session {
                 self.subscribed.clear();
                 self.command(Command::UnsubscribeAll(self.id)).await;
             }
-            ClientMessage::Ping => self.reply(ServerMessage::Pong),
+            ClientMessage::Ping => self.reply(ServerMessage::Pong).await,
             ClientMessage::Auth(auth) => match self.state.verifier.verify(&auth.token) {
                 Ok(claims) if claims.sub == self.claims.sub => match self.state.roles.user(&claims)
                 {
                     Ok(user) => self.reauthenticate(claims, user).await,
-                    Err(e) => self.reply(ServerMessage::error(
-                        ErrorCode::Forbidden,
+                    Err(e) => {
+                        self.reply(ServerMessage::error(
+                            ErrorCode::Forbidden,
+                            e.to_string(),
+                            None,
+                        ))
+                        .await
+                    }
+                },
+                Ok(_) => {
+                    self.reply(ServerMessage::error(
+                        ErrorCode::Unauthorized,
+                        "a refreshed token must be for the same user",
+                        None,
+                    ))
+                    .await
+                }
+                Err(e) => {
+                    self.reply(ServerMessage::error(
+                        ErrorCode::Unauthorized,
                         e.to_string(),
                         None,
-                    )),
-                },
-                Ok(_) => self.reply(ServerMessage::error(
-                    ErrorCode::Unauthorized,
-                    "a refreshed token must be for the same user",
-                    None,
-                )),
-                Err(e) => self.reply(ServerMessage::error(
-                    ErrorCode::Unauthorized,
-                    e.to_string(),
-                    None,
-                )),
+                    ))
+                    .await
+                }
             },
         }
         None
@@ -319,10 +330,12 @@ impl Session {
                     })
                     .await;
                     let message = format!("the refreshed token may not read this: {refusal}");
-                    self.reply(ServerMessage::error(ErrorCode::Forbidden, message, None));
+                    self.reply(ServerMessage::error(ErrorCode::Forbidden, message, None))
+                        .await;
                 }
             }
         }
+        let user = Arc::new(user);
         let old = std::mem::replace(&mut self.user, user.clone());
         let group = self.state.groups.join(&user);
         self.command(Command::Reauth {
@@ -356,24 +369,30 @@ impl Session {
                         (ErrorCode::Internal, "try again".to_owned())
                     }
                 };
-                return self.reply(ServerMessage::error(code, message, s.reference));
+                return self
+                    .reply(ServerMessage::error(code, message, s.reference))
+                    .await;
             }
         };
         if let Err(message) = check_columns(&entity, &s) {
-            return self.reply(ServerMessage::error(
-                ErrorCode::BadRequest,
-                message,
-                s.reference,
-            ));
+            return self
+                .reply(ServerMessage::error(
+                    ErrorCode::BadRequest,
+                    message,
+                    s.reference,
+                ))
+                .await;
         }
         let since = match s.since.as_deref().map(Cursor::from_client).transpose() {
             Ok(since) => since,
             Err(e) => {
-                return self.reply(ServerMessage::error(
-                    ErrorCode::BadRequest,
-                    format!("since: {e}"),
-                    s.reference,
-                ))
+                return self
+                    .reply(ServerMessage::error(
+                        ErrorCode::BadRequest,
+                        format!("since: {e}"),
+                        s.reference,
+                    ))
+                    .await
             }
         };
         if let Some(since) = &since {
@@ -392,7 +411,7 @@ impl Session {
                         ServerMessage::error(ErrorCode::Internal, why, s.reference)
                     }
                 };
-                return self.reply(message);
+                return self.reply(message).await;
             }
         }
         self.subscribed.insert(s.entity_code.clone());
@@ -461,13 +480,16 @@ impl Session {
         })
     }
 
-    /// Answers the client; a client that does not take even these is too slow.
-    fn reply(&self, message: ServerMessage) {
-        if self
-            .replies
-            .try_send(Outgoing::Text(message.to_json().into()))
-            .is_err()
-        {
+    /// Answers the client, after what was answered before. A client that sends without
+    /// reading is slowed down here (its messages are not read while its answers wait), and
+    /// one that takes no answer within the send timeout is too slow.
+    async fn reply(&self, message: ServerMessage) {
+        let answer = Outgoing::Text(message.to_json().into());
+        let timeout = self.state.config.send_timeout;
+        if !matches!(
+            tokio::time::timeout(timeout, self.replies.send(answer)).await,
+            Ok(Ok(()))
+        ) {
             self.kick.cancel();
         }
     }

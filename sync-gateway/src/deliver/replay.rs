@@ -10,18 +10,18 @@
 use super::router::{ReplayEvent, ReplayStart};
 use crate::access::limits::{Busy, ClientWork};
 use crate::access::plans::Plans;
-use crate::access::visibility::{ChangeSight, Group, Judge};
+use crate::access::visibility::{ChangeSight, Judge, Listeners};
 use crate::feed::catalog::Catalog;
 use crate::feed::log::{read_page, ReadError};
 use crate::model::change::Change;
 use crate::model::protocol::{ErrorCode, ResyncReason, ServerMessage};
-use std::collections::BTreeMap;
+use crate::model::subscription::Sight;
 use std::sync::Arc;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-/// Changes read per query.
-const PAGE: i32 = 1000;
+/// Changes read per query (a page of 10,000 changes is a few MB).
+const PAGE: i32 = 10_000;
 /// Changes handed to the router at a time, each part after waiting for half the connection's
 /// queue to be free: with rows up to 32 KiB a part fits in it.
 const PART: usize = 64;
@@ -96,55 +96,18 @@ impl Replayer {
         }
     }
 
-    async fn replay(&self, start: &ReplayStart) -> Result<(), ReplayError> {
-        let code = &start.subscription.entity_code;
-        let groups = BTreeMap::from([(start.group, Group::of(&start.user))]);
-        let mut judge = Judge::default();
-        let mut cursor = start.since.clone();
-        loop {
-            start
-                .queue
-                .wait_for_room()
-                .await
-                .map_err(|_| ReplayError::Gone)?;
-            let mut work = self.work.start(&start.user.sub).await?;
-            let page = read_page(&mut work.client, Some(&cursor), PAGE, Some(&start.until)).await?;
-            let mine: Vec<&Change> = page
-                .changes
-                .iter()
-                .filter(|c| &c.entity_code == code)
-                .collect();
-            let sights = if mine.is_empty() {
-                None
-            } else {
-                let entity = self.catalog.cached(code).ok_or_else(|| {
-                    ReplayError::Forbidden(format!("{code} is no longer tracked"))
-                })?;
-                let judged = judge
-                    .entity(&work.client, &self.plans, &entity, &groups, 0, &mine)
-                    .await;
-                if let Some((_, why)) = judged.refused.into_iter().next() {
-                    return Err(ReplayError::Forbidden(why));
-                }
-                judged.sights
-            };
-            drop(work);
-            let judged: Vec<(Arc<Change>, _)> = mine
-                .iter()
-                .enumerate()
-                .map(|(i, c)| {
-                    let sight = sights.as_ref().map(|s| &s[i]);
-                    (Arc::new((*c).clone()), ChangeSight::of(sight, start.group))
-                })
-                .collect();
-            for (i, part) in judged.chunks(PART).enumerate() {
-                if i > 0 {
-                    start
-                        .queue
-                        .wait_for_room()
-                        .await
-                        .map_err(|_| ReplayError::Gone)?;
-                }
+    /// Reads the gap a page ahead of what it hands on: the next page is read and judged
+    /// while the router and the client take the current one.
+    async fn replay(self: &Arc<Self>, start: &ReplayStart) -> Result<(), ReplayError> {
+        let (pages, mut judged) = mpsc::channel(1);
+        let reader = tokio::spawn(self.clone().read(start.clone(), pages));
+        while let Some(page) = judged.recv().await {
+            for part in page?.chunks(PART) {
+                start
+                    .queue
+                    .wait_for_room()
+                    .await
+                    .map_err(|_| ReplayError::Gone)?;
                 let event = ReplayEvent::Page {
                     conn: start.conn,
                     sub: start.sub,
@@ -155,15 +118,75 @@ impl Replayer {
                     .await
                     .map_err(|_| ReplayError::Gone)?;
             }
-            cursor = page.end;
-            if !page.more {
-                break;
-            }
         }
+        reader.abort();
         let done = ReplayEvent::Done {
             conn: start.conn,
             sub: start.sub,
         };
         self.events.send(done).await.map_err(|_| ReplayError::Gone)
     }
+
+    /// Reads and judges the gap page by page into `pages`, ending with the last page (or the
+    /// first error).
+    async fn read(
+        self: Arc<Self>,
+        start: ReplayStart,
+        pages: mpsc::Sender<Result<Judged, ReplayError>>,
+    ) {
+        let code = &start.subscription.entity_code;
+        let listeners = Listeners::new(0, [(start.group, start.user.clone())]);
+        let mut judge = Judge::default();
+        let mut cursor = start.since.clone();
+        loop {
+            let page = async {
+                let mut work = self.work.start(&start.user.sub).await?;
+                let page =
+                    read_page(&mut work.client, Some(&cursor), PAGE, Some(&start.until)).await?;
+                let mine: Vec<&Change> = page
+                    .changes
+                    .iter()
+                    .filter(|c| &c.entity_code == code)
+                    .collect();
+                let sights = if mine.is_empty() {
+                    None
+                } else {
+                    let entity = self.catalog.cached(code).ok_or_else(|| {
+                        ReplayError::Forbidden(format!("{code} is no longer tracked"))
+                    })?;
+                    let judged = judge
+                        .entity(&work.client, &self.plans, &entity, &listeners, &mine)
+                        .await;
+                    if let Some((_, why)) = judged.refused.into_iter().next() {
+                        return Err(ReplayError::Forbidden(why));
+                    }
+                    judged.sights
+                };
+                let judged: Judged = mine
+                    .iter()
+                    .enumerate()
+                    .map(|(i, c)| {
+                        let sight = sights.as_ref().map(|s| &s[i]);
+                        (Arc::new((*c).clone()), ChangeSight::of(sight, start.group))
+                    })
+                    .collect();
+                Ok((judged, page.end, page.more))
+            }
+            .await;
+            let (judged, end, more) = match page {
+                Ok(page) => page,
+                Err(e) => {
+                    let _ = pages.send(Err(e)).await;
+                    return;
+                }
+            };
+            if pages.send(Ok(judged)).await.is_err() || !more {
+                return;
+            }
+            cursor = end;
+        }
+    }
 }
+
+/// A page's changes of the subscription's entity, with what the subscriber may see of each.
+type Judged = Vec<(Arc<Change>, Sight)>;

@@ -42,7 +42,7 @@ pub enum Command {
     /// The connection refreshed its token: later changes are judged for this user and group.
     Reauth {
         conn: ConnId,
-        user: UserContext,
+        user: Arc<UserContext>,
         group: GroupId,
     },
     Subscribe(SubscribeRequest),
@@ -62,7 +62,7 @@ pub enum Command {
 /// A connection as the router sees it.
 pub struct Connection {
     pub id: ConnId,
-    pub user: UserContext,
+    pub user: Arc<UserContext>,
     pub group: GroupId,
     /// Changes carrying this origin tag (or `<sub>:<tag>`) are not sent back.
     pub client_id: Option<String>,
@@ -98,10 +98,11 @@ pub enum ReplayEvent {
 }
 
 /// A replay for the replay task to run.
+#[derive(Clone)]
 pub struct ReplayStart {
     pub conn: ConnId,
     pub sub: SubId,
-    pub user: UserContext,
+    pub user: Arc<UserContext>,
     pub group: GroupId,
     pub client_id: Option<String>,
     pub subscription: Subscription,
@@ -139,7 +140,7 @@ pub struct Outlets {
 struct Conn {
     /// The connection's id in `sync.subscription`.
     name: String,
-    user: UserContext,
+    user: Arc<UserContext>,
     group: GroupId,
     client_id: Option<String>,
     queue: Outbound,
@@ -256,7 +257,7 @@ impl Router {
         }
     }
 
-    fn reauth(&mut self, conn_id: ConnId, user: UserContext, group: GroupId) {
+    fn reauth(&mut self, conn_id: ConnId, user: Arc<UserContext>, group: GroupId) {
         let Some(conn) = self.connections.get_mut(&conn_id) else {
             return;
         };
@@ -894,12 +895,12 @@ mod tests {
     ) -> (Queue, CancellationToken) {
         let (outbound, queue) = queue::channel(queue_bytes);
         let kick = CancellationToken::new();
-        let user = UserContext {
+        let user = Arc::new(UserContext {
             sub: sub.to_owned(),
             role: Some("app_user".into()),
             claims: "{}".into(),
             claims_json: json!({}),
-        };
+        });
         h.router.handle(Command::Connect(Connection {
             id,
             user,

@@ -8,7 +8,7 @@
 use super::error::ApiError;
 use super::extract::{check_client_id, Authenticated};
 use crate::access::plans::Plan;
-use crate::access::visibility::{ChangeSight, Group, Judge};
+use crate::access::visibility::{ChangeSight, Judge, Listeners};
 use crate::feed::log::{read_page, Page, ReadError};
 use crate::model::change::Change;
 use crate::model::cursor::Cursor;
@@ -69,7 +69,7 @@ pub async fn changes(
     let _place = state.caps.long_polls.take(&user.sub)?;
     let deadline = tokio::time::Instant::now() + wait;
     let mut moved = state.position.clone();
-    let group = BTreeMap::from([(0, Group::of(&user))]);
+    let group = Listeners::new(0, [(0, Arc::new(user.clone()))]);
     let mut judge_rows = Judge::default();
     let mut cursor = since;
     let mut first = true;
@@ -114,7 +114,7 @@ async fn render(
     state: &AppState,
     user: &crate::access::roles::UserContext,
     params: &Params,
-    group: &BTreeMap<u32, Group>,
+    group: &Listeners,
     judge_rows: &mut Judge,
     client: &tokio_postgres::Client,
     page: &Page,
@@ -149,7 +149,7 @@ async fn render(
             continue;
         }
         let judged = judge_rows
-            .entity(client, &state.plans, &entity, group, 0, &changes)
+            .entity(client, &state.plans, &entity, group, &changes)
             .await;
         if let Some((_, why)) = judged.refused.into_iter().next() {
             return Err(ApiError::forbidden(why));
