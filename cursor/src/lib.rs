@@ -317,8 +317,11 @@ impl Cursor {
     }
 }
 
-/// Transactions a mark may count as running above its xmax.
-const MAX_UNSETTLED: u64 = 1 << 20;
+/// Transactions a mark may count as running above its xmax. Each is looked up on every page
+/// read from the cursor, so a forged cursor claiming many would make pages expensive. A mark
+/// taken in a statement's own snapshot counts a handful; one taken late in a long REPEATABLE
+/// READ transaction counts every xid assigned since its snapshot, and is refused.
+pub const MAX_UNSETTLED: u64 = 8192;
 
 /// Cursors stay short enough for a URL even with hundreds of transactions in progress.
 pub const MAX_CURSOR_LEN: usize = 8192;
@@ -473,6 +476,9 @@ mod tests {
             assert!(Cursor::decode(bad).is_err(), "accepted {bad:?}");
         }
         assert!(Cursor::decode(&"9".repeat(MAX_CURSOR_LEN + 1)).is_err());
+        // At most MAX_UNSETTLED transactions above xmax (9 + 8192 = 8201).
+        assert!(Cursor::decode("1.ab.1_9__0_8201").is_ok());
+        assert!(Cursor::decode("1.ab.1_9__0_8202").is_err());
     }
 
     #[test]

@@ -36,6 +36,7 @@ extension_sql_file!("sql/api.sql", name = "api", finalize);
 #[pg_guard]
 pub extern "C-unwind" fn _PG_init() {
     gucs::init();
+    log::init();
     wakeup::init();
 }
 

@@ -1,22 +1,37 @@
-//! Writing rows into `sync.change_history` straight into the heap and its indexes.
+//! Writing rows into `sync.change_history`, the hot path of every tracked write.
 //!
-//! The capture writes one log row per changed row inside the writer's transaction, so this is
-//! the hot path of every tracked write. An SPI `INSERT` per row pays an executor start-up each
-//! time (plan copy, expression set-up, CHECK constraints parsed from text): measured, a
-//! 100k-row UPDATE took 1.88 s tracked against 0.30 s untracked. Here a row costs a
-//! `nextval`, one heap insert and one insert per index, as PostgreSQL does for its catalogs
-//! (`CatalogTupleInsert`). The log has no triggers, constraints or rules to skip; the column
-//! layout is checked once against what this module writes.
+//! **Straight into the heap and its indexes.** An SPI `INSERT` per row pays an executor
+//! start-up each time (plan copy, expression set-up, CHECK constraints parsed from text):
+//! measured, a 100k-row UPDATE took 1.88 s tracked against 0.30 s untracked. Here a row costs
+//! a `nextval`, one heap insert and one insert per index, as PostgreSQL does for its catalogs
+//! (`CatalogTupleInsert`). That is only right while the log has nothing else to maintain:
+//! when someone adds an index with expressions or a predicate, a trigger or a CHECK
+//! constraint to it, rows go through the executor instead (an `INSERT`, as the log's owner).
+//!
+//! **The last row of a transaction says so.** A reader orders transactions by their last
+//! log id and must know which row is a transaction's last (see `cursor/src/lib.rs`); asking
+//! that of an index for every row was most of the cost of reading. So the most recent row of
+//! a transaction is held back (its id is taken at once, in capture order) until the next row
+//! comes or the transaction commits, and the last one is written with `tx_first`, the
+//! transaction's first id: a reader finds the transactions of an id range, and their rows, by
+//! two range scans. When the newest change rolled back with a savepoint after older ones were
+//! written, the transaction ends with a row of op `END` instead, which readers use as the key
+//! and never return. A transaction that reads the log it writes sees its own newest change
+//! only after `sync._flush_log()`.
 //!
 //! Neither the heap insert nor the id (`nextval_internal` without its permission check)
 //! asks for privileges: the capture runs as the writer, who has none on `sync`, and this is
-//! the only way it writes there. Nothing here runs user-defined code.
+//! the only way it writes there. Nothing here runs user-defined code, except through the
+//! executor path, as the log's owner, which is whoever added what made it necessary.
 
+use crate::roles::as_role;
 use pgrx::prelude::*;
+use pgrx::spi::Spi;
+use std::cell::{Cell, RefCell};
 use std::ffi::CStr;
 
 /// The columns of `sync.change_history`, in table order, as written here.
-const COLUMNS: [&str; 14] = [
+const COLUMNS: [&str; 15] = [
     "id",
     "table_name",
     "entity_code",
@@ -31,7 +46,14 @@ const COLUMNS: [&str; 14] = [
     "schema_version",
     "source",
     "captured_at",
+    "tx_first",
 ];
+
+/// The attribute number of `tx_first`.
+const TX_FIRST: i32 = 15;
+
+/// The op of a transaction's closing row when its last change was rolled back.
+pub const END: &str = "END";
 
 /// One change to record. Datums are owned by the current memory context.
 pub struct LogRow<'a> {
@@ -51,11 +73,16 @@ pub struct LogRow<'a> {
     pub lsn: Option<u64>,
 }
 
-/// The log table and its id sequence, resolved once per cached capture.
-#[derive(Clone, Copy)]
+/// The log table and how to write it, resolved once per cached capture.
+#[derive(Clone, Copy, PartialEq)]
 pub struct LogTable {
     relid: pg_sys::Oid,
     sequence: pg_sys::Oid,
+    /// The table has `tx_first` (an install of 0.1.0 before its update does not: rows are
+    /// written at once, unmarked, and the update marks them).
+    marks_last: bool,
+    /// Nothing beyond plain indexes to maintain: rows go straight into the heap.
+    direct: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -67,7 +94,7 @@ pub enum LogTableError {
 }
 
 impl LogTable {
-    /// Finds the log table and checks its columns.
+    /// Finds the log table, checks its columns and whether it can be written directly.
     pub fn resolve() -> Result<Self, LogTableError> {
         // SAFETY: catalog lookups by name; the relation is opened and closed with a lock.
         unsafe {
@@ -80,24 +107,32 @@ impl LogTable {
             let rel = pg_sys::table_open(relid, pg_sys::AccessShareLock as i32);
             let desc = pgrx::PgTupleDesc::from_pg_unchecked((*rel).rd_att);
             let names: Vec<&str> = desc.iter().map(|a| a.name()).collect();
+            let direct = only_plain_indexes(rel);
             pg_sys::table_close(rel, pg_sys::NoLock as i32);
-            if names != COLUMNS {
-                return Err(LogTableError::Shape);
-            }
-            Ok(LogTable { relid, sequence })
+            let marks_last = match names.len() {
+                15 if names == COLUMNS => true,
+                14 if names == COLUMNS[..14] => false,
+                _ => return Err(LogTableError::Shape),
+            };
+            Ok(LogTable {
+                relid,
+                sequence,
+                marks_last,
+                direct,
+            })
         }
     }
 
-    /// Appends one row, with its id taken now from the log's sequence; returns the id.
+    /// Appends one row, with its id taken now from the log's sequence; returns the id. The
+    /// row reaches the table at the latest when the transaction commits (see the module).
     ///
     /// # Safety
     /// The datums in `row` must be valid values of the columns' types.
     pub unsafe fn append(&self, row: LogRow<'_>) -> i64 {
-        let rel = pg_sys::table_open(self.relid, pg_sys::RowExclusiveLock as i32);
         let id = pg_sys::submodules::ffi::pg_guard_ffi_boundary(|| {
             nextval_internal(self.sequence, false)
         });
-        let values: [Option<pg_sys::Datum>; 14] = [
+        let values: [Option<pg_sys::Datum>; 15] = [
             Some(pg_sys::Datum::from(id)),
             row.table_name.into_datum(),
             row.entity_code.into_datum(),
@@ -114,15 +149,304 @@ impl LogTable {
             Some(pg_sys::Datum::from(
                 pg_sys::GetCurrentTransactionStartTimestamp(),
             )),
+            None,
         ];
-        let mut datums = values.map(|v| v.unwrap_or(pg_sys::Datum::from(0)));
-        let mut nulls = values.map(|v| v.is_none());
-        let tuple = pg_sys::heap_form_tuple((*rel).rd_att, datums.as_mut_ptr(), nulls.as_mut_ptr());
-        pg_sys::CatalogTupleInsert(rel, tuple);
-        pg_sys::heap_freetuple(tuple);
-        pg_sys::table_close(rel, pg_sys::NoLock as i32);
+        let columns = if self.marks_last { 15 } else { 14 };
+        if !self.marks_last {
+            self.write(self.form(&values[..columns]));
+            return id;
+        }
+        if CLOSING.get() {
+            error!("pg_sync: a trigger on sync.change_history may not change a tracked table");
+        }
+        // Formed where it outlives this call: it may be written at commit.
+        let tuple = pgrx::PgMemoryContexts::TopTransactionContext.switch_to(|_| self.form(&values));
+        IN_FLIGHT.with(|f| {
+            let mut f = f.borrow_mut();
+            let transaction = f.get_or_insert_with(|| InFlight {
+                log: *self,
+                first_id: id,
+                unwritten: Vec::new(),
+                written: Vec::new(),
+            });
+            let here = pg_sys::GetCurrentSubTransactionId();
+            transaction.write_rows_of(here);
+            transaction.unwritten.push(Unwritten {
+                tuple,
+                id,
+                at: here,
+            });
+        });
         id
     }
+
+    /// A row that closes a transaction whose newest change was rolled back.
+    unsafe fn end_row(&self) -> pg_sys::HeapTuple {
+        let id = pg_sys::submodules::ffi::pg_guard_ffi_boundary(|| {
+            nextval_internal(self.sequence, false)
+        });
+        let values: [Option<pg_sys::Datum>; 15] = [
+            Some(pg_sys::Datum::from(id)),
+            "".into_datum(),
+            "".into_datum(),
+            END.into_datum(),
+            None,
+            None,
+            None,
+            None,
+            None,
+            Some(pg_sys::Datum::from(pg_sys::GetTopFullTransactionId().value)),
+            None,
+            0i32.into_datum(),
+            "trigger".into_datum(),
+            Some(pg_sys::Datum::from(
+                pg_sys::GetCurrentTransactionStartTimestamp(),
+            )),
+            None,
+        ];
+        self.form(&values)
+    }
+
+    /// Writes a transaction's last row with its `tx_first`.
+    unsafe fn write_marked(&self, last: pg_sys::HeapTuple, first_id: i64) {
+        let rel = pg_sys::table_open(self.relid, pg_sys::AccessShareLock as i32);
+        let mut column = TX_FIRST;
+        let mut value = pg_sys::Datum::from(first_id);
+        let mut null = false;
+        let marked = pg_sys::heap_modify_tuple_by_cols(
+            last,
+            (*rel).rd_att,
+            1,
+            &mut column,
+            &mut value,
+            &mut null,
+        );
+        pg_sys::table_close(rel, pg_sys::NoLock as i32);
+        self.write(marked);
+    }
+
+    unsafe fn form(&self, values: &[Option<pg_sys::Datum>]) -> pg_sys::HeapTuple {
+        let rel = pg_sys::table_open(self.relid, pg_sys::AccessShareLock as i32);
+        let mut datums: Vec<pg_sys::Datum> = values
+            .iter()
+            .map(|v| v.unwrap_or(pg_sys::Datum::from(0)))
+            .collect();
+        let mut nulls: Vec<bool> = values.iter().map(Option::is_none).collect();
+        let tuple = pg_sys::heap_form_tuple((*rel).rd_att, datums.as_mut_ptr(), nulls.as_mut_ptr());
+        pg_sys::table_close(rel, pg_sys::NoLock as i32);
+        tuple
+    }
+
+    /// Writes a formed row into the table.
+    unsafe fn write(&self, tuple: pg_sys::HeapTuple) {
+        let rel = pg_sys::table_open(self.relid, pg_sys::RowExclusiveLock as i32);
+        if self.direct {
+            pg_sys::CatalogTupleInsert(rel, tuple);
+        } else {
+            let row = pg_sys::heap_copy_tuple_as_datum(tuple, (*rel).rd_att);
+            let owner = (*(*rel).rd_rel).relowner;
+            let rowtype = (*(*rel).rd_rel).reltype;
+            // At commit no snapshot is active; the executor needs one (as deferred triggers do).
+            pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());
+            as_role(owner, || {
+                Spi::run_with_args(
+                    "INSERT INTO sync.change_history OVERRIDING SYSTEM VALUE SELECT ($1).*",
+                    &[pgrx::datum::DatumWithOid::new(row, rowtype)],
+                )
+                .expect("writing the log through the executor")
+            });
+            pg_sys::PopActiveSnapshot();
+        }
+        pg_sys::heap_freetuple(tuple);
+        pg_sys::table_close(rel, pg_sys::NoLock as i32);
+    }
+}
+
+/// Whether every index of the log is plain (no expressions, no predicate) and the log has
+/// no trigger and no CHECK constraint: what `CatalogTupleInsert` maintains is then all there
+/// is to maintain.
+unsafe fn only_plain_indexes(rel: pg_sys::Relation) -> bool {
+    let constraints = (*(*rel).rd_att).constr;
+    if !(*rel).trigdesc.is_null() || (!constraints.is_null() && (*constraints).num_check > 0) {
+        return false;
+    }
+    let indexes = pgrx::PgList::<std::ffi::c_void>::from_pg(pg_sys::RelationGetIndexList(rel));
+    let plain = indexes.iter_oid().all(|index| {
+        let index = pg_sys::index_open(index, pg_sys::AccessShareLock as i32);
+        let plain = pg_sys::RelationGetIndexExpressions(index).is_null()
+            && pg_sys::RelationGetIndexPredicate(index).is_null();
+        pg_sys::index_close(index, pg_sys::AccessShareLock as i32);
+        plain
+    });
+    plain
+}
+
+/// A row formed but not yet in the table, and the subtransaction it belongs to.
+struct Unwritten {
+    tuple: pg_sys::HeapTuple,
+    id: i64,
+    at: pg_sys::SubTransactionId,
+}
+
+/// What the current transaction has logged.
+///
+/// A row is written only while the subtransaction it belongs to is the current one (written
+/// inside a child, a rollback of the child would take the parent's row with it; the first
+/// version did that, and lost rows). A row belongs to the subtransaction that appended it
+/// until that one commits into its parent. Subtransaction ids grow, so a rollback of `s`
+/// discards exactly what belongs to `s` or to a later id. Both lists hold at most one entry
+/// per open nesting level: a subtransaction's rows are written when it commits, an
+/// enclosing level's as soon as it appends again.
+struct InFlight {
+    log: LogTable,
+    /// The first id the transaction took (a lower bound of its rows' ids).
+    first_id: i64,
+    unwritten: Vec<Unwritten>,
+    /// The highest id written, per subtransaction.
+    written: Vec<(pg_sys::SubTransactionId, i64)>,
+}
+
+impl InFlight {
+    /// Writes the rows that belong to `here`, the current subtransaction.
+    unsafe fn write_rows_of(&mut self, here: pg_sys::SubTransactionId) {
+        let (now, later): (Vec<_>, Vec<_>) =
+            self.unwritten.drain(..).partition(|row| row.at == here);
+        self.unwritten = later;
+        for row in now {
+            self.log.write(row.tuple);
+            self.wrote(here, row.id);
+        }
+    }
+
+    fn wrote(&mut self, at: pg_sys::SubTransactionId, id: i64) {
+        match self.written.iter_mut().find(|(level, _)| *level == at) {
+            Some((_, max)) => *max = (*max).max(id),
+            None => self.written.push((at, id)),
+        }
+    }
+
+    /// A subtransaction rolled back: what belongs to it is gone.
+    fn forget(&mut self, subtransaction: pg_sys::SubTransactionId) {
+        self.unwritten.retain(|row| row.at < subtransaction);
+        self.written.retain(|(at, _)| *at < subtransaction);
+    }
+
+    /// A subtransaction commits into `parent`: its rows are written now, while it is still
+    /// current, and what it wrote belongs to `parent` from here on.
+    unsafe fn commit_into(
+        &mut self,
+        subtransaction: pg_sys::SubTransactionId,
+        parent: pg_sys::SubTransactionId,
+    ) {
+        self.write_rows_of(subtransaction);
+        let moved = self
+            .written
+            .iter()
+            .filter(|(at, _)| *at >= subtransaction)
+            .map(|(_, id)| *id)
+            .max();
+        self.written.retain(|(at, _)| *at < subtransaction);
+        if let Some(id) = moved {
+            self.wrote(parent, id);
+        }
+    }
+
+    /// At commit: writes what is left, the newest row marked as the transaction's last; or,
+    /// when a row already written is newer, a closing END row. Nothing for a transaction
+    /// whose changes all rolled back, so an END row always closes a transaction with changes.
+    unsafe fn close(mut self) {
+        let newest_written = self.written.iter().map(|(_, id)| *id).max();
+        let newest = (0..self.unwritten.len()).max_by_key(|&i| self.unwritten[i].id);
+        let last = match newest {
+            Some(i) if newest_written.is_none_or(|w| self.unwritten[i].id > w) => {
+                self.unwritten.swap_remove(i).tuple
+            }
+            _ if newest_written.is_some() => self.log.end_row(),
+            _ => return,
+        };
+        for row in self.unwritten.drain(..) {
+            self.log.write(row.tuple);
+        }
+        self.log.write_marked(last, self.first_id);
+    }
+}
+
+thread_local! {
+    static IN_FLIGHT: RefCell<Option<InFlight>> = const { RefCell::new(None) };
+    /// The transaction's last rows are being written: a change captured now (by a trigger
+    /// on the log) would come after the transaction's last row, where no reader looks.
+    static CLOSING: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Called from `_PG_init`: the transaction callbacks that write the held rows.
+pub fn init() {
+    // SAFETY: registers callbacks for the life of the backend.
+    unsafe {
+        pg_sys::RegisterXactCallback(Some(on_transaction), std::ptr::null_mut());
+        pg_sys::RegisterSubXactCallback(Some(on_subtransaction), std::ptr::null_mut());
+    }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn on_transaction(
+    event: pg_sys::XactEvent::Type,
+    _arg: *mut std::ffi::c_void,
+) {
+    use pg_sys::XactEvent::*;
+    match event {
+        XACT_EVENT_PRE_COMMIT | XACT_EVENT_PRE_PREPARE => {
+            if let Some(transaction) = IN_FLIGHT.with(|f| f.borrow_mut().take()) {
+                CLOSING.set(true);
+                transaction.close();
+                CLOSING.set(false);
+            }
+        }
+        XACT_EVENT_COMMIT | XACT_EVENT_ABORT | XACT_EVENT_PREPARE | XACT_EVENT_PARALLEL_ABORT => {
+            // The rows' memory went with the transaction's context.
+            IN_FLIGHT.with(|f| f.borrow_mut().take());
+            CLOSING.set(false);
+        }
+        _ => {}
+    }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn on_subtransaction(
+    event: pg_sys::SubXactEvent::Type,
+    subtransaction: pg_sys::SubTransactionId,
+    parent: pg_sys::SubTransactionId,
+    _arg: *mut std::ffi::c_void,
+) {
+    use pg_sys::SubXactEvent::*;
+    IN_FLIGHT.with(|f| {
+        let mut f = f.borrow_mut();
+        let Some(transaction) = f.as_mut() else {
+            return;
+        };
+        match event {
+            SUBXACT_EVENT_ABORT_SUB => transaction.forget(subtransaction),
+            SUBXACT_EVENT_PRE_COMMIT_SUB => transaction.commit_into(subtransaction, parent),
+            _ => {}
+        }
+    });
+}
+
+/// Writes the rows held back that belong to the current subtransaction (the newest one then
+/// stays unmarked, and the transaction ends with an END row): for a transaction that reads
+/// the log it writes.
+#[pg_extern(name = "_flush_log", volatile, parallel_unsafe)]
+fn flush_log() {
+    flush();
+}
+
+/// Writes the rows held back now (see `_flush_log`).
+pub fn flush() {
+    IN_FLIGHT.with(|f| {
+        if let Some(transaction) = f.borrow_mut().as_mut() {
+            // SAFETY: rows formed by `append` for this log.
+            unsafe { transaction.write_rows_of(pg_sys::GetCurrentSubTransactionId()) };
+        }
+    });
 }
 
 unsafe extern "C-unwind" {

@@ -11,7 +11,10 @@ mod tests {
         Spi::run(sql).unwrap_or_else(|e| panic!("{sql}: {e}"));
     }
 
+    /// One value; the log's held-back last row is written first (`sync._flush_log`), as
+    /// these tests read the log inside the writing transaction.
     fn one<T: IntoDatum + FromDatum>(sql: &str) -> Option<T> {
+        run("SELECT sync._flush_log()");
         Spi::get_one::<T>(sql).unwrap_or_else(|e| panic!("{sql}: {e}"))
     }
 
@@ -24,6 +27,7 @@ mod tests {
 
     /// The log's rows as `op entity_id data changed` lines, oldest first.
     fn log_lines() -> Vec<String> {
+        run("SELECT sync._flush_log()");
         Spi::connect(|client| {
             client
                 .select(

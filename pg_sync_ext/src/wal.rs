@@ -408,6 +408,9 @@ fn ingest(client: &mut SpiClient<'_>, max_changes: i32) -> i64 {
         }
         ControlFlow::Continue(())
     });
+    if !late_tags.is_empty() {
+        crate::log::flush(); // the UPDATE below must see every row it tags
+    }
     for (first, last, client_id) in late_tags {
         client
             .update(

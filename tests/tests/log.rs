@@ -648,3 +648,110 @@ async fn a_writer_above_the_snapshots_xmax_is_not_skipped() {
     let (second, _) = drain(&mut reader, Some(cursor), 10).await;
     assert_eq!(entity_ids(&second), ["1"]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_transaction_whose_last_change_rolled_back_to_a_savepoint_is_read_whole() {
+    let cluster = Cluster::start().await;
+    cluster.execute(ITEM).await;
+    let mut reader = cluster.connect().await;
+    let (_, start) = drain(&mut reader, None, 10).await;
+    cluster
+        .execute(
+            "BEGIN; INSERT INTO item VALUES (1);
+                    SAVEPOINT s; INSERT INTO item VALUES (2); UPDATE item SET v = 1; ROLLBACK TO s;
+             COMMIT;
+             BEGIN; SAVEPOINT s; INSERT INTO item VALUES (3); ROLLBACK TO s; COMMIT;
+             BEGIN; INSERT INTO item VALUES (4);
+                    SAVEPOINT s; INSERT INTO item VALUES (5); RELEASE s;
+                    SAVEPOINT t; INSERT INTO item VALUES (6); ROLLBACK TO t;
+             COMMIT;
+             INSERT INTO item VALUES (7);",
+        )
+        .await;
+    let (changes, end) = drain(&mut reader, Some(start), 10).await;
+    assert_eq!(entity_ids(&changes), ["1", "4", "5", "7"]);
+    // The third transaction is closed by a row in the log that is never read (its newest
+    // change rolled back after an older one was written).
+    let closers: i64 = reader
+        .query_one(
+            "SELECT count(*) FROM sync.change_history WHERE op = 'END' AND tx_first IS NOT NULL",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(closers, 1);
+    cluster.execute("INSERT INTO item VALUES (8)").await;
+    let (after, _) = drain(&mut reader, Some(end), 10).await;
+    assert_eq!(entity_ids(&after), ["8"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_expression_or_partial_index_on_the_log_is_maintained() {
+    let cluster = Cluster::start().await;
+    cluster
+        .execute(&format!(
+            "{ITEM}
+             CREATE INDEX by_lower_id ON sync.change_history ((lower(entity_id)));
+             CREATE INDEX deletes ON sync.change_history (entity_id) WHERE op = 'DELETE';"
+        ))
+        .await;
+    cluster
+        .execute(
+            "INSERT INTO item SELECT g FROM generate_series(1, 20) g;
+             DELETE FROM item WHERE id <= 5;
+             BEGIN; UPDATE item SET v = 1 WHERE id = 6; UPDATE item SET v = 2 WHERE id = 7; COMMIT;",
+        )
+        .await;
+    let client = cluster.connect().await;
+    client
+        .batch_execute("SET enable_seqscan = off; SET enable_bitmapscan = off;")
+        .await
+        .unwrap();
+    // Each query is answered from its index: wrong counts if the index missed or kept rows.
+    let count = |sql: &'static str| {
+        let client = &client;
+        async move { client.query_one(sql, &[]).await.unwrap().get::<_, i64>(0) }
+    };
+    assert_eq!(
+        count("SELECT count(*) FROM sync.change_history WHERE lower(entity_id) = '7'").await,
+        2
+    );
+    assert_eq!(
+        count("SELECT count(*) FROM sync.change_history WHERE op = 'DELETE'").await,
+        5
+    );
+    let (changes, _) = drain(&mut cluster.connect().await, None, 100).await;
+    assert_eq!(changes.len(), 27);
+    assert_eq!(entity_ids(&changes[25..]), ["6", "7"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_cursor_from_a_long_repeatable_read_snapshot_is_refused_not_made() {
+    let cluster = Cluster::start().await;
+    cluster.execute(ITEM).await;
+    let reader = cluster.connect().await;
+    reader
+        .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ; SELECT count(*) FROM item")
+        .await
+        .unwrap();
+    // Each loop step commits: 9,000 transaction ids are handed out after the snapshot.
+    cluster
+        .execute(
+            "CREATE PROCEDURE burn() LANGUAGE plpgsql AS $$
+             BEGIN FOR i IN 1..9000 LOOP PERFORM pg_current_xact_id(); COMMIT; END LOOP; END $$;",
+        )
+        .await;
+    cluster.execute("CALL burn()").await;
+    let error = reader
+        .query_one("SELECT sync.current_cursor()", &[])
+        .await
+        .unwrap_err();
+    assert_eq!(sqlstate(&error), "72000", "{error}");
+    reader.batch_execute("ROLLBACK").await.unwrap();
+    // Taken in a fresh snapshot, the cursor reads on.
+    let (_, cursor) = drain(&mut cluster.connect().await, None, 10).await;
+    cluster.execute("INSERT INTO item VALUES (1)").await;
+    let (changes, _) = drain(&mut cluster.connect().await, Some(cursor), 10).await;
+    assert_eq!(entity_ids(&changes), ["1"]);
+}

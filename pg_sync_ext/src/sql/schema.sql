@@ -44,10 +44,12 @@ CREATE TABLE sync.change_history (
     lsn             pg_lsn,
     schema_version  integer NOT NULL,
     source          text NOT NULL DEFAULT 'trigger',    -- trigger or wal
-    captured_at     timestamptz NOT NULL DEFAULT pg_catalog.now()
+    captured_at     timestamptz NOT NULL DEFAULT pg_catalog.now(),
+    -- On a transaction's last row only: its first id (see log.rs). A reader finds a page's
+    -- transactions by their last rows and their rows by one id range.
+    tx_first        bigint
 );
--- Reading a page walks a transaction's rows in id order and asks whether a row is the
--- last of its transaction: both are lookups on (txid, id).
+-- The rows of a transaction that was running at a cursor are found by its txid.
 CREATE INDEX change_history_txid_id ON sync.change_history (txid, id);
 
 -- One row per tracked table. Dumped with the database, so tracking survives a restore.
