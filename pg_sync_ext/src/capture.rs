@@ -391,7 +391,7 @@ impl RowToJson {
             PgMemoryContexts::TopMemoryContext.switch_to(|_| hidden.to_vec().into_datum())
         };
         RowToJson {
-            to_jsonb: ToJsonb::new(rowtype),
+            to_jsonb: ToJsonb::new(rowtype, pg_sys::TopMemoryContext),
             hidden,
         }
     }
@@ -435,7 +435,12 @@ unsafe fn primary_key(rel: pg_sys::Relation) -> Vec<(usize, pg_sys::Oid)> {
 
 /// Whether two non-null values of one attribute are the same value, byte for byte after
 /// detoasting (so a value that moved between inline and TOAST storage is unchanged).
-unsafe fn same_value(a: pg_sys::Datum, b: pg_sys::Datum, attlen: i16, byval: bool) -> bool {
+pub(crate) unsafe fn same_value(
+    a: pg_sys::Datum,
+    b: pg_sys::Datum,
+    attlen: i16,
+    byval: bool,
+) -> bool {
     if byval {
         return a == b;
     }

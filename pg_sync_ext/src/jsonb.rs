@@ -6,19 +6,20 @@ use pgrx::PgMemoryContexts;
 use std::ffi::CStr;
 
 /// `to_jsonb` for values of one type. It takes `anyelement`, so a direct call needs an
-/// expression that names the argument's type; the function info lives in TopMemoryContext.
+/// expression that names the argument's type (RECORDOID for records of any shape).
 pub struct ToJsonb {
     fmgr: *mut pg_sys::FmgrInfo,
 }
 
 impl ToJsonb {
     /// # Safety
-    /// `type_oid` must be a type that exists.
-    pub unsafe fn new(type_oid: pg_sys::Oid) -> Self {
-        PgMemoryContexts::TopMemoryContext.switch_to(|_| {
+    /// `type_oid` must be a type that exists; the function info lives in `context`, which
+    /// must outlive the result.
+    pub unsafe fn new(type_oid: pg_sys::Oid, context: pg_sys::MemoryContext) -> Self {
+        PgMemoryContexts::For(context).switch_to(|_| {
             let fmgr = pg_sys::palloc0(size_of::<pg_sys::FmgrInfo>()).cast::<pg_sys::FmgrInfo>();
             let function = pg_sys::Oid::from(pg_sys::F_TO_JSONB);
-            pg_sys::fmgr_info_cxt(function, fmgr, pg_sys::TopMemoryContext);
+            pg_sys::fmgr_info_cxt(function, fmgr, context);
             let argument = pg_sys::makeNullConst(type_oid, -1, pg_sys::InvalidOid);
             let arguments = pg_sys::lappend(std::ptr::null_mut(), argument.cast());
             (*fmgr).fn_expr = pg_sys::makeFuncExpr(

@@ -3,21 +3,22 @@
 //! **Straight into the heap and its indexes.** An SPI `INSERT` per row pays an executor
 //! start-up each time (plan copy, expression set-up, CHECK constraints parsed from text):
 //! measured, a 100k-row UPDATE took 1.88 s tracked against 0.30 s untracked. Here a row costs
-//! a `nextval`, one heap insert and one insert per index, as PostgreSQL does for its catalogs
-//! (`CatalogTupleInsert`). That is only right while the log has nothing else to maintain:
-//! when someone adds an index with expressions or a predicate, a trigger or a CHECK
+//! a `nextval`, its share of a multi-row heap insert and one insert per index, as PostgreSQL
+//! does for its catalogs (`CatalogTuplesMultiInsertWithInfo`); the log and its indexes are
+//! opened once per transaction. That is only right while the log has nothing else to
+//! maintain: when someone adds an index with expressions or a predicate, a trigger or a CHECK
 //! constraint to it, rows go through the executor instead (an `INSERT`, as the log's owner).
+//! Which way is decided when a transaction first writes, under its lock on the log.
 //!
 //! **The last row of a transaction says so.** A reader orders transactions by their last
 //! log id and must know which row is a transaction's last (see `cursor/src/lib.rs`); asking
-//! that of an index for every row was most of the cost of reading. So the most recent row of
-//! a transaction is held back (its id is taken at once, in capture order) until the next row
-//! comes or the transaction commits, and the last one is written with `tx_first`, the
-//! transaction's first id: a reader finds the transactions of an id range, and their rows, by
-//! two range scans. When the newest change rolled back with a savepoint after older ones were
-//! written, the transaction ends with a row of op `END` instead, which readers use as the key
-//! and never return. A transaction that reads the log it writes sees its own newest change
-//! only after `sync._flush_log()`.
+//! that of an index for every row was most of the cost of reading. So a transaction's rows
+//! are held back (their ids taken at once, in capture order) and written in batches, and the
+//! last one, at commit, with `tx_first`, the transaction's first id: a reader finds the
+//! transactions of an id range, and their rows, by two range scans. When the newest change
+//! rolled back with a savepoint after older ones were written, the transaction ends with a
+//! row of op `END` instead, which readers use as the key and never return. A transaction
+//! that reads the log it writes sees its own held rows only after `sync._flush_log()`.
 //!
 //! Neither the heap insert nor the id (`nextval_internal` without its permission check)
 //! asks for privileges: the capture runs as the writer, who has none on `sync`, and this is
@@ -27,6 +28,7 @@
 use crate::roles::as_role;
 use pgrx::prelude::*;
 use pgrx::spi::Spi;
+use pgrx::PgMemoryContexts;
 use std::cell::{Cell, RefCell};
 use std::ffi::CStr;
 
@@ -55,6 +57,14 @@ const TX_FIRST: i32 = 15;
 /// The op of a transaction's closing row when its last change was rolled back.
 pub const END: &str = "END";
 
+/// Rows longer than this are TOASTed when inserted (`TOAST_TUPLE_THRESHOLD`,
+/// access/heaptoast.h: a quarter of a page, less the page header and four line pointers).
+const TOAST_THRESHOLD: usize = ((pg_sys::BLCKSZ as usize - 40) / 4) & !7;
+
+/// Rows held back before a batch is written (and at most this many bytes of them).
+const BATCH_ROWS: usize = 1000;
+const BATCH_BYTES: usize = 4 << 20;
+
 /// One change to record. Datums are owned by the current memory context.
 pub struct LogRow<'a> {
     pub table_name: &'a str,
@@ -73,7 +83,7 @@ pub struct LogRow<'a> {
     pub lsn: Option<u64>,
 }
 
-/// The log table and how to write it, resolved once per cached capture.
+/// The log table, resolved once per cached capture.
 #[derive(Clone, Copy, PartialEq)]
 pub struct LogTable {
     relid: pg_sys::Oid,
@@ -81,8 +91,6 @@ pub struct LogTable {
     /// The table has `tx_first` (an install of 0.1.0 before its update does not: rows are
     /// written at once, unmarked, and the update marks them).
     marks_last: bool,
-    /// Nothing beyond plain indexes to maintain: rows go straight into the heap.
-    direct: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -94,7 +102,7 @@ pub enum LogTableError {
 }
 
 impl LogTable {
-    /// Finds the log table, checks its columns and whether it can be written directly.
+    /// Finds the log table and checks its columns.
     pub fn resolve() -> Result<Self, LogTableError> {
         // SAFETY: catalog lookups by name; the relation is opened and closed with a lock.
         unsafe {
@@ -107,7 +115,6 @@ impl LogTable {
             let rel = pg_sys::table_open(relid, pg_sys::AccessShareLock as i32);
             let desc = pgrx::PgTupleDesc::from_pg_unchecked((*rel).rd_att);
             let names: Vec<&str> = desc.iter().map(|a| a.name()).collect();
-            let direct = only_plain_indexes(rel);
             pg_sys::table_close(rel, pg_sys::NoLock as i32);
             let marks_last = match names.len() {
                 15 if names == COLUMNS => true,
@@ -118,7 +125,6 @@ impl LogTable {
                 relid,
                 sequence,
                 marks_last,
-                direct,
             })
         }
     }
@@ -129,9 +135,10 @@ impl LogTable {
     /// # Safety
     /// The datums in `row` must be valid values of the columns' types.
     pub unsafe fn append(&self, row: LogRow<'_>) -> i64 {
-        let id = pg_sys::submodules::ffi::pg_guard_ffi_boundary(|| {
-            nextval_internal(self.sequence, false)
-        });
+        if CLOSING.get() {
+            error!("pg_sync: a trigger on sync.change_history may not change a tracked table");
+        }
+        let id = self.next_id();
         let values: [Option<pg_sys::Datum>; 15] = [
             Some(pg_sys::Datum::from(id)),
             row.table_name.into_datum(),
@@ -151,27 +158,23 @@ impl LogTable {
             )),
             None,
         ];
-        let columns = if self.marks_last { 15 } else { 14 };
-        if !self.marks_last {
-            self.write(self.form(&values[..columns]));
-            return id;
-        }
-        if CLOSING.get() {
-            error!("pg_sync: a trigger on sync.change_history may not change a tracked table");
-        }
-        // Formed where it outlives this call: it may be written at commit.
-        let tuple = pgrx::PgMemoryContexts::TopTransactionContext.switch_to(|_| self.form(&values));
         IN_FLIGHT.with(|f| {
             let mut f = f.borrow_mut();
-            let transaction = f.get_or_insert_with(|| InFlight {
-                log: *self,
-                first_id: id,
-                unwritten: Vec::new(),
-                written: Vec::new(),
-            });
+            let transaction = match f.as_mut() {
+                Some(transaction) if transaction.log == *self => transaction,
+                _ => f.insert(InFlight::start(*self, id)),
+            };
+            let columns = if self.marks_last { 15 } else { 14 };
+            let tuple = transaction.writer.form(&values[..columns]);
+            if !self.marks_last {
+                transaction.writer.write(&mut vec![tuple]);
+                return;
+            }
             let here = pg_sys::GetCurrentSubTransactionId();
-            transaction.write_rows_of(here);
-            transaction.unwritten.push(Unwritten {
+            if transaction.held_rows >= BATCH_ROWS || transaction.held_bytes >= BATCH_BYTES {
+                transaction.write_rows_of(here);
+            }
+            transaction.hold(Unwritten {
                 tuple,
                 id,
                 at: here,
@@ -180,13 +183,123 @@ impl LogTable {
         id
     }
 
+    unsafe fn next_id(&self) -> i64 {
+        pg_sys::submodules::ffi::pg_guard_ffi_boundary(|| nextval_internal(self.sequence, false))
+    }
+}
+
+/// The log opened for writing, for the rest of the transaction: opened and closed under the
+/// top transaction's resource owner, so subtransactions come and go around it.
+struct Writer {
+    rel: pg_sys::Relation,
+    /// The log's indexes, when rows go straight into the heap; null for the executor path.
+    indexes: pg_sys::CatalogIndexState,
+    /// Slots for multi-row inserts, made once, over a copy of the log's row descriptor that
+    /// they need not pin (pinning a thousand was a tenth of an ingest's time).
+    slots: Vec<*mut pg_sys::TupleTableSlot>,
+    desc: pg_sys::TupleDesc,
+}
+
+impl Writer {
+    unsafe fn open(relid: pg_sys::Oid) -> Self {
+        in_top_transaction(|| {
+            let rel = pg_sys::table_open(relid, pg_sys::RowExclusiveLock as i32);
+            let mut indexes = pg_sys::CatalogOpenIndexes(rel);
+            if !only_plain_indexes(rel, indexes) {
+                pg_sys::CatalogCloseIndexes(indexes);
+                indexes = std::ptr::null_mut();
+            }
+            Writer {
+                rel,
+                indexes,
+                slots: Vec::new(),
+                desc: pg_sys::CreateTupleDescCopy((*rel).rd_att),
+            }
+        })
+    }
+
+    unsafe fn close(self) {
+        in_top_transaction(|| {
+            if !self.indexes.is_null() {
+                pg_sys::CatalogCloseIndexes(self.indexes);
+            }
+            pg_sys::table_close(self.rel, pg_sys::NoLock as i32);
+        })
+    }
+
+    /// A row of the log, formed where it outlives the call (it may be written at commit).
+    unsafe fn form(&self, values: &[Option<pg_sys::Datum>]) -> pg_sys::HeapTuple {
+        let mut datums: Vec<pg_sys::Datum> = values
+            .iter()
+            .map(|v| v.unwrap_or(pg_sys::Datum::from(0)))
+            .collect();
+        let mut nulls: Vec<bool> = values.iter().map(Option::is_none).collect();
+        PgMemoryContexts::TopTransactionContext.switch_to(|_| {
+            pg_sys::heap_form_tuple((*self.rel).rd_att, datums.as_mut_ptr(), nulls.as_mut_ptr())
+        })
+    }
+
+    /// Writes formed rows into the table and frees them.
+    unsafe fn write(&mut self, tuples: &mut Vec<pg_sys::HeapTuple>) {
+        if tuples.is_empty() {
+            return;
+        }
+        let desc = (*self.rel).rd_att;
+        if !self.indexes.is_null() {
+            // A row that will be TOASTed goes alone: the multi-insert would index the row
+            // before TOASTing, at no location (its TID is set on the TOASTed copy only).
+            let (large, small): (Vec<_>, Vec<_>) = tuples.iter().partition(|&&tuple| {
+                (*tuple).t_len as usize > TOAST_THRESHOLD
+                    || (*(*tuple).t_data).t_infomask & pg_sys::HEAP_HASEXTERNAL as u16 != 0
+            });
+            for tuple in large {
+                pg_sys::CatalogTupleInsertWithInfo(self.rel, tuple, self.indexes);
+            }
+            while self.slots.len() < small.len() {
+                let slot = PgMemoryContexts::TopTransactionContext.switch_to(|_| {
+                    pg_sys::MakeSingleTupleTableSlot(self.desc, &pg_sys::TTSOpsHeapTuple)
+                });
+                self.slots.push(slot);
+            }
+            let slots = &mut self.slots[..small.len()];
+            for (&slot, tuple) in slots.iter().zip(small) {
+                pg_sys::ExecStoreHeapTuple(tuple, slot, false);
+            }
+            pg_sys::CatalogTuplesMultiInsertWithInfo(
+                self.rel,
+                slots.as_mut_ptr(),
+                slots.len() as i32,
+                self.indexes,
+            );
+            for &slot in slots.iter() {
+                pg_sys::ExecClearTuple(slot);
+            }
+        } else {
+            let owner = (*(*self.rel).rd_rel).relowner;
+            let rowtype = (*(*self.rel).rd_rel).reltype;
+            // At commit no snapshot is active; the executor needs one (as deferred triggers do).
+            pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());
+            for &tuple in tuples.iter() {
+                let row = pg_sys::heap_copy_tuple_as_datum(tuple, desc);
+                as_role(owner, || {
+                    Spi::run_with_args(
+                        "INSERT INTO sync.change_history OVERRIDING SYSTEM VALUE SELECT ($1).*",
+                        &[pgrx::datum::DatumWithOid::new(row, rowtype)],
+                    )
+                    .expect("writing the log through the executor")
+                });
+            }
+            pg_sys::PopActiveSnapshot();
+        }
+        for tuple in tuples.drain(..) {
+            pg_sys::heap_freetuple(tuple);
+        }
+    }
+
     /// A row that closes a transaction whose newest change was rolled back.
-    unsafe fn end_row(&self) -> pg_sys::HeapTuple {
-        let id = pg_sys::submodules::ffi::pg_guard_ffi_boundary(|| {
-            nextval_internal(self.sequence, false)
-        });
+    unsafe fn end_row(&self, log: &LogTable) -> pg_sys::HeapTuple {
         let values: [Option<pg_sys::Datum>; 15] = [
-            Some(pg_sys::Datum::from(id)),
+            Some(pg_sys::Datum::from(log.next_id())),
             "".into_datum(),
             "".into_datum(),
             END.into_datum(),
@@ -207,78 +320,50 @@ impl LogTable {
         self.form(&values)
     }
 
-    /// Writes a transaction's last row with its `tx_first`.
-    unsafe fn write_marked(&self, last: pg_sys::HeapTuple, first_id: i64) {
-        let rel = pg_sys::table_open(self.relid, pg_sys::AccessShareLock as i32);
+    /// The row with its `tx_first` set: the transaction's last.
+    unsafe fn marked(&self, last: pg_sys::HeapTuple, first_id: i64) -> pg_sys::HeapTuple {
         let mut column = TX_FIRST;
         let mut value = pg_sys::Datum::from(first_id);
         let mut null = false;
-        let marked = pg_sys::heap_modify_tuple_by_cols(
-            last,
-            (*rel).rd_att,
-            1,
-            &mut column,
-            &mut value,
-            &mut null,
-        );
-        pg_sys::table_close(rel, pg_sys::NoLock as i32);
-        self.write(marked);
-    }
-
-    unsafe fn form(&self, values: &[Option<pg_sys::Datum>]) -> pg_sys::HeapTuple {
-        let rel = pg_sys::table_open(self.relid, pg_sys::AccessShareLock as i32);
-        let mut datums: Vec<pg_sys::Datum> = values
-            .iter()
-            .map(|v| v.unwrap_or(pg_sys::Datum::from(0)))
-            .collect();
-        let mut nulls: Vec<bool> = values.iter().map(Option::is_none).collect();
-        let tuple = pg_sys::heap_form_tuple((*rel).rd_att, datums.as_mut_ptr(), nulls.as_mut_ptr());
-        pg_sys::table_close(rel, pg_sys::NoLock as i32);
-        tuple
-    }
-
-    /// Writes a formed row into the table.
-    unsafe fn write(&self, tuple: pg_sys::HeapTuple) {
-        let rel = pg_sys::table_open(self.relid, pg_sys::RowExclusiveLock as i32);
-        if self.direct {
-            pg_sys::CatalogTupleInsert(rel, tuple);
-        } else {
-            let row = pg_sys::heap_copy_tuple_as_datum(tuple, (*rel).rd_att);
-            let owner = (*(*rel).rd_rel).relowner;
-            let rowtype = (*(*rel).rd_rel).reltype;
-            // At commit no snapshot is active; the executor needs one (as deferred triggers do).
-            pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());
-            as_role(owner, || {
-                Spi::run_with_args(
-                    "INSERT INTO sync.change_history OVERRIDING SYSTEM VALUE SELECT ($1).*",
-                    &[pgrx::datum::DatumWithOid::new(row, rowtype)],
-                )
-                .expect("writing the log through the executor")
-            });
-            pg_sys::PopActiveSnapshot();
-        }
-        pg_sys::heap_freetuple(tuple);
-        pg_sys::table_close(rel, pg_sys::NoLock as i32);
+        let marked = PgMemoryContexts::TopTransactionContext.switch_to(|_| {
+            pg_sys::heap_modify_tuple_by_cols(
+                last,
+                (*self.rel).rd_att,
+                1,
+                &mut column,
+                &mut value,
+                &mut null,
+            )
+        });
+        pg_sys::heap_freetuple(last);
+        marked
     }
 }
 
+/// Runs `f` under the top transaction's resource owner and memory context.
+unsafe fn in_top_transaction<T>(f: impl FnOnce() -> T) -> T {
+    let owner = pg_sys::CurrentResourceOwner;
+    pg_sys::CurrentResourceOwner = pg_sys::TopTransactionResourceOwner;
+    let result = PgMemoryContexts::TopTransactionContext.switch_to(|_| f());
+    pg_sys::CurrentResourceOwner = owner;
+    result
+}
+
 /// Whether every index of the log is plain (no expressions, no predicate) and the log has
-/// no trigger and no CHECK constraint: what `CatalogTupleInsert` maintains is then all there
-/// is to maintain.
-unsafe fn only_plain_indexes(rel: pg_sys::Relation) -> bool {
+/// no trigger and no CHECK constraint: what `CatalogTuplesMultiInsertWithInfo` maintains is
+/// then all there is to maintain.
+unsafe fn only_plain_indexes(rel: pg_sys::Relation, indexes: pg_sys::CatalogIndexState) -> bool {
     let constraints = (*(*rel).rd_att).constr;
     if !(*rel).trigdesc.is_null() || (!constraints.is_null() && (*constraints).num_check > 0) {
         return false;
     }
-    let indexes = pgrx::PgList::<std::ffi::c_void>::from_pg(pg_sys::RelationGetIndexList(rel));
-    let plain = indexes.iter_oid().all(|index| {
-        let index = pg_sys::index_open(index, pg_sys::AccessShareLock as i32);
-        let plain = pg_sys::RelationGetIndexExpressions(index).is_null()
-            && pg_sys::RelationGetIndexPredicate(index).is_null();
-        pg_sys::index_close(index, pg_sys::AccessShareLock as i32);
-        plain
-    });
-    plain
+    let infos = std::slice::from_raw_parts(
+        (*indexes).ri_IndexRelationInfo,
+        (*indexes).ri_NumIndices as usize,
+    );
+    infos
+        .iter()
+        .all(|&info| (*info).ii_Expressions.is_null() && (*info).ii_Predicate.is_null())
 }
 
 /// A row formed but not yet in the table, and the subtransaction it belongs to.
@@ -294,28 +379,56 @@ struct Unwritten {
 /// inside a child, a rollback of the child would take the parent's row with it; the first
 /// version did that, and lost rows). A row belongs to the subtransaction that appended it
 /// until that one commits into its parent. Subtransaction ids grow, so a rollback of `s`
-/// discards exactly what belongs to `s` or to a later id. Both lists hold at most one entry
-/// per open nesting level: a subtransaction's rows are written when it commits, an
-/// enclosing level's as soon as it appends again.
+/// discards exactly what belongs to `s` or to a later id. Held rows are at most a batch per
+/// open nesting level: a subtransaction's rows are written when it commits, an enclosing
+/// level's when its batch is full.
 struct InFlight {
     log: LogTable,
+    writer: Writer,
     /// The first id the transaction took (a lower bound of its rows' ids).
     first_id: i64,
     unwritten: Vec<Unwritten>,
+    held_rows: usize,
+    held_bytes: usize,
     /// The highest id written, per subtransaction.
     written: Vec<(pg_sys::SubTransactionId, i64)>,
 }
 
 impl InFlight {
+    unsafe fn start(log: LogTable, first_id: i64) -> Self {
+        InFlight {
+            log,
+            writer: Writer::open(log.relid),
+            first_id,
+            unwritten: Vec::new(),
+            held_rows: 0,
+            held_bytes: 0,
+            written: Vec::new(),
+        }
+    }
+
+    unsafe fn hold(&mut self, row: Unwritten) {
+        self.held_rows += 1;
+        self.held_bytes += (*row.tuple).t_len as usize;
+        self.unwritten.push(row);
+    }
+
     /// Writes the rows that belong to `here`, the current subtransaction.
     unsafe fn write_rows_of(&mut self, here: pg_sys::SubTransactionId) {
         let (now, later): (Vec<_>, Vec<_>) =
             self.unwritten.drain(..).partition(|row| row.at == here);
         self.unwritten = later;
-        for row in now {
-            self.log.write(row.tuple);
-            self.wrote(here, row.id);
+        self.held_rows = self.unwritten.len();
+        self.held_bytes = self
+            .unwritten
+            .iter()
+            .map(|row| (*row.tuple).t_len as usize)
+            .sum();
+        if let Some(newest) = now.iter().map(|row| row.id).max() {
+            self.wrote(here, newest);
         }
+        self.writer
+            .write(&mut now.into_iter().map(|row| row.tuple).collect());
     }
 
     fn wrote(&mut self, at: pg_sys::SubTransactionId, id: i64) {
@@ -329,6 +442,13 @@ impl InFlight {
     fn forget(&mut self, subtransaction: pg_sys::SubTransactionId) {
         self.unwritten.retain(|row| row.at < subtransaction);
         self.written.retain(|(at, _)| *at < subtransaction);
+        self.held_rows = self.unwritten.len();
+        // SAFETY: the held tuples are alive until written or the transaction ends.
+        self.held_bytes = self
+            .unwritten
+            .iter()
+            .map(|row| unsafe { (*row.tuple).t_len } as usize)
+            .sum();
     }
 
     /// A subtransaction commits into `parent`: its rows are written now, while it is still
@@ -359,15 +479,17 @@ impl InFlight {
         let newest = (0..self.unwritten.len()).max_by_key(|&i| self.unwritten[i].id);
         let last = match newest {
             Some(i) if newest_written.is_none_or(|w| self.unwritten[i].id > w) => {
-                self.unwritten.swap_remove(i).tuple
+                Some(self.unwritten.swap_remove(i).tuple)
             }
-            _ if newest_written.is_some() => self.log.end_row(),
-            _ => return,
+            _ if newest_written.is_some() => Some(self.writer.end_row(&self.log)),
+            _ => None,
         };
-        for row in self.unwritten.drain(..) {
-            self.log.write(row.tuple);
+        let mut rows: Vec<_> = self.unwritten.drain(..).map(|row| row.tuple).collect();
+        if let Some(last) = last.filter(|_| self.log.marks_last) {
+            rows.push(self.writer.marked(last, self.first_id));
         }
-        self.log.write_marked(last, self.first_id);
+        self.writer.write(&mut rows);
+        self.writer.close();
     }
 }
 
@@ -402,7 +524,8 @@ unsafe extern "C-unwind" fn on_transaction(
             }
         }
         XACT_EVENT_COMMIT | XACT_EVENT_ABORT | XACT_EVENT_PREPARE | XACT_EVENT_PARALLEL_ABORT => {
-            // The rows' memory went with the transaction's context.
+            // The rows' memory went with the transaction's context, the open log with its
+            // resource owner.
             IN_FLIGHT.with(|f| f.borrow_mut().take());
             CLOSING.set(false);
         }

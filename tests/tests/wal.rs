@@ -467,3 +467,42 @@ async fn a_snapshot_waits_for_its_wal_changes_to_reach_the_log() {
     let (after, _) = drain(&mut client, Some(cursor), 100).await;
     assert!(after.is_empty(), "sent again after the snapshot: {after:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_ingesting_backend_does_not_grow_over_thousands_of_calls() {
+    const CALLS: usize = 1500;
+    let cluster = Cluster::start().await;
+    twins(&cluster).await;
+    let (writer, ingester) = (cluster.connect().await, cluster.connect().await);
+    // The backend's memory, all contexts (superuser: the view is restricted).
+    let memory = || async {
+        ingester
+            .query_one(
+                "SELECT sum(total_bytes)::int8 FROM pg_backend_memory_contexts",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get::<_, i64>(0)
+    };
+    let mut before = 0;
+    for call in 0..CALLS {
+        // Each call stores a change of several types, as a gateway ingesting every 200 ms.
+        writer
+            .execute(
+                "INSERT INTO by_wal (id, n, t, j, a, u) VALUES ($1, 1.5, now(), '{\"k\": 1}', '{1}', gen_random_uuid())",
+                &[&(call as i32)],
+            )
+            .await
+            .unwrap();
+        assert_eq!(ingest(&ingester).await, 1);
+        if call == CALLS / 10 {
+            before = memory().await; // after caches and buffers have warmed up
+        }
+    }
+    let grown = memory().await - before;
+    assert!(
+        grown < 256 << 10,
+        "the ingesting backend grew by {grown} bytes"
+    );
+}

@@ -2,11 +2,7 @@
 //! decoded from the write-ahead log by wal2json (format version 2) and enriched into the same
 //! log rows the trigger writes.
 //!
-//! - `enrich`: one decoded change to log rows. Values are typed as `to_jsonb` types them (each
-//!   column's text goes through its type's input function and then `to_jsonb`), so a
-//!   consumer cannot tell the paths apart except by `source`. An UPDATE's unchanged TOASTed
-//!   columns, absent from wal2json's `columns`, are taken from the old row (`identity`, full
-//!   under REPLICA IDENTITY FULL): never recorded as NULL.
+//! - `enrich`: one decoded change to log rows, typed as the trigger types them.
 //! - `sync.ingest_wal`: peek, store, and only then let the slot move. The slot moves at the
 //!   *start* of the next call, to just past the last commit LSN stored (kept in `sync.state`
 //!   by the storing transaction itself): moving it in the storing transaction would lose the
@@ -15,21 +11,23 @@
 //!   skips them by their commit LSN: nothing is stored twice.
 //!
 //! Decoded rows stream through an SPI cursor, so a transaction of a million rows is stored
-//! whole with bounded memory. Known wal2json limits: a numeric NaN or ±Infinity arrives as
+//! whole with bounded memory (what one change allocates is freed before the next). Known wal2json limits: a numeric NaN or ±Infinity arrives as
 //! JSON null (recorded as NULL); a logical message's content ends at a NUL byte.
 
+mod enrich;
+
 use crate::gucs::test_ingest_fault;
-use crate::jsonb::{to_value, ToJsonb};
+use crate::jsonb::to_value;
 use crate::log::{LogRow, LogTable};
 use crate::roles::as_role;
 use crate::wakeup;
+use enrich::{Change, Enricher, Publication};
 use pgrx::pg_sys::panic::ErrorReport;
 use pgrx::prelude::*;
 use pgrx::spi::SpiClient;
 use pgrx::JsonB;
-use serde_json::{Map, Value};
+use serde_json::Value;
 use std::collections::HashMap;
-use std::ffi::{CStr, CString};
 use std::ops::ControlFlow;
 
 /// The replication slot pg_sync reads.
@@ -41,8 +39,11 @@ const INGEST_LOCK: i64 = 7_378_659_443;
 /// Decoded rows fetched from the cursor at a time.
 const FETCH: i64 = 1000;
 
-/// A table tracked with WAL capture, as enrichment needs it.
+/// A tracked table, as enrichment needs it.
 pub struct Tracked {
+    pub schema: String,
+    /// `schema.table`, as the log names it.
+    pub name: String,
     pub entity_code: String,
     pub schema_version: i32,
     /// The published columns; None: all.
@@ -55,211 +56,75 @@ pub struct Tracked {
 }
 
 impl Tracked {
-    fn publishes(&self, column: &str) -> bool {
-        self.published
-            .as_ref()
-            .is_none_or(|p| p.iter().any(|c| c == column) || self.key.iter().any(|k| k == column))
+    fn publication(&self) -> Publication<'_> {
+        Publication {
+            columns: self.published.as_deref(),
+            key: &self.key,
+        }
     }
 }
 
-/// Tracked tables by (schema, table); `wal_only` keeps those tracked with WAL capture.
-fn tracked_tables(client: &SpiClient<'_>, wal_only: bool) -> HashMap<(String, String), Tracked> {
-    let rows = client
-        .select(
-            "SELECT n.nspname::text, c.relname::text, t.entity_code, t.schema_version, t.columns,
-                    ARRAY(SELECT a.attname::text FROM pg_catalog.pg_index i
-                           CROSS JOIN LATERAL unnest(i.indkey::int2[]) WITH ORDINALITY u(attnum, o)
-                            JOIN pg_catalog.pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = u.attnum
-                           WHERE i.indrelid = t.relid AND i.indisprimary ORDER BY u.o),
-                    c.relowner
-               FROM sync.tracked t
-               JOIN pg_catalog.pg_class c ON c.oid = t.relid
-               JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
-              WHERE NOT $1 OR t.capture = 'wal'",
-            None,
-            &[wal_only.into()],
-        )
-        .expect("reading sync.tracked");
-    rows.map(|r| {
-        let key = (
-            r.get::<String>(1).unwrap().unwrap(),
-            r.get::<String>(2).unwrap().unwrap(),
-        );
-        let tracked = Tracked {
-            entity_code: r.get(3).unwrap().unwrap(),
-            schema_version: r.get(4).unwrap().unwrap(),
-            published: r.get(5).unwrap(),
-            key: r.get(6).unwrap().unwrap_or_default(),
-            owner: r.get(7).unwrap().unwrap(),
-        };
-        (key, tracked)
-    })
-    .collect()
-}
-
-/// Input and output functions and `to_jsonb` of the types met so far.
+/// Tracked tables by table name (then schema).
 #[derive(Default)]
-pub struct Types(HashMap<u32, TypeIo>);
+pub struct TrackedTables(HashMap<String, Vec<Tracked>>);
 
-struct TypeIo {
-    input: pg_sys::Oid,
-    ioparam: pg_sys::Oid,
-    output: pg_sys::Oid,
-    to_jsonb: ToJsonb,
-}
-
-impl Types {
-    fn io(&mut self, type_oid: u32) -> &TypeIo {
-        self.0.entry(type_oid).or_insert_with(|| {
-            let oid = pg_sys::Oid::from(type_oid);
-            let (mut input, mut ioparam, mut output, mut varlena) = (
-                pg_sys::InvalidOid,
-                pg_sys::InvalidOid,
-                pg_sys::InvalidOid,
-                false,
-            );
-            // SAFETY: catalog lookups of an existing type (wal2json named it).
-            unsafe {
-                pg_sys::getTypeInputInfo(oid, &mut input, &mut ioparam);
-                pg_sys::getTypeOutputInfo(oid, &mut output, &mut varlena);
-                TypeIo {
-                    input,
-                    ioparam,
-                    output,
-                    to_jsonb: ToJsonb::new(oid),
-                }
-            }
-        })
-    }
-
-    /// A wal2json value of a type: its JSON as `to_jsonb` would write it, and its text as
-    /// the type's output function writes it.
-    fn typed(&mut self, value: &Value, type_oid: u32) -> (Value, Option<String>) {
-        let text = match value {
-            Value::Null => return (Value::Null, None),
-            Value::String(s) => s.clone(),
-            Value::Bool(b) => b.to_string(),
-            other => other.to_string(), // numbers keep their digits (arbitrary_precision)
-        };
-        let io = self.io(type_oid);
-        let text = CString::new(text).unwrap_or_default();
-        // SAFETY: the text is a value of the type, as PostgreSQL wrote it for wal2json.
-        unsafe {
-            let datum =
-                pg_sys::OidInputFunctionCall(io.input, text.as_ptr().cast_mut(), io.ioparam, -1);
-            let out = pg_sys::OidOutputFunctionCall(io.output, datum);
-            let canonical = CStr::from_ptr(out).to_string_lossy().into_owned();
-            (to_value(io.to_jsonb.call(datum)), Some(canonical))
-        }
-    }
-
-    /// wal2json's `columns` or `identity` as a row: name → (json, text).
-    fn row(&mut self, columns: Option<&Value>) -> HashMap<String, (Value, Option<String>)> {
-        let mut row = HashMap::new();
-        for c in columns.and_then(Value::as_array).into_iter().flatten() {
-            let (Some(name), Some(type_oid)) = (c["name"].as_str(), c["typeoid"].as_u64()) else {
-                continue;
+impl TrackedTables {
+    /// The tracked tables; `wal_only` keeps those tracked with WAL capture.
+    fn read(client: &SpiClient<'_>, wal_only: bool) -> Self {
+        let rows = client
+            .select(
+                "SELECT n.nspname::text, c.relname::text, t.entity_code, t.schema_version, t.columns,
+                        ARRAY(SELECT a.attname::text FROM pg_catalog.pg_index i
+                               CROSS JOIN LATERAL unnest(i.indkey::int2[]) WITH ORDINALITY u(attnum, o)
+                                JOIN pg_catalog.pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = u.attnum
+                               WHERE i.indrelid = t.relid AND i.indisprimary ORDER BY u.o),
+                        c.relowner
+                   FROM sync.tracked t
+                   JOIN pg_catalog.pg_class c ON c.oid = t.relid
+                   JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+                  WHERE NOT $1 OR t.capture = 'wal'",
+                None,
+                &[wal_only.into()],
+            )
+            .expect("reading sync.tracked");
+        let mut tables = TrackedTables::default();
+        for r in rows {
+            let schema: String = r.get(1).unwrap().unwrap();
+            let table: String = r.get(2).unwrap().unwrap();
+            let tracked = Tracked {
+                name: format!("{schema}.{table}"),
+                schema,
+                entity_code: r.get(3).unwrap().unwrap(),
+                schema_version: r.get(4).unwrap().unwrap(),
+                published: r.get(5).unwrap(),
+                key: r.get(6).unwrap().unwrap_or_default(),
+                owner: r.get(7).unwrap().unwrap(),
             };
-            row.insert(name.to_owned(), self.typed(&c["value"], type_oid as u32));
+            tables.0.entry(table).or_default().push(tracked);
         }
-        row
+        tables
     }
-}
 
-/// A log row made from a decoded change.
-#[derive(Debug, PartialEq)]
-pub struct Enriched {
-    pub table_name: String,
-    pub entity_code: String,
-    pub op: &'static str,
-    pub entity_id: Option<String>,
-    pub data: Option<Map<String, Value>>,
-    pub old_data: Option<Map<String, Value>>,
-    pub changed: Option<Vec<String>>,
-    pub schema_version: i32,
-}
+    fn find(&self, schema: &str, table: &str) -> Option<&Tracked> {
+        self.0.get(table)?.iter().find(|t| t.schema == schema)
+    }
 
-/// One wal2json change as log rows: none for an UPDATE that changes no published column,
-/// two (DELETE, INSERT) for an UPDATE of the primary key, else one.
-pub fn enrich(change: &Value, tracked: &Tracked, types: &mut Types) -> Vec<Enriched> {
-    let table_name = format!(
-        "{}.{}",
-        change["schema"].as_str().unwrap_or(""),
-        change["table"].as_str().unwrap_or("")
-    );
-    let new = types.row(change.get("columns"));
-    let old = types.row(change.get("identity"));
-    let published = |row: &HashMap<String, (Value, Option<String>)>| -> Map<String, Value> {
-        row.iter()
-            .filter(|(k, _)| tracked.publishes(k))
-            .map(|(k, (v, _))| (k.clone(), v.clone()))
-            .collect()
-    };
-    let entity_id = |row: &HashMap<String, (Value, Option<String>)>| -> Option<String> {
-        let parts: Vec<String> = tracked
-            .key
+    fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// (table, tracked) pairs.
+    fn iter(&self) -> impl Iterator<Item = (&str, &Tracked)> {
+        self.0
             .iter()
-            .map(|k| row.get(k).and_then(|(_, t)| t.clone()).unwrap_or_default())
-            .collect();
-        match parts.as_slice() {
-            [] => None,
-            [one] => Some(one.clone()),
-            many => Some(serde_json::to_string(many).expect("strings serialize")),
+            .flat_map(|(table, all)| all.iter().map(move |t| (table.as_str(), t)))
+    }
+
+    fn retain(&mut self, keep: impl Fn(&Tracked) -> bool) {
+        for all in self.0.values_mut() {
+            all.retain(&keep);
         }
-    };
-    let row = |op: &'static str, entity_id, data, old_data, changed| Enriched {
-        table_name: table_name.clone(),
-        entity_code: tracked.entity_code.clone(),
-        op,
-        entity_id,
-        data,
-        old_data,
-        changed,
-        schema_version: tracked.schema_version,
-    };
-    match change["action"].as_str() {
-        Some("I") => vec![row(
-            "INSERT",
-            entity_id(&new),
-            Some(published(&new)),
-            None,
-            None,
-        )],
-        Some("D") => vec![row(
-            "DELETE",
-            entity_id(&old),
-            None,
-            Some(published(&old)),
-            None,
-        )],
-        Some("T") => vec![row("TRUNCATE", None, None, None, None)],
-        Some("U") => {
-            // Unchanged TOASTed columns are absent from `columns`: they are as they were.
-            let mut new = new;
-            for (name, value) in &old {
-                new.entry(name.clone()).or_insert_with(|| value.clone());
-            }
-            let (new_id, old_id) = (entity_id(&new), entity_id(&old));
-            if !old.is_empty() && new_id != old_id {
-                return vec![
-                    row("DELETE", old_id, None, Some(published(&old)), None),
-                    row("INSERT", new_id, Some(published(&new)), None, None),
-                ];
-            }
-            let (data, old_data) = (published(&new), published(&old));
-            let mut changed: Vec<String> = data
-                .iter()
-                .filter(|(k, v)| old_data.get(*k) != Some(v))
-                .map(|(k, _)| k.clone())
-                .collect();
-            changed.sort();
-            if changed.is_empty() && !old.is_empty() {
-                return vec![];
-            }
-            let old_data = (!old.is_empty()).then_some(old_data);
-            vec![row("UPDATE", new_id, Some(data), old_data, Some(changed))]
-        }
-        _ => vec![],
+        self.0.retain(|_, all| !all.is_empty());
     }
 }
 
@@ -268,31 +133,29 @@ pub fn enrich(change: &Value, tracked: &Tracked, types: &mut Types) -> Vec<Enric
 /// who needs to read `sync.tracked`.
 #[pg_extern(name = "enrich_wal2json", stable, parallel_safe)]
 fn enrich_wal2json(change: JsonB) -> JsonB {
-    let change = change.0;
-    let key = (
-        change["schema"].as_str().unwrap_or("").to_owned(),
-        change["table"].as_str().unwrap_or("").to_owned(),
-    );
-    let rows = Spi::connect(|client| {
-        let tables = tracked_tables(client, false);
-        tables
-            .get(&key)
-            .map(|t| enrich(&change, t, &mut Types::default()))
-            .unwrap_or_default()
-    });
-    let lsn = change.get("lsn").cloned().unwrap_or(Value::Null);
-    JsonB(Value::Array(
-        rows.into_iter()
+    let line = change.0.to_string();
+    let change = Change::parse(&line);
+    let tables = Spi::connect(|client| TrackedTables::read(client, false));
+    let Some(tracked) = tables.find(&change.schema, &change.table) else {
+        return JsonB(Value::Array(vec![]));
+    };
+    let mut enricher = Enricher::new();
+    let rows = enricher.in_change(|e| {
+        e.enrich(&change, &tracked.publication())
+            .into_iter()
             .map(|r| {
+                // SAFETY: jsonb datums made just now, alive until the next change.
+                let json = |d: Option<pg_sys::Datum>| d.map(|d| unsafe { to_value(d) });
                 serde_json::json!({
-                    "table_name": r.table_name, "entity_code": r.entity_code, "op": r.op,
-                    "entity_id": r.entity_id, "data": r.data, "old_data": r.old_data,
-                    "changed_columns": r.changed, "lsn": lsn, "schema_version": r.schema_version,
+                    "table_name": tracked.name, "entity_code": tracked.entity_code, "op": r.op,
+                    "entity_id": r.entity_id, "data": json(r.data), "old_data": json(r.old_data),
+                    "changed_columns": r.changed, "lsn": change.lsn, "schema_version": tracked.schema_version,
                     "source": "wal",
                 })
             })
-            .collect(),
-    ))
+            .collect()
+    });
+    JsonB(Value::Array(rows))
 }
 
 /// Stores the committed changes of WAL-tracked tables that the `pg_sync` slot holds, whole
@@ -323,7 +186,7 @@ fn ingest(client: &mut SpiClient<'_>, max_changes: i32) -> i64 {
     if !locked {
         return 0;
     }
-    let tables = tracked_tables(client, true);
+    let tables = TrackedTables::read(client, true);
     if tables.is_empty() {
         return 0;
     }
@@ -356,8 +219,8 @@ fn ingest(client: &mut SpiClient<'_>, max_changes: i32) -> i64 {
         .update("SELECT pg_catalog.pg_current_xact_id()", None, &[])
         .unwrap();
     let stored: Option<u64> = stored.map(|s| parse_lsn(&s));
-    let log = crate::log::LogTable::resolve().expect("sync.change_history");
-    let mut types = Types::default();
+    let log = LogTable::resolve().expect("sync.change_history");
+    let mut enricher = Enricher::new();
     let mut tx = Transaction::default();
     let mut last_commit = None;
     // Tags that came after some of their transaction's rows: (first id, last id, tag),
@@ -365,16 +228,16 @@ fn ingest(client: &mut SpiClient<'_>, max_changes: i32) -> i64 {
     let mut late_tags: Vec<(i64, i64, String)> = Vec::new();
     // Reads everything up to `max_changes` (whole transactions): never breaks.
     let _ = peek(client, &tables, Some(max_changes), |_, change| {
-        match change["action"].as_str() {
-            Some("B") => {
-                let commit = change["lsn"].as_str().map(parse_lsn);
+        match change.action.as_ref() {
+            "B" => {
+                let commit = change.lsn.as_deref().map(parse_lsn);
                 tx = Transaction {
                     commit,
                     skip: already_stored(commit, stored),
                     ..Default::default()
                 };
             }
-            Some("C") if !tx.skip => {
+            "C" if !tx.skip => {
                 last_commit = tx.commit.or(last_commit);
                 if let (Some(first), Some(last), Some(client_id)) =
                     (tx.tag_from, tx.last_id, &tx.client_id)
@@ -382,26 +245,41 @@ fn ingest(client: &mut SpiClient<'_>, max_changes: i32) -> i64 {
                     late_tags.push((first, last, client_id.clone()));
                 }
             }
-            Some("M")
-                if !tx.skip
-                    && change["prefix"] == MESSAGE_PREFIX
-                    && change["transactional"] == true =>
+            "M" if !tx.skip
+                && change.prefix.as_deref() == Some(MESSAGE_PREFIX)
+                && change.transactional =>
             {
-                tx.client_id = change["content"].as_str().map(str::to_owned);
+                tx.client_id = change.content.as_deref().map(str::to_owned);
                 tx.tag_from = tx.first_id;
             }
-            Some("I" | "U" | "D" | "T") if !tx.skip => {
-                let key = (
-                    change["schema"].as_str().unwrap_or("").to_owned(),
-                    change["table"].as_str().unwrap_or("").to_owned(),
-                );
-                if let Some(tracked) = tables.get(&key) {
-                    for r in as_role(tracked.owner, || enrich(&change, tracked, &mut types)) {
-                        let id = append(&log, r, &tx);
-                        tx.first_id.get_or_insert(id);
-                        tx.last_id = Some(id);
-                        added += 1;
-                    }
+            "I" | "U" | "D" | "T" if !tx.skip => {
+                if let Some(tracked) = tables.find(&change.schema, &change.table) {
+                    enricher.in_change(|e| {
+                        let rows =
+                            as_role(tracked.owner, || e.enrich(change, &tracked.publication()));
+                        for r in rows {
+                            let id = append(
+                                &log,
+                                LogRow {
+                                    table_name: &tracked.name,
+                                    entity_code: &tracked.entity_code,
+                                    op: r.op,
+                                    entity_id: r.entity_id,
+                                    data: r.data,
+                                    old_data: r.old_data,
+                                    changed_columns: r.changed,
+                                    schema_version: tracked.schema_version,
+                                    client_id: None,
+                                    source: "wal",
+                                    lsn: None,
+                                },
+                                &tx,
+                            );
+                            tx.first_id.get_or_insert(id);
+                            tx.last_id = Some(id);
+                            added += 1;
+                        }
+                    });
                 }
             }
             _ => {}
@@ -460,7 +338,7 @@ fn create_wal_slot() -> bool {
         if slot_exists(client) {
             return false;
         }
-        let tables = tracked_tables(client, true);
+        let tables = TrackedTables::read(client, true);
         let stored: Option<String> = client
             .select("SELECT wal_stored_lsn::text FROM sync.state", None, &[])
             .unwrap()
@@ -491,7 +369,7 @@ fn slot_exists(client: &SpiClient<'_>) -> bool {
 /// stored (just before the new slot's start).
 fn create_slot(
     client: &mut SpiClient<'_>,
-    tables: &HashMap<(String, String), Tracked>,
+    tables: &TrackedTables,
     was_read: bool,
 ) -> (i64, String) {
     // SAFETY: reads the current transaction's state.
@@ -545,10 +423,8 @@ fn create_slot(
 /// (Internal: the gateway's snapshot endpoint waits for this.)
 #[pg_extern(name = "_wal_settled", volatile, parallel_unsafe)]
 fn wal_settled(entity_code: &str) -> bool {
-    let tables: HashMap<_, _> = Spi::connect(|client| tracked_tables(client, true))
-        .into_iter()
-        .filter(|(_, t)| t.entity_code == entity_code)
-        .collect();
+    let mut tables = Spi::connect(|client| TrackedTables::read(client, true));
+    tables.retain(|t| t.entity_code == entity_code);
     if tables.is_empty() {
         return true;
     }
@@ -571,7 +447,7 @@ fn wal_settled(entity_code: &str) -> bool {
 }
 
 /// No change of `tables` visible to the transaction's snapshot waits in the slot unstored.
-fn no_pending_change(client: &SpiClient<'_>, tables: &HashMap<(String, String), Tracked>) -> bool {
+fn no_pending_change(client: &SpiClient<'_>, tables: &TrackedTables) -> bool {
     let state = client
         .select(
             "SELECT s.wal_stored_lsn::text,
@@ -600,16 +476,16 @@ fn no_pending_change(client: &SpiClient<'_>, tables: &HashMap<(String, String), 
     let snapshot = unsafe { pg_sys::GetTransactionSnapshot() };
     let mut pending = false;
     let outcome = peek(client, tables, None, |xid, change| {
-        match change["action"].as_str() {
-            Some("B") => {
-                let commit = change["lsn"].as_str().map(parse_lsn);
+        match change.action.as_ref() {
+            "B" => {
+                let commit = change.lsn.as_deref().map(parse_lsn);
                 // SAFETY: a valid snapshot; xid of a committed transaction.
                 let visible = !unsafe {
                     pg_sys::XidInMVCCSnapshot(pg_sys::TransactionId::from(xid), snapshot)
                 };
                 pending = visible && !already_stored(commit, stored);
             }
-            Some("I" | "U" | "D" | "T") if pending => return ControlFlow::Break(()),
+            "I" | "U" | "D" | "T" if pending => return ControlFlow::Break(()),
             _ => {}
         }
         ControlFlow::Continue(())
@@ -628,9 +504,9 @@ fn already_stored(commit: Option<u64>, stored: Option<u64>) -> bool {
 /// transaction's xid, until `each` breaks; says whether it did.
 fn peek(
     client: &SpiClient<'_>,
-    tables: &HashMap<(String, String), Tracked>,
+    tables: &TrackedTables,
     upto: Option<i32>,
-    mut each: impl FnMut(u32, Value) -> ControlFlow<()>,
+    mut each: impl FnMut(u32, &Change<'_>) -> ControlFlow<()>,
 ) -> ControlFlow<()> {
     let sql = format!(
         "SELECT xid::text, data FROM pg_catalog.pg_logical_slot_peek_changes($1, NULL, $2, {})",
@@ -643,10 +519,9 @@ fn peek(
             return ControlFlow::Continue(());
         }
         for row in rows {
-            let xid = row.get::<String>(1).unwrap().and_then(|x| x.parse().ok());
-            let data: String = row.get(2).unwrap().unwrap();
-            let change: Value = serde_json::from_str(&data).expect("wal2json writes JSON");
-            each(xid.unwrap_or(0), change)?;
+            let xid = row.get::<&str>(1).unwrap().and_then(|x| x.parse().ok());
+            let data: &str = row.get(2).unwrap().unwrap();
+            each(xid.unwrap_or(0), &Change::parse(data))?;
         }
     }
 }
@@ -666,28 +541,20 @@ struct Transaction {
     tag_from: Option<i64>,
 }
 
-fn append(log: &LogTable, r: Enriched, tx: &Transaction) -> i64 {
-    let json = |m: Option<Map<String, Value>>| m.and_then(|m| JsonB(Value::Object(m)).into_datum());
-    // SAFETY: the datums are jsonb values made just now.
+/// Appends a row of the transaction read from the slot, with its origin tag and commit LSN.
+fn append(log: &LogTable, row: LogRow<'_>, tx: &Transaction) -> i64 {
+    // SAFETY: the datums are jsonb values made by enrichment, alive until the next change.
     unsafe {
         log.append(LogRow {
-            table_name: &r.table_name,
-            entity_code: &r.entity_code,
-            op: r.op,
-            entity_id: r.entity_id,
-            data: json(r.data),
-            old_data: json(r.old_data),
-            changed_columns: r.changed,
-            schema_version: r.schema_version,
             client_id: tx.client_id.clone(),
-            source: "wal",
             lsn: tx.commit,
+            ..row
         })
     }
 }
 
 /// One TRUNCATE row per WAL-tracked entity, for a slot that was lost.
-fn mark_slot_lost(client: &mut SpiClient<'_>, tables: &HashMap<(String, String), Tracked>) -> i64 {
+fn mark_slot_lost(client: &mut SpiClient<'_>, tables: &TrackedTables) -> i64 {
     client
         .update("UPDATE sync.state SET wal_slot_lost_at = now()", None, &[])
         .unwrap();
@@ -695,25 +562,30 @@ fn mark_slot_lost(client: &mut SpiClient<'_>, tables: &HashMap<(String, String),
         .update("SELECT pg_catalog.pg_current_xact_id()", None, &[])
         .unwrap();
     let log = LogTable::resolve().expect("sync.change_history");
-    for ((schema, table), tracked) in tables {
-        let r = Enriched {
-            table_name: format!("{schema}.{table}"),
-            entity_code: tracked.entity_code.clone(),
+    let mut added = 0;
+    for (_, tracked) in tables.iter() {
+        let row = LogRow {
+            table_name: &tracked.name,
+            entity_code: &tracked.entity_code,
             op: "TRUNCATE",
             entity_id: None,
             data: None,
             old_data: None,
-            changed: None,
+            changed_columns: None,
             schema_version: tracked.schema_version,
+            client_id: None,
+            source: "wal",
+            lsn: None,
         };
-        append(&log, r, &Transaction::default());
+        append(&log, row, &Transaction::default());
+        added += 1;
     }
-    tables.len() as i64
+    added
 }
 
 /// wal2json's options: format 2 with what enrichment needs, only the WAL-tracked tables
 /// (so the log's own writes never come back) and only pg_sync's messages.
-fn peek_options(tables: &HashMap<(String, String), Tracked>) -> String {
+fn peek_options(tables: &TrackedTables) -> String {
     // wal2json splits `add-tables` at commas and dots; other characters are literal after a
     // backslash.
     let escape = |name: &str| -> String {
@@ -728,8 +600,8 @@ fn peek_options(tables: &HashMap<(String, String), Tracked>) -> String {
             .collect()
     };
     let list: Vec<String> = tables
-        .keys()
-        .map(|(s, t)| format!("{}.{}", escape(s), escape(t)))
+        .iter()
+        .map(|(table, t)| format!("{}.{}", escape(&t.schema), escape(table)))
         .collect();
     let literal = |s: &str| pgrx::spi::quote_literal(s);
     [
