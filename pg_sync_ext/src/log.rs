@@ -213,7 +213,7 @@ impl Writer {
                 rel,
                 indexes,
                 slots: Vec::new(),
-                desc: pg_sys::CreateTupleDescCopy((*rel).rd_att),
+                desc: std::ptr::null_mut(), // made with the first slot
             }
         })
     }
@@ -247,13 +247,18 @@ impl Writer {
         let desc = (*self.rel).rd_att;
         if !self.indexes.is_null() {
             // A row that will be TOASTed goes alone: the multi-insert would index the row
-            // before TOASTing, at no location (its TID is set on the TOASTed copy only).
-            let (large, small): (Vec<_>, Vec<_>) = tuples.iter().partition(|&&tuple| {
-                (*tuple).t_len as usize > TOAST_THRESHOLD
+            // before TOASTing, at no location (its TID is set on the TOASTed copy only). So
+            // does a single row: it needs no slot.
+            let (alone, small): (Vec<_>, Vec<_>) = tuples.iter().partition(|&&tuple| {
+                tuples.len() == 1
+                    || (*tuple).t_len as usize > TOAST_THRESHOLD
                     || (*(*tuple).t_data).t_infomask & pg_sys::HEAP_HASEXTERNAL as u16 != 0
             });
-            for tuple in large {
+            for tuple in alone {
                 pg_sys::CatalogTupleInsertWithInfo(self.rel, tuple, self.indexes);
+            }
+            if self.desc.is_null() && !small.is_empty() {
+                self.desc = in_top_transaction(|| pg_sys::CreateTupleDescCopy(desc));
             }
             while self.slots.len() < small.len() {
                 let slot = PgMemoryContexts::TopTransactionContext.switch_to(|_| {
