@@ -14,6 +14,9 @@ setup:
 ## install: build the extension (release) and install it into the system PostgreSQL 15
 install: setup
 	$(CARGO) pgrx install --release --pg-config $(PG_CONFIG) -p pg_sync_ext
+	@# The previous version's script, for `CREATE EXTENSION pg_sync VERSION '0.1.0'` (the
+	@# upgrade test); pgrx installs the upgrade script itself.
+	install -m 644 pg_sync_ext/sql/history/pg_sync--0.1.0.sql $$($(PG_CONFIG) --sharedir)/extension/
 
 ## test: every test: the extension's pgrx tests, unit tests, end-to-end tests on real clusters
 test: setup test-ext test-e2e

@@ -88,9 +88,6 @@ pub struct LogRow<'a> {
 pub struct LogTable {
     relid: pg_sys::Oid,
     sequence: pg_sys::Oid,
-    /// The table has `tx_first` (an install of 0.1.0 before its update does not: rows are
-    /// written at once, unmarked, and the update marks them).
-    marks_last: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -113,19 +110,9 @@ impl LogTable {
                 return Err(LogTableError::Missing);
             }
             let rel = pg_sys::table_open(relid, pg_sys::AccessShareLock as i32);
-            let desc = pgrx::PgTupleDesc::from_pg_unchecked((*rel).rd_att);
-            let names: Vec<&str> = desc.iter().map(|a| a.name()).collect();
+            let shape = marks_last(rel);
             pg_sys::table_close(rel, pg_sys::NoLock as i32);
-            let marks_last = match names.len() {
-                15 if names == COLUMNS => true,
-                14 if names == COLUMNS[..14] => false,
-                _ => return Err(LogTableError::Shape),
-            };
-            Ok(LogTable {
-                relid,
-                sequence,
-                marks_last,
-            })
+            shape.map(|_| LogTable { relid, sequence })
         }
     }
 
@@ -164,9 +151,11 @@ impl LogTable {
                 Some(transaction) if transaction.log == *self => transaction,
                 _ => f.insert(InFlight::start(*self, id)),
             };
-            let columns = if self.marks_last { 15 } else { 14 };
-            let tuple = transaction.writer.form(&values[..columns]);
-            if !self.marks_last {
+            let marks_last = transaction.writer.marks_last;
+            let tuple = transaction
+                .writer
+                .form(&values[..if marks_last { 15 } else { 14 }]);
+            if !marks_last {
                 transaction.writer.write(&mut vec![tuple]);
                 return;
             }
@@ -198,12 +187,15 @@ struct Writer {
     /// they need not pin (pinning a thousand was a tenth of an ingest's time).
     slots: Vec<*mut pg_sys::TupleTableSlot>,
     desc: pg_sys::TupleDesc,
+    /// See `marks_last`; decided per transaction, as an update adds the column under a lock.
+    marks_last: bool,
 }
 
 impl Writer {
     unsafe fn open(relid: pg_sys::Oid) -> Self {
         in_top_transaction(|| {
             let rel = pg_sys::table_open(relid, pg_sys::RowExclusiveLock as i32);
+            let marks_last = marks_last(rel).unwrap_or_else(|e| error!("{e}"));
             let mut indexes = pg_sys::CatalogOpenIndexes(rel);
             if !only_plain_indexes(rel, indexes) {
                 pg_sys::CatalogCloseIndexes(indexes);
@@ -214,6 +206,7 @@ impl Writer {
                 indexes,
                 slots: Vec::new(),
                 desc: std::ptr::null_mut(), // made with the first slot
+                marks_last,
             }
         })
     }
@@ -342,6 +335,19 @@ impl Writer {
         });
         pg_sys::heap_freetuple(last);
         marked
+    }
+}
+
+/// Whether the log has `tx_first` and rows are held back to mark the last (a log of 0.1.0,
+/// before `ALTER EXTENSION pg_sync UPDATE`, has not: rows are written at once, unmarked, and
+/// the update marks them); an error when its columns are not what this version writes.
+unsafe fn marks_last(rel: pg_sys::Relation) -> Result<bool, LogTableError> {
+    let desc = pgrx::PgTupleDesc::from_pg_unchecked((*rel).rd_att);
+    let names: Vec<&str> = desc.iter().map(|a| a.name()).collect();
+    match names.len() {
+        15 if names == COLUMNS => Ok(true),
+        14 if names == COLUMNS[..14] => Ok(false),
+        _ => Err(LogTableError::Shape),
     }
 }
 
@@ -490,7 +496,7 @@ impl InFlight {
             _ => None,
         };
         let mut rows: Vec<_> = self.unwritten.drain(..).map(|row| row.tuple).collect();
-        if let Some(last) = last.filter(|_| self.log.marks_last) {
+        if let Some(last) = last.filter(|_| self.writer.marks_last) {
             rows.push(self.writer.marked(last, self.first_id));
         }
         self.writer.write(&mut rows);
