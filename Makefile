@@ -6,7 +6,7 @@ CARGO          ?= cargo
 # pgrx's own test cluster; its parent must belong to the postgres user.
 PGRX_TEST_ROOT ?= /tmp/pg_sync_pgrx_test
 
-.PHONY: setup install test test-ext test-e2e run bench bench-quick fuzz soak lint fmt clean
+.PHONY: setup install client test test-ext test-client test-e2e run bench bench-quick fuzz soak lint fmt clean
 
 setup:
 	@scripts/setup.sh
@@ -18,19 +18,27 @@ install: setup
 	@# upgrade test); pgrx installs the upgrade script itself.
 	install -m 644 pg_sync_ext/sql/history/pg_sync--0.1.0.sql $$($(PG_CONFIG) --sharedir)/extension/
 
-## test: every test: the extension's pgrx tests, unit tests, end-to-end tests on real clusters
-test: setup test-ext test-e2e
+## client: build the TypeScript client and the demo app (clients/typescript/dist)
+client: setup
+	cd clients/typescript && npm run build
+
+## test: every test: the extension's pgrx tests, the client's unit tests, unit tests,
+## end-to-end tests on real clusters (with the client in headless Chromium)
+test: setup test-ext test-client test-e2e
+
+test-client: client
+	cd clients/typescript && npm run check && npm test
 
 test-ext:
 	install -d -o postgres -g postgres $(PGRX_TEST_ROOT)
 	$(CARGO) pgrx test pg15 -p pg_sync_ext --runas postgres --pgdata $(PGRX_TEST_ROOT)/data
 
-test-e2e: install
+test-e2e: install client
 	$(CARGO) build -p sync-gateway
 	$(CARGO) test
 
 ## run: a local cluster under ./.pgdata with the demo schema tracked, and the gateway; Ctrl-C stops both
-run: install
+run: install client
 	$(CARGO) build --release -p sync-gateway
 	@scripts/run.sh
 
@@ -79,6 +87,7 @@ lint:
 	$(CARGO) clippy --all-targets -- -D warnings
 	$(CARGO) clippy -p sync-loadgen --all-targets -- -D warnings
 	$(CARGO) clippy -p pg_sync_ext --all-targets -- -D warnings
+	cd clients/typescript && npm run check
 
 fmt:
 	$(CARGO) fmt --all

@@ -9,6 +9,7 @@ cd "$(dirname "$0")/.."
 PG_BIN=/usr/lib/postgresql/15/bin
 DATA="$PWD/.pgdata"
 GATEWAY=target/release/sync-gateway
+DEMO_APP=clients/typescript/dist/demo
 LISTEN=${SYNC_LISTEN:-127.0.0.1:8787}
 export SYNC_JWT_SECRET=${SYNC_JWT_SECRET:-dev-secret-change-me}
 GATEWAY_PID=
@@ -27,11 +28,17 @@ load_demo() {
 # Starts the gateway on database $1 (a URL it logs in with: as sync_gateway, never a
 # superuser) and prints how to use it.
 start_gateway() {
-    SYNC_DATABASE_URL="$1" SYNC_LISTEN="$LISTEN" SYNC_DEFAULT_ROLE=app_user "$GATEWAY" serve &
+    SYNC_DATABASE_URL="$1" SYNC_LISTEN="$LISTEN" SYNC_DEFAULT_ROLE=app_user SYNC_STATIC_DIR="$DEMO_APP" \
+        "$GATEWAY" serve &
     GATEWAY_PID=$!
     local token
     token=$("$GATEWAY" token --sub demo --role app_user --ttl 7d)
     cat <<EOF
+The demo app (a task board on app.task, the TypeScript client in clients/typescript): open
+it in two windows, edit, go offline (DevTools > Network), edit, come back online:
+
+  http://$LISTEN/#token=$token
+
 The gateway listens on ws://$LISTEN/ws/sync (health: http://$LISTEN/healthz, /readyz).
 A development token for user "demo", valid 7 days (secret: \$SYNC_JWT_SECRET):
 

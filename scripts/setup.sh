@@ -4,7 +4,8 @@
 set -euo pipefail
 
 PGRX_VERSION=0.18.0
-PACKAGES=(postgresql-15 postgresql-server-dev-15 postgresql-15-wal2json libclang-dev sudo)
+# chromium: the browser tests of the TypeScript client (driven by playwright-core).
+PACKAGES=(postgresql-15 postgresql-server-dev-15 postgresql-15-wal2json libclang-dev sudo chromium)
 
 sudo_if_needed() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 
@@ -25,4 +26,15 @@ fi
 
 if ! grep -qs '^pg15 ' "${PGRX_HOME:-$HOME/.pgrx}/config.toml"; then
     cargo pgrx init --pg15 /usr/bin/pg_config
+fi
+
+# The TypeScript client's packages, exactly as the lockfile says (Node 20 or later).
+if ! node -e 'process.exit(Number(process.versions.node.split(".")[0]) >= 20 ? 0 : 1)' 2>/dev/null; then
+    echo "setup: the TypeScript client needs Node.js 20 or later (node and npm on the PATH)" >&2
+    exit 1
+fi
+CLIENT=clients/typescript
+if [ ! -f "$CLIENT/node_modules/.package-lock.json" ] || [ "$CLIENT/package-lock.json" -nt "$CLIENT/node_modules/.package-lock.json" ]; then
+    echo "setup: installing the TypeScript client's packages (npm ci)"
+    (cd "$CLIENT" && npm ci --no-audit --no-fund --loglevel=error)
 fi

@@ -25,6 +25,8 @@ pub struct Gateway {
     pub port: u16,
     /// The listener of `/metrics` and `/v1/status`.
     pub admin_port: u16,
+    /// What it was started with, to start it again.
+    args: Vec<String>,
 }
 
 impl Gateway {
@@ -53,7 +55,20 @@ impl Gateway {
     /// Starts a gateway with the test secret, its listeners and `args` alone, and waits until
     /// it is ready; Err with what it printed when it exits first (refuses to start).
     pub async fn launch(args: &[String]) -> Result<Gateway, String> {
-        let (port, admin_port) = (free_port(), free_port());
+        Self::launch_on(free_port(), free_port(), args).await
+    }
+
+    /// Kills this gateway (SIGKILL) and starts another with the same flags on the same
+    /// ports, as an operator restarting a crashed one would.
+    pub async fn replace(mut self) -> Gateway {
+        let _ = self.child.kill().await;
+        match Self::launch_on(self.port, self.admin_port, &self.args).await {
+            Ok(gateway) => gateway,
+            Err(why) => panic!("the gateway did not start again: {why}"),
+        }
+    }
+
+    async fn launch_on(port: u16, admin_port: u16, args: &[String]) -> Result<Gateway, String> {
         let mut child = Command::new(binary())
             .arg("serve")
             .args(["--listen", &format!("127.0.0.1:{port}")])
@@ -84,6 +99,7 @@ impl Gateway {
             child,
             port,
             admin_port,
+            args: args.to_vec(),
         };
         let deadline = tokio::time::Instant::now() + PATIENCE;
         loop {

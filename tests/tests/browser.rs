@@ -1,0 +1,163 @@
+//! The TypeScript client (`clients/typescript`) in real headless Chromium against a real
+//! gateway and PostgreSQL. Each test starts a cluster with the demo schema and a gateway
+//! serving the demo app, then runs a scenario of `clients/typescript/test/browser/` in Node
+//! (playwright-core driving Debian's chromium). The scenario asks this side, one JSON line at
+//! a time, for what only the harness can do: SQL as the superuser, tokens, killing and
+//! restarting the gateway, its metrics. Build the client first (`npm run build`, which
+//! `make test` does).
+
+use pg_sync_tests::gateway::{token, Gateway};
+use pg_sync_tests::Cluster;
+use serde_json::{json, Value};
+use std::path::PathBuf;
+use std::process::Stdio;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::process::Command;
+
+const DEMO: &str = include_str!("../../sql/demo.sql");
+
+fn client_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../clients/typescript")
+}
+
+/// Runs `scenario` against a fresh cluster (the demo schema, then `setup`) and gateway.
+async fn scenario(name: &str, setup: &str) {
+    let cluster = Cluster::start().await;
+    cluster.execute(DEMO).await;
+    if !setup.is_empty() {
+        cluster.execute(setup).await;
+    }
+    let demo = client_dir().join("dist/demo");
+    assert!(
+        demo.join("app.js").exists(),
+        "build the client first: npm run build in clients/typescript"
+    );
+    let mut gateway =
+        Some(Gateway::start(&cluster, &["--static-dir", demo.to_str().unwrap()]).await);
+    let port = gateway.as_ref().unwrap().port;
+    let mut node = Command::new("node")
+        .args(["test/browser/run.mjs", name])
+        .current_dir(client_dir())
+        .env("PG_SYNC_GATEWAY", format!("http://127.0.0.1:{port}"))
+        .env(
+            "PG_SYNC_ARTIFACTS",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/../target/browser"),
+        )
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("node runs");
+    let mut answers = node.stdin.take().unwrap();
+    let mut requests = BufReader::new(node.stdout.take().unwrap()).lines();
+    while let Some(line) = requests.next_line().await.unwrap() {
+        let Ok(request) = serde_json::from_str::<Value>(&line) else {
+            println!("{line}"); // the scenario's own output
+            continue;
+        };
+        let args = &request["args"];
+        let result: Result<Value, String> = match request["call"].as_str() {
+            Some("sql") => {
+                let sql = args[0].as_str().unwrap_or_default();
+                cluster
+                    .connect()
+                    .await
+                    .batch_execute(sql)
+                    .await
+                    .map(|_| Value::Null)
+                    .map_err(|e| pg_sync_tests::error_text(&e))
+            }
+            Some("query") => {
+                let sql = format!(
+                    "SELECT coalesce(json_agg(q), '[]')::text FROM ({}) q",
+                    args[0].as_str().unwrap_or_default()
+                );
+                match cluster.connect().await.query_one(&sql, &[]).await {
+                    Ok(row) => Ok(serde_json::from_str(row.get(0)).unwrap()),
+                    Err(e) => Err(pg_sync_tests::error_text(&e)),
+                }
+            }
+            Some("token") => {
+                let mut claims = vec![];
+                if let Some(role) = args[1].as_str() {
+                    claims.push(("role", json!(role)));
+                }
+                Ok(json!(token(args[0].as_str().unwrap_or_default(), &claims)))
+            }
+            Some("replace_gateway") => {
+                gateway = Some(gateway.take().unwrap().replace().await);
+                Ok(Value::Null)
+            }
+            Some("metric") => {
+                let (_, text) = gateway
+                    .as_ref()
+                    .unwrap()
+                    .admin_get("/metrics")
+                    .await
+                    .unwrap();
+                let name = args[0].as_str().unwrap_or_default();
+                let value = text
+                    .lines()
+                    .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+                    .and_then(|v| v.trim().parse::<f64>().ok());
+                value.map(Value::from).ok_or(format!("no metric {name}"))
+            }
+            other => Err(format!("unknown call {other:?}")),
+        };
+        let answer = match result {
+            Ok(result) => json!({"id": request["id"], "result": result}),
+            Err(error) => json!({"id": request["id"], "error": error}),
+        };
+        answers
+            .write_all(format!("{answer}\n").as_bytes())
+            .await
+            .unwrap();
+    }
+    let status = node.wait().await.unwrap();
+    assert!(
+        status.success(),
+        "browser scenario {name} failed ({status}); its output is above"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_tabs_converge_with_the_table_under_random_writes() {
+    scenario("two_tabs_converge", "").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn offline_writes_from_two_tabs_are_applied_exactly_once() {
+    scenario("offline_writes", "").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_gateway_killed_mid_stream_is_resumed_on_its_successor() {
+    scenario("gateway_killed", "").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_socket_per_profile_and_a_closed_leader_hands_over() {
+    scenario("leader_hands_over", "").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_conflicting_write_rolls_back_and_is_reported() {
+    scenario("conflict", "").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_rls_user_has_only_their_rows_in_indexeddb() {
+    scenario(
+        "rls",
+        "ALTER TABLE app.task ENABLE ROW LEVEL SECURITY;
+         CREATE POLICY own_tasks ON app.task TO app_user
+             USING (assignee = current_setting('request.jwt.claims', true)::jsonb->>'sub')
+             WITH CHECK (assignee = current_setting('request.jwt.claims', true)::jsonb->>'sub');",
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_demo_shows_the_board_after_a_sync() {
+    scenario("demo_screenshot", "").await;
+}
