@@ -44,12 +44,13 @@ run: install client
 
 ## bench: every benchmark beside its reference, in one run: bench/results/REPORT.md, the raw
 ## data (results.jsonl, trigger.csv, bulk.csv, results.json) and latency.svg
-bench: install
+bench: install client
 	$(CARGO) build --release -p sync-gateway -p sync-loadgen
 	rm -f bench/results/results.jsonl
 	bench/trigger_bench.sh
 	bench/wal_bench.sh
 	bench/gateway_bench.sh
+	bench/browser_bench.sh
 	python3 bench/report.py bench/results $${BENCH_SECONDS:-15}
 
 ## bench-quick: the same suite with small sizes and 3 s runs (a smoke test, about two
@@ -57,12 +58,13 @@ bench: install
 QUICK = BENCH_OUT=target/bench-quick BENCH_SECONDS=3 TRIGGER_ROWS=10000 WAL_CHANGES=20000 \
 	LATENCY_CONNECTIONS="100 1000" FANOUT_CONNECTIONS=1000 IDLE_CONNECTIONS=1000 \
 	SNAPSHOT_ROWS=100000 CATCHUP_CHANGES=100000
-bench-quick: install
+bench-quick: install client
 	$(CARGO) build --release -p sync-gateway -p sync-loadgen
 	rm -rf target/bench-quick
 	$(QUICK) bench/trigger_bench.sh
 	$(QUICK) bench/wal_bench.sh
 	$(QUICK) bench/gateway_bench.sh
+	$(QUICK) bench/browser_bench.sh
 	python3 bench/report.py target/bench-quick 3
 
 ## fuzz: the property tests of the client-facing parsers, new random cases for FUZZ_SECONDS

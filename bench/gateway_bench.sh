@@ -68,3 +68,6 @@ echo "{\"mode\": \"copy\", \"rows\": $ROWS, \"seconds\": $best}" | tee -a "$OUT/
 restart_gateway
 loadgen fanout --connections 1000 --rls-claim-sets 1000
 loadgen fanout --connections 1000 --rls-claim-sets 10
+loadgen fanout --connections "$FANOUT" --rls-claim-sets "$FANOUT"
+restart_gateway
+loadgen fanout --connections 1000 --rls-claim-sets 10 --rls-subquery

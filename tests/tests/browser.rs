@@ -102,6 +102,7 @@ async fn scenario(name: &str, setup: &str) {
                     .and_then(|v| v.trim().parse::<f64>().ok());
                 value.map(Value::from).ok_or(format!("no metric {name}"))
             }
+            Some("load") => load(&cluster, args).await,
             other => Err(format!("unknown call {other:?}")),
         };
         let answer = match result {
@@ -118,6 +119,48 @@ async fn scenario(name: &str, setup: &str) {
         status.success(),
         "browser scenario {name} failed ({status}); its output is above"
     );
+}
+
+/// Runs the statement `args[0]` (given `$1`, a counter) at `args[1]` commits per second for
+/// `args[2]` seconds, each in its own transaction.
+async fn load(cluster: &Cluster, args: &Value) -> Result<Value, String> {
+    let (sql, rate, seconds) = (
+        args[0].as_str().unwrap_or_default(),
+        args[1].as_f64().unwrap_or(1.0),
+        args[2].as_f64().unwrap_or(1.0),
+    );
+    let client = cluster.connect().await;
+    let statement = client
+        .prepare(sql)
+        .await
+        .map_err(|e| pg_sync_tests::error_text(&e))?;
+    let mut ticks = tokio::time::interval(std::time::Duration::from_secs_f64(1.0 / rate));
+    for n in 0..(rate * seconds) as i32 {
+        ticks.tick().await;
+        client
+            .execute(&statement, &[&n])
+            .await
+            .map_err(|e| pg_sync_tests::error_text(&e))?;
+    }
+    Ok(Value::Null)
+}
+
+/// The browser benchmark (`make bench`, bench/browser_bench.sh): hydration of 100,000 rows
+/// and commit → live-query callback latency at 1,000 commits/s; appends to
+/// `$BENCH_OUT/results.jsonl`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "a benchmark: make bench"]
+async fn browser_benchmark() {
+    scenario(
+        "bench",
+        "INSERT INTO app.task (id, project_id, title, status, assignee)
+              SELECT g, 'p1', 'task ' || g, 'open', 'alice' FROM generate_series(10, 100009) g;
+         CREATE TABLE app.tick (id int PRIMARY KEY, at_ms bigint NOT NULL DEFAULT 0);
+         INSERT INTO app.tick SELECT g FROM generate_series(1, 100) g;
+         GRANT SELECT, INSERT, UPDATE, DELETE ON app.tick TO app_user;
+         SELECT sync.track('app.tick');",
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

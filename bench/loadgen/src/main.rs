@@ -23,6 +23,9 @@
 //!
 //! With `--rls-claim-sets N`, `bench_item` has row-level security: row `id` belongs to team
 //! `id % N`, connection `i` is in team `i % N` (a claim of its token), and sees its team's rows.
+//! The policy compares the row's team with the claim, which the gateway compiles; with
+//! `--rls-subquery` it looks the user's team up in a membership table instead, which the
+//! gateway cannot compile and asks the database about.
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
@@ -88,6 +91,9 @@ struct Common {
     /// Row-level security with this many distinct claim sets (0: none).
     #[arg(long, default_value_t = 0)]
     rls_claim_sets: usize,
+    /// With row-level security: a membership-subquery policy (not compilable).
+    #[arg(long)]
+    rls_subquery: bool,
     /// Changes missed while away (catchup).
     #[arg(long, default_value_t = 1_000_000)]
     changes: usize,
@@ -183,8 +189,25 @@ async fn prepare_table(c: &Common) -> Result<()> {
         db.batch_execute(
             "DO $$ BEGIN CREATE ROLE bench_user NOLOGIN; EXCEPTION WHEN duplicate_object THEN NULL; END $$;
              GRANT SELECT ON bench_item TO bench_user;
-             ALTER TABLE bench_item ENABLE ROW LEVEL SECURITY;
-             CREATE POLICY team ON bench_item
+             ALTER TABLE bench_item ENABLE ROW LEVEL SECURITY;",
+        )
+        .await?;
+    }
+    if c.rls_claim_sets > 0 && c.rls_subquery {
+        db.batch_execute(&format!(
+            "DROP TABLE IF EXISTS bench_member;
+             CREATE TABLE bench_member (user_id text PRIMARY KEY, team text NOT NULL);
+             INSERT INTO bench_member SELECT 'user' || g, (g % {teams})::text FROM generate_series(0, {}) g;
+             GRANT SELECT ON bench_member TO bench_user;
+             CREATE POLICY team ON bench_item USING (team IN (
+                 SELECT m.team FROM bench_member m
+                  WHERE m.user_id = current_setting('request.jwt.claims', true)::jsonb ->> 'sub'));",
+            c.connections - 1
+        ))
+        .await?;
+    } else if c.rls_claim_sets > 0 {
+        db.batch_execute(
+            "CREATE POLICY team ON bench_item
                  USING (team = current_setting('request.jwt.claims', true)::jsonb ->> 'team');",
         )
         .await?;
@@ -337,6 +360,7 @@ async fn fanout(c: Common) -> Result<Value> {
     let secs = c.seconds as f64;
     Ok(json!({
         "mode": "fanout", "connections": c.connections, "rls_claim_sets": c.rls_claim_sets,
+        "rls_policy": if c.rls_subquery { "subquery" } else { "claim" },
         "seconds": c.seconds, "commits": committed,
         "messages_per_s": (messages as f64 / secs).round(), "changes_per_s": (changes as f64 / secs).round(),
     }))

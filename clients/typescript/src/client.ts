@@ -157,6 +157,10 @@ export class SyncClient {
   /** Wakes a waiting reconnect or retry (the browser came online, a tab wrote). */
   private wake = new AbortController();
   private releaseLead?: () => void;
+  /** Server changes not yet in the store, per entity (`undefined`: deleted); see `stash`. */
+  private unstored = new Map<string, { rows: Map<string, Row | undefined>; meta?: Meta; drop: boolean }>();
+  private storing: Promise<void> = Promise.resolve();
+  private storeScheduled = false;
   /** Socket messages are handled one after the other, in order. */
   private queue: Promise<void> = Promise.resolve();
   /** Entities of this socket whose SUBSCRIBE is sent and not yet answered: messages of an
@@ -466,7 +470,7 @@ export class SyncClient {
     });
     if (!response.ok || !response.body) throw new Error(`snapshot of ${entity.code}: HTTP ${response.status}`);
     if (!ids) {
-      await this.store.dropEntity(entity.code);
+      this.stash(entity.code, [], [], undefined, true);
       this.replica.clear(entity.code);
       this.tell({ t: "clear", entity: entity.code });
     }
@@ -474,8 +478,8 @@ export class SyncClient {
     let text = "";
     let batch: [string, Row][] = [];
     const rows = new Map<string, Row>();
-    const flush = async () => {
-      if (!ids) await this.applyRows(entity.code, batch, [], undefined);
+    const flush = () => {
+      if (!ids) this.applyRows(entity.code, batch, [], undefined);
       batch.forEach(([id, row]) => rows.set(id, row));
       batch = [];
     };
@@ -488,24 +492,48 @@ export class SyncClient {
         const value = JSON.parse(line) as Row;
         if (cursor === undefined) cursor = value.cursor as string;
         else batch.push([entity.idOf(value), value]);
-        if (batch.length >= HYDRATE_BATCH) await flush();
+        if (batch.length >= HYDRATE_BATCH) flush();
       }
     }
-    await flush();
+    flush();
     if (!cursor) throw new Error(`snapshot of ${entity.code}: no cursor`);
-    if (!ids) {
-      const meta = { cursor };
-      await this.store.apply(entity.code, [], [], meta);
-      this.meta.set(entity.code, meta);
-    }
+    if (!ids) this.applyRows(entity.code, [], [], { cursor });
     return { cursor, rows };
   }
 
-  private async applyRows(entity: string, puts: [string, Row][], deletes: string[], meta: Meta | undefined): Promise<void> {
-    await this.store.apply(entity, puts, deletes, meta);
+  /** The server's changes: into memory and to the other tabs at once, into the store behind. */
+  private applyRows(entity: string, puts: [string, Row][], deletes: string[], meta: Meta | undefined): void {
     if (meta) this.meta.set(entity, meta);
     this.replica.applySynced(entity, puts, deletes);
     this.tell({ t: "rows", entity, puts, deletes });
+    this.stash(entity, puts, deletes, meta, false);
+  }
+
+  /** Queues changes for the store, merged per entity with those not yet written (`drop`:
+   * forget the entity's stored rows first). One write runs at a time and takes everything
+   * queued meanwhile, so a burst of messages costs a few transactions, not one each; rows
+   * and their cursor still go in one transaction, so the store is always a consistent (if
+   * slightly older) state to resume from. */
+  private stash(entity: string, puts: [string, Row][], deletes: string[], meta: Meta | undefined, drop: boolean): void {
+    let queued = this.unstored.get(entity);
+    if (!queued || drop) this.unstored.set(entity, (queued = { rows: new Map(), drop: drop || !!queued?.drop }));
+    for (const [id, row] of puts) queued.rows.set(id, row);
+    for (const id of deletes) queued.rows.set(id, undefined);
+    if (meta) queued.meta = meta;
+    if (this.storeScheduled) return;
+    this.storeScheduled = true;
+    this.storing = this.storing.then(async () => {
+      this.storeScheduled = false;
+      const batch = this.unstored;
+      this.unstored = new Map();
+      for (const [entity, { rows, meta, drop }] of batch) {
+        if (drop) await this.store.dropEntity(entity);
+        const puts: [string, Row][] = [];
+        const deletes: string[] = [];
+        rows.forEach((row, id) => (row ? puts.push([id, row]) : deletes.push(id)));
+        await this.store.apply(entity, puts, deletes, meta);
+      }
+    });
   }
 
   private async handle(type: string, payload: Record<string, unknown>, socket: WebSocket): Promise<void> {
@@ -519,7 +547,7 @@ export class SyncClient {
     }
     if (this.subscribing.has(code)) return; // an earlier subscription's message
     if (type === "SYNCED" && entity && cursor) {
-      await this.applyRows(code, [], [], { ...this.meta.get(code), cursor });
+      this.applyRows(code, [], [], { ...this.meta.get(code), cursor });
     } else if (type === "DELTA" && entity) {
       const changes = payload.changes as Change[];
       const version = changes.find((c) => c.schemaVersion !== undefined)?.schemaVersion;
@@ -531,13 +559,13 @@ export class SyncClient {
         if (c.action === "DELETE") deletes.push(c.entityId);
         else puts.push([c.entityId, c.data ?? {}]);
       }
-      await this.applyRows(code, puts, deletes, { cursor: cursor!, schemaVersion: version ?? known });
+      this.applyRows(code, puts, deletes, { cursor: cursor!, schemaVersion: version ?? known });
     } else if (type === "INVALIDATE" && entity) {
       const ids = [...new Set((payload.changes as Change[]).map((c) => c.entityId))];
       const fetched = await this.hydrate(entity, ids);
       const rows = fetched?.rows ?? new Map<string, Row>();
       const meta = { ...this.meta.get(code), cursor: cursor! };
-      await this.applyRows(code, [...rows], ids.filter((id) => !rows.has(id)), meta);
+      this.applyRows(code, [...rows], ids.filter((id) => !rows.has(id)), meta);
     } else if (type === "RESYNC" && entity) {
       return this.resync(entity, socket);
     } else if (type === "ERROR") {

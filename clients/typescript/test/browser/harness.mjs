@@ -27,6 +27,8 @@ export const token = (sub, role = null) => call("token", sub, role);
 /** SIGKILLs the gateway and starts another on the same address. */
 export const replaceGateway = () => call("replace_gateway");
 export const metric = (name) => call("metric", name);
+/** Runs `sql` (with `$1` a counter) at `rate` commits/s for `seconds`, each its own transaction. */
+export const load = (sql, rate, seconds) => call("load", sql, rate, seconds);
 
 export const GATEWAY = process.env.PG_SYNC_GATEWAY;
 export const ARTIFACTS = process.env.PG_SYNC_ARTIFACTS ?? "../../target/browser";

@@ -2,10 +2,12 @@
 // hold. Tabs of one context share IndexedDB, Web Locks and BroadcastChannel, as tabs of one
 // browser profile do.
 import assert from "node:assert/strict";
-import { mkdirSync } from "node:fs";
+import { appendFileSync, mkdirSync } from "node:fs";
 import {
   ARTIFACTS,
   converged,
+  GATEWAY,
+  load,
   log,
   metric,
   openDemo,
@@ -15,6 +17,7 @@ import {
   storedTasks,
   tableTasks,
   tabTasks,
+  token,
   until,
 } from "./harness.mjs";
 
@@ -195,4 +198,80 @@ export async function demo_screenshot(browser) {
     done: ["Plant tomatoes · bob"],
   });
   log(`screenshot: ${ARTIFACTS}/demo.png`);
+}
+
+/** `make bench`: hydration of the 100,003 tasks (until the first live query has them all) and
+ * commit → callback latency of live queries at 1,000 commits/s, into $BENCH_OUT/results.jsonl. */
+export async function bench(browser) {
+  const context = await browser.newContext();
+  const page = await context.newPage();
+  await page.goto(`${GATEWAY}/blank.html`);
+  await page.addScriptTag({ url: `${GATEWAY}/client.js` });
+  const rows = (await query("SELECT count(*)::int AS n FROM app.task"))[0].n;
+  // The reference: the same snapshot fetched and parsed in the page, stored nowhere.
+  const fetchMs = await page.evaluate(async (token) => {
+    const started = performance.now();
+    const response = await fetch("/v1/snapshot/task", { headers: { authorization: `Bearer ${token}` } });
+    const lines = (await response.text()).split("\n").filter(Boolean).map((l) => JSON.parse(l));
+    if (lines.length < 2) throw new Error("empty snapshot");
+    return performance.now() - started;
+  }, await token("alice"));
+  const hydrationMs = await page.evaluate(
+    async ([token, rows]) => {
+      const started = performance.now();
+      window.client = window.PgSync.createClient({ url: location.origin, token });
+      const tasks = window.client.entity("task");
+      await new Promise((resolve) => tasks.subscribe(undefined, (all) => all.length >= rows && resolve()));
+      return performance.now() - started;
+    },
+    [await token("alice"), rows],
+  );
+  log(`hydration: ${rows} rows in ${hydrationMs.toFixed(0)} ms (fetch and parse alone ${fetchMs.toFixed(0)} ms)`);
+  // Latency: each commit stamps a tick row with its time; the page notes when it sees it.
+  await page.evaluate(() => {
+    window.samples = [];
+    const seen = new Map();
+    const ticks = window.client.entity("tick");
+    ticks.subscribe(undefined, (all) => {
+      const now = Date.now();
+      for (const row of all) {
+        const at = Number(row.at_ms);
+        if (at && seen.get(row.id) !== at) {
+          seen.set(row.id, at);
+          window.samples.push(now - at);
+        }
+      }
+    });
+  });
+  await page.waitForFunction(() => window.client.status === "live", null, { timeout: 30000 });
+  const seconds = Number(process.env.BENCH_SECONDS ?? 10);
+  await call_load(seconds);
+  let count = -1;
+  await until("the last ticks", async () => {
+    const now = await page.evaluate(() => window.samples.length);
+    const settled = now === count;
+    count = now;
+    return settled || now;
+  });
+  const samples = (await page.evaluate(() => window.samples)).sort((a, b) => a - b);
+  const at = (q) => samples[Math.min(samples.length - 1, Math.floor(q * samples.length))];
+  const result = {
+    mode: "browser",
+    hydration_rows: rows,
+    hydration_seconds: hydrationMs / 1000,
+    hydration_rows_per_s: rows / (hydrationMs / 1000),
+    fetch_parse_rows_per_s: rows / (fetchMs / 1000),
+    rate: 1000,
+    commits: 1000 * seconds,
+    samples: samples.length,
+    p50_ms: at(0.5),
+    p99_ms: at(0.99),
+    max_ms: samples.at(-1),
+  };
+  log(JSON.stringify(result));
+  if (process.env.BENCH_OUT) appendFileSync(`${process.env.BENCH_OUT}/results.jsonl`, JSON.stringify(result) + "\n");
+}
+
+function call_load(seconds) {
+  return load("UPDATE app.tick SET at_ms = (extract(epoch FROM clock_timestamp()) * 1000)::bigint WHERE id = $1 % 100 + 1", 1000, seconds);
 }
