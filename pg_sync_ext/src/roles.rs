@@ -17,21 +17,41 @@ use pgrx::prelude::*;
 use std::cell::Cell;
 
 /// Runs `f` with `role`'s rights, in a security-restricted operation (no SET ROLE, no
-/// temporary objects inside), and restores the caller's rights afterwards, also on error.
+/// temporary objects inside), under `search_path = pg_catalog, pg_temp` and in a GUC nest
+/// level of its own, and restores the caller's rights and every setting afterwards, also on
+/// error: as PostgreSQL runs index expressions for the table owner. Without the nest level,
+/// code of `role`'s (a domain check, a cast) could `set_config('search_path', …)` and have
+/// the setting outlive the switch back, to capture the names the extension owner's own SQL
+/// uses next (found by a review: a table owner's way to superuser through `ingest_wal`).
 /// (An error here aborts the transaction, so whatever `f` leaves half-done is not used again:
 /// it is asserted unwind-safe.)
 pub fn as_role<T>(role: pg_sys::Oid, f: impl FnOnce() -> T) -> T {
     let (mut user, mut context) = (pg_sys::InvalidOid, 0);
-    // SAFETY: reads and sets the backend's current user, restored in `finally`.
-    unsafe {
+    // SAFETY: reads and sets the backend's current user and settings, restored in `finally`.
+    let nest = unsafe {
         pg_sys::GetUserIdAndSecContext(&mut user, &mut context);
         pg_sys::SetUserIdAndSecContext(
             role,
             context | pg_sys::SECURITY_RESTRICTED_OPERATION as i32,
         );
-    }
+        let nest = pg_sys::NewGUCNestLevel();
+        pg_sys::set_config_option(
+            c"search_path".as_ptr(),
+            c"pg_catalog, pg_temp".as_ptr(),
+            pg_sys::GucContext::PGC_USERSET,
+            pg_sys::GucSource::PGC_S_SESSION,
+            pg_sys::GucAction::GUC_ACTION_SAVE,
+            true,
+            0,
+            false,
+        );
+        nest
+    };
     PgTryBuilder::new(std::panic::AssertUnwindSafe(f))
-        .finally(|| unsafe { pg_sys::SetUserIdAndSecContext(user, context) })
+        .finally(|| unsafe {
+            pg_sys::AtEOXact_GUC(false, nest);
+            pg_sys::SetUserIdAndSecContext(user, context);
+        })
         .execute()
 }
 

@@ -755,3 +755,39 @@ async fn a_cursor_from_a_long_repeatable_read_snapshot_is_refused_not_made() {
     let (changes, _) = drain(&mut cluster.connect().await, Some(cursor), 10).await;
     assert_eq!(entity_ids(&changes), ["1"]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn renaming_columns_never_publishes_a_hidden_one() {
+    let cluster = Cluster::start().await;
+    cluster
+        .execute(
+            "CREATE TABLE doc (id int PRIMARY KEY, title text, secret text);
+             SELECT sync.track('doc', columns => ARRAY['title']);
+             INSERT INTO doc VALUES (1, 't', 's');",
+        )
+        .await;
+    // A migration swaps names: the published column leaves the list, the hidden one that
+    // takes its name stays hidden.
+    cluster
+        .execute(
+            "ALTER TABLE doc RENAME COLUMN title TO heading;
+             ALTER TABLE doc RENAME COLUMN secret TO title;
+             INSERT INTO doc VALUES (2, 'h', 'hidden');",
+        )
+        .await;
+    let (changes, _) = drain(&mut cluster.connect().await, None, 10).await;
+    let data: Vec<serde_json::Value> = changes
+        .iter()
+        .map(|c| serde_json::from_str(c.data.as_deref().unwrap()).unwrap())
+        .collect();
+    assert_eq!(data[0], serde_json::json!({"id": 1, "title": "t"}));
+    assert_eq!(data[1], serde_json::json!({"id": 2}));
+    let client = cluster.connect().await;
+    let (columns, version): (Vec<String>, i32) = client
+        .query_one("SELECT columns, schema_version FROM sync.tracked", &[])
+        .await
+        .map(|r| (r.get(0), r.get(1)))
+        .unwrap();
+    assert_eq!(columns, ["id"]);
+    assert_eq!(version, 3);
+}

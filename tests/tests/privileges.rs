@@ -112,6 +112,53 @@ async fn a_table_owner_cannot_become_superuser_through_capture_or_ingest() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_setting_changed_by_a_table_owners_code_does_not_outlive_it_in_ingest() {
+    let cluster = Cluster::start().await;
+    let mallory = mallory(&cluster).await;
+    // A domain whose check moves search_path to mallory's schema for the rest of the
+    // session, and a `now()` there that tries to make her a superuser: ingest (as the
+    // extension's owner) calls now() after typing her values.
+    mallory
+        .batch_execute(
+            "CREATE TABLE m.ran_as (who text);
+             CREATE FUNCTION m.hijack(int) RETURNS boolean LANGUAGE plpgsql AS $$
+             BEGIN PERFORM pg_catalog.set_config('search_path', 'm, pg_catalog', false); RETURN true; END $$;
+             CREATE DOMAIN m.hooked AS int CHECK (m.hijack(VALUE));
+             CREATE FUNCTION m.now() RETURNS timestamptz LANGUAGE plpgsql AS $$
+             BEGIN
+                 INSERT INTO m.ran_as VALUES (current_user);
+                 BEGIN EXECUTE 'ALTER ROLE mallory SUPERUSER';
+                 EXCEPTION WHEN insufficient_privilege THEN NULL; END;
+                 RETURN pg_catalog.now();
+             END $$;
+             GRANT USAGE ON SCHEMA m TO PUBLIC;
+             GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA m TO PUBLIC;
+             GRANT INSERT ON m.ran_as TO PUBLIC;
+             CREATE TABLE m.w (id int PRIMARY KEY, v m.hooked);",
+        )
+        .await
+        .unwrap();
+    mallory
+        .batch_execute("SELECT sync.track('m.w', capture => 'wal')")
+        .await
+        .unwrap();
+    mallory
+        .batch_execute("INSERT INTO m.w VALUES (1, 1)")
+        .await
+        .unwrap();
+    let gateway_login = cluster.connect_as(GATEWAY_ROLE, "postgres").await;
+    let stored: i64 = gateway_login
+        .query_one("SELECT sync.ingest_wal()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(stored, 1);
+    assert!(!is_superuser(&cluster, "mallory").await);
+    let ran: i64 = count(&cluster.connect().await, "SELECT count(*) FROM m.ran_as").await;
+    assert_eq!(ran, 0, "mallory's now() ran inside ingest");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_forged_capture_trigger_raises_and_writes_nothing() {
     let cluster = Cluster::start().await;
     let admin = cluster.connect().await;

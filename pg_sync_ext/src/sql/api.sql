@@ -68,7 +68,7 @@ $$;
 -- Whether wal2json is installed and allowed as an output plugin. SECURITY DEFINER: reading
 -- the library directory needs privileges the caller may lack.
 CREATE FUNCTION sync._wal2json_usable() RETURNS boolean
-LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog AS $$
+LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
     SELECT (SELECT (pg_stat_file(setting || '/wal2json.so', true)).size IS NOT NULL
               FROM pg_config WHERE name = 'PKGLIBDIR')
        AND coalesce(current_setting('output_plugin_libraries', true) ~ '(^|[ ,])wal2json($|[ ,])', true)
@@ -79,7 +79,7 @@ $$;
 CREATE FUNCTION sync.track(tbl regclass, entity_code text DEFAULT NULL,
                            capture text DEFAULT 'trigger', columns text[] DEFAULT NULL)
 RETURNS void
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog AS $$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 #variable_conflict use_column
 DECLARE
     code text;
@@ -133,6 +133,14 @@ BEGIN
             RAISE EXCEPTION 'sync.track: column % does not exist in %',
                 coalesce(quote_ident(unknown), 'NULL'), tbl USING ERRCODE = '42703';
         END IF;
+        -- An empty list publishes what the key alone publishes: the key is kept in it, as
+        -- the capture's arguments cannot tell an empty list from none (all columns).
+        IF cardinality(track.columns) = 0 THEN
+            track.columns := ARRAY(SELECT a.attname::text FROM pg_index i
+                                     JOIN pg_attribute a ON a.attrelid = i.indrelid
+                                      AND a.attnum = ANY (i.indkey::int2[])
+                                    WHERE i.indrelid = tbl AND i.indisprimary ORDER BY a.attnum);
+        END IF;
     END IF;
     SELECT t.relid INTO holder FROM sync.tracked t WHERE t.entity_code = code AND t.relid <> tbl;
     IF FOUND THEN
@@ -162,7 +170,7 @@ $$;
 
 -- For the table's owner (checked), as the extension's owner.
 CREATE FUNCTION sync.untrack(tbl regclass) RETURNS void
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog AS $$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
     PERFORM sync._require_owner(tbl);
     DELETE FROM sync.tracked WHERE relid = tbl;
@@ -181,7 +189,7 @@ $$;
 -- SECURITY DEFINER: it runs for every role's ALTER TABLE, most of which have no rights on
 -- sync; it only reads the command's targets and re-installs pg_sync's own triggers.
 CREATE FUNCTION sync._on_alter_table() RETURNS event_trigger
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog AS $$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     altered regclass;
     gone text[];
@@ -192,7 +200,7 @@ BEGIN
     FOR altered IN
         SELECT DISTINCT c.objid::regclass FROM pg_event_trigger_ddl_commands() c
           JOIN sync.tracked t ON t.relid = c.objid::regclass
-         WHERE c.object_type = 'table'
+         WHERE c.object_type IN ('table', 'table column') -- a RENAME COLUMN is a 'table column'
     LOOP
         IF NOT EXISTS (SELECT FROM pg_index i WHERE i.indrelid = altered AND i.indisprimary) THEN
             RAISE EXCEPTION 'pg_sync: % is tracked and needs its primary key', altered
@@ -205,10 +213,17 @@ BEGIN
         IF gone IS NOT NULL THEN
             RAISE WARNING 'pg_sync: columns % of % left its published columns', gone, altered;
         END IF;
+        -- Never left empty: an empty list publishes what the key alone publishes.
         UPDATE sync.tracked t
            SET schema_version = t.schema_version + 1,
                columns = CASE WHEN gone IS NULL THEN t.columns
-                              ELSE ARRAY(SELECT c FROM unnest(t.columns) AS c WHERE c <> ALL (gone)) END
+                              ELSE coalesce(nullif(ARRAY(SELECT c FROM unnest(t.columns) AS c
+                                                          WHERE c <> ALL (gone)), '{}'),
+                                            ARRAY(SELECT a.attname::text FROM pg_index i
+                                                   JOIN pg_attribute a ON a.attrelid = i.indrelid
+                                                    AND a.attnum = ANY (i.indkey::int2[])
+                                                  WHERE i.indrelid = altered AND i.indisprimary
+                                                  ORDER BY a.attnum)) END
          WHERE t.relid = altered;
         PERFORM sync._install_capture(altered);
     END LOOP;
@@ -221,7 +236,7 @@ ALTER EVENT TRIGGER sync_alter_table ENABLE ALWAYS;
 -- DROP TABLE of a tracked table ends its tracking; its history stays. SECURITY DEFINER, as
 -- _on_alter_table: every role's DROP runs it.
 CREATE FUNCTION sync._on_sql_drop() RETURNS event_trigger
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog AS $$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
     DELETE FROM sync.tracked
      WHERE relid::oid IN (SELECT objid FROM pg_event_trigger_dropped_objects()
@@ -235,7 +250,7 @@ ALTER EVENT TRIGGER sync_sql_drop ENABLE ALWAYS;
 -- security (sync.policy_plan) before routing the next page of changes. SECURITY DEFINER, as
 -- the other event triggers: every role's GRANT runs it.
 CREATE FUNCTION sync._on_access_change() RETURNS event_trigger
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog AS $$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
     UPDATE sync.state SET policy_version = policy_version + 1;
 END
@@ -291,7 +306,7 @@ $$;
 -- transactions that every snapshot already sees are removed. SECURITY DEFINER: for the
 -- administrators granted EXECUTE, who need no rights on the log itself.
 CREATE FUNCTION sync.prune(keep interval DEFAULT '7 days') RETURNS bigint
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog AS $$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     new_horizon xid8;
     removed bigint;

@@ -290,9 +290,13 @@ fn ingest(client: &mut SpiClient<'_>, max_changes: i32) -> i64 {
         crate::log::flush(); // the UPDATE below must see every row it tags
     }
     for (first, last, client_id) in late_tags {
+        // This ingest's rows of that transaction only: trigger-captured rows of concurrent
+        // transactions may hold ids in the same range.
         client
             .update(
-                "UPDATE sync.change_history SET client_id = $1 WHERE id BETWEEN $2 AND $3 AND client_id IS NULL",
+                "UPDATE sync.change_history SET client_id = $1
+                  WHERE id BETWEEN $2 AND $3 AND client_id IS NULL
+                    AND txid OPERATOR(pg_catalog.=) pg_catalog.pg_current_xact_id()",
                 None,
                 &[client_id.as_str().into(), first.into(), last.into()],
             )
@@ -304,14 +308,18 @@ fn ingest(client: &mut SpiClient<'_>, max_changes: i32) -> i64 {
     if let Some(commit) = last_commit {
         client
             .update(
-                "UPDATE sync.state SET wal_stored_lsn = $1::pg_lsn, last_ingest_at = now()",
+                "UPDATE sync.state SET wal_stored_lsn = $1::pg_lsn, last_ingest_at = pg_catalog.now()",
                 None,
                 &[format_lsn(commit).into()],
             )
             .unwrap();
     } else {
         client
-            .update("UPDATE sync.state SET last_ingest_at = now()", None, &[])
+            .update(
+                "UPDATE sync.state SET last_ingest_at = pg_catalog.now()",
+                None,
+                &[],
+            )
             .unwrap();
     }
     if added > 0 {
@@ -556,7 +564,11 @@ fn append(log: &LogTable, row: LogRow<'_>, tx: &Transaction) -> i64 {
 /// One TRUNCATE row per WAL-tracked entity, for a slot that was lost.
 fn mark_slot_lost(client: &mut SpiClient<'_>, tables: &TrackedTables) -> i64 {
     client
-        .update("UPDATE sync.state SET wal_slot_lost_at = now()", None, &[])
+        .update(
+            "UPDATE sync.state SET wal_slot_lost_at = pg_catalog.now()",
+            None,
+            &[],
+        )
         .unwrap();
     client
         .update("SELECT pg_catalog.pg_current_xact_id()", None, &[])
