@@ -5,7 +5,10 @@
  */
 import { createClient, type Refusal, type Row } from "../src/index.js";
 
-const token = new URLSearchParams(location.hash.slice(1)).get("token") ?? "";
+// Kept for this tab's reloads, out of the address bar and the history.
+const token = new URLSearchParams(location.hash.slice(1)).get("token") ?? sessionStorage.getItem("token") ?? "";
+sessionStorage.setItem("token", token);
+history.replaceState(null, "", location.pathname);
 /** Writes the server refused: shown in the console, kept for the browser tests. */
 const refusals: Refusal[] = [];
 const client = createClient({

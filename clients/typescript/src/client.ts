@@ -12,6 +12,7 @@ import { fullJitter } from "./backoff.js";
 import { reaches } from "./cursor.js";
 import { BATCH, send } from "./outbox.js";
 import { matches, Replica, type Filter } from "./replica.js";
+import { deleteDB } from "idb";
 import { Store, type Action, type Meta, type Mutation, type Row } from "./store.js";
 
 export type Status = "connecting" | "live" | "offline";
@@ -145,6 +146,8 @@ export class SyncClient {
   private readonly tab = crypto.randomUUID();
   private readonly base: string;
   private store!: Store;
+  private sub = "";
+  private name = "";
   private channel?: BroadcastChannel;
   private token = "";
   private clientId = "";
@@ -209,8 +212,11 @@ export class SyncClient {
 
   private async start(): Promise<void> {
     this.token = await this.freshToken();
-    const sub = claims(this.token).sub ?? "anonymous";
-    const name = `pg-sync:${sub}@${this.base}`;
+    // The local copy is the user's: one database per user, and no user, no database.
+    const sub = claims(this.token).sub;
+    if (!sub) throw new Error("pg-sync: the token has no sub (user id)");
+    this.sub = sub;
+    const name = (this.name = `pg-sync:${sub}@${this.base}`);
     this.store = await Store.open(name, (e) => this.error(e));
     const stored = await this.store.load();
     stored.rows.forEach((rows, entity) => this.replica.applySynced(entity, rows, []));
@@ -298,8 +304,25 @@ export class SyncClient {
     const exp = claims(this.token).exp;
     if (this.options.getToken && (!this.token || (exp && exp * 1000 - Date.now() < 60000))) {
       this.token = await this.options.getToken();
+      if (this.sub && claims(this.token).sub !== this.sub) {
+        // Another user: this user's rows and writes must not travel under their token.
+        this.close();
+        throw new Error("pg-sync: the token is for another user; make a new client for them");
+      }
     }
     return this.token || this.options.token || "";
+  }
+
+  /** Forgets everything this user's client stored on this device (at sign-out): the rows,
+   * the cursors, the outbox. The client is closed. */
+  async clearLocalData(): Promise<void> {
+    await this.ready.catch(() => undefined);
+    this.close();
+    this.store?.close();
+    if (this.name) {
+      (globalThis.localStorage as Storage | undefined)?.removeItem(`${this.name}:client`);
+      await deleteDB(this.name);
+    }
   }
 
   // ---- writes -------------------------------------------------------------------------

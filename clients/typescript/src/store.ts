@@ -70,6 +70,10 @@ export class Store {
     }
   }
 
+  close(): void {
+    this.db?.close();
+  }
+
   /** Everything stored, to start from. */
   async load(): Promise<{ rows: Map<string, Map<string, Row>>; meta: Map<string, Meta>; outbox: Mutation[] }> {
     const rows = new Map<string, Map<string, Row>>();
