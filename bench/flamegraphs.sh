@@ -20,11 +20,15 @@ profile() {
     exec 7>"$fifo"
     echo "SELECT pg_backend_pid() \\g $WORK/$name.pid" >&7
     until [ -s "$WORK/$name.pid" ]; do sleep 0.05; done
+    perf record -e cpu-clock -F 999 -g -p "$(cat "$WORK/$name.pid")" -o "$WORK/$name.data" 2>/dev/null &
+    local perf_pid=$!
+    sleep 0.5 # perf attaches
     echo "$sql" >&7
     echo '\q' >&7
-    perf record -e cpu-clock -F 999 -g -p "$(cat "$WORK/$name.pid")" -o "$WORK/$name.data" -- \
-        bash -c "while kill -0 $psql_pid 2>/dev/null; do sleep 0.1; done" 2>/dev/null
     exec 7>&-
+    wait "$psql_pid"
+    kill -INT "$perf_pid"
+    wait "$perf_pid" || true
     perf script -i "$WORK/$name.data" 2>/dev/null | inferno-collapse-perf |
         inferno-flamegraph --title "$name" >"$OUT/flame-$name.svg"
     echo "wrote $OUT/flame-$name.svg"
