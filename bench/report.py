@@ -104,8 +104,10 @@ for r in [r for r in runs if r["mode"] == "fanout" and r.get("rls_claim_sets")]:
     sets, subquery = r["rls_claim_sets"], r.get("rls_policy") == "subquery"
     policy = "a membership-subquery policy (not compiled: the database judges)" if subquery \
         else "a claim-comparing policy (compiled)"
+    batch = r.get("rows_per_commit", 1)
     if fan:
-        lines.append(f"| fan-out with RLS, {r['connections']:,} subscribers in {sets:,} claim sets, {policy} | "
+        lines.append(f"| fan-out with RLS, {r['connections']:,} subscribers in {sets:,} claim sets, {policy}, "
+                     f"{batch} rows per commit ({r['commits'] * batch / r['seconds']:,.0f} changes/s written) | "
                      f"{r['messages_per_s']:,.0f} msgs/s ({r['changes_per_s']:,.0f} changes/s) | "
                      f"no RLS above: {fan['changes_per_s']:,.0f} changes/s | "
                      f"{r['changes_per_s'] / fan['changes_per_s']:.3f}× |")

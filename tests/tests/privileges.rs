@@ -45,6 +45,12 @@ async fn is_superuser(cluster: &Cluster, role: &str) -> bool {
         .get(0)
 }
 
+/// `sync.ingest_wal()` as the gateway's login role calls it.
+async fn ingest_as_gateway(cluster: &Cluster) -> i64 {
+    let gateway_login = cluster.connect_as(GATEWAY_ROLE, "postgres").await;
+    count(&gateway_login, "SELECT sync.ingest_wal()").await
+}
+
 async fn count(client: &Client, sql: &str) -> i64 {
     client.query_one(sql, &[]).await.unwrap().get(0)
 }
@@ -79,13 +85,7 @@ async fn a_table_owner_cannot_become_superuser_through_capture_or_ingest() {
         .batch_execute("INSERT INTO m.w VALUES (1, 'evil')")
         .await
         .unwrap();
-    let gateway_login = cluster.connect_as(GATEWAY_ROLE, "postgres").await;
-    let stored: i64 = gateway_login
-        .query_one("SELECT sync.ingest_wal()", &[])
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(stored, 1);
+    assert_eq!(ingest_as_gateway(&cluster).await, 1);
 
     let ran_as: Vec<(String, bool)> = admin
         .query("SELECT who, super FROM m.ran_as", &[])
@@ -146,13 +146,7 @@ async fn a_setting_changed_by_a_table_owners_code_does_not_outlive_it_in_ingest(
         .batch_execute("INSERT INTO m.w VALUES (1, 1)")
         .await
         .unwrap();
-    let gateway_login = cluster.connect_as(GATEWAY_ROLE, "postgres").await;
-    let stored: i64 = gateway_login
-        .query_one("SELECT sync.ingest_wal()", &[])
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(stored, 1);
+    assert_eq!(ingest_as_gateway(&cluster).await, 1);
     assert!(!is_superuser(&cluster, "mallory").await);
     let ran: i64 = count(&cluster.connect().await, "SELECT count(*) FROM m.ran_as").await;
     assert_eq!(ran, 0, "mallory's now() ran inside ingest");
