@@ -126,25 +126,7 @@ impl LogTable {
             error!("pg_sync: a trigger on sync.change_history may not change a tracked table");
         }
         let id = self.next_id();
-        let values: [Option<pg_sys::Datum>; 15] = [
-            Some(pg_sys::Datum::from(id)),
-            row.table_name.into_datum(),
-            row.entity_code.into_datum(),
-            row.op.into_datum(),
-            row.entity_id.into_datum(),
-            row.data,
-            row.old_data,
-            row.changed_columns.into_datum(),
-            row.client_id.into_datum(),
-            Some(pg_sys::Datum::from(pg_sys::GetTopFullTransactionId().value)),
-            row.lsn.map(pg_sys::Datum::from),
-            row.schema_version.into_datum(),
-            row.source.into_datum(),
-            Some(pg_sys::Datum::from(
-                pg_sys::GetCurrentTransactionStartTimestamp(),
-            )),
-            None,
-        ];
+        let values = values(id, row);
         IN_FLIGHT.with(|f| {
             let mut f = f.borrow_mut();
             let transaction = match f.as_mut() {
@@ -160,11 +142,12 @@ impl LogTable {
                 return;
             }
             let here = pg_sys::GetCurrentSubTransactionId();
-            if transaction.held_rows >= BATCH_ROWS || transaction.held_bytes >= BATCH_BYTES {
+            if transaction.unwritten.len() >= BATCH_ROWS || transaction.held_bytes >= BATCH_BYTES {
                 transaction.write_rows_of(here);
             }
             transaction.hold(Unwritten {
                 tuple,
+                bytes: (*tuple).t_len as usize,
                 id,
                 at: here,
             });
@@ -175,6 +158,29 @@ impl LogTable {
     unsafe fn next_id(&self) -> i64 {
         pg_sys::submodules::ffi::pg_guard_ffi_boundary(|| nextval_internal(self.sequence, false))
     }
+}
+
+/// A log row's columns, in table order (`tx_first` left NULL), for the current transaction.
+unsafe fn values(id: i64, row: LogRow<'_>) -> [Option<pg_sys::Datum>; 15] {
+    [
+        Some(pg_sys::Datum::from(id)),
+        row.table_name.into_datum(),
+        row.entity_code.into_datum(),
+        row.op.into_datum(),
+        row.entity_id.into_datum(),
+        row.data,
+        row.old_data,
+        row.changed_columns.into_datum(),
+        row.client_id.into_datum(),
+        Some(pg_sys::Datum::from(pg_sys::GetTopFullTransactionId().value)),
+        row.lsn.map(pg_sys::Datum::from),
+        row.schema_version.into_datum(),
+        row.source.into_datum(),
+        Some(pg_sys::Datum::from(
+            pg_sys::GetCurrentTransactionStartTimestamp(),
+        )),
+        None,
+    ]
 }
 
 /// The log opened for writing, for the rest of the transaction: opened and closed under the
@@ -296,26 +302,20 @@ impl Writer {
 
     /// A row that closes a transaction whose newest change was rolled back.
     unsafe fn end_row(&self, log: &LogTable) -> pg_sys::HeapTuple {
-        let values: [Option<pg_sys::Datum>; 15] = [
-            Some(pg_sys::Datum::from(log.next_id())),
-            "".into_datum(),
-            "".into_datum(),
-            END.into_datum(),
-            None,
-            None,
-            None,
-            None,
-            None,
-            Some(pg_sys::Datum::from(pg_sys::GetTopFullTransactionId().value)),
-            None,
-            0i32.into_datum(),
-            "trigger".into_datum(),
-            Some(pg_sys::Datum::from(
-                pg_sys::GetCurrentTransactionStartTimestamp(),
-            )),
-            None,
-        ];
-        self.form(&values)
+        let end = LogRow {
+            table_name: "",
+            entity_code: "",
+            op: END,
+            entity_id: None,
+            data: None,
+            old_data: None,
+            changed_columns: None,
+            schema_version: 0,
+            client_id: None,
+            source: "trigger",
+            lsn: None,
+        };
+        self.form(&values(log.next_id(), end))
     }
 
     /// The row with its `tx_first` set: the transaction's last.
@@ -380,6 +380,8 @@ unsafe fn only_plain_indexes(rel: pg_sys::Relation, indexes: pg_sys::CatalogInde
 /// A row formed but not yet in the table, and the subtransaction it belongs to.
 struct Unwritten {
     tuple: pg_sys::HeapTuple,
+    /// The tuple's size, toward the batch's byte bound.
+    bytes: usize,
     id: i64,
     at: pg_sys::SubTransactionId,
 }
@@ -399,7 +401,7 @@ struct InFlight {
     /// The first id the transaction took (a lower bound of its rows' ids).
     first_id: i64,
     unwritten: Vec<Unwritten>,
-    held_rows: usize,
+    /// The size of the rows in `unwritten`.
     held_bytes: usize,
     /// The highest id written, per subtransaction.
     written: Vec<(pg_sys::SubTransactionId, i64)>,
@@ -412,16 +414,18 @@ impl InFlight {
             writer: Writer::open(log.relid),
             first_id,
             unwritten: Vec::new(),
-            held_rows: 0,
             held_bytes: 0,
             written: Vec::new(),
         }
     }
 
-    unsafe fn hold(&mut self, row: Unwritten) {
-        self.held_rows += 1;
-        self.held_bytes += (*row.tuple).t_len as usize;
+    fn hold(&mut self, row: Unwritten) {
+        self.held_bytes += row.bytes;
         self.unwritten.push(row);
+    }
+
+    fn recount(&mut self) {
+        self.held_bytes = self.unwritten.iter().map(|row| row.bytes).sum();
     }
 
     /// Writes the rows that belong to `here`, the current subtransaction.
@@ -429,12 +433,7 @@ impl InFlight {
         let (now, later): (Vec<_>, Vec<_>) =
             self.unwritten.drain(..).partition(|row| row.at == here);
         self.unwritten = later;
-        self.held_rows = self.unwritten.len();
-        self.held_bytes = self
-            .unwritten
-            .iter()
-            .map(|row| (*row.tuple).t_len as usize)
-            .sum();
+        self.recount();
         if let Some(newest) = now.iter().map(|row| row.id).max() {
             self.wrote(here, newest);
         }
@@ -453,13 +452,7 @@ impl InFlight {
     fn forget(&mut self, subtransaction: pg_sys::SubTransactionId) {
         self.unwritten.retain(|row| row.at < subtransaction);
         self.written.retain(|(at, _)| *at < subtransaction);
-        self.held_rows = self.unwritten.len();
-        // SAFETY: the held tuples are alive until written or the transaction ends.
-        self.held_bytes = self
-            .unwritten
-            .iter()
-            .map(|row| unsafe { (*row.tuple).t_len } as usize)
-            .sum();
+        self.recount();
     }
 
     /// A subtransaction commits into `parent`: its rows are written now, while it is still

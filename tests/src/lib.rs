@@ -370,6 +370,20 @@ pub fn sqlstate(error: &tokio_postgres::Error) -> String {
         .unwrap_or_default()
 }
 
+/// A cursor ahead of the database: `cursor` (at a batch boundary) with every number of its
+/// mark moved on by `by`.
+pub fn future_cursor(cursor: &str, by: u64) -> String {
+    let (head, mark) = cursor.rsplit_once('.').unwrap();
+    let moved: Vec<String> = mark
+        .split('_')
+        .map(|n| {
+            n.parse::<u64>()
+                .map_or(n.to_owned(), |n| (n + by).to_string())
+        })
+        .collect();
+    format!("{head}.{}", moved.join("_"))
+}
+
 /// A random seed, or `PG_SYNC_SEED`'s, printed so a failing run can be repeated.
 pub fn seed() -> u64 {
     let seed = std::env::var("PG_SYNC_SEED")

@@ -2,7 +2,7 @@
 //! clients.
 
 use pg_sync_tests::gateway::{actions, now, sign, token, Gateway, Session, PATIENCE, SECRET};
-use pg_sync_tests::Cluster;
+use pg_sync_tests::{future_cursor, Cluster};
 use serde_json::{json, Value};
 use std::time::Duration;
 use tokio_tungstenite::tungstenite::Message;
@@ -787,15 +787,7 @@ async fn a_cursor_ahead_of_the_database_is_refused() {
         .await
         .unwrap()
         .get(0);
-    let (head, mark) = now.rsplit_once('.').unwrap();
-    let ahead: Vec<String> = mark
-        .split('_')
-        .map(|n| {
-            n.parse::<u64>()
-                .map_or(n.to_owned(), |n| (n + 1000).to_string())
-        })
-        .collect();
-    let ahead = format!("{head}.{}", ahead.join("_"));
+    let ahead = future_cursor(&now, 1000);
     let mut session = client(&gateway, "alice").await;
     session
         .send(json!({"type": "SUBSCRIBE", "payload": {"entityCode": "project", "since": ahead, "ref": "f"}}))

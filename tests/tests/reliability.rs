@@ -5,7 +5,7 @@
 
 use futures_util::StreamExt;
 use pg_sync_tests::gateway::{token, Gateway, Session, PATIENCE};
-use pg_sync_tests::Cluster;
+use pg_sync_tests::{future_cursor, Cluster};
 use serde_json::{json, Value};
 use std::collections::HashSet;
 use std::time::Duration;
@@ -337,19 +337,6 @@ async fn a_dropped_slot_brings_resync_and_status_says_why() {
     assert_eq!(next["entityId"], "3");
 }
 
-/// A cursor far ahead of the database: `cursor` with every number of its mark moved on.
-fn future_cursor(cursor: &str) -> String {
-    let (head, mark) = cursor.rsplit_once('.').unwrap();
-    let moved: Vec<String> = mark
-        .split('_')
-        .map(|n| {
-            n.parse::<u64>()
-                .map_or(n.to_owned(), |n| (n + 100_000).to_string())
-        })
-        .collect();
-    format!("{head}.{}", moved.join("_"))
-}
-
 /// Nothing one client does can stall another (SPEC 2.4): one user runs every abuse at once —
 /// long-polls by the dozen, cursors from the future, snapshots it never reads, a socket that
 /// never reads, filters as costly as it may make them — while a well-behaved client on the
@@ -424,7 +411,7 @@ async fn one_users_abuse_does_not_stall_another_user() {
     // queries all taken by the above, refused as busy).
     let mut ahead = gateway.connect("mallory").await;
     for i in 0..20 {
-        let since = future_cursor(&now);
+        let since = future_cursor(&now, 100_000);
         ahead
             .send(json!({"type": "SUBSCRIBE", "payload": {"entityCode": "ev", "since": since, "ref": i.to_string()}}))
             .await;

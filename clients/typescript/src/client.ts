@@ -220,7 +220,6 @@ export class SyncClient {
     this.store = await Store.open(name, (e) => this.error(e));
     const stored = await this.store.load();
     stored.rows.forEach((rows, entity) => this.replica.applySynced(entity, rows, []));
-    stored.meta.forEach((meta, entity) => this.meta.set(entity, meta));
     this.replica.setPending(stored.outbox);
     const storage = globalThis.localStorage as Storage | undefined;
     this.clientId = this.options.clientId ?? storage?.getItem(`${name}:client`) ?? crypto.randomUUID();
@@ -485,8 +484,9 @@ export class SyncClient {
     socket.send(JSON.stringify({ type: "SUBSCRIBE", payload: { entityCode: entity.code, mode, since: meta.cursor, ref: entity.code } }));
   }
 
-  /** Streams the entity's snapshot into the store, in large transactions. */
-  private async hydrate(entity: Entity, ids?: string[]): Promise<{ cursor: string; rows: Map<string, Row> } | undefined> {
+  /** Streams the entity's snapshot into the store, in large transactions; with `ids`, only
+   * fetches those rows and returns them. */
+  private async hydrate(entity: Entity, ids?: string[]): Promise<Map<string, Row>> {
     const query = ids ? `?ids=${ids.map(encodeURIComponent).join(",")}` : "";
     const response = await fetch(`${this.base}/v1/snapshot/${encodeURIComponent(entity.code)}${query}`, {
       headers: { authorization: `Bearer ${await this.freshToken()}` },
@@ -502,8 +502,8 @@ export class SyncClient {
     let batch: [string, Row][] = [];
     const rows = new Map<string, Row>();
     const flush = () => {
-      if (!ids) this.applyRows(entity.code, batch, [], undefined);
-      batch.forEach(([id, row]) => rows.set(id, row));
+      if (ids) batch.forEach(([id, row]) => rows.set(id, row));
+      else this.applyRows(entity.code, batch, [], undefined);
       batch = [];
     };
     const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
@@ -521,7 +521,7 @@ export class SyncClient {
     flush();
     if (!cursor) throw new Error(`snapshot of ${entity.code}: no cursor`);
     if (!ids) this.applyRows(entity.code, [], [], { cursor });
-    return { cursor, rows };
+    return rows;
   }
 
   /** The server's changes: into memory and to the other tabs at once, into the store behind. */
@@ -585,8 +585,7 @@ export class SyncClient {
       this.applyRows(code, puts, deletes, { cursor: cursor!, schemaVersion: version ?? known });
     } else if (type === "INVALIDATE" && entity) {
       const ids = [...new Set((payload.changes as Change[]).map((c) => c.entityId))];
-      const fetched = await this.hydrate(entity, ids);
-      const rows = fetched?.rows ?? new Map<string, Row>();
+      const rows = await this.hydrate(entity, ids);
       const meta = { ...this.meta.get(code), cursor: cursor! };
       this.applyRows(code, [...rows], ids.filter((id) => !rows.has(id)), meta);
     } else if (type === "RESYNC" && entity) {

@@ -74,17 +74,14 @@ export class Store {
     this.db?.close();
   }
 
-  /** Everything stored, to start from. */
-  async load(): Promise<{ rows: Map<string, Map<string, Row>>; meta: Map<string, Meta>; outbox: Mutation[] }> {
+  /** The stored rows and outbox, to start from (positions are the leader's: `meta`). */
+  async load(): Promise<{ rows: Map<string, Map<string, Row>>; outbox: Mutation[] }> {
     const rows = new Map<string, Map<string, Row>>();
-    const meta = new Map<string, Meta>();
-    if (!this.db) return { rows, meta, outbox: [] };
-    const tx = this.db.transaction(["rows", "meta", "outbox"]);
-    const [keys, values, metaKeys, metaValues, outbox] = await Promise.all([
+    if (!this.db) return { rows, outbox: [] };
+    const tx = this.db.transaction(["rows", "outbox"]);
+    const [keys, values, outbox] = await Promise.all([
       tx.objectStore("rows").getAllKeys(),
       tx.objectStore("rows").getAll(),
-      tx.objectStore("meta").getAllKeys(),
-      tx.objectStore("meta").getAll(),
       tx.objectStore("outbox").getAll(),
     ]);
     keys.forEach(([entity, id], i) => {
@@ -92,8 +89,7 @@ export class Store {
       if (!entityRows) rows.set(entity, (entityRows = new Map<string, Row>()));
       entityRows.set(id, values[i] as Row);
     });
-    metaKeys.forEach((entity, i) => meta.set(entity, metaValues[i] as Meta));
-    return { rows, meta, outbox };
+    return { rows, outbox };
   }
 
   /** Rows put and deleted, and the entity's new position, in one transaction. */

@@ -11,8 +11,9 @@
 //!   skips them by their commit LSN: nothing is stored twice.
 //!
 //! Decoded rows stream through an SPI cursor, so a transaction of a million rows is stored
-//! whole with bounded memory (what one change allocates is freed before the next). Known wal2json limits: a numeric NaN or ±Infinity arrives as
-//! JSON null (recorded as NULL); a logical message's content ends at a NUL byte.
+//! whole with bounded memory (what one change allocates is freed before the next). Known
+//! wal2json limits: a numeric NaN or ±Infinity arrives as JSON null (recorded as NULL); a
+//! logical message's content ends at a NUL byte.
 
 mod enrich;
 

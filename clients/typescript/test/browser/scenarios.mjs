@@ -245,7 +245,7 @@ export async function bench(browser) {
   });
   await page.waitForFunction(() => window.client.status === "live", null, { timeout: 30000 });
   const seconds = Number(process.env.BENCH_SECONDS ?? 10);
-  await call_load(seconds);
+  await load("UPDATE app.tick SET at_ms = (extract(epoch FROM clock_timestamp()) * 1000)::bigint WHERE id = $1 % 100 + 1", 1000, seconds);
   let count = -1;
   await until("the last ticks", async () => {
     const now = await page.evaluate(() => window.samples.length);
@@ -270,8 +270,4 @@ export async function bench(browser) {
   };
   log(JSON.stringify(result));
   if (process.env.BENCH_OUT) appendFileSync(`${process.env.BENCH_OUT}/results.jsonl`, JSON.stringify(result) + "\n");
-}
-
-function call_load(seconds) {
-  return load("UPDATE app.tick SET at_ms = (extract(epoch FROM clock_timestamp()) * 1000)::bigint WHERE id = $1 % 100 + 1", 1000, seconds);
 }
