@@ -15,7 +15,7 @@
 //! their way to the router, in order with the batches, so that every batch the router gets
 //! after a subscription was judged for that subscriber's group.
 
-use super::plans::Plans;
+use super::plans::{Plan, Plans};
 use super::policy::GroupIndex;
 use super::roles::{GroupId, Roles, UserContext};
 use crate::deliver::router::Command;
@@ -109,9 +109,14 @@ impl Listeners {
 #[derive(Default)]
 pub struct Judge {
     /// Compiled policies indexed over groups, per (entity, role), with what they were built
-    /// for (the listeners' generation and the plan).
-    indexes: HashMap<(String, String), (u64, usize, Arc<GroupIndex>)>,
+    /// for (the listeners' generation and the plan, held so that a newer plan can never be
+    /// mistaken for it by its address).
+    indexes: HashMap<(String, String), BuiltIndex>,
 }
+
+/// A compiled policy's index over groups: the listeners' generation and the plan it was
+/// built for, and the index.
+type BuiltIndex = (u64, Arc<Plan>, Arc<GroupIndex>);
 
 /// What judging one entity's changes found.
 pub struct EntityJudgement {
@@ -156,10 +161,9 @@ impl Judge {
                 see_all.extend(members.iter().map(|(g, _)| *g));
             } else if let Some(expr) = &plan.expr {
                 let key = (entity.code.clone(), role.to_owned());
-                let plan_id = Arc::as_ptr(&plan) as usize;
                 let index = match self.indexes.get(&key) {
                     Some((built_for, built_plan, index))
-                        if *built_for == generation && *built_plan == plan_id =>
+                        if *built_for == generation && Arc::ptr_eq(built_plan, &plan) =>
                     {
                         index.clone()
                     }
@@ -169,7 +173,7 @@ impl Judge {
                             .map(|(g, group)| (*g, group.claims_json.clone()));
                         let index = Arc::new(GroupIndex::new(expr.clone(), groups));
                         self.indexes
-                            .insert(key, (generation, plan_id, index.clone()));
+                            .insert(key, (generation, plan.clone(), index.clone()));
                         index
                     }
                 };
@@ -479,9 +483,15 @@ impl Stage {
         }
         let mut client = None;
         for (code, at) in by_entity {
-            let (Some(entity), Some(listeners)) =
-                (self.catalog.cached(code), registry.listeners(code))
-            else {
+            let Some(listeners) = registry.listeners(code) else {
+                continue;
+            };
+            let Some(entity) = self.catalog.cached(code) else {
+                // Listened to but no longer known (untracked meanwhile): nobody is shown rows
+                // that cannot be judged. (No sight at all would mean everyone sees them.)
+                for i in at {
+                    sights[i] = Some(Arc::new(ChangeSight::default()));
+                }
                 continue;
             };
             if client.is_none() {
