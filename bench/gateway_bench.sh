@@ -23,6 +23,7 @@ GATEWAY_PORT=$(free_port)
 SECRET=bench-secret
 start_gateway() {
     target/release/sync-gateway serve --database-url "host=127.0.0.1 port=$PORT user=sync_gateway dbname=postgres" \
+        --authenticator-url "host=127.0.0.1 port=$PORT user=sync_authenticator dbname=postgres" \
         --listen "127.0.0.1:$GATEWAY_PORT" --admin-listen "127.0.0.1:$(free_port)" --jwt-secret "$SECRET" \
         --default-role app_user --allowed-roles app_user,bench_user --max-subscriptions 100 \
         >"$WORK/gateway.log" 2>&1 &

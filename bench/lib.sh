@@ -39,13 +39,16 @@ trap cleanup EXIT
 
 export PGHOST=127.0.0.1 PGPORT=$PORT PGUSER=postgres PGDATABASE=postgres
 # The roles of README's "Setting up a database": the gateway logs in as sync_gateway (no
-# superuser, no BYPASSRLS) and acts as app_user (or, in the RLS runs, bench_user).
+# superuser, no BYPASSRLS), runs users' queries on sync_authenticator, and acts as
+# app_user (or, in the RLS runs, bench_user).
 psql -q -v ON_ERROR_STOP=1 >/dev/null <<'SQL'
 CREATE EXTENSION pg_sync;
 CREATE ROLE sync_gateway LOGIN;
 SELECT sync.grant_gateway('sync_gateway');
 CREATE ROLE app_user NOLOGIN;
 CREATE ROLE bench_user NOLOGIN;
-GRANT app_user, bench_user TO sync_gateway;
+CREATE ROLE sync_authenticator LOGIN NOINHERIT;
+SELECT sync.grant_authenticator('sync_authenticator');
+GRANT app_user, bench_user TO sync_gateway, sync_authenticator;
 ALTER DEFAULT PRIVILEGES IN SCHEMA public GRANT SELECT, INSERT, UPDATE, DELETE ON TABLES TO app_user;
 SQL

@@ -26,9 +26,9 @@ load_demo() {
 }
 
 # Starts the gateway on database $1 (a URL it logs in with: as sync_gateway, never a
-# superuser) and prints how to use it.
+# superuser), users' queries on $2 (as sync_authenticator), and prints how to use it.
 start_gateway() {
-    SYNC_DATABASE_URL="$1" SYNC_LISTEN="$LISTEN" SYNC_DEFAULT_ROLE=app_user SYNC_STATIC_DIR="$DEMO_APP" \
+    SYNC_DATABASE_URL="$1" SYNC_AUTHENTICATOR_URL="$2" SYNC_LISTEN="$LISTEN" SYNC_DEFAULT_ROLE=app_user SYNC_STATIC_DIR="$DEMO_APP" \
         "$GATEWAY" serve &
     GATEWAY_PID=$!
     local token
@@ -71,9 +71,11 @@ if [ -n "${SYNC_DATABASE_URL:-}" ]; then
     echo "pg_sync is installed in $SYNC_DATABASE_URL with the demo schema (app.project, app.task)."
     trap stop_gateway EXIT
     trap 'exit 0' INT TERM
-    # The gateway logs in as the role sync_gateway: SYNC_GATEWAY_DATABASE_URL says how (a
-    # password, say); without it, the same URL is used, and a superuser there is refused.
-    start_gateway "${SYNC_GATEWAY_DATABASE_URL:-$SYNC_DATABASE_URL}"
+    # The gateway logs in as the role sync_gateway, and its users' queries as
+    # sync_authenticator: SYNC_GATEWAY_DATABASE_URL and SYNC_AUTHENTICATOR_URL say how (a
+    # password, say); without them, the same URL is used, and a superuser there is refused.
+    start_gateway "${SYNC_GATEWAY_DATABASE_URL:-$SYNC_DATABASE_URL}" \
+        "${SYNC_AUTHENTICATOR_URL:-${SYNC_GATEWAY_DATABASE_URL:-$SYNC_DATABASE_URL}}"
     wait "$GATEWAY_PID"
     exit 0
 fi
@@ -117,5 +119,6 @@ The demo tables app.project and app.task are tracked.
 
 EOF
 trap 'exit 0' INT TERM
-start_gateway "postgresql://sync_gateway@127.0.0.1:$PORT/postgres"
+start_gateway "postgresql://sync_gateway@127.0.0.1:$PORT/postgres" \
+    "postgresql://sync_authenticator@127.0.0.1:$PORT/postgres"
 wait "$GATEWAY_PID"

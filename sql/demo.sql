@@ -21,11 +21,14 @@ CREATE TABLE IF NOT EXISTS app.task (
 );
 
 -- The roles of README's "Setting up a database": the gateway logs in as sync_gateway (no
--- superuser, no BYPASSRLS) and acts for the demo's users as app_user.
+-- superuser, no BYPASSRLS), runs its users' own queries on sync_authenticator (which reads
+-- nothing of the log) and acts for the demo's users as app_user.
 DO $$ BEGIN CREATE ROLE sync_gateway LOGIN; EXCEPTION WHEN duplicate_object THEN NULL; END $$;
 SELECT sync.grant_gateway('sync_gateway');
+DO $$ BEGIN CREATE ROLE sync_authenticator LOGIN NOINHERIT; EXCEPTION WHEN duplicate_object THEN NULL; END $$;
+SELECT sync.grant_authenticator('sync_authenticator');
 DO $$ BEGIN CREATE ROLE app_user NOLOGIN; EXCEPTION WHEN duplicate_object THEN NULL; END $$;
-GRANT app_user TO sync_gateway;
+GRANT app_user TO sync_gateway, sync_authenticator;
 GRANT USAGE ON SCHEMA app TO app_user;
 GRANT SELECT, INSERT, UPDATE, DELETE ON app.project, app.task TO app_user;
 GRANT USAGE ON ALL SEQUENCES IN SCHEMA app TO app_user;

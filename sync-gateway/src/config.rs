@@ -31,6 +31,13 @@ pub struct ServeArgs {
     #[arg(long, env = "SYNC_DATABASE_URL")]
     pub database_url: String,
 
+    /// Connection string of the authenticator: the login that users' own queries (snapshots,
+    /// writes) run on, under their role. It must be able to read nothing of the log, since a
+    /// table owner's code in those queries can RESET ROLE to it (README: Setting up a
+    /// database). Without it they run on --database-url's login, and a warning is logged.
+    #[arg(long, env = "SYNC_AUTHENTICATOR_URL")]
+    pub authenticator_url: Option<String>,
+
     /// Address to listen on for WebSocket and HTTP clients.
     #[arg(long, env = "SYNC_LISTEN", default_value = "127.0.0.1:8787")]
     pub listen: SocketAddr,

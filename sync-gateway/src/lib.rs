@@ -11,7 +11,8 @@
 //!  deliver::replay ──pages──▶ deliver::router (pure, no I/O) ──bounded queues──▶ connection writers
 //!  (client pool)                   │  └─▶ deliver::mirror (sync.subscription)          │
 //!                                  └─ live position ─▶ long-polls, ahead-cursor checks  ▼ sockets
-//! http: snapshot, changes, write (client pool, capped per user and in total); admin: metrics, status
+//! http: changes (client pool); snapshot, write (authenticator pool: users' own queries, on a
+//! login that reads nothing of the log); both capped per user and in total; admin: metrics, status
 //! ```
 //!
 //! `model` holds the plain types every stage shares. Nothing calls back up the pipeline, and
@@ -114,7 +115,7 @@ pub struct AppState {
 pub enum ServeError {
     #[error(transparent)]
     Auth(#[from] access::auth::AuthError),
-    #[error("bad --database-url: {0}")]
+    #[error("bad --database-url or --authenticator-url: {0}")]
     DatabaseUrl(tokio_postgres::Error),
     #[error("cannot build a connection pool: {0}")]
     Pool(#[from] deadpool_postgres::BuildError),
@@ -170,10 +171,26 @@ pub async fn serve(args: ServeArgs, shutdown: CancellationToken) -> Result<(), S
     ));
     let visibility_pool = pool(visibility_config, p.visibility_pool_size, p.pool_wait)?;
     let client_pool = pool(pg_config.clone(), p.client_pool_size, p.pool_wait)?;
+    let (user_pool, authenticator) = match &args.authenticator_url {
+        Some(url) => {
+            let config = tokio_postgres::Config::from_str(url).map_err(ServeError::DatabaseUrl)?;
+            let user_pool = pool(config, p.client_pool_size, p.pool_wait)?;
+            let login: String = user_pool
+                .get()
+                .await?
+                .query_one("SELECT current_user::text", &[])
+                .await
+                .map_err(access::roles::RolesError::from)?
+                .get(0);
+            (user_pool, Some(login))
+        }
+        None => (client_pool.clone(), None),
+    };
     let ingest_pool = pool(pg_config.clone(), 1, p.pool_wait)?;
     let roles = Arc::new(
         Roles::check(
             &**feed_pool.get().await?,
+            authenticator,
             args.default_role.clone(),
             args.allowed_roles(),
             args.insecure_superuser,
@@ -193,7 +210,11 @@ pub async fn serve(args: ServeArgs, shutdown: CancellationToken) -> Result<(), S
     tokio::spawn(catalog.clone().refresh(shutdown.clone()));
     let plans = Arc::new(Plans::default());
     let metrics = Arc::new(Metrics::default());
-    let work = Arc::new(ClientWork::new(client_pool, args.caps.max_queries_per_user));
+    let work = Arc::new(ClientWork::new(
+        client_pool,
+        user_pool,
+        args.caps.max_queries_per_user,
+    ));
 
     let (control_tx, control_rx) = mpsc::channel(1024);
     let (feed_tx, feed_rx) = mpsc::channel(2);

@@ -1,7 +1,7 @@
 //! A real `sync-gateway` process for the tests, killed on drop, and the clients that talk to
 //! it: WebSocket sessions (tokio-tungstenite) and a minimal HTTP/1.1 client.
 
-use crate::{free_port, Cluster, APP_ROLE, GATEWAY_ROLE};
+use crate::{free_port, Cluster, APP_ROLE, AUTHENTICATOR_ROLE, GATEWAY_ROLE};
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
 use std::path::PathBuf;
@@ -32,14 +32,17 @@ pub struct Gateway {
 impl Gateway {
     /// Starts a gateway on `cluster` with the test secret and `extra` flags, and waits until
     /// it is ready (its first read of the log is done). It logs in as the non-superuser
-    /// [`GATEWAY_ROLE`] and acts as [`APP_ROLE`] for tokens without a role, unless `extra`
-    /// says otherwise (`--default-role`, or `--database-url` to log in as someone else).
+    /// [`GATEWAY_ROLE`], runs users' queries on [`AUTHENTICATOR_ROLE`] and acts as
+    /// [`APP_ROLE`] for tokens without a role, unless `extra` says otherwise
+    /// (`--default-role`, or `--database-url` to log in as someone else).
     pub async fn start(cluster: &Cluster, extra: &[&str]) -> Gateway {
         let mut args: Vec<String> = Vec::new();
         if !extra.contains(&"--database-url") {
             args.extend([
                 "--database-url".into(),
                 cluster.url_as(GATEWAY_ROLE, "postgres"),
+                "--authenticator-url".into(),
+                cluster.url_as(AUTHENTICATOR_ROLE, "postgres"),
             ]);
         }
         if !extra.contains(&"--default-role") {

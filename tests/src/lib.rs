@@ -20,14 +20,19 @@ const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
 
 /// The gateway's login role in the tests.
 pub const GATEWAY_ROLE: &str = "sync_gateway";
+/// The test gateways' authenticator: the login users' own queries run on, which may read
+/// nothing of the log.
+pub const AUTHENTICATOR_ROLE: &str = "sync_authenticator";
 /// The role tokens name (`--default-role` of the test gateways).
 pub const APP_ROLE: &str = "app_user";
 
 const ROLES: &str = "
     CREATE ROLE sync_gateway LOGIN NOSUPERUSER NOBYPASSRLS;
     SELECT sync.grant_gateway('sync_gateway');
+    CREATE ROLE sync_authenticator LOGIN NOINHERIT;
+    SELECT sync.grant_authenticator('sync_authenticator');
     CREATE ROLE app_user NOLOGIN;
-    GRANT app_user TO sync_gateway;
+    GRANT app_user TO sync_gateway, sync_authenticator;
     ALTER DEFAULT PRIVILEGES FOR ROLE postgres IN SCHEMA public
         GRANT SELECT, INSERT, UPDATE, DELETE ON TABLES TO app_user;
     ALTER DEFAULT PRIVILEGES FOR ROLE postgres IN SCHEMA public

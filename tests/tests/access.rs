@@ -17,7 +17,7 @@ const SCHEMA: &str = "
     -- (app_user, the tokens' default role, may read and write both: see the harness.)
     -- A role whose policy raises: its checks fail, nobody else's.
     CREATE ROLE broken_user NOLOGIN;
-    GRANT broken_user TO sync_gateway;
+    GRANT broken_user TO sync_gateway, sync_authenticator;
     GRANT SELECT ON doc, marker TO broken_user;
     CREATE FUNCTION fail() RETURNS boolean LANGUAGE plpgsql AS $$ BEGIN RAISE EXCEPTION 'broken policy'; END $$;
     CREATE POLICY broken ON doc FOR SELECT TO broken_user USING (fail());

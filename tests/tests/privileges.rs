@@ -3,7 +3,7 @@
 //! writer — and each attack that once worked is repeated and must now fail.
 
 use pg_sync_tests::gateway::{actions, token, Gateway, Session};
-use pg_sync_tests::{error_text, sqlstate, Cluster, GATEWAY_ROLE};
+use pg_sync_tests::{error_text, sqlstate, Cluster, AUTHENTICATOR_ROLE, GATEWAY_ROLE};
 use serde_json::{json, Value};
 use tokio_postgres::Client;
 
@@ -369,10 +369,10 @@ const APP: &str = "
         USING (owner = current_setting('request.jwt.claims', true)::jsonb ->> 'sub');
     CREATE TABLE marker (id int PRIMARY KEY);
     CREATE ROLE reader2 NOLOGIN;
-    GRANT reader2 TO sync_gateway;
+    GRANT reader2 TO sync_gateway, sync_authenticator;
     GRANT SELECT ON marker TO reader2;
     CREATE ROLE other_role NOLOGIN;
-    GRANT other_role TO sync_gateway;
+    GRANT other_role TO sync_gateway, sync_authenticator;
     GRANT SELECT ON doc, secret, marker TO other_role;
     SELECT sync.track('doc'); SELECT sync.track('secret'); SELECT sync.track('marker');";
 
@@ -425,6 +425,7 @@ async fn tokens_naming_roles_the_gateway_may_not_act_as_are_refused_on_every_pat
         "postgres",
         "none",
         GATEWAY_ROLE,
+        AUTHENTICATOR_ROLE,
         "other_role",
         "pg_read_all_data",
     ] {
@@ -657,4 +658,110 @@ async fn a_refreshed_token_keeps_only_what_its_role_may_read() {
         .send(json!({"type": "AUTH", "payload": {"token": token("alice", &[("role", json!("postgres"))])}}))
         .await;
     assert_eq!(session.expect("ERROR").await["code"], "forbidden");
+}
+
+/// A table owner's code that runs in a user's query (a trigger on a write, a policy function
+/// on a snapshot) resets the role and reads the log, answering what it found in an error
+/// message, which the gateway passes on.
+const LOOTER: &str = "
+    CREATE TABLE notes (id text PRIMARY KEY, body text);
+    ALTER TABLE notes OWNER TO mallory;
+    SELECT sync.track('notes');
+    CREATE FUNCTION m.loot() RETURNS text LANGUAGE plpgsql AS $$
+    DECLARE found text;
+    BEGIN
+        RESET ROLE;
+        BEGIN
+            SELECT coalesce(string_agg(data::text, ','), 'nothing') INTO found FROM sync.change_history;
+        EXCEPTION WHEN insufficient_privilege THEN found := 'denied';
+        END;
+        RAISE EXCEPTION 'loot: %', found USING ERRCODE = '23514';
+    END $$;
+    INSERT INTO notes VALUES ('n0', 'seed');
+    CREATE FUNCTION m.loot_on_write() RETURNS trigger LANGUAGE plpgsql AS
+        $$ BEGIN PERFORM m.loot(); RETURN NEW; END $$;
+    CREATE TRIGGER loot BEFORE INSERT ON notes FOR EACH ROW EXECUTE FUNCTION m.loot_on_write();
+    ALTER TABLE notes ENABLE ROW LEVEL SECURITY;
+    CREATE POLICY loot ON notes USING (m.loot() IS NOT NULL);
+    GRANT USAGE ON SCHEMA m TO app_user;
+    INSERT INTO doc VALUES ('d1', 'top-secret');";
+
+/// What a write of `notes` and a snapshot of it answer as an app user.
+async fn looted(gateway: &Gateway) -> [String; 2] {
+    let auth = format!("Bearer {}", token("eve", &[]));
+    let headers = [("Authorization", auth.as_str())];
+    let write = json!({"mutations": [{"id": "m1", "entityCode": "notes", "action": "CREATE",
+                                      "entityId": "n1", "data": {"body": "x"}}]});
+    let write = gateway
+        .request("POST", "/v1/write", &headers, Some(&write))
+        .await
+        .unwrap();
+    let snapshot = gateway
+        .request("GET", "/v1/snapshot/notes", &headers, None)
+        .await
+        .unwrap();
+    [write, snapshot].map(|r| format!("{} {}", r.status, String::from_utf8_lossy(&r.body)))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_table_owners_code_in_a_users_query_cannot_read_the_log() {
+    let cluster = Cluster::start().await;
+    cluster.execute(MALLORY).await;
+    cluster.execute(APP).await;
+    cluster.execute(LOOTER).await;
+    // With an authenticator (as make run and the README set it up), RESET ROLE lands on a
+    // login that may read nothing of the log.
+    let gateway = Gateway::start(&cluster, &[]).await;
+    for answer in looted(&gateway).await {
+        assert!(answer.contains("loot: denied"), "{answer}");
+        assert!(!answer.contains("top-secret"), "{answer}");
+    }
+    drop(gateway);
+    // The contrast, the fallback README warns of: without --authenticator-url, users' queries
+    // run on the gateway's login, and the same code reads the whole log.
+    let args = [
+        "--database-url",
+        &cluster.url_as(GATEWAY_ROLE, "postgres"),
+        "--default-role",
+        "app_user",
+    ]
+    .map(String::from);
+    let gateway = Gateway::launch(&args).await.unwrap();
+    for answer in looted(&gateway).await {
+        assert!(answer.contains("top-secret"), "{answer}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_gateway_refuses_an_authenticator_that_can_reach_the_log() {
+    let cluster = Cluster::start().await;
+    cluster.execute(APP).await;
+    let base = |authenticator: &str| {
+        [
+            "--database-url",
+            &cluster.url_as(GATEWAY_ROLE, "postgres"),
+            "--authenticator-url",
+            &cluster.url_as(authenticator, "postgres"),
+            "--default-role",
+            "app_user",
+        ]
+        .map(String::from)
+    };
+    // The gateway's own login as the authenticator, and one that may SET ROLE to it.
+    cluster
+        .execute(
+            "CREATE ROLE climber LOGIN NOINHERIT;
+             GRANT app_user, sync_gateway TO climber;",
+        )
+        .await;
+    for authenticator in [GATEWAY_ROLE, "climber"] {
+        let refused = Gateway::launch(&base(authenticator))
+            .await
+            .err()
+            .expect("refused");
+        assert!(
+            refused.contains("may read the change log"),
+            "{authenticator}: {refused}"
+        );
+    }
 }

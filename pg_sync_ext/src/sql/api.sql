@@ -380,9 +380,10 @@ $$;
 
 -- Records that `user_id` applies mutation `id` in this transaction; false when it was
 -- applied before. The gateway calls it in the writing transaction before it takes on the
--- user's role.
+-- user's role. SECURITY DEFINER so that the authenticator (below) needs no right on
+-- sync.applied_mutation; it runs no code a caller can define.
 CREATE FUNCTION sync.claim_mutation(user_id text, id text) RETURNS boolean
-LANGUAGE sql SET search_path = pg_catalog AS $$
+LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
     WITH claimed AS (INSERT INTO sync.applied_mutation (user_id, id) VALUES ($1, $2)
                      ON CONFLICT DO NOTHING RETURNING 1)
     SELECT EXISTS (SELECT FROM claimed)
@@ -426,6 +427,28 @@ BEGIN
 END
 $$;
 
+-- The gateway's authenticator: the login its users' queries run on (snapshots, writes) before
+-- and under their role. Code of a table's owner runs in those sessions and can RESET ROLE back
+-- to it, so it may do only what is harmless to expose: read the current cursor, wait for WAL
+-- ingestion, claim mutation ids and tag origins. It reads nothing of the log.
+CREATE FUNCTION sync.grant_authenticator(authenticator regrole) RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog AS $$
+DECLARE
+    f regprocedure;
+BEGIN
+    IF authenticator IS NULL THEN
+        RAISE EXCEPTION 'sync.grant_authenticator: authenticator must not be NULL' USING ERRCODE = '22004';
+    END IF;
+    EXECUTE format('GRANT USAGE ON SCHEMA sync TO %s', authenticator);
+    FOREACH f IN ARRAY ARRAY[
+        'sync.current_cursor()', 'sync._wal_settled(text)', 'sync.claim_mutation(text, text)',
+        'sync.tag_origin(text)'
+    ]::regprocedure[] LOOP
+        EXECUTE format('GRANT EXECUTE ON FUNCTION %s TO %s', f, authenticator);
+    END LOOP;
+END
+$$;
+
 -- Nothing of pg_sync's is anyone's by default (SPEC 1.9): the grants above, and those the
 -- README lists for writers and administrators, are the only way in. Capture needs none.
 REVOKE ALL ON ALL FUNCTIONS IN SCHEMA sync FROM PUBLIC;
@@ -437,3 +460,6 @@ REVOKE ALL ON TYPE sync.change FROM PUBLIC;
 ALTER FUNCTION sync.visible(oid, jsonb, jsonb) SET search_path = pg_catalog, pg_temp;
 ALTER FUNCTION sync.create_wal_slot() SECURITY DEFINER;
 ALTER FUNCTION sync.create_wal_slot() SET search_path = pg_catalog, pg_temp;
+-- current_cursor reads sync.state, which the authenticator may not.
+ALTER FUNCTION sync.current_cursor() SECURITY DEFINER;
+ALTER FUNCTION sync.current_cursor() SET search_path = pg_catalog, pg_temp;

@@ -85,10 +85,13 @@ impl Drop for Held {
     }
 }
 
-/// Database work for clients: a connection of the clients' pool, at most `per_user` at once
-/// for one user.
+/// Database work for clients, at most `per_user` connections at once for one user: the
+/// gateway's own queries for them (reading the log, compiling policies) on the clients' pool,
+/// and their own queries (snapshots, writes), which run a table owner's code, on the
+/// authenticator's pool, whose login can read nothing of the log.
 pub struct ClientWork {
     pool: Pool,
+    authenticator: Pool,
     queries: Arc<Cap>,
 }
 
@@ -101,17 +104,28 @@ pub struct Work {
 impl ClientWork {
     /// The global bound is the pool itself, whose wait is bounded; the count keeps one user
     /// from taking all of it.
-    pub fn new(pool: Pool, per_user: usize) -> ClientWork {
+    pub fn new(pool: Pool, authenticator: Pool, per_user: usize) -> ClientWork {
         ClientWork {
             pool,
+            authenticator,
             queries: Cap::new("queries", usize::MAX, per_user),
         }
     }
 
-    /// A connection for `user`'s work, or why not (at once, or after the pool's wait).
+    /// A connection for the gateway's work for `user`, or why not (at once, or after the
+    /// pool's wait). No code of the user or of a table's owner may run on it.
     pub async fn start(&self, user: &str) -> Result<Work, Busy> {
+        self.take(&self.pool, user).await
+    }
+
+    /// A connection of the authenticator for `user`'s own queries (see `roles::act_as`).
+    pub async fn start_as_user(&self, user: &str) -> Result<Work, Busy> {
+        self.take(&self.authenticator, user).await
+    }
+
+    async fn take(&self, pool: &Pool, user: &str) -> Result<Work, Busy> {
         let held = self.queries.take(user)?;
-        let client = self.pool.get().await?;
+        let client = pool.get().await?;
         Ok(Work {
             client,
             _held: held,

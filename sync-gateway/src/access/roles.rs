@@ -77,6 +77,8 @@ impl Groups {
 
 /// The roles tokens may name.
 pub struct Roles {
+    /// The login users' queries run on (--authenticator-url, else the gateway's own).
+    authenticator: String,
     default: Option<String>,
     /// --allowed-roles.
     configured: Vec<String>,
@@ -105,20 +107,50 @@ pub enum RolesError {
     PrivilegedLogin(String),
     #[error(
         "--allowed-roles/--default-role: {0} cannot be acted as: it must exist, be neither \
-         `none`, the login role, a superuser nor BYPASSRLS, and the login role must be a \
-         member of it (GRANT {0} TO <login role>)"
+         `none`, a login role of the gateway, a superuser nor BYPASSRLS, and both the login \
+         role and the authenticator must be members of it (GRANT {0} TO <login role>, \
+         <authenticator>)"
     )]
     Unusable(String),
+    #[error(
+        "the authenticator {authenticator} can become {reaches}, which {what}: code of a table's \
+         owner in a user's query could use it (see README: Setting up a database; \
+         sync.grant_authenticator grants what it needs)"
+    )]
+    AuthenticatorTooPowerful {
+        authenticator: String,
+        reaches: String,
+        what: String,
+    },
     #[error("database: {0}")]
     Database(#[from] tokio_postgres::Error),
 }
 
-/// The configured roles that are safe to act as, as the database says now.
+/// The configured roles that are safe to act as, as the database says now: the gateway's login
+/// ($2 the authenticator) must be a member, for judging policies as the role.
 const USABLE_ROLES_SQL: &str = "
 SELECT r.rolname::text FROM pg_catalog.pg_roles r
- WHERE r.rolname = ANY ($1::text[]) AND r.rolname <> current_user
+ WHERE r.rolname = ANY ($1::text[]) AND r.rolname NOT IN (current_user, $2)
    AND NOT r.rolsuper AND NOT r.rolbypassrls
-   AND pg_catalog.pg_has_role(current_user, r.oid, 'MEMBER')";
+   AND pg_catalog.pg_has_role(current_user, r.oid, 'MEMBER')
+   AND pg_catalog.pg_has_role($2, r.oid, 'MEMBER')";
+
+/// A role the authenticator ($1) is or can SET ROLE to that would let a user's query read the
+/// log or the subscriptions, or bypass row-level security; none is the answer wanted.
+const AUTHENTICATOR_REACH_SQL: &str = "
+SELECT r.rolname::text,
+       CASE WHEN r.rolsuper OR r.rolbypassrls THEN 'bypasses row-level security'
+            WHEN pg_catalog.has_function_privilege(r.oid, 'sync.changes_since(text, integer, text)', 'EXECUTE')
+              OR pg_catalog.has_table_privilege(r.oid, 'sync.change_history', 'SELECT')
+            THEN 'may read the change log'
+            ELSE 'may read or change sync.subscription' END
+  FROM pg_catalog.pg_roles r
+ WHERE pg_catalog.pg_has_role($1, r.oid, 'MEMBER')
+   AND (r.rolsuper OR r.rolbypassrls
+        OR pg_catalog.has_function_privilege(r.oid, 'sync.changes_since(text, integer, text)', 'EXECUTE')
+        OR pg_catalog.has_table_privilege(r.oid, 'sync.change_history', 'SELECT')
+        OR pg_catalog.has_table_privilege(r.oid, 'sync.subscription', 'SELECT, INSERT, UPDATE, DELETE'))
+ ORDER BY r.rolname LIMIT 1";
 
 /// A digest of role attributes and memberships.
 const ROLES_FINGERPRINT_SQL: &str = "
@@ -129,9 +161,11 @@ SELECT pg_catalog.md5(
             FROM pg_catalog.pg_roles))";
 
 impl Roles {
-    /// Checks the login role and the configured roles: an error refuses to start.
+    /// Checks the login role, the authenticator (None: users' queries run on the login
+    /// role) and the configured roles: an error refuses to start.
     pub async fn check(
         client: &Client,
+        authenticator: Option<String>,
         default: Option<String>,
         configured: Vec<String>,
         insecure_superuser: bool,
@@ -154,7 +188,31 @@ impl Roles {
                  every user can read every row"
             );
         }
+        let authenticator = match authenticator {
+            Some(authenticator) => {
+                let reach = client
+                    .query_opt(AUTHENTICATOR_REACH_SQL, &[&authenticator])
+                    .await?;
+                if let Some(row) = reach {
+                    return Err(RolesError::AuthenticatorTooPowerful {
+                        authenticator,
+                        reaches: row.get(0),
+                        what: row.get(1),
+                    });
+                }
+                authenticator
+            }
+            None => {
+                tracing::warn!(
+                    login,
+                    "users' queries run on the gateway's login role (no --authenticator-url): \
+                     code of a table's owner in them can RESET ROLE and read the whole log"
+                );
+                login.clone()
+            }
+        };
         let roles = Roles {
+            authenticator,
             default,
             configured,
             usable: RwLock::default(),
@@ -171,7 +229,9 @@ impl Roles {
 
     /// Reads again which configured roles are safe to act as, and whether roles changed.
     pub async fn refresh(&self, client: &Client) -> Result<(), tokio_postgres::Error> {
-        let rows = client.query(USABLE_ROLES_SQL, &[&self.configured]).await?;
+        let rows = client
+            .query(USABLE_ROLES_SQL, &[&self.configured, &self.authenticator])
+            .await?;
         let usable: HashSet<String> = rows.iter().map(|r| r.get(0)).collect();
         *self.usable.write().expect("roles lock") = usable;
         let fingerprint: String = client.query_one(ROLES_FINGERPRINT_SQL, &[]).await?.get(0);

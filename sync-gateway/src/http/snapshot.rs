@@ -87,7 +87,9 @@ pub async fn snapshot(
         )));
     }
     let place = state.caps.snapshots.take(&user.sub)?;
-    let work = state.work.start(&user.sub).await?;
+    let work = state.work.start_as_user(&user.sub).await?;
+    // Ingesting runs as the gateway, never on the user's (the authenticator's) connection.
+    let gateway = state.work.pool().clone();
     let (idle, longest) = (
         state.config.snapshot_idle_timeout,
         state.config.snapshot_max_duration,
@@ -130,8 +132,8 @@ pub async fn snapshot(
                     .read_only(true)
                     .start()
                     .await?;
-                // The cursor first, as the gateway: it fixes the transaction's snapshot, and
-                // the user need not read the log itself.
+                // The cursor first, before acting as the user: it fixes the transaction's
+                // snapshot, and the user need not read the log itself.
                 let row = tx
                     .query_one("SELECT sync.current_cursor(), sync._wal_settled($1)", &[&entity.code])
                     .await?;
@@ -142,7 +144,10 @@ pub async fn snapshot(
                     break (tx, row.get::<_, String>(0));
                 }
                 tx.rollback().await?;
-                let ingested: i64 = client.query_one("SELECT sync.ingest_wal()", &[]).await?.get(0);
+                let ingested: i64 = match gateway.get().await {
+                    Ok(gateway) => gateway.query_one("SELECT sync.ingest_wal()", &[]).await?.get(0),
+                    Err(_) => 0, // the pool is busy: the ingesting gateway drains the slot meanwhile
+                };
                 if ingested == 0 {
                     tokio::time::sleep(SETTLE_RETRY).await; // another session is ingesting
                 }

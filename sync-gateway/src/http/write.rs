@@ -85,10 +85,10 @@ pub async fn write(
         });
     }
 
-    let mut work = state.work.start(&user.sub).await?;
+    let mut work = state.work.start_as_user(&user.sub).await?;
     let client = &mut work.client;
     let tx = client.transaction().await.map_err(ApiError::from_db)?;
-    // Claim the mutation ids first, as the gateway; a rollback releases them again.
+    // Claim the mutation ids first, before acting as the user; a rollback releases them.
     let ids: Vec<&str> = checked.iter().map(|c| c.mutation.id.as_str()).collect();
     let fresh: HashSet<String> = tx
         .query(
