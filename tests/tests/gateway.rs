@@ -807,3 +807,45 @@ async fn a_cursor_ahead_of_the_database_is_refused() {
         .await;
     assert_eq!(status, 400, "{answer}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_snapshot_by_ids_finds_ids_that_hold_commas() {
+    let (cluster, gateway) = setup(&[]).await;
+    cluster
+        .execute(
+            "CREATE TABLE pair (a text, b text, PRIMARY KEY (a, b));
+             INSERT INTO pair VALUES ('x', 'y'), ('x,y', 'z'), ('q', 'r');
+             CREATE TABLE tag (name text PRIMARY KEY);
+             INSERT INTO tag VALUES ('a,b'), ('a'), ('b');
+             SELECT sync.track('pair'); SELECT sync.track('tag');",
+        )
+        .await;
+    // As the client sends them: each id percent-encoded, the list joined by literal commas.
+    let query = |ids: &[&str]| {
+        let encoded: Vec<String> = ids
+            .iter()
+            .map(|id| {
+                percent_encoding::utf8_percent_encode(id, percent_encoding::NON_ALPHANUMERIC)
+                    .to_string()
+            })
+            .collect();
+        format!("?ids={}", encoded.join(","))
+    };
+    let (_, rows) = gateway
+        .snapshot("alice", &format!("tag{}", query(&["a,b"])))
+        .await
+        .unwrap();
+    assert_eq!(rows, [json!({"name": "a,b"})]);
+    let (_, mut rows) = gateway
+        .snapshot(
+            "alice",
+            &format!("pair{}", query(&[r#"["x,y","z"]"#, r#"["q","r"]"#])),
+        )
+        .await
+        .unwrap();
+    rows.sort_by_key(|r| r["a"].as_str().unwrap().to_owned());
+    assert_eq!(
+        rows,
+        [json!({"a": "q", "b": "r"}), json!({"a": "x,y", "b": "z"})]
+    );
+}

@@ -23,11 +23,10 @@ use crate::access::admission::readable_entity;
 use crate::access::roles::act_as;
 use crate::AppState;
 use axum::body::Body;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, RawQuery, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use futures_util::{pin_mut, StreamExt};
-use serde::Deserialize;
 use serde_json::{json, Value};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -45,9 +44,20 @@ const SETTLE_PATIENCE: Duration = Duration::from_secs(2);
 /// Between two tries when another session is ingesting.
 const SETTLE_RETRY: Duration = Duration::from_millis(10);
 
-#[derive(Deserialize)]
-pub struct Params {
-    ids: Option<String>,
+/// The ids of `?ids=a,b`: split on the literal commas of the raw query, then decoded, so
+/// that an id holding a comma (a composite key's `["a","b"]`, or text) is sent with it
+/// percent-encoded, as `encodeURIComponent` does. None without the parameter.
+fn ids_param(raw_query: Option<&str>) -> Option<Vec<String>> {
+    let decode = |s: &str| {
+        percent_encoding::percent_decode_str(&s.replace('+', " "))
+            .decode_utf8_lossy()
+            .into_owned()
+    };
+    let value = raw_query?
+        .split('&')
+        .find_map(|pair| pair.split_once('=').filter(|(k, _)| decode(k) == "ids"))?
+        .1;
+    Some(value.split(',').map(decode).collect())
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -64,7 +74,7 @@ pub async fn snapshot(
     State(state): State<Arc<AppState>>,
     auth: Authenticated,
     Path(entity_code): Path<String>,
-    Query(params): Query<Params>,
+    RawQuery(query): RawQuery,
 ) -> Result<Response, ApiError> {
     let user = auth.with_role()?;
     let entity = readable_entity(
@@ -75,9 +85,7 @@ pub async fn snapshot(
         &entity_code,
     )
     .await?;
-    let ids: Option<Vec<String>> = params
-        .ids
-        .map(|ids| ids.split(',').map(str::to_owned).collect());
+    let ids = ids_param(query.as_deref());
     if ids
         .as_ref()
         .is_some_and(|ids| ids.is_empty() || ids.len() > MAX_IDS)
@@ -220,4 +228,24 @@ pub async fn snapshot(
         body,
     )
         .into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ids_param;
+
+    #[test]
+    fn ids_split_on_raw_commas_only() {
+        assert_eq!(ids_param(None), None);
+        assert_eq!(ids_param(Some("x=1")), None);
+        assert_eq!(
+            ids_param(Some("x=1&ids=a,b%2Cc,%5B%221%22%2C%222%22%5D,d+e")),
+            Some(vec![
+                "a".into(),
+                "b,c".into(),
+                r#"["1","2"]"#.into(),
+                "d e".into()
+            ])
+        );
+    }
 }
