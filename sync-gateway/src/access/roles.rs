@@ -19,6 +19,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, RwLock};
 use tokio_postgres::{Client, Transaction};
 
+/// Claims that change with every token a user is given, left out of the claims delivery judges
+/// policies with (a user's own queries see every claim): with them, each refreshed token would
+/// be a group of its own, judged again and held until its connection ends, so one user could
+/// multiply the work of judging. A live stream's visibility cannot hang on a token's lifetime
+/// anyway: an expired token ends its connection.
+const LIFETIME_CLAIMS: [&str; 4] = ["exp", "iat", "nbf", "jti"];
+
 /// Who a query runs as.
 #[derive(Clone, Debug, PartialEq)]
 pub struct UserContext {
@@ -26,9 +33,10 @@ pub struct UserContext {
     /// An allowed role; None when the token names none and there is no default role: such a
     /// user reads and writes no table.
     pub role: Option<String>,
-    /// The token's claims as JSON text, as policies read them.
+    /// The token's claims as JSON text, as policies read them in the user's own queries.
     pub claims: String,
-    /// The same, parsed, for policies evaluated in the gateway.
+    /// The same but for `LIFETIME_CLAIMS`, parsed: what delivery judges policies with, and
+    /// (with the role) what makes a group.
     pub claims_json: Value,
 }
 
@@ -38,6 +46,10 @@ pub type GroupId = u32;
 
 /// A group's role and claims (as text).
 type GroupKey = (Option<String>, String);
+
+fn group_key(user: &UserContext) -> GroupKey {
+    (user.role.clone(), user.claims_json.to_string())
+}
 
 /// Gives users of one role and claims one group id, for as long as one of them is connected.
 #[derive(Default)]
@@ -53,19 +65,17 @@ impl Groups {
     pub fn join(&self, user: &UserContext) -> GroupId {
         let mut ids = self.ids.lock().expect("groups lock");
         let (next, map) = &mut *ids;
-        let entry = map
-            .entry((user.role.clone(), user.claims.clone()))
-            .or_insert_with(|| {
-                *next += 1;
-                (*next, 0)
-            });
+        let entry = map.entry(group_key(user)).or_insert_with(|| {
+            *next += 1;
+            (*next, 0)
+        });
         entry.1 += 1;
         entry.0
     }
 
     pub fn release(&self, user: &UserContext) {
         let mut ids = self.ids.lock().expect("groups lock");
-        let key = (user.role.clone(), user.claims.clone());
+        let key = group_key(user);
         if let Some(entry) = ids.1.get_mut(&key) {
             entry.1 -= 1;
             if entry.1 == 0 {
@@ -258,11 +268,13 @@ impl Roles {
             }
             Some(role) => return Err(RoleNotAllowed(role.clone())),
         };
+        let mut lasting = claims.all.clone();
+        lasting.retain(|name, _| !LIFETIME_CLAIMS.contains(&name.as_str()));
         Ok(UserContext {
             sub: claims.sub.clone(),
             role,
             claims: Value::Object(claims.all.clone()).to_string(),
-            claims_json: Value::Object(claims.all.clone()),
+            claims_json: Value::Object(lasting),
         })
     }
 }
@@ -281,4 +293,50 @@ pub async fn act_as(tx: &Transaction<'_>, user: &UserContext) -> Result<(), toki
     )
     .await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn claims(all: Value) -> Claims {
+        Claims {
+            sub: "alice".into(),
+            exp: 0,
+            role: Some("app_user".into()),
+            client_id: None,
+            all: all.as_object().unwrap().clone(),
+        }
+    }
+
+    #[test]
+    fn tokens_that_differ_only_in_lifetime_make_one_group() {
+        let roles = Roles {
+            authenticator: "authenticator".into(),
+            default: None,
+            configured: vec!["app_user".into()],
+            usable: RwLock::new(HashSet::from(["app_user".to_owned()])),
+            fingerprint: RwLock::default(),
+            epoch: AtomicU64::new(0),
+        };
+        let first = roles
+            .user(&claims(
+                json!({"sub": "alice", "team": 7, "exp": 100, "iat": 1, "jti": "a"}),
+            ))
+            .unwrap();
+        let refreshed = roles
+            .user(&claims(
+                json!({"sub": "alice", "team": 7, "exp": 200, "iat": 2, "nbf": 2}),
+            ))
+            .unwrap();
+        assert_eq!(first.claims_json, refreshed.claims_json);
+        assert_eq!(first.claims_json, json!({"sub": "alice", "team": 7}));
+        assert!(
+            first.claims.contains(r#""exp":100"#),
+            "own queries see every claim"
+        );
+        let groups = Groups::default();
+        assert_eq!(groups.join(&first), groups.join(&refreshed));
+    }
 }
