@@ -217,6 +217,16 @@ pub struct CapArgs {
     #[arg(long, env = "SYNC_MAX_REPLAYS_PER_CONNECTION", default_value_t = 4)]
     pub max_replays_per_connection: usize,
 
+    /// Replays running at once, in total: each reads the log a page at a time and holds up
+    /// to two pages in memory. Over it, a SUBSCRIBE with `since` ends with ERROR `internal`
+    /// (retry later).
+    #[arg(long, env = "SYNC_MAX_REPLAYS", default_value_t = 64)]
+    pub max_replays: usize,
+
+    /// Replays of one user running at once (all its connections).
+    #[arg(long, env = "SYNC_MAX_REPLAYS_PER_USER", default_value_t = 8)]
+    pub max_replays_per_user: usize,
+
     /// Filter conditions over all subscriptions of one user (all its connections).
     #[arg(long, env = "SYNC_MAX_FILTER_CONDITIONS", default_value_t = 256)]
     pub max_filter_conditions: usize,

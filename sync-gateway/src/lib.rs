@@ -132,6 +132,11 @@ pub enum ServeError {
     Server(std::io::Error),
 }
 
+/// Subscription rows waiting to be written to `sync.subscription`, in total and per user (a
+/// few hundred bytes each): one SUBSCRIBE of a connection's 10,000 ids fits a user's share.
+const MIRROR_BACKLOG: usize = 200_000;
+const MIRROR_BACKLOG_PER_USER: usize = 20_000;
+
 /// A pool of `size` connections whose waits end after `wait`.
 fn pool(
     config: tokio_postgres::Config,
@@ -238,6 +243,11 @@ pub async fn serve(args: ServeArgs, shutdown: CancellationToken) -> Result<(), S
         in_values: args.caps.max_filter_values,
         replays: args.caps.max_replays_per_connection,
         replay_buffer: 100_000,
+        mirror_backlog: Cap::new(
+            "subscription changes",
+            MIRROR_BACKLOG,
+            MIRROR_BACKLOG_PER_USER,
+        ),
     };
     let outlets = Outlets {
         mirror: mirror_tx,
@@ -258,6 +268,11 @@ pub async fn serve(args: ServeArgs, shutdown: CancellationToken) -> Result<(), S
     };
     tokio::spawn(stage.run(control_rx, feed_rx));
     let replayer = Replayer {
+        places: Cap::new(
+            "replays",
+            args.caps.max_replays,
+            args.caps.max_replays_per_user,
+        ),
         work: work.clone(),
         plans: plans.clone(),
         catalog: catalog.clone(),

@@ -2,6 +2,7 @@
 //! it: WebSocket sessions (tokio-tungstenite) and a minimal HTTP/1.1 client.
 
 use crate::{free_port, Cluster, APP_ROLE, AUTHENTICATOR_ROLE, GATEWAY_ROLE};
+use futures_util::stream::SplitSink;
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
 use std::path::PathBuf;
@@ -398,6 +399,14 @@ impl Session {
 
     pub async fn send_raw(&mut self, message: Message) {
         self.stream.send(message).await.expect("send");
+    }
+
+    /// The sending half; what arrives is read and dropped by a task of its own, so that the
+    /// server never finds this client slow.
+    pub fn discarding(self) -> SplitSink<WebSocketStream<MaybeTlsStream<TcpStream>>, Message> {
+        let (sink, stream) = self.stream.split();
+        tokio::spawn(stream.for_each(|_| async {}));
+        sink
     }
 
     /// The next JSON message (pings are answered by the library), or None when the server

@@ -487,7 +487,8 @@ async fn one_users_abuse_does_not_stall_another_user() {
     // The snapshots nobody reads hold no transaction open for long.
     let deadline = tokio::time::Instant::now() + PATIENCE;
     let open = "SELECT count(*) FROM pg_stat_activity
-                 WHERE usename = 'sync_gateway' AND xact_start < now() - interval '4 seconds'";
+                 WHERE usename IN ('sync_gateway', 'sync_authenticator')
+                   AND xact_start < now() - interval '4 seconds'";
     let observer = cluster.connect().await;
     while observer
         .query_one(open, &[])
@@ -506,4 +507,95 @@ async fn one_users_abuse_does_not_stall_another_user() {
     eprintln!("the gateway grew {grown} KiB under abuse");
     assert!(grown < 96 * 1024, "memory grew by {grown} KiB");
     drop((polls, snapshots, deaf, bombs));
+}
+
+/// Subscribing and unsubscribing in a loop (with ids, and with replays from the start of the
+/// log) costs only the churner: another user's changes arrive, all of them, the gateway's
+/// heartbeat stays fresh (another gateway would otherwise take it for dead and remove its
+/// subscriptions), and its memory stays bounded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn churning_subscriptions_and_replays_costs_only_the_churner() {
+    const CYCLES: usize = 1000;
+    let cluster = Cluster::start().await;
+    cluster
+        .execute("CREATE TABLE ev (id int PRIMARY KEY, body text); SELECT sync.track('ev');")
+        .await;
+    let client = cluster.connect().await;
+    let old: String = client
+        .query_one("SELECT sync.current_cursor()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    // A log for the replays to read.
+    cluster
+        .execute("INSERT INTO ev SELECT g, repeat('o', 200) FROM generate_series(1, 20000) g")
+        .await;
+    let gateway = Gateway::start(&cluster, &["--heartbeat-secs", "1"]).await;
+    // Another gateway, which removes the subscriptions of a gateway silent for 6 s.
+    let _reaper = Gateway::start(&cluster, &["--heartbeat-secs", "1"]).await;
+    let start_rss = gateway.rss_kib();
+    let mut bob = gateway.connect("bob").await;
+    bob.subscribe(json!({"entityCode": "ev", "mode": "delta"}))
+        .await;
+
+    let ids: Vec<String> = (0..500).map(|i| i.to_string()).collect();
+    let frames: Vec<String> = [
+        json!({"type": "SUBSCRIBE", "payload": {"entityCode": "ev", "entityIds": ids}}),
+        json!({"type": "SUBSCRIBE", "payload": {"entityCode": "ev", "since": old, "mode": "delta"}}),
+        json!({"type": "UNSUBSCRIBE", "payload": {"entityCode": "ev"}}),
+    ]
+    .map(|f| f.to_string())
+    .into();
+    let mut churners = Vec::new();
+    for _ in 0..4 {
+        let mut sink = gateway.connect("mallory").await.discarding();
+        let frames = frames.clone();
+        churners.push(tokio::spawn(async move {
+            for _ in 0..CYCLES {
+                for frame in &frames {
+                    use futures_util::SinkExt;
+                    let message = tokio_tungstenite::tungstenite::Message::text(frame.as_str());
+                    if sink.send(message).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        }));
+    }
+
+    let writer = cluster.connect().await;
+    for id in 100_001..=100_200 {
+        writer
+            .execute("INSERT INTO ev VALUES ($1, 'new')", &[&id])
+            .await
+            .unwrap();
+    }
+    let mut received = Vec::new();
+    while received.len() < 200 {
+        let message = bob.next().await.expect("bob's connection stays open");
+        received.extend(
+            changes(&message)
+                .iter()
+                .map(|c| c["entityId"].as_str().unwrap().parse::<i32>().unwrap()),
+        );
+    }
+    assert_eq!(received, (100_001..=100_200).collect::<Vec<_>>());
+    for churner in churners {
+        churner.await.unwrap();
+    }
+    // Past the reaper's 6 s while the churn's writes drain, bob's subscription is still
+    // mirrored: the heartbeat kept beating.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(8);
+    let bobs = "SELECT count(*) FROM sync.subscription WHERE user_id = 'bob'";
+    while tokio::time::Instant::now() < deadline {
+        let held: i64 = client.query_one(bobs, &[]).await.unwrap().get(0);
+        assert_eq!(
+            held, 1,
+            "bob's subscription was removed: the heartbeat went stale"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let grown = gateway.rss_kib().saturating_sub(start_rss);
+    eprintln!("the gateway grew {grown} KiB under subscription churn");
+    assert!(grown < 96 * 1024, "memory grew by {grown} KiB");
 }

@@ -29,6 +29,7 @@ impl Busy {
 }
 
 /// A cap of things in progress, in total and per user, taken without waiting.
+#[derive(Debug)]
 pub struct Cap {
     what: &'static str,
     total: usize,
@@ -36,10 +37,12 @@ pub struct Cap {
     counts: Mutex<(usize, HashMap<String, usize>)>,
 }
 
-/// One of a cap's places, given back on drop.
+/// Places of a cap, given back on drop.
+#[derive(Debug)]
 pub struct Held {
     cap: Arc<Cap>,
     user: String,
+    places: usize,
 }
 
 impl Cap {
@@ -53,20 +56,26 @@ impl Cap {
     }
 
     pub fn take(self: &Arc<Self>, user: &str) -> Result<Held, Busy> {
+        self.take_n(user, 1)
+    }
+
+    /// `places` places at once (things of different sizes: rows, say).
+    pub fn take_n(self: &Arc<Self>, user: &str, places: usize) -> Result<Held, Busy> {
         let mut counts = self.counts.lock().expect("cap lock");
         let (total, users) = &mut *counts;
-        if *total >= self.total {
+        if *total + places > self.total {
             return Err(Busy::GlobalCap { what: self.what });
         }
-        let mine = users.entry(user.to_owned()).or_default();
-        if *mine >= self.per_user {
+        let mine = users.get(user).copied().unwrap_or(0);
+        if mine + places > self.per_user {
             return Err(Busy::UserCap { what: self.what });
         }
-        *mine += 1;
-        *total += 1;
+        users.insert(user.to_owned(), mine + places);
+        *total += places;
         Ok(Held {
             cap: self.clone(),
             user: user.to_owned(),
+            places,
         })
     }
 }
@@ -75,9 +84,9 @@ impl Drop for Held {
     fn drop(&mut self) {
         let mut counts = self.cap.counts.lock().expect("cap lock");
         let (total, users) = &mut *counts;
-        *total -= 1;
+        *total -= self.places;
         if let Some(mine) = users.get_mut(&self.user) {
-            *mine -= 1;
+            *mine -= self.places;
             if *mine == 0 {
                 users.remove(&self.user);
             }
@@ -152,5 +161,16 @@ mod tests {
         drop(a1);
         let _c1 = cap.take("carol").expect("the place a1 freed");
         assert!(matches!(cap.take("alice"), Err(Busy::GlobalCap { .. })));
+    }
+
+    #[test]
+    fn places_taken_at_once_count_as_many() {
+        let cap = Cap::new("rows", 10, 6);
+        assert!(matches!(cap.take_n("alice", 7), Err(Busy::UserCap { .. })));
+        let a = cap.take_n("alice", 6).unwrap();
+        let _b = cap.take_n("bob", 4).unwrap();
+        assert!(matches!(cap.take("bob"), Err(Busy::GlobalCap { .. })));
+        drop(a);
+        let _b2 = cap.take_n("bob", 2).expect("alice's six are free again");
     }
 }

@@ -2,9 +2,14 @@
 //! `sync.subscription` and its heartbeat in `sync.gateway`.
 //!
 //! Writes are batched: the router hands over operations without waiting, and this task
-//! applies whatever has queued up in one transaction, in order. Every heartbeat it also
-//! removes the rows of gateways whose heartbeat went stale (they died without cleaning up).
+//! applies whatever has queued up in one transaction, in order. What may queue is bounded:
+//! each added row holds a place of the router's `mirror_backlog` cap until it is written, and
+//! removals follow additions. The heartbeat is a task of its own, so that no backlog delays
+//! it (a gateway whose heartbeat goes stale is taken for dead by the others); every beat it
+//! also removes the rows of gateways whose heartbeat went stale (they died without cleaning
+//! up).
 
+use crate::access::limits::Held;
 use crate::backoff::Backoff;
 use crate::model::protocol::Mode;
 use deadpool_postgres::Pool;
@@ -26,7 +31,8 @@ pub struct SubscriptionRow {
 
 #[derive(Debug)]
 pub enum MirrorOp {
-    Add(Vec<SubscriptionRow>),
+    /// Rows to insert, and their places in the backlog, given back once written.
+    Add(Vec<SubscriptionRow>, Held),
     RemoveIds {
         connection_id: String,
         entity_code: String,
@@ -61,27 +67,26 @@ impl Mirror {
         mut ops: mpsc::UnboundedReceiver<MirrorOp>,
         shutdown: CancellationToken,
     ) {
-        let mut heartbeat = tokio::time::interval(self.heartbeat);
+        let this = std::sync::Arc::new(self);
+        let beating = shutdown.child_token();
+        let heartbeat = tokio::spawn(this.clone().beat_until(beating.clone()));
         let mut pending = Vec::new();
         loop {
             tokio::select! {
-                biased;
                 received = ops.recv_many(&mut pending, BATCH) => {
                     if received == 0 {
                         break;
                     }
-                    self.retrying(|| self.apply(&pending), &shutdown).await;
+                    this.retrying(|| this.apply(&pending), &shutdown).await;
                     pending.clear();
                 },
-                _ = heartbeat.tick() => {
-                    if let Err(e) = self.beat().await {
-                        tracing::warn!(error = %crate::ErrorChain(&e), "heartbeat failed");
-                    }
-                }
                 _ = shutdown.cancelled() => break,
             }
         }
-        if let Err(e) = self.leave().await {
+        // Stop beating first: a beat after leaving would put this gateway back.
+        beating.cancel();
+        let _ = heartbeat.await;
+        if let Err(e) = this.leave().await {
             tracing::warn!(error = %crate::ErrorChain(&e), "could not remove this gateway's subscriptions");
         }
     }
@@ -107,7 +112,7 @@ impl Mirror {
         let tx = client.transaction().await?;
         for op in ops {
             match op {
-                MirrorOp::Add(rows) => {
+                MirrorOp::Add(rows, _) => {
                     let column = |f: fn(&SubscriptionRow) -> Option<String>| {
                         rows.iter().map(f).collect::<Vec<_>>()
                     };
@@ -180,6 +185,15 @@ impl Mirror {
         }
         tx.commit().await?;
         Ok(())
+    }
+
+    async fn beat_until(self: std::sync::Arc<Self>, stop: CancellationToken) {
+        let mut heartbeat = tokio::time::interval(self.heartbeat);
+        while stop.run_until_cancelled(heartbeat.tick()).await.is_some() {
+            if let Err(e) = self.beat().await {
+                tracing::warn!(error = %crate::ErrorChain(&e), "heartbeat failed");
+            }
+        }
     }
 
     async fn beat(&self) -> Result<(), MirrorError> {

@@ -5,10 +5,12 @@
 //! judges live batches, and hands it to the router, which sends it as it sends everything.
 //! Before each part it waits for room in the connection's queue: a slow client slows only
 //! its own replay, and one that does not read at all is closed by its writer, which ends
-//! the replay.
+//! the replay. A replay also ends when its subscription does, and holds a place of the
+//! replays cap (in total and per user) while it runs, so that neither subscribing and
+//! unsubscribing in a loop nor many connections multiply the replays' memory.
 
 use super::router::{ReplayEvent, ReplayStart};
-use crate::access::limits::{Busy, ClientWork};
+use crate::access::limits::{Busy, Cap, ClientWork};
 use crate::access::plans::Plans;
 use crate::access::visibility::{ChangeSight, Judge, Listeners};
 use crate::feed::catalog::Catalog;
@@ -19,14 +21,18 @@ use crate::model::subscription::Sight;
 use std::sync::Arc;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::AbortOnDropHandle;
 
-/// Changes read per query (a page of 10,000 changes is a few MB).
-const PAGE: i32 = 10_000;
+/// Changes read per query: a replay holds two pages at most (one handed on, one read
+/// ahead), a MB or two for rows of typical size.
+const PAGE: i32 = 2_000;
 /// Changes handed to the router at a time, each part after waiting for half the connection's
 /// queue to be free: with rows up to 32 KiB a part fits in it.
 const PART: usize = 64;
 
 pub struct Replayer {
+    /// Replays running, in total and per user.
+    pub places: Arc<Cap>,
     pub work: Arc<ClientWork>,
     pub plans: Arc<Plans>,
     pub catalog: Arc<Catalog>,
@@ -61,7 +67,15 @@ impl Replayer {
             tokio::spawn(async move {
                 let (conn, sub) = (start.conn, start.sub);
                 let entity_code = start.subscription.entity_code.clone();
-                let message = match this.replay(&start).await {
+                let outcome = match this.places.take(&start.user.sub) {
+                    Ok(_place) => start
+                        .cancel
+                        .run_until_cancelled(this.replay(&start))
+                        .await
+                        .unwrap_or(Err(ReplayError::Gone)),
+                    Err(busy) => Err(busy.into()),
+                };
+                let message = match outcome {
                     Ok(()) => return,
                     Err(ReplayError::Gone) => return,
                     Err(ReplayError::Read(ReadError::Expired(_))) => ServerMessage::Resync {
@@ -100,7 +114,8 @@ impl Replayer {
     /// while the router and the client take the current one.
     async fn replay(self: &Arc<Self>, start: &ReplayStart) -> Result<(), ReplayError> {
         let (pages, mut judged) = mpsc::channel(1);
-        let reader = tokio::spawn(self.clone().read(start.clone(), pages));
+        // Aborted when the replay ends or is dropped (its subscription ended).
+        let _reader = AbortOnDropHandle::new(tokio::spawn(self.clone().read(start.clone(), pages)));
         while let Some(page) = judged.recv().await {
             for part in page?.chunks(PART) {
                 start
@@ -119,7 +134,6 @@ impl Replayer {
                     .map_err(|_| ReplayError::Gone)?;
             }
         }
-        reader.abort();
         let done = ReplayEvent::Done {
             conn: start.conn,
             sub: start.sub,

@@ -17,6 +17,7 @@
 use super::mirror::{MirrorOp, SubscriptionRow};
 use super::outbox::{Outbox, RunCache};
 use super::queue::{Outbound, Refused};
+use crate::access::limits::Cap;
 use crate::access::roles::{GroupId, UserContext};
 use crate::access::visibility::{ChangeSight, JudgedBatch};
 use crate::metrics::Metrics;
@@ -110,6 +111,8 @@ pub struct ReplayStart {
     pub until: Cursor,
     /// The connection's queue, whose room the replay waits for before each page.
     pub queue: Outbound,
+    /// Cancelled when the subscription ends before its replay does: the replay stops.
+    pub cancel: CancellationToken,
 }
 
 /// Bounds per connection and per user (SPEC 2.4).
@@ -127,6 +130,10 @@ pub struct Limits {
     /// Live changes a replaying subscription may hold before its connection counts as too
     /// slow.
     pub replay_buffer: usize,
+    /// Subscription rows queued for the mirror and not yet written, in total and per user: a
+    /// SUBSCRIBE beyond is refused (retry later), so churning subscriptions faster than the
+    /// database takes them costs the churner, not the gateway's memory.
+    pub mirror_backlog: Arc<Cap>,
 }
 
 /// Where the router's decisions go; none of them waits.
@@ -162,6 +169,7 @@ struct Replay {
     buffer: Vec<(Arc<Change>, Action)>,
     until: Cursor,
     reference: Option<String>,
+    cancel: CancellationToken,
 }
 
 /// Who wants which changes of one entity.
@@ -287,18 +295,41 @@ impl Router {
             return;
         };
         let reference = request.reference.clone();
+        // The same subscription again replaces the one held: one entry each, however often
+        // a client sends it.
+        let same = conn
+            .subs
+            .iter()
+            .find(|(_, s)| s.subscription == request.subscription)
+            .map(|(id, _)| *id);
+        if let Some(same) = same {
+            self.end_sub(conn_id, same);
+        }
+        let conn = &self.connections[&conn_id];
         if let Err(message) = self.admits(conn, &request) {
             let error = ServerMessage::error(ErrorCode::TooManySubscriptions, message, reference);
             self.send(conn_id, &error);
             return;
         }
         let subscription = request.subscription;
+        let rows = mirror_rows(conn, &subscription);
+        let place = match self
+            .limits
+            .mirror_backlog
+            .take_n(&conn.user.sub, rows.len())
+        {
+            Ok(place) => place,
+            Err(busy) => {
+                let error = ServerMessage::error(ErrorCode::Internal, busy.to_string(), reference);
+                self.send(conn_id, &error);
+                return;
+            }
+        };
         let sub_id = self.next_sub;
         self.next_sub += 1;
         let count = subscription.target.size();
-        let rows = mirror_rows(conn, &subscription);
         let group = conn.group;
-        self.out.mirror.send(MirrorOp::Add(rows)).ok();
+        self.out.mirror.send(MirrorOp::Add(rows, place)).ok();
         self.out.metrics.subscriptions.inc_by(count as i64);
         self.index_sub(conn_id, sub_id, group, &subscription);
         let entity_code = subscription.entity_code.clone();
@@ -314,6 +345,7 @@ impl Router {
                 since: since.clone(),
                 until: position.clone(),
                 queue: conn.queue.clone(),
+                cancel: CancellationToken::new(),
             }
         });
         let state = SubState {
@@ -322,6 +354,7 @@ impl Router {
                 buffer: Vec::new(),
                 until: r.until.clone(),
                 reference: reference.clone(),
+                cancel: r.cancel.clone(),
             }),
         };
         self.connections
@@ -411,6 +444,10 @@ impl Router {
                 (None, _) => emptied.push(*sub_id),
             }
         }
+        if removed_ids.is_empty() && emptied.is_empty() {
+            return; // nothing held: nothing for the mirror either
+        }
+        let ids_removed: Vec<String> = removed_ids.iter().map(|(_, _, id)| id.clone()).collect();
         for (sub_id, entity, id) in removed_ids {
             self.out.metrics.subscriptions.dec();
             if let Some(entry) = self.index.get_mut(&entity) {
@@ -428,10 +465,10 @@ impl Router {
                     connection_id: name,
                     entity_code: entity_code.into(),
                 },
-                (Some(entity_code), Some(ids)) => MirrorOp::RemoveIds {
+                (Some(entity_code), Some(_)) => MirrorOp::RemoveIds {
                     connection_id: name,
                     entity_code: entity_code.into(),
-                    entity_ids: ids.to_vec(),
+                    entity_ids: ids_removed,
                 },
             })
             .ok();
@@ -442,6 +479,9 @@ impl Router {
         let conn = self.connections.get_mut(&conn_id)?;
         let group = conn.group;
         let state = conn.subs.remove(&sub_id)?;
+        if let Some(replay) = &state.replay {
+            replay.cancel.cancel();
+        }
         let subscription = state.subscription;
         self.out
             .metrics
@@ -824,6 +864,7 @@ mod tests {
     struct Harness {
         router: Router,
         replays: mpsc::UnboundedReceiver<ReplayStart>,
+        mirror: mpsc::UnboundedReceiver<MirrorOp>,
         metrics: Arc<Metrics>,
     }
 
@@ -832,7 +873,7 @@ mod tests {
     }
 
     fn harness() -> Harness {
-        let (mirror, _) = mpsc::unbounded_channel();
+        let (mirror, mirror_rx) = mpsc::unbounded_channel();
         let (replays_tx, replays) = mpsc::unbounded_channel();
         let metrics = Arc::new(Metrics::default());
         let outlets = Outlets {
@@ -847,12 +888,14 @@ mod tests {
             in_values: 10,
             replays: 2,
             replay_buffer: 1000,
+            mirror_backlog: Cap::new("subscription changes", 100, 10),
         };
         let mut router = Router::new("g".into(), limits, outlets);
         router.handle(Command::Batch(Arc::new(batch(vec![], vec![], 10, true))));
         Harness {
             router,
             replays,
+            mirror: mirror_rx,
             metrics,
         }
     }
@@ -1194,8 +1237,8 @@ mod tests {
             "too_many_subscriptions"
         );
         subscribe(&mut h, 1, Target::Rows(None), Some(cursor(1)));
-        subscribe(&mut h, 1, Target::Rows(None), Some(cursor(2)));
-        subscribe(&mut h, 1, Target::Rows(None), Some(cursor(3)));
+        subscribe(&mut h, 1, ids(&["a"]), Some(cursor(2)));
+        subscribe(&mut h, 1, ids(&["b"]), Some(cursor(3)));
         let answers: Vec<String> = drain(&mut q)
             .await
             .iter()
@@ -1215,5 +1258,116 @@ mod tests {
                 "too_many_subscriptions"
             ]
         );
+    }
+
+    /// The mirror's operations so far, as (kind, rows or ids) pairs; added rows' backlog
+    /// places are given back, as the mirror does once it wrote them.
+    fn mirrored(h: &mut Harness) -> Vec<(&'static str, usize)> {
+        let mut out = Vec::new();
+        while let Ok(op) = h.mirror.try_recv() {
+            out.push(match op {
+                MirrorOp::Add(rows, _) => ("add", rows.len()),
+                MirrorOp::RemoveIds { entity_ids, .. } => ("remove ids", entity_ids.len()),
+                MirrorOp::RemoveEntity { .. } => ("remove entity", 0),
+                MirrorOp::RemoveRows { .. } => ("remove rows", 0),
+                MirrorOp::RemoveConnection(_) => ("remove connection", 0),
+            });
+        }
+        out
+    }
+
+    fn ids(ids: &[&str]) -> Target {
+        Target::Ids(ids.iter().map(|i| i.to_string()).collect())
+    }
+
+    #[tokio::test]
+    async fn the_same_subscription_again_replaces_the_one_held() {
+        let mut h = harness();
+        let (mut q, _) = connect(&mut h, 1, 1, 1 << 20);
+        for _ in 0..3 {
+            subscribe(&mut h, 1, Target::Rows(None), None);
+        }
+        assert_eq!(h.metrics.subscriptions.get(), 1);
+        h.router.handle(Command::Batch(Arc::new(batch(
+            vec![insert("1")],
+            vec![],
+            11,
+            true,
+        ))));
+        let messages = drain(&mut q).await;
+        assert_eq!(
+            shape(&messages[3..]),
+            [triple("DELTA", "1", "CREATE")],
+            "one DELTA, not three"
+        );
+        assert_eq!(
+            mirrored(&mut h),
+            [
+                ("add", 1),
+                ("remove rows", 0),
+                ("add", 1),
+                ("remove rows", 0),
+                ("add", 1)
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn unsubscribing_what_is_not_held_writes_nothing() {
+        let mut h = harness();
+        let (_q, _) = connect(&mut h, 1, 1, 1 << 20);
+        subscribe(&mut h, 1, ids(&["a", "b"]), None);
+        for _ in 0..100 {
+            h.router.handle(Command::Unsubscribe {
+                conn: 1,
+                entity_code: "other".into(),
+                entity_ids: None,
+            });
+            h.router.handle(Command::Unsubscribe {
+                conn: 1,
+                entity_code: "doc".into(),
+                entity_ids: Some(vec!["zz".into()]),
+            });
+        }
+        h.router.handle(Command::Unsubscribe {
+            conn: 1,
+            entity_code: "doc".into(),
+            entity_ids: Some(vec!["a".into(), "zz".into()]),
+        });
+        assert_eq!(mirrored(&mut h), [("add", 2), ("remove ids", 1)]);
+    }
+
+    #[tokio::test]
+    async fn subscribing_faster_than_the_mirror_writes_is_refused_for_that_user_alone() {
+        let mut h = harness();
+        let (mut churner, _) = connect_as(&mut h, 1, 1, 1 << 20, "mallory");
+        let (mut other, _) = connect_as(&mut h, 2, 1, 1 << 20, "bob");
+        // Ten rows per user may wait (the harness's cap); nothing is written meanwhile.
+        subscribe(&mut h, 1, ids(&["a", "b", "c", "d", "e", "f"]), None);
+        subscribe(&mut h, 1, ids(&["g", "h", "i", "j", "k"]), None);
+        let refused = drain(&mut churner).await;
+        assert_eq!(refused[1]["type"], "ERROR", "{refused:?}");
+        assert_eq!(refused[1]["payload"]["code"], "internal");
+        subscribe(&mut h, 2, ids(&["a", "b", "c"]), None);
+        assert_eq!(drain(&mut other).await[0]["type"], "SUBSCRIBED");
+        // Once the mirror wrote the waiting rows, the churner may go on.
+        let _ = mirrored(&mut h);
+        subscribe(&mut h, 1, ids(&["g", "h", "i", "j", "k"]), None);
+        assert_eq!(drain(&mut churner).await[0]["type"], "SUBSCRIBED");
+    }
+
+    #[tokio::test]
+    async fn a_subscription_that_ends_stops_its_replay() {
+        let mut h = harness();
+        let (_q, _) = connect(&mut h, 1, 1, 1 << 20);
+        subscribe(&mut h, 1, Target::Rows(None), Some(cursor(5)));
+        let start = h.replays.try_recv().expect("a replay to run");
+        assert!(!start.cancel.is_cancelled());
+        h.router.handle(Command::Unsubscribe {
+            conn: 1,
+            entity_code: "doc".into(),
+            entity_ids: None,
+        });
+        assert!(start.cancel.is_cancelled());
     }
 }
