@@ -20,11 +20,12 @@ ulimit -n "$(ulimit -Hn)"
 . bench/lib.sh
 
 GATEWAY_PORT=$(free_port)
+ADMIN_PORT=$(free_port)
 SECRET=bench-secret
 start_gateway() {
     target/release/sync-gateway serve --database-url "host=127.0.0.1 port=$PORT user=sync_gateway dbname=postgres" \
         --authenticator-url "host=127.0.0.1 port=$PORT user=sync_authenticator dbname=postgres" \
-        --listen "127.0.0.1:$GATEWAY_PORT" --admin-listen "127.0.0.1:$(free_port)" --jwt-secret "$SECRET" \
+        --listen "127.0.0.1:$GATEWAY_PORT" --admin-listen "127.0.0.1:$ADMIN_PORT" --jwt-secret "$SECRET" \
         --default-role app_user --allowed-roles app_user,bench_user --max-subscriptions 100 \
         >"$WORK/gateway.log" 2>&1 &
     GATEWAY_PID=$!
@@ -40,8 +41,13 @@ loadgen() {
 
 loadgen notify
 start_gateway
+# With the gateway's own share of each run (its histograms, scraped before and after).
+metrics() { curl -sf "http://127.0.0.1:$ADMIN_PORT/metrics" >"$1"; }
 for n in ${LATENCY_CONNECTIONS:-100 1000 10000}; do
+    metrics "$WORK/metrics.before"
     loadgen latency --connections "$n" --ids-per-connection 10 --rows 1000 --rate 1000
+    metrics "$WORK/metrics.after"
+    python3 bench/gateway_share.py "$WORK/metrics.before" "$WORK/metrics.after" "$n" | tee -a "$OUT/results.jsonl"
 done
 FANOUT=${FANOUT_CONNECTIONS:-10000}
 loadgen fanout --connections "$FANOUT"

@@ -86,6 +86,12 @@ for r in latency:
     lines.append(f"| commit → client latency, {r['connections']:,} connections, {r['rate']} commits/s "
                  f"({r['samples']:,} deliveries) | p50 {r['p50_ms']:.1f}, p90 {r['p90_ms']:.1f}, "
                  f"p99 {r['p99_ms']:.1f}, max {r['max_ms']:.1f} ms | {ref} | {ratio} |")
+    share = run("gateway_share", connections=r["connections"])
+    if share:
+        bound = lambda v: "—" if v is None else f"≤ {v:g}"
+        lines.append(f"| … of which in the gateway (its histograms, same run; bucket bounds) | "
+                     f"capture → routed p50 {bound(share['routing_p50_ms'])}, p99 {bound(share['routing_p99_ms'])} ms; "
+                     f"queued → written p50 {bound(share['send_wait_p50_ms'])}, p99 {bound(share['send_wait_p99_ms'])} ms | — | — |")
     if r["connections"] == 1000:
         goal("p99 ≤ 25 ms at 1,000 connections and 1,000 commits/s", r["p99_ms"] <= 25, f"{r['p99_ms']:.1f} ms")
     if r["connections"] == 10000:

@@ -1,5 +1,6 @@
 //! What `/metrics` exports (Prometheus text, on the admin listener): counters and gauges
-//! bumped where things happen, and the delivery lag as a histogram.
+//! bumped where things happen, and the gateway's share of delivery time as two histograms:
+//! from a change's capture to its routing, and from a message's queueing to its write.
 
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
@@ -16,6 +17,8 @@ pub struct Metrics {
     pub changes_read: Counter,
     /// Seconds from a change's capture to its routing.
     pub delivery_lag: Histogram,
+    /// Seconds from a message's queueing by the router to its write to the socket.
+    send_wait: Histogram,
     /// Batches of an entity with row-level security judged for its listening groups.
     pub rls_checks: Counter,
     wal_retained_bytes: Gauge,
@@ -30,6 +33,7 @@ impl Default for Metrics {
         let bytes_sent = Counter::default();
         let changes_read = Counter::default();
         let delivery_lag = Histogram::new(exponential_buckets(0.001, 2.0, 16));
+        let send_wait = Histogram::new(exponential_buckets(0.0001, 2.0, 20));
         let rls_checks = Counter::default();
         let wal_retained_bytes = Gauge::default();
         registry.register(
@@ -63,6 +67,11 @@ impl Default for Metrics {
             delivery_lag.clone(),
         );
         registry.register(
+            "send_wait_seconds",
+            "From a message's queueing by the router to its write to the socket",
+            send_wait.clone(),
+        );
+        registry.register(
             "rls_checks",
             "Batches of an entity with row-level security judged for its subscribers' groups",
             rls_checks.clone(),
@@ -80,6 +89,7 @@ impl Default for Metrics {
             bytes_sent,
             changes_read,
             delivery_lag,
+            send_wait,
             rls_checks,
             wal_retained_bytes,
         }
@@ -97,9 +107,11 @@ impl Metrics {
         }
     }
 
-    pub fn record_sent(&self, bytes: usize) {
+    /// A message of `bytes` was written to its socket, `waited` after the router queued it.
+    pub fn record_sent(&self, bytes: usize, waited: std::time::Duration) {
         self.messages_sent.inc();
         self.bytes_sent.inc_by(bytes as u64);
+        self.send_wait.observe(waited.as_secs_f64());
     }
 
     /// The Prometheus text exposition, with the WAL slot's retained bytes read just now.
@@ -126,6 +138,7 @@ mod tests {
             "sync_changes_read_total 3",
             "sync_rls_checks_total",
             "sync_delivery_lag_seconds_bucket",
+            "sync_send_wait_seconds_bucket",
             "sync_wal_slot_retained_bytes 42",
         ] {
             assert!(text.contains(name), "{name} in {text}");

@@ -182,10 +182,14 @@ impl Writer {
                     Some(Outgoing::Close(code, reason)) => break Some((code, reason)),
                     None => break None,
                 },
-                text = self.queue.next() => match text {
-                    Some(text) => {
-                        self.state.metrics.record_sent(text.len());
-                        self.send(Message::Text(text)).await
+                queued = self.queue.next() => match queued {
+                    Some((text, queued_at)) => {
+                        let bytes = text.len();
+                        let sent = self.send(Message::Text(text)).await;
+                        if sent {
+                            self.state.metrics.record_sent(bytes, queued_at.elapsed());
+                        }
+                        sent
                     }
                     None => break None,
                 },

@@ -8,18 +8,20 @@
 use axum::extract::ws::Utf8Bytes;
 use std::sync::Arc;
 use tokio::sync::{mpsc, Semaphore};
+use tokio::time::Instant;
 
 /// The sending side: the router pushes, replays wait for room.
 #[derive(Clone)]
 pub struct Outbound {
-    tx: mpsc::UnboundedSender<Utf8Bytes>,
+    tx: mpsc::UnboundedSender<(Utf8Bytes, Instant)>,
     room: Arc<Semaphore>,
     limit: usize,
 }
 
 /// The receiving side, the connection's writer.
 pub struct Queue {
-    rx: mpsc::UnboundedReceiver<Utf8Bytes>,
+    /// Each message with when it was queued (the gateway's own share of delivery time).
+    rx: mpsc::UnboundedReceiver<(Utf8Bytes, Instant)>,
     room: Arc<Semaphore>,
     limit: usize,
 }
@@ -58,7 +60,9 @@ impl Outbound {
             .room
             .try_acquire_many(cost(&text, self.limit))
             .map_err(|_| Refused::Full)?;
-        self.tx.send(text).map_err(|_| Refused::Closed)?;
+        self.tx
+            .send((text, Instant::now()))
+            .map_err(|_| Refused::Closed)?;
         permit.forget();
         Ok(())
     }
@@ -84,11 +88,11 @@ impl Drop for Queue {
 }
 
 impl Queue {
-    /// The next message, its room given back.
-    pub async fn next(&mut self) -> Option<Utf8Bytes> {
-        let text = self.rx.recv().await?;
+    /// The next message and when it was queued, its room given back.
+    pub async fn next(&mut self) -> Option<(Utf8Bytes, Instant)> {
+        let (text, queued_at) = self.rx.recv().await?;
         self.room.add_permits(cost(&text, self.limit) as usize);
-        Some(text)
+        Some((text, queued_at))
     }
 }
 
@@ -103,7 +107,7 @@ mod tests {
         assert_eq!(outbound.try_push("123456".into()), Err(Refused::Full));
         assert_eq!(outbound.try_push("12345".into()), Ok(()));
         assert_eq!(
-            queue.next().await.as_ref().map(|t| t.as_str()),
+            queue.next().await.as_ref().map(|(t, _)| t.as_str()),
             Some("12345")
         );
         assert_eq!(outbound.try_push("123".into()), Ok(()));

@@ -974,7 +974,7 @@ mod tests {
     /// Everything queued for a connection so far.
     async fn drain(queue: &mut Queue) -> Vec<Value> {
         let mut out = Vec::new();
-        while let Ok(Some(text)) =
+        while let Ok(Some((text, _))) =
             tokio::time::timeout(std::time::Duration::ZERO, queue.next()).await
         {
             out.push(serde_json::from_str(&text).unwrap());
