@@ -764,4 +764,29 @@ async fn a_gateway_refuses_an_authenticator_that_can_reach_the_log() {
             "{authenticator}: {refused}"
         );
     }
+    // Granted while a gateway runs: it acts as nobody until the grant is revoked.
+    let gateway = Gateway::launch(&base(AUTHENTICATOR_ROLE)).await.unwrap();
+    let status = || async { gateway.snapshot("alice", "doc").await.err().unwrap_or(200) };
+    assert_eq!(status().await, 200);
+    cluster
+        .execute("GRANT SELECT ON sync.change_history TO app_user")
+        .await;
+    until_status(&status, 401).await;
+    cluster
+        .execute("REVOKE SELECT ON sync.change_history FROM app_user")
+        .await;
+    until_status(&status, 200).await;
+}
+
+/// Waits (the gateway re-reads roles every 2 s) until `status` answers `expected`.
+async fn until_status<F, Fut>(status: &F, expected: u16)
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = u16>,
+{
+    let deadline = tokio::time::Instant::now() + pg_sync_tests::gateway::PATIENCE;
+    while status().await != expected {
+        assert!(tokio::time::Instant::now() < deadline, "never {expected}");
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
 }

@@ -89,6 +89,8 @@ impl Groups {
 pub struct Roles {
     /// The login users' queries run on (--authenticator-url, else the gateway's own).
     authenticator: String,
+    /// Whether it is a login of its own, whose reach is checked at every refresh.
+    separate_authenticator: bool,
     default: Option<String>,
     /// --allowed-roles.
     configured: Vec<String>,
@@ -198,17 +200,11 @@ impl Roles {
                  every user can read every row"
             );
         }
+        let separate_authenticator = authenticator.is_some();
         let authenticator = match authenticator {
             Some(authenticator) => {
-                let reach = client
-                    .query_opt(AUTHENTICATOR_REACH_SQL, &[&authenticator])
-                    .await?;
-                if let Some(row) = reach {
-                    return Err(RolesError::AuthenticatorTooPowerful {
-                        authenticator,
-                        reaches: row.get(0),
-                        what: row.get(1),
-                    });
+                if let Some(too_powerful) = too_powerful(client, &authenticator).await? {
+                    return Err(too_powerful);
                 }
                 authenticator
             }
@@ -223,6 +219,7 @@ impl Roles {
         };
         let roles = Roles {
             authenticator,
+            separate_authenticator,
             default,
             configured,
             usable: RwLock::default(),
@@ -242,7 +239,14 @@ impl Roles {
         let rows = client
             .query(USABLE_ROLES_SQL, &[&self.configured, &self.authenticator])
             .await?;
-        let usable: HashSet<String> = rows.iter().map(|r| r.get(0)).collect();
+        let mut usable: HashSet<String> = rows.iter().map(|r| r.get(0)).collect();
+        if self.separate_authenticator {
+            if let Some(too_powerful) = too_powerful(client, &self.authenticator).await? {
+                // Granted since the start: act as nobody until it is revoked.
+                tracing::error!(error = %too_powerful, "refusing every user");
+                usable.clear();
+            }
+        }
         *self.usable.write().expect("roles lock") = usable;
         let fingerprint: String = client.query_one(ROLES_FINGERPRINT_SQL, &[]).await?.get(0);
         let mut known = self.fingerprint.write().expect("roles lock");
@@ -277,6 +281,22 @@ impl Roles {
             claims_json: Value::Object(lasting),
         })
     }
+}
+
+/// Why `authenticator` must not be used, if it or a role it can become can read the log or
+/// the subscriptions, or bypasses row-level security.
+async fn too_powerful(
+    client: &Client,
+    authenticator: &str,
+) -> Result<Option<RolesError>, tokio_postgres::Error> {
+    let reach = client
+        .query_opt(AUTHENTICATOR_REACH_SQL, &[&authenticator])
+        .await?;
+    Ok(reach.map(|row| RolesError::AuthenticatorTooPowerful {
+        authenticator: authenticator.to_owned(),
+        reaches: row.get(0),
+        what: row.get(1),
+    }))
 }
 
 /// From here on in `tx`, queries run as `user`. (What must run as the gateway, such as reading
@@ -314,6 +334,7 @@ mod tests {
     fn tokens_that_differ_only_in_lifetime_make_one_group() {
         let roles = Roles {
             authenticator: "authenticator".into(),
+            separate_authenticator: true,
             default: None,
             configured: vec!["app_user".into()],
             usable: RwLock::new(HashSet::from(["app_user".to_owned()])),
