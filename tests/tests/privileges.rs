@@ -662,7 +662,8 @@ async fn a_refreshed_token_keeps_only_what_its_role_may_read() {
 
 /// A table owner's code that runs in a user's query (a trigger on a write, a policy function
 /// on a snapshot) resets the role and reads the log, answering what it found in an error
-/// message, which the gateway passes on.
+/// message, which the gateway passes on; and takes, for its session, the advisory lock
+/// that the log's readers share, to stall delivery.
 const LOOTER: &str = "
     CREATE TABLE notes (id text PRIMARY KEY, body text);
     ALTER TABLE notes OWNER TO mallory;
@@ -671,6 +672,8 @@ const LOOTER: &str = "
     DECLARE found text;
     BEGIN
         RESET ROLE;
+        -- Held by the session beyond this transaction: the log's readers take it shared.
+        PERFORM pg_catalog.pg_advisory_lock(7378659442);
         BEGIN
             SELECT coalesce(string_agg(data::text, ','), 'nothing') INTO found FROM sync.change_history;
         EXCEPTION WHEN insufficient_privilege THEN found := 'denied';
@@ -712,10 +715,19 @@ async fn a_table_owners_code_in_a_users_query_cannot_read_the_log() {
     // With an authenticator (as make run and the README set it up), RESET ROLE lands on a
     // login that may read nothing of the log.
     let gateway = Gateway::start(&cluster, &[]).await;
+    let mut bob = watch_doc(&gateway, "bob", "").await;
     for answer in looted(&gateway).await {
         assert!(answer.contains("loot: denied"), "{answer}");
         assert!(!answer.contains("top-secret"), "{answer}");
     }
+    // The lock went with the connection's cleaning: delivery goes on.
+    cluster
+        .execute("INSERT INTO doc VALUES ('d2', 'after'); INSERT INTO marker VALUES (1);")
+        .await;
+    assert_eq!(
+        actions(&bob.changes_until(1).await),
+        [("d2".to_owned(), "CREATE".to_owned())]
+    );
     drop(gateway);
     // The contrast, the fallback README warns of: without --authenticator-url, users' queries
     // run on the gateway's login, and the same code reads the whole log.

@@ -110,6 +110,45 @@ pub struct Work {
     _held: Held,
 }
 
+/// A connection of the authenticator for one user's queries. A table owner's code ran on it
+/// and may have changed session settings or taken advisory locks (which would stall the
+/// log's readers while the connection sits idle in the pool): given back only after they
+/// are reset and released, and dropped from the pool when that fails.
+pub struct UserWork {
+    client: Option<Object>,
+    _held: Held,
+}
+
+/// What `DISCARD ALL` does, but for prepared statements (the pool's statement cache), and
+/// allowed after a transaction that failed.
+const CLEAN_SESSION: &str = "CLOSE ALL; SET SESSION AUTHORIZATION DEFAULT; RESET ALL; \
+    UNLISTEN *; SELECT pg_catalog.pg_advisory_unlock_all(); DISCARD TEMP; DISCARD SEQUENCES";
+
+impl std::ops::Deref for UserWork {
+    type Target = Object;
+    fn deref(&self) -> &Object {
+        self.client.as_ref().expect("held until dropped")
+    }
+}
+
+impl std::ops::DerefMut for UserWork {
+    fn deref_mut(&mut self) -> &mut Object {
+        self.client.as_mut().expect("held until dropped")
+    }
+}
+
+impl Drop for UserWork {
+    fn drop(&mut self) {
+        if let Some(client) = self.client.take() {
+            tokio::spawn(async move {
+                if client.batch_execute(CLEAN_SESSION).await.is_err() {
+                    let _ = Object::take(client);
+                }
+            });
+        }
+    }
+}
+
 impl ClientWork {
     /// The global bound is the pool itself, whose wait is bounded; the count keeps one user
     /// from taking all of it.
@@ -127,9 +166,14 @@ impl ClientWork {
         self.take(&self.pool, user).await
     }
 
-    /// A connection of the authenticator for `user`'s own queries (see `roles::act_as`).
-    pub async fn start_as_user(&self, user: &str) -> Result<Work, Busy> {
-        self.take(&self.authenticator, user).await
+    /// A connection of the authenticator for `user`'s own queries (see `roles::act_as`),
+    /// cleaned when it is given back.
+    pub async fn start_as_user(&self, user: &str) -> Result<UserWork, Busy> {
+        let work = self.take(&self.authenticator, user).await?;
+        Ok(UserWork {
+            client: Some(work.client),
+            _held: work._held,
+        })
     }
 
     async fn take(&self, pool: &Pool, user: &str) -> Result<Work, Busy> {

@@ -26,6 +26,7 @@ use axum::body::Body;
 use axum::extract::{Path, RawQuery, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
+use deadpool_postgres::Object;
 use futures_util::{pin_mut, StreamExt};
 use serde_json::{json, Value};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -111,7 +112,7 @@ pub async fn snapshot(
     tokio::spawn(async move {
         let _place = place;
         let mut work = work;
-        let cancel = work.client.cancel_token();
+        let cancel = work.cancel_token();
         let mut started = Some(started);
         let deadline = Instant::now() + longest;
         let send = |line: String| {
@@ -131,7 +132,7 @@ pub async fn snapshot(
             }
         };
         let outcome: Result<(), Ended> = async {
-            let client = &mut work.client;
+            let client: &mut Object = &mut work;
             let settle_by = Instant::now() + SETTLE_PATIENCE;
             let (tx, cursor) = loop {
                 let tx = client
@@ -166,7 +167,7 @@ pub async fn snapshot(
             } else {
                 String::new()
             };
-            let sql = format!("SELECT to_jsonb(t.*) - $1::text[] FROM {} t{filter}", entity.table);
+            let sql = format!("SELECT pg_catalog.to_jsonb(t.*) OPERATOR(pg_catalog.-) $1::text[] FROM {} t{filter}", entity.table);
             let ids = ids.unwrap_or_default();
             let params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = if ids.is_empty() {
                 vec![&entity.hidden]

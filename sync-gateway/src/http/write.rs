@@ -15,6 +15,7 @@ use crate::model::change::Action;
 use crate::AppState;
 use axum::extract::State;
 use axum::Json;
+use deadpool_postgres::Object;
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 use std::collections::HashSet;
@@ -86,7 +87,7 @@ pub async fn write(
     }
 
     let mut work = state.work.start_as_user(&user.sub).await?;
-    let client = &mut work.client;
+    let client: &mut Object = &mut work;
     let tx = client.transaction().await.map_err(ApiError::from_db)?;
     // Claim the mutation ids first, before acting as the user; a rollback releases them.
     let ids: Vec<&str> = checked.iter().map(|c| c.mutation.id.as_str()).collect();
@@ -200,7 +201,7 @@ async fn apply(tx: &Transaction<'_>, c: &Checked<'_>) -> Result<(), ApiError> {
             let (columns, _) = row(expect);
             let qualified: Vec<String> = expect.keys().map(|k| format!("t.{}", quote(k))).collect();
             format!(
-                " AND ({}) IS NOT DISTINCT FROM (SELECT {columns} FROM jsonb_populate_record(NULL::{table}, ${n}))",
+                " AND ({}) IS NOT DISTINCT FROM (SELECT {columns} FROM pg_catalog.jsonb_populate_record(NULL::{table}, ${n}))",
                 qualified.join(", ")
             )
         }
@@ -222,7 +223,7 @@ async fn apply(tx: &Transaction<'_>, c: &Checked<'_>) -> Result<(), ApiError> {
             let key: Vec<String> = entity.key.iter().map(|k| quote(k)).collect();
             let key = key.join(", ");
             let sql = format!(
-                "INSERT INTO {table} ({columns}) SELECT {columns} FROM jsonb_populate_record(NULL::{table}, $1) \
+                "INSERT INTO {table} ({columns}) SELECT {columns} FROM pg_catalog.jsonb_populate_record(NULL::{table}, $1) \
                  ON CONFLICT ({key}) DO NOTHING"
             );
             let inserted = tx.execute(&sql, &[&values]).await.map_err(refused)?;
@@ -231,8 +232,8 @@ async fn apply(tx: &Transaction<'_>, c: &Checked<'_>) -> Result<(), ApiError> {
                 // see, which is answered as RLS refusals are, so that the answer tells nothing
                 // of a hidden row.
                 let sql = format!(
-                    "SELECT to_jsonb(t.*) - $2::text[] FROM {table} t \
-                      WHERE ({key}) = (SELECT {key} FROM jsonb_populate_record(NULL::{table}, $1))"
+                    "SELECT pg_catalog.to_jsonb(t.*) OPERATOR(pg_catalog.-) $2::text[] FROM {table} t \
+                      WHERE ({key}) = (SELECT {key} FROM pg_catalog.jsonb_populate_record(NULL::{table}, $1))"
                 );
                 let current = tx
                     .query_opt(&sql, &[&values, &entity.hidden])
@@ -248,7 +249,7 @@ async fn apply(tx: &Transaction<'_>, c: &Checked<'_>) -> Result<(), ApiError> {
         Action::Update => {
             let (columns, values) = row(m.data.as_ref().expect("checked"));
             let sql = format!(
-                "UPDATE {table} t SET ({columns}) = (SELECT {columns} FROM jsonb_populate_record(NULL::{table}, $1)) \
+                "UPDATE {table} t SET ({columns}) = (SELECT {columns} FROM pg_catalog.jsonb_populate_record(NULL::{table}, $1)) \
                   WHERE {}{}",
                 entity.key_in_sql(2),
                 expect_sql(3)
@@ -272,7 +273,7 @@ async fn apply(tx: &Transaction<'_>, c: &Checked<'_>) -> Result<(), ApiError> {
         // Either the condition failed (the row is there: 409 with it) or there is no such
         // row the user may see.
         let sql = format!(
-            "SELECT to_jsonb(t.*) - $2::text[] FROM {table} t WHERE {}",
+            "SELECT pg_catalog.to_jsonb(t.*) OPERATOR(pg_catalog.-) $2::text[] FROM {table} t WHERE {}",
             entity.key_in_sql(1)
         );
         let current = tx
