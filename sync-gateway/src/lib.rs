@@ -369,6 +369,9 @@ pub async fn serve(args: ServeArgs, shutdown: CancellationToken) -> Result<(), S
 
 /// Re-reads which allowed roles are safe to act as (a role made superuser or BYPASSRLS since
 /// the start is refused from then on), and whether roles changed.
+/// How long the gateway acts on roles it could not read again.
+const ROLES_MAX_AGE: Duration = Duration::from_secs(10);
+
 async fn refresh_roles(roles: Arc<Roles>, pool: Pool, shutdown: CancellationToken) {
     let mut tick = tokio::time::interval(Duration::from_secs(2));
     loop {
@@ -385,6 +388,7 @@ async fn refresh_roles(roles: Arc<Roles>, pool: Pool, shutdown: CancellationToke
         };
         if let Err(e) = refreshed {
             tracing::warn!(error = %e, "re-reading the allowed roles failed");
+            roles.expire_if_stale(ROLES_MAX_AGE);
         }
     }
 }

@@ -759,22 +759,35 @@ async fn a_gateway_refuses_an_authenticator_that_can_reach_the_log() {
         ]
         .map(String::from)
     };
-    // The gateway's own login as the authenticator, and one that may SET ROLE to it.
+    // The gateway's own login as the authenticator, one that may SET ROLE to it, one with a
+    // column of the log, one that may read the replication slot, one that may grant itself
+    // roles.
     cluster
         .execute(
             "CREATE ROLE climber LOGIN NOINHERIT;
-             GRANT app_user, sync_gateway TO climber;",
+             GRANT app_user, sync_gateway TO climber;
+             CREATE ROLE columns LOGIN NOINHERIT;
+             GRANT app_user TO columns;
+             GRANT USAGE ON SCHEMA sync TO columns;
+             GRANT SELECT (data) ON sync.change_history TO columns;
+             CREATE ROLE replicator LOGIN NOINHERIT REPLICATION;
+             GRANT app_user TO replicator;
+             CREATE ROLE granter LOGIN NOINHERIT CREATEROLE;
+             GRANT app_user TO granter;",
         )
         .await;
-    for authenticator in [GATEWAY_ROLE, "climber"] {
+    for (authenticator, why) in [
+        (GATEWAY_ROLE, "may read or change the change log"),
+        ("climber", "may read or change the change log"),
+        ("columns", "may read or change the change log"),
+        ("replicator", "may read the replication slot"),
+        ("granter", "may grant itself other roles"),
+    ] {
         let refused = Gateway::launch(&base(authenticator))
             .await
             .err()
             .expect("refused");
-        assert!(
-            refused.contains("may read the change log"),
-            "{authenticator}: {refused}"
-        );
+        assert!(refused.contains(why), "{authenticator}: {refused}");
     }
     // Granted while a gateway runs: it acts as nobody until the grant is revoked.
     let gateway = Gateway::launch(&base(AUTHENTICATOR_ROLE)).await.unwrap();

@@ -101,6 +101,8 @@ pub struct Roles {
     /// ALTER ROLE or GRANT of a role.
     fingerprint: RwLock<String>,
     epoch: AtomicU64,
+    /// When the roles were last read.
+    refreshed_at: Mutex<std::time::Instant>,
 }
 
 /// Why a token's role is refused.
@@ -147,21 +149,38 @@ SELECT r.rolname::text FROM pg_catalog.pg_roles r
    AND pg_catalog.pg_has_role(current_user, r.oid, 'MEMBER')
    AND pg_catalog.pg_has_role($2, r.oid, 'MEMBER')";
 
-/// A role the authenticator ($1) is or can SET ROLE to that would let a user's query read the
-/// log or the subscriptions, or bypass row-level security; none is the answer wanted.
+/// A role the authenticator ($1) is or can SET ROLE to that would let a table owner's code in
+/// a user's query read or change what is not the user's: the log (or the replication slot
+/// behind it), pg_sync's tables, the server itself, or rows past row-level security; and
+/// why. None is the answer wanted.
 const AUTHENTICATOR_REACH_SQL: &str = "
-SELECT r.rolname::text,
-       CASE WHEN r.rolsuper OR r.rolbypassrls THEN 'bypasses row-level security'
-            WHEN pg_catalog.has_function_privilege(r.oid, 'sync.changes_since(text, integer, text)', 'EXECUTE')
-              OR pg_catalog.has_table_privilege(r.oid, 'sync.change_history', 'SELECT')
-            THEN 'may read the change log'
-            ELSE 'may read or change sync.subscription' END
+SELECT r.rolname::text, c.why
   FROM pg_catalog.pg_roles r
- WHERE pg_catalog.pg_has_role($1, r.oid, 'MEMBER')
-   AND (r.rolsuper OR r.rolbypassrls
-        OR pg_catalog.has_function_privilege(r.oid, 'sync.changes_since(text, integer, text)', 'EXECUTE')
-        OR pg_catalog.has_table_privilege(r.oid, 'sync.change_history', 'SELECT')
-        OR pg_catalog.has_table_privilege(r.oid, 'sync.subscription', 'SELECT, INSERT, UPDATE, DELETE'))
+ CROSS JOIN LATERAL (VALUES
+   (r.rolsuper OR r.rolbypassrls, 'bypasses row-level security'),
+   (r.rolreplication, 'may read the replication slot'),
+   (r.rolcreaterole, 'may grant itself other roles'),
+   (r.rolname IN ('pg_execute_server_program', 'pg_read_server_files', 'pg_write_server_files'),
+    'may run programs or read files on the server'),
+   (pg_catalog.has_any_column_privilege(r.oid, 'sync.change_history', 'SELECT, INSERT, UPDATE')
+    OR pg_catalog.has_table_privilege(r.oid, 'sync.change_history', 'DELETE, TRUNCATE')
+    OR pg_catalog.has_function_privilege(r.oid, 'sync.changes_since(text, integer, text)', 'EXECUTE')
+    OR pg_catalog.has_function_privilege(r.oid, 'sync._changes_page(text, integer, text)', 'EXECUTE')
+    OR pg_catalog.has_function_privilege(r.oid, 'sync.prune(interval)', 'EXECUTE'),
+    'may read or change the change log'),
+   (pg_catalog.has_any_column_privilege(r.oid, 'sync.subscription', 'SELECT, INSERT, UPDATE')
+    OR pg_catalog.has_any_column_privilege(r.oid, 'sync.applied_mutation', 'SELECT, UPDATE')
+    OR pg_catalog.has_any_column_privilege(r.oid, 'sync.state', 'INSERT, UPDATE')
+    OR pg_catalog.has_any_column_privilege(r.oid, 'sync.tracked', 'INSERT, UPDATE')
+    OR pg_catalog.has_any_column_privilege(r.oid, 'sync.gateway', 'INSERT, UPDATE')
+    OR pg_catalog.has_table_privilege(r.oid, 'sync.subscription', 'DELETE, TRUNCATE')
+    OR pg_catalog.has_table_privilege(r.oid, 'sync.applied_mutation', 'DELETE, TRUNCATE')
+    OR pg_catalog.has_table_privilege(r.oid, 'sync.state', 'DELETE, TRUNCATE')
+    OR pg_catalog.has_table_privilege(r.oid, 'sync.tracked', 'DELETE, TRUNCATE')
+    OR pg_catalog.has_table_privilege(r.oid, 'sync.gateway', 'DELETE, TRUNCATE'),
+    'may read or change pg_sync''s tables')
+ ) AS c(bad, why)
+ WHERE pg_catalog.pg_has_role($1, r.oid, 'MEMBER') AND c.bad
  ORDER BY r.rolname LIMIT 1";
 
 /// A digest of role attributes and memberships.
@@ -225,6 +244,7 @@ impl Roles {
             usable: RwLock::default(),
             fingerprint: RwLock::default(),
             epoch: AtomicU64::new(0),
+            refreshed_at: Mutex::new(std::time::Instant::now()),
         };
         roles.refresh(client).await?;
         let usable = roles.usable.read().expect("roles lock").clone();
@@ -248,6 +268,7 @@ impl Roles {
             }
         }
         *self.usable.write().expect("roles lock") = usable;
+        *self.refreshed_at.lock().expect("roles lock") = std::time::Instant::now();
         let fingerprint: String = client.query_one(ROLES_FINGERPRINT_SQL, &[]).await?.get(0);
         let mut known = self.fingerprint.write().expect("roles lock");
         if *known != fingerprint {
@@ -255,6 +276,18 @@ impl Roles {
             self.epoch.fetch_add(1, Ordering::SeqCst);
         }
         Ok(())
+    }
+
+    /// Acts as nobody once the roles could not be read for `max_age`: a grant made meanwhile
+    /// (a role altered to bypass RLS, a right on the log) must not go unseen for long.
+    pub fn expire_if_stale(&self, max_age: std::time::Duration) {
+        if self.refreshed_at.lock().expect("roles lock").elapsed() > max_age {
+            let mut usable = self.usable.write().expect("roles lock");
+            if !usable.is_empty() {
+                tracing::error!("the roles could not be read for {max_age:?}: refusing every user");
+                usable.clear();
+            }
+        }
     }
 
     /// A number that changes when role attributes or memberships did.
@@ -340,6 +373,7 @@ mod tests {
             usable: RwLock::new(HashSet::from(["app_user".to_owned()])),
             fingerprint: RwLock::default(),
             epoch: AtomicU64::new(0),
+            refreshed_at: Mutex::new(std::time::Instant::now()),
         };
         let first = roles
             .user(&claims(
