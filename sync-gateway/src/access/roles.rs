@@ -19,13 +19,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, RwLock};
 use tokio_postgres::{Client, Transaction};
 
-/// Claims that change with every token a user is given, left out of the claims delivery judges
-/// policies with (a user's own queries see every claim): with them, each refreshed token would
-/// be a group of its own, judged again and held until its connection ends, so one user could
-/// multiply the work of judging. A live stream's visibility cannot hang on a token's lifetime
-/// anyway: an expired token ends its connection.
-const LIFETIME_CLAIMS: [&str; 4] = ["exp", "iat", "nbf", "jti"];
-
 /// Who a query runs as.
 #[derive(Clone, Debug, PartialEq)]
 pub struct UserContext {
@@ -33,10 +26,9 @@ pub struct UserContext {
     /// An allowed role; None when the token names none and there is no default role: such a
     /// user reads and writes no table.
     pub role: Option<String>,
-    /// The token's claims as JSON text, as policies read them in the user's own queries.
+    /// The token's claims as JSON text, as policies read them.
     pub claims: String,
-    /// The same but for `LIFETIME_CLAIMS`, parsed: what delivery judges policies with, and
-    /// (with the role) what makes a group.
+    /// The same, parsed, for policies evaluated in the gateway.
     pub claims_json: Value,
 }
 
@@ -48,7 +40,7 @@ pub type GroupId = u32;
 type GroupKey = (Option<String>, String);
 
 fn group_key(user: &UserContext) -> GroupKey {
-    (user.role.clone(), user.claims_json.to_string())
+    (user.role.clone(), user.claims.clone())
 }
 
 /// Gives users of one role and claims one group id, for as long as one of them is connected.
@@ -305,13 +297,11 @@ impl Roles {
             }
             Some(role) => return Err(RoleNotAllowed(role.clone())),
         };
-        let mut lasting = claims.all.clone();
-        lasting.retain(|name, _| !LIFETIME_CLAIMS.contains(&name.as_str()));
         Ok(UserContext {
             sub: claims.sub.clone(),
             role,
             claims: Value::Object(claims.all.clone()).to_string(),
-            claims_json: Value::Object(lasting),
+            claims_json: Value::Object(claims.all.clone()),
         })
     }
 }
@@ -346,52 +336,4 @@ pub async fn act_as(tx: &Transaction<'_>, user: &UserContext) -> Result<(), toki
     )
     .await?;
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use serde_json::json;
-
-    fn claims(all: Value) -> Claims {
-        Claims {
-            sub: "alice".into(),
-            exp: 0,
-            role: Some("app_user".into()),
-            client_id: None,
-            all: all.as_object().unwrap().clone(),
-        }
-    }
-
-    #[test]
-    fn tokens_that_differ_only_in_lifetime_make_one_group() {
-        let roles = Roles {
-            authenticator: "authenticator".into(),
-            separate_authenticator: true,
-            default: None,
-            configured: vec!["app_user".into()],
-            usable: RwLock::new(HashSet::from(["app_user".to_owned()])),
-            fingerprint: RwLock::default(),
-            epoch: AtomicU64::new(0),
-            refreshed_at: Mutex::new(std::time::Instant::now()),
-        };
-        let first = roles
-            .user(&claims(
-                json!({"sub": "alice", "team": 7, "exp": 100, "iat": 1, "jti": "a"}),
-            ))
-            .unwrap();
-        let refreshed = roles
-            .user(&claims(
-                json!({"sub": "alice", "team": 7, "exp": 200, "iat": 2, "nbf": 2}),
-            ))
-            .unwrap();
-        assert_eq!(first.claims_json, refreshed.claims_json);
-        assert_eq!(first.claims_json, json!({"sub": "alice", "team": 7}));
-        assert!(
-            first.claims.contains(r#""exp":100"#),
-            "own queries see every claim"
-        );
-        let groups = Groups::default();
-        assert_eq!(groups.join(&first), groups.join(&refreshed));
-    }
 }

@@ -21,7 +21,6 @@ use crate::model::subscription::Sight;
 use std::sync::Arc;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::AbortOnDropHandle;
 
 /// Changes read per query: a replay holds two pages at most (one handed on, one read
 /// ahead), a MB or two for rows of typical size.
@@ -114,8 +113,10 @@ impl Replayer {
     /// while the router and the client take the current one.
     async fn replay(self: &Arc<Self>, start: &ReplayStart) -> Result<(), ReplayError> {
         let (pages, mut judged) = mpsc::channel(1);
-        // Aborted when the replay ends or is dropped (its subscription ended).
-        let _reader = AbortOnDropHandle::new(tokio::spawn(self.clone().read(start.clone(), pages)));
+        // Not aborted when the replay is (its subscription ended): a query cut off here would
+        // run on in the database while its connection and its place under the caps were
+        // given back. It ends at its next page, which finds nobody to take it.
+        tokio::spawn(self.clone().read(start.clone(), pages));
         while let Some(page) = judged.recv().await {
             for part in page?.chunks(PART) {
                 start

@@ -156,6 +156,8 @@ struct Conn {
     /// The last change this connection was given, so that a change several of its
     /// subscriptions match goes out once.
     last_change: i64,
+    /// Whether it ever had rows in the mirror (else closing it writes nothing there).
+    mirrored: bool,
 }
 
 struct SubState {
@@ -244,6 +246,7 @@ impl Router {
                     kick: c.kick,
                     subs: HashMap::new(),
                     last_change: i64::MIN,
+                    mirrored: false,
                 };
                 self.connections.insert(c.id, conn);
             }
@@ -295,18 +298,14 @@ impl Router {
             return;
         };
         let reference = request.reference.clone();
-        // The same subscription again replaces the one held: one entry each, however often
-        // a client sends it.
+        // The same subscription again replaces the one held (once the new one is admitted):
+        // one entry each, however often a client sends it.
         let same = conn
             .subs
             .iter()
             .find(|(_, s)| s.subscription == request.subscription)
-            .map(|(id, _)| *id);
-        if let Some(same) = same {
-            self.end_sub(conn_id, same);
-        }
-        let conn = &self.connections[&conn_id];
-        if let Err(message) = self.admits(conn, &request) {
+            .map(|(id, _)| (conn_id, *id));
+        if let Err(message) = self.admits(conn, &request, same) {
             let error = ServerMessage::error(ErrorCode::TooManySubscriptions, message, reference);
             self.send(conn_id, &error);
             return;
@@ -325,10 +324,16 @@ impl Router {
                 return;
             }
         };
+        let group = conn.group;
+        if let Some((_, same)) = same {
+            self.end_sub(conn_id, same);
+        }
+        if let Some(conn) = self.connections.get_mut(&conn_id) {
+            conn.mirrored = true;
+        }
         let sub_id = self.next_sub;
         self.next_sub += 1;
         let count = subscription.target.size();
-        let group = conn.group;
         self.out.mirror.send(MirrorOp::Add(rows, place)).ok();
         self.out.metrics.subscriptions.inc_by(count as i64);
         self.index_sub(conn_id, sub_id, group, &subscription);
@@ -375,11 +380,20 @@ impl Router {
         }
     }
 
-    /// Whether `conn` may add this subscription, else why not.
-    fn admits(&self, conn: &Conn, request: &SubscribeRequest) -> Result<(), String> {
+    /// Whether `conn` may add this subscription, else why not; `replacing` (a subscription it
+    /// replaces) does not count.
+    fn admits<'a>(
+        &'a self,
+        conn: &'a Conn,
+        request: &SubscribeRequest,
+        replacing: Option<(ConnId, SubId)>,
+    ) -> Result<(), String> {
         let limits = &self.limits;
-        let subs = conn.subs.values().map(|s| &s.subscription);
-        let held: usize = subs.clone().map(|s| s.target.size()).sum();
+        let kept = |conn_id: ConnId, c: &'a Conn| kept_subs(conn_id, c, replacing);
+        let conn_id = request.conn;
+        let held: usize = kept(conn_id, conn)
+            .map(|s| s.subscription.target.size())
+            .sum();
         if held + request.subscription.target.size() > limits.subscriptions {
             return Err(format!(
                 "a connection holds at most {} subscriptions",
@@ -388,10 +402,11 @@ impl Router {
         }
         let users = self
             .connections
-            .values()
-            .filter(|c| c.user.sub == conn.user.sub);
+            .iter()
+            .filter(|(_, c)| c.user.sub == conn.user.sub);
         let (conditions, values) = users
-            .flat_map(|c| c.subs.values().map(|s| &s.subscription))
+            .flat_map(|(id, c)| kept(*id, c))
+            .map(|s| &s.subscription)
             .chain([&request.subscription])
             .filter_map(|s| match &s.target {
                 Target::Rows(Some(filter)) => Some(filter_cost(filter)),
@@ -404,7 +419,7 @@ impl Router {
                 limits.conditions, limits.in_values
             ));
         }
-        let replays = conn.subs.values().filter(|s| s.replay.is_some()).count();
+        let replays = kept(conn_id, conn).filter(|s| s.replay.is_some()).count();
         if request.since.is_some() && replays >= limits.replays {
             return Err(format!(
                 "a connection replays at most {} subscriptions at once",
@@ -530,13 +545,15 @@ impl Router {
         let Some(conn) = self.connections.get(&conn_id) else {
             return;
         };
-        let name = conn.name.clone();
+        let (name, mirrored) = (conn.name.clone(), conn.mirrored);
         let subs: Vec<SubId> = conn.subs.keys().copied().collect();
         for sub in subs {
             self.remove_sub(conn_id, sub);
         }
         self.connections.remove(&conn_id);
-        self.out.mirror.send(MirrorOp::RemoveConnection(name)).ok();
+        if mirrored {
+            self.out.mirror.send(MirrorOp::RemoveConnection(name)).ok();
+        }
     }
 
     fn index_sub(&mut self, conn: ConnId, sub: SubId, group: GroupId, subscription: &Subscription) {
@@ -802,6 +819,18 @@ impl Router {
             self.drop_connection(conn);
         }
     }
+}
+
+/// The subscriptions of `conn` but `replacing`.
+fn kept_subs(
+    conn_id: ConnId,
+    conn: &Conn,
+    replacing: Option<(ConnId, SubId)>,
+) -> impl Iterator<Item = &SubState> {
+    conn.subs
+        .iter()
+        .filter(move |(id, _)| replacing != Some((conn_id, **id)))
+        .map(|(_, s)| s)
 }
 
 fn remove_from<K: std::hash::Hash + Eq + Clone>(
@@ -1313,7 +1342,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn unsubscribing_what_is_not_held_writes_nothing() {
+    async fn what_is_not_held_is_not_written_to_the_mirror() {
         let mut h = harness();
         let (_q, _) = connect(&mut h, 1, 1, 1 << 20);
         subscribe(&mut h, 1, ids(&["a", "b"]), None);
@@ -1335,6 +1364,13 @@ mod tests {
             entity_ids: Some(vec!["a".into(), "zz".into()]),
         });
         assert_eq!(mirrored(&mut h), [("add", 2), ("remove ids", 1)]);
+        // Connections that never subscribed come and go without a write.
+        for id in 2..100 {
+            let _ = connect(&mut h, id, 1, 1 << 20);
+            h.router.handle(Command::Disconnect(id));
+        }
+        h.router.handle(Command::Disconnect(1));
+        assert_eq!(mirrored(&mut h), [("remove connection", 0)]);
     }
 
     #[tokio::test]
@@ -1369,5 +1405,28 @@ mod tests {
             entity_ids: None,
         });
         assert!(start.cancel.is_cancelled());
+    }
+
+    #[tokio::test]
+    async fn a_refused_replacement_keeps_the_subscription_it_would_replace() {
+        let mut h = harness();
+        let (mut q, _) = connect(&mut h, 1, 1, 1 << 20);
+        let ten = ids(&["1", "2", "3", "4", "5", "6", "7", "8", "9", "10"]);
+        subscribe(&mut h, 1, ten.clone(), None);
+        // Its ten rows still wait for the mirror: the same again is over the user's backlog.
+        subscribe(&mut h, 1, ten, None);
+        let answers = drain(&mut q).await;
+        assert_eq!(answers[1]["payload"]["code"], "internal", "{answers:?}");
+        h.router.handle(Command::Batch(Arc::new(batch(
+            vec![insert("1")],
+            vec![],
+            11,
+            true,
+        ))));
+        assert_eq!(
+            shape(&drain(&mut q).await),
+            [triple("DELTA", "1", "CREATE")]
+        );
+        assert_eq!(mirrored(&mut h), [("add", 10)]);
     }
 }
