@@ -9,7 +9,8 @@
 -- What changes (README "Upgrading"): the log marks each transaction's last row (tx_first), so
 -- reading a page is two range scans; least privilege (SPEC 1.9): nothing is granted to PUBLIC,
 -- capture runs as the writer, track/untrack/prune and the event triggers as the extension's
--- owner for the callers they check; the gateway's policy compiler and its change counter.
+-- owner for the callers they check; the gateway's policy compiler and its change counter;
+-- pg_sync's locks are tables of the schema sync_lock instead of advisory lock keys.
 
 -- The log stops while it is rewritten: writers of 0.1.0 finish first (they hold ROW
 -- EXCLUSIVE), new ones wait for this transaction. Cursors carry over unchanged: they name ids
@@ -22,6 +23,19 @@ UPDATE sync.change_history h SET tx_first = t.first_id
  WHERE h.id = t.last_id;
 
 ALTER TABLE sync.state ADD COLUMN policy_version bigint NOT NULL DEFAULT 0;
+
+-- pg_sync's locks move from advisory keys, which every role may take, to tables of a schema
+-- nobody else may use (schema.sql has the why).
+CREATE SCHEMA sync_lock;
+REVOKE ALL ON SCHEMA sync_lock FROM PUBLIC;
+CREATE TABLE sync_lock.log_read ();
+CREATE TABLE sync_lock.ingest ();
+CREATE OR REPLACE FUNCTION sync._log_read_lock() RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    LOCK TABLE sync_lock.log_read IN ROW SHARE MODE;
+END
+$$;
 
 -- New functions of the library (as pgrx declares them in pg_sync--0.2.0.sql).
 CREATE FUNCTION sync._flush_log() RETURNS void
@@ -281,7 +295,7 @@ BEGIN
     IF keep IS NULL OR keep < interval '0' THEN
         RAISE EXCEPTION 'sync.prune: keep must be a positive interval' USING ERRCODE = '22023';
     END IF;
-    PERFORM pg_advisory_xact_lock(7378659442);
+    LOCK TABLE sync_lock.log_read IN EXCLUSIVE MODE;
     -- A retried write older than the retained log is no longer recognised either.
     DELETE FROM sync.applied_mutation m WHERE m.applied_at < now() - keep;
     -- Below the oldest transaction still running, and below every change younger than keep.

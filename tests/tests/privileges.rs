@@ -815,3 +815,59 @@ where
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     }
 }
+
+/// pg_sync's locks cannot be held by anyone else: a role that may use the schema `sync` (as
+/// README's writers may) takes the advisory keys pg_sync once locked with and tries its lock
+/// tables; the log's readers and WAL ingestion go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn no_role_can_hold_pg_syncs_locks() {
+    let cluster = Cluster::start().await;
+    cluster.execute("SELECT sync.create_wal_slot()").await;
+    cluster
+        .execute(
+            "CREATE TABLE doc (id text PRIMARY KEY, body text);
+             CREATE TABLE marker (id int PRIMARY KEY);
+             SELECT sync.track('doc', capture => 'wal'); SELECT sync.track('marker');
+             CREATE ROLE holder LOGIN;
+             GRANT USAGE ON SCHEMA sync TO holder;",
+        )
+        .await;
+    let holder = cluster.connect_as("holder", "postgres").await;
+    holder
+        .batch_execute(
+            "SELECT pg_advisory_lock(7378659442), pg_advisory_lock(7378659443),
+                    pg_advisory_lock(7378659444)",
+        )
+        .await
+        .unwrap();
+    for table in ["sync_lock.log_read", "sync_lock.ingest"] {
+        let refused = holder
+            .batch_execute(&format!("BEGIN; LOCK TABLE {table} IN ACCESS SHARE MODE"))
+            .await
+            .unwrap_err();
+        assert_eq!(sqlstate(&refused), "42501", "{table}");
+        holder.batch_execute("ROLLBACK").await.unwrap();
+    }
+    let gateway = Gateway::start(&cluster, &["--wal-ingest-interval-ms", "50"]).await;
+    let mut bob = watch_doc(&gateway, "bob", "").await;
+    cluster.execute("INSERT INTO doc VALUES ('d1', 'x')").await;
+    // The WAL change is ingested before the marker's (trigger-captured) change is read.
+    let ingested = "SELECT count(*) FROM sync.change_history WHERE entity_code = 'doc'";
+    let client = cluster.connect().await;
+    let deadline = tokio::time::Instant::now() + pg_sync_tests::gateway::PATIENCE;
+    while client
+        .query_one(ingested, &[])
+        .await
+        .unwrap()
+        .get::<_, i64>(0)
+        == 0
+    {
+        assert!(tokio::time::Instant::now() < deadline, "never ingested");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    cluster.execute("INSERT INTO marker VALUES (1)").await;
+    assert_eq!(
+        actions(&bob.changes_until(1).await),
+        [("d1".to_owned(), "CREATE".to_owned())]
+    );
+}

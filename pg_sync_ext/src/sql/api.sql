@@ -260,10 +260,13 @@ CREATE EVENT TRIGGER sync_access_change ON ddl_command_end
     EXECUTE FUNCTION sync._on_access_change();
 ALTER EVENT TRIGGER sync_access_change ENABLE ALWAYS;
 
--- Readers of the log hold this advisory lock shared and sync.prune holds it exclusively, so
--- that a page is never read across a prune that moves the horizon under it.
+-- Readers of the log take sync_lock.log_read shared (schema.sql), for their transaction.
 CREATE FUNCTION sync._log_read_lock() RETURNS void
-LANGUAGE sql AS $$ SELECT pg_catalog.pg_advisory_xact_lock_shared(7378659442) $$;
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    LOCK TABLE sync_lock.log_read IN ROW SHARE MODE;
+END
+$$;
 
 -- The committed changes after `cursor`, in delivery order, each with the cursor after it.
 -- Expiry is raised here, in PL/pgSQL, because a custom SQLSTATE (SY410) does not survive
@@ -314,7 +317,7 @@ BEGIN
     IF keep IS NULL OR keep < interval '0' THEN
         RAISE EXCEPTION 'sync.prune: keep must be a positive interval' USING ERRCODE = '22023';
     END IF;
-    PERFORM pg_advisory_xact_lock(7378659442);
+    LOCK TABLE sync_lock.log_read IN EXCLUSIVE MODE;
     -- A retried write older than the retained log is no longer recognised either.
     DELETE FROM sync.applied_mutation m WHERE m.applied_at < now() - keep;
     -- Below the oldest transaction still running, and below every change younger than keep.

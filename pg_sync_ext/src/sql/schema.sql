@@ -93,3 +93,16 @@ CREATE TABLE sync.applied_mutation (
     applied_at timestamptz NOT NULL DEFAULT pg_catalog.now(),
     PRIMARY KEY (user_id, id)
 );
+
+-- The locks that order pg_sync's own work, as tables in a schema of their own that no role
+-- but the extension's owner may use: advisory lock keys are open to every role, which could
+-- hold one for its session and stall the log's readers or WAL ingestion; these can be taken
+-- only through pg_sync's functions. (Not even named: a statement refused for want of rights
+-- can still lock a table it names.)
+CREATE SCHEMA sync_lock;
+REVOKE ALL ON SCHEMA sync_lock FROM PUBLIC;
+-- Readers of the log hold it in ROW SHARE mode, sync.prune in EXCLUSIVE mode, so that a page
+-- is never read across a prune that moves the horizon under it.
+CREATE TABLE sync_lock.log_read ();
+-- WAL ingestion and slot creation hold it in EXCLUSIVE mode: one at a time.
+CREATE TABLE sync_lock.ingest ();

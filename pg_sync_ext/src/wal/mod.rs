@@ -35,8 +35,42 @@ use std::ops::ControlFlow;
 pub const SLOT: &str = "pg_sync";
 /// The logical-message prefix of origin tags (`sync.tag_origin`).
 pub const MESSAGE_PREFIX: &str = "pg_sync";
-/// Held (transaction-scoped) by an ingest, so two never run at once.
-const INGEST_LOCK: i64 = 7_378_659_443;
+/// The ingest lock: `sync_lock.ingest` (schema.sql) in EXCLUSIVE mode, held by an ingest
+/// and by slot creation for their transaction, so that two never run at once. A table lock
+/// in a schema no other role may use, not an advisory key, which any role could hold.
+mod ingest_lock {
+    use pgrx::pg_sys;
+
+    const MODE: pg_sys::LOCKMODE = pg_sys::ExclusiveLock as pg_sys::LOCKMODE;
+
+    fn table() -> pg_sys::Oid {
+        // SAFETY: catalog lookups by name; the extension's script created both.
+        let oid = unsafe {
+            let schema = pg_sys::get_namespace_oid(c"sync_lock".as_ptr(), false);
+            pg_sys::get_relname_relid(c"ingest".as_ptr(), schema)
+        };
+        assert!(oid != pg_sys::InvalidOid, "sync_lock.ingest exists");
+        oid
+    }
+
+    /// Takes it, waiting for whoever holds it.
+    pub fn take() {
+        // SAFETY: a lock on an existing relation, released at transaction end.
+        unsafe { pg_sys::LockRelationOid(table(), MODE) }
+    }
+
+    /// Takes it if it is free now.
+    pub fn try_take() -> bool {
+        // SAFETY: as `take`, without waiting.
+        unsafe { pg_sys::ConditionalLockRelationOid(table(), MODE) }
+    }
+
+    /// Gives it back before the transaction ends.
+    pub fn release() {
+        // SAFETY: releases the lock `try_take` took in this transaction.
+        unsafe { pg_sys::UnlockRelationOid(table(), MODE) }
+    }
+}
 /// Decoded rows fetched from the cursor at a time.
 const FETCH: i64 = 1000;
 
@@ -173,18 +207,7 @@ fn ingest_wal(max_changes: default!(i32, 10000)) -> i64 {
 }
 
 fn ingest(client: &mut SpiClient<'_>, max_changes: i32) -> i64 {
-    let locked: bool = client
-        .select(
-            "SELECT pg_catalog.pg_try_advisory_xact_lock($1)",
-            None,
-            &[INGEST_LOCK.into()],
-        )
-        .unwrap()
-        .first()
-        .get_one()
-        .unwrap()
-        .unwrap_or(false);
-    if !locked {
+    if !ingest_lock::try_take() {
         return 0;
     }
     let tables = TrackedTables::read(client, true);
@@ -337,13 +360,7 @@ fn ingest(client: &mut SpiClient<'_>, max_changes: i32) -> i64 {
 fn create_wal_slot() -> bool {
     Spi::connect_mut(|client| {
         // One creator at a time, and not while an ingest reads the slot.
-        client
-            .select(
-                "SELECT pg_catalog.pg_advisory_xact_lock($1)",
-                None,
-                &[INGEST_LOCK.into()],
-            )
-            .expect("taking the ingest lock");
+        ingest_lock::take();
         if slot_exists(client) {
             return false;
         }
@@ -437,22 +454,14 @@ fn wal_settled(entity_code: &str) -> bool {
     if tables.is_empty() {
         return true;
     }
-    let locked = Spi::get_one_with_args::<bool>(
-        "SELECT pg_catalog.pg_try_advisory_lock($1)",
-        &[INGEST_LOCK.into()],
-    );
-    if locked != Ok(Some(true)) {
+    if !ingest_lock::try_take() {
         return false; // an ingest holds the slot
     }
-    PgTryBuilder::new(|| Spi::connect(|client| no_pending_change(client, &tables)))
-        .finally(|| {
-            Spi::run_with_args(
-                "SELECT pg_catalog.pg_advisory_unlock($1)",
-                &[INGEST_LOCK.into()],
-            )
-            .expect("releasing the ingest lock");
-        })
-        .execute()
+    // Released at once, not at the end of the caller's (long) snapshot transaction; on an
+    // error, the transaction's end releases it.
+    let settled = Spi::connect(|client| no_pending_change(client, &tables));
+    ingest_lock::release();
+    settled
 }
 
 /// No change of `tables` visible to the transaction's snapshot waits in the slot unstored.

@@ -1,15 +1,14 @@
-//! Driving WAL capture (`--wal-ingest`): exactly one gateway at a time holds a session-level
-//! advisory lock and calls `sync.ingest_wal` until the slot is drained, then again every
-//! interval. If that gateway dies, its session ends, the lock is free, and another gateway
-//! takes over within an interval or two. Ingested changes reach readers through the log's
-//! normal wake-ups.
+//! Driving WAL capture (`--wal-ingest`): every such gateway calls `sync.ingest_wal` until the
+//! slot is drained, then again every interval. The function lets one caller at a time ingest
+//! (its lock is a table only pg_sync's functions can take, not an advisory key that any role
+//! could hold to stop ingestion); the others get 0 at once and wait an interval. So when a
+//! gateway dies, the others go on. Ingested changes reach readers through the log's normal
+//! wake-ups.
 
 use deadpool_postgres::Pool;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
-/// Held by the ingesting gateway for as long as its connection lives.
-const DRIVER_LOCK: i64 = 7_378_659_444;
 /// Changes per `sync.ingest_wal` call.
 const BATCH: i32 = 10_000;
 
@@ -31,48 +30,33 @@ impl Ingest {
         }
     }
 
-    /// Takes the driver's lock if free and ingests until shutdown or an error.
+    /// Ingests until shutdown or an error.
     async fn drive(&self, shutdown: &CancellationToken) -> Result<(), IngestError> {
         let client = self.pool.get().await?;
-        let locked: bool = client
-            .query_one("SELECT pg_try_advisory_lock($1)", &[&DRIVER_LOCK])
-            .await?
-            .get(0);
-        if !locked {
-            return Ok(()); // another gateway ingests
-        }
-        tracing::info!("this gateway ingests the WAL");
-        let outcome = async {
-            loop {
-                // Nothing tracked with WAL capture: nothing to do, and no slot to create.
-                let wanted: bool = client
-                    .query_one(
-                        "SELECT EXISTS (SELECT FROM sync.tracked WHERE capture = 'wal')",
-                        &[],
-                    )
+        loop {
+            // Nothing tracked with WAL capture: nothing to do, and no slot to create.
+            let wanted: bool = client
+                .query_one(
+                    "SELECT EXISTS (SELECT FROM sync.tracked WHERE capture = 'wal')",
+                    &[],
+                )
+                .await?
+                .get(0);
+            let added: i64 = if wanted {
+                client
+                    .query_one("SELECT sync.ingest_wal($1)", &[&BATCH])
                     .await?
-                    .get(0);
-                let added: i64 = if wanted {
-                    client
-                        .query_one("SELECT sync.ingest_wal($1)", &[&BATCH])
-                        .await?
-                        .get(0)
-                } else {
-                    0
-                };
-                if added == 0 {
-                    tokio::select! {
-                        _ = tokio::time::sleep(self.interval) => {}
-                        _ = shutdown.cancelled() => return Ok(()),
-                    }
+                    .get(0)
+            } else {
+                0
+            };
+            if added == 0 {
+                tokio::select! {
+                    _ = tokio::time::sleep(self.interval) => {}
+                    _ = shutdown.cancelled() => return Ok(()),
                 }
             }
         }
-        .await;
-        let _ = client
-            .execute("SELECT pg_advisory_unlock($1)", &[&DRIVER_LOCK])
-            .await;
-        outcome
     }
 }
 
