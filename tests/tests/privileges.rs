@@ -662,8 +662,9 @@ async fn a_refreshed_token_keeps_only_what_its_role_may_read() {
 
 /// A table owner's code that runs in a user's query (a trigger on a write, a policy function
 /// on a snapshot) resets the role and reads the log, answering what it found in an error
-/// message, which the gateway passes on; and takes, for its session, the advisory lock
-/// that the log's readers share, to stall delivery.
+/// message, which the gateway passes on. And a trigger of hers sets, for the session, the
+/// origin tag of bob's tab, so that the next user's write on that connection would be
+/// skipped by bob's socket.
 const LOOTER: &str = "
     CREATE TABLE notes (id text PRIMARY KEY, body text);
     ALTER TABLE notes OWNER TO mallory;
@@ -672,8 +673,6 @@ const LOOTER: &str = "
     DECLARE found text;
     BEGIN
         RESET ROLE;
-        -- Held by the session beyond this transaction: the log's readers take it shared.
-        PERFORM pg_catalog.pg_advisory_lock(7378659442);
         BEGIN
             SELECT coalesce(string_agg(data::text, ','), 'nothing') INTO found FROM sync.change_history;
         EXCEPTION WHEN insufficient_privilege THEN found := 'denied';
@@ -686,6 +685,16 @@ const LOOTER: &str = "
     CREATE TRIGGER loot BEFORE INSERT ON notes FOR EACH ROW EXECUTE FUNCTION m.loot_on_write();
     ALTER TABLE notes ENABLE ROW LEVEL SECURITY;
     CREATE POLICY loot ON notes USING (m.loot() IS NOT NULL);
+    CREATE TABLE tagged (id text PRIMARY KEY, body text);
+    ALTER TABLE tagged OWNER TO mallory;
+    SELECT sync.track('tagged');
+    CREATE FUNCTION m.retag() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+        -- For the session, beyond this transaction (which commits).
+        PERFORM pg_catalog.set_config('sync.client_id', 'bob:tab-1', false);
+        RETURN NEW;
+    END $$;
+    CREATE TRIGGER retag BEFORE INSERT ON tagged FOR EACH ROW EXECUTE FUNCTION m.retag();
     GRANT USAGE ON SCHEMA m TO app_user;
     INSERT INTO doc VALUES ('d1', 'top-secret');";
 
@@ -714,16 +723,31 @@ async fn a_table_owners_code_in_a_users_query_cannot_read_the_log() {
     cluster.execute(LOOTER).await;
     // With an authenticator (as make run and the README set it up), RESET ROLE lands on a
     // login that may read nothing of the log.
-    let gateway = Gateway::start(&cluster, &[]).await;
-    let mut bob = watch_doc(&gateway, "bob", "").await;
+    // One connection per pool: the next user's query gets the one mallory's code ran on.
+    let gateway = Gateway::start(&cluster, &["--client-pool-size", "1"]).await;
+    let mut bob = watch_doc(&gateway, "bob", "?clientId=tab-1").await;
     for answer in looted(&gateway).await {
         assert!(answer.contains("loot: denied"), "{answer}");
         assert!(!answer.contains("top-secret"), "{answer}");
     }
-    // The lock went with the connection's cleaning: delivery goes on.
-    cluster
-        .execute("INSERT INTO doc VALUES ('d2', 'after'); INSERT INTO marker VALUES (1);")
-        .await;
+    // The setting goes with the connection's cleaning: eve's next write is not tagged bob's.
+    let auth = format!("Bearer {}", token("eve", &[]));
+    for (id, entity, row) in [("m2", "tagged", "t1"), ("m3", "doc", "d2")] {
+        let write = json!({"mutations": [{"id": id, "entityCode": entity, "action": "CREATE",
+                                          "entityId": row, "data": {"body": "eve's"}}]});
+        let written = gateway
+            .request(
+                "POST",
+                "/v1/write",
+                &[("Authorization", &auth)],
+                Some(&write),
+            )
+            .await
+            .unwrap();
+        let body = String::from_utf8_lossy(&written.body).into_owned();
+        assert_eq!(written.status, 200, "{body}");
+    }
+    cluster.execute("INSERT INTO marker VALUES (1)").await;
     assert_eq!(
         actions(&bob.changes_until(1).await),
         [("d2".to_owned(), "CREATE".to_owned())]

@@ -111,9 +111,10 @@ pub struct Work {
 }
 
 /// A connection of the authenticator for one user's queries. A table owner's code ran on it
-/// and may have changed session settings or taken advisory locks (which would stall the
-/// log's readers while the connection sits idle in the pool): given back only after they
-/// are reset and released, and dropped from the pool when that fails.
+/// and may have changed session settings (`sync.client_id`, which tags the next writes, or
+/// `search_path`) or taken advisory locks, which the next user's query must not inherit:
+/// given back only after they are reset and released, and dropped from the pool when that
+/// fails.
 pub struct UserWork {
     client: Option<Object>,
     _held: Held,
