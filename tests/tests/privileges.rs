@@ -556,17 +556,18 @@ async fn watch_doc(gateway: &Gateway, sub: &str, query: &str) -> Session {
     session
 }
 
+/// `sub` creates `doc` row `id` with the client id `client_id`.
 async fn write(gateway: &Gateway, sub: &str, client_id: &str, id: &str) -> (u16, Value) {
-    let auth = format!("Bearer {}", token(sub, &[]));
     let body = json!({"clientId": client_id, "mutations": [{"id": format!("m-{id}"),
         "entityCode": "doc", "action": "CREATE", "entityId": id, "data": {"body": sub}}]});
+    post_write(gateway, sub, &body).await
+}
+
+/// `POST /v1/write` of `body` as `sub`: the status and the answer.
+async fn post_write(gateway: &Gateway, sub: &str, body: &Value) -> (u16, Value) {
+    let auth = format!("Bearer {}", token(sub, &[]));
     let r = gateway
-        .request(
-            "POST",
-            "/v1/write",
-            &[("Authorization", &auth)],
-            Some(&body),
-        )
+        .request("POST", "/v1/write", &[("Authorization", &auth)], Some(body))
         .await
         .unwrap();
     (
@@ -731,21 +732,11 @@ async fn a_table_owners_code_in_a_users_query_cannot_read_the_log() {
         assert!(!answer.contains("top-secret"), "{answer}");
     }
     // The setting goes with the connection's cleaning: eve's next write is not tagged bob's.
-    let auth = format!("Bearer {}", token("eve", &[]));
     for (id, entity, row) in [("m2", "tagged", "t1"), ("m3", "doc", "d2")] {
         let write = json!({"mutations": [{"id": id, "entityCode": entity, "action": "CREATE",
                                           "entityId": row, "data": {"body": "eve's"}}]});
-        let written = gateway
-            .request(
-                "POST",
-                "/v1/write",
-                &[("Authorization", &auth)],
-                Some(&write),
-            )
-            .await
-            .unwrap();
-        let body = String::from_utf8_lossy(&written.body).into_owned();
-        assert_eq!(written.status, 200, "{body}");
+        let (status, answer) = post_write(&gateway, "eve", &write).await;
+        assert_eq!(status, 200, "{answer}");
     }
     cluster.execute("INSERT INTO marker VALUES (1)").await;
     assert_eq!(

@@ -1034,6 +1034,12 @@ mod tests {
         }
     }
 
+    /// Routes a complete batch of `changes`, everyone seeing all, ending at `end`.
+    fn route(h: &mut Harness, changes: Vec<Change>, end: u64) {
+        h.router
+            .handle(Command::Batch(Arc::new(batch(changes, vec![], end, true))));
+    }
+
     fn triple(kind: &str, id: &str, action: &str) -> (String, String, String) {
         (kind.into(), id.into(), action.into())
     }
@@ -1045,12 +1051,7 @@ mod tests {
         subscribe(&mut h, 1, Target::Rows(None), None);
         let subscribed = drain(&mut q).await;
         assert_eq!(subscribed[0]["payload"]["cursor"], cursor(10).as_str());
-        h.router.handle(Command::Batch(Arc::new(batch(
-            vec![insert("1")],
-            vec![],
-            11,
-            true,
-        ))));
+        route(&mut h, vec![insert("1")], 11);
         assert_eq!(
             shape(&drain(&mut q).await),
             [triple("DELTA", "1", "CREATE")]
@@ -1317,12 +1318,7 @@ mod tests {
             subscribe(&mut h, 1, Target::Rows(None), None);
         }
         assert_eq!(h.metrics.subscriptions.get(), 1);
-        h.router.handle(Command::Batch(Arc::new(batch(
-            vec![insert("1")],
-            vec![],
-            11,
-            true,
-        ))));
+        route(&mut h, vec![insert("1")], 11);
         let messages = drain(&mut q).await;
         assert_eq!(
             shape(&messages[3..]),
@@ -1417,12 +1413,7 @@ mod tests {
         subscribe(&mut h, 1, ten, None);
         let answers = drain(&mut q).await;
         assert_eq!(answers[1]["payload"]["code"], "internal", "{answers:?}");
-        h.router.handle(Command::Batch(Arc::new(batch(
-            vec![insert("1")],
-            vec![],
-            11,
-            true,
-        ))));
+        route(&mut h, vec![insert("1")], 11);
         assert_eq!(
             shape(&drain(&mut q).await),
             [triple("DELTA", "1", "CREATE")]
