@@ -178,7 +178,14 @@ pub async fn serve(args: ServeArgs, shutdown: CancellationToken) -> Result<(), S
     let client_pool = pool(pg_config.clone(), p.client_pool_size, p.pool_wait)?;
     let (user_pool, authenticator) = match &args.authenticator_url {
         Some(url) => {
-            let config = tokio_postgres::Config::from_str(url).map_err(ServeError::DatabaseUrl)?;
+            let mut config =
+                tokio_postgres::Config::from_str(url).map_err(ServeError::DatabaseUrl)?;
+            // No user's statement outlives the longest snapshot (a write waiting on a lock,
+            // a table owner's slow trigger), so none holds an authenticator connection.
+            config.options(format!(
+                "-c statement_timeout={}",
+                args.caps.snapshot_max_duration.as_millis()
+            ));
             let user_pool = pool(config, p.client_pool_size, p.pool_wait)?;
             let login: String = user_pool
                 .get()
@@ -380,10 +387,12 @@ async fn refresh_roles(roles: Arc<Roles>, pool: Pool, shutdown: CancellationToke
             _ = shutdown.cancelled() => return,
         }
         let refreshed = match pool.get().await {
-            Ok(client) => roles
-                .refresh(&client)
-                .await
-                .map_err(|e| ErrorChain(&e).to_string()),
+            Ok(client) => {
+                match tokio::time::timeout(ROLES_MAX_AGE / 2, roles.refresh(&client)).await {
+                    Ok(read) => read.map_err(|e| ErrorChain(&e).to_string()),
+                    Err(_) => Err("no answer in time".to_owned()),
+                }
+            }
             Err(e) => Err(e.to_string()),
         };
         if let Err(e) = refreshed {

@@ -10,8 +10,8 @@ use tokio_postgres::Client;
 /// types, the schema's rights and the extension's members.
 const SCHEMA_SQL: &str = "
 SELECT kind || ': ' || line FROM (
-    SELECT 'relation', format('%s %s %s', c.relname, c.relkind, c.relacl)
-      FROM pg_class c WHERE c.relnamespace = 'sync'::regnamespace
+    SELECT 'relation', format('%s.%s %s %s', c.relnamespace::regnamespace, c.relname, c.relkind, c.relacl)
+      FROM pg_class c WHERE c.relnamespace IN ('sync'::regnamespace, 'sync_lock'::regnamespace)
     UNION ALL
     SELECT 'column', format('%s.%s #%s %s not null %s default %s', c.relname, a.attname, a.attnum,
                             format_type(a.atttypid, a.atttypmod), a.attnotnull,
@@ -43,7 +43,7 @@ SELECT kind || ': ' || line FROM (
     UNION ALL
     SELECT 'type', format('%s %s', typname, typacl) FROM pg_type WHERE typnamespace = 'sync'::regnamespace
     UNION ALL
-    SELECT 'schema', format('%s', nspacl) FROM pg_namespace WHERE nspname = 'sync'
+    SELECT 'schema', format('%s %s', nspname, nspacl) FROM pg_namespace WHERE nspname IN ('sync', 'sync_lock')
     UNION ALL
     SELECT 'member', pg_describe_object(classid, objid, objsubid)
       FROM pg_depend

@@ -359,6 +359,11 @@ fn ingest(client: &mut SpiClient<'_>, max_changes: i32) -> i64 {
 #[pg_extern(volatile, parallel_unsafe)]
 fn create_wal_slot() -> bool {
     Spi::connect_mut(|client| {
+        // Without the lock when there is nothing to do: `track` calls this, and a table's
+        // owner who left that transaction open would otherwise hold every ingest back.
+        if slot_exists(client) {
+            return false;
+        }
         // One creator at a time, and not while an ingest reads the slot.
         ingest_lock::take();
         if slot_exists(client) {

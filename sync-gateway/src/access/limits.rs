@@ -112,39 +112,52 @@ pub struct Work {
 
 /// A connection of the authenticator for one user's queries. A table owner's code ran on it
 /// and may have changed session settings (`sync.client_id`, which tags the next writes, or
-/// `search_path`) or taken advisory locks, which the next user's query must not inherit:
-/// given back only after they are reset and released, and dropped from the pool when that
-/// fails.
+/// `search_path`), taken advisory locks or prepared statements (under the names the client
+/// library will use next), which the next user's query must not inherit: given back only
+/// after they are reset, released and deallocated, and dropped from the pool when that
+/// fails or takes too long. The user's place under the caps is held until then: the
+/// connection is busy until the cleaning ran.
 pub struct UserWork {
-    client: Option<Object>,
-    _held: Held,
+    client: Option<(Object, Held)>,
 }
 
-/// What `DISCARD ALL` does, but for prepared statements (the pool's statement cache), and
-/// allowed after a transaction that failed.
+/// `DISCARD ALL`, which cannot run in a transaction block, as its parts.
 const CLEAN_SESSION: &str = "CLOSE ALL; SET SESSION AUTHORIZATION DEFAULT; RESET ALL; \
-    UNLISTEN *; SELECT pg_catalog.pg_advisory_unlock_all(); DISCARD TEMP; DISCARD SEQUENCES";
+    DEALLOCATE ALL; UNLISTEN *; SELECT pg_catalog.pg_advisory_unlock_all(); DISCARD PLANS; \
+    DISCARD TEMP; DISCARD SEQUENCES";
+
+/// How long the cleaning may take (it waits for what still runs on the connection).
+const CLEAN_PATIENCE: Duration = Duration::from_secs(10);
 
 impl std::ops::Deref for UserWork {
     type Target = Object;
     fn deref(&self) -> &Object {
-        self.client.as_ref().expect("held until dropped")
+        &self.client.as_ref().expect("held until dropped").0
     }
 }
 
 impl std::ops::DerefMut for UserWork {
     fn deref_mut(&mut self) -> &mut Object {
-        self.client.as_mut().expect("held until dropped")
+        &mut self.client.as_mut().expect("held until dropped").0
     }
 }
 
 impl Drop for UserWork {
     fn drop(&mut self) {
-        if let Some(client) = self.client.take() {
+        if let Some((client, held)) = self.client.take() {
             tokio::spawn(async move {
-                if client.batch_execute(CLEAN_SESSION).await.is_err() {
+                let cleaned =
+                    tokio::time::timeout(CLEAN_PATIENCE, client.batch_execute(CLEAN_SESSION)).await;
+                if matches!(cleaned, Ok(Ok(()))) {
+                    client.clear_type_cache();
+                } else {
+                    let _ = client
+                        .cancel_token()
+                        .cancel_query(tokio_postgres::NoTls)
+                        .await;
                     let _ = Object::take(client);
                 }
+                drop(held);
             });
         }
     }
@@ -172,8 +185,7 @@ impl ClientWork {
     pub async fn start_as_user(&self, user: &str) -> Result<UserWork, Busy> {
         let work = self.take(&self.authenticator, user).await?;
         Ok(UserWork {
-            client: Some(work.client),
-            _held: work._held,
+            client: Some((work.client, work._held)),
         })
     }
 

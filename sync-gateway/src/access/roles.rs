@@ -149,18 +149,20 @@ const AUTHENTICATOR_REACH_SQL: &str = "
 SELECT r.rolname::text, c.why
   FROM pg_catalog.pg_roles r
  CROSS JOIN LATERAL (VALUES
-   (r.rolsuper OR r.rolbypassrls, 'bypasses row-level security'),
-   (r.rolreplication, 'may read the replication slot'),
-   (r.rolcreaterole, 'may grant itself other roles'),
-   (r.rolname IN ('pg_execute_server_program', 'pg_read_server_files', 'pg_write_server_files'),
+   (1, r.rolsuper OR r.rolbypassrls, 'bypasses row-level security'),
+   (2, r.rolreplication, 'may read the replication slot'),
+   (3, r.rolcreaterole, 'may grant itself other roles'),
+   (4, r.rolname IN ('pg_execute_server_program', 'pg_read_server_files', 'pg_write_server_files'),
     'may run programs or read files on the server'),
-   (pg_catalog.has_any_column_privilege(r.oid, 'sync.change_history', 'SELECT, INSERT, UPDATE')
+   (5, r.oid = (SELECT d.datdba FROM pg_catalog.pg_database d
+              WHERE d.datname = pg_catalog.current_database()), 'owns the database'),
+   (6, pg_catalog.has_any_column_privilege(r.oid, 'sync.change_history', 'SELECT, INSERT, UPDATE')
     OR pg_catalog.has_table_privilege(r.oid, 'sync.change_history', 'DELETE, TRUNCATE')
     OR pg_catalog.has_function_privilege(r.oid, 'sync.changes_since(text, integer, text)', 'EXECUTE')
     OR pg_catalog.has_function_privilege(r.oid, 'sync._changes_page(text, integer, text)', 'EXECUTE')
     OR pg_catalog.has_function_privilege(r.oid, 'sync.prune(interval)', 'EXECUTE'),
     'may read or change the change log'),
-   (pg_catalog.has_any_column_privilege(r.oid, 'sync.subscription', 'SELECT, INSERT, UPDATE')
+   (7, pg_catalog.has_any_column_privilege(r.oid, 'sync.subscription', 'SELECT, INSERT, UPDATE')
     OR pg_catalog.has_any_column_privilege(r.oid, 'sync.applied_mutation', 'SELECT, UPDATE')
     OR pg_catalog.has_any_column_privilege(r.oid, 'sync.state', 'INSERT, UPDATE')
     OR pg_catalog.has_any_column_privilege(r.oid, 'sync.tracked', 'INSERT, UPDATE')
@@ -170,10 +172,17 @@ SELECT r.rolname::text, c.why
     OR pg_catalog.has_table_privilege(r.oid, 'sync.state', 'DELETE, TRUNCATE')
     OR pg_catalog.has_table_privilege(r.oid, 'sync.tracked', 'DELETE, TRUNCATE')
     OR pg_catalog.has_table_privilege(r.oid, 'sync.gateway', 'DELETE, TRUNCATE'),
-    'may read or change pg_sync''s tables')
- ) AS c(bad, why)
+    'may read or change pg_sync''s tables'),
+   (8, pg_catalog.has_schema_privilege(r.oid, 'sync_lock', 'USAGE')
+    OR pg_catalog.has_function_privilege(r.oid, 'sync._log_read_lock()', 'EXECUTE')
+    OR pg_catalog.has_function_privilege(r.oid, 'sync.ingest_wal(integer)', 'EXECUTE')
+    OR pg_catalog.has_function_privilege(r.oid, 'sync.create_wal_slot()', 'EXECUTE')
+    OR pg_catalog.has_function_privilege(r.oid, 'sync.track(regclass, text, text, text[])', 'EXECUTE')
+    OR pg_catalog.has_function_privilege(r.oid, 'sync.untrack(regclass)', 'EXECUTE'),
+    'may take pg_sync''s locks or change what it tracks')
+ ) AS c(n, bad, why)
  WHERE pg_catalog.pg_has_role($1, r.oid, 'MEMBER') AND c.bad
- ORDER BY r.rolname LIMIT 1";
+ ORDER BY r.rolname, c.n LIMIT 1";
 
 /// A digest of role attributes and memberships.
 const ROLES_FINGERPRINT_SQL: &str = "

@@ -69,6 +69,8 @@ enum Ended {
     Idle(Duration),
     #[error("the snapshot took longer than {0:?}")]
     TooLong(Duration),
+    #[error("the client left")]
+    Left,
 }
 
 pub async fn snapshot(
@@ -124,8 +126,8 @@ pub async fn snapshot(
                 )
                 .await
                 {
-                    Ok(Ok(())) => Ok(true),
-                    Ok(Err(_)) => Ok(false), // the client left
+                    Ok(Ok(())) => Ok(()),
+                    Ok(Err(_)) => Err(Ended::Left),
                     Err(_) if Instant::now() >= deadline => Err(Ended::TooLong(longest)),
                     Err(_) => Err(Ended::Idle(idle)),
                 }
@@ -181,14 +183,10 @@ pub async fn snapshot(
             if let Some(started) = started.take() {
                 let _ = started.send(Ok(()));
             }
-            if !send(format!("{}\n", json!({"cursor": cursor}))).await? {
-                return Ok(());
-            }
+            send(format!("{}\n", json!({"cursor": cursor}))).await?;
             let mut next = first;
             while let Some(row) = next {
-                if !send(format!("{}\n", row.get::<_, Value>(0))).await? {
-                    return Ok(()); // the client left
-                }
+                send(format!("{}\n", row.get::<_, Value>(0))).await?;
                 next = rows.next().await.transpose()?;
             }
             tx.commit().await?;
