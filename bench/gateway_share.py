@@ -1,7 +1,9 @@
 """The gateway's own share of a latency run, from its /metrics before and after the run:
-percentiles of `sync_delivery_lag_seconds` (a change's capture to its routing) and of
-`sync_send_wait_seconds` (a message's queueing to its write to the socket), as the upper
-bounds of their histogram buckets. Prints one JSON line.
+percentiles of `sync_delivery_lag_seconds` (a change's capture to its routing: the
+database's commit and wake-up, the read, and the gateway), `sync_route_lag_seconds` (its
+page's read to its routing: the gateway) and `sync_send_wait_seconds` (a message's queueing
+to its write to the socket: the gateway), as the upper bounds of their histogram buckets.
+Prints one JSON line.
 
 Usage: gateway_share.py BEFORE AFTER CONNECTIONS"""
 import json
@@ -35,7 +37,8 @@ def percentile_ms(before, after, q):
 
 before_path, after_path, connections = sys.argv[1], sys.argv[2], int(sys.argv[3])
 record = {"mode": "gateway_share", "connections": connections}
-for name, key in [("delivery_lag_seconds", "routing"), ("send_wait_seconds", "send_wait")]:
+for name, key in [("delivery_lag_seconds", "routing"), ("route_lag_seconds", "read_to_routed"),
+                  ("send_wait_seconds", "send_wait")]:
     before, after = buckets(before_path, name), buckets(after_path, name)
     for q in (0.5, 0.99):
         record[f"{key}_p{round(q * 100)}_ms"] = percentile_ms(before, after, q)

@@ -1,6 +1,7 @@
 //! What `/metrics` exports (Prometheus text, on the admin listener): counters and gauges
-//! bumped where things happen, and the gateway's share of delivery time as two histograms:
-//! from a change's capture to its routing, and from a message's queueing to its write.
+//! bumped where things happen, and delivery time as histograms: from a change's capture to
+//! its routing (the database's commit and wake-up, and the gateway), from its page's read to
+//! its routing, and from a message's queueing to its write (the gateway's own).
 
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
@@ -17,6 +18,8 @@ pub struct Metrics {
     pub changes_read: Counter,
     /// Seconds from a change's capture to its routing.
     pub delivery_lag: Histogram,
+    /// Seconds from the read of a change's page to its routing.
+    route_lag: Histogram,
     /// Seconds from a message's queueing by the router to its write to the socket.
     send_wait: Histogram,
     /// Batches of an entity with row-level security judged for its listening groups.
@@ -33,6 +36,7 @@ impl Default for Metrics {
         let bytes_sent = Counter::default();
         let changes_read = Counter::default();
         let delivery_lag = Histogram::new(exponential_buckets(0.001, 2.0, 16));
+        let route_lag = Histogram::new(exponential_buckets(0.0001, 2.0, 20));
         let send_wait = Histogram::new(exponential_buckets(0.0001, 2.0, 20));
         let rls_checks = Counter::default();
         let wal_retained_bytes = Gauge::default();
@@ -67,6 +71,11 @@ impl Default for Metrics {
             delivery_lag.clone(),
         );
         registry.register(
+            "route_lag_seconds",
+            "From the read of a change's page to its routing",
+            route_lag.clone(),
+        );
+        registry.register(
             "send_wait_seconds",
             "From a message's queueing by the router to its write to the socket",
             send_wait.clone(),
@@ -89,6 +98,7 @@ impl Default for Metrics {
             bytes_sent,
             changes_read,
             delivery_lag,
+            route_lag,
             send_wait,
             rls_checks,
             wal_retained_bytes,
@@ -97,9 +107,11 @@ impl Default for Metrics {
 }
 
 impl Metrics {
-    /// A batch was routed; `captured_at` is its last change's capture time (ISO 8601 UTC).
-    pub fn record_routed(&self, changes: usize, captured_at: &str) {
+    /// A batch was routed; `captured_at` is its last change's capture time (ISO 8601 UTC),
+    /// `read_at` when its page was read.
+    pub fn record_routed(&self, changes: usize, captured_at: &str, read_at: tokio::time::Instant) {
         self.changes_read.inc_by(changes as u64);
+        self.route_lag.observe(read_at.elapsed().as_secs_f64());
         if let Ok(captured) = humantime::parse_rfc3339(captured_at) {
             if let Ok(lag) = std::time::SystemTime::now().duration_since(captured) {
                 self.delivery_lag.observe(lag.as_secs_f64());
@@ -130,7 +142,7 @@ mod tests {
     #[test]
     fn the_exposition_names_every_metric() {
         let metrics = Metrics::default();
-        metrics.record_routed(3, "2026-11-22T16:00:00.123Z");
+        metrics.record_routed(3, "2026-11-22T16:00:00.123Z", tokio::time::Instant::now());
         let text = metrics.render(42);
         for name in [
             "sync_connections 0",
@@ -139,6 +151,7 @@ mod tests {
             "sync_rls_checks_total",
             "sync_delivery_lag_seconds_bucket",
             "sync_send_wait_seconds_bucket",
+            "sync_route_lag_seconds_bucket",
             "sync_wal_slot_retained_bytes 42",
         ] {
             assert!(text.contains(name), "{name} in {text}");

@@ -30,6 +30,7 @@ use serde_json::{json, Value};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use tokio::sync::mpsc;
+use tokio::time::Instant;
 use tokio_postgres::Client;
 
 /// A page of the log as the reader read it.
@@ -41,6 +42,8 @@ pub struct RawBatch {
     pub complete: bool,
     /// The database's policy version when the page was read.
     pub policy_version: i64,
+    /// When the read returned: the gateway's own share of a change's lag starts here.
+    pub read_at: Instant,
 }
 
 /// Who may see the versions of one change of an entity with row-level security.
@@ -74,6 +77,7 @@ pub struct JudgedBatch {
     pub refused: Vec<(String, GroupId, String)>,
     pub end: Cursor,
     pub complete: bool,
+    pub read_at: Instant,
 }
 
 /// A group as its policies read it: a user of it (users of one group share role and claims).
@@ -543,6 +547,7 @@ impl Stage {
             refused,
             end: batch.end,
             complete: batch.complete,
+            read_at: batch.read_at,
         }
     }
 }

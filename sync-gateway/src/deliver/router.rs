@@ -696,7 +696,7 @@ impl Router {
         if let Some(last) = batch.changes.last() {
             self.out
                 .metrics
-                .record_routed(batch.changes.len(), &last.captured_at);
+                .record_routed(batch.changes.len(), &last.captured_at, batch.read_at);
         }
         self.set_position(batch.end.clone(), batch.complete);
     }
@@ -946,6 +946,7 @@ mod tests {
             refused: vec![],
             end: cursor(end),
             complete,
+            read_at: tokio::time::Instant::now(),
         }
     }
 

@@ -59,6 +59,7 @@ impl Reader {
             end: position.clone(),
             complete: true,
             policy_version: 0,
+            read_at: tokio::time::Instant::now(),
         };
         if self.next.send(Feed::Batch(start)).await.is_err() {
             return;
@@ -109,6 +110,7 @@ impl Reader {
         let mut client = self.pool.get().await?;
         loop {
             let page = read_page(&mut client, Some(position), PAGE, None).await?;
+            let read_at = tokio::time::Instant::now();
             let moved = !page.changes.is_empty()
                 || page.end != *position
                 || page.policy_version != *policy_version;
@@ -121,6 +123,7 @@ impl Reader {
                     end: page.end,
                     complete: !page.more,
                     policy_version: page.policy_version,
+                    read_at,
                 };
                 if self.next.send(Feed::Batch(batch)).await.is_err() {
                     return Ok(());
