@@ -171,6 +171,16 @@ impl Cluster {
     }
 
     /// Runs SQL on a fresh connection, panicking on error.
+    /// `sync.current_cursor()` of a new connection: where the log stands now.
+    pub async fn current_cursor(&self) -> String {
+        self.connect()
+            .await
+            .query_one("SELECT sync.current_cursor()", &[])
+            .await
+            .unwrap()
+            .get(0)
+    }
+
     pub async fn execute(&self, sql: &str) {
         self.connect()
             .await

@@ -40,16 +40,6 @@ async fn subscribed(gateway: &Gateway, user: &str, mode: &str) -> Session {
     session
 }
 
-async fn cursor(cluster: &Cluster) -> String {
-    cluster
-        .connect()
-        .await
-        .query_one("SELECT sync.current_cursor()", &[])
-        .await
-        .unwrap()
-        .get(0)
-}
-
 fn ids(changes: &Value) -> Vec<String> {
     changes
         .as_array()
@@ -62,7 +52,7 @@ fn ids(changes: &Value) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn users_see_only_their_rows_on_every_path() {
     let (cluster, gateway) = setup().await;
-    let start = cursor(&cluster).await;
+    let start = cluster.current_cursor().await;
     let mut alice_delta = subscribed(&gateway, "alice", "delta").await;
     let mut alice_ids = subscribed(&gateway, "alice", "invalidate").await;
     let mut bob = subscribed(&gateway, "bob", "delta").await;
@@ -361,7 +351,7 @@ async fn writes_apply_once_atomically_and_as_the_user() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_long_poll_returns_when_a_change_commits() {
     let (cluster, gateway) = setup().await;
-    let since = cursor(&cluster).await;
+    let since = cluster.current_cursor().await;
     let path = format!("/v1/changes?since={since}&wait=30&entityCode=doc");
     let gateway = std::sync::Arc::new(gateway);
     let poll = {
@@ -528,7 +518,7 @@ async fn a_subscriber_learns_nothing_of_rows_it_cannot_see() {
              SELECT sync.track('pay');",
         )
         .await;
-    let start = cursor(&cluster).await;
+    let start = cluster.current_cursor().await;
     let payloads = [
         json!({"entityCode": "pay", "mode": "delta"}),
         json!({"entityCode": "pay", "mode": "delta",

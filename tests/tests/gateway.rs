@@ -341,12 +341,7 @@ async fn a_client_resumes_from_its_cursor_on_this_and_another_gateway() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn changes_during_a_replay_arrive_once_after_it() {
     let (cluster, gateway) = setup(&[]).await;
-    let reader = cluster.connect().await;
-    let cursor: String = reader
-        .query_one("SELECT sync.current_cursor()", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let cursor = cluster.current_cursor().await;
     cluster
         .execute("INSERT INTO project SELECT 'p' || g, 'x' FROM generate_series(1, 3000) g")
         .await;
@@ -695,12 +690,7 @@ async fn own_writes_are_not_echoed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn truncate_and_expired_cursors_bring_resync() {
     let (cluster, gateway) = setup(&[]).await;
-    let reader = cluster.connect().await;
-    let old: String = reader
-        .query_one("SELECT sync.current_cursor()", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let old = cluster.current_cursor().await;
     let mut session = gateway.connect("alice").await;
     session.subscribe(json!({"entityCode": "project"})).await;
     cluster
@@ -712,10 +702,7 @@ async fn truncate_and_expired_cursors_bring_resync() {
         json!({"entityCode": "project", "reason": "truncate"})
     );
 
-    reader
-        .query_one("SELECT sync.prune('0 seconds')", &[])
-        .await
-        .unwrap();
+    cluster.execute("SELECT sync.prune('0 seconds')").await;
     session
         .send(json!({"type": "SUBSCRIBE", "payload": {"entityCode": "task", "since": old}}))
         .await;
@@ -780,13 +767,7 @@ async fn sigterm_closes_connections_with_1001_and_removes_subscriptions() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_cursor_ahead_of_the_database_is_refused() {
     let (cluster, gateway) = setup(&[]).await;
-    let now: String = cluster
-        .connect()
-        .await
-        .query_one("SELECT sync.current_cursor()", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let now = cluster.current_cursor().await;
     let ahead = future_cursor(&now, 1000);
     let mut session = client(&gateway, "alice").await;
     session

@@ -447,6 +447,17 @@ async fn tokens_naming_roles_the_gateway_may_not_act_as_are_refused_on_every_pat
     );
 }
 
+/// A gateway's arguments with the test login role and `flags` alone (no authenticator unless
+/// `flags` name one).
+fn as_gateway_login(cluster: &Cluster, flags: &[&str]) -> Vec<String> {
+    let login = cluster.url_as(GATEWAY_ROLE, "postgres");
+    ["--database-url", login.as_str()]
+        .iter()
+        .chain(flags)
+        .map(|a| a.to_string())
+        .collect()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_gateway_refuses_to_run_as_a_superuser_or_with_unsafe_roles() {
     let cluster = Cluster::start().await;
@@ -462,14 +473,13 @@ async fn a_gateway_refuses_to_run_as_a_superuser_or_with_unsafe_roles() {
         .expect("a superuser login is refused");
     assert!(refused.contains("superuser"), "{refused}");
     // Allowed roles that bypass RLS or are the login role itself are refused too.
-    let as_gateway = cluster.url_as(GATEWAY_ROLE, "postgres");
     for roles in [
         "app_user,postgres",
         "app_user,sync_gateway",
         "none",
         "nobody",
     ] {
-        let args = ["--database-url", &as_gateway, "--allowed-roles", roles].map(String::from);
+        let args = as_gateway_login(&cluster, &["--allowed-roles", roles]);
         let refused = Gateway::launch(&args).await.err().expect("refused");
         assert!(refused.contains("cannot be acted as"), "{roles}: {refused}");
     }
@@ -489,13 +499,7 @@ async fn a_token_without_a_role_reads_and_writes_no_table() {
     let cluster = Cluster::start().await;
     cluster.execute(APP).await;
     // No --default-role: a token must name its role.
-    let args = [
-        "--database-url",
-        &cluster.url_as(GATEWAY_ROLE, "postgres"),
-        "--allowed-roles",
-        "app_user",
-    ]
-    .map(String::from);
+    let args = as_gateway_login(&cluster, &["--allowed-roles", "app_user"]);
     let gateway = Gateway::launch(&args).await.unwrap();
     let roleless = token("mallory", &[]);
     let mut session = gateway.connect_with(&roleless, "").await.unwrap();
@@ -746,13 +750,7 @@ async fn a_table_owners_code_in_a_users_query_cannot_read_the_log() {
     drop(gateway);
     // The contrast, the fallback README warns of: without --authenticator-url, users' queries
     // run on the gateway's login, and the same code reads the whole log.
-    let args = [
-        "--database-url",
-        &cluster.url_as(GATEWAY_ROLE, "postgres"),
-        "--default-role",
-        "app_user",
-    ]
-    .map(String::from);
+    let args = as_gateway_login(&cluster, &["--default-role", "app_user"]);
     let gateway = Gateway::launch(&args).await.unwrap();
     for answer in looted(&gateway).await {
         assert!(answer.contains("top-secret"), "{answer}");
@@ -764,15 +762,16 @@ async fn a_gateway_refuses_an_authenticator_that_can_reach_the_log() {
     let cluster = Cluster::start().await;
     cluster.execute(APP).await;
     let base = |authenticator: &str| {
-        [
-            "--database-url",
-            &cluster.url_as(GATEWAY_ROLE, "postgres"),
-            "--authenticator-url",
-            &cluster.url_as(authenticator, "postgres"),
-            "--default-role",
-            "app_user",
-        ]
-        .map(String::from)
+        let authenticator = cluster.url_as(authenticator, "postgres");
+        as_gateway_login(
+            &cluster,
+            &[
+                "--authenticator-url",
+                &authenticator,
+                "--default-role",
+                "app_user",
+            ],
+        )
     };
     // The gateway's own login as the authenticator, one that may SET ROLE to it, one with a
     // column of the log, one that may read the replication slot, one that may grant itself

@@ -365,13 +365,7 @@ async fn one_users_abuse_does_not_stall_another_user() {
     )
     .await;
     let start_rss = gateway.rss_kib();
-    let now: String = cluster
-        .connect()
-        .await
-        .query_one("SELECT sync.current_cursor()", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let now = cluster.current_cursor().await;
     let mallory = format!("Bearer {}", token("mallory", &[]));
 
     // The well-behaved client, live before the abuse starts.
@@ -520,12 +514,7 @@ async fn churning_subscriptions_and_replays_costs_only_the_churner() {
     cluster
         .execute("CREATE TABLE ev (id int PRIMARY KEY, body text); SELECT sync.track('ev');")
         .await;
-    let client = cluster.connect().await;
-    let old: String = client
-        .query_one("SELECT sync.current_cursor()", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let old = cluster.current_cursor().await;
     // A log for the replays to read.
     cluster
         .execute("INSERT INTO ev SELECT g, repeat('o', 200) FROM generate_series(1, 20000) g")
@@ -587,6 +576,7 @@ async fn churning_subscriptions_and_replays_costs_only_the_churner() {
     // mirrored: the heartbeat kept beating.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(8);
     let bobs = "SELECT count(*) FROM sync.subscription WHERE user_id = 'bob'";
+    let client = cluster.connect().await;
     while tokio::time::Instant::now() < deadline {
         let held: i64 = client.query_one(bobs, &[]).await.unwrap().get(0);
         assert_eq!(

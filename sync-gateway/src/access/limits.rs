@@ -107,7 +107,7 @@ pub struct ClientWork {
 /// A connection for one client's query, and its place under the caps.
 pub struct Work {
     pub client: Object,
-    _held: Held,
+    held: Held,
 }
 
 /// A connection of the authenticator for one user's queries. A table owner's code ran on it
@@ -185,7 +185,7 @@ impl ClientWork {
     pub async fn start_as_user(&self, user: &str) -> Result<UserWork, Busy> {
         let work = self.take(&self.authenticator, user).await?;
         Ok(UserWork {
-            client: Some((work.client, work._held)),
+            client: Some((work.client, work.held)),
         })
     }
 
@@ -194,7 +194,7 @@ impl ClientWork {
         let client = pool.get().await?;
         Ok(Work {
             client,
-            _held: held,
+            held,
         })
     }
 

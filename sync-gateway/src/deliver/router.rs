@@ -1063,12 +1063,7 @@ mod tests {
             entity_code: "doc".into(),
             entity_ids: None,
         });
-        h.router.handle(Command::Batch(Arc::new(batch(
-            vec![insert("2")],
-            vec![],
-            12,
-            true,
-        ))));
+        route(&mut h, vec![insert("2")], 12);
         assert!(drain(&mut q).await.is_empty());
         assert_eq!(h.metrics.subscriptions.get(), 0);
     }
@@ -1084,12 +1079,7 @@ mod tests {
             (cursor(5), cursor(10))
         );
         // A live change while the replay runs waits.
-        h.router.handle(Command::Batch(Arc::new(batch(
-            vec![insert("9")],
-            vec![],
-            11,
-            true,
-        ))));
+        route(&mut h, vec![insert("9")], 11);
         assert_eq!(shape(&drain(&mut q).await), [triple("SUBSCRIBED", "", "")]);
         let page = vec![
             (Arc::new(insert("6")), Sight::ALL),
@@ -1114,12 +1104,7 @@ mod tests {
             ]
         );
         // Live from here on.
-        h.router.handle(Command::Batch(Arc::new(batch(
-            vec![insert("10")],
-            vec![],
-            12,
-            true,
-        ))));
+        route(&mut h, vec![insert("10")], 12);
         assert_eq!(
             shape(&drain(&mut q).await),
             [triple("DELTA", "10", "CREATE")]
@@ -1141,12 +1126,7 @@ mod tests {
             h.replays.try_recv().is_err(),
             "not in the middle of a drain"
         );
-        h.router.handle(Command::Batch(Arc::new(batch(
-            vec![insert("2")],
-            vec![],
-            12,
-            true,
-        ))));
+        route(&mut h, vec![insert("2")], 12);
         assert_eq!(h.replays.try_recv().expect("after it").until, cursor(12));
     }
 
@@ -1240,12 +1220,7 @@ mod tests {
         h.router.handle(Command::Batch(Arc::new(refused)));
         let messages = drain(&mut q).await;
         assert_eq!(messages[0]["payload"]["code"], "forbidden");
-        h.router.handle(Command::Batch(Arc::new(batch(
-            vec![insert("1")],
-            vec![],
-            12,
-            true,
-        ))));
+        route(&mut h, vec![insert("1")], 12);
         assert!(drain(&mut q).await.is_empty());
         assert_eq!(h.metrics.subscriptions.get(), 0);
     }
