@@ -25,8 +25,9 @@ pub struct Entity {
     pub key_types: Vec<String>,
     /// The columns that reach the log: the allow-list and the primary key, or all.
     pub columns: HashSet<String>,
-    /// The table's other columns, which never leave the database.
-    pub hidden: Vec<String>,
+    /// Whether `columns` comes from an allow-list (else every column is published, also one
+    /// added after this was read).
+    pub allow_listed: bool,
     /// Row-level security is enabled on the table.
     pub rls: bool,
     /// `sync.tracked.schema_version`: a change captured under a newer one means the table
@@ -35,6 +36,30 @@ pub struct Entity {
 }
 
 impl Entity {
+    /// SQL for what clients see of row `t` (snapshots, conflict answers): the published
+    /// columns named one by one when there is an allow-list, so that a column added since
+    /// the catalog was read stays in the database (a deny-list of the others would let it
+    /// out until the next read).
+    pub fn row_json_sql(&self) -> String {
+        if !self.allow_listed {
+            return "pg_catalog.to_jsonb(t.*)".to_owned();
+        }
+        let mut columns: Vec<&String> = self.columns.iter().collect();
+        columns.sort();
+        // jsonb_build_object takes at most 100 arguments: 50 columns each, concatenated.
+        let parts: Vec<String> = columns
+            .chunks(50)
+            .map(|chunk| {
+                let pairs: Vec<String> = chunk
+                    .iter()
+                    .map(|c| format!("'{}', t.{}", c.replace('\'', "''"), quote(c)))
+                    .collect();
+                format!("pg_catalog.jsonb_build_object({})", pairs.join(", "))
+            })
+            .collect();
+        parts.join(" OPERATOR(pg_catalog.||) ")
+    }
+
     /// SQL for the log's `entity_id` of row `t`: the key's text, or for a composite key the
     /// JSON array of the columns' texts.
     pub fn id_sql(&self) -> String {
@@ -105,9 +130,7 @@ SELECT t.entity_code, c.relrowsecurity, n.nspname::text, c.relname::text, t.sche
        ARRAY(SELECT a.attname::text FROM pg_catalog.pg_attribute a
               WHERE a.attrelid = t.relid AND a.attnum > 0 AND NOT a.attisdropped
                 AND (t.columns IS NULL OR a.attname = ANY (t.columns) OR a.attnum = ANY (k.indkey::int2[]))),
-       ARRAY(SELECT a.attname::text FROM pg_catalog.pg_attribute a
-              WHERE a.attrelid = t.relid AND a.attnum > 0 AND NOT a.attisdropped
-                AND NOT (t.columns IS NULL OR a.attname = ANY (t.columns) OR a.attnum = ANY (k.indkey::int2[])))
+       t.columns IS NOT NULL
   FROM sync.tracked t
   JOIN pg_catalog.pg_class c ON c.oid = t.relid
   JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
@@ -203,7 +226,7 @@ impl Catalog {
                     key: r.get(5),
                     key_types: r.get(6),
                     columns: columns.into_iter().collect(),
-                    hidden: r.get(8),
+                    allow_listed: r.get(8),
                     schema_version: r.get(4),
                 };
                 (code, Arc::new(entity))

@@ -165,16 +165,16 @@ pub async fn snapshot(
             };
             act_as(&tx, &user).await?;
             let filter = if ids.is_some() {
-                format!(" WHERE {}", entity.key_in_sql(2))
+                format!(" WHERE {}", entity.key_in_sql(1))
             } else {
                 String::new()
             };
-            let sql = format!("SELECT pg_catalog.to_jsonb(t.*) OPERATOR(pg_catalog.-) $1::text[] FROM {} t{filter}", entity.table);
+            let sql = format!("SELECT {} FROM {} t{filter}", entity.row_json_sql(), entity.table);
             let ids = ids.unwrap_or_default();
             let params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = if ids.is_empty() {
-                vec![&entity.hidden]
+                vec![]
             } else {
-                vec![&entity.hidden, &ids]
+                vec![&ids]
             };
             let rows = tx.query_raw(&sql, params).await?;
             pin_mut!(rows);

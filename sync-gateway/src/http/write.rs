@@ -232,13 +232,11 @@ async fn apply(tx: &Transaction<'_>, c: &Checked<'_>) -> Result<(), ApiError> {
                 // see, which is answered as RLS refusals are, so that the answer tells nothing
                 // of a hidden row.
                 let sql = format!(
-                    "SELECT pg_catalog.to_jsonb(t.*) OPERATOR(pg_catalog.-) $2::text[] FROM {table} t \
-                      WHERE ({key}) = (SELECT {key} FROM pg_catalog.jsonb_populate_record(NULL::{table}, $1))"
+                    "SELECT {} FROM {table} t \
+                      WHERE ({key}) = (SELECT {key} FROM pg_catalog.jsonb_populate_record(NULL::{table}, $1))",
+                    entity.row_json_sql()
                 );
-                let current = tx
-                    .query_opt(&sql, &[&values, &entity.hidden])
-                    .await
-                    .map_err(refused)?;
+                let current = tx.query_opt(&sql, &[&values]).await.map_err(refused)?;
                 return Err(match current {
                     Some(row) => ApiError::conflict(row.get::<_, Value>(0)),
                     None => ApiError::forbidden(REFUSED),
@@ -273,11 +271,12 @@ async fn apply(tx: &Transaction<'_>, c: &Checked<'_>) -> Result<(), ApiError> {
         // Either the condition failed (the row is there: 409 with it) or there is no such
         // row the user may see.
         let sql = format!(
-            "SELECT pg_catalog.to_jsonb(t.*) OPERATOR(pg_catalog.-) $2::text[] FROM {table} t WHERE {}",
+            "SELECT {} FROM {table} t WHERE {}",
+            entity.row_json_sql(),
             entity.key_in_sql(1)
         );
         let current = tx
-            .query_opt(&sql, &[&ids, &entity.hidden])
+            .query_opt(&sql, &[&ids])
             .await
             .map_err(ApiError::from_db)?;
         return Err(match current {
