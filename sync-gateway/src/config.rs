@@ -82,6 +82,15 @@ pub struct ServeArgs {
     #[arg(long, env = "SYNC_MAX_SUBSCRIPTIONS", default_value_t = 10_000)]
     pub max_subscriptions: usize,
 
+    /// Subscriptions one user may hold over all its connections: routing a change walks
+    /// them on the one router task that serves everyone.
+    #[arg(
+        long,
+        env = "SYNC_MAX_SUBSCRIPTIONS_PER_USER",
+        default_value_t = 20_000
+    )]
+    pub max_subscriptions_per_user: usize,
+
     /// Bytes queued for one connection before it counts as too slow and is closed (4008);
     /// it resumes from its cursor.
     #[arg(long, env = "SYNC_SEND_QUEUE_BYTES", default_value_t = 4 << 20)]

@@ -169,34 +169,39 @@ pub async fn serve(args: ServeArgs, shutdown: CancellationToken) -> Result<(), S
         tokio_postgres::Config::from_str(&args.database_url).map_err(ServeError::DatabaseUrl)?;
     let p = &args.pools;
     let feed_pool = pool(pg_config.clone(), p.feed_pool_size, p.pool_wait)?;
-    let mut visibility_config = pg_config.clone();
-    visibility_config.options(format!(
-        "-c statement_timeout={}",
-        p.policy_timeout.as_millis()
-    ));
-    let visibility_pool = pool(visibility_config, p.visibility_pool_size, p.pool_wait)?;
-    let client_pool = pool(pg_config.clone(), p.client_pool_size, p.pool_wait)?;
-    let (user_pool, authenticator) = match &args.authenticator_url {
-        Some(url) => {
-            let mut config =
-                tokio_postgres::Config::from_str(url).map_err(ServeError::DatabaseUrl)?;
-            // No user's statement outlives the longest snapshot (a write waiting on a lock,
-            // a table owner's slow trigger), so none holds an authenticator connection.
-            config.options(format!(
-                "-c statement_timeout={}",
-                args.caps.snapshot_max_duration.as_millis()
-            ));
-            let user_pool = pool(config, p.client_pool_size, p.pool_wait)?;
-            let login: String = user_pool
+    let timed = |config: &tokio_postgres::Config, timeout: Duration| {
+        let mut config = config.clone();
+        config.options(format!("-c statement_timeout={}", timeout.as_millis()));
+        config
+    };
+    // Both run table owners' policies (sync.visible: the live stream; replays and long-polls):
+    // no statement there outlives --policy-timeout.
+    let policies_config = timed(&pg_config, p.policy_timeout);
+    let visibility_pool = pool(policies_config.clone(), p.visibility_pool_size, p.pool_wait)?;
+    let client_pool = pool(policies_config, p.client_pool_size, p.pool_wait)?;
+    // Users' own queries: on the authenticator, else (insecure, see Roles::check) on the
+    // gateway's login. No statement outlives the longest snapshot (a write waiting on a lock,
+    // a table owner's slow trigger), so none holds a connection for good.
+    let user_config = match &args.authenticator_url {
+        Some(url) => tokio_postgres::Config::from_str(url).map_err(ServeError::DatabaseUrl)?,
+        None => pg_config.clone(),
+    };
+    let user_pool = pool(
+        timed(&user_config, args.caps.snapshot_max_duration),
+        p.client_pool_size,
+        p.pool_wait,
+    )?;
+    let authenticator = match &args.authenticator_url {
+        Some(_) => Some(
+            user_pool
                 .get()
                 .await?
                 .query_one("SELECT current_user::text", &[])
                 .await
                 .map_err(access::roles::RolesError::from)?
-                .get(0);
-            (user_pool, Some(login))
-        }
-        None => (client_pool.clone(), None),
+                .get::<_, String>(0),
+        ),
+        None => None,
     };
     let ingest_pool = pool(pg_config.clone(), 1, p.pool_wait)?;
     let roles = Arc::new(
@@ -246,6 +251,7 @@ pub async fn serve(args: ServeArgs, shutdown: CancellationToken) -> Result<(), S
     let mirror_task = tokio::spawn(mirror.run(mirror_rx, shutdown.clone()));
     let limits = Limits {
         subscriptions: args.max_subscriptions,
+        subscriptions_per_user: args.max_subscriptions_per_user,
         conditions: args.caps.max_filter_conditions,
         in_values: args.caps.max_filter_values,
         replays: args.caps.max_replays_per_connection,

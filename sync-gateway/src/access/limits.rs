@@ -192,10 +192,7 @@ impl ClientWork {
     async fn take(&self, pool: &Pool, user: &str) -> Result<Work, Busy> {
         let held = self.queries.take(user)?;
         let client = pool.get().await?;
-        Ok(Work {
-            client,
-            held,
-        })
+        Ok(Work { client, held })
     }
 
     pub fn pool(&self) -> &Pool {

@@ -430,7 +430,12 @@ impl Session {
                 target,
                 shape: Shape {
                     mode: s.mode,
-                    columns: s.columns,
+                    // In one order, so that the same subscription in another order is the
+                    // same (and replaces it) rather than one more.
+                    columns: s.columns.map(|mut columns| {
+                        columns.sort_unstable();
+                        columns
+                    }),
                 },
             },
             since,

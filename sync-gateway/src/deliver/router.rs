@@ -118,8 +118,10 @@ pub struct ReplayStart {
 /// Bounds per connection and per user (SPEC 2.4).
 #[derive(Clone, Debug)]
 pub struct Limits {
-    /// Subscriptions (an id counts one).
+    /// Subscriptions of one connection (an id counts one).
     pub subscriptions: usize,
+    /// Subscriptions of one user, over all its connections.
+    pub subscriptions_per_user: usize,
     /// Filter conditions, over all subscriptions of one user (all its connections): what
     /// routing a change costs grows with them.
     pub conditions: usize,
@@ -404,15 +406,23 @@ impl Router {
             .connections
             .iter()
             .filter(|(_, c)| c.user.sub == conn.user.sub);
-        let (conditions, values) = users
+        let (held_by_user, conditions, values) = users
             .flat_map(|(id, c)| kept(*id, c))
             .map(|s| &s.subscription)
             .chain([&request.subscription])
-            .filter_map(|s| match &s.target {
-                Target::Rows(Some(filter)) => Some(filter_cost(filter)),
-                _ => None,
+            .map(|s| match &s.target {
+                Target::Rows(Some(filter)) => (s.target.size(), filter_cost(filter)),
+                _ => (s.target.size(), (0, 0)),
             })
-            .fold((0, 0), |(c, v), (c2, v2)| (c + c2, v + v2));
+            .fold((0, 0, 0), |(n, c, v), (n2, (c2, v2))| {
+                (n + n2, c + c2, v + v2)
+            });
+        if held_by_user > limits.subscriptions_per_user {
+            return Err(format!(
+                "a user holds at most {} subscriptions over all its connections",
+                limits.subscriptions_per_user
+            ));
+        }
         if conditions > limits.conditions || values > limits.in_values {
             return Err(format!(
                 "the filters of one user hold at most {} conditions and {} listed values",
@@ -913,6 +923,7 @@ mod tests {
         };
         let limits = Limits {
             subscriptions: 100,
+            subscriptions_per_user: 150,
             conditions: 4,
             in_values: 10,
             replays: 2,
@@ -1395,5 +1406,36 @@ mod tests {
             [triple("DELTA", "1", "CREATE")]
         );
         assert_eq!(mirrored(&mut h), [("add", 10)]);
+    }
+
+    #[tokio::test]
+    async fn subscriptions_are_bounded_per_user_over_its_connections() {
+        let mut h = harness();
+        // Room in the mirror's backlog: that is not what refuses below.
+        h.router.limits.mirror_backlog = Cap::new("subscription changes", 1000, 1000);
+        let (mut first, _) = connect_as(&mut h, 1, 1, 1 << 20, "mallory");
+        let (mut second, _) = connect_as(&mut h, 2, 1, 1 << 20, "mallory");
+        let (mut other, _) = connect_as(&mut h, 3, 1, 1 << 20, "bob");
+        let hundred: Vec<String> = (0..100).map(|i| i.to_string()).collect();
+        let sixty: Vec<String> = (100..160).map(|i| i.to_string()).collect();
+        subscribe(
+            &mut h,
+            1,
+            Target::Ids(hundred.iter().cloned().collect()),
+            None,
+        );
+        subscribe(
+            &mut h,
+            2,
+            Target::Ids(sixty.iter().cloned().collect()),
+            None,
+        );
+        subscribe(&mut h, 3, Target::Ids(sixty.into_iter().collect()), None);
+        assert_eq!(drain(&mut first).await[0]["type"], "SUBSCRIBED");
+        assert_eq!(
+            drain(&mut second).await[0]["payload"]["code"],
+            "too_many_subscriptions"
+        );
+        assert_eq!(drain(&mut other).await[0]["type"], "SUBSCRIBED");
     }
 }

@@ -119,8 +119,14 @@ pub fn parse(text: &str) -> Result<ClientMessage, ProtocolError> {
                         .map_err(|e| ProtocolError::BadRequest(e.to_string()))?;
                 }
             }
-            for column in s.columns.iter().flatten() {
-                check_name("column", column)?;
+            if let Some(columns) = &s.columns {
+                let mut seen = std::collections::HashSet::new();
+                for column in columns {
+                    check_name("column", column)?;
+                    if !seen.insert(column) {
+                        return bad(&format!("columns names {column} twice"));
+                    }
+                }
             }
             check_optional(s.reference.as_deref())?;
             if s.since
@@ -348,6 +354,7 @@ mod tests {
             r#"{"type":"SUBSCRIBE","payload":{"entityCode":"p","filter":[{"column":"a","op":"like","value":"x"}]}}"#,
             r#"{"type":"SUBSCRIBE","payload":{"entityCode":"p","filter":[{"column":"a","op":"in","value":"x"}]}}"#,
             r#"{"type":"SUBSCRIBE","payload":{"entityCode":"p","entityIds":["a"],"filter":[{"column":"a","op":"is_null"}]}}"#,
+            r#"{"type":"SUBSCRIBE","payload":{"entityCode":"p","columns":["id","a","id"]}}"#,
             r#"{"type":"AUTH","payload":{"token":""}}"#,
             r#"{"type":"PING","payload":{"x":1}}"#,
         ] {
