@@ -643,3 +643,84 @@ async fn a_subscriber_learns_nothing_of_rows_it_cannot_see() {
     assert_eq!(status, 409, "{answer}");
     assert_eq!(answer["current"]["salary"], 300000);
 }
+
+/// A table whose policy takes a minute for the row it holds, and a cursor from before it.
+async fn slow_table(cluster: &Cluster) -> String {
+    cluster
+        .execute(
+            "CREATE TABLE slow (id int PRIMARY KEY, body text);
+             ALTER TABLE slow ENABLE ROW LEVEL SECURITY;
+             CREATE FUNCTION sleepy(body text) RETURNS boolean LANGUAGE sql
+                 AS 'SELECT pg_sleep(CASE WHEN body = ''slow'' THEN 60 ELSE 0 END) IS NOT NULL';
+             CREATE POLICY sleepy ON slow USING (sleepy(body));
+             SELECT sync.track('slow');",
+        )
+        .await;
+    let since = cluster.current_cursor().await;
+    cluster.execute("INSERT INTO slow VALUES (1, 'slow')").await;
+    since
+}
+
+/// A policy slow for some rows holds no client connection past `--policy-timeout`: a replay
+/// that must judge them (on the clients' pool) ends with an ERROR at once instead of holding
+/// its connection for as long as the policy runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_slow_policy_on_a_replay_ends_at_the_policy_timeout() {
+    let cluster = Cluster::start().await;
+    let since = slow_table(&cluster).await;
+    let gateway = Gateway::start(&cluster, &["--policy-timeout", "500ms"]).await;
+    let mut session = gateway.connect("alice").await;
+    session
+        .send(json!({"type": "SUBSCRIBE", "payload": {"entityCode": "slow", "since": since}}))
+        .await;
+    // SUBSCRIBED, then the replay's end: an ERROR well within PATIENCE, not a minute later.
+    session.expect("SUBSCRIBED").await;
+    let error = session.expect("ERROR").await;
+    assert_eq!(error["code"], "forbidden", "{error}");
+}
+
+/// `/readyz` answers anyone and takes no client connection: with the only one held by a
+/// replay judging that slow row, it still answers 200 at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn readiness_takes_no_client_connection() {
+    let cluster = Cluster::start().await;
+    let since = slow_table(&cluster).await;
+    let gateway = Gateway::start(
+        &cluster,
+        &[
+            "--client-pool-size",
+            "1",
+            "--pool-wait",
+            "1s",
+            "--policy-timeout",
+            "60s",
+        ],
+    )
+    .await;
+    let mut session = gateway.connect("alice").await;
+    session
+        .send(json!({"type": "SUBSCRIBE", "payload": {"entityCode": "slow", "since": since}}))
+        .await;
+    session.expect("SUBSCRIBED").await;
+    // The replay's judgement runs (on the one client connection) once sync.visible sleeps.
+    let sleeping = "SELECT count(*) FROM pg_stat_activity
+                     WHERE usename = 'sync_gateway' AND query LIKE '%sync.visible%'";
+    let observer = cluster.connect().await;
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while observer
+        .query_one(sleeping, &[])
+        .await
+        .unwrap()
+        .get::<_, i64>(0)
+        == 0
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the replay never judged"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    for _ in 0..20 {
+        assert_eq!(gateway.get("/readyz").await.unwrap().0, 200);
+    }
+}
