@@ -589,3 +589,65 @@ async fn churning_subscriptions_and_replays_costs_only_the_churner() {
     eprintln!("the gateway grew {grown} KiB under subscription churn");
     assert!(grown < 96 * 1024, "memory grew by {grown} KiB");
 }
+
+/// An answer of `/v1/changes` that its client does not take keeps its place under the
+/// long-poll caps until it is taken: unread answers (up to 10,000 changes each) cannot pile
+/// up in the gateway's memory past the caps.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_unread_changes_answer_holds_its_place_until_taken() {
+    let cluster = Cluster::start().await;
+    cluster
+        .execute("CREATE TABLE big (id int PRIMARY KEY, pad text); SELECT sync.track('big');")
+        .await;
+    let since = cluster.current_cursor().await;
+    // About 32 MB of JSON: more than the loopback sockets hold.
+    cluster
+        .execute("INSERT INTO big SELECT g, repeat('x', 16000) FROM generate_series(1, 2000) g")
+        .await;
+    let gateway = Gateway::start(&cluster, &["--max-long-polls-per-user", "1"]).await;
+    let auth = format!("Bearer {}", token("mallory", &[]));
+    let mut unread = tokio::net::TcpStream::connect(("127.0.0.1", gateway.port))
+        .await
+        .unwrap();
+    let request = format!(
+        "GET /v1/changes?since={since}&limit=2000 HTTP/1.1\r\nHost: x\r\nAuthorization: {auth}\r\n\r\n"
+    );
+    tokio::io::AsyncWriteExt::write_all(&mut unread, request.as_bytes())
+        .await
+        .unwrap();
+    // Its answer has begun (the handler is done with it); the rest is left unread.
+    let mut begun = [0u8; 1024];
+    tokio::io::AsyncReadExt::read_exact(&mut unread, &mut begun)
+        .await
+        .unwrap();
+    assert!(begun.starts_with(b"HTTP/1.1 200"));
+    // A small request of the same user is refused while the big answer is not taken.
+    let now = cluster.current_cursor().await;
+    let small = format!("/v1/changes?since={now}&limit=1");
+    let headers = [("Authorization", auth.as_str())];
+    let refused = gateway
+        .request("GET", &small, &headers, None)
+        .await
+        .unwrap();
+    assert_eq!(refused.status, 503);
+    // Taken, it gives the place back.
+    let mut sink = Vec::new();
+    let reading = tokio::spawn(async move {
+        let _ = tokio::io::AsyncReadExt::read_to_end(&mut unread, &mut sink).await;
+    });
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while gateway
+        .request("GET", &small, &headers, None)
+        .await
+        .unwrap()
+        .status
+        != 200
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the place never came back"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    reading.abort();
+}

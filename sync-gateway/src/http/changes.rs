@@ -3,10 +3,13 @@
 //! a whole-entity DELTA subscription, row-level security by `access::visibility::Judge`).
 //! `wait` long-polls: with nothing new, the request waits for the gateway's own "log moved"
 //! signal (the router's position) holding no database connection, then reads again. A cursor
-//! the database has not reached is refused at once.
+//! the database has not reached is refused at once. The request's place under the long-poll
+//! caps is held until its answer (up to `MAX_LIMIT` changes) has been taken by the client:
+//! answers nobody reads must not pile up in memory past the caps.
 
 use super::error::ApiError;
 use super::extract::{check_client_id, Authenticated};
+use crate::access::limits::Held;
 use crate::access::plans::Plan;
 use crate::access::visibility::{ChangeSight, Judge, Listeners};
 use crate::feed::log::{read_page, Page, ReadError};
@@ -15,8 +18,11 @@ use crate::model::cursor::Cursor;
 use crate::model::protocol::Mode;
 use crate::model::subscription::{judge, Judgement, Shape, Target};
 use crate::AppState;
+use axum::body::Body;
 use axum::extract::{Query, State};
-use axum::Json;
+use axum::http::header;
+use axum::response::{IntoResponse, Response};
+use futures_util::StreamExt;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use std::collections::{BTreeMap, HashMap};
@@ -40,7 +46,7 @@ pub async fn changes(
     State(state): State<Arc<AppState>>,
     auth: Authenticated,
     Query(params): Query<Params>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Response, ApiError> {
     let user = auth.with_role()?;
     check_client_id(params.client_id.as_deref())?;
     let since = params
@@ -66,7 +72,7 @@ pub async fn changes(
         }
     }
     // Held while the request waits too: waiting costs no database connection, but memory.
-    let _place = state.caps.long_polls.take(&user.sub)?;
+    let place = state.caps.long_polls.take(&user.sub)?;
     let deadline = tokio::time::Instant::now() + wait;
     let mut moved = state.position.clone();
     let group = Listeners::new(0, [(0, Arc::new(user.clone()))]);
@@ -102,11 +108,25 @@ pub async fn changes(
         drop(work);
         cursor = page.end.clone();
         if !out.is_empty() || page.more || tokio::time::Instant::now() >= deadline {
-            return Ok(Json(json!({"changes": out, "cursor": cursor})));
+            return Ok(answer(json!({"changes": out, "cursor": cursor}), place));
         }
         // Nothing yet: wait for the live stream to move on, or for the time to run out.
         let _ = tokio::time::timeout_at(deadline, moved.changed()).await;
     }
+}
+
+/// `value` as JSON, with `place` given back once the body has been sent (the body's last,
+/// empty part is asked for only when the rest was taken).
+fn answer(value: Value, place: Held) -> Response {
+    let json = serde_json::to_vec(&value).expect("JSON values serialize");
+    let sent = futures_util::stream::once(async move { drop(place) })
+        .filter_map(|()| async { None::<Result<Vec<u8>, std::io::Error>> });
+    let body = futures_util::stream::iter([Ok(json)]).chain(sent);
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        Body::from_stream(body),
+    )
+        .into_response()
 }
 
 /// The page's changes this user may see, DELTA-shaped with `entityCode` and `cursor`.
