@@ -14,9 +14,9 @@ setup:
 ## install: build the extension (release) and install it into the system PostgreSQL 15
 install: setup
 	$(CARGO) pgrx install --release --pg-config $(PG_CONFIG) -p pg_sync_ext
-	@# The previous version's script, for `CREATE EXTENSION pg_sync VERSION '0.1.0'` (the
-	@# upgrade test); pgrx installs the upgrade script itself.
-	install -m 644 pg_sync_ext/sql/history/pg_sync--0.1.0.sql $$($(PG_CONFIG) --sharedir)/extension/
+	@# The previous versions' scripts, for `CREATE EXTENSION pg_sync VERSION '0.1.0'` (the
+	@# upgrade tests); pgrx installs the upgrade scripts itself.
+	install -m 644 pg_sync_ext/sql/history/pg_sync--*.sql $$($(PG_CONFIG) --sharedir)/extension/
 
 ## client: build the TypeScript client and the demo app (clients/typescript/dist)
 client: setup

@@ -42,6 +42,8 @@ struct TableCapture {
     table_name: String,
     entity_code: String,
     schema_version: i32,
+    /// `sync.tracked.tracking` (None: a trigger made before 0.3.0, until the update).
+    tracking: Option<i64>,
     /// Per attribute (by attnum - 1): its name when published, None when unpublished or dropped.
     published: Vec<Option<String>>,
     /// The primary key's attributes in key order, with their output functions.
@@ -182,15 +184,23 @@ impl TableCapture {
         let (Some(entity_code), Some(version)) = (args.first(), args.get(1)) else {
             return Err(CaptureError::BadArguments(table_name));
         };
-        let schema_version = version
-            .parse()
-            .map_err(|_| CaptureError::BadArguments(table_name.clone()))?;
+        // `schema_version@tracking` (a trigger of 0.2.0 carries the version alone).
+        let (version, tracking) = match version.split_once('@') {
+            Some((version, tracking)) => (version, Some(tracking)),
+            None => (version.as_str(), None),
+        };
+        let bad = || CaptureError::BadArguments(table_name.clone());
+        let schema_version = version.parse().map_err(|_| bad())?;
+        let tracking = tracking
+            .map(|t| t.parse::<i64>().map_err(|_| bad()))
+            .transpose()?;
         let allow_list = &args[2..];
         let tracked = TrackedRow::find(rel.oid());
         let matches = tracked.as_ref().is_some_and(|t| {
             t.capture == "trigger"
                 && t.entity_code == *entity_code
                 && t.schema_version == schema_version
+                && t.tracking == tracking
                 && t.columns.as_deref().unwrap_or_default() == allow_list
         });
         if !matches {
@@ -231,6 +241,7 @@ impl TableCapture {
             table_name,
             entity_code: entity_code.clone(),
             schema_version,
+            tracking,
             published,
             key,
             to_json: RowToJson::new(rowtype, &hidden),
@@ -304,6 +315,7 @@ impl TableCapture {
             old_data: old_data.map(|(t, d)| self.to_json.convert(t, d)),
             changed_columns,
             schema_version: self.schema_version,
+            tracking: self.tracking,
             client_id: setting(c"sync.client_id"), // the writer's origin tag
             source: "trigger",
             lsn: None,
@@ -319,6 +331,8 @@ struct TrackedRow {
     capture: String,
     columns: Option<Vec<String>>,
     schema_version: i32,
+    /// None before the 0.3.0 update added the column.
+    tracking: Option<i64>,
 }
 
 impl TrackedRow {
@@ -362,11 +376,18 @@ impl TrackedRow {
                 };
                 let (columns, columns_null) = get(4);
                 let (version, version_null) = get(5);
+                let tracking = ((*desc).natts >= 7)
+                    .then(|| {
+                        let (tracking, tracking_null) = get(7);
+                        i64::from_datum(tracking, tracking_null)
+                    })
+                    .flatten();
                 TrackedRow {
                     entity_code: text(2),
                     capture: text(3),
                     columns: Vec::<String>::from_datum(columns, columns_null),
                     schema_version: i32::from_datum(version, version_null).unwrap_or_default(),
+                    tracking,
                 }
             });
             pg_sys::systable_endscan(scan);

@@ -1,13 +1,13 @@
 //! Reading the log from a cursor: `sync.current_cursor()` and the pages behind
 //! `sync.changes_since`. The meaning of cursors and why the queries below are gap-free is
-//! explained in the `pg_sync_cursor` crate; this module only runs them.
+//! explained in `pg_sync_core::cursor`; this module only runs them.
 //!
 //! Every query of one call reads with snapshots it names explicitly (`pg_visible_in_snapshot`
 //! against the batch's end), so the result does not depend on whether SPI gives each query a
 //! fresh snapshot. Expiry is checked by the PL/pgSQL wrapper `sync.changes_since`, which holds
 //! the log's read lock so that no prune moves the horizon in between.
 
-use pg_sync_cursor::{expiry, Cursor, CursorError, Mark, Position, Snapshot, MAX_UNSETTLED};
+use pg_sync_core::cursor::{expiry, Cursor, CursorError, Mark, Position, Snapshot, MAX_UNSETTLED};
 use pgrx::pg_sys::panic::ErrorReport;
 use pgrx::prelude::*;
 use pgrx::spi::SpiClient;
@@ -81,14 +81,21 @@ fn cursor_problem(cursor: Option<&str>) -> Option<String> {
 }
 
 /// One page of changes after `cursor` and, when `until` is given, not after it: the ids of
-/// the log rows in delivery order, each with the cursor after it. (Internal:
-/// `sync.changes_since` joins the rows.)
+/// the log rows in delivery order, each with the cursor after it and whether it is the last
+/// change of its transaction. (Internal: `sync.changes_since` joins the rows.)
 #[pg_extern(name = "_changes_page", volatile, parallel_unsafe)]
 fn changes_page(
     cursor: Option<&str>,
     max_rows: i32,
     until: Option<&str>,
-) -> TableIterator<'static, (name!(change_id, i64), name!(cursor, String))> {
+) -> TableIterator<
+    'static,
+    (
+        name!(change_id, i64),
+        name!(cursor, String),
+        name!(tx_end, bool),
+    ),
+> {
     if !(1..=MAX_PAGE_ROWS).contains(&max_rows) {
         invalid_parameter(format!(
             "max_rows must be between 1 and {MAX_PAGE_ROWS}, not {max_rows}"
@@ -144,13 +151,13 @@ pub(crate) fn invalid_parameter(message: String) -> ! {
 }
 
 /// Walks batches from the cursor to the current snapshot (or `until`) until `max_rows` changes
-/// are found.
+/// are found: (id, the cursor after it, whether it ends its transaction).
 fn read_page(
     client: &SpiClient<'_>,
     cursor: Option<Cursor>,
     max_rows: usize,
     until: Option<Mark>,
-) -> Vec<(i64, String)> {
+) -> Vec<(i64, String, bool)> {
     let current = current_mark(client);
     // The end of the read: `until`, unless this snapshot does not see all of it yet.
     let now = match until {
@@ -178,7 +185,7 @@ fn read_page(
             from, to, position, ..
         } => (from, to, Some(position)),
     };
-    let mut out: Vec<(i64, String)> = Vec::new();
+    let mut out: Vec<(i64, String, bool)> = Vec::new();
     loop {
         // A cursor from a snapshot newer than ours (a REPEATABLE READ transaction reading a
         // cursor made later): its changes may be invisible to us, so deliver nothing yet.
@@ -188,7 +195,12 @@ fn read_page(
         let room = max_rows - out.len();
         let rows = batch_rows(client, &from, &to, position, room + 1);
         let exhausted = rows.len() <= room;
-        for (id, txid, txkey) in rows.into_iter().take(room) {
+        // A row ends its transaction when the next row (one more was read for this) is of
+        // another, or when it is the batch's last.
+        let ends: Vec<bool> = (0..rows.len())
+            .map(|i| rows.get(i + 1).is_none_or(|next| next.2 != rows[i].2))
+            .collect();
+        for ((id, txid, txkey), tx_end) in rows.into_iter().zip(ends).take(room) {
             let position = Position { txkey, txid, id };
             let within = Cursor::Within {
                 generation: generation.clone(),
@@ -196,7 +208,7 @@ fn read_page(
                 to: to.clone(),
                 position,
             };
-            out.push((id, within.encode()));
+            out.push((id, within.encode(), tx_end));
         }
         if !exhausted {
             return out;

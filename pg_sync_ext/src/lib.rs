@@ -5,7 +5,7 @@
 //! - `capture`: the trigger that turns each change of a tracked table into a log row;
 //! - `log`: appends rows to `sync.change_history` without the executor;
 //! - `wakeup`: readers are woken after the writers commit, without writers paying for NOTIFY;
-//! - `pg_sync_cursor` (the workspace's `cursor/` crate): what a position in the log is (a
+//! - `pg_sync_core::cursor` (the workspace's `core/` crate): what a position in the log is (a
 //!   snapshot), as pure Rust shared with the gateway;
 //! - `changes`: reading the log from a cursor.
 //!

@@ -33,7 +33,7 @@ use std::cell::{Cell, RefCell};
 use std::ffi::CStr;
 
 /// The columns of `sync.change_history`, in table order, as written here.
-const COLUMNS: [&str; 15] = [
+const COLUMNS: [&str; 16] = [
     "id",
     "table_name",
     "entity_code",
@@ -49,6 +49,7 @@ const COLUMNS: [&str; 15] = [
     "source",
     "captured_at",
     "tx_first",
+    "tracking",
 ];
 
 /// The attribute number of `tx_first`.
@@ -75,6 +76,8 @@ pub struct LogRow<'a> {
     pub old_data: Option<pg_sys::Datum>,
     pub changed_columns: Option<Vec<String>>,
     pub schema_version: i32,
+    /// The tracking of the table that wrote it (`sync.tracked.tracking`).
+    pub tracking: Option<i64>,
     /// The writer's origin tag.
     pub client_id: Option<String>,
     /// `trigger` or `wal`.
@@ -110,7 +113,7 @@ impl LogTable {
                 return Err(LogTableError::Missing);
             }
             let rel = pg_sys::table_open(relid, pg_sys::AccessShareLock as i32);
-            let shape = marks_last(rel);
+            let shape = Layout::of(rel);
             pg_sys::table_close(rel, pg_sys::NoLock as i32);
             shape.map(|_| LogTable { relid, sequence })
         }
@@ -133,11 +136,9 @@ impl LogTable {
                 Some(transaction) if transaction.log == *self => transaction,
                 _ => f.insert(InFlight::start(*self, id)),
             };
-            let marks_last = transaction.writer.marks_last;
-            let tuple = transaction
-                .writer
-                .form(&values[..if marks_last { 15 } else { 14 }]);
-            if !marks_last {
+            let layout = transaction.writer.layout;
+            let tuple = transaction.writer.form(&values[..layout.columns()]);
+            if layout == Layout::V1 {
                 transaction.writer.write(&mut vec![tuple]);
                 return;
             }
@@ -161,7 +162,7 @@ impl LogTable {
 }
 
 /// A log row's columns, in table order (`tx_first` left NULL), for the current transaction.
-unsafe fn values(id: i64, row: LogRow<'_>) -> [Option<pg_sys::Datum>; 15] {
+unsafe fn values(id: i64, row: LogRow<'_>) -> [Option<pg_sys::Datum>; 16] {
     [
         Some(pg_sys::Datum::from(id)),
         row.table_name.into_datum(),
@@ -180,6 +181,7 @@ unsafe fn values(id: i64, row: LogRow<'_>) -> [Option<pg_sys::Datum>; 15] {
             pg_sys::GetCurrentTransactionStartTimestamp(),
         )),
         None,
+        row.tracking.map(pg_sys::Datum::from),
     ]
 }
 
@@ -193,15 +195,15 @@ struct Writer {
     /// they need not pin (pinning a thousand was a tenth of an ingest's time).
     slots: Vec<*mut pg_sys::TupleTableSlot>,
     desc: pg_sys::TupleDesc,
-    /// See `marks_last`; decided per transaction, as an update adds the column under a lock.
-    marks_last: bool,
+    /// See `Layout`; decided per transaction, as an update adds columns under a lock.
+    layout: Layout,
 }
 
 impl Writer {
     unsafe fn open(relid: pg_sys::Oid) -> Self {
         in_top_transaction(|| {
             let rel = pg_sys::table_open(relid, pg_sys::RowExclusiveLock as i32);
-            let marks_last = marks_last(rel).unwrap_or_else(|e| error!("{e}"));
+            let layout = Layout::of(rel).unwrap_or_else(|e| error!("{e}"));
             let mut indexes = pg_sys::CatalogOpenIndexes(rel);
             if !only_plain_indexes(rel, indexes) {
                 pg_sys::CatalogCloseIndexes(indexes);
@@ -212,7 +214,7 @@ impl Writer {
                 indexes,
                 slots: Vec::new(),
                 desc: std::ptr::null_mut(), // made with the first slot
-                marks_last,
+                layout,
             }
         })
     }
@@ -311,6 +313,7 @@ impl Writer {
             old_data: None,
             changed_columns: None,
             schema_version: 0,
+            tracking: None,
             client_id: None,
             source: "trigger",
             lsn: None,
@@ -338,16 +341,35 @@ impl Writer {
     }
 }
 
-/// Whether the log has `tx_first` and rows are held back to mark the last (a log of 0.1.0,
-/// before `ALTER EXTENSION pg_sync UPDATE`, has not: rows are written at once, unmarked, and
-/// the update marks them); an error when its columns are not what this version writes.
-unsafe fn marks_last(rel: pg_sys::Relation) -> Result<bool, LogTableError> {
-    let desc = pgrx::PgTupleDesc::from_pg_unchecked((*rel).rd_att);
-    let names: Vec<&str> = desc.iter().map(|a| a.name()).collect();
-    match names.len() {
-        15 if names == COLUMNS => Ok(true),
-        14 if names == COLUMNS[..14] => Ok(false),
-        _ => Err(LogTableError::Shape),
+/// The log's columns, by the version that made them: until `ALTER EXTENSION pg_sync UPDATE`
+/// has run, capture writes the log as the installed version's schema has it.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Layout {
+    /// 0.1.0: no `tx_first`; rows are written at once, unmarked (the update marks them).
+    V1,
+    /// 0.2.0: `tx_first`; rows are held back to mark each transaction's last.
+    V2,
+    /// 0.3.0: and `tracking`.
+    V3,
+}
+
+impl Layout {
+    /// The layout of the log `rel`; an error when its columns are none of them.
+    unsafe fn of(rel: pg_sys::Relation) -> Result<Layout, LogTableError> {
+        let desc = pgrx::PgTupleDesc::from_pg_unchecked((*rel).rd_att);
+        let names: Vec<&str> = desc.iter().map(|a| a.name()).collect();
+        [Layout::V3, Layout::V2, Layout::V1]
+            .into_iter()
+            .find(|layout| names == COLUMNS[..layout.columns()])
+            .ok_or(LogTableError::Shape)
+    }
+
+    fn columns(self) -> usize {
+        match self {
+            Layout::V1 => 14,
+            Layout::V2 => 15,
+            Layout::V3 => 16,
+        }
     }
 }
 
@@ -489,7 +511,7 @@ impl InFlight {
             _ => None,
         };
         let mut rows: Vec<_> = self.unwritten.drain(..).map(|row| row.tuple).collect();
-        if let Some(last) = last.filter(|_| self.writer.marks_last) {
+        if let Some(last) = last.filter(|_| self.writer.layout != Layout::V1) {
             rows.push(self.writer.marked(last, self.first_id));
         }
         self.writer.write(&mut rows);

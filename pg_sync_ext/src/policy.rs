@@ -21,7 +21,9 @@
 //! as SET ROLE requires), and run as that role, so policies and what they call run with the
 //! subscriber's rights, never more.
 
+use crate::changes::invalid_parameter;
 use crate::roles::as_role;
+use pg_sync_core::policy::{Cast, CmpOp, Expr, Group, Plan, Term, Ty, Visibility};
 use pgrx::pg_sys::panic::ErrorReport;
 use pgrx::prelude::*;
 use pgrx::{JsonB, PgList};
@@ -63,13 +65,27 @@ unsafe fn select_quals(relid: pg_sys::Oid) -> Option<Vec<*mut pg_sys::Node>> {
     (applies && !quals.is_empty()).then_some(quals)
 }
 
-/// Whether the current user may SELECT the table at all.
-unsafe fn may_select(relid: pg_sys::Oid) -> bool {
-    pg_sys::pg_class_aclcheck(
-        relid,
-        pg_sys::GetUserId(),
-        pg_sys::ACL_SELECT as pg_sys::AclMode,
-    ) == pg_sys::AclResult::ACLCHECK_OK
+/// Why the current user may not SELECT the table at all, if so: as PostgreSQL would refuse
+/// it (the table's privilege, its schema's USAGE), and, beyond PostgreSQL, a role that
+/// bypasses row-level security (the gateway never acts as one; an open subscription of a role
+/// altered since is refused here rather than shown every row).
+unsafe fn refusal(relid: pg_sys::Oid) -> Option<String> {
+    let user = pg_sys::GetUserId();
+    if pg_sys::superuser_arg(user) || pg_sys::has_bypassrls_privilege(user) {
+        return Some("the role bypasses row-level security".into());
+    }
+    let namespace = pg_sys::get_rel_namespace(relid);
+    if pg_sys::pg_namespace_aclcheck(namespace, user, pg_sys::ACL_USAGE as pg_sys::AclMode)
+        != pg_sys::AclResult::ACLCHECK_OK
+    {
+        return Some("no USAGE on the table's schema".into());
+    }
+    if pg_sys::pg_class_aclcheck(relid, user, pg_sys::ACL_SELECT as pg_sys::AclMode)
+        != pg_sys::AclResult::ACLCHECK_OK
+    {
+        return Some("no SELECT on the table".into());
+    }
+    None
 }
 
 /// Why a role's policies cannot be judged here.
@@ -109,90 +125,97 @@ fn role_for_caller(role: &str) -> Result<pg_sys::Oid, PolicyError> {
     }
 }
 
-/// What the gateway needs to judge `role`'s reads of `tbl` (see the module's doc):
-/// `{"select": bool, "rls": bool, "columns": [...], "expr": <compiled> | null, "why": text}`.
+/// What the gateway needs to judge `role`'s reads of `tbl` (see the module's doc): a
+/// `pg_sync_core::policy::Plan` as JSON.
 #[pg_extern(volatile, parallel_unsafe)]
 fn policy_plan(tbl: pg_sys::Oid, role: &str) -> JsonB {
     let roleid = role_for_caller(role).unwrap_or_else(|e| e.report());
     let plan = as_role(roleid, || unsafe {
-        if !may_select(tbl) {
-            return json!({"select": false, "rls": false});
+        if let Some(why) = refusal(tbl) {
+            return Plan {
+                why: Some(why),
+                ..Plan::default()
+            };
         }
         let Some(quals) = select_quals(tbl) else {
-            return json!({"select": true, "rls": false});
+            return Plan {
+                select: true,
+                ..Plan::default()
+            };
         };
         let columns = referenced_columns(tbl, &quals);
         let compiled = quals
             .iter()
             .map(|&q| Compiler { relid: tbl, role }.expr(q))
             .collect::<Result<Vec<_>, String>>();
-        match compiled {
-            Ok(mut exprs) => {
-                let expr = if exprs.len() == 1 {
-                    exprs.remove(0)
-                } else {
-                    json!({"and": exprs})
-                };
-                json!({"select": true, "rls": true, "columns": columns, "expr": expr})
-            }
-            Err(why) => {
-                json!({"select": true, "rls": true, "columns": columns, "expr": null, "why": why})
-            }
+        let (expr, why) = match compiled {
+            Ok(mut exprs) if exprs.len() == 1 => (Some(exprs.remove(0)), None),
+            Ok(exprs) => (Some(Expr::And(exprs)), None),
+            Err(why) => (None, Some(why)),
+        };
+        Plan {
+            select: true,
+            rls: true,
+            columns,
+            expr,
+            why,
         }
     });
-    JsonB(plan)
+    JsonB(serde_json::to_value(plan).expect("plans serialize"))
 }
 
-/// For each group (`{"role": …, "claims": {…}}`), whether it may see each image (a JSON
-/// object of the table's columns): `[{"visible": [bool, …]} | {"error": text}, …]`, in the
-/// groups' order.
+/// For each group (`pg_sync_core::policy::Group`), whether it may see each image (a JSON
+/// object of the table's columns): a `Visibility` per group, in the groups' order.
 #[pg_extern(volatile, parallel_unsafe)]
 fn visible(tbl: pg_sys::Oid, groups: JsonB, images: JsonB) -> JsonB {
-    let groups = groups.0.as_array().cloned().unwrap_or_default();
+    let groups: Vec<Group> = match serde_json::from_value(groups.0) {
+        Ok(groups) => groups,
+        Err(e) => invalid_parameter(format!("groups: {e}")),
+    };
     let images = images.0;
     let count = images.as_array().map_or(0, Vec::len);
-    let mut by_role: BTreeMap<String, Vec<usize>> = BTreeMap::new();
+    let mut by_role: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
     for (i, g) in groups.iter().enumerate() {
-        let role = g["role"].as_str().unwrap_or_default().to_owned();
-        by_role.entry(role).or_default().push(i);
+        by_role.entry(&g.role).or_default().push(i);
     }
-    let mut answers = vec![Value::Null; groups.len()];
+    let mut answers = vec![Visibility::Visible(Vec::new()); groups.len()];
     let original_claims = claims_setting();
     for (role, members) in by_role {
-        let roleid = match role_for_caller(&role) {
+        let roleid = match role_for_caller(role) {
             Ok(oid) => oid,
             Err(e) => {
                 for i in members {
-                    answers[i] = json!({"error": e.to_string()});
+                    answers[i] = Visibility::Error(e.to_string());
                 }
                 continue;
             }
         };
         as_role(roleid, || unsafe {
-            if !may_select(tbl) {
+            if let Some(why) = refusal(tbl) {
                 for &i in &members {
-                    answers[i] = json!({"error": format!("{role} may not read this table")});
+                    answers[i] =
+                        Visibility::Error(format!("{role} may not read this table: {why}"));
                 }
                 return;
             }
             let Some(quals) = select_quals(tbl) else {
                 for &i in &members {
-                    answers[i] = json!({"visible": vec![true; count]});
+                    answers[i] = Visibility::Visible(vec![true; count]);
                 }
                 return;
             };
             let sql = visibility_sql(tbl, &quals);
             for &i in &members {
-                let claims = groups[i]["claims"].to_string();
+                let claims = groups[i].claims.to_string();
                 answers[i] = match in_subtransaction(|| evaluate(&sql, &claims, &images)) {
-                    Ok(visible) => json!({"visible": visible}),
-                    Err(message) => json!({"error": message}),
+                    Ok(visible) => Visibility::Visible(visible),
+                    Err(message) => Visibility::Error(message),
                 };
             }
         });
     }
     set_claims(original_claims.as_deref().unwrap_or(""));
-    JsonB(Value::Array(answers))
+    JsonB(serde_json::to_value(answers).expect("answers serialize"))
 }
 
 /// Runs the visibility query for one claim set: a bool per image.
@@ -363,46 +386,47 @@ struct Compiler<'a> {
 
 /// The comparison operators the gateway evaluates, by implementing function: the operator
 /// and the type its operands are compared as.
-fn comparison(function: u32) -> Option<(&'static str, &'static str)> {
+fn comparison(function: u32) -> Option<(CmpOp, Ty)> {
     use pg_sys::*;
+    use CmpOp::*;
     Some(match function {
-        F_TEXTEQ | F_NAMEEQ | F_NAMEEQTEXT | F_TEXTEQNAME => ("eq", "text"),
-        F_TEXTNE => ("ne", "text"),
+        F_TEXTEQ | F_NAMEEQ | F_NAMEEQTEXT | F_TEXTEQNAME => (Eq, Ty::Text),
+        F_TEXTNE => (Ne, Ty::Text),
         F_INT2EQ | F_INT4EQ | F_INT8EQ | F_INT24EQ | F_INT42EQ | F_INT28EQ | F_INT82EQ
-        | F_INT48EQ | F_INT84EQ => ("eq", "int"),
+        | F_INT48EQ | F_INT84EQ => (Eq, Ty::Int),
         F_INT2NE | F_INT4NE | F_INT8NE | F_INT24NE | F_INT42NE | F_INT28NE | F_INT82NE
-        | F_INT48NE | F_INT84NE => ("ne", "int"),
-        F_INT4LT | F_INT8LT | F_INT48LT | F_INT84LT => ("lt", "int"),
-        F_INT4LE | F_INT8LE | F_INT48LE | F_INT84LE => ("le", "int"),
-        F_INT4GT | F_INT8GT | F_INT48GT | F_INT84GT => ("gt", "int"),
-        F_INT4GE | F_INT8GE | F_INT48GE | F_INT84GE => ("ge", "int"),
-        F_BOOLEQ => ("eq", "bool"),
-        F_BOOLNE => ("ne", "bool"),
-        F_UUID_EQ => ("eq", "uuid"),
-        F_UUID_NE => ("ne", "uuid"),
+        | F_INT48NE | F_INT84NE => (Ne, Ty::Int),
+        F_INT4LT | F_INT8LT | F_INT48LT | F_INT84LT => (Lt, Ty::Int),
+        F_INT4LE | F_INT8LE | F_INT48LE | F_INT84LE => (Le, Ty::Int),
+        F_INT4GT | F_INT8GT | F_INT48GT | F_INT84GT => (Gt, Ty::Int),
+        F_INT4GE | F_INT8GE | F_INT48GE | F_INT84GE => (Ge, Ty::Int),
+        F_BOOLEQ => (Eq, Ty::Bool),
+        F_BOOLNE => (Ne, Ty::Bool),
+        F_UUID_EQ => (Eq, Ty::Uuid),
+        F_UUID_NE => (Ne, Ty::Uuid),
         _ => return None,
     })
 }
 
 impl Compiler<'_> {
-    unsafe fn expr(&self, node: *mut pg_sys::Node) -> Result<Value, String> {
+    unsafe fn expr(&self, node: *mut pg_sys::Node) -> Result<Expr, String> {
         use pg_sys::NodeTag::*;
         if pgrx::is_a(node, T_BoolExpr) {
             let b = node.cast::<pg_sys::BoolExpr>();
-            let args = PgList::<pg_sys::Node>::from_pg((*b).args)
+            let mut args = PgList::<pg_sys::Node>::from_pg((*b).args)
                 .iter_ptr()
                 .map(|a| self.expr(a))
                 .collect::<Result<Vec<_>, _>>()?;
             return Ok(match (*b).boolop {
-                pg_sys::BoolExprType::AND_EXPR => json!({"and": args}),
-                pg_sys::BoolExprType::OR_EXPR => json!({"or": args}),
-                _ => json!({"not": args.into_iter().next()}),
+                pg_sys::BoolExprType::AND_EXPR => Expr::And(args),
+                pg_sys::BoolExprType::OR_EXPR => Expr::Or(args),
+                _ => Expr::Not(Box::new(args.pop().ok_or("NOT of nothing")?)),
             });
         }
         if pgrx::is_a(node, T_Const) {
             let c = node.cast::<pg_sys::Const>();
             if (*c).consttype == pg_sys::BOOLOID {
-                return Ok(json!({"const": self.value(node)?}));
+                return Ok(Expr::Const(self.value(node)?.as_bool()));
             }
         }
         if pgrx::is_a(node, T_OpExpr) {
@@ -411,16 +435,22 @@ impl Compiler<'_> {
             if let (Some((cmp, ty)), [left, right]) = (comparison((*op).opfuncid.into()), &args[..])
             {
                 self.deterministic((*op).inputcollid)?;
-                return Ok(
-                    json!({"cmp": cmp, "type": ty, "args": [self.term(*left)?, self.term(*right)?]}),
-                );
+                return Ok(Expr::Cmp {
+                    op: cmp,
+                    ty,
+                    left: self.term(*left)?,
+                    right: self.term(*right)?,
+                });
             }
             if u32::from((*op).opfuncid) == pg_sys::F_JSONB_EXISTS {
                 if let [array, item] = &args[..] {
                     let Some(path) = self.claim_json(*array) else {
                         return Err("jsonb ? on something other than a claim".into());
                     };
-                    return Ok(json!({"contains": {"claim": path, "item": self.term(*item)?}}));
+                    return Ok(Expr::Contains {
+                        claim: path,
+                        item: self.term(*item)?,
+                    });
                 }
             }
             return Err(format!(
@@ -438,22 +468,27 @@ impl Compiler<'_> {
             self.deterministic((*op).inputcollid)?;
             let left = self.term(*left)?;
             let items = self.array_items(*array)?;
-            let each: Vec<Value> = items
+            let each: Vec<Expr> = items
                 .into_iter()
-                .map(|item| json!({"cmp": cmp, "type": ty, "args": [left, item]}))
+                .map(|item| Expr::Cmp {
+                    op: cmp,
+                    ty,
+                    left: left.clone(),
+                    right: item,
+                })
                 .collect();
             return Ok(if (*op).useOr {
-                json!({"or": each})
+                Expr::Or(each)
             } else {
-                json!({"and": each})
+                Expr::And(each)
             });
         }
         if pgrx::is_a(node, T_NullTest) {
             let test = node.cast::<pg_sys::NullTest>();
             let term = self.term((*test).arg.cast())?;
             return Ok(match (*test).nulltesttype {
-                pg_sys::NullTestType::IS_NULL => json!({"null": term}),
-                _ => json!({"not_null": term}),
+                pg_sys::NullTestType::IS_NULL => Expr::Null(term),
+                _ => Expr::NotNull(term),
             });
         }
         Err(format!("a {:?} is not compiled", (*node).type_))
@@ -461,7 +496,7 @@ impl Compiler<'_> {
 
     /// A value a comparison reads: a column, a claim (as text, cast to the comparison's
     /// type by the gateway), or a constant.
-    unsafe fn term(&self, node: *mut pg_sys::Node) -> Result<Value, String> {
+    unsafe fn term(&self, node: *mut pg_sys::Node) -> Result<Term, String> {
         use pg_sys::NodeTag::*;
         if pgrx::is_a(node, T_RelabelType) {
             return self.term((*node.cast::<pg_sys::RelabelType>()).arg.cast());
@@ -471,15 +506,18 @@ impl Compiler<'_> {
             // when it cannot, as the cast would raise).
             let coerce = node.cast::<pg_sys::CoerceViaIO>();
             let cast = match (*coerce).resulttype {
-                pg_sys::INT2OID => "int2",
-                pg_sys::INT4OID => "int4",
-                pg_sys::INT8OID => "int8",
-                pg_sys::UUIDOID => "uuid",
-                pg_sys::BOOLOID => "bool",
+                pg_sys::INT2OID => Cast::Int2,
+                pg_sys::INT4OID => Cast::Int4,
+                pg_sys::INT8OID => Cast::Int8,
+                pg_sys::UUIDOID => Cast::Uuid,
+                pg_sys::BOOLOID => Cast::Bool,
                 _ => return Err("a cast to a type that is not compiled".into()),
             };
             if let Some(path) = self.claim_text((*coerce).arg.cast()) {
-                return Ok(json!({"claim": path, "as": cast}));
+                return Ok(Term::Claim {
+                    path,
+                    cast: Some(cast),
+                });
             }
             return Err("a cast of something other than a claim".into());
         }
@@ -487,24 +525,24 @@ impl Compiler<'_> {
             let var = node.cast::<pg_sys::Var>();
             if (*var).varno == 1 && (*var).varlevelsup == 0 && (*var).varattno > 0 {
                 let name = attname(self.relid, (*var).varattno).ok_or("a dropped column")?;
-                return Ok(json!({"column": name}));
+                return Ok(Term::Column(name));
             }
             return Err("a column of another table".into());
         }
         if pgrx::is_a(node, T_Const) {
-            return Ok(json!({"value": self.value(node)?}));
+            return Ok(Term::Value(self.value(node)?));
         }
         if let Some(path) = self.claim_text(node) {
-            return Ok(json!({"claim": path}));
+            return Ok(Term::Claim { path, cast: None });
         }
         if self.is_current_user(node) {
-            return Ok(json!({"value": self.role}));
+            return Ok(Term::Value(json!(self.role)));
         }
         Err(format!("a {:?} operand is not compiled", (*node).type_))
     }
 
     /// The elements of the array an ANY/ALL compares with: a constant array or ARRAY[...].
-    unsafe fn array_items(&self, node: *mut pg_sys::Node) -> Result<Vec<Value>, String> {
+    unsafe fn array_items(&self, node: *mut pg_sys::Node) -> Result<Vec<Term>, String> {
         if pgrx::is_a(node, pg_sys::NodeTag::T_ArrayExpr) {
             let array = node.cast::<pg_sys::ArrayExpr>();
             return PgList::<pg_sys::Node>::from_pg((*array).elements)
@@ -537,7 +575,7 @@ impl Compiler<'_> {
             return Ok(values
                 .unwrap_or_default()
                 .into_iter()
-                .map(|v| json!({"value": v}))
+                .map(|v| Term::Value(json!(v)))
                 .collect());
         }
         Err("an array that is not a constant or ARRAY[...]".into())
@@ -678,7 +716,7 @@ unsafe fn output_text(type_oid: pg_sys::Oid, value: pg_sys::Datum) -> String {
 
 /// The elements of an array's text form `{a,b,"c d"}` (numbers, uuids, booleans: no quoting
 /// or NULLs beyond what these types print).
-fn parse_array_text(text: &str) -> Vec<Value> {
+fn parse_array_text(text: &str) -> Vec<Term> {
     let inner = text.trim_start_matches('{').trim_end_matches('}');
     if inner.is_empty() {
         return Vec::new();
@@ -686,10 +724,10 @@ fn parse_array_text(text: &str) -> Vec<Value> {
     inner
         .split(',')
         .map(|item| match item {
-            "NULL" => json!({"value": null}),
-            "t" => json!({"value": true}),
-            "f" => json!({"value": false}),
-            other => json!({"value": other.trim_matches('"')}),
+            "NULL" => Term::Value(Value::Null),
+            "t" => Term::Value(json!(true)),
+            "f" => Term::Value(json!(false)),
+            other => Term::Value(json!(other.trim_matches('"'))),
         })
         .collect()
 }

@@ -35,11 +35,12 @@ use crate::access::auth::Verifier;
 use crate::access::limits::{Cap, ClientWork};
 use crate::access::plans::Plans;
 use crate::access::roles::{Groups, Roles};
-use crate::access::visibility::Stage;
+use crate::access::stage::Stage;
 use crate::config::ServeArgs;
+use crate::deliver::command::Command;
 use crate::deliver::mirror::Mirror;
 use crate::deliver::replay::Replayer;
-use crate::deliver::router::{Command, Limits, Outlets, Router};
+use crate::deliver::router::{Limits, Outlets, Router};
 use crate::feed::catalog::Catalog;
 use crate::feed::ingest::Ingest;
 use crate::feed::reader::Reader;
@@ -224,7 +225,6 @@ pub async fn serve(args: ServeArgs, shutdown: CancellationToken) -> Result<(), S
         .clone()
         .unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string());
     let catalog = Arc::new(Catalog::new(feed_pool.clone()));
-    tokio::spawn(catalog.clone().refresh(shutdown.clone()));
     let plans = Arc::new(Plans::default());
     let metrics = Arc::new(Metrics::default());
     let work = Arc::new(ClientWork::new(
@@ -256,6 +256,7 @@ pub async fn serve(args: ServeArgs, shutdown: CancellationToken) -> Result<(), S
         in_values: args.caps.max_filter_values,
         replays: args.caps.max_replays_per_connection,
         replay_buffer: 100_000,
+        awaits: 64,
         mirror_backlog: Cap::new(
             "subscription changes",
             MIRROR_BACKLOG,
@@ -275,11 +276,9 @@ pub async fn serve(args: ServeArgs, shutdown: CancellationToken) -> Result<(), S
         pool: visibility_pool,
         catalog: catalog.clone(),
         plans: plans.clone(),
-        roles: roles.clone(),
         metrics: metrics.clone(),
-        router: router_tx,
     };
-    tokio::spawn(stage.run(control_rx, feed_rx));
+    tokio::spawn(stage.run(control_rx, feed_rx, router_tx));
     let replayer = Replayer {
         places: Cap::new(
             "replays",

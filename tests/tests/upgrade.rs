@@ -1,5 +1,6 @@
-//! `ALTER EXTENSION pg_sync UPDATE` from 0.1.0: a database made with the previous version's
-//! SQL keeps its log, cursors and tracked tables, and ends up as a fresh install would be.
+//! `ALTER EXTENSION pg_sync UPDATE` from 0.1.0 and from 0.2.0: a database made with an earlier
+//! version's SQL keeps its log, cursors and tracked tables, and ends up as a fresh install
+//! would be.
 
 use pg_sync_tests::{drain, Cluster};
 use std::time::Duration;
@@ -67,13 +68,29 @@ fn ids(changes: &[pg_sync_tests::Change]) -> Vec<&str> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_log_of_0_1_0_upgrades_in_place_and_reads_on_from_a_cursor_taken_before() {
+    upgrades_in_place("0.1.0").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_log_of_0_2_0_upgrades_in_place_and_reads_on_from_a_cursor_taken_before() {
+    upgrades_in_place("0.2.0").await;
+}
+
+/// A database of `version` with a log and a cursor into it, updated while a writer is in
+/// flight: the cursor reads on, and the schema is a fresh install's.
+async fn upgrades_in_place(version: &str) {
     let cluster = Cluster::start().await;
-    cluster.execute("CREATE DATABASE v010").await;
+    let database = format!("v{}", version.replace('.', ""));
+    cluster
+        .execute(&format!("CREATE DATABASE {database}"))
+        .await;
     cluster.execute("CREATE DATABASE fresh").await;
-    let old = cluster.connect_to("v010").await;
+    let old = cluster.connect_to(&database).await;
+    old.batch_execute(&format!("CREATE EXTENSION pg_sync VERSION '{version}'"))
+        .await
+        .unwrap();
     old.batch_execute(
-        "CREATE EXTENSION pg_sync VERSION '0.1.0';
-         CREATE TABLE item (id int PRIMARY KEY, v int NOT NULL DEFAULT 0);
+        "CREATE TABLE item (id int PRIMARY KEY, v int NOT NULL DEFAULT 0);
          SELECT sync.track('item');
          INSERT INTO item VALUES (1);
          BEGIN; INSERT INTO item VALUES (2), (3); UPDATE item SET v = 1 WHERE id = 1; COMMIT;",
@@ -94,12 +111,12 @@ async fn a_log_of_0_1_0_upgrades_in_place_and_reads_on_from_a_cursor_taken_befor
     .unwrap();
 
     // A writer in flight holds the log: the update waits for it, and its change is kept.
-    let in_flight = cluster.connect_to("v010").await;
+    let in_flight = cluster.connect_to(&database).await;
     in_flight
         .batch_execute("BEGIN; INSERT INTO item VALUES (6)")
         .await
         .unwrap();
-    let updater = cluster.connect_to("v010").await;
+    let updater = cluster.connect_to(&database).await;
     let update = tokio::spawn(async move {
         updater
             .batch_execute("ALTER EXTENSION pg_sync UPDATE")
@@ -114,7 +131,7 @@ async fn a_log_of_0_1_0_upgrades_in_place_and_reads_on_from_a_cursor_taken_befor
         .await
         .unwrap();
 
-    let mut reader = cluster.connect_to("v010").await;
+    let mut reader = cluster.connect_to(&database).await;
     let (after, _) = drain(&mut reader, Some(cursor), 2).await;
     assert_eq!(ids(&after), ["4", "2", "5", "6", "7", "7"]);
     let (all, _) = drain(&mut reader, None, 3).await;
@@ -122,6 +139,18 @@ async fn a_log_of_0_1_0_upgrades_in_place_and_reads_on_from_a_cursor_taken_befor
         ids(&all),
         ["1", "2", "3", "1", "4", "2", "5", "6", "7", "7"]
     );
+    // Every row of the log, old and new, names the tracking of the table that wrote it.
+    let untagged: i64 = reader
+        .query_one(
+            "SELECT count(*) FROM sync.change_history h
+              WHERE h.op <> 'END'
+                AND h.tracking IS DISTINCT FROM (SELECT t.tracking FROM sync.tracked t)",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(untagged, 0);
 
     let fresh = cluster.connect_to("fresh").await;
     fresh

@@ -14,11 +14,12 @@
 -- table), `prune`, and in Rust `ingest_wal` and `_wal_settled` (read the slot).
 
 -- (Re)creates the capture triggers of one tracked table from its row in sync.tracked. The
--- triggers carry the table's options as arguments (entity_code, schema_version, then the
--- allow-listed columns), so the capture never looks anything up per row; any change of
--- options recreates them. A trigger that an administrator disabled stays disabled.
+-- triggers carry the table's options as arguments (entity_code, `schema_version@tracking`,
+-- then the allow-listed columns), so the capture never looks anything up per row; any
+-- change of options recreates them. A trigger that an administrator disabled stays
+-- disabled.
 CREATE FUNCTION sync._install_capture(tbl regclass) RETURNS void
-LANGUAGE plpgsql SET search_path = pg_catalog AS $$
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     t sync.tracked%ROWTYPE;
     args text;
@@ -27,7 +28,7 @@ DECLARE
 BEGIN
     SELECT * INTO t FROM sync.tracked WHERE relid = tbl;
     SELECT bool_or(tgenabled = 'D') INTO was_disabled
-      FROM pg_trigger WHERE tgrelid = tbl AND tgname IN ('sync_capture', 'sync_capture_truncate');
+      FROM pg_catalog.pg_trigger WHERE tgrelid = tbl AND tgname IN ('sync_capture', 'sync_capture_truncate');
     -- Our own ALTER TABLE below must not count as a schema change.
     PERFORM sync._internal_ddl(true);
     PERFORM sync._drop_capture(tbl);
@@ -36,7 +37,8 @@ BEGIN
         EXECUTE format('ALTER TABLE %s REPLICA IDENTITY FULL', tbl);
     ELSIF t.capture = 'trigger' THEN
         SELECT string_agg(quote_literal(a), ', ' ORDER BY ord) INTO args
-          FROM unnest(ARRAY[t.entity_code, t.schema_version::text] || coalesce(t.columns, '{}'))
+          FROM unnest(ARRAY[t.entity_code, t.schema_version || '@' || t.tracking]
+                       || coalesce(t.columns, '{}'))
                WITH ORDINALITY AS u(a, ord);
         EXECUTE format('CREATE TRIGGER sync_capture AFTER INSERT OR UPDATE OR DELETE ON %s '
                        'FOR EACH ROW EXECUTE FUNCTION sync.capture(%s)', tbl, args);
@@ -54,11 +56,11 @@ END
 $$;
 
 CREATE FUNCTION sync._drop_capture(tbl regclass) RETURNS void
-LANGUAGE plpgsql SET search_path = pg_catalog AS $$
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     trg name;
 BEGIN
-    FOR trg IN SELECT tgname FROM pg_trigger
+    FOR trg IN SELECT tgname FROM pg_catalog.pg_trigger
                 WHERE tgrelid = tbl AND tgname IN ('sync_capture', 'sync_capture_truncate') LOOP
         EXECUTE format('DROP TRIGGER %I ON %s', trg, tbl);
     END LOOP;
@@ -70,7 +72,7 @@ $$;
 CREATE FUNCTION sync._wal2json_usable() RETURNS boolean
 LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
     SELECT (SELECT (pg_stat_file(setting || '/wal2json.so', true)).size IS NOT NULL
-              FROM pg_config WHERE name = 'PKGLIBDIR')
+              FROM pg_catalog.pg_config WHERE name = 'PKGLIBDIR')
        AND coalesce(current_setting('output_plugin_libraries', true) ~ '(^|[ ,])wal2json($|[ ,])', true)
 $$;
 
@@ -90,10 +92,10 @@ BEGIN
         RAISE EXCEPTION 'sync.track: tbl must not be NULL' USING ERRCODE = '22004';
     END IF;
     PERFORM sync._require_owner(tbl);
-    IF (SELECT c.relkind FROM pg_class c WHERE c.oid = tbl) NOT IN ('r', 'p') THEN
+    IF (SELECT c.relkind FROM pg_catalog.pg_class c WHERE c.oid = tbl) NOT IN ('r', 'p') THEN
         RAISE EXCEPTION 'sync.track: % is not a table', tbl USING ERRCODE = '42809';
     END IF;
-    IF (SELECT c.relnamespace FROM pg_class c WHERE c.oid = tbl) = 'sync'::regnamespace THEN
+    IF (SELECT c.relnamespace FROM pg_catalog.pg_class c WHERE c.oid = tbl) = 'sync'::regnamespace THEN
         RAISE EXCEPTION 'sync.track: % belongs to pg_sync itself and cannot be tracked', tbl
             USING ERRCODE = '42809';
     END IF;
@@ -114,19 +116,19 @@ BEGIN
                              'output_plugin_libraries setting, list wal2json in it.';
         END IF;
     END IF;
-    code := coalesce(track.entity_code, (SELECT c.relname::text FROM pg_class c WHERE c.oid = tbl));
+    code := coalesce(track.entity_code, (SELECT c.relname::text FROM pg_catalog.pg_class c WHERE c.oid = tbl));
     IF code = '' OR length(code) > 128 THEN
         RAISE EXCEPTION 'sync.track: entity_code must have 1 to 128 characters'
             USING ERRCODE = '22023';
     END IF;
-    IF NOT EXISTS (SELECT FROM pg_index i WHERE i.indrelid = tbl AND i.indisprimary) THEN
+    IF NOT EXISTS (SELECT FROM pg_catalog.pg_index i WHERE i.indrelid = tbl AND i.indisprimary) THEN
         RAISE EXCEPTION 'sync.track: table % has no primary key', tbl
             USING ERRCODE = '55000',
                   HINT = 'pg_sync identifies rows by their primary key; add one, then track the table.';
     END IF;
     IF track.columns IS NOT NULL THEN
         SELECT c INTO unknown FROM unnest(track.columns) AS c
-         WHERE c IS NULL OR NOT EXISTS (SELECT FROM pg_attribute a WHERE a.attrelid = tbl
+         WHERE c IS NULL OR NOT EXISTS (SELECT FROM pg_catalog.pg_attribute a WHERE a.attrelid = tbl
                                AND a.attname = c AND a.attnum > 0 AND NOT a.attisdropped)
          LIMIT 1;
         IF FOUND THEN
@@ -136,8 +138,8 @@ BEGIN
         -- An empty list publishes what the key alone publishes: the key is kept in it, as
         -- the capture's arguments cannot tell an empty list from none (all columns).
         IF cardinality(track.columns) = 0 THEN
-            track.columns := ARRAY(SELECT a.attname::text FROM pg_index i
-                                     JOIN pg_attribute a ON a.attrelid = i.indrelid
+            track.columns := ARRAY(SELECT a.attname::text FROM pg_catalog.pg_index i
+                                     JOIN pg_catalog.pg_attribute a ON a.attrelid = i.indrelid
                                       AND a.attnum = ANY (i.indkey::int2[])
                                     WHERE i.indrelid = tbl AND i.indisprimary ORDER BY a.attnum);
         END IF;
@@ -156,7 +158,7 @@ BEGIN
     INSERT INTO sync.tracked AS t (relid, entity_code, capture, columns)
     VALUES (tbl, code, track.capture,
             -- the allow-list in column order, without duplicates
-            (SELECT array_agg(a.attname::text ORDER BY a.attnum) FROM pg_attribute a
+            (SELECT array_agg(a.attname::text ORDER BY a.attnum) FROM pg_catalog.pg_attribute a
               WHERE a.attrelid = tbl AND a.attname = ANY (track.columns)))
     ON CONFLICT (relid) DO UPDATE
        SET entity_code = excluded.entity_code,
@@ -198,17 +200,17 @@ BEGIN
         RETURN;
     END IF;
     FOR altered IN
-        SELECT DISTINCT c.objid::regclass FROM pg_event_trigger_ddl_commands() c
+        SELECT DISTINCT c.objid::regclass FROM pg_catalog.pg_event_trigger_ddl_commands() c
           JOIN sync.tracked t ON t.relid = c.objid::regclass
          WHERE c.object_type IN ('table', 'table column') -- a RENAME COLUMN is a 'table column'
     LOOP
-        IF NOT EXISTS (SELECT FROM pg_index i WHERE i.indrelid = altered AND i.indisprimary) THEN
+        IF NOT EXISTS (SELECT FROM pg_catalog.pg_index i WHERE i.indrelid = altered AND i.indisprimary) THEN
             RAISE EXCEPTION 'pg_sync: % is tracked and needs its primary key', altered
                 USING ERRCODE = '55000', HINT = 'Run sync.untrack first.';
         END IF;
         SELECT array_agg(c) INTO gone FROM sync.tracked t, unnest(t.columns) AS c
          WHERE t.relid = altered
-           AND NOT EXISTS (SELECT FROM pg_attribute a WHERE a.attrelid = altered
+           AND NOT EXISTS (SELECT FROM pg_catalog.pg_attribute a WHERE a.attrelid = altered
                               AND a.attname = c AND a.attnum > 0 AND NOT a.attisdropped);
         IF gone IS NOT NULL THEN
             RAISE WARNING 'pg_sync: columns % of % left its published columns', gone, altered;
@@ -219,8 +221,8 @@ BEGIN
                columns = CASE WHEN gone IS NULL THEN t.columns
                               ELSE coalesce(nullif(ARRAY(SELECT c FROM unnest(t.columns) AS c
                                                           WHERE c <> ALL (gone)), '{}'),
-                                            ARRAY(SELECT a.attname::text FROM pg_index i
-                                                   JOIN pg_attribute a ON a.attrelid = i.indrelid
+                                            ARRAY(SELECT a.attname::text FROM pg_catalog.pg_index i
+                                                   JOIN pg_catalog.pg_attribute a ON a.attrelid = i.indrelid
                                                     AND a.attnum = ANY (i.indkey::int2[])
                                                   WHERE i.indrelid = altered AND i.indisprimary
                                                   ORDER BY a.attnum)) END
@@ -239,24 +241,66 @@ CREATE FUNCTION sync._on_sql_drop() RETURNS event_trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
     DELETE FROM sync.tracked
-     WHERE relid::oid IN (SELECT objid FROM pg_event_trigger_dropped_objects()
+     WHERE relid::oid IN (SELECT objid FROM pg_catalog.pg_event_trigger_dropped_objects()
                            WHERE object_type = 'table');
 END
 $$;
 CREATE EVENT TRIGGER sync_sql_drop ON sql_drop EXECUTE FUNCTION sync._on_sql_drop();
 ALTER EVENT TRIGGER sync_sql_drop ENABLE ALWAYS;
 
--- Policies, grants and tables changed: the gateway re-reads how it judges row-level
--- security (sync.policy_plan) before routing the next page of changes. SECURITY DEFINER, as
--- the other event triggers: every role's GRANT runs it.
+-- Who may read what, summarised: everything PostgreSQL decides a SELECT of a tracked table
+-- by (the tracked tables themselves, their owners, table, column and schema privileges,
+-- row-level security enabled or forced, policies; every role's SUPERUSER, BYPASSRLS and
+-- INHERIT, and role memberships), as one digest read in the caller's snapshot. The gateway
+-- reads it in the snapshot of a page of the log whenever sync.access_event has a new row,
+-- and at every poll, and rebuilds what it judges with (catalog, policy plans) when it
+-- moved: so commands that no event trigger sees (ALTER ROLE, GRANT role, REASSIGN OWNED)
+-- take effect within the gateway's poll interval, and those that one sees from the first
+-- page read after them. Computed from the catalogs, not kept: nothing anyone writes.
+CREATE FUNCTION sync.access_fingerprint() RETURNS text
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+RETURN pg_catalog.md5(pg_catalog.concat_ws('|',
+    (SELECT pg_catalog.string_agg(pg_catalog.concat_ws(',',
+                t.relid::oid, t.entity_code, t.tracking, t.schema_version, t.capture, t.columns,
+                c.relowner, c.relacl, c.relrowsecurity, c.relforcerowsecurity,
+                n.oid, n.nspowner, n.nspacl,
+                (SELECT pg_catalog.string_agg(a.attnum || ':' || a.attacl::text, ';' ORDER BY a.attnum)
+                   FROM pg_catalog.pg_attribute a WHERE a.attrelid = t.relid AND a.attacl IS NOT NULL),
+                (SELECT pg_catalog.string_agg(pg_catalog.concat_ws(':', p.oid, p.polcmd, p.polpermissive,
+                                                                   p.polroles, p.polqual::text), ';' ORDER BY p.oid)
+                   FROM pg_catalog.pg_policy p WHERE p.polrelid = t.relid)), '/' ORDER BY t.relid)
+       FROM sync.tracked t
+       JOIN pg_catalog.pg_class c ON c.oid = t.relid
+       JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace),
+    (SELECT pg_catalog.string_agg(r.oid || ':' || r.rolsuper || r.rolbypassrls || r.rolinherit, ',' ORDER BY r.oid)
+       FROM pg_catalog.pg_roles r),
+    (SELECT pg_catalog.string_agg(m.roleid || ':' || m.member || m.admin_option, ',' ORDER BY m.roleid, m.member)
+       FROM pg_catalog.pg_auth_members m)));
+END
+$$;
+
+-- The newest row of sync.access_event visible to the caller (0: none).
+CREATE FUNCTION sync.access_serial() RETURNS bigint
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT coalesce(max(e.id), 0) FROM sync.access_event e
+$$;
+
+-- Policies, grants, owners and tables changed: a row of sync.access_event, which tells the
+-- gateways to read the access fingerprint again before judging the next page (the
+-- fingerprint, not this row, says what changed), and a wake-up for them. Inserting a row
+-- of its own, the command's transaction holds nothing another one waits for, however long
+-- it stays open. SECURITY DEFINER, as the other event triggers: every role's GRANT runs it.
 CREATE FUNCTION sync._on_access_change() RETURNS event_trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
-    UPDATE sync.state SET policy_version = policy_version + 1;
+    INSERT INTO sync.access_event DEFAULT VALUES;
+    PERFORM pg_catalog.pg_notify('sync_changes', 'access');
 END
 $$;
 CREATE EVENT TRIGGER sync_access_change ON ddl_command_end
-    WHEN TAG IN ('CREATE POLICY', 'ALTER POLICY', 'DROP POLICY', 'GRANT', 'REVOKE', 'ALTER TABLE')
+    WHEN TAG IN ('CREATE POLICY', 'ALTER POLICY', 'DROP POLICY', 'GRANT', 'REVOKE', 'ALTER TABLE',
+                 'DROP OWNED', 'ALTER SCHEMA')
     EXECUTE FUNCTION sync._on_access_change();
 ALTER EVENT TRIGGER sync_access_change ENABLE ALWAYS;
 
@@ -272,16 +316,19 @@ $$;
 -- Expiry is raised here, in PL/pgSQL, because a custom SQLSTATE (SY410) does not survive
 -- being raised from Rust: pgrx maps SQLSTATEs it does not know to XX000.
 -- A change as sync.changes_since returns it: a log row and the cursor after it.
+-- `tracking` names the tracking of the table that wrote it (sync.tracked.tracking), and
+-- `tx_end` is true on the last change of its transaction (a page may end inside one).
 CREATE TYPE sync.change AS (
     id bigint, table_name text, entity_code text, op text, entity_id text, data jsonb,
     old_data jsonb, changed_columns text[], client_id text, txid xid8, lsn pg_lsn,
-    schema_version integer, source text, captured_at timestamptz, cursor text);
+    schema_version integer, source text, captured_at timestamptz, cursor text,
+    tracking bigint, tx_end boolean);
 
 -- `until` (a cursor from sync.current_cursor()) ends the read there instead of at the current
 -- snapshot: a gateway replays a client's gap up to where its live stream stands.
 CREATE FUNCTION sync.changes_since(cursor text, max_rows integer DEFAULT 1000, until text DEFAULT NULL)
 RETURNS SETOF sync.change
-LANGUAGE plpgsql SET search_path = pg_catalog AS $$
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     problem text;
 BEGIN
@@ -297,8 +344,8 @@ BEGIN
     RETURN QUERY EXECUTE
         'SELECT h.id, h.table_name, h.entity_code, h.op, h.entity_id, h.data, h.old_data,
                 h.changed_columns, h.client_id, h.txid, h.lsn, h.schema_version, h.source,
-                h.captured_at, p.cursor
-           FROM sync._changes_page($1, $2, $3) WITH ORDINALITY AS p(change_id, cursor, ord)
+                h.captured_at, p.cursor, h.tracking, p.tx_end
+           FROM sync._changes_page($1, $2, $3) WITH ORDINALITY AS p(change_id, cursor, tx_end, ord)
            JOIN sync.change_history h ON h.id = p.change_id
           ORDER BY p.ord'
         USING changes_since.cursor, changes_since.max_rows, changes_since.until;
@@ -320,6 +367,8 @@ BEGIN
     LOCK TABLE sync_lock.log_read IN EXCLUSIVE MODE;
     -- A retried write older than the retained log is no longer recognised either.
     DELETE FROM sync.applied_mutation m WHERE m.applied_at < now() - keep;
+    -- Readers need only the newest access event.
+    DELETE FROM sync.access_event e WHERE e.id < (SELECT max(n.id) FROM sync.access_event n);
     -- Below the oldest transaction still running, and below every change younger than keep.
     SELECT least(pg_snapshot_xmin(pg_current_snapshot()),
                  (SELECT min(h.txid) FROM sync.change_history h WHERE h.captured_at >= now() - keep))
@@ -335,7 +384,7 @@ END
 $$;
 
 CREATE FUNCTION sync.status() RETURNS jsonb
-LANGUAGE sql STABLE SET search_path = pg_catalog AS $$
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
 SELECT jsonb_build_object(
     'tracked', coalesce((
         SELECT jsonb_agg(jsonb_build_object(
@@ -346,12 +395,12 @@ SELECT jsonb_build_object(
                    'schema_version', t.schema_version,
                    -- trigger capture is healthy when both triggers exist and fire ALWAYS
                    'capture_enabled', t.capture <> 'trigger' OR (
-                       SELECT count(*) = 2 AND bool_and(g.tgenabled = 'A') FROM pg_trigger g
+                       SELECT count(*) = 2 AND bool_and(g.tgenabled = 'A') FROM pg_catalog.pg_trigger g
                         WHERE g.tgrelid = t.relid
                           AND g.tgname IN ('sync_capture', 'sync_capture_truncate')))
                  ORDER BY t.entity_code)
           FROM sync.tracked t), '[]'::jsonb),
-    'log_rows_estimate', (SELECT greatest(s.n_live_tup, 0) FROM pg_stat_user_tables s
+    'log_rows_estimate', (SELECT greatest(s.n_live_tup, 0) FROM pg_catalog.pg_stat_user_tables s
                            WHERE s.relid = 'sync.change_history'::regclass),
     'oldest_change_at', (SELECT h.captured_at FROM sync.change_history h ORDER BY h.id LIMIT 1),
     'horizon', (SELECT s.horizon::text FROM sync.state s),
@@ -361,17 +410,37 @@ SELECT jsonb_build_object(
                    'exists', true,
                    'retained_bytes', pg_wal_lsn_diff(pg_current_wal_lsn(), r.restart_lsn)::bigint,
                    'lost_at', (SELECT s.wal_slot_lost_at FROM sync.state s))
-          FROM pg_replication_slots r WHERE r.slot_name = 'pg_sync'),
+          FROM pg_catalog.pg_replication_slots r WHERE r.slot_name = 'pg_sync'),
         jsonb_build_object('exists', false, 'retained_bytes', 0,
                            'lost_at', (SELECT s.wal_slot_lost_at FROM sync.state s))),
     'last_ingest_at', (SELECT s.last_ingest_at FROM sync.state s))
+$$;
+
+-- Raises SY412 unless `tbl` is tracked now with this tracking and schema version: a
+-- gateway checks, in the transaction of a snapshot or a write, after locking the table and
+-- before its snapshot, that the rows it is about to shape (published columns, the table
+-- itself) are the entity's as it knows it; else it reads the catalog again. SECURITY
+-- DEFINER: the authenticator that runs it may not read sync.tracked; it tells only what
+-- the catalog tells.
+CREATE FUNCTION sync._entity_is(tbl regclass, tracking bigint, schema_version integer)
+RETURNS boolean
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF NOT EXISTS (SELECT FROM sync.tracked t
+                    WHERE t.relid = tbl AND t.tracking = _entity_is.tracking
+                      AND t.schema_version = _entity_is.schema_version) THEN
+        RAISE EXCEPTION 'pg_sync: entity changed: % was altered, re-tracked or replaced', tbl
+            USING ERRCODE = 'SY412', HINT = 'Read the tracked entities again and retry.';
+    END IF;
+    RETURN true;
+END
 $$;
 
 -- Tags the calling transaction's changes with an origin: a transactional logical message
 -- that WAL enrichment attaches to every change of the transaction, and sync.client_id for
 -- trigger capture. (wal2json cuts a message at a NUL byte; text cannot hold one anyway.)
 CREATE FUNCTION sync.tag_origin(client_id text) RETURNS void
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
     IF client_id IS NULL OR client_id = '' THEN
         RAISE EXCEPTION 'sync.tag_origin: client_id must not be empty' USING ERRCODE = '22023';
@@ -402,19 +471,19 @@ ALTER FUNCTION sync._wal_settled(text) SET search_path = pg_catalog, pg_temp;
 -- the log and the tracked tables, keeping its subscriptions and heartbeat, claiming mutation
 -- ids and tagging writes, ingesting the WAL (which runs as the extension's owner).
 CREATE FUNCTION sync.grant_gateway(gateway regrole) RETURNS void
-LANGUAGE plpgsql SET search_path = pg_catalog AS $$
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     f regprocedure;
 BEGIN
     IF gateway IS NULL THEN
         RAISE EXCEPTION 'sync.grant_gateway: gateway must not be NULL' USING ERRCODE = '22004';
     END IF;
-    IF (SELECT r.rolsuper OR r.rolbypassrls FROM pg_roles r WHERE r.oid = gateway) THEN
+    IF (SELECT r.rolsuper OR r.rolbypassrls FROM pg_catalog.pg_roles r WHERE r.oid = gateway) THEN
         RAISE WARNING 'pg_sync: % is a superuser or bypasses row-level security; the gateway refuses to run as it', gateway;
     END IF;
     EXECUTE format('GRANT USAGE ON SCHEMA sync TO %s', gateway);
     EXECUTE format('GRANT USAGE ON TYPE sync.change TO %s', gateway);
-    EXECUTE format('GRANT SELECT ON sync.change_history, sync.state, sync.tracked TO %s', gateway);
+    EXECUTE format('GRANT SELECT ON sync.change_history, sync.state, sync.tracked, sync.access_event TO %s', gateway);
     EXECUTE format('GRANT SELECT, INSERT, UPDATE, DELETE ON sync.subscription, sync.gateway TO %s', gateway);
     EXECUTE format('GRANT SELECT, INSERT ON sync.applied_mutation TO %s', gateway);
     FOREACH f IN ARRAY ARRAY[
@@ -423,7 +492,9 @@ BEGIN
         'sync._log_read_lock()', 'sync.cursor_reached(text, text)',
         'sync.ingest_wal(integer)', 'sync._wal_settled(text)', 'sync.status()',
         'sync._wakeup_mode()', 'sync.claim_mutation(text, text)', 'sync.tag_origin(text)',
-        'sync.policy_plan(oid, text)', 'sync.visible(oid, jsonb, jsonb)'
+        'sync.policy_plan(oid, text)', 'sync.visible(oid, jsonb, jsonb)',
+        'sync.access_fingerprint()', 'sync.access_serial()',
+        'sync._entity_is(regclass, bigint, integer)'
     ]::regprocedure[] LOOP
         EXECUTE format('GRANT EXECUTE ON FUNCTION %s TO %s', f, gateway);
     END LOOP;
@@ -435,7 +506,7 @@ $$;
 -- to it, so it may do only what is harmless to expose: read the current cursor, wait for WAL
 -- ingestion, claim mutation ids and tag origins. It reads nothing of the log.
 CREATE FUNCTION sync.grant_authenticator(authenticator regrole) RETURNS void
-LANGUAGE plpgsql SET search_path = pg_catalog AS $$
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     f regprocedure;
 BEGIN
@@ -445,7 +516,7 @@ BEGIN
     EXECUTE format('GRANT USAGE ON SCHEMA sync TO %s', authenticator);
     FOREACH f IN ARRAY ARRAY[
         'sync.current_cursor()', 'sync._wal_settled(text)', 'sync.claim_mutation(text, text)',
-        'sync.tag_origin(text)'
+        'sync.tag_origin(text)', 'sync._entity_is(regclass, bigint, integer)'
     ]::regprocedure[] LOOP
         EXECUTE format('GRANT EXECUTE ON FUNCTION %s TO %s', f, authenticator);
     END LOOP;

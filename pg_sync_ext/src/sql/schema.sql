@@ -17,13 +17,20 @@ CREATE TABLE sync.state (
     -- lost after it had been read (its gap was announced as a TRUNCATE per WAL entity).
     wal_stored_lsn   pg_lsn,
     last_ingest_at   timestamptz,
-    wal_slot_lost_at timestamptz,
-    -- Bumped by every statement that can change who may read what (policies, grants, ALTER
-    -- TABLE): the gateway reads it with each page of the log and recompiles what it judges
-    -- row-level security with when it moved.
-    policy_version   bigint NOT NULL DEFAULT 0
+    wal_slot_lost_at timestamptz
 );
 INSERT INTO sync.state DEFAULT VALUES;
+
+-- One row per command that may have changed who may read what (GRANT, REVOKE, policies,
+-- ALTER TABLE, DROP OWNED), written by the event trigger sync._on_access_change. A reader
+-- reads its newest id with every page of the log, in the page's snapshot: a new one means
+-- the access fingerprint (sync.access_fingerprint) is read again before the page is
+-- judged. Rows, not a counter in one row: a counter's row would be locked by any role's
+-- open DDL transaction, stalling every other writer of it (sync.prune trims it).
+CREATE TABLE sync.access_event (
+    id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    at timestamptz NOT NULL DEFAULT pg_catalog.now()
+);
 
 -- The change log. Written by log.rs straight into the heap and indexes (no constraints,
 -- triggers or defaults apply there: keep the column order in step with log.rs). `id` comes from a CACHE 1 sequence inside the capturing transaction after
@@ -47,10 +54,20 @@ CREATE TABLE sync.change_history (
     captured_at     timestamptz NOT NULL DEFAULT pg_catalog.now(),
     -- On a transaction's last row only: its first id (see log.rs). A reader finds a page's
     -- transactions by their last rows and their rows by one id range.
-    tx_first        bigint
+    tx_first        bigint,
+    -- sync.tracked.tracking of the table that wrote the row: a row is only ever judged and
+    -- delivered under the tracking that wrote it, never under another table tracked later
+    -- with the same entity_code (NULL: written before 0.3.0 by a table no longer tracked).
+    tracking        bigint
 );
 -- The rows of a transaction that was running at a cursor are found by its txid.
 CREATE INDEX change_history_txid_id ON sync.change_history (txid, id);
+
+-- Each track of a table that was not tracked takes a new number: an entity's identity in
+-- the log, which survives renames and re-configuration, and changes on untrack/retrack and
+-- when a dropped table is replaced. Dumped with sync.tracked, so numbers never repeat.
+CREATE SEQUENCE sync.tracking_seq;
+SELECT pg_catalog.pg_extension_config_dump('sync.tracking_seq', '');
 
 -- One row per tracked table. Dumped with the database, so tracking survives a restore.
 CREATE TABLE sync.tracked (
@@ -59,7 +76,8 @@ CREATE TABLE sync.tracked (
     capture        text NOT NULL DEFAULT 'trigger' CHECK (capture IN ('trigger', 'wal')),
     columns        text[],
     schema_version integer NOT NULL DEFAULT 1,
-    tracked_at     timestamptz NOT NULL DEFAULT pg_catalog.now()
+    tracked_at     timestamptz NOT NULL DEFAULT pg_catalog.now(),
+    tracking       bigint NOT NULL DEFAULT pg_catalog.nextval('sync.tracking_seq') UNIQUE
 );
 SELECT pg_catalog.pg_extension_config_dump('sync.tracked', '');
 

@@ -81,6 +81,8 @@ pub struct Tracked {
     pub name: String,
     pub entity_code: String,
     pub schema_version: i32,
+    /// `sync.tracked.tracking` when the change is ingested.
+    pub tracking: i64,
     /// The published columns; None: all.
     pub published: Option<Vec<String>>,
     /// The primary key's columns in key order.
@@ -113,7 +115,7 @@ impl TrackedTables {
                                CROSS JOIN LATERAL unnest(i.indkey::int2[]) WITH ORDINALITY u(attnum, o)
                                 JOIN pg_catalog.pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = u.attnum
                                WHERE i.indrelid = t.relid AND i.indisprimary ORDER BY u.o),
-                        c.relowner
+                        c.relowner, t.tracking
                    FROM sync.tracked t
                    JOIN pg_catalog.pg_class c ON c.oid = t.relid
                    JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
@@ -134,6 +136,7 @@ impl TrackedTables {
                 published: r.get(5).unwrap(),
                 key: r.get(6).unwrap().unwrap_or_default(),
                 owner: r.get(7).unwrap().unwrap(),
+                tracking: r.get(8).unwrap().unwrap(),
             };
             tables.0.entry(table).or_default().push(tracked);
         }
@@ -293,6 +296,7 @@ fn ingest(client: &mut SpiClient<'_>, max_changes: i32) -> i64 {
                                     old_data: r.old_data,
                                     changed_columns: r.changed,
                                     schema_version: tracked.schema_version,
+                                    tracking: Some(tracked.tracking),
                                     client_id: None,
                                     source: "wal",
                                     lsn: None,
@@ -600,6 +604,7 @@ fn mark_slot_lost(client: &mut SpiClient<'_>, tables: &TrackedTables) -> i64 {
             old_data: None,
             changed_columns: None,
             schema_version: tracked.schema_version,
+            tracking: Some(tracked.tracking),
             client_id: None,
             source: "wal",
             lsn: None,

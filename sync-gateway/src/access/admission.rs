@@ -40,12 +40,13 @@ pub async fn readable_entity(
     let Some(role) = &user.role else {
         return Err(Refusal::NoRole(entity.code.clone()));
     };
-    let plan = match plans.cached(&entity, role) {
+    let epoch = catalog.view().epoch;
+    let plan = match plans.cached(epoch, &entity, role) {
         Some(plan) => plan,
         None => {
             let work = work.start(&user.sub).await?;
             plans
-                .get(&work.client, &entity, role)
+                .get(&work.client, epoch, &entity, role)
                 .await
                 .map_err(|e| Refusal::Failed(crate::ErrorChain(&e).to_string()))?
         }

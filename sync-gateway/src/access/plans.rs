@@ -1,11 +1,11 @@
 //! How each role may read each tracked entity, as the extension says (`sync.policy_plan`):
 //! whether it may SELECT at all, whether row-level security applies, and the compiled policy
-//! when it has a simple shape. Cached per (entity, role) until the database's policy version
-//! moves (an event trigger bumps it on CREATE/ALTER/DROP POLICY, GRANT, REVOKE and ALTER
-//! TABLE; the reader reads it with each page) or roles change (checked every few seconds).
+//! when it has a simple shape. Cached per (entity, its tracking, role) for one catalog epoch
+//! (`feed::catalog`): any change of who may read what (a policy, a grant, an owner, a role's
+//! attributes or memberships, the table re-tracked) moves the epoch and empties the cache.
 
-use super::policy::Expr;
 use crate::feed::catalog::Entity;
+use pg_sync_core::policy::Expr;
 use serde_json::Value;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -22,34 +22,39 @@ pub struct Plan {
     pub expr: Option<Expr>,
     /// A column the policy reads that is not published: row images cannot be judged.
     pub unpublished: Option<String>,
+    /// Why the role may not SELECT, as the extension says.
+    pub why: Option<String>,
 }
 
 impl Plan {
-    fn from_json(plan: &Value, entity: &Entity) -> Plan {
-        let unpublished = plan["columns"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(Value::as_str)
-            .find(|c| !entity.columns.contains(*c))
-            .map(str::to_owned);
-        let expr = plan.get("expr").filter(|e| !e.is_null()).and_then(|e| {
-            Expr::from_json(e)
-                .map_err(|why| tracing::warn!(entity = entity.code, %why, "a compiled policy did not parse"))
-                .ok()
+    fn from_json(plan: Value, entity: &Entity) -> Plan {
+        let plan: pg_sync_core::policy::Plan = serde_json::from_value(plan).unwrap_or_else(|e| {
+            tracing::warn!(entity = entity.code, error = %e, "a policy plan did not parse");
+            pg_sync_core::policy::Plan {
+                why: Some("the gateway could not read this table's policies".into()),
+                ..Default::default()
+            }
         });
+        let unpublished = plan
+            .columns
+            .into_iter()
+            .find(|c| !entity.columns.contains(c));
         Plan {
-            select: plan["select"].as_bool().unwrap_or(false),
-            rls: plan["rls"].as_bool().unwrap_or(true),
-            expr,
+            select: plan.select,
+            rls: plan.rls,
+            expr: plan.expr,
             unpublished,
+            why: plan.why.filter(|_| !plan.select),
         }
     }
 
     /// Why the role can see nothing of the entity, if so.
     pub fn refusal(&self, entity: &Entity) -> Option<String> {
         if !self.select {
-            return Some(format!("no read access to {}", entity.code));
+            return Some(match &self.why {
+                Some(why) => format!("no read access to {}: {why}", entity.code),
+                None => format!("no read access to {}", entity.code),
+            });
         }
         self.unpublished
             .as_ref()
@@ -64,62 +69,54 @@ impl Plan {
     }
 }
 
-/// The policy version and the roles' epoch that plans are of.
-type Version = (i64, u64);
+/// Plans by (entity, its tracking, role).
+type ByEntityAndRole = HashMap<(String, i64, String), Arc<Plan>>;
 
-/// Plans by (entity, role).
-type ByEntityAndRole = HashMap<(String, String), Arc<Plan>>;
-
-/// The cache.
+/// The cache, for one catalog epoch.
 #[derive(Default)]
 pub struct Plans {
-    cache: Mutex<(Version, ByEntityAndRole)>,
+    cache: Mutex<(u64, ByEntityAndRole)>,
 }
 
 impl Plans {
-    /// The plans are of `version` (the database's policy version and the roles' epoch) from
-    /// now on: older ones are dropped.
-    pub fn at_version(&self, version: Version) {
-        let mut cache = self.cache.lock().expect("plans lock");
-        if cache.0 != version {
-            *cache = (version, HashMap::new());
-        }
+    fn key(entity: &Entity, role: &str) -> (String, i64, String) {
+        (entity.code.clone(), entity.tracking, role.to_owned())
     }
 
-    /// `role`'s plan for `entity`, if cached.
-    pub fn cached(&self, entity: &Entity, role: &str) -> Option<Arc<Plan>> {
+    /// `role`'s plan for `entity` at catalog `epoch`, if cached.
+    pub fn cached(&self, epoch: u64, entity: &Entity, role: &str) -> Option<Arc<Plan>> {
         let cache = self.cache.lock().expect("plans lock");
-        cache
-            .1
-            .get(&(entity.code.clone(), role.to_owned()))
-            .cloned()
+        (cache.0 == epoch)
+            .then(|| cache.1.get(&Self::key(entity, role)).cloned())
+            .flatten()
     }
 
-    /// `role`'s plan for `entity`, read from the database when not cached.
+    /// `role`'s plan for `entity` at catalog `epoch` (the epoch of the view `entity` comes
+    /// from), read from the database when not cached. A plan read for an older epoch than the
+    /// cache's is used but not kept.
     pub async fn get(
         &self,
         client: &Client,
+        epoch: u64,
         entity: &Entity,
         role: &str,
     ) -> Result<Arc<Plan>, tokio_postgres::Error> {
-        let key = (entity.code.clone(), role.to_owned());
-        let version = {
-            let cache = self.cache.lock().expect("plans lock");
-            if let Some(plan) = cache.1.get(&key) {
-                return Ok(plan.clone());
-            }
-            cache.0
-        };
+        if let Some(plan) = self.cached(epoch, entity, role) {
+            return Ok(plan);
+        }
         let row = client
             .query_one(
                 "SELECT sync.policy_plan($1::text::regclass, $2)",
                 &[&entity.table, &role],
             )
             .await?;
-        let plan = Arc::new(Plan::from_json(&row.get::<_, Value>(0), entity));
+        let plan = Arc::new(Plan::from_json(row.get::<_, Value>(0), entity));
         let mut cache = self.cache.lock().expect("plans lock");
-        if cache.0 == version {
-            cache.1.insert(key, plan.clone());
+        if cache.0 < epoch {
+            *cache = (epoch, HashMap::new());
+        }
+        if cache.0 == epoch {
+            cache.1.insert(Self::key(entity, role), plan.clone());
         }
         Ok(plan)
     }

@@ -13,9 +13,9 @@
 //! RLS enabled.
 
 use super::auth::Claims;
+use crate::feed::catalog::{quote, Entity};
 use serde_json::Value;
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, RwLock};
 use tokio_postgres::{Client, Transaction};
 
@@ -88,11 +88,6 @@ pub struct Roles {
     configured: Vec<String>,
     /// The configured roles that are safe to act as now.
     usable: RwLock<HashSet<String>>,
-    /// Role attributes and memberships as last read (a digest), and a number bumped when it
-    /// changes: which policies apply to a role depends on them, and no event trigger sees
-    /// ALTER ROLE or GRANT of a role.
-    fingerprint: RwLock<String>,
-    epoch: AtomicU64,
     /// When the roles were last read.
     refreshed_at: Mutex<std::time::Instant>,
 }
@@ -184,14 +179,6 @@ SELECT r.rolname::text, c.why
  WHERE pg_catalog.pg_has_role($1, r.oid, 'MEMBER') AND c.bad
  ORDER BY r.rolname, c.n LIMIT 1";
 
-/// A digest of role attributes and memberships.
-const ROLES_FINGERPRINT_SQL: &str = "
-SELECT pg_catalog.md5(
-         (SELECT coalesce(string_agg(roleid || ':' || member, ',' ORDER BY roleid, member), '')
-            FROM pg_catalog.pg_auth_members)
-      || (SELECT string_agg(oid || ':' || rolsuper || rolbypassrls || rolinherit, ',' ORDER BY oid)
-            FROM pg_catalog.pg_roles))";
-
 impl Roles {
     /// Checks the login role, the authenticator (None: users' queries run on the login
     /// role) and the configured roles: an error refuses to start.
@@ -243,8 +230,6 @@ impl Roles {
             default,
             configured,
             usable: RwLock::default(),
-            fingerprint: RwLock::default(),
-            epoch: AtomicU64::new(0),
             refreshed_at: Mutex::new(std::time::Instant::now()),
         };
         roles.refresh(client).await?;
@@ -255,7 +240,8 @@ impl Roles {
         Ok(roles)
     }
 
-    /// Reads again which configured roles are safe to act as, and whether roles changed.
+    /// Reads again which configured roles are safe to act as. (Whether what they may read
+    /// changed is the catalog's access fingerprint.)
     pub async fn refresh(&self, client: &Client) -> Result<(), tokio_postgres::Error> {
         let rows = client
             .query(USABLE_ROLES_SQL, &[&self.configured, &self.authenticator])
@@ -270,12 +256,6 @@ impl Roles {
         }
         *self.usable.write().expect("roles lock") = usable;
         *self.refreshed_at.lock().expect("roles lock") = std::time::Instant::now();
-        let fingerprint: String = client.query_one(ROLES_FINGERPRINT_SQL, &[]).await?.get(0);
-        let mut known = self.fingerprint.write().expect("roles lock");
-        if *known != fingerprint {
-            *known = fingerprint;
-            self.epoch.fetch_add(1, Ordering::SeqCst);
-        }
         Ok(())
     }
 
@@ -289,11 +269,6 @@ impl Roles {
                 usable.clear();
             }
         }
-    }
-
-    /// A number that changes when role attributes or memberships did.
-    pub fn epoch(&self) -> u64 {
-        self.epoch.load(Ordering::SeqCst)
     }
 
     /// Whom a token's holder acts as: its `role` claim, which must be allowed, else the
@@ -345,4 +320,39 @@ pub async fn act_as(tx: &Transaction<'_>, user: &UserContext) -> Result<(), toki
     )
     .await?;
     Ok(())
+}
+
+/// Locks `entity`'s table in `mode` as `user`'s role (so its privileges decide, as for the
+/// query that follows), as the first statements of `tx`: before its snapshot is taken, so
+/// that no ALTER, re-track or replacement of the table can commit between the snapshot and
+/// the query, and `Entity::check_sql` then tells whether the entity is still the one the
+/// query was built for. Runs no code of the table's owner.
+pub async fn lock_as(
+    tx: &Transaction<'_>,
+    user: &UserContext,
+    entity: &Entity,
+    mode: LockMode,
+) -> Result<(), tokio_postgres::Error> {
+    let role = user
+        .role
+        .as_deref()
+        .expect("users without a role act as nobody");
+    let mode = match mode {
+        LockMode::Read => "ACCESS SHARE",
+        LockMode::Write => "ROW EXCLUSIVE",
+    };
+    // SET and LOCK take no snapshot; the role is an allowed role's name, quoted.
+    tx.batch_execute(&format!(
+        "SET LOCAL ROLE {}; LOCK TABLE {} IN {mode} MODE; RESET ROLE",
+        quote(role),
+        entity.table
+    ))
+    .await
+}
+
+/// How `lock_as` locks a table: as a query reading it, or one writing it.
+#[derive(Clone, Copy, Debug)]
+pub enum LockMode {
+    Read,
+    Write,
 }

@@ -8,8 +8,8 @@
 //! answering pings, it keeps sending bad messages (1008), or the gateway stops (1001). Its
 //! subscriptions go with it.
 
+use super::command::{Command, ConnId, Connection, SubscribeRequest};
 use super::queue::{self, Queue};
-use super::router::{Command, ConnId, Connection, SubscribeRequest};
 use crate::access::admission::{readable_entity, Refusal};
 use crate::access::auth::Claims;
 use crate::access::limits::Held;
@@ -279,6 +279,25 @@ impl Session {
                 self.command(Command::UnsubscribeAll(self.id)).await;
             }
             ClientMessage::Ping => self.reply(ServerMessage::Pong).await,
+            ClientMessage::Await(a) => match Cursor::from_client(&a.cursor) {
+                Ok(cursor) => {
+                    self.command(Command::Await {
+                        conn: self.id,
+                        cursor,
+                        reference: a.reference,
+                    })
+                    .await
+                }
+                Err(e) => {
+                    let message = format!("cursor: {e}");
+                    self.reply(ServerMessage::error(
+                        ErrorCode::BadRequest,
+                        message,
+                        a.reference,
+                    ))
+                    .await
+                }
+            },
             ClientMessage::Auth(auth) => match self.state.verifier.verify(&auth.token) {
                 Ok(claims) if claims.sub == self.claims.sub => match self.state.roles.user(&claims)
                 {

@@ -1,7 +1,9 @@
 //! The messages for one connection, built change by change and serialized at the end.
 //!
 //! A message holds a run of consecutive changes of one entity (at most 256); its cursor is
-//! the position after its last change. Runs are kept as (change, action) until delivery, and
+//! the position after its last change. The run that carries the last change of a database
+//! transaction (of what this connection receives) ends there and says so (`txEnd`), so that
+//! a client can apply whole transactions. Runs are kept as (change, action) until delivery, and
 //! runs that are the same for many connections (every whole-table subscriber of a batch, say)
 //! are serialized once and their text shared: with 10,000 subscribers, serializing per
 //! connection was the gateway's bottleneck.
@@ -21,23 +23,28 @@ enum Part {
     Run {
         shape: Shape,
         changes: Vec<(Arc<Change>, Action)>,
+        tx_end: bool,
     },
 }
 
 /// Serialized runs of one batch, by what they hold.
-pub type RunCache = HashMap<(Shape, Vec<(i64, Action)>), Utf8Bytes>;
+pub type RunCache = HashMap<(Shape, Vec<(i64, Action)>, bool), Utf8Bytes>;
 
 #[derive(Default)]
 pub struct Outbox {
     parts: Vec<Part>,
+    /// A change was pushed since the last transaction's end.
+    in_transaction: bool,
 }
 
 impl Outbox {
     /// Adds a change, extending the last run when it is of the same entity and shape.
     pub fn push(&mut self, shape: &Shape, change: &Arc<Change>, action: Action) {
+        self.in_transaction = true;
         if let Some(Part::Run {
             shape: last,
             changes,
+            tx_end: false,
         }) = self.parts.last_mut()
         {
             if last == shape
@@ -51,7 +58,27 @@ impl Outbox {
         self.parts.push(Part::Run {
             shape: shape.clone(),
             changes: vec![(change.clone(), action)],
+            tx_end: false,
         });
+    }
+
+    /// A database transaction ended: the last run pushed since the previous end says so.
+    pub fn end_transaction(&mut self) {
+        if !std::mem::take(&mut self.in_transaction) {
+            return;
+        }
+        let last_run = self.parts.iter_mut().rev().find_map(|part| match part {
+            Part::Run { tx_end, .. } => Some(tx_end),
+            Part::Message(_) => None,
+        });
+        if let Some(tx_end) = last_run {
+            *tx_end = true;
+        }
+    }
+
+    /// Whether nothing was pushed or added.
+    pub fn is_empty(&self) -> bool {
+        self.parts.is_empty()
     }
 
     pub fn resync(&mut self, entity_code: &str, reason: ResyncReason) {
@@ -71,12 +98,20 @@ impl Outbox {
             .into_iter()
             .map(|part| match part {
                 Part::Message(message) => message.to_json().into(),
-                Part::Run { shape, changes } => {
-                    let key = (shape, changes.iter().map(|(c, a)| (c.id, *a)).collect());
+                Part::Run {
+                    shape,
+                    changes,
+                    tx_end,
+                } => {
+                    let key = (
+                        shape,
+                        changes.iter().map(|(c, a)| (c.id, *a)).collect(),
+                        tx_end,
+                    );
                     if let Some(text) = cache.get(&key) {
                         return text.clone();
                     }
-                    let text: Utf8Bytes = run_message(&key.0, &changes).to_json().into();
+                    let text: Utf8Bytes = run_message(&key.0, &changes, tx_end).to_json().into();
                     cache.insert(key, text.clone());
                     text
                 }
@@ -85,7 +120,7 @@ impl Outbox {
     }
 }
 
-fn run_message(shape: &Shape, changes: &[(Arc<Change>, Action)]) -> ServerMessage {
+fn run_message(shape: &Shape, changes: &[(Arc<Change>, Action)], tx_end: bool) -> ServerMessage {
     let last = &changes[changes.len() - 1].0;
     let (entity_code, timestamp, cursor) = (
         last.entity_code.clone(),
@@ -99,12 +134,14 @@ fn run_message(shape: &Shape, changes: &[(Arc<Change>, Action)]) -> ServerMessag
             changes,
             timestamp,
             cursor,
+            tx_end,
         },
         Mode::Invalidate => ServerMessage::Invalidate {
             entity_code,
             changes,
             timestamp,
             cursor,
+            tx_end,
         },
     }
 }

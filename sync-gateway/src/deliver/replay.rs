@@ -9,15 +9,13 @@
 //! replays cap (in total and per user) while it runs, so that neither subscribing and
 //! unsubscribing in a loop nor many connections multiply the replays' memory.
 
-use super::router::{ReplayEvent, ReplayStart};
+use super::command::{ReplayEvent, ReplayItem, ReplayStart};
+use crate::access::judge::{Db, Judge, JudgeError, Listeners};
 use crate::access::limits::{Busy, Cap, ClientWork};
 use crate::access::plans::Plans;
-use crate::access::visibility::{ChangeSight, Judge, Listeners};
 use crate::feed::catalog::Catalog;
 use crate::feed::log::{read_page, ReadError};
-use crate::model::change::Change;
 use crate::model::protocol::{ErrorCode, ResyncReason, ServerMessage};
-use crate::model::subscription::Sight;
 use std::sync::Arc;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -44,6 +42,8 @@ enum ReplayError {
     Read(#[from] ReadError),
     #[error(transparent)]
     Busy(#[from] Busy),
+    #[error(transparent)]
+    Judge(#[from] JudgeError),
     #[error("the connection is gone")]
     Gone,
     #[error("{0}")]
@@ -127,7 +127,7 @@ impl Replayer {
                 let event = ReplayEvent::Page {
                     conn: start.conn,
                     sub: start.sub,
-                    changes: part.to_vec(),
+                    items: part.to_vec(),
                 };
                 self.events
                     .send(event)
@@ -147,10 +147,10 @@ impl Replayer {
     async fn read(
         self: Arc<Self>,
         start: ReplayStart,
-        pages: mpsc::Sender<Result<Judged, ReplayError>>,
+        pages: mpsc::Sender<Result<Vec<ReplayItem>, ReplayError>>,
     ) {
         let code = &start.subscription.entity_code;
-        let listeners = Listeners::new(0, [(start.group, start.user.clone())]);
+        let mut listeners = Arc::new(Listeners::alone(start.user.clone(), start.group));
         let mut judge = Judge::default();
         let mut cursor = start.since.clone();
         loop {
@@ -158,50 +158,56 @@ impl Replayer {
                 let mut work = self.work.start(&start.user.sub).await?;
                 let page =
                     read_page(&mut work.client, Some(&cursor), PAGE, Some(&start.until)).await?;
-                let mine: Vec<&Change> = page
-                    .changes
-                    .iter()
-                    .filter(|c| &c.entity_code == code)
-                    .collect();
-                let sights = if mine.is_empty() {
-                    None
-                } else {
-                    let entity = self.catalog.cached(code).ok_or_else(|| {
-                        ReplayError::Forbidden(format!("{code} is no longer tracked"))
-                    })?;
-                    let judged = judge
-                        .entity(&work.client, &self.plans, &entity, &listeners, &mine)
-                        .await;
-                    if let Some((_, why)) = judged.refused.into_iter().next() {
-                        return Err(ReplayError::Forbidden(why));
+                // The subscription's entity only, and where the page's transactions end.
+                let mut items = Vec::new();
+                let mut mine = Vec::new();
+                for change in page.changes {
+                    let tx_end = change.tx_end;
+                    if &change.entity_code == code {
+                        mine.push(Arc::new(change));
+                        items.push(None);
                     }
-                    judged.sights
-                };
-                let judged: Judged = mine
-                    .iter()
-                    .enumerate()
-                    .map(|(i, c)| {
-                        let sight = sights.as_ref().map(|s| &s[i]);
-                        (Arc::new((*c).clone()), ChangeSight::of(sight, start.group))
+                    if tx_end && !matches!(items.last(), Some(Some(ReplayItem::TxEnd))) {
+                        items.push(Some(ReplayItem::TxEnd));
+                    }
+                }
+                let judged = judge
+                    .page(
+                        &self.catalog,
+                        &self.plans,
+                        &mut Db::Held(&work.client),
+                        page.access_serial,
+                        mine,
+                        &mut listeners,
+                    )
+                    .await?;
+                if let Some((_, _, why)) = judged.refused.into_iter().next() {
+                    return Err(ReplayError::Forbidden(why));
+                }
+                let mut judged = judged.changes.into_iter().zip(judged.verdicts);
+                let items: Vec<ReplayItem> = items
+                    .into_iter()
+                    .map(|item| {
+                        item.unwrap_or_else(|| {
+                            let (change, verdict) = judged.next().expect("one per change");
+                            ReplayItem::Change(change, verdict)
+                        })
                     })
                     .collect();
-                Ok((judged, page.end, page.more))
+                Ok((items, page.end, page.more))
             }
             .await;
-            let (judged, end, more) = match page {
+            let (items, end, more) = match page {
                 Ok(page) => page,
                 Err(e) => {
                     let _ = pages.send(Err(e)).await;
                     return;
                 }
             };
-            if pages.send(Ok(judged)).await.is_err() || !more {
+            if pages.send(Ok(items)).await.is_err() || !more {
                 return;
             }
             cursor = end;
         }
     }
 }
-
-/// A page's changes of the subscription's entity, with what the subscriber may see of each.
-type Judged = Vec<(Arc<Change>, Sight)>;

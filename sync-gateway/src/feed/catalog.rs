@@ -1,6 +1,12 @@
 //! What the gateway knows about tracked entities: their table, primary key and published
-//! columns (for filters, `columns`, snapshots and writes) and whether row-level security is
-//! on. Read from `sync.tracked` and the catalog, refreshed every few seconds and when a
+//! columns (for filters, `columns`, snapshots and writes), their tracking and whether
+//! row-level security is on; and the access fingerprint (`sync.access_fingerprint`) they were
+//! read with, whose every change gives the catalog a new `epoch` (policy plans are cached per
+//! epoch, `access::plans`).
+//!
+//! Read again when a page of the log shows a newer access event than the catalog was read
+//! with (`observe`: a GRANT, a policy, an ALTER TABLE, a track or untrack), at every poll of
+//! the reader (`refresh_if_older`: what no event trigger sees, such as ALTER ROLE), and when a
 //! client names an entity not seen yet.
 //!
 //! Every identifier that reaches SQL built by the gateway comes from here, quoted here.
@@ -9,9 +15,8 @@ use deadpool_postgres::Pool;
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
+use tokio_postgres::IsolationLevel;
 
-/// How stale the cached entities may get.
-const REFRESH: Duration = Duration::from_secs(2);
 /// How often a name not in the catalog may make it read again.
 const MISS_INTERVAL: Duration = Duration::from_millis(250);
 
@@ -30,9 +35,12 @@ pub struct Entity {
     pub allow_listed: bool,
     /// Row-level security is enabled on the table.
     pub rls: bool,
-    /// `sync.tracked.schema_version`: a change captured under a newer one means the table
-    /// was altered since this was read (ENABLE ROW LEVEL SECURITY is an ALTER TABLE too).
+    /// `sync.tracked.schema_version`: bumped by every ALTER TABLE of it.
     pub schema_version: i32,
+    /// `sync.tracked.tracking`: the entity's identity in the log; a change written under
+    /// another tracking is another table's (or an earlier tracking's) and is never judged as
+    /// this one's.
+    pub tracking: i64,
 }
 
 impl Entity {
@@ -58,6 +66,22 @@ impl Entity {
             })
             .collect();
         parts.join(" OPERATOR(pg_catalog.||) ")
+    }
+
+    /// A call raising SQLSTATE SY412 unless the table is still this entity (its tracking and
+    /// schema version), with `$n` to `$n+2` its `identity()`: run after `lock_as` locked the
+    /// table, before the query built from this entity reads or writes it.
+    pub fn check_sql(n: usize) -> String {
+        format!(
+            "sync._entity_is(${n}::text::regclass, ${}, ${})",
+            n + 1,
+            n + 2
+        )
+    }
+
+    /// The parameters of `check_sql`.
+    pub fn identity(&self) -> [&(dyn tokio_postgres::types::ToSql + Sync); 3] {
+        [&self.table, &self.tracking, &self.schema_version]
     }
 
     /// SQL for the log's `entity_id` of row `t`: the key's text, or for a composite key the
@@ -107,14 +131,42 @@ pub fn quote(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
 }
 
-/// Tracked entities by code.
-type Entities = Arc<HashMap<String, Arc<Entity>>>;
+/// The tracked entities as read at one access fingerprint.
+pub struct View {
+    pub entities: HashMap<String, Arc<Entity>>,
+    /// The newest access event visible when this was read.
+    pub serial: i64,
+    pub fingerprint: String,
+    /// Bumped whenever the fingerprint changes: what was decided at another epoch (a policy
+    /// plan, a judgement) may be wrong now.
+    pub epoch: u64,
+    loaded_at: Instant,
+}
+
+impl View {
+    /// The entities of `older` that this view no longer has as they were: untracked, or
+    /// tracked again (another table, or the same one after an untrack). Their subscribers'
+    /// copies hold another table's rows.
+    pub fn replaced_since(&self, older: &View) -> Vec<String> {
+        let mut codes: Vec<String> = older
+            .entities
+            .iter()
+            .filter(|(code, was)| {
+                self.entities
+                    .get(*code)
+                    .is_none_or(|now| now.tracking != was.tracking)
+            })
+            .map(|(code, _)| code.clone())
+            .collect();
+        codes.sort();
+        codes
+    }
+}
 
 pub struct Catalog {
     pool: Pool,
-    /// When the entities were read, and what was read.
-    entities: RwLock<(Instant, Entities)>,
-    /// Held while re-reading, so that concurrent misses share one read.
+    view: RwLock<Arc<View>>,
+    /// Held while re-reading, so that concurrent reasons to read share one read.
     reloading: tokio::sync::Mutex<()>,
 }
 
@@ -130,46 +182,55 @@ SELECT t.entity_code, c.relrowsecurity, n.nspname::text, c.relname::text, t.sche
        ARRAY(SELECT a.attname::text FROM pg_catalog.pg_attribute a
               WHERE a.attrelid = t.relid AND a.attnum > 0 AND NOT a.attisdropped
                 AND (t.columns IS NULL OR a.attname = ANY (t.columns) OR a.attnum = ANY (k.indkey::int2[]))),
-       t.columns IS NOT NULL
+       t.columns IS NOT NULL, t.tracking
   FROM sync.tracked t
   JOIN pg_catalog.pg_class c ON c.oid = t.relid
   JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
   JOIN pg_catalog.pg_index k ON k.indrelid = t.relid AND k.indisprimary";
 
+const ACCESS_SQL: &str = "SELECT sync.access_serial(), sync.access_fingerprint()";
+
 impl Catalog {
     pub fn new(pool: Pool) -> Self {
-        let stale = Instant::now() - REFRESH * 2;
+        let empty = View {
+            entities: HashMap::new(),
+            serial: -1,
+            fingerprint: String::new(),
+            epoch: 0,
+            loaded_at: Instant::now() - MISS_INTERVAL * 2,
+        };
         Catalog {
             pool,
-            entities: RwLock::new((stale, Arc::new(HashMap::new()))),
+            view: RwLock::new(Arc::new(empty)),
             reloading: tokio::sync::Mutex::new(()),
         }
     }
 
-    /// Re-reads the entities every few seconds, so that routing (which uses `cached`) sees
-    /// row-level security switched on or off and tables tracked or altered.
-    pub async fn refresh(self: Arc<Self>, shutdown: tokio_util::sync::CancellationToken) {
-        let mut tick = tokio::time::interval(REFRESH);
-        loop {
-            tokio::select! {
-                _ = tick.tick() => {
-                    if let Err(e) = self.reload().await {
-                        tracing::warn!(error = %crate::ErrorChain(&e), "reading tracked entities failed");
-                    }
-                }
-                _ = shutdown.cancelled() => return,
-            }
-        }
+    /// The catalog as last read.
+    pub fn view(&self) -> Arc<View> {
+        self.view.read().expect("catalog lock").clone()
     }
 
     /// The entity named `code` as last read, without going to the database.
     pub fn cached(&self, code: &str) -> Option<Arc<Entity>> {
-        self.entities
-            .read()
-            .expect("catalog lock")
-            .1
-            .get(code)
-            .cloned()
+        self.view().entities.get(code).cloned()
+    }
+
+    /// The catalog as of at least access event `serial` (read again when it is older).
+    pub async fn observe(&self, serial: i64) -> Result<Arc<View>, CatalogError> {
+        self.reload_unless(|view| view.serial >= serial).await
+    }
+
+    /// The catalog read again if it is older than `age` (for what no event trigger sees).
+    pub async fn refresh_if_older(&self, age: Duration) -> Result<Arc<View>, CatalogError> {
+        self.reload_unless(|view| view.loaded_at.elapsed() < age)
+            .await
+    }
+
+    /// The catalog read again now (a query found the table changed under it).
+    pub async fn reload(&self) -> Result<Arc<View>, CatalogError> {
+        let asked = Instant::now();
+        self.reload_unless(|view| view.loaded_at > asked).await
     }
 
     /// The entity named `code`, if it is tracked. Clients name entities: an unknown name
@@ -177,43 +238,47 @@ impl Catalog {
     /// are at least `MISS_INTERVAL` apart and shared by every miss waiting for them, so that
     /// names made up in a flood cost the feed's pool one read per interval.
     pub async fn entity(&self, code: &str) -> Result<Option<Arc<Entity>>, CatalogError> {
-        let (loaded_at, entities) = self.entities.read().expect("catalog lock").clone();
-        if let Some(entity) = entities.get(code).filter(|_| loaded_at.elapsed() < REFRESH) {
+        let view = self.view();
+        if let Some(entity) = view.entities.get(code) {
             return Ok(Some(entity.clone()));
         }
-        tokio::time::sleep_until((loaded_at + MISS_INTERVAL).into()).await;
-        // Unknown (perhaps tracked a moment ago) or stale: read again, unless another caller
-        // did while this one waited for the lock.
+        tokio::time::sleep_until((view.loaded_at + MISS_INTERVAL).into()).await;
+        let seen = view.loaded_at;
+        Ok(self
+            .reload_unless(|now| now.loaded_at > seen)
+            .await?
+            .entities
+            .get(code)
+            .cloned())
+    }
+
+    /// Reads the catalog again unless `fresh` says the one held will do (checked again once
+    /// the reading lock is held, so that waiters share the read made meanwhile).
+    async fn reload_unless(
+        &self,
+        fresh: impl Fn(&View) -> bool,
+    ) -> Result<Arc<View>, CatalogError> {
+        let view = self.view();
+        if fresh(&view) {
+            return Ok(view);
+        }
         let _reloading = self.reloading.lock().await;
-        let (now_loaded_at, entities) = self.entities.read().expect("catalog lock").clone();
-        if now_loaded_at > loaded_at {
-            return Ok(entities.get(code).cloned());
+        let view = self.view();
+        if fresh(&view) {
+            return Ok(view);
         }
-        Ok(self.reload().await?.get(code).cloned())
-    }
-
-    /// Reads the entities again now, unless a change's schema version shows nothing is new.
-    pub async fn refresh_for(&self, code: &str, schema_version: i32) {
-        if self
-            .cached(code)
-            .is_some_and(|e| e.schema_version < schema_version)
-        {
-            let _reloading = self.reloading.lock().await;
-            if self
-                .cached(code)
-                .is_some_and(|e| e.schema_version < schema_version)
-            {
-                if let Err(e) = self.reload().await {
-                    tracing::warn!(error = %crate::ErrorChain(&e), "reading tracked entities failed");
-                }
-            }
-        }
-    }
-
-    async fn reload(&self) -> Result<Entities, CatalogError> {
-        let client = self.pool.get().await?;
-        let rows = client.query(ENTITIES_SQL, &[]).await?;
-        let entities: HashMap<String, Arc<Entity>> = rows
+        let mut client = self.pool.get().await?;
+        let tx = client
+            .build_transaction()
+            .isolation_level(IsolationLevel::RepeatableRead)
+            .read_only(true)
+            .start()
+            .await?;
+        let (access, rows) =
+            tokio::join!(tx.query_one(ACCESS_SQL, &[]), tx.query(ENTITIES_SQL, &[]));
+        let (access, rows) = (access?, rows?);
+        tx.commit().await?;
+        let entities = rows
             .iter()
             .map(|r| {
                 let code: String = r.get(0);
@@ -228,14 +293,28 @@ impl Catalog {
                     columns: columns.into_iter().collect(),
                     allow_listed: r.get(8),
                     schema_version: r.get(4),
+                    tracking: r.get(9),
                 };
                 (code, Arc::new(entity))
             })
             .collect();
-        let entities = Arc::new(entities);
-        *self.entities.write().expect("catalog lock") = (Instant::now(), entities.clone());
-        Ok(entities)
+        let fingerprint: String = access.get(1);
+        let epoch = view.epoch + u64::from(fingerprint != view.fingerprint);
+        let fresh = Arc::new(View {
+            entities,
+            serial: access.get(0),
+            fingerprint,
+            epoch,
+            loaded_at: Instant::now(),
+        });
+        *self.view.write().expect("catalog lock") = fresh.clone();
+        Ok(fresh)
     }
+}
+
+/// Whether `error` is `Entity::check_sql` finding the entity changed.
+pub fn entity_changed(error: &tokio_postgres::Error) -> bool {
+    error.code().is_some_and(|c| c.code() == "SY412")
 }
 
 #[derive(Debug, thiserror::Error)]

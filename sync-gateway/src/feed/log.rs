@@ -1,8 +1,9 @@
 //! Reading pg_sync's change log: one page of `sync.changes_since` in one REPEATABLE READ
-//! transaction, with the transaction's own cursor and the database's policy version read at
-//! the same snapshot (pipelined, one round trip), so that when the page ends the log, that
-//! cursor is where the next read starts (an idle reader's cursor keeps moving and never
-//! expires).
+//! transaction, with the transaction's own cursor and the newest access event read at the
+//! same snapshot (pipelined, one round trip), so that when the page ends the log, that cursor
+//! is where the next read starts (an idle reader's cursor keeps moving and never expires),
+//! and the page is never judged by who could read what before an access change it follows
+//! (`feed::catalog`).
 
 use crate::model::change::{Change, Op};
 use crate::model::cursor::Cursor;
@@ -18,8 +19,9 @@ pub struct Page {
     pub end: Cursor,
     /// Whether more changes may follow right away.
     pub more: bool,
-    /// `sync.state.policy_version` at the page's snapshot.
-    pub policy_version: i64,
+    /// The newest `sync.access_event` in the page's snapshot: judging it needs the catalog
+    /// and plans of at least that access change.
+    pub access_serial: i64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -52,10 +54,11 @@ impl ReadError {
 
 const PAGE_SQL: &str = "
 SELECT id, entity_code, op, entity_id, data, old_data, changed_columns, client_id, schema_version,
-       to_char(captured_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"'), cursor
+       to_char(captured_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"'), cursor,
+       tracking, tx_end
   FROM sync.changes_since($1, $2, $3)";
 
-const STATE_SQL: &str = "SELECT sync.current_cursor(), policy_version FROM sync.state";
+const STATE_SQL: &str = "SELECT sync.current_cursor(), sync.access_serial()";
 
 /// Reads up to `limit` changes after `since` (None: from the oldest retained), not beyond
 /// `until` when given.
@@ -96,6 +99,8 @@ pub async fn read_page(
             schema_version: r.get(8),
             captured_at: r.get(9),
             cursor: Cursor::from_db(r.get(10)),
+            tracking: r.get(11),
+            tx_end: r.get(12),
         })
         .collect();
     let more = changes.len() >= limit as usize;
@@ -109,7 +114,7 @@ pub async fn read_page(
         changes,
         end,
         more,
-        policy_version: state.get(1),
+        access_serial: state.get(1),
     })
 }
 

@@ -1,17 +1,17 @@
 //! The change reader: once per gateway, not per connection. A wake-up (`listen`), or the
 //! poll interval when none comes, starts a read that pages through the log from the
 //! gateway's position and hands each page to the visibility stage. Wake-ups arriving during
-//! a read coalesce into one more read. Before a page goes on, the catalog is read again for
-//! an entity whose changes carry a newer schema version (a table altered, RLS switched on),
-//! so every later stage judges the page by the table as it was when written.
+//! a read coalesce into one more read. Each poll also reads the access fingerprint again
+//! when the catalog is older than the poll interval (`Catalog::refresh_if_older`), so that
+//! what no event trigger sees (ALTER ROLE, GRANT of a role) reaches the stage within it: a
+//! new catalog epoch is handed on as a batch too, even with no change.
 
 use super::catalog::Catalog;
 use super::log::{current_cursor, read_page, ReadError};
-use crate::access::visibility::RawBatch;
 use crate::backoff::Backoff;
+use crate::model::change::Change;
 use crate::model::cursor::Cursor;
 use deadpool_postgres::Pool;
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -21,9 +21,22 @@ use tokio_util::sync::CancellationToken;
 /// Changes read per query.
 const PAGE: i32 = 1000;
 
+/// A page of the log as the reader read it.
+pub struct Batch {
+    pub changes: Vec<Change>,
+    pub end: Cursor,
+    /// The read reached the end of the log: `end` is a batch boundary, what a replay can
+    /// read up to. A full page ends inside a batch instead.
+    pub complete: bool,
+    /// The newest access event in the page's snapshot.
+    pub access_serial: i64,
+    /// When the read returned: the gateway's own share of a change's lag starts here.
+    pub read_at: tokio::time::Instant,
+}
+
 /// What the reader hands on.
 pub enum Feed {
-    Batch(RawBatch),
+    Batch(Batch),
     /// The reader lost its place (its cursor expired) and starts again here: everyone
     /// resynchronises.
     Reset(Cursor),
@@ -54,19 +67,22 @@ impl Reader {
             }
         };
         // The live stream starts here: subscriptions without `since` begin at this position.
-        let start = RawBatch {
+        let start = Batch {
             changes: vec![],
             end: position.clone(),
             complete: true,
-            policy_version: 0,
+            access_serial: 0,
             read_at: tokio::time::Instant::now(),
         };
         if self.next.send(Feed::Batch(start)).await.is_err() {
             return;
         }
-        let mut policy_version = 0;
+        let mut epoch = self.catalog.view().epoch;
         loop {
-            match self.drain(&mut position, &mut policy_version).await {
+            if let Err(e) = self.catalog.refresh_if_older(self.poll_interval).await {
+                tracing::warn!(error = %crate::ErrorChain(&e), "reading who may read what failed");
+            }
+            match self.drain(&mut position, &mut epoch).await {
                 Ok(()) => {
                     self.ready.store(true, Ordering::SeqCst);
                     backoff = Backoff::default();
@@ -101,28 +117,25 @@ impl Reader {
     }
 
     /// Reads pages until the log is drained, handing each on (also an empty one whose
-    /// position or policy version moved).
-    async fn drain(
-        &self,
-        position: &mut Cursor,
-        policy_version: &mut i64,
-    ) -> Result<(), ReadError> {
+    /// position or catalog epoch moved).
+    async fn drain(&self, position: &mut Cursor, epoch: &mut u64) -> Result<(), ReadError> {
         let mut client = self.pool.get().await?;
         loop {
             let page = read_page(&mut client, Some(position), PAGE, None).await?;
             let read_at = tokio::time::Instant::now();
+            let now = self.catalog.view().epoch;
             let moved = !page.changes.is_empty()
                 || page.end != *position
-                || page.policy_version != *policy_version;
+                || now != *epoch
+                || page.access_serial > self.catalog.view().serial;
             if moved {
                 *position = page.end.clone();
-                *policy_version = page.policy_version;
-                self.refresh_catalog(&page.changes).await;
-                let batch = RawBatch {
+                *epoch = now;
+                let batch = Batch {
                     changes: page.changes,
                     end: page.end,
                     complete: !page.more,
-                    policy_version: page.policy_version,
+                    access_serial: page.access_serial,
                     read_at,
                 };
                 if self.next.send(Feed::Batch(batch)).await.is_err() {
@@ -132,17 +145,6 @@ impl Reader {
             if !page.more {
                 return Ok(());
             }
-        }
-    }
-
-    async fn refresh_catalog(&self, changes: &[crate::model::change::Change]) {
-        let mut newest: HashMap<&str, i32> = HashMap::new();
-        for c in changes {
-            let v = newest.entry(&c.entity_code).or_insert(c.schema_version);
-            *v = (*v).max(c.schema_version);
-        }
-        for (code, version) in newest {
-            self.catalog.refresh_for(code, version).await;
         }
     }
 }

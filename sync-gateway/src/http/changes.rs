@@ -1,6 +1,7 @@
 //! `GET /v1/changes?since=…[&limit=1000][&entityCode=…][&wait=25][&clientId=…]`: the log for
-//! clients without sockets, judged as the socket judges it (`model::subscription::judge` for
-//! a whole-entity DELTA subscription, row-level security by `access::visibility::Judge`).
+//! clients without sockets, judged as the socket judges it (`access::judge`, for a
+//! whole-entity DELTA subscription): a refusal is 403 as for a snapshot, a change of a
+//! replaced entity an item `{"action": "RESYNC", "reason": "entity_changed"}`.
 //! `wait` long-polls: with nothing new, the request waits for the gateway's own "log moved"
 //! signal (the router's position) holding no database connection, then reads again. A cursor
 //! the database has not reached is refused at once. The request's place under the long-poll
@@ -9,14 +10,12 @@
 
 use super::error::ApiError;
 use super::extract::{check_client_id, Authenticated};
+use crate::access::judge::{decide, Db, Judge, Listeners, Subscriber};
 use crate::access::limits::Held;
-use crate::access::plans::Plan;
-use crate::access::visibility::{ChangeSight, Judge, Listeners};
 use crate::feed::log::{read_page, Page, ReadError};
-use crate::model::change::Change;
 use crate::model::cursor::Cursor;
-use crate::model::protocol::Mode;
-use crate::model::subscription::{judge, Judgement, Shape, Target};
+use crate::model::protocol::{Mode, ResyncReason};
+use crate::model::subscription::{Judgement, Shape, Target};
 use crate::AppState;
 use axum::body::Body;
 use axum::extract::{Query, State};
@@ -25,7 +24,6 @@ use axum::response::{IntoResponse, Response};
 use futures_util::StreamExt;
 use serde::Deserialize;
 use serde_json::{json, Value};
-use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -75,8 +73,8 @@ pub async fn changes(
     let place = state.caps.long_polls.take(&user.sub)?;
     let deadline = tokio::time::Instant::now() + wait;
     let mut moved = state.position.clone();
-    let group = Listeners::new(0, [(0, Arc::new(user.clone()))]);
-    let mut judge_rows = Judge::default();
+    let mut group = Arc::new(Listeners::alone(Arc::new(user.clone()), 0));
+    let mut judge = Judge::default();
     let mut cursor = since;
     let mut first = true;
     loop {
@@ -95,19 +93,20 @@ pub async fn changes(
             ));
         }
         first = false;
+        let (end, more) = (page.end.clone(), page.more);
         let out = render(
             &state,
             &user,
             &params,
-            &group,
-            &mut judge_rows,
+            &mut group,
+            &mut judge,
             &work.client,
-            &page,
+            page,
         )
         .await?;
         drop(work);
-        cursor = page.end.clone();
-        if !out.is_empty() || page.more || tokio::time::Instant::now() >= deadline {
+        cursor = end;
+        if !out.is_empty() || more || tokio::time::Instant::now() >= deadline {
             return Ok(answer(json!({"changes": out, "cursor": cursor}), place));
         }
         // Nothing yet: wait for the live stream to move on, or for the time to run out.
@@ -134,74 +133,61 @@ async fn render(
     state: &AppState,
     user: &crate::access::roles::UserContext,
     params: &Params,
-    group: &Listeners,
-    judge_rows: &mut Judge,
+    group: &mut Arc<Listeners>,
+    judge: &mut Judge,
     client: &tokio_postgres::Client,
-    page: &Page,
+    page: Page,
 ) -> Result<Vec<Value>, ApiError> {
-    let role = user.role.as_deref().expect("with_role");
-    let mut by_entity: BTreeMap<&str, Vec<&Change>> = BTreeMap::new();
-    for change in &page.changes {
-        if params
-            .entity_code
-            .as_ref()
-            .is_none_or(|e| *e == change.entity_code)
-        {
-            by_entity
-                .entry(change.entity_code.as_str())
-                .or_default()
-                .push(change);
-        }
+    let changes = page
+        .changes
+        .into_iter()
+        .filter(|c| {
+            params
+                .entity_code
+                .as_ref()
+                .is_none_or(|e| *e == c.entity_code)
+        })
+        .map(Arc::new)
+        .collect();
+    let judged = judge
+        .page(
+            &state.catalog,
+            &state.plans,
+            &mut Db::Held(client),
+            page.access_serial,
+            changes,
+            group,
+        )
+        .await
+        .map_err(ApiError::internal)?;
+    if let Some((_, _, why)) = judged.refused.into_iter().next() {
+        return Err(ApiError::forbidden(why));
     }
-    // Per change id: what the user may see of it; changes of entities it may not read at all
-    // are left out.
-    let mut sights: HashMap<i64, Option<ChangeSight>> = HashMap::new();
-    for (code, changes) in by_entity {
-        let Some(entity) = state.catalog.cached(code) else {
-            continue;
-        };
-        let plan: Arc<Plan> = state
-            .plans
-            .get(client, &entity, role)
-            .await
-            .map_err(ApiError::from_db)?;
-        if plan.refusal(&entity).is_some() {
-            continue;
-        }
-        let judged = judge_rows
-            .entity(client, &state.plans, &entity, group, &changes)
-            .await;
-        if let Some((_, why)) = judged.refused.into_iter().next() {
-            return Err(ApiError::forbidden(why));
-        }
-        match judged.sights {
-            None => sights.extend(changes.iter().map(|c| (c.id, None))),
-            Some(s) => sights.extend(changes.iter().map(|c| c.id).zip(s.into_iter().map(Some))),
-        }
-    }
+    let subscriber = Subscriber {
+        sub: &user.sub,
+        client_id: params.client_id.as_deref(),
+        group: 0,
+    };
     let everything = Target::Rows(None);
     let delta = Shape {
         mode: Mode::Delta,
         columns: None,
     };
     let mut out = Vec::new();
-    for change in &page.changes {
-        let Some(sight) = sights.get(&change.id) else {
-            continue;
-        };
-        let own = change.written_by(&user.sub, params.client_id.as_deref());
-        let rendered = match judge(change, &everything, ChangeSight::of(sight.as_ref(), 0), own) {
+    for (change, verdict) in judged.changes.iter().zip(&judged.verdicts) {
+        let mut rendered = match decide(change, verdict, &subscriber, &everything) {
             Judgement::Skip => continue,
-            Judgement::Resync => json!({"entityCode": change.entity_code, "action": "TRUNCATE"}),
+            Judgement::Resync(ResyncReason::Truncate) => json!({"action": "TRUNCATE"}),
+            Judgement::Resync(reason) => json!({"action": "RESYNC", "reason": reason}),
             Judgement::Deliver(action) => {
-                let mut rendered =
-                    serde_json::to_value(delta.render(change, action)).expect("serializes");
-                rendered["entityCode"] = json!(change.entity_code);
-                rendered
+                serde_json::to_value(delta.render(change, action)).expect("serializes")
             }
         };
-        let mut rendered = rendered;
+        rendered["entityCode"] = json!(change.entity_code);
         rendered["cursor"] = json!(change.cursor);
+        if change.tx_end {
+            rendered["txEnd"] = json!(true);
+        }
         out.push(rendered);
     }
     Ok(out)

@@ -68,15 +68,16 @@ impl ApiError {
         e
     }
 
+    /// 503 with `Retry-After`: come back later.
+    pub fn unavailable(message: impl Into<String>, retry_after: std::time::Duration) -> Self {
+        let mut e = Self::new(StatusCode::SERVICE_UNAVAILABLE, "internal", message);
+        e.retry_after = Some(retry_after.as_secs().max(1));
+        e
+    }
+
     /// Over a cap, or no connection in time: 503, come back later.
     pub fn busy(busy: Busy) -> Self {
-        let mut e = Self::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "internal",
-            busy.to_string(),
-        );
-        e.retry_after = Some(busy.retry_after().as_secs().max(1));
-        e
+        Self::unavailable(busy.to_string(), busy.retry_after())
     }
 
     /// An unexpected failure: logged, and answered without its details.

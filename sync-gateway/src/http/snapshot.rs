@@ -20,7 +20,9 @@
 use super::error::ApiError;
 use super::extract::Authenticated;
 use crate::access::admission::readable_entity;
-use crate::access::roles::act_as;
+use crate::access::roles::UserContext;
+use crate::access::roles::{act_as, lock_as, LockMode};
+use crate::feed::catalog::{entity_changed, Entity};
 use crate::AppState;
 use axum::body::Body;
 use axum::extract::{Path, RawQuery, State};
@@ -44,6 +46,9 @@ const BUFFERED_LINES: usize = 256;
 const SETTLE_PATIENCE: Duration = Duration::from_secs(2);
 /// Between two tries when another session is ingesting.
 const SETTLE_RETRY: Duration = Duration::from_millis(10);
+/// Reads of the catalog a snapshot makes when the table changed under it (an ALTER, a
+/// re-track): each time, it starts again from the entity read anew.
+const CHANGED_RETRIES: usize = 3;
 
 /// The ids of `?ids=a,b`: split on the literal commas of the raw query, then decoded, so
 /// that an id holding a comma (a composite key's `["a","b"]`, or text) is sent with it
@@ -71,6 +76,8 @@ enum Ended {
     TooLong(Duration),
     #[error("the client left")]
     Left,
+    #[error("{0:?}")]
+    Refused(ApiError),
 }
 
 pub async fn snapshot(
@@ -80,7 +87,7 @@ pub async fn snapshot(
     RawQuery(query): RawQuery,
 ) -> Result<Response, ApiError> {
     let user = auth.with_role()?;
-    let entity = readable_entity(
+    let mut entity = readable_entity(
         &state.catalog,
         &state.plans,
         &state.work,
@@ -111,6 +118,7 @@ pub async fn snapshot(
     // client never takes a snapshot cut short for a whole one.
     let complete = Arc::new(AtomicBool::new(false));
     let finished = complete.clone();
+    let state = state.clone();
     tokio::spawn(async move {
         let _place = place;
         let mut work = work;
@@ -136,6 +144,7 @@ pub async fn snapshot(
         let outcome: Result<(), Ended> = async {
             let client: &mut Object = &mut work;
             let settle_by = Instant::now() + SETTLE_PATIENCE;
+            let mut changes_left = CHANGED_RETRIES;
             let (tx, cursor) = loop {
                 let tx = client
                     .build_transaction()
@@ -143,11 +152,24 @@ pub async fn snapshot(
                     .read_only(true)
                     .start()
                     .await?;
+                lock_as(&tx, &user, &entity, LockMode::Read).await?;
                 // The cursor first, before acting as the user: it fixes the transaction's
-                // snapshot, and the user need not read the log itself.
-                let row = tx
-                    .query_one("SELECT sync.current_cursor(), sync._wal_settled($1)", &[&entity.code])
-                    .await?;
+                // snapshot (after the lock: the table cannot change before the rows are read),
+                // and the user need not read the log itself.
+                let sql = format!(
+                    "SELECT sync.current_cursor(), sync._wal_settled($1), {}",
+                    Entity::check_sql(2)
+                );
+                let [table, tracking, version] = entity.identity();
+                let row = match tx.query_one(&sql, &[&entity.code, table, tracking, version]).await {
+                    Err(e) if entity_changed(&e) && changes_left > 0 => {
+                        changes_left -= 1;
+                        tx.rollback().await?;
+                        entity = renewed(&state, &user, &entity.code).await?;
+                        continue;
+                    }
+                    row => row?,
+                };
                 if row.get::<_, bool>(1) || Instant::now() >= settle_by {
                     if !row.get::<_, bool>(1) {
                         tracing::warn!(entity = %entity.code, "snapshot served before WAL ingestion caught up");
@@ -199,6 +221,9 @@ pub async fn snapshot(
                 (Some(started), Ended::Database(e)) => {
                     let _ = started.send(Err(ApiError::from_db(e)));
                 }
+                (Some(started), Ended::Refused(e)) => {
+                    let _ = started.send(Err(e));
+                }
                 (_, e) => {
                     tracing::info!(error = %crate::ErrorChain(&e), "snapshot ended early");
                     // Stop the query (else PostgreSQL streams the rest of the table into a
@@ -227,6 +252,18 @@ pub async fn snapshot(
         body,
     )
         .into_response())
+}
+
+/// The entity read again (the table changed under a snapshot), if the user may still read it.
+async fn renewed(state: &AppState, user: &UserContext, code: &str) -> Result<Arc<Entity>, Ended> {
+    state
+        .catalog
+        .reload()
+        .await
+        .map_err(|e| Ended::Refused(ApiError::internal(crate::ErrorChain(&e))))?;
+    readable_entity(&state.catalog, &state.plans, &state.work, user, code)
+        .await
+        .map_err(|e| Ended::Refused(e.into()))
 }
 
 #[cfg(test)]

@@ -9,8 +9,8 @@
 
 use super::error::ApiError;
 use super::extract::{check_client_id, Authenticated};
-use crate::access::roles::act_as;
-use crate::feed::catalog::{quote, Entity};
+use crate::access::roles::{act_as, lock_as, LockMode, UserContext};
+use crate::feed::catalog::{entity_changed, quote, Entity};
 use crate::model::change::Action;
 use crate::AppState;
 use axum::extract::State;
@@ -65,7 +65,6 @@ pub async fn write(
         )));
     }
     let mut ids = HashSet::new();
-    let mut checked = Vec::with_capacity(request.mutations.len());
     for m in &request.mutations {
         if m.id.is_empty() || m.id.len() > 128 || !ids.insert(m.id.as_str()) {
             return Err(ApiError::bad_request(
@@ -73,6 +72,62 @@ pub async fn write(
             )
             .with_mutation(&m.id));
         }
+    }
+    let mut work = state.work.start_as_user(&user.sub).await?;
+    let client: &mut Object = &mut work;
+    // A table altered, re-tracked or replaced while the write was built: the catalog is read
+    // again and the mutations checked anew against it.
+    let mut changes_left = CHANGED_RETRIES;
+    let results = loop {
+        let checked = checked(&state, &request.mutations).await?;
+        match attempt(client, &user, &request, &checked).await {
+            Err(Attempt::Changed) if changes_left > 0 => {
+                changes_left -= 1;
+                state.catalog.reload().await.map_err(ApiError::internal)?;
+            }
+            Err(Attempt::Changed) => {
+                let why = "the tables keep changing; retry the write";
+                return Err(ApiError::unavailable(
+                    why,
+                    std::time::Duration::from_secs(1),
+                ));
+            }
+            Err(Attempt::Failed(e)) => return Err(e),
+            Ok(results) => break results,
+        }
+    };
+    // Read after the commit: the cursor is at or after this write.
+    let cursor: String = client
+        .query_one("SELECT sync.current_cursor()", &[])
+        .await
+        .map_err(ApiError::from_db)?
+        .get(0);
+    Ok(Json(json!({"cursor": cursor, "results": results})))
+}
+
+/// Reads of the catalog a write makes when a table changed under it.
+const CHANGED_RETRIES: usize = 2;
+
+/// Why one attempt at a write did not commit.
+enum Attempt {
+    /// A table is not the entity the write was built for any more.
+    Changed,
+    Failed(ApiError),
+}
+
+impl From<ApiError> for Attempt {
+    fn from(e: ApiError) -> Self {
+        Attempt::Failed(e)
+    }
+}
+
+/// The mutations, each with its entity as the catalog has it now, checked.
+async fn checked<'a>(
+    state: &AppState,
+    mutations: &'a [Mutation],
+) -> Result<Vec<Checked<'a>>, ApiError> {
+    let mut checked = Vec::with_capacity(mutations.len());
+    for m in mutations {
         let entity = state
             .catalog
             .entity(&m.entity_code)
@@ -85,10 +140,32 @@ pub async fn write(
             entity,
         });
     }
+    Ok(checked)
+}
 
-    let mut work = state.work.start_as_user(&user.sub).await?;
-    let client: &mut Object = &mut work;
+/// One transaction applying every mutation, or none.
+async fn attempt(
+    client: &mut Object,
+    user: &UserContext,
+    request: &WriteRequest,
+    checked: &[Checked<'_>],
+) -> Result<Vec<Value>, Attempt> {
     let tx = client.transaction().await.map_err(ApiError::from_db)?;
+    // Each table locked as the user, then checked to be what the write was built for:
+    // nothing can alter it before the write is done (`lock_as`).
+    let mut entities: Vec<&Arc<Entity>> = checked.iter().map(|c| &c.entity).collect();
+    entities.sort_by(|a, b| a.table.cmp(&b.table));
+    entities.dedup_by(|a, b| a.table == b.table);
+    for entity in entities {
+        lock_as(&tx, user, entity, LockMode::Write)
+            .await
+            .map_err(refused)?;
+        let sql = format!("SELECT {}", Entity::check_sql(1));
+        match tx.execute(&sql, &entity.identity()).await {
+            Err(e) if entity_changed(&e) => return Err(Attempt::Changed),
+            other => other.map_err(ApiError::from_db)?,
+        };
+    }
     // Claim the mutation ids first, before acting as the user; a rollback releases them.
     let ids: Vec<&str> = checked.iter().map(|c| c.mutation.id.as_str()).collect();
     let fresh: HashSet<String> = tx
@@ -108,9 +185,9 @@ pub async fn write(
             .await
             .map_err(ApiError::from_db)?;
     }
-    act_as(&tx, &user).await.map_err(ApiError::from_db)?;
+    act_as(&tx, user).await.map_err(ApiError::from_db)?;
     let mut results = Vec::with_capacity(checked.len());
-    for c in &checked {
+    for c in checked {
         let id = &c.mutation.id;
         let applied = fresh.contains(id);
         if applied {
@@ -119,13 +196,7 @@ pub async fn write(
         results.push(json!({"id": id, "status": if applied { "applied" } else { "duplicate" }}));
     }
     tx.commit().await.map_err(ApiError::from_db)?;
-    // Read after the commit: the cursor is at or after this write.
-    let cursor: String = client
-        .query_one("SELECT sync.current_cursor()", &[])
-        .await
-        .map_err(ApiError::from_db)?
-        .get(0);
-    Ok(Json(json!({"cursor": cursor, "results": results})))
+    Ok(results)
 }
 
 /// Checks a mutation's shape and names before anything touches the database.

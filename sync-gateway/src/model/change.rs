@@ -23,6 +23,13 @@ pub struct Change {
     pub captured_at: String,
     /// The position after this change.
     pub cursor: Cursor,
+    /// The tracking of the table that wrote it (`sync.tracked.tracking`): a change is judged
+    /// and delivered only under that tracking of its entity, never under another table
+    /// tracked later with the same code. None: written before pg_sync 0.3.0 by a table no
+    /// longer tracked.
+    pub tracking: Option<i64>,
+    /// The last change of its database transaction.
+    pub tx_end: bool,
 }
 
 /// What the log recorded.
@@ -74,6 +81,8 @@ pub(crate) fn sample(op: Op, id: &str, data: Option<Value>, old: Option<Value>) 
         schema_version: 1,
         captured_at: "2026-11-30T00:00:00.000Z".into(),
         cursor: Cursor::from_db("c".into()),
+        tracking: Some(1),
+        tx_end: true,
     }
 }
 

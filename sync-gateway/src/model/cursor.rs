@@ -1,11 +1,11 @@
 //! Cursors as the gateway handles them: opaque text to clients and to the log's readers, and
-//! comparable here without asking the database (`pg_sync_cursor`, the extension's own code),
+//! comparable here without asking the database (`pg_sync_core::cursor`, the extension's own code),
 //! so that a cursor from the future is refused at once and a replay knows where to stop.
 
 use serde::{Serialize, Serializer};
 use std::sync::Arc;
 
-pub use pg_sync_cursor::CursorError;
+pub use pg_sync_core::cursor::CursorError;
 
 /// A position in the log (`sync.current_cursor()`, a change's `cursor`, a client's `since`).
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -19,7 +19,7 @@ impl Cursor {
 
     /// A cursor a client sent: refused unless it is one the extension could have written.
     pub fn from_client(text: &str) -> Result<Cursor, CursorError> {
-        pg_sync_cursor::Cursor::decode(text)?;
+        pg_sync_core::cursor::Cursor::decode(text)?;
         Ok(Cursor(text.into()))
     }
 
@@ -27,8 +27,8 @@ impl Cursor {
         &self.0
     }
 
-    fn decoded(&self) -> Option<pg_sync_cursor::Cursor> {
-        pg_sync_cursor::Cursor::decode(&self.0).ok()
+    fn decoded(&self) -> Option<pg_sync_core::cursor::Cursor> {
+        pg_sync_core::cursor::Cursor::decode(&self.0).ok()
     }
 
     /// Whether this position (a cursor of `sync.current_cursor()`) is at or after `target`:
@@ -36,7 +36,7 @@ impl Cursor {
     /// a position inside a batch (it is not a place a replay can end).
     pub fn reaches(&self, target: &Cursor) -> bool {
         match (self.decoded(), target.decoded()) {
-            (Some(pg_sync_cursor::Cursor::At { generation, mark }), Some(target)) => {
+            (Some(pg_sync_core::cursor::Cursor::At { generation, mark }), Some(target)) => {
                 generation == target.generation() && mark.reaches(&target)
             }
             _ => false,

@@ -33,6 +33,9 @@ pub enum ClientMessage {
     Ping,
     #[serde(rename = "AUTH")]
     Auth(Auth),
+    /// Answer REACHED once everything up to `cursor` (a write's, say) has been sent.
+    #[serde(rename = "AWAIT")]
+    Await(Await),
 }
 
 #[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq, Hash)]
@@ -74,6 +77,14 @@ pub struct Unsubscribe {
 #[serde(deny_unknown_fields)]
 pub struct Auth {
     pub token: String,
+}
+
+#[derive(Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Await {
+    pub cursor: String,
+    #[serde(rename = "ref")]
+    pub reference: Option<String>,
 }
 
 /// Why a message was refused; each maps to an error code of the protocol.
@@ -142,6 +153,12 @@ pub fn parse(text: &str) -> Result<ClientMessage, ProtocolError> {
             check_optional(u.reference.as_deref())?;
         }
         ClientMessage::Auth(a) if a.token.is_empty() => return bad("token is empty"),
+        ClientMessage::Await(a) => {
+            if a.cursor.is_empty() || a.cursor.len() > MAX_CURSOR_BYTES {
+                return bad(&format!("cursor must have 1 to {MAX_CURSOR_BYTES} bytes"));
+            }
+            check_optional(a.reference.as_deref())?;
+        }
         _ => {}
     }
     Ok(message)
@@ -236,6 +253,9 @@ pub enum ServerMessage {
         changes: Vec<ChangeOut>,
         timestamp: String,
         cursor: Cursor,
+        /// This message ends a database transaction (of what this connection receives).
+        #[serde(skip_serializing_if = "std::ops::Not::not")]
+        tx_end: bool,
     },
     #[serde(rename = "DELTA", rename_all = "camelCase")]
     Delta {
@@ -243,6 +263,8 @@ pub enum ServerMessage {
         changes: Vec<ChangeOut>,
         timestamp: String,
         cursor: Cursor,
+        #[serde(skip_serializing_if = "std::ops::Not::not")]
+        tx_end: bool,
     },
     #[serde(rename = "SYNCED", rename_all = "camelCase")]
     Synced {
@@ -265,6 +287,29 @@ pub enum ServerMessage {
     },
     #[serde(rename = "PONG")]
     Pong,
+    /// Everything up to `cursor` this connection receives has been sent (answers AWAIT).
+    #[serde(rename = "REACHED", rename_all = "camelCase")]
+    Reached {
+        cursor: Cursor,
+        #[serde(rename = "ref", skip_serializing_if = "Option::is_none")]
+        reference: Option<String>,
+    },
+    /// Reconnect after `after_ms` (the socket closes next): the gateway is stopping, or it
+    /// cannot serve this position yet.
+    #[serde(rename = "RECONNECT", rename_all = "camelCase")]
+    Reconnect {
+        after_ms: u64,
+        reason: ReconnectReason,
+    },
+}
+
+#[derive(Clone, Copy, Debug, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum ReconnectReason {
+    /// The gateway is shutting down.
+    Shutdown,
+    /// The gateway's database has not replayed up to the client's position yet.
+    Behind,
 }
 
 #[derive(Clone, Copy, Debug, Serialize, PartialEq, Eq)]
@@ -272,6 +317,9 @@ pub enum ServerMessage {
 pub enum ResyncReason {
     CursorExpired,
     Truncate,
+    /// The entity was untracked, tracked again or replaced by another table under its code:
+    /// the rows held are another table's.
+    EntityChanged,
 }
 
 impl ServerMessage {
@@ -333,6 +381,13 @@ mod tests {
         assert_eq!(
             parse(r#"{"type":"AUTH","payload":{"token":"t"}}"#).unwrap(),
             ClientMessage::Auth(Auth { token: "t".into() })
+        );
+        assert_eq!(
+            parse(r#"{"type":"AWAIT","payload":{"cursor":"c","ref":"w1"}}"#).unwrap(),
+            ClientMessage::Await(Await {
+                cursor: "c".into(),
+                reference: Some("w1".into())
+            })
         );
     }
 
@@ -396,6 +451,7 @@ mod tests {
             }],
             timestamp: "t".into(),
             cursor: Cursor::from_db("c".into()),
+            tx_end: false,
         };
         assert_eq!(
             serde_json::to_value(&m).unwrap(),
@@ -404,6 +460,14 @@ mod tests {
         assert_eq!(
             serde_json::to_value(ServerMessage::Pong).unwrap(),
             json!({"type":"PONG"})
+        );
+        assert_eq!(
+            serde_json::to_value(ServerMessage::Reconnect {
+                after_ms: 1500,
+                reason: ReconnectReason::Shutdown
+            })
+            .unwrap(),
+            json!({"type":"RECONNECT","payload":{"afterMs":1500,"reason":"shutdown"}})
         );
         assert_eq!(
             serde_json::to_value(ServerMessage::error(

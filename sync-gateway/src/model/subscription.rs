@@ -1,9 +1,10 @@
-//! What a subscription covers, how it shows changes, and the one judgement of a change for a
-//! subscriber that the live stream, replays and `/v1/changes` all use (`judge`).
+//! What a subscription covers, how it shows changes, and what a subscriber who may see a
+//! change's versions as `Sight` says gets of it (`judge`; `access::judge::decide` is the one
+//! decision every path makes, with row-level security and the change's tracking).
 
 use super::change::{Action, Change, Op};
 use super::filter::{matches_all, Condition};
-use super::protocol::{ChangeOut, Mode};
+use super::protocol::{ChangeOut, Mode, ResyncReason};
 use serde_json::{Map, Value};
 use std::collections::HashSet;
 
@@ -93,8 +94,8 @@ impl Sight {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Judgement {
     Skip,
-    /// The entity was truncated: the subscriber refetches.
-    Resync,
+    /// The subscriber refetches (the entity was truncated, or replaced).
+    Resync(ResyncReason),
     Deliver(Action),
 }
 
@@ -110,7 +111,7 @@ pub fn judge(change: &Change, target: &Target, sight: Sight, own: bool) -> Judge
     let id = change.entity_id.as_ref();
     let empty = Map::new();
     let (before, after) = match change.op {
-        Op::Truncate => return Judgement::Resync,
+        Op::Truncate => return Judgement::Resync(ResyncReason::Truncate),
         Op::Insert => (false, true),
         Op::Delete => (true, false),
         Op::Update => (true, true),
@@ -230,7 +231,7 @@ mod tests {
         };
         assert_eq!(
             judge(&truncate, &Target::Rows(None), Sight::ALL, false),
-            Judgement::Resync
+            Judgement::Resync(ResyncReason::Truncate)
         );
     }
 }

@@ -1,0 +1,158 @@
+//! A row-level-security policy compiled for the gateway: the quals PostgreSQL would add to a
+//! SELECT of a table by a role, when they are made of columns, claims
+//! (`current_setting('request.jwt.claims', true)::jsonb ->> 'k'`, perhaps cast), constants,
+//! comparisons, `?`, IS NULL, AND, OR and NOT. The extension builds these values
+//! (`pg_sync_ext/src/policy.rs`) and `sync.policy_plan` returns them as JSON; the gateway
+//! evaluates them with SQL's three-valued logic (`sync-gateway/src/access/policy`).
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// What a role's SELECT of a table is subject to (`sync.policy_plan(tbl, role)`).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Plan {
+    /// The role may SELECT the table at all.
+    pub select: bool,
+    /// Row-level security applies to the role (not the owner, not BYPASSRLS, RLS enabled).
+    pub rls: bool,
+    /// The table's columns the quals read (all must be published for images to be judged).
+    #[serde(default)]
+    pub columns: Vec<String>,
+    /// The quals compiled, when they could be; else the database evaluates them.
+    #[serde(default)]
+    pub expr: Option<Expr>,
+    /// Why the role may not SELECT, or why the quals did not compile.
+    #[serde(default)]
+    pub why: Option<String>,
+}
+
+/// A compiled expression.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Expr {
+    And(Vec<Expr>),
+    Or(Vec<Expr>),
+    Not(Box<Expr>),
+    /// A boolean constant; None is NULL.
+    Const(Option<bool>),
+    Cmp {
+        op: CmpOp,
+        #[serde(rename = "type")]
+        ty: Ty,
+        left: Term,
+        right: Term,
+    },
+    /// `IS NULL`.
+    Null(Term),
+    /// `IS NOT NULL`.
+    NotNull(Term),
+    /// `<claim json> ? item`: the claim (an array, object or string) holds `item`.
+    Contains {
+        claim: Vec<String>,
+        item: Term,
+    },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CmpOp {
+    Eq,
+    Ne,
+    Lt,
+    Le,
+    Gt,
+    Ge,
+}
+
+/// The type operands are compared as.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Ty {
+    Text,
+    Int,
+    Bool,
+    Uuid,
+}
+
+/// The type a claim's text is cast to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Cast {
+    Int2,
+    Int4,
+    Int8,
+    Uuid,
+    Bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Term {
+    Column(String),
+    /// `->> 'k'` down a path of the claims (`-> 'a' ->> 'b'`), cast when `cast` says.
+    Claim {
+        path: Vec<String>,
+        #[serde(rename = "as", default, skip_serializing_if = "Option::is_none")]
+        cast: Option<Cast>,
+    },
+    /// A constant: its text as its type prints it, a bool, or null.
+    Value(Value),
+}
+
+/// A group of subscribers `sync.visible(tbl, groups, images)` judges row images for: a role
+/// and its claims.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Group {
+    pub role: String,
+    pub claims: Value,
+}
+
+/// What `sync.visible` answers for one group: whether it may see each image, in order, or
+/// why its policies failed.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Visibility {
+    Visible(Vec<bool>),
+    Error(String),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn plans_travel_as_json_and_back() {
+        let plan = Plan {
+            select: true,
+            rls: true,
+            columns: vec!["owner".into()],
+            expr: Some(Expr::Or(vec![
+                Expr::Cmp {
+                    op: CmpOp::Eq,
+                    ty: Ty::Text,
+                    left: Term::Column("owner".into()),
+                    right: Term::Claim {
+                        path: vec!["sub".into()],
+                        cast: None,
+                    },
+                },
+                Expr::Not(Box::new(Expr::Null(Term::Value(json!("7"))))),
+                Expr::Contains {
+                    claim: vec!["teams".into()],
+                    item: Term::Claim {
+                        path: vec!["app".into(), "n".into()],
+                        cast: Some(Cast::Int4),
+                    },
+                },
+                Expr::Const(None),
+            ])),
+            why: None,
+        };
+        let text = serde_json::to_string(&plan).unwrap();
+        assert_eq!(serde_json::from_str::<Plan>(&text).unwrap(), plan);
+        let refused: Plan =
+            serde_json::from_value(json!({"select": false, "rls": false, "why": "no"})).unwrap();
+        assert!(!refused.select && refused.expr.is_none());
+    }
+}

@@ -1,0 +1,570 @@
+-- pg_sync 0.2.0 -> 0.3.0 (ALTER EXTENSION pg_sync UPDATE), written by hand; the function
+-- definitions are api.sql's, verbatim, and the upgrade test checks that the result equals a
+-- fresh install of 0.3.0, object by object.
+--
+-- Before: install the 0.3.0 files and restart PostgreSQL (with pg_sync preloaded, every backend
+-- runs the library the postmaster loaded). Until this script runs, capture writes the 0.2.0
+-- log; the gateway of 0.3.0 needs this script first.
+--
+-- What changes (README "Upgrading"):
+-- - Each tracked table has a tracking number, the entity's identity in the log, and each log
+--   row the tracking that wrote it: history of an untracked or replaced table is never
+--   delivered as another table's under a reused entity code. The rows already in the log get
+--   the number of the table now tracked under their entity code and table name; rows of
+--   tables no longer tracked keep none, and are never delivered again.
+-- - Who may read what is a fingerprint of the catalogs (sync.access_fingerprint), read by the
+--   gateway when sync.access_event has a new row (the event trigger's, instead of bumping a
+--   counter in sync.state that any role's open DDL could hold locked) and at every poll.
+-- - Pages of the log say where each transaction ends (tx_end).
+-- - Every function of sync searches pg_catalog, then pg_temp, and names catalogs qualified.
+
+-- The event trigger of access changes goes first: its old body bumps a column dropped below
+-- (it comes back at the end).
+DROP EVENT TRIGGER sync_access_change;
+
+-- The log stops while it is rewritten: writers of 0.2.0 finish first, new ones wait.
+LOCK TABLE sync.change_history IN ACCESS EXCLUSIVE MODE;
+LOCK TABLE sync.tracked IN ACCESS EXCLUSIVE MODE;
+
+CREATE SEQUENCE sync.tracking_seq;
+SELECT pg_catalog.pg_extension_config_dump('sync.tracking_seq', '');
+ALTER TABLE sync.tracked
+    ADD COLUMN tracking bigint NOT NULL DEFAULT pg_catalog.nextval('sync.tracking_seq') UNIQUE;
+ALTER TABLE sync.change_history ADD COLUMN tracking bigint;
+UPDATE sync.change_history h SET tracking = t.tracking
+  FROM sync.tracked t
+  JOIN pg_catalog.pg_class c ON c.oid = t.relid
+  JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+ WHERE h.entity_code = t.entity_code AND h.table_name = n.nspname || '.' || c.relname;
+
+ALTER TABLE sync.state DROP COLUMN policy_version;
+CREATE TABLE sync.access_event (
+    id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    at timestamptz NOT NULL DEFAULT pg_catalog.now()
+);
+
+-- A change as sync.changes_since returns it gains the tracking and the transaction's end.
+ALTER TYPE sync.change ADD ATTRIBUTE tracking bigint, ADD ATTRIBUTE tx_end boolean;
+-- The page function returns whether each change ends its transaction (as pgrx declares it
+-- in pg_sync--0.3.0.sql).
+DROP FUNCTION sync._changes_page(text, integer, text);
+CREATE FUNCTION sync._changes_page("cursor" text, "max_rows" int, "until" text)
+RETURNS TABLE ("change_id" bigint, "cursor" text, "tx_end" bool)
+    VOLATILE PARALLEL UNSAFE LANGUAGE c AS 'MODULE_PATHNAME', 'changes_page_wrapper';
+
+-- (Re)creates the capture triggers of one tracked table from its row in sync.tracked. The
+-- triggers carry the table's options as arguments (entity_code, `schema_version@tracking`,
+-- then the allow-listed columns), so the capture never looks anything up per row; any
+-- change of options recreates them. A trigger that an administrator disabled stays
+-- disabled.
+CREATE OR REPLACE FUNCTION sync._install_capture(tbl regclass) RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    t sync.tracked%ROWTYPE;
+    args text;
+    was_disabled boolean;
+    trg text;
+BEGIN
+    SELECT * INTO t FROM sync.tracked WHERE relid = tbl;
+    SELECT bool_or(tgenabled = 'D') INTO was_disabled
+      FROM pg_catalog.pg_trigger WHERE tgrelid = tbl AND tgname IN ('sync_capture', 'sync_capture_truncate');
+    -- Our own ALTER TABLE below must not count as a schema change.
+    PERFORM sync._internal_ddl(true);
+    PERFORM sync._drop_capture(tbl);
+    IF t.capture = 'wal' THEN
+        -- Old rows in full: DELETEs and UPDATEs need them for old_data, filters and ids.
+        EXECUTE format('ALTER TABLE %s REPLICA IDENTITY FULL', tbl);
+    ELSIF t.capture = 'trigger' THEN
+        SELECT string_agg(quote_literal(a), ', ' ORDER BY ord) INTO args
+          FROM unnest(ARRAY[t.entity_code, t.schema_version || '@' || t.tracking]
+                       || coalesce(t.columns, '{}'))
+               WITH ORDINALITY AS u(a, ord);
+        EXECUTE format('CREATE TRIGGER sync_capture AFTER INSERT OR UPDATE OR DELETE ON %s '
+                       'FOR EACH ROW EXECUTE FUNCTION sync.capture(%s)', tbl, args);
+        EXECUTE format('CREATE TRIGGER sync_capture_truncate AFTER TRUNCATE ON %s '
+                       'FOR EACH STATEMENT EXECUTE FUNCTION sync.capture(%s)', tbl, args);
+        -- ALWAYS: restores and logical-replication appliers run with
+        -- session_replication_role = replica, which skips ordinary triggers.
+        FOREACH trg IN ARRAY ARRAY['sync_capture', 'sync_capture_truncate'] LOOP
+            EXECUTE format('ALTER TABLE %s %s TRIGGER %I', tbl,
+                           CASE WHEN was_disabled THEN 'DISABLE' ELSE 'ENABLE ALWAYS' END, trg);
+        END LOOP;
+    END IF;
+    PERFORM sync._internal_ddl(false);
+END
+$$;
+
+CREATE OR REPLACE FUNCTION sync._drop_capture(tbl regclass) RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    trg name;
+BEGIN
+    FOR trg IN SELECT tgname FROM pg_catalog.pg_trigger
+                WHERE tgrelid = tbl AND tgname IN ('sync_capture', 'sync_capture_truncate') LOOP
+        EXECUTE format('DROP TRIGGER %I ON %s', trg, tbl);
+    END LOOP;
+END
+$$;
+
+-- Whether wal2json is installed and allowed as an output plugin. SECURITY DEFINER: reading
+-- the library directory needs privileges the caller may lack.
+CREATE OR REPLACE FUNCTION sync._wal2json_usable() RETURNS boolean
+LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+    SELECT (SELECT (pg_stat_file(setting || '/wal2json.so', true)).size IS NOT NULL
+              FROM pg_catalog.pg_config WHERE name = 'PKGLIBDIR')
+       AND coalesce(current_setting('output_plugin_libraries', true) ~ '(^|[ ,])wal2json($|[ ,])', true)
+$$;
+
+-- For the table's owner (checked), as the extension's owner: it writes sync.tracked, makes
+-- the capture triggers and, for WAL capture, the replication slot.
+CREATE OR REPLACE FUNCTION sync.track(tbl regclass, entity_code text DEFAULT NULL,
+                           capture text DEFAULT 'trigger', columns text[] DEFAULT NULL)
+RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+#variable_conflict use_column
+DECLARE
+    code text;
+    unknown text;
+    holder regclass;
+BEGIN
+    IF tbl IS NULL THEN
+        RAISE EXCEPTION 'sync.track: tbl must not be NULL' USING ERRCODE = '22004';
+    END IF;
+    PERFORM sync._require_owner(tbl);
+    IF (SELECT c.relkind FROM pg_catalog.pg_class c WHERE c.oid = tbl) NOT IN ('r', 'p') THEN
+        RAISE EXCEPTION 'sync.track: % is not a table', tbl USING ERRCODE = '42809';
+    END IF;
+    IF (SELECT c.relnamespace FROM pg_catalog.pg_class c WHERE c.oid = tbl) = 'sync'::regnamespace THEN
+        RAISE EXCEPTION 'sync.track: % belongs to pg_sync itself and cannot be tracked', tbl
+            USING ERRCODE = '42809';
+    END IF;
+    IF track.capture IS NULL OR track.capture NOT IN ('trigger', 'wal') THEN
+        RAISE EXCEPTION 'sync.track: capture must be ''trigger'' or ''wal'', not %',
+            coalesce(quote_literal(track.capture), 'NULL') USING ERRCODE = '22023';
+    END IF;
+    IF track.capture = 'wal' THEN
+        IF current_setting('wal_level') <> 'logical' THEN
+            RAISE EXCEPTION 'sync.track: capture => ''wal'' needs wal_level = logical, not %',
+                current_setting('wal_level')
+                USING ERRCODE = '55000', HINT = 'Set wal_level = logical and restart PostgreSQL.';
+        END IF;
+        IF NOT sync._wal2json_usable() THEN
+            RAISE EXCEPTION 'sync.track: capture => ''wal'' needs the wal2json output plugin'
+                USING ERRCODE = '55000',
+                      HINT = 'Install it (Debian: postgresql-15-wal2json) and, where the server has the '
+                             'output_plugin_libraries setting, list wal2json in it.';
+        END IF;
+    END IF;
+    code := coalesce(track.entity_code, (SELECT c.relname::text FROM pg_catalog.pg_class c WHERE c.oid = tbl));
+    IF code = '' OR length(code) > 128 THEN
+        RAISE EXCEPTION 'sync.track: entity_code must have 1 to 128 characters'
+            USING ERRCODE = '22023';
+    END IF;
+    IF NOT EXISTS (SELECT FROM pg_catalog.pg_index i WHERE i.indrelid = tbl AND i.indisprimary) THEN
+        RAISE EXCEPTION 'sync.track: table % has no primary key', tbl
+            USING ERRCODE = '55000',
+                  HINT = 'pg_sync identifies rows by their primary key; add one, then track the table.';
+    END IF;
+    IF track.columns IS NOT NULL THEN
+        SELECT c INTO unknown FROM unnest(track.columns) AS c
+         WHERE c IS NULL OR NOT EXISTS (SELECT FROM pg_catalog.pg_attribute a WHERE a.attrelid = tbl
+                               AND a.attname = c AND a.attnum > 0 AND NOT a.attisdropped)
+         LIMIT 1;
+        IF FOUND THEN
+            RAISE EXCEPTION 'sync.track: column % does not exist in %',
+                coalesce(quote_ident(unknown), 'NULL'), tbl USING ERRCODE = '42703';
+        END IF;
+        -- An empty list publishes what the key alone publishes: the key is kept in it, as
+        -- the capture's arguments cannot tell an empty list from none (all columns).
+        IF cardinality(track.columns) = 0 THEN
+            track.columns := ARRAY(SELECT a.attname::text FROM pg_catalog.pg_index i
+                                     JOIN pg_catalog.pg_attribute a ON a.attrelid = i.indrelid
+                                      AND a.attnum = ANY (i.indkey::int2[])
+                                    WHERE i.indrelid = tbl AND i.indisprimary ORDER BY a.attnum);
+        END IF;
+    END IF;
+    SELECT t.relid INTO holder FROM sync.tracked t WHERE t.entity_code = code AND t.relid <> tbl;
+    IF FOUND THEN
+        RAISE EXCEPTION 'sync.track: entity_code % is already used by %', quote_literal(code), holder
+            USING ERRCODE = '23505';
+    END IF;
+    IF track.capture = 'wal' THEN
+        -- Before anything is written (a slot cannot be made after): from here on, no change
+        -- of the table can be missed, whether or not anything ingests yet (SPEC 1.5).
+        PERFORM sync.create_wal_slot();
+    END IF;
+
+    INSERT INTO sync.tracked AS t (relid, entity_code, capture, columns)
+    VALUES (tbl, code, track.capture,
+            -- the allow-list in column order, without duplicates
+            (SELECT array_agg(a.attname::text ORDER BY a.attnum) FROM pg_catalog.pg_attribute a
+              WHERE a.attrelid = tbl AND a.attname = ANY (track.columns)))
+    ON CONFLICT (relid) DO UPDATE
+       SET entity_code = excluded.entity_code,
+           capture = excluded.capture,
+           columns = excluded.columns,
+           schema_version = t.schema_version
+               + CASE WHEN t.columns IS DISTINCT FROM excluded.columns THEN 1 ELSE 0 END;
+    PERFORM sync._install_capture(tbl);
+END
+$$;
+
+-- For the table's owner (checked), as the extension's owner.
+CREATE OR REPLACE FUNCTION sync.untrack(tbl regclass) RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    PERFORM sync._require_owner(tbl);
+    DELETE FROM sync.tracked WHERE relid = tbl;
+    IF NOT FOUND THEN
+        RAISE NOTICE 'sync.untrack: % is not tracked', tbl;
+        RETURN;
+    END IF;
+    PERFORM sync._internal_ddl(true);
+    PERFORM sync._drop_capture(tbl);
+    PERFORM sync._internal_ddl(false);
+END
+$$;
+
+-- ALTER TABLE on a tracked table: a new schema_version, and triggers that carry it. Columns of
+-- the allow-list that no longer exist leave it (with a warning); the primary key stays.
+-- SECURITY DEFINER: it runs for every role's ALTER TABLE, most of which have no rights on
+-- sync; it only reads the command's targets and re-installs pg_sync's own triggers.
+CREATE OR REPLACE FUNCTION sync._on_alter_table() RETURNS event_trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    altered regclass;
+    gone text[];
+BEGIN
+    IF sync._in_internal_ddl() THEN
+        RETURN;
+    END IF;
+    FOR altered IN
+        SELECT DISTINCT c.objid::regclass FROM pg_catalog.pg_event_trigger_ddl_commands() c
+          JOIN sync.tracked t ON t.relid = c.objid::regclass
+         WHERE c.object_type IN ('table', 'table column') -- a RENAME COLUMN is a 'table column'
+    LOOP
+        IF NOT EXISTS (SELECT FROM pg_catalog.pg_index i WHERE i.indrelid = altered AND i.indisprimary) THEN
+            RAISE EXCEPTION 'pg_sync: % is tracked and needs its primary key', altered
+                USING ERRCODE = '55000', HINT = 'Run sync.untrack first.';
+        END IF;
+        SELECT array_agg(c) INTO gone FROM sync.tracked t, unnest(t.columns) AS c
+         WHERE t.relid = altered
+           AND NOT EXISTS (SELECT FROM pg_catalog.pg_attribute a WHERE a.attrelid = altered
+                              AND a.attname = c AND a.attnum > 0 AND NOT a.attisdropped);
+        IF gone IS NOT NULL THEN
+            RAISE WARNING 'pg_sync: columns % of % left its published columns', gone, altered;
+        END IF;
+        -- Never left empty: an empty list publishes what the key alone publishes.
+        UPDATE sync.tracked t
+           SET schema_version = t.schema_version + 1,
+               columns = CASE WHEN gone IS NULL THEN t.columns
+                              ELSE coalesce(nullif(ARRAY(SELECT c FROM unnest(t.columns) AS c
+                                                          WHERE c <> ALL (gone)), '{}'),
+                                            ARRAY(SELECT a.attname::text FROM pg_catalog.pg_index i
+                                                   JOIN pg_catalog.pg_attribute a ON a.attrelid = i.indrelid
+                                                    AND a.attnum = ANY (i.indkey::int2[])
+                                                  WHERE i.indrelid = altered AND i.indisprimary
+                                                  ORDER BY a.attnum)) END
+         WHERE t.relid = altered;
+        PERFORM sync._install_capture(altered);
+    END LOOP;
+END
+$$;
+
+-- DROP TABLE of a tracked table ends its tracking; its history stays. SECURITY DEFINER, as
+-- _on_alter_table: every role's DROP runs it.
+CREATE OR REPLACE FUNCTION sync._on_sql_drop() RETURNS event_trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    DELETE FROM sync.tracked
+     WHERE relid::oid IN (SELECT objid FROM pg_catalog.pg_event_trigger_dropped_objects()
+                           WHERE object_type = 'table');
+END
+$$;
+
+-- Who may read what, summarised: everything PostgreSQL decides a SELECT of a tracked table
+-- by (the tracked tables themselves, their owners, table, column and schema privileges,
+-- row-level security enabled or forced, policies; every role's SUPERUSER, BYPASSRLS and
+-- INHERIT, and role memberships), as one digest read in the caller's snapshot. The gateway
+-- reads it in the snapshot of a page of the log whenever sync.access_event has a new row,
+-- and at every poll, and rebuilds what it judges with (catalog, policy plans) when it
+-- moved: so commands that no event trigger sees (ALTER ROLE, GRANT role, REASSIGN OWNED)
+-- take effect within the gateway's poll interval, and those that one sees from the first
+-- page read after them. Computed from the catalogs, not kept: nothing anyone writes.
+CREATE OR REPLACE FUNCTION sync.access_fingerprint() RETURNS text
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+RETURN pg_catalog.md5(pg_catalog.concat_ws('|',
+    (SELECT pg_catalog.string_agg(pg_catalog.concat_ws(',',
+                t.relid::oid, t.entity_code, t.tracking, t.schema_version, t.capture, t.columns,
+                c.relowner, c.relacl, c.relrowsecurity, c.relforcerowsecurity,
+                n.oid, n.nspowner, n.nspacl,
+                (SELECT pg_catalog.string_agg(a.attnum || ':' || a.attacl::text, ';' ORDER BY a.attnum)
+                   FROM pg_catalog.pg_attribute a WHERE a.attrelid = t.relid AND a.attacl IS NOT NULL),
+                (SELECT pg_catalog.string_agg(pg_catalog.concat_ws(':', p.oid, p.polcmd, p.polpermissive,
+                                                                   p.polroles, p.polqual::text), ';' ORDER BY p.oid)
+                   FROM pg_catalog.pg_policy p WHERE p.polrelid = t.relid)), '/' ORDER BY t.relid)
+       FROM sync.tracked t
+       JOIN pg_catalog.pg_class c ON c.oid = t.relid
+       JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace),
+    (SELECT pg_catalog.string_agg(r.oid || ':' || r.rolsuper || r.rolbypassrls || r.rolinherit, ',' ORDER BY r.oid)
+       FROM pg_catalog.pg_roles r),
+    (SELECT pg_catalog.string_agg(m.roleid || ':' || m.member || m.admin_option, ',' ORDER BY m.roleid, m.member)
+       FROM pg_catalog.pg_auth_members m)));
+END
+$$;
+
+-- The newest row of sync.access_event visible to the caller (0: none).
+CREATE OR REPLACE FUNCTION sync.access_serial() RETURNS bigint
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT coalesce(max(e.id), 0) FROM sync.access_event e
+$$;
+
+-- Policies, grants, owners and tables changed: a row of sync.access_event, which tells the
+-- gateways to read the access fingerprint again before judging the next page (the
+-- fingerprint, not this row, says what changed), and a wake-up for them. Inserting a row
+-- of its own, the command's transaction holds nothing another one waits for, however long
+-- it stays open. SECURITY DEFINER, as the other event triggers: every role's GRANT runs it.
+CREATE OR REPLACE FUNCTION sync._on_access_change() RETURNS event_trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    INSERT INTO sync.access_event DEFAULT VALUES;
+    PERFORM pg_catalog.pg_notify('sync_changes', 'access');
+END
+$$;
+
+-- Readers of the log take sync_lock.log_read shared (schema.sql), for their transaction.
+CREATE OR REPLACE FUNCTION sync._log_read_lock() RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    LOCK TABLE sync_lock.log_read IN ROW SHARE MODE;
+END
+$$;
+
+-- `until` (a cursor from sync.current_cursor()) ends the read there instead of at the current
+-- snapshot: a gateway replays a client's gap up to where its live stream stands.
+CREATE OR REPLACE FUNCTION sync.changes_since(cursor text, max_rows integer DEFAULT 1000, until text DEFAULT NULL)
+RETURNS SETOF sync.change
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    problem text;
+BEGIN
+    PERFORM sync._log_read_lock();
+    problem := sync._cursor_problem(changes_since.cursor);
+    IF problem IS NOT NULL THEN
+        RAISE EXCEPTION 'cursor expired: %', problem
+            USING ERRCODE = 'SY410', HINT = 'Refetch a snapshot and continue from its cursor.';
+    END IF;
+    -- EXECUTE: planned for each call. A cached generic plan made while the log was small
+    -- stayed in use as the log grew, and a reader draining a
+    -- backlog read 9k changes/s instead of 70k.
+    RETURN QUERY EXECUTE
+        'SELECT h.id, h.table_name, h.entity_code, h.op, h.entity_id, h.data, h.old_data,
+                h.changed_columns, h.client_id, h.txid, h.lsn, h.schema_version, h.source,
+                h.captured_at, p.cursor, h.tracking, p.tx_end
+           FROM sync._changes_page($1, $2, $3) WITH ORDINALITY AS p(change_id, cursor, tx_end, ord)
+           JOIN sync.change_history h ON h.id = p.change_id
+          ORDER BY p.ord'
+        USING changes_since.cursor, changes_since.max_rows, changes_since.until;
+END
+$$;
+
+-- Removes the changes older than `keep` and moves the retention horizon past them. Only whole
+-- transactions that every snapshot already sees are removed. SECURITY DEFINER: for the
+-- administrators granted EXECUTE, who need no rights on the log itself.
+CREATE OR REPLACE FUNCTION sync.prune(keep interval DEFAULT '7 days') RETURNS bigint
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    new_horizon xid8;
+    removed bigint;
+BEGIN
+    IF keep IS NULL OR keep < interval '0' THEN
+        RAISE EXCEPTION 'sync.prune: keep must be a positive interval' USING ERRCODE = '22023';
+    END IF;
+    LOCK TABLE sync_lock.log_read IN EXCLUSIVE MODE;
+    -- A retried write older than the retained log is no longer recognised either.
+    DELETE FROM sync.applied_mutation m WHERE m.applied_at < now() - keep;
+    -- Readers need only the newest access event.
+    DELETE FROM sync.access_event e WHERE e.id < (SELECT max(n.id) FROM sync.access_event n);
+    -- Below the oldest transaction still running, and below every change younger than keep.
+    SELECT least(pg_snapshot_xmin(pg_current_snapshot()),
+                 (SELECT min(h.txid) FROM sync.change_history h WHERE h.captured_at >= now() - keep))
+      INTO new_horizon;
+    IF new_horizon <= (SELECT s.horizon FROM sync.state s) THEN
+        RETURN 0;
+    END IF;
+    DELETE FROM sync.change_history h WHERE h.txid < new_horizon;
+    GET DIAGNOSTICS removed = ROW_COUNT;
+    UPDATE sync.state SET horizon = new_horizon;
+    RETURN removed;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION sync.status() RETURNS jsonb
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+SELECT jsonb_build_object(
+    'tracked', coalesce((
+        SELECT jsonb_agg(jsonb_build_object(
+                   'table', t.relid::text,
+                   'entity_code', t.entity_code,
+                   'capture', t.capture,
+                   'columns', t.columns,
+                   'schema_version', t.schema_version,
+                   -- trigger capture is healthy when both triggers exist and fire ALWAYS
+                   'capture_enabled', t.capture <> 'trigger' OR (
+                       SELECT count(*) = 2 AND bool_and(g.tgenabled = 'A') FROM pg_catalog.pg_trigger g
+                        WHERE g.tgrelid = t.relid
+                          AND g.tgname IN ('sync_capture', 'sync_capture_truncate')))
+                 ORDER BY t.entity_code)
+          FROM sync.tracked t), '[]'::jsonb),
+    'log_rows_estimate', (SELECT greatest(s.n_live_tup, 0) FROM pg_catalog.pg_stat_user_tables s
+                           WHERE s.relid = 'sync.change_history'::regclass),
+    'oldest_change_at', (SELECT h.captured_at FROM sync.change_history h ORDER BY h.id LIMIT 1),
+    'horizon', (SELECT s.horizon::text FROM sync.state s),
+    'wakeup', sync._wakeup_mode(),
+    'wal_slot', coalesce((
+        SELECT jsonb_build_object(
+                   'exists', true,
+                   'retained_bytes', pg_wal_lsn_diff(pg_current_wal_lsn(), r.restart_lsn)::bigint,
+                   'lost_at', (SELECT s.wal_slot_lost_at FROM sync.state s))
+          FROM pg_catalog.pg_replication_slots r WHERE r.slot_name = 'pg_sync'),
+        jsonb_build_object('exists', false, 'retained_bytes', 0,
+                           'lost_at', (SELECT s.wal_slot_lost_at FROM sync.state s))),
+    'last_ingest_at', (SELECT s.last_ingest_at FROM sync.state s))
+$$;
+
+-- Raises SY412 unless `tbl` is tracked now with this tracking and schema version: a
+-- gateway checks, in the transaction of a snapshot or a write, after locking the table and
+-- before its snapshot, that the rows it is about to shape (published columns, the table
+-- itself) are the entity's as it knows it; else it reads the catalog again. SECURITY
+-- DEFINER: the authenticator that runs it may not read sync.tracked; it tells only what
+-- the catalog tells.
+CREATE OR REPLACE FUNCTION sync._entity_is(tbl regclass, tracking bigint, schema_version integer)
+RETURNS boolean
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF NOT EXISTS (SELECT FROM sync.tracked t
+                    WHERE t.relid = tbl AND t.tracking = _entity_is.tracking
+                      AND t.schema_version = _entity_is.schema_version) THEN
+        RAISE EXCEPTION 'pg_sync: entity changed: % was altered, re-tracked or replaced', tbl
+            USING ERRCODE = 'SY412', HINT = 'Read the tracked entities again and retry.';
+    END IF;
+    RETURN true;
+END
+$$;
+
+-- Tags the calling transaction's changes with an origin: a transactional logical message
+-- that WAL enrichment attaches to every change of the transaction, and sync.client_id for
+-- trigger capture. (wal2json cuts a message at a NUL byte; text cannot hold one anyway.)
+CREATE OR REPLACE FUNCTION sync.tag_origin(client_id text) RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF client_id IS NULL OR client_id = '' THEN
+        RAISE EXCEPTION 'sync.tag_origin: client_id must not be empty' USING ERRCODE = '22023';
+    END IF;
+    PERFORM pg_catalog.pg_logical_emit_message(true, 'pg_sync', client_id);
+    PERFORM pg_catalog.set_config('sync.client_id', client_id, true);
+END
+$$;
+
+-- Records that `user_id` applies mutation `id` in this transaction; false when it was
+-- applied before. The gateway calls it in the writing transaction before it takes on the
+-- user's role. SECURITY DEFINER so that the authenticator (below) needs no right on
+-- sync.applied_mutation; it runs no code a caller can define.
+CREATE OR REPLACE FUNCTION sync.claim_mutation(user_id text, id text) RETURNS boolean
+LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+    WITH claimed AS (INSERT INTO sync.applied_mutation (user_id, id) VALUES ($1, $2)
+                     ON CONFLICT DO NOTHING RETURNING 1)
+    SELECT EXISTS (SELECT FROM claimed)
+$$;
+
+-- What a gateway's login role needs, and nothing that bypasses row-level security: reading
+-- the log and the tracked tables, keeping its subscriptions and heartbeat, claiming mutation
+-- ids and tagging writes, ingesting the WAL (which runs as the extension's owner).
+CREATE OR REPLACE FUNCTION sync.grant_gateway(gateway regrole) RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    f regprocedure;
+BEGIN
+    IF gateway IS NULL THEN
+        RAISE EXCEPTION 'sync.grant_gateway: gateway must not be NULL' USING ERRCODE = '22004';
+    END IF;
+    IF (SELECT r.rolsuper OR r.rolbypassrls FROM pg_catalog.pg_roles r WHERE r.oid = gateway) THEN
+        RAISE WARNING 'pg_sync: % is a superuser or bypasses row-level security; the gateway refuses to run as it', gateway;
+    END IF;
+    EXECUTE format('GRANT USAGE ON SCHEMA sync TO %s', gateway);
+    EXECUTE format('GRANT USAGE ON TYPE sync.change TO %s', gateway);
+    EXECUTE format('GRANT SELECT ON sync.change_history, sync.state, sync.tracked, sync.access_event TO %s', gateway);
+    EXECUTE format('GRANT SELECT, INSERT, UPDATE, DELETE ON sync.subscription, sync.gateway TO %s', gateway);
+    EXECUTE format('GRANT SELECT, INSERT ON sync.applied_mutation TO %s', gateway);
+    FOREACH f IN ARRAY ARRAY[
+        'sync.current_cursor()', 'sync.changes_since(text, integer, text)',
+        'sync._changes_page(text, integer, text)', 'sync._cursor_problem(text)',
+        'sync._log_read_lock()', 'sync.cursor_reached(text, text)',
+        'sync.ingest_wal(integer)', 'sync._wal_settled(text)', 'sync.status()',
+        'sync._wakeup_mode()', 'sync.claim_mutation(text, text)', 'sync.tag_origin(text)',
+        'sync.policy_plan(oid, text)', 'sync.visible(oid, jsonb, jsonb)',
+        'sync.access_fingerprint()', 'sync.access_serial()',
+        'sync._entity_is(regclass, bigint, integer)'
+    ]::regprocedure[] LOOP
+        EXECUTE format('GRANT EXECUTE ON FUNCTION %s TO %s', f, gateway);
+    END LOOP;
+END
+$$;
+
+-- The gateway's authenticator: the login its users' queries run on (snapshots, writes) before
+-- and under their role. Code of a table's owner runs in those sessions and can RESET ROLE back
+-- to it, so it may do only what is harmless to expose: read the current cursor, wait for WAL
+-- ingestion, claim mutation ids and tag origins. It reads nothing of the log.
+CREATE OR REPLACE FUNCTION sync.grant_authenticator(authenticator regrole) RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    f regprocedure;
+BEGIN
+    IF authenticator IS NULL THEN
+        RAISE EXCEPTION 'sync.grant_authenticator: authenticator must not be NULL' USING ERRCODE = '22004';
+    END IF;
+    EXECUTE format('GRANT USAGE ON SCHEMA sync TO %s', authenticator);
+    FOREACH f IN ARRAY ARRAY[
+        'sync.current_cursor()', 'sync._wal_settled(text)', 'sync.claim_mutation(text, text)',
+        'sync.tag_origin(text)', 'sync._entity_is(regclass, bigint, integer)'
+    ]::regprocedure[] LOOP
+        EXECUTE format('GRANT EXECUTE ON FUNCTION %s TO %s', f, authenticator);
+    END LOOP;
+END
+$$;
+
+-- The event trigger of access changes also fires for DROP OWNED and ALTER SCHEMA.
+CREATE EVENT TRIGGER sync_access_change ON ddl_command_end
+    WHEN TAG IN ('CREATE POLICY', 'ALTER POLICY', 'DROP POLICY', 'GRANT', 'REVOKE', 'ALTER TABLE',
+                 'DROP OWNED', 'ALTER SCHEMA')
+    EXECUTE FUNCTION sync._on_access_change();
+ALTER EVENT TRIGGER sync_access_change ENABLE ALWAYS;
+
+-- Capture triggers carry the tracking from now on (`schema_version@tracking`).
+SELECT sync._install_capture(t.relid) FROM sync.tracked t WHERE t.capture = 'trigger';
+
+-- Nothing of pg_sync's is anyone's by default (SPEC 1.9).
+REVOKE ALL ON ALL FUNCTIONS IN SCHEMA sync FROM PUBLIC;
+REVOKE ALL ON ALL TABLES IN SCHEMA sync FROM PUBLIC;
+REVOKE ALL ON ALL SEQUENCES IN SCHEMA sync FROM PUBLIC;
+
+-- The roles granted before get what this version adds for them: gateways (they may read the
+-- log) and authenticators (they may claim mutation ids but not read the log).
+DO $$
+DECLARE
+    r regrole;
+BEGIN
+    FOR r IN SELECT a.oid::regrole FROM pg_catalog.pg_roles a
+              WHERE pg_catalog.has_function_privilege(a.oid, 'sync.changes_since(text, integer, text)', 'EXECUTE')
+                AND NOT a.rolsuper LOOP
+        PERFORM sync.grant_gateway(r);
+    END LOOP;
+    FOR r IN SELECT a.oid::regrole FROM pg_catalog.pg_roles a
+              WHERE pg_catalog.has_function_privilege(a.oid, 'sync.claim_mutation(text, text)', 'EXECUTE')
+                AND NOT pg_catalog.has_function_privilege(a.oid, 'sync.changes_since(text, integer, text)', 'EXECUTE')
+                AND NOT a.rolsuper LOOP
+        PERFORM sync.grant_authenticator(r);
+    END LOOP;
+END
+$$;

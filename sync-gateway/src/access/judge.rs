@@ -1,0 +1,483 @@
+//! The one judgement of a page of the log, for every path that delivers it: the live stream
+//! (`access::stage`), a replay (`deliver::replay`) and `/v1/changes` (`http::changes`). Each
+//! calls `Judge::page` for the page and `decide` for each subscriber and change, and maps
+//! what they say the same way: a refusal ends the subscriber's reading of the entity (ERROR
+//! `forbidden` on the socket, 403 over HTTP), a replaced entity makes it refetch (RESYNC
+//! `entity_changed`), the rest is delivered as `model::subscription::judge` says.
+//!
+//! A change is judged on its own row images, old and new, for each *group* of subscribers to
+//! its entity (users sharing a role and claims), never on the table as it is now (SPEC 2.2):
+//! a subscriber learns nothing of a row version it could not see, and a change arrives with
+//! its own data. Per entity and role, the role's plan (`access::plans`) decides how:
+//! - it may not read the entity: its groups are refused;
+//! - row-level security does not apply to it: its groups see everything;
+//! - the policy compiled: evaluated here, the groups indexed by their claims, except the
+//!   groups whose claims it cannot evaluate exactly;
+//! - else `sync.visible` evaluates it in the database, one call for all such groups.
+//!
+//! Who may read what is the catalog's as of the page at least (`Catalog::observe` with the
+//! page's newest access event), and a change is judged only under the tracking that wrote it:
+//! one written by a table no longer tracked under its code (untracked, re-tracked, replaced)
+//! is no subscriber's to see, whatever the table under that code is now.
+
+use super::plans::{Plan, Plans};
+use super::policy::GroupIndex;
+use super::roles::{GroupId, UserContext};
+use crate::feed::catalog::{Catalog, CatalogError, Entity, View};
+use crate::model::change::Change;
+use crate::model::protocol::ResyncReason;
+use crate::model::subscription::{judge, Judgement, Sight, Target};
+use deadpool_postgres::{Object, Pool};
+use pg_sync_core::policy::Visibility;
+use serde_json::{Map, Value};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use tokio_postgres::Client;
+
+/// Who may see the versions of one change of an entity with row-level security.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ChangeSight {
+    /// Groups that may see the row before the change, sorted.
+    pub before: Vec<GroupId>,
+    /// Groups that may see it after, sorted.
+    pub after: Vec<GroupId>,
+}
+
+impl ChangeSight {
+    fn of(&self, group: GroupId) -> Sight {
+        Sight {
+            before: self.before.binary_search(&group).is_ok(),
+            after: self.after.binary_search(&group).is_ok(),
+        }
+    }
+}
+
+/// What a page says of one change, for the groups listening to its entity.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Verdict {
+    /// Judged: None when every group listening sees every version, else who sees which.
+    Seen(Option<Arc<ChangeSight>>),
+    /// Written under a tracking its entity no longer has: nobody is shown it, and the
+    /// entity's subscribers refetch.
+    Replaced,
+}
+
+impl Verdict {
+    /// Nobody sees it (an entity that could not be judged).
+    fn hidden() -> Verdict {
+        Verdict::Seen(Some(Arc::new(ChangeSight::default())))
+    }
+}
+
+/// A subscriber as a decision needs it.
+pub struct Subscriber<'a> {
+    pub sub: &'a str,
+    /// The connection's or request's origin tag: its own writes are not sent back.
+    pub client_id: Option<&'a str>,
+    pub group: GroupId,
+}
+
+/// What `subscriber`, whose subscription covers `target`, gets of `change`: the one
+/// per-subscriber decision of every path.
+pub fn decide(
+    change: &Change,
+    verdict: &Verdict,
+    subscriber: &Subscriber<'_>,
+    target: &Target,
+) -> Judgement {
+    let sight = match verdict {
+        Verdict::Replaced => return Judgement::Resync(ResyncReason::EntityChanged),
+        Verdict::Seen(None) => Sight::ALL,
+        Verdict::Seen(Some(sight)) => sight.of(subscriber.group),
+    };
+    let own = change.written_by(subscriber.sub, subscriber.client_id);
+    judge(change, target, sight, own)
+}
+
+/// A page judged for every group listening.
+pub struct JudgedPage {
+    pub changes: Vec<Arc<Change>>,
+    /// Per change, in order.
+    pub verdicts: Vec<Verdict>,
+    /// (entity, group, why): groups that may not read an entity of this page (any more).
+    pub refused: Vec<(String, GroupId, String)>,
+    /// Whether any entity of the page was judged for row-level security (a metric).
+    pub judged_rls: bool,
+}
+
+/// A group as its policies read it: a user of it (users of one group share role and claims).
+pub type Group = Arc<UserContext>;
+
+/// The groups listening to an entity, by role, as judging needs them; built again only when
+/// the set changes (its `generation`).
+pub struct Listeners {
+    generation: u64,
+    by_role: BTreeMap<String, Vec<(GroupId, Group)>>,
+    /// Groups without a role, which read nothing.
+    roleless: Vec<GroupId>,
+}
+
+impl Listeners {
+    pub fn new(generation: u64, groups: impl IntoIterator<Item = (GroupId, Group)>) -> Listeners {
+        let mut listeners = Listeners {
+            generation,
+            by_role: BTreeMap::new(),
+            roleless: Vec::new(),
+        };
+        for (g, group) in groups {
+            match group.role.clone() {
+                Some(role) => listeners.by_role.entry(role).or_default().push((g, group)),
+                None => listeners.roleless.push(g),
+            }
+        }
+        listeners
+    }
+
+    /// One user alone, as group 0 (a replay, a `/v1/changes` request).
+    pub fn alone(user: Arc<UserContext>, group: GroupId) -> Listeners {
+        Listeners::new(0, [(group, user)])
+    }
+
+    /// A number that changes whenever the groups do.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    fn groups(&self) -> impl Iterator<Item = GroupId> + '_ {
+        self.by_role
+            .values()
+            .flatten()
+            .map(|(g, _)| *g)
+            .chain(self.roleless.iter().copied())
+    }
+}
+
+/// Who listens to the entities of a page.
+pub trait Audience {
+    /// The groups listening to `entity`; None when nobody does (its changes need no judging).
+    fn listeners(&mut self, entity: &str) -> Option<Arc<Listeners>>;
+}
+
+impl Audience for Arc<Listeners> {
+    fn listeners(&mut self, _entity: &str) -> Option<Arc<Listeners>> {
+        Some(self.clone())
+    }
+}
+
+/// Where a judgement's database work runs: a connection the caller holds (a replay, a
+/// request), or one taken from the visibility pool only when a page needs it (the live
+/// stage).
+pub enum Db<'a> {
+    Held(&'a Client),
+    Pool(&'a Pool, Option<Box<Object>>),
+}
+
+impl Db<'_> {
+    async fn client(&mut self) -> Result<&Client, deadpool_postgres::PoolError> {
+        match self {
+            Db::Held(client) => Ok(client),
+            Db::Pool(pool, held) => {
+                if held.is_none() {
+                    *held = Some(Box::new(pool.get().await?));
+                }
+                Ok(held.as_ref().expect("just taken"))
+            }
+        }
+    }
+}
+
+/// Why a page could not be judged at all.
+#[derive(Debug, thiserror::Error)]
+pub enum JudgeError {
+    #[error("reading who may read what: {0}")]
+    Catalog(#[from] CatalogError),
+}
+
+/// Judges pages; keeps the compiled policies' indexes over groups between pages.
+#[derive(Default)]
+pub struct Judge {
+    /// Per (entity, role): the index and what it was built for (the listeners' generation,
+    /// the catalog epoch, and the plan, held so that a newer plan can never be mistaken for
+    /// it by its address).
+    indexes: HashMap<(String, String), BuiltIndex>,
+}
+
+type BuiltIndex = ((u64, u64), Arc<Plan>, Arc<GroupIndex>);
+
+/// What judging one entity's changes found.
+struct EntityJudgement {
+    /// Per change (in order), or None when every group sees everything.
+    sights: Option<Vec<ChangeSight>>,
+    refused: Vec<(GroupId, String)>,
+}
+
+impl Judge {
+    /// Judges `changes`, a page whose snapshot saw access event `access_serial`, for the
+    /// groups `audience` says listen.
+    pub async fn page(
+        &mut self,
+        catalog: &Catalog,
+        plans: &Plans,
+        db: &mut Db<'_>,
+        access_serial: i64,
+        changes: Vec<Arc<Change>>,
+        audience: &mut impl Audience,
+    ) -> Result<JudgedPage, JudgeError> {
+        let view = catalog.observe(access_serial).await?;
+        let mut verdicts = vec![Verdict::Seen(None); changes.len()];
+        let mut refused = Vec::new();
+        let mut judged_rls = false;
+        let mut by_entity: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
+        for (i, c) in changes.iter().enumerate() {
+            by_entity.entry(c.entity_code.as_str()).or_default().push(i);
+        }
+        for (code, at) in by_entity {
+            let Some(listeners) = audience.listeners(code) else {
+                continue;
+            };
+            let entity = view.entities.get(code);
+            let mut current = Vec::with_capacity(at.len());
+            for i in at {
+                match entity {
+                    Some(e) if changes[i].tracking == Some(e.tracking) => current.push(i),
+                    _ => verdicts[i] = Verdict::Replaced,
+                }
+            }
+            let (Some(entity), false) = (entity, current.is_empty()) else {
+                continue;
+            };
+            let of_entity: Vec<&Change> = current.iter().map(|&i| &*changes[i]).collect();
+            let judgement = self
+                .entity(db, plans, &view, entity, &listeners, &of_entity)
+                .await;
+            if let Some(sights) = judgement.sights {
+                judged_rls = true;
+                for (i, sight) in current.into_iter().zip(sights) {
+                    verdicts[i] = Verdict::Seen(Some(Arc::new(sight)));
+                }
+            }
+            refused.extend(
+                judgement
+                    .refused
+                    .into_iter()
+                    .map(|(g, why)| (code.to_owned(), g, why)),
+            );
+        }
+        Ok(JudgedPage {
+            changes,
+            verdicts,
+            refused,
+            judged_rls,
+        })
+    }
+
+    /// Judges `changes` (all of `entity`, under its tracking) for the groups listening.
+    async fn entity(
+        &mut self,
+        db: &mut Db<'_>,
+        plans: &Plans,
+        view: &View,
+        entity: &Entity,
+        listeners: &Listeners,
+        changes: &[&Change],
+    ) -> EntityJudgement {
+        let nobody = |why: &str| EntityJudgement {
+            sights: Some(vec![ChangeSight::default(); changes.len()]),
+            refused: listeners.groups().map(|g| (g, why.to_owned())).collect(),
+        };
+        let client = match db.client().await {
+            Ok(client) => client,
+            Err(e) => {
+                tracing::warn!(error = %e, "no connection to judge row-level security");
+                return nobody("the gateway could not judge this table's rows; subscribe again");
+            }
+        };
+        let mut refused: Vec<(GroupId, String)> = listeners
+            .roleless
+            .iter()
+            .map(|g| (*g, format!("reading {} needs a role", entity.code)))
+            .collect();
+        let mut see_all: Vec<GroupId> = Vec::new();
+        let mut indexed: Vec<Arc<GroupIndex>> = Vec::new();
+        let mut in_database: Vec<(GroupId, &Group)> = Vec::new();
+        for (role, members) in &listeners.by_role {
+            let plan = match plans.get(client, view.epoch, entity, role).await {
+                Ok(plan) => plan,
+                Err(e) => {
+                    tracing::warn!(entity = entity.code, role, error = %crate::ErrorChain(&e), "reading a policy plan failed");
+                    let why = "the gateway could not read this table's policies; subscribe again";
+                    refused.extend(members.iter().map(|(g, _)| (*g, why.to_owned())));
+                    continue;
+                }
+            };
+            if let Some(why) = plan.refusal(entity) {
+                refused.extend(members.iter().map(|(g, _)| (*g, why.clone())));
+            } else if !plan.rls {
+                see_all.extend(members.iter().map(|(g, _)| *g));
+            } else if let Some(expr) = &plan.expr {
+                let key = (entity.code.clone(), role.clone());
+                let built_for = (listeners.generation, view.epoch);
+                let index = match self.indexes.get(&key) {
+                    Some((built, built_plan, index))
+                        if *built == built_for && Arc::ptr_eq(built_plan, &plan) =>
+                    {
+                        index.clone()
+                    }
+                    _ => {
+                        let groups = members
+                            .iter()
+                            .map(|(g, group)| (*g, group.claims_json.clone()));
+                        let index = Arc::new(GroupIndex::new(expr.clone(), groups));
+                        self.indexes
+                            .insert(key, (built_for, plan.clone(), index.clone()));
+                        index
+                    }
+                };
+                refused.extend(index.failed.iter().map(|(g, e)| {
+                    let why = format!(
+                        "a row-level-security policy of {} failed for you: {e}",
+                        entity.code
+                    );
+                    (*g, why)
+                }));
+                in_database.extend(
+                    members
+                        .iter()
+                        .filter(|(g, _)| index.inexact.binary_search(g).is_ok())
+                        .map(|(g, group)| (*g, group)),
+                );
+                indexed.push(index);
+            } else {
+                in_database.extend(members.iter().map(|(g, group)| (*g, group)));
+            }
+        }
+        if indexed.is_empty() && in_database.is_empty() {
+            return EntityJudgement {
+                sights: None,
+                refused,
+            };
+        }
+        // The images to judge: each change's old and new row, where it has them.
+        let images: Vec<&Map<String, Value>> = changes
+            .iter()
+            .flat_map(|c| [c.old_data.as_ref(), c.data.as_ref()])
+            .flatten()
+            .collect();
+        let mut database_sees: Vec<Vec<GroupId>> = vec![Vec::new(); images.len()];
+        if !in_database.is_empty() {
+            match visible_in_database(client, entity, &in_database, &images).await {
+                Ok(answers) => {
+                    for ((g, _), answer) in in_database.iter().zip(answers) {
+                        match answer {
+                            Visibility::Visible(bits) => {
+                                for (i, seen) in bits.into_iter().enumerate().take(images.len()) {
+                                    if seen {
+                                        database_sees[i].push(*g);
+                                    }
+                                }
+                            }
+                            Visibility::Error(why) => refused.push((
+                                *g,
+                                format!(
+                                    "a row-level-security policy of {} failed for you: {why}",
+                                    entity.code
+                                ),
+                            )),
+                        }
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(entity = entity.code, error = %crate::ErrorChain(&e), "judging rows in the database failed");
+                    let why = "the gateway could not judge this table's rows; subscribe again";
+                    refused.extend(in_database.iter().map(|(g, _)| (*g, why.to_owned())));
+                }
+            }
+        }
+        let mut at = 0;
+        let mut seen_by = |image: Option<&Map<String, Value>>| -> Vec<GroupId> {
+            let Some(image) = image else {
+                return Vec::new();
+            };
+            let mut groups: Vec<GroupId> = see_all.clone();
+            for index in &indexed {
+                groups.extend(index.visible(image));
+            }
+            groups.append(&mut database_sees[at]);
+            at += 1;
+            groups.sort_unstable();
+            groups.dedup();
+            groups
+        };
+        let sights = changes
+            .iter()
+            .map(|c| {
+                let before = seen_by(c.old_data.as_ref());
+                let after = seen_by(c.data.as_ref());
+                ChangeSight { before, after }
+            })
+            .collect();
+        EntityJudgement {
+            sights: Some(sights),
+            refused,
+        }
+    }
+}
+
+impl Judge {
+    /// A page nobody may see anything of (it could not be judged): every group listening is
+    /// refused, so that nobody is shown a change unjudged.
+    pub fn unjudged(
+        changes: Vec<Arc<Change>>,
+        audience: &mut impl Audience,
+        why: &str,
+    ) -> JudgedPage {
+        let mut refused = Vec::new();
+        let mut codes: Vec<&str> = changes.iter().map(|c| c.entity_code.as_str()).collect();
+        codes.sort_unstable();
+        codes.dedup();
+        for code in codes {
+            if let Some(listeners) = audience.listeners(code) {
+                refused.extend(
+                    listeners
+                        .groups()
+                        .map(|g| (code.to_owned(), g, why.to_owned())),
+                );
+            }
+        }
+        JudgedPage {
+            verdicts: vec![Verdict::hidden(); changes.len()],
+            changes,
+            refused,
+            judged_rls: false,
+        }
+    }
+}
+
+/// `sync.visible` for `groups` over `images`: per group, a bit per image, or why it failed.
+async fn visible_in_database(
+    client: &Client,
+    entity: &Entity,
+    groups: &[(GroupId, &Group)],
+    images: &[&Map<String, Value>],
+) -> Result<Vec<Visibility>, tokio_postgres::Error> {
+    let groups: Vec<pg_sync_core::policy::Group> = groups
+        .iter()
+        .map(|(_, g)| pg_sync_core::policy::Group {
+            role: g.role.clone().unwrap_or_default(),
+            claims: g.claims_json.clone(),
+        })
+        .collect();
+    let count = groups.len();
+    let groups = serde_json::to_value(groups).expect("groups serialize");
+    let images = Value::Array(images.iter().map(|i| Value::Object((*i).clone())).collect());
+    let row = client
+        .query_one(
+            "SELECT sync.visible($1::text::regclass, $2, $3)",
+            &[&entity.table, &groups, &images],
+        )
+        .await?;
+    let answers = serde_json::from_value(row.get::<_, Value>(0)).unwrap_or_else(|e| {
+        vec![Visibility::Error(format!("an answer of sync.visible did not parse: {e}")); count]
+    });
+    Ok(answers)
+}

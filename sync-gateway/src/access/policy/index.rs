@@ -1,0 +1,311 @@
+//! The groups of one role compiled against its policy, so that a row image finds the groups
+//! that may see it by one lookup per disjunct, whatever their number.
+//!
+//! The quals are turned into a disjunction of conjunctions; in each, a literal
+//! `column = claim` (or `claim ? column`) indexes the groups by their claim's value. What
+//! cannot be indexed is evaluated per group, still in memory. Groups whose claims make the
+//! policy raise, and those it cannot evaluate exactly (`eval::inexact`), are set apart for
+//! the caller.
+
+use super::eval::{claim_value, eval, inexact, json_text, json_val, typed, EvalError, Val};
+use crate::access::roles::GroupId;
+use pg_sync_core::policy::{CmpOp, Expr, Term, Ty};
+use serde_json::{Map, Value};
+use std::collections::HashMap;
+
+/// One literal of a disjunct: an atom, maybe negated (with SQL's NOT).
+#[derive(Clone, Debug)]
+struct Literal {
+    expr: Expr,
+    negated: bool,
+}
+
+impl Literal {
+    fn eval(&self, row: &Map<String, Value>, claims: &Value) -> Result<bool, EvalError> {
+        Ok(eval(&self.expr, row, claims)?.map(|b| b != self.negated) == Some(true))
+    }
+}
+
+/// Disjuncts of conjunctions, as many as this at most; beyond, groups are evaluated one by
+/// one.
+const MAX_DISJUNCTS: usize = 64;
+
+/// An expression in disjunctive normal form (NOT pushed down to the atoms, as De Morgan's
+/// laws allow in three-valued logic too): TRUE exactly when one conjunction is TRUE.
+fn dnf(expr: &Expr, negated: bool) -> Option<Vec<Vec<Literal>>> {
+    let (all, any) = match (expr, negated) {
+        (Expr::And(args), false) | (Expr::Or(args), true) => (Some(args), None),
+        (Expr::Or(args), false) | (Expr::And(args), true) => (None, Some(args)),
+        (Expr::Not(inner), n) => return dnf(inner, !n),
+        (atom, n) => {
+            return Some(vec![vec![Literal {
+                expr: atom.clone(),
+                negated: n,
+            }]])
+        }
+    };
+    if let Some(args) = any {
+        let mut out = Vec::new();
+        for a in args {
+            out.extend(dnf(a, negated)?);
+            if out.len() > MAX_DISJUNCTS {
+                return None;
+            }
+        }
+        return Some(out);
+    }
+    let mut out: Vec<Vec<Literal>> = vec![vec![]];
+    for a in all.expect("one of the two") {
+        let parts = dnf(a, negated)?;
+        let mut next = Vec::new();
+        for left in &out {
+            for right in &parts {
+                next.push(left.iter().chain(right).cloned().collect());
+                if next.len() > MAX_DISJUNCTS {
+                    return None;
+                }
+            }
+        }
+        out = next;
+    }
+    Some(out)
+}
+
+fn reads_columns(expr: &Expr) -> bool {
+    let term = |t: &Term| matches!(t, Term::Column(_));
+    match expr {
+        Expr::And(a) | Expr::Or(a) => a.iter().any(reads_columns),
+        Expr::Not(a) => reads_columns(a),
+        Expr::Const(_) => false,
+        Expr::Cmp { left, right, .. } => term(left) || term(right),
+        Expr::Null(t) | Expr::NotNull(t) => term(t),
+        Expr::Contains { item, .. } => term(item),
+    }
+}
+
+fn reads_claims(expr: &Expr) -> bool {
+    let term = |t: &Term| matches!(t, Term::Claim { .. });
+    match expr {
+        Expr::And(a) | Expr::Or(a) => a.iter().any(reads_claims),
+        Expr::Not(a) => reads_claims(a),
+        Expr::Const(_) => false,
+        Expr::Cmp { left, right, .. } => term(left) || term(right),
+        Expr::Null(t) | Expr::NotNull(t) => term(t),
+        Expr::Contains { .. } => true,
+    }
+}
+
+/// A literal that indexes groups: `column = claim` (either side) or `claim ? column`.
+#[derive(Clone, Debug)]
+enum Link {
+    Equal { column: String, claim: Term, ty: Ty },
+    Holds { column: String, claim: Vec<String> },
+}
+
+impl Link {
+    fn of(literal: &Literal) -> Option<Link> {
+        if literal.negated {
+            return None;
+        }
+        match &literal.expr {
+            Expr::Cmp {
+                op: CmpOp::Eq,
+                ty,
+                left,
+                right,
+            } => match (left, right) {
+                (Term::Column(c), claim @ Term::Claim { .. })
+                | (claim @ Term::Claim { .. }, Term::Column(c)) => Some(Link::Equal {
+                    column: c.clone(),
+                    claim: claim.clone(),
+                    ty: *ty,
+                }),
+                _ => None,
+            },
+            Expr::Contains {
+                claim,
+                item: Term::Column(c),
+            } => Some(Link::Holds {
+                column: c.clone(),
+                claim: claim.clone(),
+            }),
+            _ => None,
+        }
+    }
+
+    /// The keys a group is filed under.
+    fn keys(&self, claims: &Value) -> Result<Vec<Val>, EvalError> {
+        match self {
+            Link::Equal { claim, ty, .. } => Ok(typed(claim, *ty, &Map::new(), claims)?
+                .into_iter()
+                .collect()),
+            Link::Holds { claim, .. } => Ok(match claim_value(claims, claim) {
+                Some(Value::Array(items)) => items
+                    .iter()
+                    .filter_map(|i| i.as_str().map(|s| Val::Text(s.to_owned())))
+                    .collect(),
+                Some(Value::Object(o)) => o.keys().map(|k| Val::Text(k.clone())).collect(),
+                Some(Value::String(s)) => vec![Val::Text(s.clone())],
+                _ => vec![],
+            }),
+        }
+    }
+
+    /// The key a row looks up.
+    fn key(&self, row: &Map<String, Value>) -> Option<Val> {
+        match self {
+            Link::Equal { column, ty, .. } => row.get(column).and_then(|v| json_val(v, *ty)),
+            Link::Holds { column, .. } => row.get(column).and_then(json_text).map(Val::Text),
+        }
+    }
+}
+
+/// One conjunction, ready for rows: its literals on the row alone, and the groups that pass
+/// its literals on claims alone, by the key of its link when it has one.
+struct Conjunct {
+    on_row: Vec<Literal>,
+    /// Literals reading both the row and the claims (beyond the link), checked per group.
+    on_both: Vec<Literal>,
+    link: Option<Link>,
+    by_key: HashMap<Val, Vec<GroupId>>,
+    groups: Vec<GroupId>,
+}
+
+/// The groups of one role, compiled against its policy: who may see a row image.
+pub struct GroupIndex {
+    expr: Expr,
+    claims: HashMap<GroupId, Value>,
+    /// None: too many disjuncts, groups are evaluated one by one.
+    conjuncts: Option<Vec<Conjunct>>,
+    /// Groups for which the policy raises (a claim that does not parse as its cast).
+    pub failed: Vec<(GroupId, EvalError)>,
+    /// Groups this index cannot judge exactly (`eval::inexact`): the database must.
+    pub inexact: Vec<GroupId>,
+}
+
+impl GroupIndex {
+    pub fn new(expr: Expr, groups: impl IntoIterator<Item = (GroupId, Value)>) -> GroupIndex {
+        let (set_apart, claims): (Vec<_>, Vec<_>) =
+            groups.into_iter().partition(|(_, c)| inexact(&expr, c));
+        let claims: HashMap<GroupId, Value> = claims.into_iter().collect();
+        let mut set_apart: Vec<GroupId> = set_apart.into_iter().map(|(g, _)| g).collect();
+        set_apart.sort_unstable();
+        let mut failed: HashMap<GroupId, EvalError> = HashMap::new();
+        let empty = Map::new();
+        let conjuncts = dnf(&expr, false).map(|terms| {
+            terms
+                .into_iter()
+                .map(|literals| {
+                    let (mut on_row, mut on_claims, mut on_both) = (vec![], vec![], vec![]);
+                    let mut link = None;
+                    for l in literals {
+                        match (reads_columns(&l.expr), reads_claims(&l.expr)) {
+                            (_, false) => on_row.push(l),
+                            (false, true) => on_claims.push(l),
+                            (true, true) => match (&link, Link::of(&l)) {
+                                (None, Some(found)) => link = Some(found),
+                                _ => on_both.push(l),
+                            },
+                        }
+                    }
+                    let mut conjunct = Conjunct {
+                        on_row,
+                        on_both,
+                        link,
+                        by_key: HashMap::new(),
+                        groups: Vec::new(),
+                    };
+                    for (&g, c) in &claims {
+                        let passes = on_claims
+                            .iter()
+                            .try_fold(true, |ok, l| Ok::<_, EvalError>(ok && l.eval(&empty, c)?));
+                        let keys = conjunct.link.as_ref().map(|link| link.keys(c)).transpose();
+                        match (passes, keys) {
+                            (Err(e), _) | (_, Err(e)) => {
+                                failed.insert(g, e);
+                            }
+                            (Ok(false), _) => {}
+                            (Ok(true), Ok(None)) => conjunct.groups.push(g),
+                            (Ok(true), Ok(Some(keys))) => {
+                                for k in keys {
+                                    conjunct.by_key.entry(k).or_default().push(g);
+                                }
+                            }
+                        }
+                    }
+                    conjunct
+                })
+                .collect()
+        });
+        let mut index = GroupIndex {
+            expr,
+            claims,
+            conjuncts,
+            failed: Vec::new(),
+            inexact: set_apart,
+        };
+        if index.conjuncts.is_none() {
+            // Evaluated one by one: a group fails when its claims make the policy raise on
+            // the first image that reaches that part; find such groups up front by an empty
+            // row, where every column is NULL.
+            for (&g, c) in &index.claims {
+                if let Err(e) = eval(&index.expr, &empty, c) {
+                    failed.insert(g, e);
+                }
+            }
+        }
+        let mut failed: Vec<_> = failed.into_iter().collect();
+        failed.sort_by_key(|(g, _)| *g);
+        for (g, _) in &failed {
+            index.claims.remove(g);
+        }
+        index.failed = failed;
+        index
+    }
+
+    /// The groups (sorted) that may see `row`, among those that did not fail.
+    pub fn visible(&self, row: &Map<String, Value>) -> Vec<GroupId> {
+        let mut out = Vec::new();
+        match &self.conjuncts {
+            None => {
+                for (&g, c) in &self.claims {
+                    if eval(&self.expr, row, c) == Ok(Some(true)) {
+                        out.push(g);
+                    }
+                }
+            }
+            Some(conjuncts) => {
+                for conjunct in conjuncts {
+                    let null = Value::Null;
+                    if !conjunct
+                        .on_row
+                        .iter()
+                        .all(|l| l.eval(row, &null) == Ok(true))
+                    {
+                        continue;
+                    }
+                    let candidates = match &conjunct.link {
+                        None => &conjunct.groups[..],
+                        Some(link) => match link.key(row).and_then(|k| conjunct.by_key.get(&k)) {
+                            Some(groups) => &groups[..],
+                            None => &[],
+                        },
+                    };
+                    for g in candidates {
+                        let claims = &self.claims[g];
+                        if conjunct
+                            .on_both
+                            .iter()
+                            .all(|l| l.eval(row, claims) == Ok(true))
+                        {
+                            out.push(*g);
+                        }
+                    }
+                }
+            }
+        }
+        out.sort_unstable();
+        out.dedup();
+        out
+    }
+}

@@ -1,0 +1,158 @@
+//! Row-level-security policies compiled by the extension (`sync.policy_plan`, as
+//! `pg_sync_core::policy` types) and evaluated here, in memory, for any number of groups of
+//! subscribers (a role and its claims), so that judging a change costs no query per group.
+//! Pure: no I/O. `eval` evaluates one expression for one row and one group, as PostgreSQL
+//! would, or says it cannot exactly; `index` finds the groups that may see a row.
+
+mod eval;
+mod index;
+
+pub use eval::EvalError;
+pub use index::GroupIndex;
+
+#[cfg(test)]
+mod tests {
+    use super::eval::{eval, parse_bool, parse_uuid};
+    use super::*;
+    use pg_sync_core::policy::Expr;
+    use serde_json::{json, Map, Value};
+
+    fn expr(value: Value) -> Expr {
+        serde_json::from_value(value).unwrap()
+    }
+
+    fn row(value: Value) -> Map<String, Value> {
+        value.as_object().unwrap().clone()
+    }
+
+    fn owner_is_sub() -> Value {
+        json!({"cmp": {"op": "eq", "type": "text", "left": {"column": "owner"}, "right": {"claim": {"path": ["sub"]}}}})
+    }
+
+    #[test]
+    fn three_valued_logic_as_in_sql() {
+        let e = expr(json!({"or": [owner_is_sub(), {"null": {"column": "owner"}}]}));
+        let alice = json!({"sub": "alice"});
+        assert_eq!(
+            eval(&e, &row(json!({"owner": "alice"})), &alice),
+            Ok(Some(true))
+        );
+        assert_eq!(
+            eval(&e, &row(json!({"owner": "bob"})), &alice),
+            Ok(Some(false))
+        );
+        assert_eq!(
+            eval(&e, &row(json!({"owner": null})), &alice),
+            Ok(Some(true))
+        );
+        // A missing claim is NULL: owner = NULL is NULL, and NOT NULL is NULL too.
+        let not = expr(json!({"not": owner_is_sub()}));
+        assert_eq!(
+            eval(&not, &row(json!({"owner": "bob"})), &json!({})),
+            Ok(None)
+        );
+    }
+
+    #[test]
+    fn claims_are_cast_as_postgresql_casts_them() {
+        let e = expr(
+            json!({"cmp": {"op": "eq", "type": "int", "left": {"column": "n"}, "right": {"claim": {"path": ["app", "n"], "as": "int4"}}}}),
+        );
+        let r = row(json!({"n": 7}));
+        assert_eq!(eval(&e, &r, &json!({"app": {"n": " 7 "}})), Ok(Some(true)));
+        assert_eq!(eval(&e, &r, &json!({"app": {"n": 7}})), Ok(Some(true)));
+        assert!(eval(&e, &r, &json!({"app": {"n": "seven"}})).is_err());
+        assert!(eval(&e, &r, &json!({"app": {"n": "3000000000"}})).is_err());
+        assert_eq!(
+            parse_uuid("{A0EEBC99-9C0B-4EF8-BB6D-6BB9BD380A11}"),
+            parse_uuid("a0eebc999c0b4ef8bb6d6bb9bd380a11")
+        );
+        assert_eq!(
+            parse_uuid("a0ee-bc99-9c0b-4ef8-bb6d-6bb9-bd38-0a11"),
+            parse_uuid("a0eebc999c0b4ef8bb6d6bb9bd380a11")
+        );
+        assert_eq!(parse_uuid("a0eebc99-9c0b4ef8-bb6d-6bb9bd380a1"), None);
+        assert_eq!(parse_bool(" TR "), Some(true));
+        assert_eq!(parse_bool("o"), None);
+        assert_eq!(parse_bool("of"), Some(false));
+    }
+
+    #[test]
+    fn groups_are_found_by_their_claim_not_one_by_one() {
+        let team = json!({"cmp": {"op": "eq", "type": "text", "left": {"column": "team"}, "right": {"claim": {"path": ["team"]}}}});
+        let published = json!({"cmp": {"op": "eq", "type": "bool", "left": {"column": "public"}, "right": {"value": true}}});
+        let e = expr(json!({"or": [team, owner_is_sub(), published]}));
+        let groups = (0..1000u32).map(|g| {
+            (
+                g,
+                json!({"sub": format!("u{g}"), "team": format!("t{}", g % 10)}),
+            )
+        });
+        let index = GroupIndex::new(e.clone(), groups);
+        assert!(index.failed.is_empty());
+        let r = row(json!({"team": "t3", "owner": "u5", "public": false}));
+        let seen = index.visible(&r);
+        assert_eq!(seen.len(), 101, "100 of team t3 and u5");
+        assert!(seen.contains(&5) && seen.contains(&13) && !seen.contains(&4));
+        // The same answer as evaluating each group.
+        let naive: Vec<u32> = (0..1000)
+            .filter(|g| {
+                eval(
+                    &e,
+                    &r,
+                    &json!({"sub": format!("u{g}"), "team": format!("t{}", g % 10)}),
+                ) == Ok(Some(true))
+            })
+            .collect();
+        assert_eq!(seen, naive);
+        let all = index.visible(&row(json!({"team": "x", "owner": "x", "public": true})));
+        assert_eq!(all.len(), 1000);
+    }
+
+    #[test]
+    fn a_group_whose_claims_make_the_policy_raise_fails_alone() {
+        let e = expr(
+            json!({"cmp": {"op": "eq", "type": "int", "left": {"column": "n"}, "right": {"claim": {"path": ["n"], "as": "int4"}}}}),
+        );
+        let index = GroupIndex::new(e, [(1, json!({"n": "1"})), (2, json!({"n": "x"}))]);
+        assert_eq!(index.failed.len(), 1);
+        assert_eq!(index.failed[0].0, 2);
+        assert_eq!(index.visible(&row(json!({"n": 1}))), [1]);
+    }
+
+    #[test]
+    fn membership_in_a_claim_array() {
+        let e = expr(json!({"contains": {"claim": ["teams"], "item": {"column": "team"}}}));
+        let index = GroupIndex::new(
+            e,
+            [
+                (1, json!({"teams": ["a", "b"]})),
+                (2, json!({"teams": ["b"]})),
+                (3, json!({})),
+            ],
+        );
+        assert_eq!(index.visible(&row(json!({"team": "b"}))), [1, 2]);
+        assert_eq!(index.visible(&row(json!({"team": "a"}))), [1]);
+        assert!(index.visible(&row(json!({"team": null}))).is_empty());
+    }
+
+    #[test]
+    fn claims_whose_text_is_not_reproduced_exactly_go_to_the_database() {
+        let team = expr(
+            json!({"cmp": {"op": "eq", "type": "text", "left": {"column": "team"}, "right": {"claim": {"path": ["team"]}}}}),
+        );
+        let index = GroupIndex::new(
+            team,
+            [
+                (1, json!({"team": "a"})),
+                (2, json!({"team": {"a": 1}})),
+                (3, json!({"team": ["a"]})),
+                (4, json!({"team": 1.5})),
+                (5, json!({"team": 7})),
+            ],
+        );
+        assert_eq!(index.inexact, [2, 3, 4]);
+        assert_eq!(index.visible(&row(json!({"team": "7"}))), [5]);
+        assert!(index.visible(&row(json!({"team": "{\"a\":1}"}))).is_empty());
+    }
+}

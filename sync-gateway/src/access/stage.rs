@@ -1,0 +1,302 @@
+//! The visibility stage, between the feed and the router (feed → stage → router): it judges
+//! each page the reader hands on (`access::judge`) before the router, which does no I/O,
+//! sees it, and tells the router of entities replaced under their code.
+//!
+//! Commands that change who listens (connections, subscriptions) pass through this stage on
+//! their way to the router, in order with the batches, so that every batch the router gets
+//! after a subscription was judged for that subscriber's group. The stage does not know the
+//! router's commands: it is generic over them (`Passing`), reading only who listens to what.
+
+use super::judge::{Audience, Db, Judge, JudgedPage, Listeners};
+use super::plans::Plans;
+use super::roles::{GroupId, UserContext};
+use crate::feed::catalog::{Catalog, View};
+use crate::feed::reader::{Batch, Feed};
+use crate::metrics::Metrics;
+use crate::model::change::Change;
+use crate::model::cursor::Cursor;
+use deadpool_postgres::Pool;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+/// A page of the live stream, judged for every group listening.
+pub struct JudgedBatch {
+    pub page: JudgedPage,
+    pub end: Cursor,
+    /// The read reached the end of the log: `end` is a batch boundary, where a replay can
+    /// end. A full page ends inside a batch instead.
+    pub complete: bool,
+    /// When the read returned: the gateway's own share of a change's lag starts here.
+    pub read_at: Instant,
+}
+
+/// What the stage hands the router, besides the commands it passes through.
+pub enum Staged {
+    Batch(Arc<JudgedBatch>),
+    /// The reader lost its place (its cursor expired): everyone resynchronises.
+    Reset(Cursor),
+    /// These entities were untracked, tracked again or replaced by another table: their
+    /// subscribers hold another table's rows, and refetch.
+    Replaced(Vec<String>),
+}
+
+/// What a command passing through says about who listens.
+pub enum Listening<'a> {
+    Connect {
+        conn: u64,
+        group: GroupId,
+        user: &'a Arc<UserContext>,
+    },
+    Reauth {
+        conn: u64,
+        group: GroupId,
+        user: &'a Arc<UserContext>,
+    },
+    Subscribe {
+        conn: u64,
+        entity: &'a str,
+    },
+    /// Every subscription of the connection to the entity ends.
+    Unsubscribe {
+        conn: u64,
+        entity: &'a str,
+    },
+    UnsubscribeAll(u64),
+    Disconnect(u64),
+}
+
+/// The router's commands, as the stage sees them.
+pub trait Passing: From<Staged> + Send + 'static {
+    fn listening(&self) -> Option<Listening<'_>>;
+}
+
+/// Who listens to what, as the commands passing through show it.
+#[derive(Default)]
+struct Registry {
+    /// Connection → its group, and the group's details.
+    connections: HashMap<u64, (GroupId, Arc<UserContext>)>,
+    /// Entity → group → the connections of the group subscribed to it.
+    listening: HashMap<String, BTreeMap<GroupId, HashSet<u64>>>,
+    /// Entity → a number that changes whenever its set of groups does.
+    generations: HashMap<String, u64>,
+    next_generation: u64,
+    /// The listeners of each entity as last built, for their generation.
+    built: HashMap<String, Arc<Listeners>>,
+}
+
+impl Registry {
+    fn observe(&mut self, event: Listening<'_>) {
+        match event {
+            Listening::Connect { conn, group, user } => {
+                self.connections.insert(conn, (group, user.clone()));
+            }
+            Listening::Reauth { conn, group, user } => {
+                let old = self.connections.insert(conn, (group, user.clone()));
+                if let Some((old_group, _)) = old {
+                    let entities: Vec<String> = self
+                        .listening
+                        .iter()
+                        .filter(|(_, groups)| {
+                            groups.get(&old_group).is_some_and(|c| c.contains(&conn))
+                        })
+                        .map(|(e, _)| e.clone())
+                        .collect();
+                    for entity in entities {
+                        self.forget(&entity, conn);
+                        self.listen(&entity, group, conn);
+                    }
+                }
+            }
+            Listening::Subscribe { conn, entity } => {
+                if let Some((group, _)) = self.connections.get(&conn) {
+                    let group = *group;
+                    self.listen(entity, group, conn);
+                }
+            }
+            Listening::Unsubscribe { conn, entity } => self.forget(entity, conn),
+            Listening::UnsubscribeAll(conn) => self.forget_everywhere(conn),
+            Listening::Disconnect(conn) => {
+                self.forget_everywhere(conn);
+                self.connections.remove(&conn);
+            }
+        }
+    }
+
+    fn changed(&mut self, entity: &str) {
+        self.next_generation += 1;
+        self.generations
+            .insert(entity.to_owned(), self.next_generation);
+    }
+
+    fn listen(&mut self, entity: &str, group: GroupId, conn: u64) {
+        let groups = self.listening.entry(entity.to_owned()).or_default();
+        let conns = groups.entry(group).or_default();
+        let new_group = conns.is_empty();
+        conns.insert(conn);
+        if new_group {
+            self.changed(entity);
+        }
+    }
+
+    fn forget(&mut self, entity: &str, conn: u64) {
+        let Some(groups) = self.listening.get_mut(entity) else {
+            return;
+        };
+        let before = groups.len();
+        groups.retain(|_, conns| {
+            conns.remove(&conn);
+            !conns.is_empty()
+        });
+        if groups.len() != before {
+            self.changed(entity);
+        }
+    }
+
+    fn forget_everywhere(&mut self, conn: u64) {
+        let entities: Vec<String> = self.listening.keys().cloned().collect();
+        for entity in entities {
+            self.forget(&entity, conn);
+        }
+    }
+
+    /// `group` no longer reads `entity`: the router ends its subscriptions.
+    fn refuse(&mut self, entity: &str, group: GroupId) {
+        if let Some(groups) = self.listening.get_mut(entity) {
+            if groups.remove(&group).is_some() {
+                self.changed(entity);
+            }
+        }
+    }
+
+    /// Nobody listens to `entity` any more (it was replaced: its subscriptions end).
+    fn drop_entity(&mut self, entity: &str) {
+        if self.listening.remove(entity).is_some() {
+            self.changed(entity);
+        }
+    }
+}
+
+impl Audience for Registry {
+    /// The groups listening to `entity`, built again only when they changed.
+    fn listeners(&mut self, entity: &str) -> Option<Arc<Listeners>> {
+        let groups = self.listening.get(entity).filter(|g| !g.is_empty())?;
+        let generation = self.generations.get(entity).copied().unwrap_or(0);
+        if let Some(built) = self.built.get(entity) {
+            if built.generation() == generation {
+                return Some(built.clone());
+            }
+        }
+        let details = groups.iter().filter_map(|(g, conns)| {
+            let conn = conns.iter().next()?;
+            let (_, group) = self.connections.get(conn)?;
+            Some((*g, group.clone()))
+        });
+        let built = Arc::new(Listeners::new(generation, details));
+        self.built.insert(entity.to_owned(), built.clone());
+        Some(built)
+    }
+}
+
+/// The stage's task.
+pub struct Stage {
+    /// Policies judged in the database (`--visibility-pool-size`).
+    pub pool: Pool,
+    pub catalog: Arc<Catalog>,
+    pub plans: Arc<Plans>,
+    pub metrics: Arc<Metrics>,
+}
+
+impl Stage {
+    /// Passes commands on (first: a disconnect never waits behind a backlog) and judges
+    /// batches, until both inputs are closed.
+    pub async fn run<C: Passing>(
+        self,
+        mut control: mpsc::Receiver<C>,
+        mut batches: mpsc::Receiver<Feed>,
+        router: mpsc::Sender<C>,
+    ) {
+        let mut registry = Registry::default();
+        let mut judge = Judge::default();
+        let mut seen: Arc<View> = self.catalog.view();
+        let (mut control_open, mut batches_open) = (true, true);
+        while control_open || batches_open {
+            let out: Vec<C> = tokio::select! {
+                biased;
+                command = control.recv(), if control_open => match command {
+                    Some(command) => {
+                        if let Some(event) = command.listening() {
+                            registry.observe(event);
+                        }
+                        vec![command]
+                    }
+                    None => {
+                        control_open = false;
+                        continue;
+                    }
+                },
+                feed = batches.recv(), if batches_open => match feed {
+                    Some(Feed::Batch(batch)) => {
+                        let judged = self.judge(&mut registry, &mut judge, batch).await;
+                        // Entities replaced since the last batch: their subscribers refetch,
+                        // before anything of this batch reaches them.
+                        let view = self.catalog.view();
+                        let replaced = if view.epoch != seen.epoch { view.replaced_since(&seen) } else { vec![] };
+                        seen = view;
+                        for code in &replaced {
+                            registry.drop_entity(code);
+                        }
+                        let replaced = (!replaced.is_empty()).then(|| Staged::Replaced(replaced).into());
+                        replaced.into_iter().chain([Staged::Batch(Arc::new(judged)).into()]).collect()
+                    }
+                    Some(Feed::Reset(position)) => vec![Staged::Reset(position).into()],
+                    None => {
+                        batches_open = false;
+                        continue;
+                    }
+                },
+            };
+            for command in out {
+                if router.send(command).await.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+
+    async fn judge(&self, registry: &mut Registry, judge: &mut Judge, batch: Batch) -> JudgedBatch {
+        let changes: Vec<Arc<Change>> = batch.changes.into_iter().map(Arc::new).collect();
+        let mut db = Db::Pool(&self.pool, None);
+        let page = match judge
+            .page(
+                &self.catalog,
+                &self.plans,
+                &mut db,
+                batch.access_serial,
+                changes.clone(),
+                registry,
+            )
+            .await
+        {
+            Ok(page) => page,
+            Err(e) => {
+                tracing::warn!(error = %crate::ErrorChain(&e), "a page could not be judged");
+                let why = "the gateway could not read who may read this table; subscribe again";
+                Judge::unjudged(changes, registry, why)
+            }
+        };
+        if page.judged_rls {
+            self.metrics.rls_checks.inc();
+        }
+        for (entity, group, _) in &page.refused {
+            registry.refuse(entity, *group);
+        }
+        JudgedBatch {
+            page,
+            end: batch.end,
+            complete: batch.complete,
+            read_at: batch.read_at,
+        }
+    }
+}

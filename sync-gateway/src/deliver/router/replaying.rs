@@ -1,0 +1,144 @@
+//! A subscription with `since` starts in replay: its live changes wait here while a replay
+//! task (`deliver::replay`) reads the gap from the log up to the router's position at that
+//! moment (`until`) and hands its pages back, then SYNCED, then what was held back. No
+//! change falls in the seam or appears twice, and the replay's messages take the same path
+//! as live ones, transaction ends included.
+
+use super::{ConnId, Router, SubId};
+use crate::access::judge::decide;
+use crate::deliver::command::{ReplayEvent, ReplayItem};
+use crate::deliver::outbox::{Outbox, RunCache};
+use crate::model::change::{Action, Change};
+use crate::model::cursor::Cursor;
+use crate::model::protocol::{ResyncReason, ServerMessage};
+use crate::model::subscription::Judgement;
+use std::sync::Arc;
+use tokio_util::sync::CancellationToken;
+
+/// A live change held back, or the end of a transaction among them.
+enum Held {
+    Change(Arc<Change>, Action),
+    TxEnd,
+}
+
+pub(super) struct Replay {
+    /// Live changes, as this subscription sees them, waiting for the replay's end.
+    held: Vec<Held>,
+    changes: usize,
+    until: Cursor,
+    reference: Option<String>,
+    cancel: CancellationToken,
+}
+
+impl Replay {
+    pub fn new(until: Cursor, reference: Option<String>, cancel: CancellationToken) -> Replay {
+        Replay {
+            held: Vec::new(),
+            changes: 0,
+            until,
+            reference,
+            cancel,
+        }
+    }
+
+    pub fn hold(&mut self, change: Arc<Change>, action: Action) {
+        self.held.push(Held::Change(change, action));
+        self.changes += 1;
+    }
+
+    /// A transaction ended after a change held since the last end.
+    pub fn end_transaction(&mut self) {
+        if matches!(self.held.last(), Some(Held::Change(..))) {
+            self.held.push(Held::TxEnd);
+        }
+    }
+
+    /// Changes held back.
+    pub fn held(&self) -> usize {
+        self.changes
+    }
+
+    /// The subscription ended: its replay task stops.
+    pub fn cancel(&self) {
+        self.cancel.cancel();
+    }
+}
+
+impl Router {
+    pub(super) fn replay_event(&mut self, event: ReplayEvent) {
+        match event {
+            ReplayEvent::Page { conn, sub, items } => self.replayed(conn, sub, items),
+            ReplayEvent::Done { conn, sub } => {
+                let Some(state) = self
+                    .connections
+                    .get_mut(&conn)
+                    .and_then(|c| c.subs.get_mut(&sub))
+                else {
+                    return;
+                };
+                let Some(replay) = state.replay.take() else {
+                    return;
+                };
+                let mut out = Outbox::default();
+                out.message(ServerMessage::Synced {
+                    entity_code: state.subscription.entity_code.clone(),
+                    cursor: replay.until,
+                    reference: replay.reference,
+                });
+                for held in replay.held {
+                    match held {
+                        Held::Change(change, action) => {
+                            out.push(&state.subscription.shape, &change, action)
+                        }
+                        Held::TxEnd => out.end_transaction(),
+                    }
+                }
+                out.end_transaction();
+                self.deliver(conn, out, &mut RunCache::new());
+                self.answer_awaits(conn);
+            }
+            ReplayEvent::Failed { conn, sub, message } => {
+                self.send(conn, &message);
+                self.end_sub(conn, sub);
+            }
+        }
+    }
+
+    /// A part of a replay's gap: decided for the subscription as live changes are.
+    fn replayed(&mut self, conn: ConnId, sub: SubId, items: Vec<ReplayItem>) {
+        let Some(owner) = self.connections.get(&conn) else {
+            return;
+        };
+        let Some(state) = owner.subs.get(&sub) else {
+            return;
+        };
+        let subscriber = owner.subscriber();
+        let mut out = Outbox::default();
+        let mut entity_changed = false;
+        for item in items {
+            let (change, verdict) = match item {
+                ReplayItem::Change(change, verdict) => (change, verdict),
+                ReplayItem::TxEnd => {
+                    out.end_transaction();
+                    continue;
+                }
+            };
+            match decide(&change, &verdict, &subscriber, &state.subscription.target) {
+                Judgement::Skip => {}
+                Judgement::Resync(reason) => {
+                    out.resync(&change.entity_code, reason);
+                    if reason == ResyncReason::EntityChanged {
+                        entity_changed = true;
+                        break;
+                    }
+                }
+                Judgement::Deliver(action) => out.push(&state.subscription.shape, &change, action),
+            }
+        }
+        self.deliver(conn, out, &mut RunCache::new());
+        if entity_changed {
+            // The gap holds another table's history under this code: refetch.
+            self.end_sub(conn, sub);
+        }
+    }
+}

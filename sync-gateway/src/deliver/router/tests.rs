@@ -1,0 +1,560 @@
+//! The router's behaviour, without a database or sockets.
+
+use super::*;
+use crate::access::judge::{ChangeSight, JudgedPage};
+use crate::access::limits::Cap;
+use crate::deliver::command::{Connection, ReplayEvent, ReplayItem};
+use crate::deliver::mirror::MirrorOp;
+use crate::deliver::queue::{self, Queue};
+use crate::model::change::{sample, Change};
+use crate::model::filter::Op as FilterOp;
+use crate::model::protocol::Mode;
+use crate::model::subscription::Shape;
+use serde_json::{json, Value};
+
+struct Harness {
+    router: Router,
+    replays: mpsc::UnboundedReceiver<ReplayStart>,
+    mirror: mpsc::UnboundedReceiver<MirrorOp>,
+    metrics: Arc<Metrics>,
+}
+
+fn cursor(n: u64) -> Cursor {
+    Cursor::from_db(format!("1.ab.{n}_{n}__{n}_{n}"))
+}
+
+fn harness() -> Harness {
+    let (mirror, mirror_rx) = mpsc::unbounded_channel();
+    let (replays_tx, replays) = mpsc::unbounded_channel();
+    let metrics = Arc::new(Metrics::default());
+    let outlets = Outlets {
+        mirror,
+        replays: replays_tx,
+        position: watch::channel(None).0,
+        metrics: metrics.clone(),
+    };
+    let limits = Limits {
+        subscriptions: 100,
+        subscriptions_per_user: 150,
+        conditions: 4,
+        in_values: 10,
+        replays: 2,
+        replay_buffer: 1000,
+        mirror_backlog: Cap::new("subscription changes", 100, 10),
+        awaits: 4,
+    };
+    let mut router = Router::new("g".into(), limits, outlets);
+    router.handle(Command::Batch(Arc::new(batch(vec![], vec![], 10, true))));
+    Harness {
+        router,
+        replays,
+        mirror: mirror_rx,
+        metrics,
+    }
+}
+
+fn batch(
+    changes: Vec<Change>,
+    sights: Vec<Option<ChangeSight>>,
+    end: u64,
+    complete: bool,
+) -> JudgedBatch {
+    let verdicts = if sights.is_empty() {
+        vec![Verdict::Seen(None); changes.len()]
+    } else {
+        sights
+            .into_iter()
+            .map(|s| Verdict::Seen(s.map(Arc::new)))
+            .collect()
+    };
+    JudgedBatch {
+        page: JudgedPage {
+            changes: changes.into_iter().map(Arc::new).collect(),
+            verdicts,
+            refused: vec![],
+            judged_rls: false,
+        },
+        end: cursor(end),
+        complete,
+        read_at: tokio::time::Instant::now(),
+    }
+}
+
+fn connect(
+    h: &mut Harness,
+    id: ConnId,
+    group: GroupId,
+    queue_bytes: usize,
+) -> (Queue, CancellationToken) {
+    connect_as(h, id, group, queue_bytes, &format!("user{id}"))
+}
+
+fn connect_as(
+    h: &mut Harness,
+    id: ConnId,
+    group: GroupId,
+    queue_bytes: usize,
+    sub: &str,
+) -> (Queue, CancellationToken) {
+    let (outbound, queue) = queue::channel(queue_bytes);
+    let kick = CancellationToken::new();
+    let user = Arc::new(UserContext {
+        sub: sub.to_owned(),
+        role: Some("app_user".into()),
+        claims: "{}".into(),
+        claims_json: json!({}),
+    });
+    h.router.handle(Command::Connect(Connection {
+        id,
+        user,
+        group,
+        client_id: None,
+        queue: outbound,
+        kick: kick.clone(),
+    }));
+    (queue, kick)
+}
+
+fn subscribe(h: &mut Harness, conn: ConnId, target: Target, since: Option<Cursor>) {
+    h.router.handle(Command::Subscribe(SubscribeRequest {
+        conn,
+        subscription: Subscription {
+            entity_code: "doc".into(),
+            target,
+            shape: Shape {
+                mode: Mode::Delta,
+                columns: None,
+            },
+        },
+        since,
+        reference: None,
+    }));
+}
+
+/// Everything queued for a connection so far.
+async fn drain(queue: &mut Queue) -> Vec<Value> {
+    let mut out = Vec::new();
+    while let Ok(Some((text, _))) =
+        tokio::time::timeout(std::time::Duration::ZERO, queue.next()).await
+    {
+        out.push(serde_json::from_str(&text).unwrap());
+    }
+    out
+}
+
+/// (type, entity id, action) of each message, changes flattened.
+fn shape(messages: &[Value]) -> Vec<(String, String, String)> {
+    let mut out = Vec::new();
+    for m in messages {
+        let kind = m["type"].as_str().unwrap().to_owned();
+        match m["payload"]["changes"].as_array() {
+            Some(changes) => out.extend(changes.iter().map(|c| {
+                let id = c["entityId"].as_str().unwrap().to_owned();
+                (kind.clone(), id, c["action"].as_str().unwrap().to_owned())
+            })),
+            None => out.push((kind, String::new(), String::new())),
+        }
+    }
+    out
+}
+
+fn insert(id: &str) -> Change {
+    Change {
+        id: id.parse().unwrap(),
+        ..sample(Op::Insert, id, Some(json!({"id": id, "n": 1})), None)
+    }
+}
+
+/// Routes a complete batch of `changes`, everyone seeing all, ending at `end`.
+fn route(h: &mut Harness, changes: Vec<Change>, end: u64) {
+    h.router
+        .handle(Command::Batch(Arc::new(batch(changes, vec![], end, true))));
+}
+
+fn triple(kind: &str, id: &str, action: &str) -> (String, String, String) {
+    (kind.into(), id.into(), action.into())
+}
+
+#[tokio::test]
+async fn a_live_subscription_gets_what_follows_and_nothing_after_unsubscribing() {
+    let mut h = harness();
+    let (mut q, _) = connect(&mut h, 1, 1, 1 << 20);
+    subscribe(&mut h, 1, Target::Rows(None), None);
+    let subscribed = drain(&mut q).await;
+    assert_eq!(subscribed[0]["payload"]["cursor"], cursor(10).as_str());
+    route(&mut h, vec![insert("1")], 11);
+    assert_eq!(
+        shape(&drain(&mut q).await),
+        [triple("DELTA", "1", "CREATE")]
+    );
+    assert_eq!(h.metrics.subscriptions.get(), 1);
+    h.router.handle(Command::Unsubscribe {
+        conn: 1,
+        entity_code: "doc".into(),
+        entity_ids: None,
+    });
+    route(&mut h, vec![insert("2")], 12);
+    assert!(drain(&mut q).await.is_empty());
+    assert_eq!(h.metrics.subscriptions.get(), 0);
+}
+
+#[tokio::test]
+async fn a_replay_comes_first_then_synced_then_what_was_held_back() {
+    let mut h = harness();
+    let (mut q, _) = connect(&mut h, 1, 1, 1 << 20);
+    subscribe(&mut h, 1, Target::Rows(None), Some(cursor(5)));
+    let start = h.replays.try_recv().expect("a replay to run");
+    assert_eq!(
+        (start.since.clone(), start.until.clone()),
+        (cursor(5), cursor(10))
+    );
+    // A live change while the replay runs waits.
+    route(&mut h, vec![insert("9")], 11);
+    assert_eq!(shape(&drain(&mut q).await), [triple("SUBSCRIBED", "", "")]);
+    let page = vec![
+        ReplayItem::Change(Arc::new(insert("6")), Verdict::Seen(None)),
+        ReplayItem::Change(Arc::new(insert("7")), Verdict::Seen(None)),
+    ];
+    h.router.handle(Command::Replay(ReplayEvent::Page {
+        conn: 1,
+        sub: start.sub,
+        items: page,
+    }));
+    h.router.handle(Command::Replay(ReplayEvent::Done {
+        conn: 1,
+        sub: start.sub,
+    }));
+    assert_eq!(
+        shape(&drain(&mut q).await),
+        [
+            triple("DELTA", "6", "CREATE"),
+            triple("DELTA", "7", "CREATE"),
+            triple("SYNCED", "", ""),
+            triple("DELTA", "9", "CREATE"),
+        ]
+    );
+    // Live from here on.
+    route(&mut h, vec![insert("10")], 12);
+    assert_eq!(
+        shape(&drain(&mut q).await),
+        [triple("DELTA", "10", "CREATE")]
+    );
+}
+
+#[tokio::test]
+async fn a_replay_waits_for_the_end_of_a_drain_to_know_where_it_ends() {
+    let mut h = harness();
+    let (_q, _) = connect(&mut h, 1, 1, 1 << 20);
+    h.router.handle(Command::Batch(Arc::new(batch(
+        vec![insert("1")],
+        vec![],
+        11,
+        false,
+    ))));
+    subscribe(&mut h, 1, Target::Rows(None), Some(cursor(5)));
+    assert!(
+        h.replays.try_recv().is_err(),
+        "not in the middle of a drain"
+    );
+    route(&mut h, vec![insert("2")], 12);
+    assert_eq!(h.replays.try_recv().expect("after it").until, cursor(12));
+}
+
+#[tokio::test]
+async fn a_connection_over_its_queue_is_closed_and_freed_at_once() {
+    let mut h = harness();
+    let (_slow, kick) = connect(&mut h, 1, 1, 300);
+    let (mut fast, _) = connect(&mut h, 2, 1, 1 << 20);
+    subscribe(&mut h, 1, Target::Rows(None), None);
+    subscribe(&mut h, 2, Target::Rows(None), None);
+    drain(&mut fast).await;
+    for n in 0..5 {
+        let changes = (0..5).map(|i| insert(&(n * 10 + i).to_string())).collect();
+        h.router.handle(Command::Batch(Arc::new(batch(
+            changes,
+            vec![],
+            20 + n,
+            true,
+        ))));
+    }
+    assert!(kick.is_cancelled());
+    assert_eq!(
+        h.metrics.subscriptions.get(),
+        1,
+        "the slow one's subscription went"
+    );
+    assert_eq!(
+        shape(&drain(&mut fast).await).len(),
+        25,
+        "the other got everything"
+    );
+}
+
+#[tokio::test]
+async fn each_group_sees_a_change_as_row_level_security_judged_it() {
+    let mut h = harness();
+    let (mut leaving, _) = connect(&mut h, 1, 1, 1 << 20);
+    let (mut entering, _) = connect(&mut h, 2, 2, 1 << 20);
+    let (mut outside, _) = connect(&mut h, 3, 3, 1 << 20);
+    let (mut by_id, _) = connect(&mut h, 4, 3, 1 << 20);
+    for conn in 1..=3 {
+        subscribe(&mut h, conn, Target::Rows(None), None);
+    }
+    subscribe(&mut h, 4, Target::Ids(["5".to_owned()].into()), None);
+    for q in [&mut leaving, &mut entering, &mut outside, &mut by_id] {
+        drain(q).await;
+    }
+    let moved = Change {
+        id: 5,
+        ..sample(
+            Op::Update,
+            "5",
+            Some(json!({"id": 5, "owner": "two"})),
+            Some(json!({"id": 5, "owner": "one"})),
+        )
+    };
+    let sight = ChangeSight {
+        before: vec![1],
+        after: vec![2],
+    };
+    h.router.handle(Command::Batch(Arc::new(batch(
+        vec![moved],
+        vec![Some(sight)],
+        11,
+        true,
+    ))));
+    assert_eq!(
+        shape(&drain(&mut leaving).await),
+        [triple("DELTA", "5", "DELETE")]
+    );
+    let entered = drain(&mut entering).await;
+    assert_eq!(shape(&entered), [triple("DELTA", "5", "CREATE")]);
+    assert_eq!(entered[0]["payload"]["changes"][0]["data"]["owner"], "two");
+    assert!(drain(&mut outside).await.is_empty());
+    assert!(
+        drain(&mut by_id).await.is_empty(),
+        "naming an id shows nothing of it"
+    );
+}
+
+#[tokio::test]
+async fn a_group_refused_loses_its_subscriptions_with_forbidden() {
+    let mut h = harness();
+    let (mut q, _) = connect(&mut h, 1, 7, 1 << 20);
+    subscribe(&mut h, 1, Target::Rows(None), None);
+    drain(&mut q).await;
+    let mut refused = batch(vec![], vec![], 11, true);
+    refused
+        .page
+        .refused
+        .push(("doc".into(), 7, "no read access to doc".into()));
+    h.router.handle(Command::Batch(Arc::new(refused)));
+    let messages = drain(&mut q).await;
+    assert_eq!(messages[0]["payload"]["code"], "forbidden");
+    route(&mut h, vec![insert("1")], 12);
+    assert!(drain(&mut q).await.is_empty());
+    assert_eq!(h.metrics.subscriptions.get(), 0);
+}
+
+#[tokio::test]
+async fn filters_are_bounded_per_user_and_replays_per_connection() {
+    let mut h = harness();
+    let (mut q, _) = connect(&mut h, 1, 1, 1 << 20);
+    let condition = |n: i64| crate::model::filter::Condition {
+        column: "n".into(),
+        op: FilterOp::In,
+        value: Some(json!((0..n).collect::<Vec<_>>())),
+    };
+    let (mut other, _) = connect_as(&mut h, 2, 1, 1 << 20, "user1");
+    subscribe(&mut h, 1, Target::Rows(Some(vec![condition(6)])), None);
+    // The same user's other connection shares the budget.
+    subscribe(&mut h, 2, Target::Rows(Some(vec![condition(6)])), None);
+    assert_eq!(
+        drain(&mut other).await[0]["payload"]["code"],
+        "too_many_subscriptions"
+    );
+    subscribe(&mut h, 1, Target::Rows(None), Some(cursor(1)));
+    subscribe(&mut h, 1, ids(&["a"]), Some(cursor(2)));
+    subscribe(&mut h, 1, ids(&["b"]), Some(cursor(3)));
+    let answers: Vec<String> = drain(&mut q)
+        .await
+        .iter()
+        .map(|m| {
+            m["payload"]["code"]
+                .as_str()
+                .unwrap_or(m["type"].as_str().unwrap())
+                .to_owned()
+        })
+        .collect();
+    assert_eq!(
+        answers,
+        [
+            "SUBSCRIBED",
+            "SUBSCRIBED",
+            "SUBSCRIBED",
+            "too_many_subscriptions"
+        ]
+    );
+}
+
+/// The mirror's operations so far, as (kind, rows or ids) pairs; added rows' backlog
+/// places are given back, as the mirror does once it wrote them.
+fn mirrored(h: &mut Harness) -> Vec<(&'static str, usize)> {
+    let mut out = Vec::new();
+    while let Ok(op) = h.mirror.try_recv() {
+        out.push(match op {
+            MirrorOp::Add(rows, _) => ("add", rows.len()),
+            MirrorOp::RemoveIds { entity_ids, .. } => ("remove ids", entity_ids.len()),
+            MirrorOp::RemoveEntity { .. } => ("remove entity", 0),
+            MirrorOp::RemoveRows { .. } => ("remove rows", 0),
+            MirrorOp::RemoveConnection(_) => ("remove connection", 0),
+        });
+    }
+    out
+}
+
+fn ids(ids: &[&str]) -> Target {
+    Target::Ids(ids.iter().map(|i| i.to_string()).collect())
+}
+
+#[tokio::test]
+async fn the_same_subscription_again_replaces_the_one_held() {
+    let mut h = harness();
+    let (mut q, _) = connect(&mut h, 1, 1, 1 << 20);
+    for _ in 0..3 {
+        subscribe(&mut h, 1, Target::Rows(None), None);
+    }
+    assert_eq!(h.metrics.subscriptions.get(), 1);
+    route(&mut h, vec![insert("1")], 11);
+    let messages = drain(&mut q).await;
+    assert_eq!(
+        shape(&messages[3..]),
+        [triple("DELTA", "1", "CREATE")],
+        "one DELTA, not three"
+    );
+    assert_eq!(
+        mirrored(&mut h),
+        [
+            ("add", 1),
+            ("remove rows", 0),
+            ("add", 1),
+            ("remove rows", 0),
+            ("add", 1)
+        ]
+    );
+}
+
+#[tokio::test]
+async fn what_is_not_held_is_not_written_to_the_mirror() {
+    let mut h = harness();
+    let (_q, _) = connect(&mut h, 1, 1, 1 << 20);
+    subscribe(&mut h, 1, ids(&["a", "b"]), None);
+    for _ in 0..100 {
+        h.router.handle(Command::Unsubscribe {
+            conn: 1,
+            entity_code: "other".into(),
+            entity_ids: None,
+        });
+        h.router.handle(Command::Unsubscribe {
+            conn: 1,
+            entity_code: "doc".into(),
+            entity_ids: Some(vec!["zz".into()]),
+        });
+    }
+    h.router.handle(Command::Unsubscribe {
+        conn: 1,
+        entity_code: "doc".into(),
+        entity_ids: Some(vec!["a".into(), "zz".into()]),
+    });
+    assert_eq!(mirrored(&mut h), [("add", 2), ("remove ids", 1)]);
+    // Connections that never subscribed come and go without a write.
+    for id in 2..100 {
+        let _ = connect(&mut h, id, 1, 1 << 20);
+        h.router.handle(Command::Disconnect(id));
+    }
+    h.router.handle(Command::Disconnect(1));
+    assert_eq!(mirrored(&mut h), [("remove connection", 0)]);
+}
+
+#[tokio::test]
+async fn subscribing_faster_than_the_mirror_writes_is_refused_for_that_user_alone() {
+    let mut h = harness();
+    let (mut churner, _) = connect_as(&mut h, 1, 1, 1 << 20, "mallory");
+    let (mut other, _) = connect_as(&mut h, 2, 1, 1 << 20, "bob");
+    // Ten rows per user may wait (the harness's cap); nothing is written meanwhile.
+    subscribe(&mut h, 1, ids(&["a", "b", "c", "d", "e", "f"]), None);
+    subscribe(&mut h, 1, ids(&["g", "h", "i", "j", "k"]), None);
+    let refused = drain(&mut churner).await;
+    assert_eq!(refused[1]["type"], "ERROR", "{refused:?}");
+    assert_eq!(refused[1]["payload"]["code"], "internal");
+    subscribe(&mut h, 2, ids(&["a", "b", "c"]), None);
+    assert_eq!(drain(&mut other).await[0]["type"], "SUBSCRIBED");
+    // Once the mirror wrote the waiting rows, the churner may go on.
+    let _ = mirrored(&mut h);
+    subscribe(&mut h, 1, ids(&["g", "h", "i", "j", "k"]), None);
+    assert_eq!(drain(&mut churner).await[0]["type"], "SUBSCRIBED");
+}
+
+#[tokio::test]
+async fn a_subscription_that_ends_stops_its_replay() {
+    let mut h = harness();
+    let (_q, _) = connect(&mut h, 1, 1, 1 << 20);
+    subscribe(&mut h, 1, Target::Rows(None), Some(cursor(5)));
+    let start = h.replays.try_recv().expect("a replay to run");
+    assert!(!start.cancel.is_cancelled());
+    h.router.handle(Command::Unsubscribe {
+        conn: 1,
+        entity_code: "doc".into(),
+        entity_ids: None,
+    });
+    assert!(start.cancel.is_cancelled());
+}
+
+#[tokio::test]
+async fn a_refused_replacement_keeps_the_subscription_it_would_replace() {
+    let mut h = harness();
+    let (mut q, _) = connect(&mut h, 1, 1, 1 << 20);
+    let ten = ids(&["1", "2", "3", "4", "5", "6", "7", "8", "9", "10"]);
+    subscribe(&mut h, 1, ten.clone(), None);
+    // Its ten rows still wait for the mirror: the same again is over the user's backlog.
+    subscribe(&mut h, 1, ten, None);
+    let answers = drain(&mut q).await;
+    assert_eq!(answers[1]["payload"]["code"], "internal", "{answers:?}");
+    route(&mut h, vec![insert("1")], 11);
+    assert_eq!(
+        shape(&drain(&mut q).await),
+        [triple("DELTA", "1", "CREATE")]
+    );
+    assert_eq!(mirrored(&mut h), [("add", 10)]);
+}
+
+#[tokio::test]
+async fn subscriptions_are_bounded_per_user_over_its_connections() {
+    let mut h = harness();
+    // Room in the mirror's backlog: that is not what refuses below.
+    h.router.limits.mirror_backlog = Cap::new("subscription changes", 1000, 1000);
+    let (mut first, _) = connect_as(&mut h, 1, 1, 1 << 20, "mallory");
+    let (mut second, _) = connect_as(&mut h, 2, 1, 1 << 20, "mallory");
+    let (mut other, _) = connect_as(&mut h, 3, 1, 1 << 20, "bob");
+    let hundred: Vec<String> = (0..100).map(|i| i.to_string()).collect();
+    let sixty: Vec<String> = (100..160).map(|i| i.to_string()).collect();
+    subscribe(
+        &mut h,
+        1,
+        Target::Ids(hundred.iter().cloned().collect()),
+        None,
+    );
+    subscribe(
+        &mut h,
+        2,
+        Target::Ids(sixty.iter().cloned().collect()),
+        None,
+    );
+    subscribe(&mut h, 3, Target::Ids(sixty.into_iter().collect()), None);
+    assert_eq!(drain(&mut first).await[0]["type"], "SUBSCRIBED");
+    assert_eq!(
+        drain(&mut second).await[0]["payload"]["code"],
+        "too_many_subscriptions"
+    );
+    assert_eq!(drain(&mut other).await[0]["type"], "SUBSCRIBED");
+}
