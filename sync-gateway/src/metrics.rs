@@ -24,6 +24,9 @@ pub struct Metrics {
     send_wait: Histogram,
     /// Batches of an entity with row-level security judged for its listening groups.
     pub rls_checks: Counter,
+    /// The catalog epoch the live stream is judged by: it moves with every change of who may
+    /// read what that the gateway has seen.
+    pub access_epoch: Gauge,
     wal_retained_bytes: Gauge,
 }
 
@@ -39,6 +42,7 @@ impl Default for Metrics {
         let route_lag = Histogram::new(exponential_buckets(0.0001, 2.0, 20));
         let send_wait = Histogram::new(exponential_buckets(0.0001, 2.0, 20));
         let rls_checks = Counter::default();
+        let access_epoch = Gauge::default();
         let wal_retained_bytes = Gauge::default();
         registry.register(
             "connections",
@@ -86,6 +90,11 @@ impl Default for Metrics {
             rls_checks.clone(),
         );
         registry.register(
+            "access_epoch",
+            "Changes of who may read what (grants, policies, owners, roles) the live stream is judged by",
+            access_epoch.clone(),
+        );
+        registry.register(
             "wal_slot_retained_bytes",
             "WAL kept by the pg_sync replication slot (0 without one)",
             wal_retained_bytes.clone(),
@@ -101,6 +110,7 @@ impl Default for Metrics {
             route_lag,
             send_wait,
             rls_checks,
+            access_epoch,
             wal_retained_bytes,
         }
     }

@@ -170,6 +170,31 @@ impl Gateway {
         ))
     }
 
+    /// A gauge or counter of `/metrics`.
+    pub async fn metric(&self, name: &str) -> i64 {
+        let (_, text) = self.admin_get("/metrics").await.unwrap();
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("{name} in /metrics"))
+    }
+
+    /// Waits until the gateway judges the live stream by a newer access epoch than `seen`
+    /// (`sync_access_epoch`): it has seen a change of who may read what.
+    pub async fn access_epoch_after(&self, seen: i64) -> i64 {
+        tokio::time::timeout(PATIENCE, async {
+            loop {
+                let now = self.metric("sync_access_epoch").await;
+                if now > seen {
+                    return now;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+        })
+        .await
+        .expect("the gateway saw the access change in time")
+    }
+
     /// An HTTP/1.1 request with extra headers and an optional JSON body.
     pub async fn request(
         &self,
@@ -180,6 +205,7 @@ impl Gateway {
     ) -> std::io::Result<HttpResponse> {
         http_request(self.port, method, path, headers, body).await
     }
+
     /// `GET /v1/snapshot/{path}` as `sub`: the cursor and the rows; Err with the status when
     /// it is not 200, or 0 when the request failed or the body was cut short.
     pub async fn snapshot(&self, sub: &str, path: &str) -> Result<(String, Vec<Value>), u16> {

@@ -37,15 +37,6 @@ async fn wait_for_status(gateway: &Gateway, path: &str, status: u16, patience: D
     }
 }
 
-/// A gauge of `/metrics`.
-async fn metric(gateway: &Gateway, name: &str) -> i64 {
-    let (_, text) = gateway.admin_get("/metrics").await.unwrap();
-    text.lines()
-        .find_map(|l| l.strip_prefix(&format!("{name} ")))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| panic!("{name} in /metrics"))
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_100k_row_update_reaches_every_whole_table_subscriber() {
     const ROWS: usize = 100_000;
@@ -177,7 +168,7 @@ async fn idle_connections_hold_flat_memory() {
         }));
     }
     let deadline = tokio::time::Instant::now() + PATIENCE;
-    while metric(&gateway, "sync_subscriptions").await < count as i64 {
+    while gateway.metric("sync_subscriptions").await < count as i64 {
         assert!(
             tokio::time::Instant::now() < deadline,
             "subscriptions never reached {count}"
@@ -198,7 +189,7 @@ async fn idle_connections_hold_flat_memory() {
         "memory grew from {settled} to {peak} KiB"
     );
     assert_eq!(
-        metric(&gateway, "sync_connections").await,
+        gateway.metric("sync_connections").await,
         count as i64,
         "idle connections were closed"
     );

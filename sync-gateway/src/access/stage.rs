@@ -242,6 +242,7 @@ impl Stage {
                         // Entities replaced since the last batch: their subscribers refetch,
                         // before anything of this batch reaches them.
                         let view = self.catalog.view();
+                        self.metrics.access_epoch.set(view.epoch as i64);
                         let replaced = if view.epoch != seen.epoch { view.replaced_since(&seen) } else { vec![] };
                         seen = view;
                         for code in &replaced {
