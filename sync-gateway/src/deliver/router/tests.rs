@@ -558,3 +558,143 @@ async fn subscriptions_are_bounded_per_user_over_its_connections() {
     );
     assert_eq!(drain(&mut other).await[0]["type"], "SUBSCRIBED");
 }
+
+/// A change of `doc` row `id` in a transaction that ends with it when `tx_end`.
+fn in_tx(id: &str, tx_end: bool) -> Change {
+    Change {
+        tx_end,
+        ..insert(id)
+    }
+}
+
+/// `(first entity id, txEnd)` of each change message.
+fn tx_marks(messages: &[Value]) -> Vec<(String, bool)> {
+    messages
+        .iter()
+        .filter(|m| m["type"] == "DELTA")
+        .map(|m| {
+            let first = m["payload"]["changes"][0]["entityId"].as_str().unwrap();
+            (first.to_owned(), m["payload"]["txEnd"] == true)
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn the_message_ending_a_transaction_says_so_even_when_its_last_change_is_someone_elses() {
+    let mut h = harness();
+    let (mut q, _) = connect(&mut h, 1, 1, 1 << 20);
+    subscribe(&mut h, 1, ids(&["1", "2", "4"]), None);
+    drain(&mut q).await;
+    // Transactions [1, 2, 3] and [4, 5]: this connection sees 1, 2 and 4, not 3 or 5.
+    route(
+        &mut h,
+        vec![
+            in_tx("1", false),
+            in_tx("2", false),
+            in_tx("3", true),
+            in_tx("4", false),
+            in_tx("5", true),
+        ],
+        11,
+    );
+    assert_eq!(
+        tx_marks(&drain(&mut q).await),
+        [("1".to_owned(), true), ("4".to_owned(), true)],
+        "one message per transaction, each ending it"
+    );
+    // A transaction cut by a full page ends in the next batch.
+    h.router.handle(Command::Batch(Arc::new(batch(
+        vec![in_tx("1", false)],
+        vec![],
+        12,
+        false,
+    ))));
+    route(&mut h, vec![in_tx("2", true)], 13);
+    assert_eq!(
+        tx_marks(&drain(&mut q).await),
+        [("1".to_owned(), false), ("2".to_owned(), true)]
+    );
+}
+
+#[tokio::test]
+async fn an_await_is_answered_once_the_stream_has_passed_its_cursor() {
+    let mut h = harness();
+    let (mut q, _) = connect(&mut h, 1, 1, 1 << 20);
+    let ahead = cursor(12);
+    h.router.handle(Command::Await {
+        conn: 1,
+        cursor: ahead.clone(),
+        reference: Some("w1".into()),
+    });
+    h.router.handle(Command::Await {
+        conn: 1,
+        cursor: cursor(10),
+        reference: Some("w0".into()),
+    });
+    let reached = drain(&mut q).await;
+    assert_eq!(reached.len(), 1, "{reached:?}");
+    assert_eq!(reached[0]["type"], "REACHED");
+    assert_eq!(reached[0]["payload"]["ref"], "w0");
+    route(&mut h, vec![insert("1")], 11);
+    assert!(drain(&mut q).await.is_empty(), "not at 12 yet");
+    route(&mut h, vec![], 12);
+    let reached = drain(&mut q).await;
+    assert_eq!(reached[0]["payload"]["ref"], "w1", "{reached:?}");
+    // A cursor of another log never will be.
+    h.router.handle(Command::Await {
+        conn: 1,
+        cursor: Cursor::from_db("1.cd.1_1__1_1".into()),
+        reference: Some("w2".into()),
+    });
+    let refused = drain(&mut q).await;
+    assert_eq!(refused[0]["payload"]["code"], "bad_request", "{refused:?}");
+}
+
+#[tokio::test]
+async fn an_await_waits_for_a_replay_to_finish() {
+    let mut h = harness();
+    let (mut q, _) = connect(&mut h, 1, 1, 1 << 20);
+    subscribe(&mut h, 1, Target::Rows(None), Some(cursor(5)));
+    let start = h.replays.recv().await.unwrap();
+    h.router.handle(Command::Await {
+        conn: 1,
+        cursor: cursor(10),
+        reference: None,
+    });
+    assert_eq!(drain(&mut q).await.len(), 1, "SUBSCRIBED only");
+    h.router.handle(Command::Replay(ReplayEvent::Done {
+        conn: 1,
+        sub: start.sub,
+    }));
+    let kinds: Vec<Value> = drain(&mut q)
+        .await
+        .iter()
+        .map(|m| m["type"].clone())
+        .collect();
+    assert_eq!(kinds, ["SYNCED", "REACHED"]);
+}
+
+#[tokio::test]
+async fn subscribers_of_a_replaced_entity_refetch_and_their_subscriptions_end() {
+    let mut h = harness();
+    let (mut q, _) = connect(&mut h, 1, 1, 1 << 20);
+    subscribe(&mut h, 1, Target::Rows(None), None);
+    drain(&mut q).await;
+    h.router.handle(Command::Replaced(vec!["doc".into()]));
+    let resync = drain(&mut q).await;
+    assert_eq!(resync[0]["type"], "RESYNC");
+    assert_eq!(resync[0]["payload"]["reason"], "entity_changed");
+    route(&mut h, vec![insert("1")], 11);
+    assert!(drain(&mut q).await.is_empty(), "the subscription ended");
+    // A change written under another tracking, seen live: the same.
+    subscribe(&mut h, 1, Target::Rows(None), None);
+    drain(&mut q).await;
+    let mut stale = batch(vec![insert("2")], vec![], 12, true);
+    stale.page.verdicts = vec![Verdict::Replaced];
+    h.router.handle(Command::Batch(Arc::new(stale)));
+    let resync = drain(&mut q).await;
+    assert_eq!(resync.len(), 1, "{resync:?}");
+    assert_eq!(resync[0]["payload"]["reason"], "entity_changed");
+    route(&mut h, vec![insert("3")], 13);
+    assert!(drain(&mut q).await.is_empty(), "the subscription ended");
+}
