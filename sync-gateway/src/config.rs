@@ -106,6 +106,11 @@ pub struct ServeArgs {
     #[arg(long, env = "SYNC_SEND_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub send_timeout: Duration,
 
+    /// On SIGTERM, each client is told to reconnect after a random delay within this window
+    /// (RECONNECT `afterMs`), so that they do not all come back at once.
+    #[arg(long, env = "SYNC_RECONNECT_WINDOW", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub reconnect_window: Duration,
+
     /// Serve the files of this folder at `/` (the demo app of `make run`). Off by default.
     #[arg(long, env = "SYNC_STATIC_DIR")]
     pub static_dir: Option<PathBuf>,

@@ -77,6 +77,8 @@ pub struct RuntimeConfig {
     pub send_queue_bytes: usize,
     pub send_timeout: Duration,
     pub ping_interval: Duration,
+    /// Clients of a stopping gateway reconnect at random within this window.
+    pub reconnect_window: Duration,
     pub snapshot_idle_timeout: Duration,
     pub snapshot_max_duration: Duration,
     pub cors_origins: Vec<String>,
@@ -328,6 +330,7 @@ pub async fn serve(args: ServeArgs, shutdown: CancellationToken) -> Result<(), S
             send_queue_bytes: args.send_queue_bytes,
             send_timeout: args.send_timeout,
             ping_interval: args.ping_interval(),
+            reconnect_window: args.reconnect_window,
             snapshot_idle_timeout: caps.snapshot_idle_timeout,
             snapshot_max_duration: caps.snapshot_max_duration,
             cors_origins: args.cors_origins.clone(),

@@ -745,14 +745,17 @@ async fn a_dead_peer_is_reaped_within_the_ping_window() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn sigterm_closes_connections_with_1001_and_removes_subscriptions() {
-    let (cluster, gateway) = setup(&[]).await;
+async fn sigterm_tells_clients_when_to_reconnect_closes_with_1001_and_removes_subscriptions() {
+    let (cluster, gateway) = setup(&["--reconnect-window", "3s"]).await;
     let mut session = gateway.connect("alice").await;
     session.subscribe(json!({"entityCode": "project"})).await;
     wait_for_count(&cluster, "SELECT count(*) FROM sync.subscription", 1).await;
     let (health, _) = gateway.get("/healthz").await.unwrap();
     assert_eq!(health, 200);
     let stopping = tokio::spawn(gateway.stop());
+    let reconnect = session.expect("RECONNECT").await;
+    assert_eq!(reconnect["reason"], "shutdown");
+    assert!(reconnect["afterMs"].as_u64().unwrap() < 3000, "{reconnect}");
     assert_eq!(session.next_or_close().await.err(), Some(Some(1001)));
     assert!(
         stopping.await.unwrap(),

@@ -17,7 +17,8 @@ use crate::access::roles::{GroupId, UserContext};
 use crate::feed::catalog::Entity;
 use crate::model::cursor::Cursor;
 use crate::model::protocol::{
-    parse, reference_of, ClientMessage, ErrorCode, ResyncReason, ServerMessage, Subscribe,
+    parse, reference_of, ClientMessage, ErrorCode, ReconnectReason, ResyncReason, ServerMessage,
+    Subscribe,
 };
 use crate::model::subscription::{Shape, Subscription, Target};
 use crate::AppState;
@@ -176,7 +177,14 @@ impl Writer {
             let sent = tokio::select! {
                 biased;
                 _ = self.kick.cancelled() => break Some((CLOSE_TOO_SLOW, "too slow; resume from your last cursor")),
-                _ = self.state.shutdown.cancelled() => break Some((CLOSE_GOING_AWAY, "gateway shutting down")),
+                _ = self.state.shutdown.cancelled() => {
+                    // Spread the clients' return over the window: not all at once to the next gateway.
+                    let window = self.state.config.reconnect_window.as_millis().max(1) as u64;
+                    let after_ms = (uuid::Uuid::new_v4().as_u128() % u128::from(window)) as u64;
+                    let reconnect = ServerMessage::Reconnect { after_ms, reason: ReconnectReason::Shutdown };
+                    self.send(Message::Text(reconnect.to_json().into())).await;
+                    break Some((CLOSE_GOING_AWAY, "gateway shutting down"));
+                }
                 reply = self.replies.recv() => match reply {
                     Some(Outgoing::Text(text)) => self.send(Message::Text(text)).await,
                     Some(Outgoing::Close(code, reason)) => break Some((code, reason)),
