@@ -324,6 +324,37 @@ impl TableCapture {
     }
 }
 
+/// Appends an ACCESS row for `tbl`'s entity: who may read it changed here, so that every
+/// reader meets the change in the log's order (`sync._note_access` calls it; granted to no
+/// one else).
+#[pg_extern(name = "_log_access", volatile, parallel_unsafe)]
+fn log_access(tbl: pg_sys::Oid) {
+    let Some(tracked) = TrackedRow::find(tbl) else {
+        return;
+    };
+    let log = LogTable::resolve().unwrap_or_else(|e| CaptureError::from(e).report());
+    // SAFETY: the name of a relation that exists (a tracked table), and a row of no datums.
+    unsafe {
+        let rel = PgRelation::with_lock(tbl, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
+        let table_name = format!("{}.{}", rel.namespace(), rel.name());
+        log.append(LogRow {
+            table_name: &table_name,
+            entity_code: &tracked.entity_code,
+            op: "ACCESS",
+            entity_id: None,
+            data: None,
+            old_data: None,
+            changed_columns: None,
+            schema_version: tracked.schema_version,
+            tracking: tracked.tracking,
+            client_id: None,
+            source: "trigger",
+            lsn: None,
+        });
+    }
+    wakeup::note_log_write();
+}
+
 /// A table's row of `sync.tracked`, read without SQL and without privileges (the writer has
 /// none on `sync`), as of the latest snapshot, like the trigger that fired.
 struct TrackedRow {

@@ -226,7 +226,7 @@ pub async fn serve(args: ServeArgs, shutdown: CancellationToken) -> Result<(), S
         .gateway_id
         .clone()
         .unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string());
-    let catalog = Arc::new(Catalog::new(feed_pool.clone()));
+    let catalog = Arc::new(Catalog::new(feed_pool.clone(), args.allowed_roles()));
     let plans = Arc::new(Plans::default());
     let metrics = Arc::new(Metrics::default());
     let work = Arc::new(ClientWork::new(

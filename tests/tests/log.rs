@@ -433,7 +433,8 @@ async fn client_ids_and_schema_versions_are_recorded() {
     let client = cluster.connect().await;
     let rows = client
         .query(
-            "SELECT entity_id, client_id, schema_version FROM sync.change_history ORDER BY id",
+            "SELECT entity_id, client_id, schema_version FROM sync.change_history
+              WHERE op <> 'ACCESS' ORDER BY id",
             &[],
         )
         .await
@@ -776,8 +777,10 @@ async fn renaming_columns_never_publishes_a_hidden_one() {
         )
         .await;
     let (changes, _) = drain(&mut cluster.connect().await, None, 10).await;
+    // (The ALTERs changed the published shape: the log says so with ACCESS rows.)
     let data: Vec<serde_json::Value> = changes
         .iter()
+        .filter(|c| c.op != "ACCESS")
         .map(|c| serde_json::from_str(c.data.as_deref().unwrap()).unwrap())
         .collect();
     assert_eq!(data[0], serde_json::json!({"id": 1, "title": "t"}));

@@ -298,6 +298,23 @@ async fn a_role_altered_to_bypass_rls_or_without_schema_usage_is_refused_on_open
     .await;
     let mut bob = watching(&gateway, "bob", None).await;
     let mut dave = watching(&gateway, "dave", Some("auditor")).await;
+    // A snapshot and a write of a table outside `public` (the authenticator has no USAGE on
+    // its schema, only the role it acts as).
+    cluster.execute("GRANT INSERT ON app.doc TO app_user").await;
+    assert_eq!(
+        gateway
+            .snapshot("bob", "doc")
+            .await
+            .map(|(_, rows)| rows.len()),
+        Ok(0)
+    );
+    let write = json!({"mutations": [{"id": "w1", "entityCode": "doc", "action": "CREATE",
+                                      "entityId": "9", "data": {"owner": "bob"}}]});
+    let (status, answer) = gateway.call("POST", "/v1/write", "bob", Some(write)).await;
+    assert_eq!(status, 200, "{answer}");
+    cluster.execute("INSERT INTO marker VALUES (0)").await;
+    bob.changes_until(0).await;
+    dave.changes_until(0).await;
 
     // Its refusal is routed before the batch's changes and ends both its subscriptions
     // (marker's too: the role reads nothing any more), so nothing of alice's can follow.

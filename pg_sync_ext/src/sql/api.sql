@@ -167,19 +167,25 @@ BEGIN
            schema_version = t.schema_version
                + CASE WHEN t.columns IS DISTINCT FROM excluded.columns THEN 1 ELSE 0 END;
     PERFORM sync._install_capture(tbl);
+    -- Re-configured (another allow-list): its subscribers refetch.
+    PERFORM sync._note_access();
 END
 $$;
 
 -- For the table's owner (checked), as the extension's owner.
 CREATE FUNCTION sync.untrack(tbl regclass) RETURNS void
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    code text;
 BEGIN
     PERFORM sync._require_owner(tbl);
-    DELETE FROM sync.tracked WHERE relid = tbl;
+    DELETE FROM sync.tracked WHERE relid = tbl RETURNING entity_code INTO code;
     IF NOT FOUND THEN
         RAISE NOTICE 'sync.untrack: % is not tracked', tbl;
         RETURN;
     END IF;
+    -- Gateways read the catalog again (its subscribers refetch: the entity is gone).
+    INSERT INTO sync.access_event (entity_code, kind) VALUES (code, 'untracked');
     PERFORM sync._internal_ddl(true);
     PERFORM sync._drop_capture(tbl);
     PERFORM sync._internal_ddl(false);
@@ -229,55 +235,85 @@ BEGIN
          WHERE t.relid = altered;
         PERFORM sync._install_capture(altered);
     END LOOP;
+    -- A new schema version (and perhaps row-level security switched): noted after the bump.
+    PERFORM sync._note_access();
 END
 $$;
 CREATE EVENT TRIGGER sync_alter_table ON ddl_command_end WHEN TAG IN ('ALTER TABLE')
     EXECUTE FUNCTION sync._on_alter_table();
 ALTER EVENT TRIGGER sync_alter_table ENABLE ALWAYS;
 
--- DROP TABLE of a tracked table ends its tracking; its history stays. SECURITY DEFINER, as
--- _on_alter_table: every role's DROP runs it.
+-- DROP TABLE of a tracked table ends its tracking; its history stays. A dropped policy
+-- changes who may read its table. SECURITY DEFINER, as _on_alter_table: every role's DROP
+-- runs it.
 CREATE FUNCTION sync._on_sql_drop() RETURNS event_trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
-    DELETE FROM sync.tracked
-     WHERE relid::oid IN (SELECT objid FROM pg_catalog.pg_event_trigger_dropped_objects()
-                           WHERE object_type = 'table');
+    WITH gone AS (
+        DELETE FROM sync.tracked
+         WHERE relid::oid IN (SELECT objid FROM pg_catalog.pg_event_trigger_dropped_objects()
+                               WHERE object_type = 'table')
+        RETURNING entity_code)
+    INSERT INTO sync.access_event (entity_code, kind) SELECT g.entity_code, 'untracked' FROM gone g;
+    PERFORM sync._note_access();
 END
 $$;
 CREATE EVENT TRIGGER sync_sql_drop ON sql_drop EXECUTE FUNCTION sync._on_sql_drop();
 ALTER EVENT TRIGGER sync_sql_drop ENABLE ALWAYS;
 
--- Who may read what, summarised: everything PostgreSQL decides a SELECT of a tracked table
--- by (the tracked tables themselves, their owners, table, column and schema privileges,
--- row-level security enabled or forced, policies; every role's SUPERUSER, BYPASSRLS and
--- INHERIT, and role memberships), as one digest read in the caller's snapshot. The gateway
--- reads it in the snapshot of a page of the log whenever sync.access_event has a new row,
--- and at every poll, and rebuilds what it judges with (catalog, policy plans) when it
--- moved: so commands that no event trigger sees (ALTER ROLE, GRANT role, REASSIGN OWNED)
--- take effect within the gateway's poll interval, and those that one sees from the first
--- page read after them. Computed from the catalogs, not kept: nothing anyone writes.
-CREATE FUNCTION sync.access_fingerprint() RETURNS text
-LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
-BEGIN
-RETURN pg_catalog.md5(pg_catalog.concat_ws('|',
-    (SELECT pg_catalog.string_agg(pg_catalog.concat_ws(',',
-                t.relid::oid, t.entity_code, t.tracking, t.schema_version, t.capture, t.columns,
-                c.relowner, c.relacl, c.relrowsecurity, c.relforcerowsecurity,
-                n.oid, n.nspowner, n.nspacl,
-                (SELECT pg_catalog.string_agg(a.attnum || ':' || a.attacl::text, ';' ORDER BY a.attnum)
-                   FROM pg_catalog.pg_attribute a WHERE a.attrelid = t.relid AND a.attacl IS NOT NULL),
-                (SELECT pg_catalog.string_agg(pg_catalog.concat_ws(':', p.oid, p.polcmd, p.polpermissive,
-                                                                   p.polroles, p.polqual::text), ';' ORDER BY p.oid)
-                   FROM pg_catalog.pg_policy p WHERE p.polrelid = t.relid)), '/' ORDER BY t.relid)
-       FROM sync.tracked t
-       JOIN pg_catalog.pg_class c ON c.oid = t.relid
-       JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace),
-    (SELECT pg_catalog.string_agg(r.oid || ':' || r.rolsuper || r.rolbypassrls || r.rolinherit, ',' ORDER BY r.oid)
-       FROM pg_catalog.pg_roles r),
-    (SELECT pg_catalog.string_agg(m.roleid || ':' || m.member || m.admin_option, ',' ORDER BY m.roleid, m.member)
-       FROM pg_catalog.pg_auth_members m)));
-END
+-- What of who may read `tbl` the table itself decides: its tracking and published columns,
+-- owner, table, column and schema privileges, row-level security enabled or forced, and its
+-- policies.
+CREATE FUNCTION sync._table_access(tbl regclass) RETURNS text
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+SELECT pg_catalog.md5(pg_catalog.concat_ws(',',
+           t.tracking, t.schema_version, t.capture, t.columns,
+           c.relowner, c.relacl, c.relrowsecurity, c.relforcerowsecurity, n.oid, n.nspowner, n.nspacl,
+           (SELECT pg_catalog.string_agg(a.attnum || ':' || a.attacl::text, ';' ORDER BY a.attnum)
+              FROM pg_catalog.pg_attribute a WHERE a.attrelid = t.relid AND a.attacl IS NOT NULL),
+           (SELECT pg_catalog.string_agg(pg_catalog.concat_ws(':', p.oid, p.polcmd, p.polpermissive,
+                                                              p.polroles, p.polqual::text), ';' ORDER BY p.oid)
+              FROM pg_catalog.pg_policy p WHERE p.polrelid = t.relid)))
+  FROM sync.tracked t
+  JOIN pg_catalog.pg_class c ON c.oid = t.relid
+  JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+ WHERE t.relid = tbl
+$$;
+
+-- What of who may read `tbl` depends on the roles a gateway acts as (`roles`): each role's
+-- SUPERUSER, BYPASSRLS and INHERIT, and which of the roles the table names (its owner, the
+-- grantees of the table, its columns and its schema, its policies' roles) it has the
+-- privileges of. Not who else is a member of those: granting a role to a new login changes
+-- nothing here.
+CREATE FUNCTION sync._role_access(tbl regclass, roles text[]) RETURNS text
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+WITH named AS (
+        SELECT c.relowner AS g FROM pg_catalog.pg_class c WHERE c.oid = tbl
+    UNION SELECT (pg_catalog.aclexplode(c.relacl)).grantee FROM pg_catalog.pg_class c WHERE c.oid = tbl
+    UNION SELECT (pg_catalog.aclexplode(a.attacl)).grantee FROM pg_catalog.pg_attribute a
+           WHERE a.attrelid = tbl AND a.attacl IS NOT NULL
+    UNION SELECT (pg_catalog.aclexplode(n.nspacl)).grantee FROM pg_catalog.pg_class c
+            JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = tbl
+    UNION SELECT pg_catalog.unnest(p.polroles) FROM pg_catalog.pg_policy p WHERE p.polrelid = tbl)
+SELECT pg_catalog.md5(pg_catalog.string_agg(
+           r.rolname || ':' || r.rolsuper || r.rolbypassrls || r.rolinherit || ':'
+           || coalesce((SELECT pg_catalog.string_agg(named.g::text, ',' ORDER BY named.g) FROM named
+                         WHERE named.g <> 0 AND pg_catalog.pg_has_role(r.oid, named.g, 'USAGE')), ''),
+           ';' ORDER BY r.rolname))
+  FROM pg_catalog.pg_roles r WHERE r.rolname = ANY (roles)
+$$;
+
+-- Who may read what, summarised for a gateway acting as `roles`: every tracked entity's
+-- table and role digests, read in the caller's snapshot. The gateway reads it again when a
+-- page shows a newer sync.access_event than its catalog was read with, and at every poll (for
+-- what no event trigger sees: ALTER ROLE, GRANT of a role, REASSIGN OWNED), and rebuilds what
+-- it judges with (catalog, policy plans) when it moved.
+CREATE FUNCTION sync.access_fingerprint(roles text[]) RETURNS text
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+SELECT pg_catalog.md5(coalesce(pg_catalog.string_agg(
+           t.entity_code || '=' || sync._table_access(t.relid) || '/' || coalesce(sync._role_access(t.relid, roles), ''),
+           ';' ORDER BY t.entity_code), ''))
+  FROM sync.tracked t
 $$;
 
 -- The newest row of sync.access_event visible to the caller (0: none).
@@ -286,16 +322,55 @@ LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
     SELECT coalesce(max(e.id), 0) FROM sync.access_event e
 $$;
 
--- Policies, grants, owners and tables changed: a row of sync.access_event, which tells the
--- gateways to read the access fingerprint again before judging the next page (the
--- fingerprint, not this row, says what changed), and a wake-up for them. Inserting a row
--- of its own, the command's transaction holds nothing another one waits for, however long
--- it stays open. SECURITY DEFINER, as the other event triggers: every role's GRANT runs it.
+-- Notes who may read each tracked table now: the table's own digest (`roles` NULL: the event
+-- triggers, track), or the digest of what depends on `roles` (a gateway, when its access
+-- fingerprint moved). An entity whose digest of that kind differs from the one noted last
+-- gets a row of sync.access_event and an ACCESS row in the log: its subscribers refetch,
+-- wherever they read the log. The first digest of a kind is only noted. Returns the entities
+-- whose access changed. SECURITY DEFINER: it writes pg_sync's tables for any role's DDL and
+-- for the gateway; it runs no code a caller can define.
+CREATE FUNCTION sync._note_access(roles text[] DEFAULT NULL) RETURNS integer
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    t record;
+    noted_kind text := CASE WHEN roles IS NULL THEN 'table'
+                            ELSE 'roles:' || pg_catalog.md5(pg_catalog.array_to_string(
+                                     ARRAY(SELECT r FROM pg_catalog.unnest(roles) r ORDER BY r), ',')) END;
+    digest text;
+    last record;
+    noted_before boolean;
+    changed integer := 0;
+BEGIN
+    FOR t IN SELECT k.relid, k.entity_code FROM sync.tracked k ORDER BY k.entity_code LOOP
+        digest := CASE WHEN roles IS NULL THEN sync._table_access(t.relid)
+                       ELSE sync._role_access(t.relid, roles) END;
+        SELECT e.digest INTO last FROM sync.access_event e
+         WHERE e.entity_code = t.entity_code AND e.kind = noted_kind
+         ORDER BY e.id DESC LIMIT 1;
+        noted_before := FOUND;
+        CONTINUE WHEN noted_before AND last.digest IS NOT DISTINCT FROM digest;
+        INSERT INTO sync.access_event (entity_code, kind, digest)
+        VALUES (t.entity_code, noted_kind, digest);
+        IF noted_before THEN
+            PERFORM sync._log_access(t.relid);
+            changed := changed + 1;
+        END IF;
+    END LOOP;
+    IF changed > 0 THEN
+        PERFORM pg_catalog.pg_notify('sync_changes', 'access');
+    END IF;
+    RETURN changed;
+END
+$$;
+
+-- Policies, grants, owners and tables changed: who may read each tracked table is noted
+-- again (sync._note_access). SECURITY DEFINER, as the other event triggers: every role's
+-- GRANT runs it. An entity's noted digest changes only by commands of roles with rights on
+-- its table; another role's open transaction holds nothing anyone waits for.
 CREATE FUNCTION sync._on_access_change() RETURNS event_trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
-    INSERT INTO sync.access_event DEFAULT VALUES;
-    PERFORM pg_catalog.pg_notify('sync_changes', 'access');
+    PERFORM sync._note_access();
 END
 $$;
 CREATE EVENT TRIGGER sync_access_change ON ddl_command_end
@@ -367,8 +442,11 @@ BEGIN
     LOCK TABLE sync_lock.log_read IN EXCLUSIVE MODE;
     -- A retried write older than the retained log is no longer recognised either.
     DELETE FROM sync.applied_mutation m WHERE m.applied_at < now() - keep;
-    -- Readers need only the newest access event.
-    DELETE FROM sync.access_event e WHERE e.id < (SELECT max(n.id) FROM sync.access_event n);
+    -- What is noted of each entity's access is its newest row of each kind.
+    DELETE FROM sync.access_event e
+     WHERE e.id < (SELECT max(n.id) FROM sync.access_event n
+                    WHERE n.entity_code IS NOT DISTINCT FROM e.entity_code
+                      AND n.kind IS NOT DISTINCT FROM e.kind);
     -- Below the oldest transaction still running, and below every change younger than keep.
     SELECT least(pg_snapshot_xmin(pg_current_snapshot()),
                  (SELECT min(h.txid) FROM sync.change_history h WHERE h.captured_at >= now() - keep))
@@ -493,7 +571,8 @@ BEGIN
         'sync.ingest_wal(integer)', 'sync._wal_settled(text)', 'sync.status()',
         'sync._wakeup_mode()', 'sync.claim_mutation(text, text)', 'sync.tag_origin(text)',
         'sync.policy_plan(oid, text)', 'sync.visible(oid, jsonb, jsonb)',
-        'sync.access_fingerprint()', 'sync.access_serial()',
+        'sync.access_fingerprint(text[])', 'sync._table_access(regclass)',
+        'sync._role_access(regclass, text[])', 'sync.access_serial()', 'sync._note_access(text[])',
         'sync._entity_is(regclass, bigint, integer)'
     ]::regprocedure[] LOOP
         EXECUTE format('GRANT EXECUTE ON FUNCTION %s TO %s', f, gateway);

@@ -21,16 +21,22 @@ CREATE TABLE sync.state (
 );
 INSERT INTO sync.state DEFAULT VALUES;
 
--- One row per command that may have changed who may read what (GRANT, REVOKE, policies,
--- ALTER TABLE, DROP OWNED), written by the event trigger sync._on_access_change. A reader
--- reads its newest id with every page of the log, in the page's snapshot: a new one means
--- the access fingerprint (sync.access_fingerprint) is read again before the page is
--- judged. Rows, not a counter in one row: a counter's row would be locked by any role's
--- open DDL transaction, stalling every other writer of it (sync.prune trims it).
+-- Who may read each tracked table, as it was last noted (sync._note_access): a digest per
+-- entity and kind (`table`: what the table itself decides, noted by the event triggers;
+-- `roles:<hash>`: what depends on the roles a gateway acts as, noted by the gateways). A new
+-- digest comes with an ACCESS row in the log for that entity, so that every reader meets the
+-- change in the log's order. Readers also read the newest id with every page: a new one
+-- means the gateway reads the catalog again before judging the page. Rows, not a counter in
+-- one row: a counter's row would be locked by any role's open DDL transaction, stalling
+-- every other writer of it. sync.prune keeps the newest row of each entity and kind.
 CREATE TABLE sync.access_event (
-    id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-    at timestamptz NOT NULL DEFAULT pg_catalog.now()
+    id          bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    at          timestamptz NOT NULL DEFAULT pg_catalog.now(),
+    entity_code text,
+    kind        text,
+    digest      text
 );
+CREATE INDEX access_event_entity ON sync.access_event (entity_code, kind, id);
 
 -- The change log. Written by log.rs straight into the heap and indexes (no constraints,
 -- triggers or defaults apply there: keep the column order in step with log.rs). `id` comes from a CACHE 1 sequence inside the capturing transaction after

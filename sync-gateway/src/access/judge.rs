@@ -472,8 +472,8 @@ async fn visible_in_database(
     let images = Value::Array(images.iter().map(|i| Value::Object((*i).clone())).collect());
     let row = client
         .query_one(
-            "SELECT sync.visible($1::text::regclass, $2, $3)",
-            &[&entity.table, &groups, &images],
+            "SELECT sync.visible($1, $2, $3)",
+            &[&entity.relid, &groups, &images],
         )
         .await?;
     let answers = serde_json::from_value(row.get::<_, Value>(0)).unwrap_or_else(|e| {

@@ -105,10 +105,7 @@ impl Plans {
             return Ok(plan);
         }
         let row = client
-            .query_one(
-                "SELECT sync.policy_plan($1::text::regclass, $2)",
-                &[&entity.table, &role],
-            )
+            .query_one("SELECT sync.policy_plan($1, $2)", &[&entity.relid, &role])
             .await?;
         let plan = Arc::new(Plan::from_json(row.get::<_, Value>(0), entity));
         let mut cache = self.cache.lock().expect("plans lock");

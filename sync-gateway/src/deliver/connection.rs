@@ -356,13 +356,12 @@ impl Session {
                     self.subscribed.remove(&code);
                     self.command(Command::Unsubscribe {
                         conn: self.id,
-                        entity_code: code,
+                        entity_code: code.clone(),
                         entity_ids: None,
                     })
                     .await;
                     let message = format!("the refreshed token may not read this: {refusal}");
-                    self.reply(ServerMessage::error(ErrorCode::Forbidden, message, None))
-                        .await;
+                    self.reply(ServerMessage::forbidden(&code, message)).await;
                 }
             }
         }

@@ -84,9 +84,7 @@ impl Replayer {
                     Err(ReplayError::Read(ReadError::Malformed(why))) => {
                         ServerMessage::error(ErrorCode::BadRequest, format!("since: {why}"), None)
                     }
-                    Err(ReplayError::Forbidden(why)) => {
-                        ServerMessage::error(ErrorCode::Forbidden, why, None)
-                    }
+                    Err(ReplayError::Forbidden(why)) => ServerMessage::forbidden(&entity_code, why),
                     Err(ReplayError::Busy(busy)) => ServerMessage::error(
                         ErrorCode::Internal,
                         format!("{busy}: subscribe again from your cursor"),

@@ -7,7 +7,8 @@
 //! Read again when a page of the log shows a newer access event than the catalog was read
 //! with (`observe`: a GRANT, a policy, an ALTER TABLE, a track or untrack), at every poll of
 //! the reader (`refresh_if_older`: what no event trigger sees, such as ALTER ROLE), and when a
-//! client names an entity not seen yet.
+//! client names an entity not seen yet. When the fingerprint moved, the gateway notes it
+//! (`sync._note_access`): entities whose access changed get an ACCESS row in the log.
 //!
 //! Every identifier that reaches SQL built by the gateway comes from here, quoted here.
 
@@ -25,6 +26,9 @@ pub struct Entity {
     pub code: String,
     /// The table, schema-qualified and quoted: `"app"."task"`.
     pub table: String,
+    /// The table's oid: how the gateway names it to pg_sync's functions (no name to resolve,
+    /// so no schema privilege needed to find it).
+    pub relid: u32,
     /// The primary key's columns, in key order, and their SQL types.
     pub key: Vec<String>,
     pub key_types: Vec<String>,
@@ -72,16 +76,12 @@ impl Entity {
     /// schema version), with `$n` to `$n+2` its `identity()`: run after `lock_as` locked the
     /// table, before the query built from this entity reads or writes it.
     pub fn check_sql(n: usize) -> String {
-        format!(
-            "sync._entity_is(${n}::text::regclass, ${}, ${})",
-            n + 1,
-            n + 2
-        )
+        format!("sync._entity_is(${n}::oid, ${}, ${})", n + 1, n + 2)
     }
 
     /// The parameters of `check_sql`.
     pub fn identity(&self) -> [&(dyn tokio_postgres::types::ToSql + Sync); 3] {
-        [&self.table, &self.tracking, &self.schema_version]
+        [&self.relid, &self.tracking, &self.schema_version]
     }
 
     /// SQL for the log's `entity_id` of row `t`: the key's text, or for a composite key the
@@ -165,6 +165,8 @@ impl View {
 
 pub struct Catalog {
     pool: Pool,
+    /// The roles this gateway acts as: what they may read is part of its access fingerprint.
+    roles: Vec<String>,
     view: RwLock<Arc<View>>,
     /// Held while re-reading, so that concurrent reasons to read share one read.
     reloading: tokio::sync::Mutex<()>,
@@ -182,16 +184,16 @@ SELECT t.entity_code, c.relrowsecurity, n.nspname::text, c.relname::text, t.sche
        ARRAY(SELECT a.attname::text FROM pg_catalog.pg_attribute a
               WHERE a.attrelid = t.relid AND a.attnum > 0 AND NOT a.attisdropped
                 AND (t.columns IS NULL OR a.attname = ANY (t.columns) OR a.attnum = ANY (k.indkey::int2[]))),
-       t.columns IS NOT NULL, t.tracking
+       t.columns IS NOT NULL, t.tracking, t.relid::oid
   FROM sync.tracked t
   JOIN pg_catalog.pg_class c ON c.oid = t.relid
   JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
   JOIN pg_catalog.pg_index k ON k.indrelid = t.relid AND k.indisprimary";
 
-const ACCESS_SQL: &str = "SELECT sync.access_serial(), sync.access_fingerprint()";
+const ACCESS_SQL: &str = "SELECT sync.access_serial(), sync.access_fingerprint($1)";
 
 impl Catalog {
-    pub fn new(pool: Pool) -> Self {
+    pub fn new(pool: Pool, roles: Vec<String>) -> Self {
         let empty = View {
             entities: HashMap::new(),
             serial: -1,
@@ -201,6 +203,7 @@ impl Catalog {
         };
         Catalog {
             pool,
+            roles,
             view: RwLock::new(Arc::new(empty)),
             reloading: tokio::sync::Mutex::new(()),
         }
@@ -274,8 +277,11 @@ impl Catalog {
             .read_only(true)
             .start()
             .await?;
-        let (access, rows) =
-            tokio::join!(tx.query_one(ACCESS_SQL, &[]), tx.query(ENTITIES_SQL, &[]));
+        let roles: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&self.roles];
+        let (access, rows) = tokio::join!(
+            tx.query_one(ACCESS_SQL, &roles),
+            tx.query(ENTITIES_SQL, &[])
+        );
         let (access, rows) = (access?, rows?);
         tx.commit().await?;
         let entities = rows
@@ -294,12 +300,23 @@ impl Catalog {
                     allow_listed: r.get(8),
                     schema_version: r.get(4),
                     tracking: r.get(9),
+                    relid: r.get(10),
                 };
                 (code, Arc::new(entity))
             })
             .collect();
         let fingerprint: String = access.get(1);
-        let epoch = view.epoch + u64::from(fingerprint != view.fingerprint);
+        let moved = fingerprint != view.fingerprint;
+        if moved {
+            // What changed may be what no event trigger sees (ALTER ROLE, GRANT of a role,
+            // REASSIGN OWNED): noted in the log for the entities it touches, so that every
+            // reader (this one, other gateways, replays, /v1/changes) meets it in order. (At
+            // start: what changed while no gateway of these roles watched, or a first note.)
+            client
+                .query_one("SELECT sync._note_access($1)", &[&self.roles])
+                .await?;
+        }
+        let epoch = view.epoch + u64::from(moved);
         let fresh = Arc::new(View {
             entities,
             serial: access.get(0),

@@ -89,6 +89,7 @@ pub async fn read_page(
                 "INSERT" => Op::Insert,
                 "UPDATE" => Op::Update,
                 "DELETE" => Op::Delete,
+                "ACCESS" => Op::Access,
                 _ => Op::Truncate,
             },
             entity_id: r.get(3),

@@ -39,6 +39,9 @@ pub enum Op {
     Update,
     Delete,
     Truncate,
+    /// Who may read the entity changed here (a grant, a policy, an owner, a role): rows may
+    /// have entered or left a subscriber's sight without changing.
+    Access,
 }
 
 /// A change as a subscriber sees it (SPEC 2.3), and what a mutation of `/v1/write` asks for.

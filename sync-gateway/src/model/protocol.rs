@@ -284,6 +284,10 @@ pub enum ServerMessage {
         message: String,
         #[serde(rename = "ref", skip_serializing_if = "Option::is_none")]
         reference: Option<String>,
+        /// The entity a `forbidden` is about: its subscriptions ended, and the client drops
+        /// what it holds of it.
+        #[serde(rename = "entityCode", skip_serializing_if = "Option::is_none")]
+        entity_code: Option<String>,
     },
     #[serde(rename = "PONG")]
     Pong,
@@ -320,6 +324,9 @@ pub enum ResyncReason {
     /// The entity was untracked, tracked again or replaced by another table under its code:
     /// the rows held are another table's.
     EntityChanged,
+    /// Who may read what changed (a policy, an owner, a role's membership): the rows held
+    /// may differ from what the user may see now, without any row having changed.
+    AccessChanged,
 }
 
 impl ServerMessage {
@@ -328,6 +335,17 @@ impl ServerMessage {
             code,
             message: message.into(),
             reference,
+            entity_code: None,
+        }
+    }
+
+    /// ERROR `forbidden` for `entity_code`: the user may no longer read it.
+    pub fn forbidden(entity_code: &str, message: impl Into<String>) -> Self {
+        ServerMessage::Error {
+            code: ErrorCode::Forbidden,
+            message: message.into(),
+            reference: None,
+            entity_code: Some(entity_code.to_owned()),
         }
     }
 

@@ -112,6 +112,7 @@ pub fn judge(change: &Change, target: &Target, sight: Sight, own: bool) -> Judge
     let empty = Map::new();
     let (before, after) = match change.op {
         Op::Truncate => return Judgement::Resync(ResyncReason::Truncate),
+        Op::Access => return Judgement::Resync(ResyncReason::AccessChanged),
         Op::Insert => (false, true),
         Op::Delete => (true, false),
         Op::Update => (true, true),

@@ -498,7 +498,9 @@ impl Router {
             if let Some(entry) = self.index.get(&change.entity_code) {
                 candidates.clear();
                 match (change.op, verdict) {
-                    (Op::Truncate, _) | (_, Verdict::Replaced) => entry.all(&mut candidates),
+                    (Op::Truncate | Op::Access, _) | (_, Verdict::Replaced) => {
+                        entry.all(&mut candidates)
+                    }
                     (_, Verdict::Seen(None)) => entry.every_group(change, &mut candidates),
                     (_, Verdict::Seen(Some(s))) => {
                         let mut groups: Vec<GroupId> =
@@ -625,7 +627,7 @@ impl Router {
                 outboxes
                     .entry(conn)
                     .or_default()
-                    .message(ServerMessage::error(ErrorCode::Forbidden, why, None));
+                    .message(ServerMessage::forbidden(entity, why));
             }
             self.end_sub(conn, sub);
         }
