@@ -14,3 +14,9 @@ export function retryAfterMs(header: string | null, now = Date.now()): number | 
   const at = Date.parse(header);
   return Number.isNaN(at) ? undefined : Math.max(0, at - now);
 }
+
+/** The delay before retry number `attempt` when the server asked for `floorMs` at least
+ * (`Retry-After`): the server's floor, or the jittered back-off when that is longer. */
+export function retryDelay(attempt: number, floorMs: number | undefined, baseMs?: number, capMs?: number): number {
+  return Math.max(floorMs ?? 0, fullJitter(attempt, baseMs, capMs));
+}

@@ -1,57 +1,14 @@
 /**
- * The rows a tab reads: the server's rows (as the stream last brought them) with this
- * device's writes that the stream has not brought back yet laid over them, in the order they
- * were made. The two are kept apart so that a rejected write rolls back by being removed, and
- * a confirmed one disappears into the server's row without a flicker: its overlay is dropped
- * only once the stream has passed the write (see `Mutation.cursor`).
+ * The rows a tab reads, for the entities this tab opened (and no others): the server's rows
+ * as the stream last brought them, with this device's writes that are not settled yet laid
+ * over them in the order they were made. The two are kept apart so that a refused write rolls
+ * back by being removed, and a settled one disappears into the server's row.
+ *
+ * Live queries are told once per batch of changes, after the current task, so a commit that
+ * touches several entities is seen whole by every query (see `Commit` in client.ts).
  */
+import { LiveQuery, run, type Entry, type Filter, type QueryOptions } from "./query.js";
 import type { Mutation, Row } from "./store.js";
-
-/** Local queries: a predicate, or conditions all of which a row meets (SPEC 2.3's filters). */
-export type Filter = ((row: Row) => boolean) | Condition[];
-
-export interface Condition {
-  column: string;
-  op: "eq" | "neq" | "lt" | "lte" | "gt" | "gte" | "in" | "is_null" | "not_null";
-  value?: unknown;
-}
-
-export function matches(row: Row, filter: Filter): boolean {
-  if (typeof filter === "function") return filter(row);
-  return filter.every(({ column, op, value }) => {
-    const v = row[column];
-    switch (op) {
-      case "is_null":
-        return v === null || v === undefined;
-      case "not_null":
-        return v !== null && v !== undefined;
-      case "in":
-        return Array.isArray(value) && value.some((x) => same(v, x));
-      case "eq":
-        return same(v, value);
-      case "neq":
-        return v !== null && v !== undefined && !same(v, value);
-      default:
-        return v !== null && v !== undefined && compare(v, value, op);
-    }
-  });
-}
-
-/** A value as text, as the gateway compares values: a number and its text alike. */
-const text = (v: unknown): string =>
-  typeof v === "string" ? v : typeof v === "number" || typeof v === "boolean" ? `${v}` : JSON.stringify(v);
-
-/** Equal as the gateway compares: by value, a number and its text alike. */
-function same(a: unknown, b: unknown): boolean {
-  return a === b || (a !== null && b !== null && text(a) === text(b));
-}
-
-function compare(a: unknown, b: unknown, op: string): boolean {
-  const [x, y] = typeof a === "number" || typeof b === "number" ? [Number(a), Number(b)] : [text(a), text(b)];
-  if (typeof x === "number" && Number.isNaN(x)) return false;
-  if (typeof y === "number" && Number.isNaN(y)) return false;
-  return op === "lt" ? x < y : op === "lte" ? x <= y : op === "gt" ? x > y : x >= y;
-}
 
 /** A row with this mutation applied (undefined: deleted). */
 function applyMutation(row: Row | undefined, m: Mutation): Row | undefined {
@@ -59,83 +16,154 @@ function applyMutation(row: Row | undefined, m: Mutation): Row | undefined {
   return m.action === "CREATE" ? { ...m.data } : { ...row, ...m.data };
 }
 
+interface Watch {
+  query: LiveQuery;
+  callback: (rows: Row[]) => void;
+}
+
+interface Held {
+  /** The server's rows. */
+  rows: Map<string, Row>;
+  /** This device's unsettled writes by id, in outbox order. */
+  overlay: Map<string, Mutation[]>;
+  watches: Set<Watch>;
+}
+
 export class Replica {
-  private readonly synced = new Map<string, Map<string, Row>>();
+  private readonly held = new Map<string, Held>();
   private pending: Mutation[] = [];
-  /** Each entity's rows with the overlay, made on first read after a change. */
-  private readonly views = new Map<string, Map<string, Row>>();
-  private readonly listeners = new Map<string, Set<() => void>>();
-  private readonly changed = new Set<string>();
-  private notifying = false;
+  private readonly watches = new Map<string, Set<Watch>>();
+  private readonly dirty = new Set<Watch>();
+  private scheduled = false;
 
-  rows(entity: string): Map<string, Row> {
-    let rows = this.synced.get(entity);
-    if (!rows) this.synced.set(entity, (rows = new Map<string, Row>()));
-    return rows;
+  /** Whether this tab holds the entity's rows. */
+  has(entity: string): boolean {
+    return this.held.has(entity);
   }
 
-  /** The server's changes to an entity. */
-  applySynced(entity: string, puts: Iterable<[string, Row]>, deletes: Iterable<string>): void {
-    const rows = this.rows(entity);
-    for (const [id, row] of puts) rows.set(id, row);
-    for (const id of deletes) rows.delete(id);
-    this.touch(entity);
+  /** The entity's server rows from now on (a first load, a new snapshot): every query starts again. */
+  load(entity: string, rows: Map<string, Row>): void {
+    const held: Held = { rows, overlay: new Map(), watches: this.watchesOf(entity) };
+    this.held.set(entity, held);
+    this.overlay(entity, held);
+    for (const watch of held.watches) this.reset(watch, entity);
   }
 
-  /** Forgets an entity's server rows (it is fetched again). */
-  clear(entity: string): void {
-    this.synced.delete(entity);
-    this.touch(entity);
+  /** Forgets the entity's server rows (its subscription ended, the user's rights changed). */
+  drop(entity: string): void {
+    if (this.held.has(entity)) this.load(entity, new Map());
   }
 
-  /** The writes not yet brought back by the stream, in outbox order. */
-  setPending(mutations: Mutation[]): void {
-    const entities = new Set([...this.pending, ...mutations].map((m) => m.entityCode));
+  /** One change of a server row (null: deleted), in log order: the last change of an id wins. */
+  put(entity: string, id: string, row: Row | null): void {
+    const held = this.held.get(entity);
+    if (!held) return;
+    if (row) held.rows.set(id, row);
+    else held.rows.delete(id);
+    if (held.watches.size) this.changed(held, id);
+  }
+
+  /** The writes not settled yet, in outbox order. */
+  setPending(mutations: readonly Mutation[]): void {
+    const touched = new Map<string, Set<string>>();
+    for (const m of [...this.pending, ...mutations]) {
+      let ids = touched.get(m.entityCode);
+      if (!ids) touched.set(m.entityCode, (ids = new Set()));
+      ids.add(m.entityId);
+    }
     this.pending = [...mutations].sort((a, b) => (a.seq ?? Infinity) - (b.seq ?? Infinity));
-    entities.forEach((e) => this.touch(e));
+    for (const [entity, ids] of touched) {
+      const held = this.held.get(entity);
+      if (!held) continue;
+      this.overlay(entity, held);
+      if (held.watches.size) ids.forEach((id) => this.changed(held, id));
+    }
   }
 
   pendingMutations(): readonly Mutation[] {
     return this.pending;
   }
 
-  view(entity: string): Map<string, Row> {
-    let view = this.views.get(entity);
-    if (view) return view;
-    const mine = this.pending.filter((m) => m.entityCode === entity);
-    const synced = this.rows(entity);
-    if (mine.length === 0) {
-      view = synced;
-    } else {
-      view = new Map<string, Row>(synced);
-      for (const m of mine) {
-        const row = applyMutation(view.get(m.entityId), m);
-        if (row) view.set(m.entityId, row);
-        else view.delete(m.entityId);
-      }
+  /** The row as this tab shows it: the server's, with unsettled writes over it. */
+  get(entity: string, id: string): Row | undefined {
+    const held = this.held.get(entity);
+    return held && this.view(held, id);
+  }
+
+  /** Every row as this tab shows it. */
+  *entries(entity: string): Generator<Entry> {
+    const held = this.held.get(entity);
+    if (!held) return;
+    for (const entry of held.rows) {
+      if (!held.overlay.has(entry[0])) yield entry;
     }
-    this.views.set(entity, view);
-    return view;
+    for (const id of held.overlay.keys()) {
+      const row = this.view(held, id);
+      if (row) yield [id, row];
+    }
   }
 
-  /** Calls `listener` (batched, after the current task) whenever the entity's view changes. */
-  listen(entity: string, listener: () => void): () => void {
-    let set = this.listeners.get(entity);
-    if (!set) this.listeners.set(entity, (set = new Set()));
-    set.add(listener);
-    return () => set.delete(listener);
+  where(entity: string, filter: Filter | undefined, options?: QueryOptions): Row[] {
+    return run(this.entries(entity), filter, options);
   }
 
-  private touch(entity: string): void {
-    this.views.delete(entity);
-    this.changed.add(entity);
-    if (this.notifying) return;
-    this.notifying = true;
+  /** Calls `callback` with the query's answer now and whenever it changes (after the current
+   * task, once per batch of changes); returns the unsubscribe. */
+  watch(entity: string, filter: Filter | undefined, options: QueryOptions, callback: (rows: Row[]) => void): () => void {
+    const watch: Watch = { query: new LiveQuery(filter, options), callback };
+    const set = this.watchesOf(entity);
+    set.add(watch);
+    this.reset(watch, entity);
+    this.dirty.delete(watch);
+    callback(watch.query.current());
+    return () => {
+      set.delete(watch);
+      this.dirty.delete(watch);
+    };
+  }
+
+  private watchesOf(entity: string): Set<Watch> {
+    let set = this.watches.get(entity);
+    if (!set) this.watches.set(entity, (set = new Set()));
+    return set;
+  }
+
+  private reset(watch: Watch, entity: string): void {
+    watch.query.reset(this.entries(entity));
+    this.mark(watch);
+  }
+
+  private view(held: Held, id: string): Row | undefined {
+    const mine = held.overlay.get(id);
+    let row = held.rows.get(id);
+    if (mine) for (const m of mine) row = applyMutation(row, m);
+    return row;
+  }
+
+  private overlay(entity: string, held: Held): void {
+    held.overlay.clear();
+    for (const m of this.pending) {
+      if (m.entityCode !== entity) continue;
+      const list = held.overlay.get(m.entityId);
+      if (list) list.push(m);
+      else held.overlay.set(m.entityId, [m]);
+    }
+  }
+
+  private changed(held: Held, id: string): void {
+    const row = this.view(held, id);
+    for (const watch of held.watches) if (watch.query.update(id, row)) this.mark(watch);
+  }
+
+  private mark(watch: Watch): void {
+    this.dirty.add(watch);
+    if (this.scheduled) return;
+    this.scheduled = true;
     queueMicrotask(() => {
-      this.notifying = false;
-      const entities = [...this.changed];
-      this.changed.clear();
-      for (const e of entities) this.listeners.get(e)?.forEach((l) => l());
+      this.scheduled = false;
+      const due = [...this.dirty];
+      this.dirty.clear();
+      for (const watch of due) watch.callback(watch.query.current());
     });
   }
 }

@@ -1,21 +1,29 @@
 /**
  * The durable half of the client: one IndexedDB database per user and gateway, through `idb`.
  * - `rows`: key `[entity, id]`, value the row as the server last sent it (never optimistic);
- * - `meta`: key `entity`, value `{cursor, schemaVersion}`: where the entity's stream stands;
- * - `outbox`: the writes not yet confirmed, in the order they were made (an autoincrement key).
- * A row change and its cursor are written in one transaction, and every write resolves only
- * when its transaction completes, so a crash leaves rows and cursor in agreement.
+ * - `meta`: key `entity`, value where the entity's stream stands (`Meta`);
+ * - `outbox`: the writes not yet settled, in the order they were made (an autoincrement key);
+ * - `refusals`: writes the server refused (409, 403, 400) that no tab has been told of yet;
+ * - `state`: `seq`, the last commit stored (see `Commit`), and `claims`, what the token said
+ *   when the rows were fetched.
+ * A commit's rows and cursors are written in one transaction, and every write resolves only
+ * when its transaction completes, so a crash leaves rows and cursors in agreement.
  *
  * When the browser refuses to store more (QuotaExceededError) or IndexedDB fails, the store
- * reports it once and stops writing; the client goes on from memory.
+ * reports it once and stops writing; the client goes on from memory. When another tab deletes
+ * the database (sign-out), the connection closes at once (`onGone`), so the deletion is never
+ * blocked by this tab.
  */
-import { openDB, type DBSchema, type IDBPDatabase } from "idb";
+import { openDB, type DBSchema, type IDBPDatabase, type IDBPTransaction, type StoreNames } from "idb";
 
 export type Row = Record<string, unknown>;
 
 export interface Meta {
   cursor: string;
   schemaVersion?: number;
+  /** The entity's key columns and mode, so that any tab can lead it. */
+  key?: string | string[];
+  mode?: "delta" | "invalidate";
 }
 
 export type Action = "CREATE" | "UPDATE" | "DELETE";
@@ -33,15 +41,36 @@ export interface Mutation {
   tab: string;
   /** The outbox position: the order writes are sent in. */
   seq?: number;
-  /** Set once the server applied it: the stream reaching this cursor ends the mutation. */
+  /** Set once the server applied it: the stream reaching this cursor settles the mutation. */
   cursor?: string;
+}
+
+/** A write the server refused for good, kept until a tab is told. */
+export interface StoredRefusal {
+  key?: number;
+  mutation: Mutation;
+  status: number;
+  error: string;
+  current?: Row;
+}
+
+/** One entity's part of what is written in one transaction, in this order: `drop` (forget
+ * the entity's rows and position), the rows (null: deleted), the position (null: none). */
+export interface EntityWrite {
+  drop: boolean;
+  rows: Map<string, Row | null>;
+  meta?: Meta | null;
 }
 
 interface Schema extends DBSchema {
   rows: { key: [string, string]; value: Row };
   meta: { key: string; value: Meta };
   outbox: { key: number; value: Mutation };
+  refusals: { key: number; value: StoredRefusal };
+  state: { key: string; value: unknown };
 }
+
+type Name = StoreNames<Schema>;
 
 /** The key range of one entity's rows: `[entity]` < `[entity, id]` < `[entity, []]`. */
 const entityRange = (entity: string) => IDBKeyRange.bound([entity], [entity, []]);
@@ -54,105 +83,174 @@ export class Store {
     private readonly onError: (error: unknown) => void,
   ) {}
 
-  static async open(name: string, onError: (error: unknown) => void): Promise<Store> {
+  /** `onGone(deleted)`: another tab deletes the database (sign-out) or opens a newer version;
+   * this connection is closed so as not to block it. */
+  static async open(name: string, onError: (error: unknown) => void, onGone: (deleted: boolean) => void): Promise<Store> {
     try {
-      const db = await openDB<Schema>(name, 1, {
-        upgrade(db) {
-          db.createObjectStore("rows");
-          db.createObjectStore("meta");
-          db.createObjectStore("outbox", { keyPath: "seq", autoIncrement: true });
+      let store: Store | undefined;
+      const db = await openDB<Schema>(name, 2, {
+        upgrade(db, version) {
+          if (version < 1) {
+            db.createObjectStore("rows");
+            db.createObjectStore("meta");
+            db.createObjectStore("outbox", { keyPath: "seq", autoIncrement: true });
+          }
+          db.createObjectStore("refusals", { keyPath: "key", autoIncrement: true });
+          db.createObjectStore("state");
+        },
+        // Another tab deletes or upgrades the database: let it.
+        blocking(_current, next) {
+          store?.close();
+          onGone(next === null);
         },
       });
-      return new Store(db, onError);
+      return (store = new Store(db, onError));
     } catch (error) {
       onError(error);
       return new Store(undefined, onError);
     }
   }
 
+  /** False when storage failed: memory is the truth from then on. */
+  get working(): boolean {
+    return !!this.db && !this.failed;
+  }
+
   close(): void {
+    this.failed = true;
     this.db?.close();
   }
 
-  /** The stored rows and outbox, to start from (positions are the leader's: `meta`). */
-  async load(): Promise<{ rows: Map<string, Map<string, Row>>; outbox: Mutation[] }> {
-    const rows = new Map<string, Map<string, Row>>();
-    if (!this.db) return { rows, outbox: [] };
-    const tx = this.db.transaction(["rows", "outbox"]);
-    const [keys, values, outbox] = await Promise.all([
-      tx.objectStore("rows").getAllKeys(),
-      tx.objectStore("rows").getAll(),
-      tx.objectStore("outbox").getAll(),
+  /** Entities' stored rows and positions, and the last commit they include, in one transaction. */
+  async entities(codes: string[]): Promise<{ rows: Map<string, Map<string, Row>>; meta: Map<string, Meta>; seq: number } | undefined> {
+    if (!this.working) return undefined;
+    try {
+      const tx = this.db!.transaction(["rows", "meta", "state"]);
+      const store = tx.objectStore("rows");
+      const rows = new Map<string, Map<string, Row>>();
+      const meta = new Map<string, Meta>();
+      const [, seq] = await Promise.all([
+        Promise.all(
+          codes.map(async (code) => {
+            const [keys, values, position] = await Promise.all([
+              store.getAllKeys(entityRange(code)),
+              store.getAll(entityRange(code)),
+              tx.objectStore("meta").get(code),
+            ]);
+            const map = new Map<string, Row>();
+            keys.forEach((key, i) => map.set(key[1], values[i]!));
+            rows.set(code, map);
+            if (position) meta.set(code, position);
+          }),
+        ),
+        tx.objectStore("state").get("seq"),
+      ]);
+      return { rows, meta, seq: (seq as number | undefined) ?? 0 };
+    } catch (error) {
+      this.fail(error);
+      return undefined;
+    }
+  }
+
+  /** Every entity's position, the last commit stored and the claims of the stored rows. */
+  async state(): Promise<{ meta: Map<string, Meta>; seq: number; claims?: string }> {
+    const meta = new Map<string, Meta>();
+    if (!this.working) return { meta, seq: 0 };
+    const tx = this.db!.transaction(["meta", "state"]);
+    const [keys, values, seq, claims] = await Promise.all([
+      tx.objectStore("meta").getAllKeys(),
+      tx.objectStore("meta").getAll(),
+      tx.objectStore("state").get("seq"),
+      tx.objectStore("state").get("claims"),
     ]);
-    keys.forEach(([entity, id], i) => {
-      let entityRows = rows.get(entity);
-      if (!entityRows) rows.set(entity, (entityRows = new Map<string, Row>()));
-      entityRows.set(id, values[i] as Row);
-    });
-    return { rows, outbox };
+    keys.forEach((entity, i) => meta.set(entity, values[i]!));
+    return { meta, seq: (seq as number | undefined) ?? 0, claims: claims as string | undefined };
   }
 
-  /** Rows put and deleted, and the entity's new position, in one transaction. */
-  async apply(entity: string, puts: [string, Row][], deletes: string[], meta: Meta | undefined): Promise<void> {
-    await this.write(["rows", "meta"], (tx) => {
+  /** Entities' rows and positions, and `seq`, in one transaction. */
+  async write(entities: Map<string, EntityWrite>, seq?: number, claims?: string): Promise<void> {
+    await this.run(["rows", "meta", "state"], (tx) => {
       const rows = tx.objectStore("rows");
-      for (const [id, row] of puts) void rows.put(row, [entity, id]);
-      for (const id of deletes) void rows.delete([entity, id]);
-      if (meta) void tx.objectStore("meta").put(meta, entity);
-    });
-  }
-
-  /** Forgets an entity's rows and position (it is fetched again); the outbox stays. */
-  async dropEntity(entity: string): Promise<void> {
-    await this.write(["rows", "meta"], (tx) => {
-      void tx.objectStore("rows").delete(entityRange(entity));
-      void tx.objectStore("meta").delete(entity);
+      const meta = tx.objectStore("meta");
+      for (const [entity, write] of entities) {
+        if (write.drop) {
+          void rows.delete(entityRange(entity));
+          void meta.delete(entity);
+        }
+        for (const [id, row] of write.rows) void (row ? rows.put(row, [entity, id]) : rows.delete([entity, id]));
+        if (write.meta) void meta.put(write.meta, entity);
+        else if (write.meta === null) void meta.delete(entity);
+      }
+      if (seq !== undefined) void tx.objectStore("state").put(seq, "seq");
+      if (claims !== undefined) void tx.objectStore("state").put(claims, "claims");
     });
   }
 
   /** Adds a mutation to the outbox; returns its position. */
   async enqueue(mutation: Mutation): Promise<number | undefined> {
     let seq: number | undefined;
-    await this.write(["outbox"], async (tx) => {
+    await this.run(["outbox"], async (tx) => {
       seq = await tx.objectStore("outbox").add(mutation);
     });
     return seq;
   }
 
   async updateMutation(mutation: Mutation): Promise<void> {
-    await this.write(["outbox"], (tx) => void tx.objectStore("outbox").put(mutation));
+    await this.run(["outbox"], (tx) => void tx.objectStore("outbox").put(mutation));
   }
 
-  async removeMutation(seq: number | undefined): Promise<void> {
-    if (seq !== undefined) await this.write(["outbox"], (tx) => void tx.objectStore("outbox").delete(seq));
+  async removeMutations(seqs: (number | undefined)[]): Promise<void> {
+    await this.run(["outbox"], (tx) => seqs.forEach((seq) => seq !== undefined && void tx.objectStore("outbox").delete(seq)));
   }
 
   /** The outbox as stored; undefined once storage failed (memory is then the truth). */
   async outbox(): Promise<Mutation[] | undefined> {
-    return this.db && !this.failed ? this.db.getAll("outbox") : undefined;
+    return this.working ? this.db!.getAll("outbox").catch(() => undefined) : undefined;
   }
 
-  async meta(): Promise<Map<string, Meta>> {
-    const meta = new Map<string, Meta>();
-    if (!this.db) return meta;
-    const tx = this.db.transaction("meta");
-    const [keys, values] = await Promise.all([tx.store.getAllKeys(), tx.store.getAll()]);
-    keys.forEach((entity, i) => meta.set(entity, values[i]!));
-    return meta;
+  /** A refused write settles its mutation and is kept until a tab is told, in one transaction. */
+  async refuse(refusal: StoredRefusal): Promise<void> {
+    await this.run(["outbox", "refusals"], (tx) => {
+      if (refusal.mutation.seq !== undefined) void tx.objectStore("outbox").delete(refusal.mutation.seq);
+      void tx.objectStore("refusals").add(refusal);
+    });
   }
 
-  private async write<S extends ("rows" | "meta" | "outbox")[]>(
-    stores: S,
-    work: (tx: import("idb").IDBPTransaction<Schema, S, "readwrite">) => unknown,
-  ): Promise<void> {
-    if (!this.db || this.failed) return;
+  async refusals(): Promise<StoredRefusal[]> {
+    return this.working ? this.db!.getAll("refusals").catch(() => []) : [];
+  }
+
+  /** Takes a refusal to report it: true for the one tab that took it. */
+  async claimRefusal(key: number): Promise<boolean> {
+    let mine = false;
+    await this.run(["refusals"], async (tx) => {
+      const store = tx.objectStore("refusals");
+      if ((await store.count(key)) > 0) {
+        mine = true;
+        await store.delete(key);
+      }
+    });
+    return mine;
+  }
+
+  private async run<S extends Name[]>(stores: S, work: (tx: IDBPTransaction<Schema, S, "readwrite">) => unknown): Promise<void> {
+    if (!this.working) return;
     try {
-      const tx = this.db.transaction(stores, "readwrite");
-      await work(tx);
-      await tx.done;
+      const tx = this.db!.transaction(stores, "readwrite");
+      await Promise.all([work(tx), tx.done]);
     } catch (error) {
-      this.failed = true; // from here on, memory only
-      this.onError(error);
+      this.fail(error);
     }
+  }
+
+  /** Stops writing after `error` (the client goes on from memory). */
+  abandon(error: unknown): void {
+    this.fail(error);
+  }
+
+  private fail(error: unknown): void {
+    if (this.failed) return;
+    this.failed = true; // from here on, memory only
+    this.onError(error);
   }
 }

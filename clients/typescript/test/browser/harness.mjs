@@ -23,9 +23,14 @@ function call(name, ...args) {
 export const sql = (text) => call("sql", text);
 /** Rows of a query as the superuser, as JSON. */
 export const query = (text) => call("query", text);
-export const token = (sub, role = null) => call("token", sub, role);
+/** A token for `sub` (valid an hour), with a `role` claim and other `claims` when given. */
+export const token = (sub, role = null, claims = null) => call("token", sub, role, claims);
 /** SIGKILLs the gateway and starts another on the same address. */
 export const replaceGateway = () => call("replace_gateway");
+/** SIGKILLs the gateway (its address refuses connections until `startGateway`). */
+export const stopGateway = () => call("stop_gateway");
+/** Starts the gateway again on the same address. */
+export const startGateway = () => call("start_gateway");
 export const metric = (name) => call("metric", name);
 /** Runs `sql` (with `$1` a counter) at `rate` commits/s for `seconds`, each its own transaction. */
 export const load = (sql, rate, seconds) => call("load", sql, rate, seconds);
@@ -51,6 +56,42 @@ export async function openDemo(context, sub) {
   return page;
 }
 
+/**
+ * A tab of `context` running the client from its script-tag build (`window.PgSync`, served
+ * beside the demo) as `sub`, with `window.client`, `window.tasks`, and what its handlers
+ * heard in `window.refusals` and `window.errors`. Only the first API is used here, so the
+ * scenarios also run against the client before it (to see them fail there).
+ */
+export async function openClient(context, sub, { role = null, claims = null, getToken = false } = {}) {
+  const page = await context.newPage();
+  page.on("console", (m) => m.type() === "warning" && log(`${sub} tab:`, m.text()));
+  page.on("pageerror", (e) => log(`${sub} tab error:`, e.message));
+  await page.goto(`${GATEWAY}/blank.html`);
+  await page.addScriptTag({ url: `${GATEWAY}/client.js` });
+  await page.evaluate(
+    ([t, getToken]) => {
+      window.token = t;
+      window.refusals = [];
+      window.errors = [];
+      window.client = window.PgSync.createClient({
+        url: location.origin,
+        ...(getToken ? { getToken: () => window.token } : { token: t }),
+        onConflict: (r) => window.refusals.push(r),
+        onRejected: (r) => window.refusals.push(r),
+        onError: (e) => window.errors.push(String(e)),
+      });
+      window.tasks = window.client.entity("task");
+    },
+    [await token(sub, role, claims), getToken],
+  );
+  return page;
+}
+
+/** The database names of this tab's origin that are the client's. */
+export function databases(page) {
+  return page.evaluate(async () => (await indexedDB.databases()).map((d) => d.name).filter((n) => n.startsWith("pg-sync:")));
+}
+
 const FIELDS = ["id", "project_id", "title", "status", "assignee"];
 const normal = (rows) =>
   rows
@@ -65,7 +106,7 @@ export async function tableTasks(where = "true") {
 
 /** The tasks a tab shows (its view: server rows and pending writes). */
 export async function tabTasks(page) {
-  return normal(await page.evaluate(() => window.demo.tasks.all()));
+  return normal(await page.evaluate(() => (window.demo?.tasks ?? window.tasks).all()));
 }
 
 /** The task rows stored in the tab's IndexedDB, read directly (not through the client). */

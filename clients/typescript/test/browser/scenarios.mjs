@@ -6,14 +6,18 @@ import { appendFileSync, mkdirSync } from "node:fs";
 import {
   ARTIFACTS,
   converged,
+  databases,
   GATEWAY,
   load,
   log,
   metric,
+  openClient,
   openDemo,
   query,
   replaceGateway,
   sql,
+  startGateway,
+  stopGateway,
   storedTasks,
   tableTasks,
   tabTasks,
@@ -270,4 +274,224 @@ export async function bench(browser) {
   };
   log(JSON.stringify(result));
   if (process.env.BENCH_OUT) appendFileSync(`${process.env.BENCH_OUT}/results.jsonl`, JSON.stringify(result) + "\n");
+}
+
+// ---- issue 19: each numbered problem, as a new user meets it --------------------------
+
+/** The title a tab shows for a task (undefined: no such row). */
+const titleIn = (page, id) => page.evaluate((id) => window.tasks.get(String(id))?.title, id);
+
+/** True when the tab shows task `id` with `title`, else what it shows. */
+const shows = async (page, id, title) => {
+  const now = await titleIn(page, id);
+  return now === title || (now ?? "missing");
+};
+
+/** 1. A delete and a re-insert of one key in one message (a replace in one transaction, a
+ * catch-up after being away) leave the row in the local copy, in memory and in IndexedDB. */
+export async function delete_and_reinsert(browser) {
+  const context = await browser.newContext();
+  let page = await openClient(context, "alice");
+  await until("task 1", async () => (await titleIn(page, 1)) === "Write the announcement" || "not yet");
+  await sql("BEGIN; DELETE FROM app.task WHERE id = 1; INSERT INTO app.task (id, project_id, title) VALUES (1, 'p1', 'replaced'); COMMIT");
+  await until("the replaced task 1", () => shows(page, 1, "replaced"), 10000);
+  // Away: the tab is closed while task 2 is deleted and inserted again; it catches up in one replay.
+  await until("task 1 stored", async () => (await storedTasks(page)) === (await tableTasks()) || "not yet", 10000);
+  await page.close();
+  await sql("DELETE FROM app.task WHERE id = 2");
+  await sql("INSERT INTO app.task (id, project_id, title) VALUES (2, 'p2', 'back again')");
+  page = await openClient(context, "alice");
+  await until("the re-inserted task 2", () => shows(page, 2, "back again"), 10000);
+  await until("IndexedDB to equal the table", async () => (await storedTasks(page)) === (await tableTasks()) || "not yet", 10000);
+  assert.equal(await tabTasks(page), await tableTasks());
+}
+
+/** 2a. A tab that opens after the leader went live says `live` too. */
+export async function status_late_tab(browser) {
+  const context = await browser.newContext();
+  const first = await openClient(context, "alice");
+  await until("the first tab live", async () => (await first.evaluate(() => window.client.status)) === "live" || "not live");
+  const late = await openClient(context, "alice");
+  await until("the late tab live", async () => (await late.evaluate(() => window.client.status)) === "live" || late.evaluate(() => window.client.status), 10000);
+  assert.equal(await metric("sync_connections"), 1, "one socket for the two tabs");
+}
+
+/** 2b. After the browser's offline toggle and back, every tab is live again while changes arrive. */
+export async function status_offline_toggle(browser) {
+  const context = await browser.newContext();
+  const pages = [await openClient(context, "alice"), await openClient(context, "alice")];
+  const statuses = () => Promise.all(pages.map((p) => p.evaluate(() => window.client.status)));
+  await until("both tabs live", async () => (await statuses()).every((s) => s === "live") || statuses());
+  await context.setOffline(true);
+  await until("both tabs offline or still live on a working socket", async () => (await statuses()).every((s) => s !== "connecting") || statuses(), 10000);
+  await context.setOffline(false);
+  await sql("UPDATE app.task SET title = 'after the toggle' WHERE id = 1");
+  await until("the change in both tabs", async () => (await Promise.all(pages.map((p) => titleIn(p, 1)))).every((t) => t === "after the toggle") || "not yet");
+  await until("both tabs live", async () => (await statuses()).every((s) => s === "live") || statuses(), 10000);
+}
+
+/** 2c. While the gateway is down every tab says `offline`; when it is back, `live`. */
+export async function status_gateway_down(browser) {
+  const context = await browser.newContext();
+  const pages = [await openClient(context, "alice"), await openClient(context, "alice")];
+  const statuses = () => Promise.all(pages.map((p) => p.evaluate(() => window.client.status)));
+  await until("both tabs live", async () => (await statuses()).every((s) => s === "live") || statuses());
+  await stopGateway();
+  await until("both tabs offline", async () => (await statuses()).every((s) => s === "offline") || statuses(), 15000);
+  await startGateway();
+  await sql("UPDATE app.task SET title = 'gateway back' WHERE id = 1");
+  await until("both tabs live with the change", async () =>
+    ((await statuses()).every((s) => s === "live") && (await Promise.all(pages.map((p) => titleIn(p, 1)))).every((t) => t === "gateway back")) || statuses(),
+  );
+}
+
+/** 3. Sign-out with another tab of the user open: it resolves, the database is gone, and the
+ * other tab stops acting for the user (no socket, no database made again). */
+export async function sign_out_everywhere(browser) {
+  const context = await browser.newContext();
+  const [a, b] = [await openClient(context, "alice"), await openClient(context, "alice")];
+  await until("both tabs have the tasks", async () => (await Promise.all([a, b].map((p) => titleIn(p, 1)))).every(Boolean) || "not yet");
+  const outcome = await a.evaluate(() =>
+    Promise.race([window.client.clearLocalData().then(() => "resolved"), new Promise((r) => setTimeout(() => r("still waiting after 10 s"), 10000))]),
+  );
+  assert.equal(outcome, "resolved", "clearLocalData() resolves");
+  assert.deepEqual(await databases(a), [], "the user's database is deleted");
+  await until("no socket for the user", async () => (await metric("sync_connections")) === 0 || "a socket is open");
+  await sql("UPDATE app.task SET title = 'after sign-out' WHERE id = 1");
+  await b.evaluate(() => new Promise((r) => setTimeout(r, 500))); // a change had time to reach a tab that was still syncing
+  assert.deepEqual(await databases(b), [], "the other tab made no database again");
+  assert.equal(await metric("sync_connections"), 0);
+}
+
+/** 4. A write made before the tab closed that ends in 409 is told to the next tab that
+ * registers a handler. */
+export async function conflict_after_reload(browser) {
+  const context = await browser.newContext();
+  const first = await openDemo(context, "alice");
+  await context.setOffline(true);
+  await first.evaluate(() => window.demo.tasks.update("1", { title: "mine" }, { expect: { title: "not what it is" } }));
+  await first.close();
+  await context.setOffline(false);
+  const next = await openDemo(context, "alice");
+  await until("the conflict told to the new tab", async () => (await next.evaluate(() => window.demo.refusals.length)) > 0 || "none", 15000);
+  const refusal = await next.evaluate(() => window.demo.refusals[0]);
+  assert.equal(refusal.status, 409);
+  assert.equal(refusal.mutation.entityId, "1");
+  assert.equal(refusal.current.title, "Write the announcement");
+  assert.equal(await next.evaluate(() => window.demo.tasks.get("1")?.title), "Write the announcement", "rolled back");
+}
+
+/** 5. What a developer should not have to guess: the first sync, ids in their own type,
+ * sorted and limited live queries, the script builds. */
+export async function first_sync_and_queries(browser) {
+  const context = await browser.newContext();
+  const page = await openClient(context, "alice");
+  const first = await page.evaluate(async () => {
+    await window.client.waitForFirstSync();
+    return window.tasks.all().length;
+  });
+  assert.equal(first, 3, "after waitForFirstSync() every row is there");
+  assert.equal(await page.evaluate(() => window.tasks.get(2)?.title), "Check the numbers", "get(2) with a number");
+  await page.evaluate(() => {
+    window.top2 = [];
+    window.tasks.subscribe(undefined, (rows) => (window.top2 = rows.map((r) => r.title)), { orderBy: { column: "title", desc: true }, limit: 2 });
+  });
+  assert.deepEqual(await page.evaluate(() => window.top2), ["Write the announcement", "Plant tomatoes"]);
+  await sql("INSERT INTO app.task (id, project_id, title) VALUES (40, 'p1', 'Zebra crossing')");
+  await until("the live query's new first row", async () => (await page.evaluate(() => window.top2.join(","))) === "Zebra crossing,Write the announcement" || page.evaluate(() => window.top2));
+  assert.deepEqual(await page.evaluate(() => window.tasks.where([{ column: "project_id", op: "eq", value: "p1" }], { orderBy: "id", limit: 2 }).map((r) => r.id)), [1, 2]);
+  // The ES module with idb inside, without a bundler.
+  const module = await context.newPage();
+  await module.goto(`${GATEWAY}/blank.html`);
+  const count = await module.evaluate(async ([t]) => {
+    const { createClient } = await import("/pg-sync.js");
+    const client = createClient({ url: location.origin, token: t });
+    const tasks = client.entity("task");
+    await client.waitForFirstSync();
+    return tasks.all().length;
+  }, [await token("bob")]);
+  assert.equal(count, 4, "the ES module build syncs");
+}
+
+/** 5. An applied write settles when its cursor is reached, with nothing else changing: the
+ * server's version (its defaults) replaces the optimistic one and the stored outbox empties. */
+export async function writes_settle(browser) {
+  const context = await browser.newContext();
+  const page = await openClient(context, "alice");
+  await until("live", async () => (await page.evaluate(() => window.client.status)) === "live" || "not live");
+  await page.evaluate(() => window.tasks.insert({ id: 50, project_id: "p1", title: "defaults from the server" }));
+  await until("the server's row (its updated_at)", async () => !!(await page.evaluate(() => window.tasks.get("50")?.updated_at)) || page.evaluate(() => window.tasks.get("50")), 10000);
+  await until("the outbox settled", async () => (await page.evaluate(() => window.client.replica.pendingMutations().length)) === 0 || "pending", 10000);
+  const outbox = await page.evaluate(async () => {
+    const name = (await indexedDB.databases()).map((d) => d.name).find((n) => n.startsWith("pg-sync:"));
+    const db = await new Promise((resolve) => (indexedDB.open(name).onsuccess = (e) => resolve(e.target.result)));
+    const n = await new Promise((resolve) => (db.transaction("outbox").objectStore("outbox").count().onsuccess = (e) => resolve(e.target.result)));
+    db.close();
+    return n;
+  });
+  assert.equal(outbox, 0, "the stored outbox is empty");
+}
+
+/** 6. A transaction's changes across entities reach the app at once: 1,000 transactions
+ * each move a task between two projects and update both projects' counts; the counts a
+ * live query sees always match the tasks it sees. */
+export async function transactions_whole(browser) {
+  const context = await browser.newContext();
+  const page = await openClient(context, "alice");
+  await page.evaluate(async () => {
+    window.projects = window.client.entity("project");
+    window.torn = [];
+    window.checks = 0;
+    const check = () => {
+      window.checks++;
+      for (const p of window.projects.all()) {
+        const tasks = window.tasks.all().filter((t) => t.project_id === p.id).length;
+        if (tasks !== p.task_count) window.torn.push(`${p.id}: ${tasks} tasks, task_count ${p.task_count}`);
+      }
+    };
+    window.tasks.subscribe(undefined, check);
+    window.projects.subscribe(undefined, check);
+  });
+  await until("live", async () => (await page.evaluate(() => window.client.status)) === "live" || "not live");
+  const move = `WITH t AS (UPDATE app.task SET project_id = CASE project_id WHEN 'p1' THEN 'p2' ELSE 'p1' END
+                            WHERE id = $1 % 3 + 1 RETURNING project_id AS dst),
+                    a AS (UPDATE app.project SET task_count = task_count + 1 WHERE id = (SELECT dst FROM t))
+               UPDATE app.project SET task_count = task_count - 1 WHERE id IN ('p1', 'p2') AND id <> (SELECT dst FROM t)`;
+  await load(move, 200, 5);
+  const counts = async () => JSON.stringify((await query("SELECT id, task_count FROM app.project ORDER BY id")).map((p) => [p.id, p.task_count]));
+  await until("the last counts", async () =>
+    (await page.evaluate(() => JSON.stringify(window.projects.all().map((p) => [p.id, p.task_count]).sort()))) === (await counts()) || "not yet",
+  );
+  await converged([page]);
+  const { torn, checks } = await page.evaluate(() => ({ torn: window.torn, checks: window.checks }));
+  log(`${checks} live-query callbacks, ${torn.length} saw half a transaction`);
+  assert.deepEqual(torn.slice(0, 5), [], "no live query saw half a transaction");
+}
+
+/** Issue 18, 8: ERROR forbidden (the user may no longer read the entity) drops its rows. */
+export async function forbidden_drops_rows(browser) {
+  const context = await browser.newContext();
+  const page = await openClient(context, "alice");
+  await until("tasks stored", async () => (await storedTasks(page)) === (await tableTasks()) || "not yet");
+  await sql("REVOKE SELECT ON app.task FROM app_user");
+  await sql("UPDATE app.task SET title = 'unseen' WHERE id = 1");
+  await until("no task rows in IndexedDB", async () => (await storedTasks(page)) === "" || storedTasks(page), 15000);
+  assert.equal(await page.evaluate(() => window.tasks.all().length), 0, "and none in memory");
+}
+
+/** Issue 18, 8: a token with another role drops the rows fetched under the old one. */
+export async function role_change_drops_rows(browser) {
+  const context = await browser.newContext();
+  // The token expires within a minute, so the client asks for the next one at once.
+  const soon = Math.floor(Date.now() / 1000) + 50;
+  const page = await openClient(context, "alice", { claims: { exp: soon }, getToken: true });
+  await until("tasks stored", async () => (await storedTasks(page)) === (await tableTasks()) || "not yet");
+  const limited = await token("alice", "app_limited");
+  // The next write asks for a token, and gets one with the other role.
+  await page.evaluate((t) => {
+    window.token = t;
+    void window.tasks.update("3", { title: "written under the new role" });
+  }, limited);
+  await until("no task rows in IndexedDB", async () => (await storedTasks(page)) === "" || storedTasks(page), 20000);
+  assert.equal(await page.evaluate(() => window.tasks.all().length), 0, "and none in memory");
 }

@@ -1,0 +1,235 @@
+/**
+ * The client against a gateway in memory: what a developer relies on, one behaviour a test.
+ */
+import { openDB } from "idb";
+import { afterEach, describe, expect, it, vi } from "vitest";
+import { createClient, type ClientOptions, type Refusal, type SyncClient } from "../../src/client.js";
+import type { Row } from "../../src/store.js";
+import { FakeGateway } from "./fake-gateway.js";
+
+let users = 0;
+const jwt = (claims: object) => `x.${btoa(JSON.stringify(claims))}.y`;
+
+/** A gateway with tasks 1 and 2, and a client for a new user on it. */
+function setup(options: Partial<ClientOptions> = {}, claims: object = {}) {
+  const gateway = new FakeGateway(7);
+  gateway.commit([
+    { entity: "task", id: "1", action: "CREATE", data: { id: 1, title: "one" } },
+    { entity: "task", id: "2", action: "CREATE", data: { id: 2, title: "two" } },
+  ]);
+  vi.stubGlobal("fetch", gateway.fetch);
+  vi.stubGlobal("WebSocket", gateway.WebSocket);
+  const sub = `user${users++}`;
+  const token = jwt({ sub, ...claims });
+  const open = (more: Partial<ClientOptions> = {}) =>
+    createClient({ url: "http://gateway", token, retry: { baseMs: 1, capMs: 4 }, ...options, ...more });
+  return { gateway, sub, token, open, db: `pg-sync:${sub}@http://gateway` };
+}
+
+/** What the user's database holds, read directly. */
+async function stored(name: string): Promise<{ rows: Row[]; meta: string[]; outbox: number; refusals: number }> {
+  const db = await openDB(name);
+  const result = {
+    rows: (await db.getAll("rows")) as Row[],
+    meta: (await db.getAllKeys("meta")) as string[],
+    outbox: await db.count("outbox"),
+    refusals: db.objectStoreNames.contains("refusals") ? await db.count("refusals") : 0,
+  };
+  db.close();
+  return result;
+}
+
+const settled = (client: SyncClient) => (client as unknown as { writing: Promise<void> }).writing;
+const wait = (check: () => unknown, timeout = 3000) => vi.waitFor(check, { timeout, interval: 2 });
+
+afterEach(() => vi.unstubAllGlobals());
+
+describe("first sync", () => {
+  it("is a promise: after it, the rows are there", async () => {
+    const { open } = setup();
+    const client = open();
+    const tasks = client.entity("task");
+    expect(tasks.all()).toEqual([]);
+    await client.waitForFirstSync();
+    expect(tasks.all().map((t) => t.title)).toEqual(["one", "two"]);
+    expect(client.syncStatus.hasSynced).toBe(true);
+    client.close();
+  });
+
+  it("takes ids in the key's own type", async () => {
+    const { open } = setup();
+    const client = open();
+    const tasks = client.entity("task");
+    await client.waitForFirstSync();
+    expect(tasks.get(1)?.title).toBe("one");
+    expect(tasks.get("1")?.title).toBe("one");
+    const pairs = client.entity("pair", { key: ["a", "b"] });
+    expect(pairs.key([7, "u1"])).toBe('["7","u1"]');
+    client.close();
+  });
+
+  it("answers queries in order, limited, live", async () => {
+    const { gateway, open } = setup();
+    const client = open();
+    const tasks = client.entity("task");
+    const seen: string[][] = [];
+    tasks.subscribe(undefined, (rows) => seen.push(rows.map((r) => String(r.title))), { orderBy: { column: "title", desc: true }, limit: 1 });
+    await client.waitForFirstSync();
+    await wait(() => expect(seen.at(-1)).toEqual(["two"]));
+    gateway.commit([{ entity: "task", id: "3", action: "CREATE", data: { id: 3, title: "zzz" } }]);
+    await wait(() => expect(seen.at(-1)).toEqual(["zzz"]));
+    expect(tasks.where([{ column: "id", op: "lt", value: 3 }], { orderBy: "title" }).map((r) => r.id)).toEqual([1, 2]);
+    client.close();
+  });
+});
+
+describe("writes", () => {
+  it("settle once the stream has reached them (REACHED), showing the server's row, with the outbox empty", async () => {
+    const { gateway, open, db } = setup();
+    gateway.trigger = (_entity, row) => ({ ...row, stamped: "by the server" });
+    const client = open();
+    const tasks = client.entity("task");
+    await client.waitForFirstSync();
+    await tasks.update(1, { title: "mine" });
+    await wait(() => expect(tasks.get(1)).toEqual({ id: 1, title: "mine", stamped: "by the server" }));
+    await wait(() => expect(client.replica.pendingMutations()).toEqual([]));
+    await settled(client);
+    expect((await stored(db)).outbox).toBe(0);
+    expect(gateway.sockets[0]!.received.some((m) => m.type === "AWAIT")).toBe(true);
+    client.close();
+  });
+
+  it("settle with an older gateway too, once the stream passes them", async () => {
+    const { gateway, open } = setup();
+    gateway.awaits = false;
+    const client = open();
+    const tasks = client.entity("task");
+    await client.waitForFirstSync();
+    await tasks.update(1, { title: "mine" });
+    await wait(() => expect(client.pendingWrites).toBe(0));
+    gateway.commit([{ entity: "task", id: "2", action: "UPDATE", data: { id: 2, title: "later" } }]);
+    await wait(() => expect(client.replica.pendingMutations()).toEqual([]));
+    client.close();
+  });
+
+  it("refused while no tab could be told, are kept and told to the next tab with a handler", async () => {
+    const { gateway, open, db } = setup();
+    const first = open();
+    await first.waitForFirstSync();
+    gateway.pause(); // the answer comes after the tab closed
+    gateway.writeFaults.push(409);
+    const fetchOnce = gateway.fetch;
+    let answered!: () => void;
+    const answer = new Promise<void>((resolve) => (answered = resolve));
+    vi.stubGlobal("fetch", async (input: string, init?: RequestInit) => {
+      const response = await fetchOnce(input, init);
+      if (input.endsWith("/v1/write")) answered();
+      return response;
+    });
+    await first.entity("task").update(1, { title: "mine" }, { expect: { title: "not so" } });
+    await answer;
+    await wait(async () => expect((await stored(db)).refusals).toBe(1));
+    first.close();
+    gateway.resume();
+    const told: Refusal[] = [];
+    const second = open();
+    second.onConflict((conflict) => told.push(conflict));
+    await wait(() => expect(told.map((r) => r.status)).toEqual([409]));
+    expect(told[0]!.mutation.entityId).toBe("1");
+    await wait(async () => expect((await stored(db)).refusals).toBe(0));
+    const third = (second.close(), open({ onConflict: (c) => told.push(c) }));
+    await third.ready;
+    await third.waitForFirstSync();
+    expect(told.length).toBe(1); // told once
+    third.close();
+  });
+});
+
+describe("status", () => {
+  it("is offline while the gateway cannot be reached, and live again after", async () => {
+    const { gateway, open } = setup();
+    const client = open();
+    client.entity("task");
+    await wait(() => expect(client.status).toBe("live"));
+    gateway.down = true;
+    gateway.sockets[0]!.close(1006);
+    await wait(() => expect(client.status).toBe("offline"));
+    expect(client.syncStatus.connected).toBe(false);
+    gateway.down = false;
+    await wait(() => expect(client.status).toBe("live"));
+    expect(client.syncStatus).toMatchObject({ connected: true, hasSynced: true, entities: { task: { hasSynced: true, live: true } } });
+    client.close();
+    expect(client.syncStatus.closed).toBe(true);
+  });
+});
+
+describe("back-pressure", () => {
+  it("RECONNECT: the client comes back no sooner than asked, without growing its back-off", async () => {
+    const { gateway, open } = setup();
+    const client = open();
+    client.entity("task");
+    await wait(() => expect(client.status).toBe("live"));
+    const asked = Date.now();
+    gateway.sockets[0]!.push({ type: "RECONNECT", payload: { afterMs: 150, reason: "shutdown" } });
+    await wait(() => expect(gateway.connectTimes.length).toBe(2));
+    expect(gateway.connectTimes[1]! - asked).toBeGreaterThanOrEqual(150);
+    await wait(() => expect(client.status).toBe("live"));
+    client.close();
+  });
+
+  it("a snapshot answered 503 is fetched again no sooner than its Retry-After", async () => {
+    const { gateway, open } = setup();
+    gateway.snapshotFaults.push({ status: 503, retryAfter: "1" });
+    const client = open();
+    client.entity("task");
+    await client.waitForFirstSync();
+    const [first, second] = gateway.snapshotTimes;
+    expect(second! - first!).toBeGreaterThanOrEqual(1000);
+    expect(client.syncStatus.lastError?.message).toMatch(/503/);
+    client.close();
+  });
+});
+
+describe("access", () => {
+  it("ERROR forbidden drops the entity's rows and position", async () => {
+    const { gateway, open, db } = setup();
+    const client = open();
+    const tasks = client.entity("task");
+    await client.waitForFirstSync();
+    await wait(() => expect(client.status).toBe("live"));
+    gateway.sockets[0]!.push({ type: "ERROR", payload: { code: "forbidden", message: "no", entityCode: "task" } });
+    await wait(() => expect(tasks.all()).toEqual([]));
+    await settled(client);
+    expect(await stored(db)).toMatchObject({ rows: [], meta: [] });
+    expect(client.syncStatus.entities.task?.error).toBe("forbidden");
+    client.close();
+  });
+
+  it("a token with another role or claims drops the rows fetched under the old ones", async () => {
+    const { gateway, sub, open } = setup({}, { role: "reader" });
+    let token = jwt({ sub, role: "reader", exp: Math.floor(Date.now() / 1000) + 30 });
+    const client = open({ getToken: () => token });
+    const tasks = client.entity("task");
+    await client.waitForFirstSync();
+    const before = gateway.snapshotTimes.length;
+    token = jwt({ sub, role: "auditor", exp: Math.floor(Date.now() / 1000) + 3600 });
+    // The next token refresh (the old one expires within a minute) brings the new role.
+    gateway.sockets[0]!.close(1006);
+    await wait(() => expect(gateway.snapshotTimes.length).toBe(before + 1));
+    await wait(() => expect(tasks.all().length).toBe(2));
+    client.close();
+  });
+});
+
+describe("sign-out", () => {
+  it("closes every client of the user and deletes the database", async () => {
+    const { open, db } = setup();
+    const one = open();
+    const other = open();
+    await Promise.all([one.ready, other.ready]);
+    await one.clearLocalData();
+    expect(other.syncStatus.closed).toBe(true);
+    expect((await indexedDB.databases()).map((d) => d.name)).not.toContain(db);
+    await expect(other.entity("task").insert({ id: 9 })).rejects.toThrow(/closed/);
+  });
+});
