@@ -42,6 +42,9 @@ export interface ClientOptions {
   /** Retries (reconnects, writes, snapshots) wait a random time up to `baseMs`·2^attempt, at
    * most `capMs` (defaults 1 s and 32 s), and never less than a server's `Retry-After`. */
   retry?: { baseMs?: number; capMs?: number };
+  /** Store snapshots from a Web Worker (default true; without one, or where workers cannot
+   * start, the page stores them). */
+  worker?: boolean;
 }
 
 export interface Refusal {
@@ -1053,7 +1056,7 @@ export class SyncClient {
       const keep = this.loads.get(code) === "loaded";
       const rows = new Map<string, Row>();
       this.seal(); // what was committed before is written before the snapshot
-      const worker = this.store.working ? snapshotWorker(this.name, code, options.key ?? "id") : undefined;
+      const worker = this.store.working && this.options.worker !== false ? snapshotWorker(this.name, code, options.key ?? "id") : undefined;
       let first = true;
       let page: Row[] = [];
       const store = (last: boolean) => {

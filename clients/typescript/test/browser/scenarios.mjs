@@ -204,36 +204,103 @@ export async function demo_screenshot(browser) {
   log(`screenshot: ${ARTIFACTS}/demo.png`);
 }
 
-/** `make bench`: hydration of the 100,003 tasks (until the first live query has them all) and
- * commit → callback latency of live queries at 1,000 commits/s, into $BENCH_OUT/results.jsonl. */
-export async function bench(browser) {
-  const context = await browser.newContext();
+/** In the page: records the main thread's longest task (the longest gap between turns of a
+ * MessageChannel loop, which runs whenever the thread is free) until `window.stopWatch()`. */
+function watchMainThread() {
+  const channel = new MessageChannel();
+  let last = performance.now();
+  let running = true;
+  window.longestTask = 0;
+  channel.port1.onmessage = () => {
+    const now = performance.now();
+    window.longestTask = Math.max(window.longestTask, now - last);
+    last = now;
+    if (running) channel.port2.postMessage(0);
+  };
+  channel.port2.postMessage(0);
+  window.stopWatch = () => (running = false);
+}
+
+/** The JavaScript heap a page uses after a full collection, in bytes. */
+async function heap(page) {
+  const cdp = await page.context().newCDPSession(page);
+  await cdp.send("HeapProfiler.collectGarbage");
+  const { usedSize } = await cdp.send("Runtime.getHeapUsage");
+  await cdp.detach();
+  return usedSize;
+}
+
+/** A blank page of the gateway with the script-tag build loaded. */
+async function blankPage(context) {
   const page = await context.newPage();
   await page.goto(`${GATEWAY}/blank.html`);
   await page.addScriptTag({ url: `${GATEWAY}/client.js` });
+  return page;
+}
+
+/** Hydration of `rows` tasks in a new profile until the first live query has them all; the
+ * main thread's longest task meanwhile. */
+async function hydrate(browser, rows, worker) {
+  const context = await browser.newContext();
+  const page = await blankPage(context);
+  const result = await page.evaluate(
+    async ([token, rows, worker, watch]) => {
+      eval(`(${watch})()`);
+      const started = performance.now();
+      window.client = window.PgSync.createClient({ url: location.origin, token, worker });
+      const tasks = window.client.entity("task");
+      await new Promise((resolve) => tasks.subscribe(undefined, (all) => all.length >= rows && resolve()));
+      const ms = performance.now() - started;
+      window.stopWatch();
+      return { ms, longestTask: window.longestTask };
+    },
+    [await token("alice"), rows, worker, String(watchMainThread)],
+  );
+  return { context, page, ...result };
+}
+
+/** `make bench`: hydration of the 100,003 tasks (until the first live query has them all, with
+ * the snapshot stored from a worker and from the page), the main thread's longest task, the
+ * heap of a follower tab holding them, and commit → callback latency of live queries at
+ * 1,000 commits/s beside the same run's socket latency, into $BENCH_OUT/results.jsonl. */
+export async function bench(browser) {
+  const reference = await blankPage(await browser.newContext());
   const rows = (await query("SELECT count(*)::int AS n FROM app.task"))[0].n;
   // The reference: the same snapshot fetched and parsed in the page, stored nowhere.
-  const fetchMs = await page.evaluate(async (token) => {
+  const fetchMs = await reference.evaluate(async (token) => {
     const started = performance.now();
     const response = await fetch("/v1/snapshot/task", { headers: { authorization: `Bearer ${token}` } });
     const lines = (await response.text()).split("\n").filter(Boolean).map((l) => JSON.parse(l));
     if (lines.length < 2) throw new Error("empty snapshot");
     return performance.now() - started;
   }, await token("alice"));
-  const hydrationMs = await page.evaluate(
-    async ([token, rows]) => {
-      const started = performance.now();
-      window.client = window.PgSync.createClient({ url: location.origin, token });
-      const tasks = window.client.entity("task");
-      await new Promise((resolve) => tasks.subscribe(undefined, (all) => all.length >= rows && resolve()));
-      return performance.now() - started;
-    },
-    [await token("alice"), rows],
-  );
-  log(`hydration: ${rows} rows in ${hydrationMs.toFixed(0)} ms (fetch and parse alone ${fetchMs.toFixed(0)} ms)`);
-  // Latency: each commit stamps a tick row with its time; the page notes when it sees it.
+  const inPage = await hydrate(browser, rows, false);
+  log(`hydration, stored from the page: ${rows} rows in ${inPage.ms.toFixed(0)} ms, longest task ${inPage.longestTask.toFixed(0)} ms`);
+  await inPage.context.close();
+  const { context, page, ms: hydrationMs, longestTask } = await hydrate(browser, rows, true);
+  log(`hydration: ${rows} rows in ${hydrationMs.toFixed(0)} ms, longest task ${longestTask.toFixed(0)} ms (fetch and parse alone ${fetchMs.toFixed(0)} ms)`);
+  // A follower tab that shows the tasks, and one that opened no entity: their heaps.
+  await until("the rows stored", async () => (await page.evaluate(() => window.client.syncStatus.hasSynced)) || "not yet");
+  const follower = await blankPage(context);
+  const bare = await heap(follower);
+  await follower.evaluate(async (token) => {
+    window.client = window.PgSync.createClient({ url: location.origin, token });
+    await window.client.ready;
+  }, await token("alice"));
+  const idle = await heap(follower);
+  await follower.evaluate(async (rows) => {
+    const tasks = window.client.entity("task");
+    await window.client.waitForFirstSync();
+    if (tasks.all().length < rows) throw new Error(`the follower holds ${tasks.all().length} rows`);
+  }, rows);
+  const holding = await heap(follower);
+  log(`follower heap: ${(bare / 2 ** 20).toFixed(1)} MiB bare, ${(idle / 2 ** 20).toFixed(1)} MiB with a client, ${(holding / 2 ** 20).toFixed(1)} MiB holding ${rows} tasks`);
+  await follower.close();
+  // Latency: each commit stamps a tick row with its time; the page notes when its socket
+  // received it and when a live query saw it.
   await page.evaluate(() => {
     window.samples = [];
+    window.socketSamples = [];
     const seen = new Map();
     const ticks = window.client.entity("tick");
     ticks.subscribe(undefined, (all) => {
@@ -247,6 +314,24 @@ export async function bench(browser) {
       }
     });
   });
+  // The socket's own latency in the same run: the client's socket is replaced by one that
+  // notes each tick's arrival before the client sees it (the next connection uses it).
+  await page.evaluate(() => {
+    const Socket = window.WebSocket;
+    window.WebSocket = class extends Socket {
+      constructor(...args) {
+        super(...args);
+        this.addEventListener("message", (event) => {
+          if (!event.data.includes('"tick"')) return;
+          const now = Date.now();
+          const message = JSON.parse(event.data);
+          for (const change of message.payload?.changes ?? []) if (change.data?.at_ms) window.socketSamples.push(now - Number(change.data.at_ms));
+        });
+      }
+    };
+  });
+  await page.waitForFunction(() => window.client.status === "live", null, { timeout: 30000 });
+  await replaceGateway(); // the client reconnects through the noting socket
   await page.waitForFunction(() => window.client.status === "live", null, { timeout: 30000 });
   const seconds = Number(process.env.BENCH_SECONDS ?? 10);
   await load("UPDATE app.tick SET at_ms = (extract(epoch FROM clock_timestamp()) * 1000)::bigint WHERE id = $1 % 100 + 1", 1000, seconds);
@@ -257,20 +342,29 @@ export async function bench(browser) {
     count = now;
     return settled || now;
   });
-  const samples = (await page.evaluate(() => window.samples)).sort((a, b) => a - b);
-  const at = (q) => samples[Math.min(samples.length - 1, Math.floor(q * samples.length))];
+  const sorted = (xs) => [...xs].sort((a, b) => a - b);
+  const samples = sorted(await page.evaluate(() => window.samples));
+  const socket = sorted(await page.evaluate(() => window.socketSamples));
+  const at = (xs, q) => xs[Math.min(xs.length - 1, Math.floor(q * xs.length))];
   const result = {
     mode: "browser",
     hydration_rows: rows,
     hydration_seconds: hydrationMs / 1000,
     hydration_rows_per_s: rows / (hydrationMs / 1000),
+    hydration_longest_task_ms: longestTask,
+    hydration_in_page_rows_per_s: rows / (inPage.ms / 1000),
+    hydration_in_page_longest_task_ms: inPage.longestTask,
     fetch_parse_rows_per_s: rows / (fetchMs / 1000),
+    follower_heap_mib: (holding - idle) / 2 ** 20,
+    idle_client_heap_mib: (idle - bare) / 2 ** 20,
     rate: 1000,
     commits: 1000 * seconds,
     samples: samples.length,
-    p50_ms: at(0.5),
-    p99_ms: at(0.99),
+    p50_ms: at(samples, 0.5),
+    p99_ms: at(samples, 0.99),
     max_ms: samples.at(-1),
+    socket_p50_ms: at(socket, 0.5),
+    socket_p99_ms: at(socket, 0.99),
   };
   log(JSON.stringify(result));
   if (process.env.BENCH_OUT) appendFileSync(`${process.env.BENCH_OUT}/results.jsonl`, JSON.stringify(result) + "\n");
@@ -422,6 +516,11 @@ export async function writes_settle(browser) {
   await page.evaluate(() => window.tasks.insert({ id: 50, project_id: "p1", title: "defaults from the server" }));
   await until("the server's row (its updated_at)", async () => !!(await page.evaluate(() => window.tasks.get("50")?.updated_at)) || page.evaluate(() => window.tasks.get("50")), 10000);
   await until("the outbox settled", async () => (await page.evaluate(() => window.client.replica.pendingMutations().length)) === 0 || "pending", 10000);
+  // A write that changes nothing the log records (the title it already has): no message
+  // passes its cursor, yet it settles.
+  await page.evaluate(() => window.tasks.update("2", { title: "Check the numbers" }));
+  assert.deepEqual(await page.evaluate(() => window.refusals.length), 0, "nothing refused");
+  await until("the write that changed nothing settled", async () => (await page.evaluate(() => window.client.replica.pendingMutations().length)) === 0 || "pending", 10000);
   const outbox = await page.evaluate(async () => {
     const name = (await indexedDB.databases()).map((d) => d.name).find((n) => n.startsWith("pg-sync:"));
     const db = await new Promise((resolve) => (indexedDB.open(name).onsuccess = (e) => resolve(e.target.result)));
