@@ -16,7 +16,7 @@ import { reaches } from "./cursor.js";
 import { BATCH, send } from "./outbox.js";
 import type { Filter, QueryOptions } from "./query.js";
 import { Replica } from "./replica.js";
-import { idOf, readSnapshot, snapshotWorker } from "./snapshot.js";
+import { idOf, readSnapshot, rowsOf, storeInWorker, yieldToPage } from "./snapshot.js";
 import { derive, sameStatus, type EntityStatus, type Facts, type Status, type SyncStatus } from "./status.js";
 import { deleteDB } from "idb";
 import { Store, type Action, type EntityWrite, type Meta, type Mutation, type Row, type StoredRefusal } from "./store.js";
@@ -121,7 +121,8 @@ class HttpError extends Error {
 const PING_EVERY_MS = 15000;
 /** After the browser says it went offline, a socket that does not answer a PING within this is closed. */
 const PROBE_MS = 5000;
-const PAGE_BATCH = 5000;
+/** Rows per IndexedDB transaction when the page stores a snapshot (a task of a few ms each). */
+const PAGE_BATCH = 1000;
 
 const sleep = (ms: number, wake?: AbortSignal) =>
   new Promise<void>((resolve) => {
@@ -467,8 +468,6 @@ export class SyncClient {
             if (item.meta !== undefined) synced = !!item.meta;
           }
         }
-        // Rows without a position are a snapshot cut short (a tab closed mid-way): not shown.
-        if (stored && !synced) rows.clear();
         if (stale === undefined) loaded.push([code, rows, synced]);
         else if (stale > this.storedSeq) this.loads.set(code, stale); // a new snapshot: loaded once it is stored
         else again.push(code);
@@ -529,6 +528,15 @@ export class SyncClient {
     this.prune();
     for (const [entity, state] of this.loads) {
       if (typeof state === "number" && state <= this.storedSeq) this.loadSoon(entity);
+    }
+    this.reloadUnsynced();
+  }
+
+  /** An entity loaded before its first snapshot was stored (this tab opened it while the
+   * leader was storing it) loads again once the leader says it has synced, as stores follow. */
+  private reloadUnsynced(): void {
+    for (const [entity, state] of this.loads) {
+      if (state === "loaded" && !this.syncedHere.has(entity) && this.current.entities[entity]?.hasSynced) this.loadSoon(entity);
     }
   }
 
@@ -628,7 +636,7 @@ export class SyncClient {
         return this.storedUpTo(note.seq);
       case "status":
         if (!this.leading) this.publish({ ...note.status, pendingWrites: this.pendingWrites });
-        return;
+        return this.reloadUnsynced();
       case "hello":
         if (this.leading) this.tell({ t: "status", status: this.current });
         return;
@@ -889,13 +897,16 @@ export class SyncClient {
     }
   }
 
+  /** AWAIT for a write's cursor, once every entity is live (until then REACHED would not cover
+   * an entity still being fetched or replayed: its rows are not on show yet). */
   private awaitCursor(cursor: string): void {
-    if (this.awaitUnsupported || this.subscribing.size || this.socket?.readyState !== WebSocket.OPEN) return;
+    if (this.awaitUnsupported || this.catchingUp() || this.socket?.readyState !== WebSocket.OPEN) return;
     this.socket.send(JSON.stringify({ type: "AWAIT", payload: { cursor, ref: `await:${++this.awaits}` } }));
   }
 
   /** REACHED: every change up to `cursor` has been delivered, so the writes it covers are settled. */
   private async reached(cursor: string): Promise<void> {
+    if (this.catchingUp()) return; // asked again once caught up
     await this.settle(this.replica.pendingMutations().filter((m) => m.cursor && (m.cursor === cursor || reaches(cursor, m.cursor))));
     this.refreshStatus();
   }
@@ -1012,11 +1023,15 @@ export class SyncClient {
   private async begin(code: string, socket: WebSocket): Promise<void> {
     const busy = this.subscribing.has(code) || this.subscribed.has(code) || this.hydrating.has(code);
     if (socket !== this.socket || socket.readyState !== WebSocket.OPEN || busy || this.forbidden.has(code)) return;
-    let since = this.meta.get(code)?.cursor;
+    const since = this.meta.get(code)?.cursor;
     if (!since || this.fresh.has(code)) {
       try {
-        since = await this.hydrate(code);
+        // Subscribed from the snapshot's cursor as soon as it is read, while the rows come.
+        await this.hydrate(code, (cursor) => this.subscribe(code, cursor, socket));
       } catch (e) {
+        if (this.subscribing.delete(code) && socket.readyState === WebSocket.OPEN) {
+          socket.send(JSON.stringify({ type: "UNSUBSCRIBE", payload: { entityCode: code } }));
+        }
         this.error(e);
         if (e instanceof HttpError && e.status === 403) return this.forbid(code);
         if (e instanceof HttpError && e.status === 401) this.token = "";
@@ -1024,9 +1039,13 @@ export class SyncClient {
         this.attempts.set(code, attempt + 1);
         const wait = this.backoff(attempt, e instanceof HttpError ? e.retryAfter : undefined);
         this.later(() => this.enqueue(() => this.begin(code, socket)), wait);
-        return;
       }
+      return;
     }
+    this.subscribe(code, since, socket);
+  }
+
+  private subscribe(code: string, since: string, socket: WebSocket): void {
     if (socket !== this.socket || socket.readyState !== WebSocket.OPEN) return;
     this.subscribing.add(code);
     const mode = this.followed.get(code)?.mode ?? "delta";
@@ -1047,7 +1066,7 @@ export class SyncClient {
 
   /** Fetches the entity's snapshot and stores its rows (in a worker when one can start);
    * returns its cursor. The snapshot is shown with the catch-up that follows it (`release`). */
-  private async hydrate(code: string): Promise<string> {
+  private async hydrate(code: string, onCursor: (cursor: string) => void): Promise<string> {
     const options = this.followed.get(code) ?? {};
     this.hydrating.add(code);
     this.refreshStatus();
@@ -1056,43 +1075,22 @@ export class SyncClient {
       const keep = this.loads.get(code) === "loaded";
       const rows = new Map<string, Row>();
       this.seal(); // what was committed before is written before the snapshot
-      const worker = this.store.working && this.options.worker !== false ? snapshotWorker(this.name, code, options.key ?? "id") : undefined;
-      let first = true;
-      let page: Row[] = [];
-      const store = (last: boolean) => {
-        if (worker || (!last && page.length < PAGE_BATCH)) return;
-        const batch = new Map<string, Row | null>(page.map((row) => [idOf(row, options.key), row]));
-        const drop = first;
-        first = false;
-        page = [];
-        this.chain(() => this.store.write(new Map([[code, { drop, rows: batch, meta: drop ? null : undefined }]])));
-      };
-      const read = readSnapshot(response.body!, {
+      const worker = this.store.working && this.options.worker !== false && typeof Worker !== "undefined";
+      const chunks: Uint8Array[] = [];
+      const parsed: Row[] = [];
+      const cursor = await readSnapshot(response.body!, {
         rows:
           keep || !worker
-            ? (parsed) => {
-                if (keep) for (const row of parsed) rows.set(idOf(row, options.key), row);
-                if (!worker) {
-                  for (const row of parsed) page.push(row);
-                  store(false);
-                }
+            ? (batch) => {
+                if (keep) for (const row of batch) rows.set(idOf(row, options.key), row);
+                if (!worker) for (const row of batch) parsed.push(row);
               }
             : undefined,
-        bytes: worker && ((chunk) => worker.bytes(chunk)),
+        bytes: worker ? (chunk) => chunks.push(chunk) : undefined,
+        cursor: onCursor,
       });
-      if (worker) {
-        this.chain(async () => {
-          worker.go();
-          const ok = await read.then(
-            () => true,
-            () => false,
-          );
-          if (!ok) return worker.abort();
-          await worker.end().catch((e: unknown) => this.store.abandon(e)); // memory only from here
-        });
-      }
-      const cursor = await read;
-      store(true);
+      // Stored after the read (storing while reading slows it), before what is committed next.
+      this.chain(() => this.storeSnapshot(code, options.key ?? "id", worker ? chunks : undefined, parsed));
       // What was held of this entity is older than the snapshot.
       this.caughtUp = this.caughtUp.filter((p) => p.entity !== code);
       this.caughtUp.push({ entity: code, changes: [], cursor, snapshot: { rows: keep ? rows : undefined } });
@@ -1103,6 +1101,21 @@ export class SyncClient {
     }
   }
 
+  /** Replaces an entity's stored rows by a snapshot's (its bytes for a worker, else its rows),
+   * without its position: that comes with the commit that shows the snapshot. */
+  private async storeSnapshot(code: string, key: string | string[], chunks: Uint8Array[] | undefined, rows: Row[]): Promise<void> {
+    const stored = chunks && storeInWorker(this.name, code, key, chunks);
+    if (stored) return stored.catch((e: unknown) => this.store.abandon(e)); // memory only from here
+    if (chunks) rows = rowsOf(chunks);
+    const writes: Promise<void>[] = [];
+    for (let i = 0; i === 0 || i < rows.length; i += PAGE_BATCH) {
+      const page = new Map<string, Row | null>(rows.slice(i, i + PAGE_BATCH).map((row) => [idOf(row, key), row]));
+      writes.push(this.store.write(new Map([[code, { drop: i === 0, rows: page, meta: i === 0 ? null : undefined }]])));
+      await yieldToPage();
+    }
+    await Promise.all(writes);
+  }
+
   private async handle(type: string, payload: Record<string, unknown>, socket: WebSocket): Promise<void> {
     if (socket !== this.socket || this.closed) return;
     const code = payload.entityCode as string | undefined;
@@ -1111,10 +1124,7 @@ export class SyncClient {
       case "SUBSCRIBED":
         if (!code || payload.ref !== code || !this.subscribing.delete(code)) return;
         this.subscribed.add(code);
-        this.refreshStatus();
-        // Every subscription is in place: REACHED now covers them all.
-        if (!this.subscribing.size) new Set(this.replica.pendingMutations().map((m) => m.cursor)).forEach((c) => c && this.awaitCursor(c));
-        return;
+        return this.refreshStatus();
       case "DELTA":
       case "INVALIDATE": {
         if (!code || !this.subscribed.has(code)) return; // not ours, or an earlier subscription's
@@ -1136,6 +1146,8 @@ export class SyncClient {
         if (!code || !this.subscribed.has(code)) return;
         this.liveHere.add(code);
         await this.release(this.txs.synced({ entity: code, changes: [], cursor }, Date.now()));
+        // Caught up: REACHED now covers every entity, for the writes applied meanwhile.
+        if (!this.catchingUp()) new Set(this.replica.pendingMutations().map((m) => m.cursor)).forEach((c) => c && this.awaitCursor(c));
         return this.refreshStatus();
       case "REACHED":
         await this.release(this.txs.barrier());

@@ -132,15 +132,14 @@ export class Store {
       const [, seq] = await Promise.all([
         Promise.all(
           codes.map(async (code) => {
-            const [keys, values, position] = await Promise.all([
-              store.getAllKeys(entityRange(code)),
-              store.getAll(entityRange(code)),
-              tx.objectStore("meta").get(code),
-            ]);
+            // Rows without a position are a snapshot being stored, or cut short: not read.
+            const position = await tx.objectStore("meta").get(code);
             const map = new Map<string, Row>();
-            keys.forEach((key, i) => map.set(key[1], values[i]!));
             rows.set(code, map);
-            if (position) meta.set(code, position);
+            if (!position) return;
+            meta.set(code, position);
+            const [keys, values] = await Promise.all([store.getAllKeys(entityRange(code)), store.getAll(entityRange(code))]);
+            keys.forEach((key, i) => map.set(key[1], values[i]!));
           }),
         ),
         tx.objectStore("state").get("seq"),
