@@ -78,10 +78,19 @@ fuzz:
 	    rounds=$$((rounds + 1)); \
 	done; echo "fuzz: $$rounds rounds of 20000 cases per property, no failure"
 
-## soak: the long variants of the reliability suite (a 3,000-step convergence run under
-## faults, 10,000 idle connections held for a minute), plus the fuzzing run
+## soak: the whole-pipeline oracle with new seeds for SOAK_SECONDS (default 300), then the long
+## variants of the reliability suite (a 3,000-step convergence run under faults, 10,000 idle
+## connections held for a minute), plus the fuzzing run
 soak: install fuzz
 	$(CARGO) build -p sync-gateway
+	$(CARGO) test -p pg_sync_tests --test oracle --no-run
+	@end=$$(( $$(date +%s) + $${SOAK_SECONDS:-300} )); runs=0; \
+	while [ $$(date +%s) -lt $$end ]; do \
+	    PG_SYNC_ORACLE_STEPS=$${ORACLE_STEPS:-300} $(CARGO) test -q -p pg_sync_tests --test oracle -- --nocapture 2>&1 \
+	        | grep -E '^seed|shrunk|^  |holds|PostgreSQL|panicked' ; \
+	    [ $${PIPESTATUS[0]} -eq 0 ] || { echo "soak: the oracle failed (seed and steps above)"; exit 1; }; \
+	    runs=$$((runs + 1)); \
+	done; echo "soak: $$runs oracle runs of $${ORACLE_STEPS:-300} steps, every copy equal to what its user may SELECT"
 	PG_SYNC_SOAK=1 $(CARGO) test -p pg_sync_tests --test convergence --test reliability -- --test-threads 1
 
 lint:

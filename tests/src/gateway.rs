@@ -423,6 +423,14 @@ impl Session {
         self.stream.send(Message::text(text)).await.expect("send");
     }
 
+    /// Sends, or says the connection is gone.
+    pub async fn try_send(&mut self, message: Value) -> bool {
+        self.stream
+            .send(Message::text(message.to_string()))
+            .await
+            .is_ok()
+    }
+
     pub async fn send_raw(&mut self, message: Message) {
         self.stream.send(message).await.expect("send");
     }

@@ -81,21 +81,23 @@ impl Replayer {
                         entity_code,
                         reason: ResyncReason::CursorExpired,
                     },
-                    Err(ReplayError::Read(ReadError::Malformed(why))) => {
-                        ServerMessage::error(ErrorCode::BadRequest, format!("since: {why}"), None)
-                    }
+                    Err(ReplayError::Read(ReadError::Malformed(why))) => ServerMessage::about(
+                        &entity_code,
+                        ErrorCode::BadRequest,
+                        format!("since: {why}"),
+                    ),
                     Err(ReplayError::Forbidden(why)) => ServerMessage::forbidden(&entity_code, why),
-                    Err(ReplayError::Busy(busy)) => ServerMessage::error(
+                    Err(ReplayError::Busy(busy)) => ServerMessage::about(
+                        &entity_code,
                         ErrorCode::Internal,
                         format!("{busy}: subscribe again from your cursor"),
-                        None,
                     ),
                     Err(e) => {
                         tracing::warn!(error = %crate::ErrorChain(&e), "replay failed");
-                        ServerMessage::error(
+                        ServerMessage::about(
+                            &entity_code,
                             ErrorCode::Internal,
                             "the replay failed; subscribe again",
-                            None,
                         )
                     }
                 };

@@ -341,8 +341,14 @@ impl ServerMessage {
 
     /// ERROR `forbidden` for `entity_code`: the user may no longer read it.
     pub fn forbidden(entity_code: &str, message: impl Into<String>) -> Self {
+        Self::about(entity_code, ErrorCode::Forbidden, message)
+    }
+
+    /// An ERROR that ended the subscriptions of `entity_code` (a refusal, a replay that
+    /// could not run): the client knows which to drop or subscribe again.
+    pub fn about(entity_code: &str, code: ErrorCode, message: impl Into<String>) -> Self {
         ServerMessage::Error {
-            code: ErrorCode::Forbidden,
+            code,
             message: message.into(),
             reference: None,
             entity_code: Some(entity_code.to_owned()),
