@@ -16,155 +16,30 @@
 //! logical message's content ends at a NUL byte.
 
 mod enrich;
+mod settled;
+mod slot;
+mod tracked;
 
 use crate::gucs::test_ingest_fault;
 use crate::jsonb::to_value;
 use crate::log::{LogRow, LogTable};
 use crate::roles::as_role;
 use crate::wakeup;
-use enrich::{Change, Enricher, Publication};
-use pgrx::pg_sys::panic::ErrorReport;
+use enrich::{Change, Enricher};
 use pgrx::prelude::*;
 use pgrx::spi::SpiClient;
 use pgrx::JsonB;
 use serde_json::Value;
-use std::collections::HashMap;
+use slot::{create_slot, ingest_lock, slot_exists};
 use std::ops::ControlFlow;
+use tracked::TrackedTables;
 
 /// The replication slot pg_sync reads.
 pub const SLOT: &str = "pg_sync";
 /// The logical-message prefix of origin tags (`sync.tag_origin`).
 pub const MESSAGE_PREFIX: &str = "pg_sync";
-/// The ingest lock: `sync_lock.ingest` (schema.sql) in EXCLUSIVE mode, held by an ingest
-/// and by slot creation for their transaction, so that two never run at once. A table lock
-/// in a schema no other role may use, not an advisory key, which any role could hold.
-mod ingest_lock {
-    use pgrx::pg_sys;
-
-    const MODE: pg_sys::LOCKMODE = pg_sys::ExclusiveLock as pg_sys::LOCKMODE;
-
-    fn table() -> pg_sys::Oid {
-        // SAFETY: catalog lookups by name; the extension's script created both.
-        let oid = unsafe {
-            let schema = pg_sys::get_namespace_oid(c"sync_lock".as_ptr(), false);
-            pg_sys::get_relname_relid(c"ingest".as_ptr(), schema)
-        };
-        assert!(oid != pg_sys::InvalidOid, "sync_lock.ingest exists");
-        oid
-    }
-
-    /// Takes it, waiting for whoever holds it.
-    pub fn take() {
-        // SAFETY: a lock on an existing relation, released at transaction end.
-        unsafe { pg_sys::LockRelationOid(table(), MODE) }
-    }
-
-    /// Takes it if it is free now.
-    pub fn try_take() -> bool {
-        // SAFETY: as `take`, without waiting.
-        unsafe { pg_sys::ConditionalLockRelationOid(table(), MODE) }
-    }
-
-    /// Gives it back before the transaction ends.
-    pub fn release() {
-        // SAFETY: releases the lock `try_take` took in this transaction.
-        unsafe { pg_sys::UnlockRelationOid(table(), MODE) }
-    }
-}
 /// Decoded rows fetched from the cursor at a time.
 const FETCH: i64 = 1000;
-
-/// A tracked table, as enrichment needs it.
-pub struct Tracked {
-    pub schema: String,
-    /// `schema.table`, as the log names it.
-    pub name: String,
-    pub entity_code: String,
-    pub schema_version: i32,
-    /// `sync.tracked.tracking` when the change is ingested.
-    pub tracking: i64,
-    /// The published columns; None: all.
-    pub published: Option<Vec<String>>,
-    /// The primary key's columns in key order.
-    pub key: Vec<String>,
-    /// The table's owner: its values are typed with the owner's rights, not the
-    /// extension's (type input functions, domain checks and casts to json are user code).
-    pub owner: pg_sys::Oid,
-}
-
-impl Tracked {
-    fn publication(&self) -> Publication<'_> {
-        Publication {
-            columns: self.published.as_deref(),
-            key: &self.key,
-        }
-    }
-}
-
-/// Tracked tables by table name (then schema).
-#[derive(Default)]
-pub struct TrackedTables(HashMap<String, Vec<Tracked>>);
-
-impl TrackedTables {
-    /// The tracked tables; `wal_only` keeps those tracked with WAL capture.
-    fn read(client: &SpiClient<'_>, wal_only: bool) -> Self {
-        let rows = client
-            .select(
-                "SELECT n.nspname::text, c.relname::text, t.entity_code, t.schema_version, t.columns,
-                        ARRAY(SELECT a.attname::text FROM pg_catalog.pg_index i
-                               CROSS JOIN LATERAL unnest(i.indkey::int2[]) WITH ORDINALITY u(attnum, o)
-                                JOIN pg_catalog.pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = u.attnum
-                               WHERE i.indrelid = t.relid AND i.indisprimary ORDER BY u.o),
-                        c.relowner, t.tracking
-                   FROM sync.tracked t
-                   JOIN pg_catalog.pg_class c ON c.oid = t.relid
-                   JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
-                  WHERE NOT $1 OR t.capture = 'wal'",
-                None,
-                &[wal_only.into()],
-            )
-            .expect("reading sync.tracked");
-        let mut tables = TrackedTables::default();
-        for r in rows {
-            let schema: String = r.get(1).unwrap().unwrap();
-            let table: String = r.get(2).unwrap().unwrap();
-            let tracked = Tracked {
-                name: format!("{schema}.{table}"),
-                schema,
-                entity_code: r.get(3).unwrap().unwrap(),
-                schema_version: r.get(4).unwrap().unwrap(),
-                published: r.get(5).unwrap(),
-                key: r.get(6).unwrap().unwrap_or_default(),
-                owner: r.get(7).unwrap().unwrap(),
-                tracking: r.get(8).unwrap().unwrap(),
-            };
-            tables.0.entry(table).or_default().push(tracked);
-        }
-        tables
-    }
-
-    fn find(&self, schema: &str, table: &str) -> Option<&Tracked> {
-        self.0.get(table)?.iter().find(|t| t.schema == schema)
-    }
-
-    fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
-
-    /// (table, tracked) pairs.
-    fn iter(&self) -> impl Iterator<Item = (&str, &Tracked)> {
-        self.0
-            .iter()
-            .flat_map(|(table, all)| all.iter().map(move |t| (table.as_str(), t)))
-    }
-
-    fn retain(&mut self, keep: impl Fn(&Tracked) -> bool) {
-        for all in self.0.values_mut() {
-            all.retain(&keep);
-        }
-        self.0.retain(|_, all| !all.is_empty());
-    }
-}
 
 /// One wal2json format-version-2 change as the log rows it becomes (a JSON array, empty when
 /// the table is not tracked or an UPDATE changed nothing published). Runs as the caller,
@@ -356,170 +231,6 @@ fn ingest(client: &mut SpiClient<'_>, max_changes: i32) -> i64 {
     added
 }
 
-/// Creates pg_sync's replication slot unless it exists, so that no WAL change committed
-/// from now on is missed (SPEC 1.5); true when it made one. `sync.track(..., capture =>
-/// 'wal')` calls it before it writes anything, and so can an administrator, in a transaction
-/// of its own, where `track` cannot (its transaction has already written).
-#[pg_extern(volatile, parallel_unsafe)]
-fn create_wal_slot() -> bool {
-    Spi::connect_mut(|client| {
-        // Without the lock when there is nothing to do: `track` calls this, and a table's
-        // owner who left that transaction open would otherwise hold every ingest back.
-        if slot_exists(client) {
-            return false;
-        }
-        // One creator at a time, and not while an ingest reads the slot.
-        ingest_lock::take();
-        if slot_exists(client) {
-            return false;
-        }
-        let tables = TrackedTables::read(client, true);
-        let stored: Option<String> = client
-            .select("SELECT wal_stored_lsn::text FROM sync.state", None, &[])
-            .unwrap()
-            .first()
-            .get_one()
-            .unwrap();
-        create_slot(client, &tables, stored.is_some());
-        true
-    })
-}
-
-fn slot_exists(client: &SpiClient<'_>) -> bool {
-    client
-        .select(
-            "SELECT EXISTS (SELECT FROM pg_catalog.pg_replication_slots WHERE slot_name = $1)",
-            None,
-            &[SLOT.into()],
-        )
-        .unwrap()
-        .first()
-        .get_one()
-        .unwrap()
-        .unwrap_or(false)
-}
-
-/// Creates the slot; `was_read` says an earlier slot had been read from, so that its loss
-/// is announced. Returns the log rows that announcement added and the LSN now counted as
-/// stored (just before the new slot's start).
-fn create_slot(
-    client: &mut SpiClient<'_>,
-    tables: &TrackedTables,
-    was_read: bool,
-) -> (i64, String) {
-    // SAFETY: reads the current transaction's state.
-    if unsafe { pg_sys::GetTopTransactionIdIfAny() } != pg_sys::InvalidTransactionId {
-        ErrorReport::new(
-            PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
-            "pg_sync: WAL capture needs its replication slot, and a transaction that has \
-             already written cannot create one",
-            function_name!(),
-        )
-        .set_hint("Run SELECT sync.create_wal_slot(); in a transaction of its own first.")
-        .report(PgLogLevel::ERROR);
-    }
-    // `select` runs it without first giving the transaction an xid (pgrx's `update` would).
-    let start: String = client
-        .select(
-            "SELECT lsn::text FROM pg_catalog.pg_create_logical_replication_slot($1, 'wal2json')",
-            None,
-            &[SLOT.into()],
-        )
-        .and_then(|rows| rows.first().get_one())
-        .expect("creating the pg_sync slot")
-        .expect("a new slot has a start");
-    let lost = if was_read {
-        // The slot was lost after changes were read from it: what happened in between is
-        // gone. Clients must not believe they are current, so each WAL entity gets a
-        // TRUNCATE (a RESYNC for them), and sync.status() says when.
-        mark_slot_lost(client, tables)
-    } else {
-        0
-    };
-    // Everything before the new slot's start counts as stored: the slot is then just past
-    // what is stored, as after any ingest, which `_wal_settled` relies on.
-    let before_start = format_lsn(parse_lsn(&start) - 1);
-    client
-        .update(
-            "UPDATE sync.state SET wal_stored_lsn = $1::pg_lsn",
-            None,
-            &[before_start.as_str().into()],
-        )
-        .expect("recording the new slot's start");
-    (lost, before_start)
-}
-
-/// Whether a snapshot of `entity_code` taken by the calling REPEATABLE READ transaction may
-/// be paired with its `current_cursor()`: false while a WAL change of that entity, committed
-/// before the transaction's snapshot, is not yet stored in the log as the snapshot sees it.
-/// Its row would be in the snapshot but its log row after the cursor, reaching the client
-/// twice. True for trigger-captured entities, which log in the writing transaction. False
-/// also when it cannot tell (an ingest runs, or moved the slot after the snapshot): retry.
-/// (Internal: the gateway's snapshot endpoint waits for this.)
-#[pg_extern(name = "_wal_settled", volatile, parallel_unsafe)]
-fn wal_settled(entity_code: &str) -> bool {
-    let mut tables = Spi::connect(|client| TrackedTables::read(client, true));
-    tables.retain(|t| t.entity_code == entity_code);
-    if tables.is_empty() {
-        return true;
-    }
-    if !ingest_lock::try_take() {
-        return false; // an ingest holds the slot
-    }
-    // Released at once, not at the end of the caller's (long) snapshot transaction; on an
-    // error, the transaction's end releases it.
-    let settled = Spi::connect(|client| no_pending_change(client, &tables));
-    ingest_lock::release();
-    settled
-}
-
-/// No change of `tables` visible to the transaction's snapshot waits in the slot unstored.
-fn no_pending_change(client: &SpiClient<'_>, tables: &TrackedTables) -> bool {
-    let state = client
-        .select(
-            "SELECT s.wal_stored_lsn::text,
-                    (SELECT r.confirmed_flush_lsn::text FROM pg_catalog.pg_replication_slots r
-                      WHERE r.slot_name = $1)
-               FROM sync.state s",
-            None,
-            &[SLOT.into()],
-        )
-        .expect("reading sync.state")
-        .first()
-        .get_two::<String, String>()
-        .expect("reading sync.state");
-    let (stored, Some(confirmed)) = state else {
-        return true; // no slot yet: nothing was decoded that the log lacks
-    };
-    let stored = stored.map(|s| parse_lsn(&s));
-    // The slot moves only past stored changes (to just past them); past what this snapshot
-    // sees stored, it moved after the snapshot and hides changes this snapshot may see.
-    // (Before the first store the slot has not moved.)
-    if stored.is_some_and(|s| parse_lsn(&confirmed) > s + 1) {
-        return false;
-    }
-    // SAFETY: the transaction snapshot of the calling (REPEATABLE READ) transaction, valid
-    // until it ends.
-    let snapshot = unsafe { pg_sys::GetTransactionSnapshot() };
-    let mut pending = false;
-    let outcome = peek(client, tables, None, |xid, change| {
-        match change.action.as_ref() {
-            "B" => {
-                let commit = change.lsn.as_deref().map(parse_lsn);
-                // SAFETY: a valid snapshot; xid of a committed transaction.
-                let visible = !unsafe {
-                    pg_sys::XidInMVCCSnapshot(pg_sys::TransactionId::from(xid), snapshot)
-                };
-                pending = visible && !already_stored(commit, stored);
-            }
-            "I" | "U" | "D" | "T" if pending => return ControlFlow::Break(()),
-            _ => {}
-        }
-        ControlFlow::Continue(())
-    });
-    outcome.is_continue()
-}
-
 /// Whether a transaction with this commit LSN was stored by an earlier ingest (whose last
 /// stored commit is `stored`).
 fn already_stored(commit: Option<u64>, stored: Option<u64>) -> bool {
@@ -578,41 +289,6 @@ fn append(log: &LogTable, row: LogRow<'_>, tx: &Transaction) -> i64 {
             ..row
         })
     }
-}
-
-/// One TRUNCATE row per WAL-tracked entity, for a slot that was lost.
-fn mark_slot_lost(client: &mut SpiClient<'_>, tables: &TrackedTables) -> i64 {
-    client
-        .update(
-            "UPDATE sync.state SET wal_slot_lost_at = pg_catalog.now()",
-            None,
-            &[],
-        )
-        .unwrap();
-    client
-        .update("SELECT pg_catalog.pg_current_xact_id()", None, &[])
-        .unwrap();
-    let log = LogTable::resolve().expect("sync.change_history");
-    let mut added = 0;
-    for (_, tracked) in tables.iter() {
-        let row = LogRow {
-            table_name: &tracked.name,
-            entity_code: &tracked.entity_code,
-            op: "TRUNCATE",
-            entity_id: None,
-            data: None,
-            old_data: None,
-            changed_columns: None,
-            schema_version: tracked.schema_version,
-            tracking: Some(tracked.tracking),
-            client_id: None,
-            source: "wal",
-            lsn: None,
-        };
-        append(&log, row, &Transaction::default());
-        added += 1;
-    }
-    added
 }
 
 /// wal2json's options: format 2 with what enrichment needs, only the WAL-tracked tables

@@ -13,11 +13,12 @@ mod awaits;
 mod index;
 mod limits;
 mod replaying;
+mod subscriptions;
 #[cfg(test)]
 mod tests;
 
 use super::command::{Command, ConnId, ReplayStart, SubId, SubscribeRequest};
-use super::mirror::{MirrorOp, SubscriptionRow};
+use super::mirror::MirrorOp;
 use super::outbox::{Outbox, RunCache};
 use super::queue::{Outbound, Refused};
 use crate::access::judge::{decide, Subscriber, Verdict};
@@ -26,9 +27,8 @@ use crate::access::stage::JudgedBatch;
 use crate::metrics::Metrics;
 use crate::model::change::Op;
 use crate::model::cursor::Cursor;
-use crate::model::filter::Condition;
-use crate::model::protocol::{ErrorCode, ResyncReason, ServerMessage};
-use crate::model::subscription::{Judgement, Subscription, Target};
+use crate::model::protocol::{ResyncReason, ServerMessage};
+use crate::model::subscription::{Judgement, Subscription};
 use awaits::Awaits;
 use axum::extract::ws::Utf8Bytes;
 use index::EntityIndex;
@@ -175,241 +175,6 @@ impl Router {
             Command::Reset(position) => self.reset(position),
             Command::Replaced(codes) => self.replaced(&codes),
             Command::Replay(event) => self.replay_event(event),
-        }
-    }
-
-    fn reauth(&mut self, conn_id: ConnId, user: Arc<UserContext>, group: GroupId) {
-        let Some(conn) = self.connections.get_mut(&conn_id) else {
-            return;
-        };
-        let old = conn.group;
-        conn.user = user;
-        conn.group = group;
-        let rows: Vec<(String, SubId)> = conn
-            .subs
-            .iter()
-            .filter(|(_, s)| matches!(s.subscription.target, Target::Rows(_)))
-            .map(|(id, s)| (s.subscription.entity_code.clone(), *id))
-            .collect();
-        for (entity, sub) in rows {
-            if let Some(entry) = self.index.get_mut(&entity) {
-                entry.regroup(old, group, (conn_id, sub));
-            }
-        }
-    }
-
-    fn subscribe(&mut self, request: SubscribeRequest) {
-        let conn_id = request.conn;
-        let Some(conn) = self.connections.get(&conn_id) else {
-            return;
-        };
-        let Some(position) = self.position.clone() else {
-            return;
-        };
-        let reference = request.reference.clone();
-        // The same subscription again replaces the one held (once the new one is admitted):
-        // one entry each, however often a client sends it.
-        let same = conn
-            .subs
-            .iter()
-            .find(|(_, s)| s.subscription == request.subscription)
-            .map(|(id, _)| (conn_id, *id));
-        if let Err(message) = self
-            .limits
-            .admits(&self.connections, conn_id, &request, same)
-        {
-            let error = ServerMessage::error(ErrorCode::TooManySubscriptions, message, reference);
-            self.send(conn_id, &error);
-            return;
-        }
-        let subscription = request.subscription;
-        let rows = mirror_rows(conn, &subscription);
-        let place = match self
-            .limits
-            .mirror_backlog
-            .take_n(&conn.user.sub, rows.len())
-        {
-            Ok(place) => place,
-            Err(busy) => {
-                let error = ServerMessage::error(ErrorCode::Internal, busy.to_string(), reference);
-                self.send(conn_id, &error);
-                return;
-            }
-        };
-        let group = conn.group;
-        if let Some((_, same)) = same {
-            self.end_sub(conn_id, same);
-        }
-        if let Some(conn) = self.connections.get_mut(&conn_id) {
-            conn.mirrored = true;
-        }
-        let sub_id = self.next_sub;
-        self.next_sub += 1;
-        let count = subscription.target.size();
-        self.out.mirror.send(MirrorOp::Add(rows, place)).ok();
-        self.out.metrics.subscriptions.inc_by(count as i64);
-        self.index
-            .entry(subscription.entity_code.clone())
-            .or_default()
-            .add(&subscription.target, group, (conn_id, sub_id));
-        let entity_code = subscription.entity_code.clone();
-        let replay = request.since.as_ref().map(|since| {
-            let conn = &self.connections[&conn_id];
-            ReplayStart {
-                conn: conn_id,
-                sub: sub_id,
-                user: conn.user.clone(),
-                group,
-                client_id: conn.client_id.clone(),
-                subscription: subscription.clone(),
-                since: since.clone(),
-                until: position.clone(),
-                queue: conn.queue.clone(),
-                cancel: CancellationToken::new(),
-            }
-        });
-        let state = SubState {
-            subscription,
-            replay: replay
-                .as_ref()
-                .map(|r| Replay::new(r.until.clone(), reference.clone(), r.cancel.clone())),
-        };
-        self.connections
-            .get_mut(&conn_id)
-            .expect("checked")
-            .subs
-            .insert(sub_id, state);
-        let answer = ServerMessage::Subscribed {
-            entity_code,
-            count,
-            cursor: request.since.unwrap_or(position),
-            reference,
-        };
-        if self.send(conn_id, &answer) {
-            if let Some(replay) = replay {
-                self.out.replays.send(replay).ok();
-            }
-        }
-    }
-
-    fn unsubscribe(&mut self, conn_id: ConnId, entity_code: Option<&str>, ids: Option<&[String]>) {
-        let Some(conn) = self.connections.get_mut(&conn_id) else {
-            return;
-        };
-        let name = conn.name.clone();
-        let mut emptied = Vec::new();
-        let mut removed_ids = Vec::new();
-        for (sub_id, sub) in conn.subs.iter_mut() {
-            if entity_code.is_some_and(|e| e != sub.subscription.entity_code) {
-                continue;
-            }
-            match (ids, &mut sub.subscription.target) {
-                (Some(ids), Target::Ids(held)) => {
-                    for id in ids {
-                        if held.remove(id) {
-                            removed_ids.push((
-                                *sub_id,
-                                sub.subscription.entity_code.clone(),
-                                id.clone(),
-                            ));
-                        }
-                    }
-                    if held.is_empty() {
-                        emptied.push(*sub_id);
-                    }
-                }
-                (Some(_), Target::Rows(_)) => {}
-                (None, _) => emptied.push(*sub_id),
-            }
-        }
-        if removed_ids.is_empty() && emptied.is_empty() {
-            return; // nothing held: nothing for the mirror either
-        }
-        let ids_removed: Vec<String> = removed_ids.iter().map(|(_, _, id)| id.clone()).collect();
-        for (sub_id, entity, id) in removed_ids {
-            self.out.metrics.subscriptions.dec();
-            if let Some(entry) = self.index.get_mut(&entity) {
-                entry.remove_id(&id, (conn_id, sub_id));
-            }
-        }
-        for sub_id in emptied {
-            self.remove_sub(conn_id, sub_id);
-        }
-        self.out
-            .mirror
-            .send(match (entity_code, ids) {
-                (None, _) => MirrorOp::RemoveConnection(name),
-                (Some(entity_code), None) => MirrorOp::RemoveEntity {
-                    connection_id: name,
-                    entity_code: entity_code.into(),
-                },
-                (Some(entity_code), Some(_)) => MirrorOp::RemoveIds {
-                    connection_id: name,
-                    entity_code: entity_code.into(),
-                    entity_ids: ids_removed,
-                },
-            })
-            .ok();
-    }
-
-    /// Removes one subscription from the connection and the index (not from the mirror).
-    fn remove_sub(&mut self, conn_id: ConnId, sub_id: SubId) -> Option<Subscription> {
-        let conn = self.connections.get_mut(&conn_id)?;
-        let group = conn.group;
-        let state = conn.subs.remove(&sub_id)?;
-        if let Some(replay) = &state.replay {
-            replay.cancel();
-        }
-        let subscription = state.subscription;
-        self.out
-            .metrics
-            .subscriptions
-            .dec_by(subscription.target.size() as i64);
-        if let Some(entry) = self.index.get_mut(&subscription.entity_code) {
-            entry.remove(&subscription.target, group, (conn_id, sub_id));
-        }
-        self.answer_awaits(conn_id);
-        Some(subscription)
-    }
-
-    /// Ends one subscription: gone from the index and the mirror.
-    fn end_sub(&mut self, conn_id: ConnId, sub_id: SubId) {
-        let Some(name) = self.connections.get(&conn_id).map(|c| c.name.clone()) else {
-            return;
-        };
-        let Some(subscription) = self.remove_sub(conn_id, sub_id) else {
-            return;
-        };
-        let entity_code = subscription.entity_code;
-        self.out
-            .mirror
-            .send(match subscription.target {
-                Target::Ids(ids) => MirrorOp::RemoveIds {
-                    connection_id: name,
-                    entity_code,
-                    entity_ids: ids.into_iter().collect(),
-                },
-                Target::Rows(filter) => MirrorOp::RemoveRows {
-                    connection_id: name,
-                    entity_code,
-                    filter: filter_json(filter.as_deref()),
-                },
-            })
-            .ok();
-    }
-
-    fn drop_connection(&mut self, conn_id: ConnId) {
-        let Some(conn) = self.connections.get(&conn_id) else {
-            return;
-        };
-        let (name, mirrored) = (conn.name.clone(), conn.mirrored);
-        let subs: Vec<SubId> = conn.subs.keys().copied().collect();
-        for sub in subs {
-            self.remove_sub(conn_id, sub);
-        }
-        self.connections.remove(&conn_id);
-        if mirrored {
-            self.out.mirror.send(MirrorOp::RemoveConnection(name)).ok();
         }
     }
 
@@ -668,25 +433,5 @@ impl Router {
             state.kick.cancel();
             self.drop_connection(conn);
         }
-    }
-}
-
-/// A filter as `sync.subscription.filter` stores it.
-fn filter_json(filter: Option<&[Condition]>) -> Option<serde_json::Value> {
-    filter.map(|f| serde_json::to_value(f).expect("filters serialize"))
-}
-
-fn mirror_rows(conn: &Conn, subscription: &Subscription) -> Vec<SubscriptionRow> {
-    let row = |entity_id: Option<String>, filter| SubscriptionRow {
-        connection_id: conn.name.clone(),
-        user_id: conn.user.sub.clone(),
-        entity_code: subscription.entity_code.clone(),
-        entity_id,
-        filter,
-        mode: subscription.shape.mode,
-    };
-    match &subscription.target {
-        Target::Ids(ids) => ids.iter().map(|id| row(Some(id.clone()), None)).collect(),
-        Target::Rows(filter) => vec![row(None, filter_json(filter.as_deref()))],
     }
 }

@@ -9,7 +9,7 @@ use crate::deliver::queue::{self, Queue};
 use crate::model::change::{sample, Change};
 use crate::model::filter::Op as FilterOp;
 use crate::model::protocol::Mode;
-use crate::model::subscription::Shape;
+use crate::model::subscription::{Shape, Target};
 use serde_json::{json, Value};
 
 struct Harness {

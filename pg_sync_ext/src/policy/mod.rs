@@ -1,0 +1,381 @@
+//! Row-level security judged on row images (SPEC 2.2): which versions of a tracked table's
+//! rows a role, with a token's claims, may SELECT, without reading the table.
+//!
+//! Which policies apply, and how they combine (permissive OR'ed, restrictive AND'ed, the
+//! default deny, the owner and BYPASSRLS exemptions, FORCE ROW LEVEL SECURITY), is not
+//! re-implemented here: PostgreSQL's own planner function `get_row_security_policies`
+//! computes the quals it would add to a SELECT on the table by that role. They are then
+//! used two ways:
+//!
+//! - `sync.policy_plan(tbl, role)` compiles them, when they have a simple shape (columns
+//!   compared with claims, constants and `current_user`, AND/OR/NOT, IN lists, IS NULL), into
+//!   a JSON expression the gateway evaluates in memory for any claims (`sync-gateway`'s
+//!   `access::policy`); it also says whether the role may SELECT at all and which columns the
+//!   quals read (all of them must be published, or images cannot be judged).
+//! - `sync.visible(tbl, groups, images)` evaluates them over the images for each group
+//!   (a role and its claims), as that role, for quals of any shape: one SPI query per group
+//!   over `jsonb_populate_recordset(NULL::tbl, images)` with the quals deparsed into it.
+//!   A group whose evaluation raises fails alone.
+//!
+//! Both are called by the gateway's login role for roles it can become (checked: membership,
+//! as SET ROLE requires), and run as that role, so policies and what they call run with the
+//! subscriber's rights, never more.
+
+use crate::changes::invalid_parameter;
+use crate::roles::as_role;
+mod compile;
+
+use compile::Compiler;
+use pg_sync_core::policy::{Expr, Group, Plan, Visibility};
+use pgrx::pg_sys::panic::ErrorReport;
+use pgrx::prelude::*;
+use pgrx::{JsonB, PgList};
+use serde_json::Value;
+use std::collections::BTreeMap;
+use std::ffi::{CStr, CString};
+
+/// The RLS quals of a SELECT on `relid` by the current user, ANDed: None when row-level
+/// security does not apply to the user (disabled, owner without FORCE, BYPASSRLS).
+///
+/// # Safety
+/// `relid` must be a table.
+unsafe fn select_quals(relid: pg_sys::Oid) -> Option<Vec<*mut pg_sys::Node>> {
+    pg_sys::LockRelationOid(relid, pg_sys::AccessShareLock as i32);
+    let mut rte = PgBox::<pg_sys::RangeTblEntry>::alloc_node(pg_sys::NodeTag::T_RangeTblEntry);
+    rte.rtekind = pg_sys::RTEKind::RTE_RELATION;
+    rte.relid = relid;
+    rte.relkind = pg_sys::get_rel_relkind(relid);
+    rte.rellockmode = pg_sys::AccessShareLock as i32;
+    rte.requiredPerms = pg_sys::ACL_SELECT as pg_sys::AclMode;
+    rte.inh = true;
+    let rte = rte.into_pg();
+    let mut query = PgBox::<pg_sys::Query>::alloc_node(pg_sys::NodeTag::T_Query);
+    query.commandType = pg_sys::CmdType::CMD_SELECT;
+    query.rtable = pg_sys::lappend(std::ptr::null_mut(), rte.cast());
+    let (mut quals, mut checks) = (std::ptr::null_mut(), std::ptr::null_mut());
+    let (mut applies, mut sublinks) = (false, false);
+    pg_sys::get_row_security_policies(
+        query.into_pg(),
+        rte,
+        1,
+        &mut quals,
+        &mut checks,
+        &mut applies,
+        &mut sublinks,
+    );
+    // (No quals although it "applies": the owner or a BYPASSRLS role, exempt for now.)
+    let quals: Vec<_> = PgList::<pg_sys::Node>::from_pg(quals).iter_ptr().collect();
+    (applies && !quals.is_empty()).then_some(quals)
+}
+
+/// Why the current user may not SELECT the table at all, if so: as PostgreSQL would refuse
+/// it (the table's privilege, its schema's USAGE), and, beyond PostgreSQL, a role that
+/// bypasses row-level security (the gateway never acts as one; an open subscription of a role
+/// altered since is refused here rather than shown every row).
+unsafe fn refusal(relid: pg_sys::Oid) -> Option<String> {
+    let user = pg_sys::GetUserId();
+    if pg_sys::superuser_arg(user) || pg_sys::has_bypassrls_privilege(user) {
+        return Some("the role bypasses row-level security".into());
+    }
+    let namespace = pg_sys::get_rel_namespace(relid);
+    if pg_sys::pg_namespace_aclcheck(namespace, user, pg_sys::ACL_USAGE as pg_sys::AclMode)
+        != pg_sys::AclResult::ACLCHECK_OK
+    {
+        return Some("no USAGE on the table's schema".into());
+    }
+    if pg_sys::pg_class_aclcheck(relid, user, pg_sys::ACL_SELECT as pg_sys::AclMode)
+        != pg_sys::AclResult::ACLCHECK_OK
+    {
+        return Some("no SELECT on the table".into());
+    }
+    None
+}
+
+/// Why a role's policies cannot be judged here.
+#[derive(Debug, thiserror::Error)]
+enum PolicyError {
+    #[error("role {0} does not exist")]
+    NoRole(String),
+    #[error("the gateway's role cannot act as {0} (GRANT {0} TO it)")]
+    NotMember(String),
+}
+
+impl PolicyError {
+    fn report(self) -> ! {
+        ErrorReport::new(
+            PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
+            self.to_string(),
+            "sync.policy",
+        )
+        .report(PgLogLevel::ERROR);
+        unreachable!("an ERROR does not return")
+    }
+}
+
+/// `role`'s oid, if the calling role may become it (as SET ROLE would allow).
+fn role_for_caller(role: &str) -> Result<pg_sys::Oid, PolicyError> {
+    let name = CString::new(role).map_err(|_| PolicyError::NoRole(role.to_owned()))?;
+    // SAFETY: catalog lookups.
+    unsafe {
+        let oid = pg_sys::get_role_oid(name.as_ptr(), true);
+        if oid == pg_sys::InvalidOid {
+            return Err(PolicyError::NoRole(role.to_owned()));
+        }
+        if !pg_sys::is_member_of_role(pg_sys::GetUserId(), oid) {
+            return Err(PolicyError::NotMember(role.to_owned()));
+        }
+        Ok(oid)
+    }
+}
+
+/// What the gateway needs to judge `role`'s reads of `tbl` (see the module's doc): a
+/// `pg_sync_core::policy::Plan` as JSON.
+#[pg_extern(volatile, parallel_unsafe)]
+fn policy_plan(tbl: pg_sys::Oid, role: &str) -> JsonB {
+    let roleid = role_for_caller(role).unwrap_or_else(|e| e.report());
+    let plan = as_role(roleid, || unsafe {
+        if let Some(why) = refusal(tbl) {
+            return Plan {
+                why: Some(why),
+                ..Plan::default()
+            };
+        }
+        let Some(quals) = select_quals(tbl) else {
+            return Plan {
+                select: true,
+                ..Plan::default()
+            };
+        };
+        let columns = referenced_columns(tbl, &quals);
+        let compiled = quals
+            .iter()
+            .map(|&q| Compiler { relid: tbl, role }.expr(q))
+            .collect::<Result<Vec<_>, String>>();
+        let (expr, why) = match compiled {
+            Ok(mut exprs) if exprs.len() == 1 => (Some(exprs.remove(0)), None),
+            Ok(exprs) => (Some(Expr::And(exprs)), None),
+            Err(why) => (None, Some(why)),
+        };
+        Plan {
+            select: true,
+            rls: true,
+            columns,
+            expr,
+            why,
+        }
+    });
+    JsonB(serde_json::to_value(plan).expect("plans serialize"))
+}
+
+/// For each group (`pg_sync_core::policy::Group`), whether it may see each image (a JSON
+/// object of the table's columns): a `Visibility` per group, in the groups' order.
+#[pg_extern(volatile, parallel_unsafe)]
+fn visible(tbl: pg_sys::Oid, groups: JsonB, images: JsonB) -> JsonB {
+    let groups: Vec<Group> = match serde_json::from_value(groups.0) {
+        Ok(groups) => groups,
+        Err(e) => invalid_parameter(format!("groups: {e}")),
+    };
+    let images = images.0;
+    let count = images.as_array().map_or(0, Vec::len);
+    let mut by_role: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
+    for (i, g) in groups.iter().enumerate() {
+        by_role.entry(&g.role).or_default().push(i);
+    }
+    let mut answers = vec![Visibility::Visible(Vec::new()); groups.len()];
+    let original_claims = claims_setting();
+    for (role, members) in by_role {
+        let roleid = match role_for_caller(role) {
+            Ok(oid) => oid,
+            Err(e) => {
+                for i in members {
+                    answers[i] = Visibility::Error(e.to_string());
+                }
+                continue;
+            }
+        };
+        as_role(roleid, || unsafe {
+            if let Some(why) = refusal(tbl) {
+                for &i in &members {
+                    answers[i] =
+                        Visibility::Error(format!("{role} may not read this table: {why}"));
+                }
+                return;
+            }
+            let Some(quals) = select_quals(tbl) else {
+                for &i in &members {
+                    answers[i] = Visibility::Visible(vec![true; count]);
+                }
+                return;
+            };
+            let sql = visibility_sql(tbl, &quals);
+            for &i in &members {
+                let claims = groups[i].claims.to_string();
+                answers[i] = match in_subtransaction(|| evaluate(&sql, &claims, &images)) {
+                    Ok(visible) => Visibility::Visible(visible),
+                    Err(message) => Visibility::Error(message),
+                };
+            }
+        });
+    }
+    set_claims(original_claims.as_deref().unwrap_or(""));
+    JsonB(serde_json::to_value(answers).expect("answers serialize"))
+}
+
+/// Runs the visibility query for one claim set: a bool per image.
+fn evaluate(sql: &str, claims: &str, images: &Value) -> Vec<bool> {
+    set_claims(claims);
+    Spi::connect(|client| {
+        client
+            .select(sql, None, &[JsonB(images.clone()).into()])
+            .expect("the visibility query runs")
+            .map(|row| row.get::<bool>(1).ok().flatten().unwrap_or(false))
+            .collect()
+    })
+}
+
+/// `SELECT <quals> IS TRUE FROM jsonb_populate_recordset(NULL::tbl, $1) AS <relname>`: the
+/// quals deparsed as for the table itself, over records built from the images, in order.
+unsafe fn visibility_sql(relid: pg_sys::Oid, quals: &[*mut pg_sys::Node]) -> String {
+    let relname = pg_sys::get_rel_name(relid);
+    let context = pg_sys::deparse_context_for(relname, relid);
+    let quals: Vec<String> = quals
+        .iter()
+        .map(|&q| {
+            let text = pg_sys::deparse_expression(q, context, false, false);
+            format!("({})", CStr::from_ptr(text).to_string_lossy())
+        })
+        .collect();
+    let schema = pg_sys::get_namespace_name(pg_sys::get_rel_namespace(relid));
+    let quote = |s: *const std::ffi::c_char| {
+        CStr::from_ptr(pg_sys::quote_identifier(s))
+            .to_string_lossy()
+            .into_owned()
+    };
+    format!(
+        "SELECT ({}) IS TRUE FROM pg_catalog.jsonb_populate_recordset(NULL::{}.{}, $1) AS {}",
+        quals.join(" AND "),
+        quote(schema),
+        quote(relname),
+        quote(relname)
+    )
+}
+
+/// The current value of `request.jwt.claims`, to put back afterwards.
+fn claims_setting() -> Option<String> {
+    crate::log::setting(c"request.jwt.claims")
+}
+
+fn set_claims(claims: &str) {
+    let value = CString::new(claims).unwrap_or_default();
+    // SAFETY: sets a user-settable placeholder for the rest of the transaction.
+    unsafe {
+        pg_sys::set_config_option(
+            c"request.jwt.claims".as_ptr(),
+            value.as_ptr(),
+            pg_sys::GucContext::PGC_USERSET,
+            pg_sys::GucSource::PGC_S_SESSION,
+            pg_sys::GucAction::GUC_ACTION_LOCAL,
+            true,
+            0,
+            false,
+        );
+    }
+}
+
+/// Runs `f` in a subtransaction, as a PL/pgSQL exception block does: an error inside rolls
+/// the subtransaction back and comes back as its message.
+fn in_subtransaction<T>(f: impl FnOnce() -> T) -> Result<T, String> {
+    // SAFETY: the same steps as PL/pgSQL's exec_stmt_block around a subtransaction.
+    unsafe {
+        let context = pg_sys::CurrentMemoryContext;
+        let owner = pg_sys::CurrentResourceOwner;
+        pg_sys::BeginInternalSubTransaction(std::ptr::null());
+        pg_sys::MemoryContextSwitchTo(context);
+        PgTryBuilder::new(std::panic::AssertUnwindSafe(|| {
+            let value = f();
+            pg_sys::ReleaseCurrentSubTransaction();
+            pg_sys::MemoryContextSwitchTo(context);
+            pg_sys::CurrentResourceOwner = owner;
+            Ok(value)
+        }))
+        .catch_others(|caught| {
+            pg_sys::MemoryContextSwitchTo(context);
+            pg_sys::RollbackAndReleaseCurrentSubTransaction();
+            pg_sys::MemoryContextSwitchTo(context);
+            pg_sys::CurrentResourceOwner = owner;
+            Err(match caught {
+                pgrx::pg_sys::panic::CaughtError::PostgresError(report)
+                | pgrx::pg_sys::panic::CaughtError::ErrorReport(report) => {
+                    report.message().to_owned()
+                }
+                pgrx::pg_sys::panic::CaughtError::RustPanic { ereport, .. } => {
+                    ereport.message().to_owned()
+                }
+            })
+        })
+        .execute()
+    }
+}
+
+/// The table's columns the quals read, also from inside their subqueries.
+unsafe fn referenced_columns(relid: pg_sys::Oid, quals: &[*mut pg_sys::Node]) -> Vec<String> {
+    struct Walk {
+        level: u32,
+        attnos: Vec<i16>,
+    }
+    unsafe extern "C-unwind" fn walker(
+        node: *mut pg_sys::Node,
+        context: *mut std::ffi::c_void,
+    ) -> bool {
+        if node.is_null() {
+            return false;
+        }
+        let walk = &mut *context.cast::<Walk>();
+        if pgrx::is_a(node, pg_sys::NodeTag::T_Var) {
+            let var = node.cast::<pg_sys::Var>();
+            if (*var).varno == 1 && (*var).varlevelsup == walk.level {
+                walk.attnos.push((*var).varattno);
+            }
+            return false;
+        }
+        if pgrx::is_a(node, pg_sys::NodeTag::T_Query) {
+            walk.level += 1;
+            let done = pg_sys::query_tree_walker(node.cast(), Some(walker), context, 0);
+            walk.level -= 1;
+            return done;
+        }
+        pg_sys::expression_tree_walker(node, Some(walker), context)
+    }
+    let mut walk = Walk {
+        level: 0,
+        attnos: Vec::new(),
+    };
+    for &q in quals {
+        walker(q, (&mut walk as *mut Walk).cast());
+    }
+    let mut attnos: Vec<i16> = if walk.attnos.contains(&0) {
+        // A whole-row reference reads every column.
+        let rel = pg_sys::table_open(relid, pg_sys::AccessShareLock as i32);
+        let desc = pgrx::PgTupleDesc::from_pg_unchecked((*rel).rd_att);
+        let all = desc
+            .iter()
+            .filter(|a| !a.is_dropped())
+            .map(|a| a.attnum)
+            .collect();
+        pg_sys::table_close(rel, pg_sys::AccessShareLock as i32);
+        all
+    } else {
+        walk.attnos.into_iter().filter(|&a| a > 0).collect()
+    };
+    attnos.sort_unstable();
+    attnos.dedup();
+    attnos
+        .into_iter()
+        .filter_map(|a| attname(relid, a))
+        .collect()
+}
+
+unsafe fn attname(relid: pg_sys::Oid, attno: i16) -> Option<String> {
+    let name = pg_sys::get_attname(relid, attno, true);
+    (!name.is_null()).then(|| CStr::from_ptr(name).to_string_lossy().into_owned())
+}
