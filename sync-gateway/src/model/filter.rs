@@ -248,3 +248,28 @@ mod tests {
         assert!(condition("tags", Op::NotNull, None).matches(&r));
     }
 }
+
+/// The vectors every implementation of filters runs (the TypeScript client's too).
+#[cfg(test)]
+mod shared_vectors {
+    use super::*;
+
+    #[test]
+    fn filters_mean_what_the_shared_vectors_say() {
+        let file: Value = serde_json::from_str(include_str!("../../../tests/vectors/filters.json"))
+            .expect("the vectors are JSON");
+        let vectors = file["vectors"].as_array().expect("a list of vectors");
+        assert!(vectors.len() > 10);
+        for v in vectors {
+            let condition: Condition = serde_json::from_value(v["condition"].clone()).unwrap();
+            condition.check().unwrap();
+            let row = v["row"].as_object().unwrap();
+            assert_eq!(
+                condition.matches(row),
+                v["matches"].as_bool().unwrap(),
+                "{}",
+                v["name"]
+            );
+        }
+    }
+}
