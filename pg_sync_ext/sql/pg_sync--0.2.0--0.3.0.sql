@@ -62,6 +62,7 @@ CREATE FUNCTION sync._log_access("tbl" oid) RETURNS void
     STRICT VOLATILE PARALLEL UNSAFE LANGUAGE c AS 'MODULE_PATHNAME', 'log_access_wrapper';
 
 
+
 -- (Re)creates the capture triggers of one tracked table from its row in sync.tracked. The
 -- triggers carry the table's options as arguments (entity_code, `schema_version@tracking`,
 -- then the allow-listed columns), so the capture never looks anything up per row; any
@@ -303,6 +304,35 @@ BEGIN
     INSERT INTO sync.access_event (entity_code, kind) SELECT g.entity_code, 'untracked' FROM gone g;
     PERFORM sync._note_access();
 END
+$$;
+
+-- The tracked entities as readers need them: the gateway's catalog and the WAL path read
+-- them here, from one query. `columns` is the allow-list as tracked (NULL: every column),
+-- `published` the columns that reach the log (the key included), `key_columns` and
+-- `key_types` the primary key in key order.
+CREATE OR REPLACE FUNCTION sync.entities()
+RETURNS TABLE (entity_code text, relid oid, schema_name text, table_name text, capture text,
+               schema_version integer, tracking bigint, columns text[], published text[],
+               key_columns text[], key_types text[], rls boolean, owner oid)
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+SELECT t.entity_code, t.relid::oid, n.nspname::text, c.relname::text, t.capture,
+       t.schema_version, t.tracking, t.columns,
+       ARRAY(SELECT a.attname::text FROM pg_catalog.pg_attribute a
+              WHERE a.attrelid = t.relid AND a.attnum > 0 AND NOT a.attisdropped
+                AND (t.columns IS NULL OR a.attname = ANY (t.columns) OR a.attnum = ANY (k.indkey::int2[]))
+              ORDER BY a.attnum),
+       ARRAY(SELECT a.attname::text FROM pg_catalog.unnest(k.indkey::int2[]) WITH ORDINALITY u(attnum, o)
+               JOIN pg_catalog.pg_attribute a ON a.attrelid = t.relid AND a.attnum = u.attnum
+              ORDER BY u.o),
+       ARRAY(SELECT pg_catalog.format_type(a.atttypid, a.atttypmod)
+               FROM pg_catalog.unnest(k.indkey::int2[]) WITH ORDINALITY u(attnum, o)
+               JOIN pg_catalog.pg_attribute a ON a.attrelid = t.relid AND a.attnum = u.attnum
+              ORDER BY u.o),
+       c.relrowsecurity, c.relowner
+  FROM sync.tracked t
+  JOIN pg_catalog.pg_class c ON c.oid = t.relid
+  JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+  JOIN pg_catalog.pg_index k ON k.indrelid = t.relid AND k.indisprimary
 $$;
 
 -- What of who may read `tbl` the table itself decides: its tracking and published columns,
@@ -592,7 +622,7 @@ BEGIN
         'sync.ingest_wal(integer)', 'sync._wal_settled(text)', 'sync.status()',
         'sync._wakeup_mode()', 'sync.claim_mutation(text, text)', 'sync.tag_origin(text)',
         'sync.policy_plan(oid, text)', 'sync.visible(oid, jsonb, jsonb)',
-        'sync.access_fingerprint(text[])', 'sync._table_access(regclass)',
+        'sync.entities()', 'sync.access_fingerprint(text[])', 'sync._table_access(regclass)',
         'sync._role_access(regclass, text[])', 'sync.access_serial()', 'sync._note_access(text[])',
         'sync._entity_is(regclass, bigint, integer)'
     ]::regprocedure[] LOOP

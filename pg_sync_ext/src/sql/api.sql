@@ -261,6 +261,35 @@ $$;
 CREATE EVENT TRIGGER sync_sql_drop ON sql_drop EXECUTE FUNCTION sync._on_sql_drop();
 ALTER EVENT TRIGGER sync_sql_drop ENABLE ALWAYS;
 
+-- The tracked entities as readers need them: the gateway's catalog and the WAL path read
+-- them here, from one query. `columns` is the allow-list as tracked (NULL: every column),
+-- `published` the columns that reach the log (the key included), `key_columns` and
+-- `key_types` the primary key in key order.
+CREATE FUNCTION sync.entities()
+RETURNS TABLE (entity_code text, relid oid, schema_name text, table_name text, capture text,
+               schema_version integer, tracking bigint, columns text[], published text[],
+               key_columns text[], key_types text[], rls boolean, owner oid)
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+SELECT t.entity_code, t.relid::oid, n.nspname::text, c.relname::text, t.capture,
+       t.schema_version, t.tracking, t.columns,
+       ARRAY(SELECT a.attname::text FROM pg_catalog.pg_attribute a
+              WHERE a.attrelid = t.relid AND a.attnum > 0 AND NOT a.attisdropped
+                AND (t.columns IS NULL OR a.attname = ANY (t.columns) OR a.attnum = ANY (k.indkey::int2[]))
+              ORDER BY a.attnum),
+       ARRAY(SELECT a.attname::text FROM pg_catalog.unnest(k.indkey::int2[]) WITH ORDINALITY u(attnum, o)
+               JOIN pg_catalog.pg_attribute a ON a.attrelid = t.relid AND a.attnum = u.attnum
+              ORDER BY u.o),
+       ARRAY(SELECT pg_catalog.format_type(a.atttypid, a.atttypmod)
+               FROM pg_catalog.unnest(k.indkey::int2[]) WITH ORDINALITY u(attnum, o)
+               JOIN pg_catalog.pg_attribute a ON a.attrelid = t.relid AND a.attnum = u.attnum
+              ORDER BY u.o),
+       c.relrowsecurity, c.relowner
+  FROM sync.tracked t
+  JOIN pg_catalog.pg_class c ON c.oid = t.relid
+  JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+  JOIN pg_catalog.pg_index k ON k.indrelid = t.relid AND k.indisprimary
+$$;
+
 -- What of who may read `tbl` the table itself decides: its tracking and published columns,
 -- owner, table, column and schema privileges, row-level security enabled or forced, and its
 -- policies.
@@ -571,7 +600,7 @@ BEGIN
         'sync.ingest_wal(integer)', 'sync._wal_settled(text)', 'sync.status()',
         'sync._wakeup_mode()', 'sync.claim_mutation(text, text)', 'sync.tag_origin(text)',
         'sync.policy_plan(oid, text)', 'sync.visible(oid, jsonb, jsonb)',
-        'sync.access_fingerprint(text[])', 'sync._table_access(regclass)',
+        'sync.entities()', 'sync.access_fingerprint(text[])', 'sync._table_access(regclass)',
         'sync._role_access(regclass, text[])', 'sync.access_serial()', 'sync._note_access(text[])',
         'sync._entity_is(regclass, bigint, integer)'
     ]::regprocedure[] LOOP

@@ -42,20 +42,13 @@ impl TrackedTables {
     pub(super) fn read(client: &SpiClient<'_>, wal_only: bool) -> Self {
         let rows = client
             .select(
-                "SELECT n.nspname::text, c.relname::text, t.entity_code, t.schema_version, t.columns,
-                        ARRAY(SELECT a.attname::text FROM pg_catalog.pg_index i
-                               CROSS JOIN LATERAL unnest(i.indkey::int2[]) WITH ORDINALITY u(attnum, o)
-                                JOIN pg_catalog.pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = u.attnum
-                               WHERE i.indrelid = t.relid AND i.indisprimary ORDER BY u.o),
-                        c.relowner, t.tracking
-                   FROM sync.tracked t
-                   JOIN pg_catalog.pg_class c ON c.oid = t.relid
-                   JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
-                  WHERE NOT $1 OR t.capture = 'wal'",
+                "SELECT schema_name, table_name, entity_code, schema_version, columns, key_columns,
+                        owner, tracking
+                   FROM sync.entities() WHERE NOT $1 OR capture = 'wal'",
                 None,
                 &[wal_only.into()],
             )
-            .expect("reading sync.tracked");
+            .expect("reading sync.entities()");
         let mut tables = TrackedTables::default();
         for r in rows {
             let schema: String = r.get(1).unwrap().unwrap();

@@ -173,22 +173,9 @@ pub struct Catalog {
 }
 
 const ENTITIES_SQL: &str = "
-SELECT t.entity_code, c.relrowsecurity, n.nspname::text, c.relname::text, t.schema_version,
-       ARRAY(SELECT a.attname::text FROM unnest(k.indkey::int2[]) WITH ORDINALITY u(attnum, o)
-               JOIN pg_catalog.pg_attribute a ON a.attrelid = t.relid AND a.attnum = u.attnum
-              ORDER BY u.o),
-       ARRAY(SELECT pg_catalog.format_type(a.atttypid, a.atttypmod)
-               FROM unnest(k.indkey::int2[]) WITH ORDINALITY u(attnum, o)
-               JOIN pg_catalog.pg_attribute a ON a.attrelid = t.relid AND a.attnum = u.attnum
-              ORDER BY u.o),
-       ARRAY(SELECT a.attname::text FROM pg_catalog.pg_attribute a
-              WHERE a.attrelid = t.relid AND a.attnum > 0 AND NOT a.attisdropped
-                AND (t.columns IS NULL OR a.attname = ANY (t.columns) OR a.attnum = ANY (k.indkey::int2[]))),
-       t.columns IS NOT NULL, t.tracking, t.relid::oid
-  FROM sync.tracked t
-  JOIN pg_catalog.pg_class c ON c.oid = t.relid
-  JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
-  JOIN pg_catalog.pg_index k ON k.indrelid = t.relid AND k.indisprimary";
+SELECT entity_code, rls, schema_name, table_name, schema_version, key_columns, key_types,
+       published, columns IS NOT NULL, tracking, relid
+  FROM sync.entities()";
 
 const ACCESS_SQL: &str = "SELECT sync.access_serial(), sync.access_fingerprint($1)";
 
