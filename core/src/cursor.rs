@@ -165,7 +165,7 @@ impl Mark {
             "{}_{}_{}_{}_{}",
             s.xmin,
             s.xmax,
-            join(&s.xip, "-"),
+            encode_xip(&s.xip),
             self.max_id,
             self.next_xid
         )
@@ -183,11 +183,7 @@ impl Mark {
         ) else {
             return Err(CursorError::Malformed("mark needs five fields"));
         };
-        let xip = if xip.is_empty() {
-            Vec::new()
-        } else {
-            xip.split('-').map(parse_u64).collect::<Result<_, _>>()?
-        };
+        let xip = decode_xip(xip)?;
         let snapshot = Snapshot::new(parse_u64(xmin)?, parse_u64(xmax)?, xip)?;
         let next_xid = parse_u64(next_xid)?;
         // A running range far larger than any number of connections is a forged cursor.
@@ -360,6 +356,51 @@ fn parse_i64(text: &str) -> Result<i64, CursorError> {
     i64::try_from(parse_u64(text)?).map_err(|_| CursorError::Malformed("bad number"))
 }
 
+/// A mark's in-progress xids: `-`-separated, a run of three or more consecutive ones as
+/// `first~last` (a standby's mark lists every xid assigned since its anchor tick that it does
+/// not see: mostly runs).
+fn encode_xip(xip: &[u64]) -> String {
+    let mut parts = Vec::new();
+    let mut i = 0;
+    while i < xip.len() {
+        let mut j = i;
+        while j + 1 < xip.len() && xip[j + 1] == xip[j] + 1 {
+            j += 1;
+        }
+        if j - i >= 2 {
+            parts.push(format!("{}~{}", xip[i], xip[j]));
+        } else {
+            parts.extend(xip[i..=j].iter().map(u64::to_string));
+        }
+        i = j + 1;
+    }
+    parts.join("-")
+}
+
+/// The xids `encode_xip` wrote; at most `MAX_UNSETTLED` of them, so that a forged run cannot
+/// make a cursor expensive.
+fn decode_xip(text: &str) -> Result<Vec<u64>, CursorError> {
+    let mut xip = Vec::new();
+    if text.is_empty() {
+        return Ok(xip);
+    }
+    for part in text.split('-') {
+        let (first, last) = match part.split_once('~') {
+            Some((first, last)) => (parse_u64(first)?, parse_u64(last)?),
+            None => {
+                let x = parse_u64(part)?;
+                (x, x)
+            }
+        };
+        let room = MAX_UNSETTLED.saturating_sub(xip.len() as u64);
+        if last < first || last - first >= room {
+            return Err(CursorError::Malformed("too many xids in progress"));
+        }
+        xip.extend(first..=last);
+    }
+    Ok(xip)
+}
+
 fn join(xs: &[u64], sep: &str) -> String {
     xs.iter().map(u64::to_string).collect::<Vec<_>>().join(sep)
 }
@@ -379,6 +420,20 @@ mod tests {
             max_id,
             next_xid,
         }
+    }
+
+    #[test]
+    fn runs_of_xids_in_progress_are_written_short_and_bounded() {
+        let xip = vec![1, 2, 3, 5, 7, 8, 9, 10];
+        assert_eq!(encode_xip(&xip), "1~3-5-7~10");
+        assert_eq!(decode_xip("1~3-5-7~10").unwrap(), xip);
+        assert_eq!(decode_xip("").unwrap(), Vec::<u64>::new());
+        assert!(decode_xip("5~3").is_err());
+        assert!(
+            decode_xip("1~100000").is_err(),
+            "a forged run is refused, not expanded"
+        );
+        assert!(decode_xip("1~5000-6000~9500").is_err(), "nor many runs");
     }
 
     #[test]

@@ -63,7 +63,7 @@ fn current_cursor() -> String {
         let generation = log_state(client).0;
         Cursor::At {
             generation,
-            mark: current_mark(client),
+            mark: now_mark(client),
         }
         .encode()
     })
@@ -158,7 +158,7 @@ fn read_page(
     max_rows: usize,
     until: Option<Mark>,
 ) -> Vec<(i64, String, bool)> {
-    let current = current_mark(client);
+    let current = now_mark(client);
     // The end of the read: `until`, unless this snapshot does not see all of it yet.
     let now = match until {
         Some(until) if current.snapshot.covers(&until.snapshot) => until,
@@ -179,6 +179,12 @@ fn read_page(
             next_xid: horizon,
         },
     });
+    // A cursor from a snapshot newer than ours (a REPEATABLE READ transaction reading a
+    // cursor made later, a standby that has not replayed as far as the cursor's primary or
+    // standby): some changes before it may be invisible to us, so deliver nothing yet.
+    if !now.snapshot.covers(&cursor.end().snapshot) {
+        return Vec::new();
+    }
     let (mut from, mut to, mut position) = match cursor {
         Cursor::At { mark, .. } => (mark, now.clone(), None),
         Cursor::Within {
@@ -187,11 +193,6 @@ fn read_page(
     };
     let mut out: Vec<(i64, String, bool)> = Vec::new();
     loop {
-        // A cursor from a snapshot newer than ours (a REPEATABLE READ transaction reading a
-        // cursor made later): its changes may be invisible to us, so deliver nothing yet.
-        if !now.snapshot.covers(&to.snapshot) {
-            return out;
-        }
         let room = max_rows - out.len();
         let rows = batch_rows(client, &from, &to, position, room + 1);
         let exhausted = rows.len() <= room;
@@ -298,6 +299,122 @@ fn batch_rows_up_to(
             (id, txid.parse().expect("xid8 is a number"), txkey)
         })
         .collect()
+}
+
+/// The mark of the calling transaction's snapshot, on a primary or on a hot standby.
+fn now_mark(client: &SpiClient<'_>) -> Mark {
+    // SAFETY: reads a flag of shared memory.
+    if unsafe { pg_sys::RecoveryInProgress() } {
+        standby_mark(client)
+    } else {
+        current_mark(client)
+    }
+}
+
+/// The mark of a hot standby's snapshot (SPEC 2.7). In recovery a snapshot does not list the
+/// transactions in progress on the primary, and the next xid knows only what was replayed, so
+/// the mark is built from one the primary made (the newest tick replayed, `sync.tick()`): the
+/// log's transactions this snapshot sees and the tick does not (committed since, replayed)
+/// become visible, and every other xid from the tick's xmax up to the newest of them stays in
+/// progress. Exact: a change is before it exactly when this snapshot sees it.
+///
+/// The xids not seen need no more care: a transaction that took log ids below the largest
+/// id seen wrote its first WAL record before the later transaction that took that id
+/// committed, so the standby's next xid (replayed) is above it, and it is either listed here
+/// or above the mark's xmax and below its `next_xid`: unsettled, found by its txid later.
+fn standby_mark(client: &SpiClient<'_>) -> Mark {
+    let tick: Option<String> = client
+        .select(
+            "SELECT t.cursor FROM sync.tick t ORDER BY t.id DESC LIMIT 1",
+            Some(1),
+            &[],
+        )
+        .expect("reading sync.tick")
+        .first()
+        .get_one()
+        .expect("a tick's cursor");
+    let Some(tick) = tick else {
+        ErrorReport::new(
+            PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            "pg_sync: this standby has replayed no tick yet".to_owned(),
+            function_name!(),
+        )
+        .set_hint("Call SELECT sync.tick(); on the primary (a gateway with --read-url does).")
+        .report(PgLogLevel::ERROR);
+        unreachable!("an ERROR does not return")
+    };
+    let anchor = match Cursor::decode(&tick) {
+        Ok(Cursor::At { mark, .. }) => mark,
+        _ => invalid_parameter(format!("sync.tick holds a malformed cursor: {tick}")),
+    };
+    let unsettled = format!(
+        "{{{}}}",
+        anchor
+            .unsettled()
+            .iter()
+            .map(u64::to_string)
+            .collect::<Vec<_>>()
+            .join(",")
+    );
+    let row = client
+        .select(
+            "SELECT coalesce((SELECT max(h.id) FROM sync.change_history h), 0),
+                    ARRAY(SELECT DISTINCT h.txid::text FROM sync.change_history h
+                           WHERE (h.id > $1 OR h.txid = ANY ($2::xid8[]))
+                             AND NOT pg_catalog.pg_visible_in_snapshot(h.txid, $3::pg_snapshot))",
+            Some(1),
+            &[
+                anchor.max_id.into(),
+                unsettled.into(),
+                anchor.snapshot.to_pg().into(),
+            ],
+        )
+        .expect("reading what the standby replayed since its tick")
+        .first();
+    let max_id: i64 = row.get(1).expect("max id").expect("max id not null");
+    let seen_since: Vec<u64> = row
+        .get::<Vec<String>>(2)
+        .expect("txids")
+        .unwrap_or_default()
+        .iter()
+        .map(|x| x.parse().expect("xid8 is a number"))
+        .collect();
+    // SAFETY: reads a counter under its lock: the next xid of what was replayed.
+    let replayed_next = unsafe { pg_sys::ReadNextFullTransactionId() }.value;
+    let s = &anchor.snapshot;
+    let xmax = seen_since
+        .iter()
+        .map(|x| x + 1)
+        .max()
+        .unwrap_or(0)
+        .max(s.xmax);
+    let next_xid = replayed_next.max(xmax).max(anchor.next_xid);
+    let too_many = (xmax - s.xmax) + s.xip.len() as u64 + (next_xid - xmax) > MAX_UNSETTLED;
+    let seen_since: std::collections::HashSet<u64> = seen_since.into_iter().collect();
+    let xip: Vec<u64> = if too_many {
+        Vec::new()
+    } else {
+        s.xip
+            .iter()
+            .copied()
+            .chain(s.xmax..xmax)
+            .filter(|x| !seen_since.contains(x))
+            .collect()
+    };
+    if too_many {
+        ErrorReport::new(
+            PgSqlErrorCode::ERRCODE_SNAPSHOT_TOO_OLD,
+            "pg_sync: too many transactions since this standby's last tick for a cursor".to_owned(),
+            function_name!(),
+        )
+        .set_hint("Call SELECT sync.tick(); on the primary more often.")
+        .report(PgLogLevel::ERROR);
+    }
+    Mark {
+        snapshot: Snapshot::new(s.xmin, xmax, xip).expect("a snapshot of the tick's bounds"),
+        max_id: max_id.max(anchor.max_id),
+        next_xid,
+    }
 }
 
 /// The mark of the current snapshot: it and the largest log id visible in it, read together.

@@ -8,6 +8,7 @@
 //! (`make test` runs `cargo pgrx install`).
 
 pub mod gateway;
+pub mod workload;
 
 use std::net::TcpListener;
 use std::path::PathBuf;
@@ -189,6 +190,64 @@ impl Cluster {
             .unwrap_or_else(|e| panic!("{sql}: {}", error_text(&e)));
     }
 
+    /// A streaming hot standby of this cluster (`pg_basebackup -R -X stream`), started on a
+    /// port of its own with the same settings (pg_sync preloaded too), stopped on drop.
+    pub async fn standby(&self) -> Cluster {
+        static COUNTER: AtomicUsize = AtomicUsize::new(0);
+        let n = COUNTER.fetch_add(1, Ordering::SeqCst);
+        let dir = std::env::temp_dir().join(format!("pg_sync_standby_{}_{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        run("chown", &["postgres:postgres", dir.to_str().unwrap()]);
+        let standby = Cluster {
+            dir,
+            port: free_port(),
+        };
+        as_postgres(&[
+            &format!("{PG_BIN}/pg_basebackup"),
+            "-D",
+            standby.data().to_str().unwrap(),
+            "-R",
+            "-X",
+            "stream",
+            "-d",
+            &format!("host=127.0.0.1 port={} user=postgres", self.port),
+        ]);
+        standby.pg_ctl_start(&["hot_standby=on", "hot_standby_feedback=on"]);
+        standby
+    }
+
+    /// Waits until this standby has replayed everything `primary` wrote so far.
+    pub async fn caught_up_with(&self, primary: &Cluster) {
+        let lsn: String = primary
+            .connect()
+            .await
+            .query_one("SELECT pg_current_wal_lsn()::text", &[])
+            .await
+            .unwrap()
+            .get(0);
+        let standby = self.connect().await;
+        let deadline = tokio::time::Instant::now() + gateway::PATIENCE;
+        loop {
+            let replayed: bool = standby
+                .query_one(
+                    "SELECT pg_last_wal_replay_lsn() >= $1::text::pg_lsn",
+                    &[&lsn],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            if replayed {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the standby did not catch up"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    }
+
     /// Stops the server the way a crash would, then starts it again.
     pub fn restart_immediate(&self) {
         self.pg_ctl_stop("immediate");
@@ -353,9 +412,17 @@ pub async fn drain(
         let rows = changes_since(&tx, cursor.as_deref(), page).await.unwrap();
         let done = rows.len() < page as usize;
         if done {
-            // Everything the snapshot sees has been read: its cursor is where to go on.
+            // Everything the snapshot sees has been read: its cursor is where to go on,
+            // unless the cursor read from is ahead of it (a standby behind the cursor's
+            // primary).
+            let last = rows.last().map(|c| c.cursor.clone()).or(cursor);
             let now: String = tx
-                .query_one("SELECT sync.current_cursor()", &[])
+                .query_one(
+                    "SELECT CASE WHEN $1::text IS NULL OR sync.cursor_reached(c, $1)
+                                 THEN c ELSE $1 END
+                       FROM sync.current_cursor() c",
+                    &[&last],
+                )
                 .await
                 .unwrap()
                 .get(0);

@@ -1,10 +1,9 @@
 //! The change log across sessions, on a real cluster: capture, cursors that survive commit
 //! reordering, retention, wake-ups and the snapshot hand-over.
 
-use pg_sync_tests::{changes_since, drain, sqlstate, Change, Cluster, Rng};
-use std::collections::{BTreeMap, HashMap, HashSet};
+use pg_sync_tests::{changes_since, drain, sqlstate, workload, Change, Cluster, Rng};
+use std::collections::HashMap;
 use std::time::Duration;
-use tokio_postgres::Client;
 
 const ITEM: &str = "CREATE TABLE item (id int PRIMARY KEY, v int NOT NULL DEFAULT 0, note text);
                     SELECT sync.track('item');";
@@ -14,14 +13,6 @@ fn entity_ids(changes: &[Change]) -> Vec<&str> {
         .iter()
         .map(|c| c.entity_id.as_deref().unwrap_or(""))
         .collect()
-}
-
-async fn log_ids(client: &Client) -> Vec<i64> {
-    let rows = client
-        .query("SELECT id FROM sync.change_history ORDER BY id", &[])
-        .await
-        .unwrap();
-    rows.iter().map(|r| r.get(0)).collect()
 }
 
 fn int_field(change: &Change, field: &str) -> i64 {
@@ -56,58 +47,10 @@ async fn a_transaction_that_captured_first_and_commits_last_is_delivered() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_writers_committing_in_random_order_are_read_exactly_once() {
-    const WRITERS: u64 = 8;
-    const TRANSACTIONS: u64 = 40;
-    const COUNTERS: u64 = 4;
     let seed = pg_sync_tests::seed();
     let cluster = Cluster::start().await;
-    cluster.execute(ITEM).await;
-    cluster
-        .execute(
-            "CREATE TABLE counter (id int PRIMARY KEY, version int NOT NULL);
-             INSERT INTO counter SELECT g, 0 FROM generate_series(1, 4) g;
-             SELECT sync.track('counter');",
-        )
-        .await;
-
-    let mut writers = Vec::new();
-    for w in 0..WRITERS {
-        let client = cluster.connect().await;
-        let mut rng = Rng(seed.wrapping_mul(w + 1) | 1);
-        writers.push(tokio::spawn(async move {
-            let mut committed = Vec::new();
-            for t in 0..TRANSACTIONS {
-                client.batch_execute("BEGIN").await.unwrap();
-                let mut ids = Vec::new();
-                for k in 0..=rng.below(3) {
-                    let id = ((w * TRANSACTIONS + t) * 4 + k) as i32;
-                    client
-                        .execute("INSERT INTO item (id) VALUES ($1)", &[&id])
-                        .await
-                        .unwrap();
-                    ids.push(id);
-                }
-                let counter = (rng.below(COUNTERS) + 1) as i32;
-                client
-                    .execute(
-                        "UPDATE counter SET version = version + 1 WHERE id = $1",
-                        &[&counter],
-                    )
-                    .await
-                    .unwrap();
-                // Vary how long each transaction stays open, so commits interleave.
-                tokio::time::sleep(Duration::from_micros(rng.below(3000))).await;
-                if rng.below(10) == 0 {
-                    client.batch_execute("ROLLBACK").await.unwrap();
-                } else {
-                    client.batch_execute("COMMIT").await.unwrap();
-                    committed.extend(ids);
-                }
-            }
-            committed
-        }));
-    }
-
+    cluster.execute(workload::SCHEMA).await;
+    let writers = workload::start(&cluster, seed, 0, 8, 40).await;
     // Read in small pages while the writers run, then once more after they finished.
     let mut reader = cluster.connect().await;
     let mut delivered: Vec<Change> = Vec::new();
@@ -117,48 +60,10 @@ async fn concurrent_writers_committing_in_random_order_are_read_exactly_once() {
         delivered.extend(page);
         cursor = Some(next);
     }
-    let mut expected_items = HashSet::new();
-    for w in writers {
-        expected_items.extend(w.await.unwrap());
-    }
+    let committed = workload::committed(writers).await;
     let (rest, _) = drain(&mut reader, cursor, 3).await;
     delivered.extend(rest);
-
-    // Every log row exactly once.
-    let mut delivered_ids: Vec<i64> = delivered.iter().map(|c| c.id).collect();
-    delivered_ids.sort();
-    assert_eq!(delivered_ids, log_ids(&reader).await, "seed {seed}");
-    // Exactly the committed inserts.
-    let items: HashSet<i32> = delivered
-        .iter()
-        .filter(|c| c.entity_code == "item")
-        .map(|c| c.entity_id.as_ref().unwrap().parse().unwrap())
-        .collect();
-    assert_eq!(items, expected_items, "seed {seed}");
-    // One row's updates in commit order: versions 1, 2, 3, ... with none missing.
-    let mut versions: BTreeMap<String, Vec<i64>> = BTreeMap::new();
-    for c in delivered.iter().filter(|c| c.entity_code == "counter") {
-        versions
-            .entry(c.entity_id.clone().unwrap())
-            .or_default()
-            .push(int_field(c, "version"));
-    }
-    for (row, seen) in versions {
-        let expected: Vec<i64> = (1..=seen.len() as i64).collect();
-        assert_eq!(seen, expected, "counter {row}, seed {seed}");
-    }
-    // The changes of a transaction are contiguous.
-    let mut finished: HashSet<&str> = HashSet::new();
-    for pair in delivered.windows(2) {
-        if pair[0].txid != pair[1].txid {
-            assert!(
-                finished.insert(&pair[0].txid),
-                "transaction {} split, seed {seed}",
-                pair[0].txid
-            );
-            assert!(!finished.contains(pair[1].txid.as_str()), "seed {seed}");
-        }
-    }
+    workload::check(&delivered, &reader, &committed, seed).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -456,6 +456,37 @@ BEGIN
 END
 $$;
 
+-- Makes a mark of the log on the primary (SPEC 2.7), unless one that sees as much exists or
+-- another session is making one: the anchor a hot standby's cursors start from (see
+-- sync.tick in schema.sql). A gateway that reads from a standby calls it on the primary when
+-- the log moved. Returns the new tick's cursor, or NULL. Keeps the newest 100 ticks.
+-- SECURITY DEFINER: it writes sync.tick for the gateways; it runs no code a caller defines.
+CREATE FUNCTION sync.tick() RETURNS text
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    now_cursor text;
+    last_cursor text;
+BEGIN
+    IF pg_catalog.pg_is_in_recovery() THEN
+        RAISE EXCEPTION 'sync.tick: a standby cannot make marks; call it on the primary'
+            USING ERRCODE = '25006';
+    END IF;
+    BEGIN
+        LOCK TABLE sync_lock.tick IN EXCLUSIVE MODE NOWAIT;
+    EXCEPTION WHEN lock_not_available THEN
+        RETURN NULL;
+    END;
+    now_cursor := sync.current_cursor();
+    SELECT t.cursor INTO last_cursor FROM sync.tick t ORDER BY t.id DESC LIMIT 1;
+    IF last_cursor IS NOT NULL AND sync.cursor_reached(last_cursor, now_cursor) THEN
+        RETURN NULL;
+    END IF;
+    INSERT INTO sync.tick (cursor) VALUES (now_cursor);
+    DELETE FROM sync.tick t WHERE t.id <= (SELECT max(n.id) - 100 FROM sync.tick n);
+    RETURN now_cursor;
+END
+$$;
+
 -- Removes the changes older than `keep` and moves the retention horizon past them. Only whole
 -- transactions that every snapshot already sees are removed. SECURITY DEFINER: for the
 -- administrators granted EXECUTE, who need no rights on the log itself.
@@ -590,7 +621,7 @@ BEGIN
     END IF;
     EXECUTE format('GRANT USAGE ON SCHEMA sync TO %s', gateway);
     EXECUTE format('GRANT USAGE ON TYPE sync.change TO %s', gateway);
-    EXECUTE format('GRANT SELECT ON sync.change_history, sync.state, sync.tracked, sync.access_event TO %s', gateway);
+    EXECUTE format('GRANT SELECT ON sync.change_history, sync.state, sync.tracked, sync.access_event, sync.tick TO %s', gateway);
     EXECUTE format('GRANT SELECT, INSERT, UPDATE, DELETE ON sync.subscription, sync.gateway TO %s', gateway);
     EXECUTE format('GRANT SELECT, INSERT ON sync.applied_mutation TO %s', gateway);
     FOREACH f IN ARRAY ARRAY[
@@ -600,7 +631,7 @@ BEGIN
         'sync.ingest_wal(integer)', 'sync._wal_settled(text)', 'sync.status()',
         'sync._wakeup_mode()', 'sync.claim_mutation(text, text)', 'sync.tag_origin(text)',
         'sync.policy_plan(oid, text)', 'sync.visible(oid, jsonb, jsonb)',
-        'sync.entities()', 'sync.access_fingerprint(text[])', 'sync._table_access(regclass)',
+        'sync.entities()', 'sync.tick()', 'sync.access_fingerprint(text[])', 'sync._table_access(regclass)',
         'sync._role_access(regclass, text[])', 'sync.access_serial()', 'sync._note_access(text[])',
         'sync._entity_is(regclass, bigint, integer)'
     ]::regprocedure[] LOOP

@@ -38,11 +38,23 @@ CREATE TABLE sync.access_event (
 );
 CREATE INDEX access_event_entity ON sync.access_event (entity_code, kind, id);
 
+-- Marks of the log made on the primary (`sync.tick()`), as cursors. A hot standby cannot
+-- make a mark of its own (in recovery PostgreSQL's snapshots do not list the transactions in
+-- progress, and its next xid knows only what was replayed): its `current_cursor()` is the
+-- newest tick it has replayed, plus the transactions it has replayed since (changes.rs).
+-- Ticks are anchors only: readers on a standby read whatever it has replayed, not tick to
+-- tick. `sync.tick()` keeps the newest few.
+CREATE TABLE sync.tick (
+    id      bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    cursor  text NOT NULL,
+    made_at timestamptz NOT NULL DEFAULT pg_catalog.now()
+);
+
 -- The change log. Written by log.rs straight into the heap and indexes (no constraints,
 -- triggers or defaults apply there: keep the column order in step with log.rs). `id` comes from a CACHE 1 sequence inside the capturing transaction after
 -- it wrote (and so locked) the row: ids of one row's changes follow its commit order, and a
 -- transaction that starts after a snapshot takes only ids above that snapshot's largest
--- visible id. Both facts carry the cursor design (see cursor/src/lib.rs).
+-- visible id. Both facts carry the cursor design (see core/src/cursor.rs).
 CREATE TABLE sync.change_history (
     id              bigint GENERATED ALWAYS AS IDENTITY (CACHE 1) PRIMARY KEY,
     table_name      text NOT NULL,
@@ -130,3 +142,5 @@ REVOKE ALL ON SCHEMA sync_lock FROM PUBLIC;
 CREATE TABLE sync_lock.log_read ();
 -- WAL ingestion and slot creation hold it in EXCLUSIVE mode: one at a time.
 CREATE TABLE sync_lock.ingest ();
+-- sync.tick() holds it in EXCLUSIVE mode (without waiting): one tick at a time.
+CREATE TABLE sync_lock.tick ();
