@@ -90,7 +90,7 @@ soak: install fuzz
 	        | grep -E '^seed|shrunk|^  |holds|PostgreSQL|panicked' ; \
 	    [ $${PIPESTATUS[0]} -eq 0 ] || { echo "soak: the oracle failed (seed and steps above)"; exit 1; }; \
 	    runs=$$((runs + 1)); \
-	done; echo "soak: $$runs oracle runs of $${ORACLE_STEPS:-300} steps, every copy equal to what its user may SELECT"
+	done; echo "soak: $$runs oracle runs of $${ORACLE_STEPS:-300} steps (on the primary and through a standby), every copy equal to what its user may SELECT"
 	PG_SYNC_SOAK=1 $(CARGO) test -p pg_sync_tests --test convergence --test reliability -- --test-threads 1
 
 lint:

@@ -38,6 +38,14 @@ pub struct ServeArgs {
     #[arg(long, env = "SYNC_AUTHENTICATOR_URL")]
     pub authenticator_url: Option<String>,
 
+    /// A streaming hot standby of --database-url to read from (SPEC 2.7): the log, the catalog,
+    /// policies, replays, `/v1/changes` and snapshots are read there; writes, the subscription
+    /// mirror, heartbeats, access notes, ticks and WAL ingest go to --database-url. The
+    /// gateway's login is this URL's; users' own queries run on the authenticator's login
+    /// and password (--authenticator-url) at this URL's host, port and database.
+    #[arg(long, env = "SYNC_READ_URL")]
+    pub read_url: Option<String>,
+
     /// Address to listen on for WebSocket and HTTP clients.
     #[arg(long, env = "SYNC_LISTEN", default_value = "127.0.0.1:8787")]
     pub listen: SocketAddr,
@@ -110,6 +118,12 @@ pub struct ServeArgs {
     /// (RECONNECT `afterMs`), so that they do not all come back at once.
     #[arg(long, env = "SYNC_RECONNECT_WINDOW", default_value = "10s", value_parser = humantime::parse_duration)]
     pub reconnect_window: Duration,
+
+    /// How long a client whose cursor the database has reached but this gateway's live
+    /// stream has not (a standby still replaying) waits before it is told to come back
+    /// (RECONNECT `behind` on the socket, 503 with `Retry-After` over HTTP).
+    #[arg(long, env = "SYNC_BEHIND_PATIENCE", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub behind_patience: Duration,
 
     /// Serve the files of this folder at `/` (the demo app of `make run`). Off by default.
     #[arg(long, env = "SYNC_STATIC_DIR")]

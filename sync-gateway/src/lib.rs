@@ -15,6 +15,12 @@
 //! login that reads nothing of the log); both capped per user and in total; admin: metrics, status
 //! ```
 //!
+//! With `--read-url` the reads (the log, the catalog, policies, replays, long-polls,
+//! snapshots) go to a hot standby and the writes to the primary (`pools`); the reader then
+//! marks the log on the primary at each wake-up and waits for the standby to replay the mark
+//! (`feed::replica`), and a client's cursor the standby has not replayed is waited for, a
+//! bounded time (`feed::reach`).
+//!
 //! `model` holds the plain types every stage shares. Nothing calls back up the pipeline, and
 //! no client can make a stage before the router wait: client work has its own pool and caps
 //! (`access::limits`), and a connection that does not read is closed by its own writer.
@@ -27,11 +33,13 @@ pub mod feed;
 pub mod http;
 pub mod metrics;
 pub mod model;
+pub mod pools;
 
 #[cfg(test)]
 mod fuzz;
 
 use crate::access::auth::Verifier;
+use crate::access::limits::WorkPools;
 use crate::access::limits::{Cap, ClientWork};
 use crate::access::plans::Plans;
 use crate::access::roles::{Groups, Roles};
@@ -44,16 +52,17 @@ use crate::deliver::router::{Limits, Outlets, Router};
 use crate::feed::catalog::Catalog;
 use crate::feed::ingest::Ingest;
 use crate::feed::reader::Reader;
+use crate::feed::replica::Replica;
 use crate::metrics::Metrics;
 use crate::model::cursor::Cursor;
-use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime, Timeouts};
+use crate::pools::Pools;
+use deadpool_postgres::Pool;
 use std::path::PathBuf;
 use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, watch, Notify};
-use tokio_postgres::NoTls;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -79,6 +88,8 @@ pub struct RuntimeConfig {
     pub ping_interval: Duration,
     /// Clients of a stopping gateway reconnect at random within this window.
     pub reconnect_window: Duration,
+    /// How long a client's cursor the live stream has not reached is waited for.
+    pub behind_patience: Duration,
     pub snapshot_idle_timeout: Duration,
     pub snapshot_max_duration: Duration,
     pub cors_origins: Vec<String>,
@@ -118,12 +129,16 @@ pub struct AppState {
 pub enum ServeError {
     #[error(transparent)]
     Auth(#[from] access::auth::AuthError),
-    #[error("bad --database-url or --authenticator-url: {0}")]
+    #[error("bad --database-url, --read-url or --authenticator-url: {0}")]
     DatabaseUrl(tokio_postgres::Error),
     #[error("cannot build a connection pool: {0}")]
     Pool(#[from] deadpool_postgres::BuildError),
     #[error("cannot connect to the database: {0}")]
     Connect(#[from] deadpool_postgres::PoolError),
+    #[error("database: {0}")]
+    Database(#[from] tokio_postgres::Error),
+    #[error("--read-url is not a copy of --database-url's database (their logs differ)")]
+    NotAReplica,
     #[error(transparent)]
     Roles(#[from] access::roles::RolesError),
     #[error("cannot listen on {address}: {source}")]
@@ -140,63 +155,16 @@ pub enum ServeError {
 const MIRROR_BACKLOG: usize = 200_000;
 const MIRROR_BACKLOG_PER_USER: usize = 20_000;
 
-/// A pool of `size` connections whose waits end after `wait`.
-fn pool(
-    config: tokio_postgres::Config,
-    size: usize,
-    wait: Duration,
-) -> Result<Pool, deadpool_postgres::BuildError> {
-    let manager = Manager::from_config(
-        config,
-        NoTls,
-        ManagerConfig {
-            recycling_method: RecyclingMethod::Fast,
-        },
-    );
-    Pool::builder(manager)
-        .max_size(size.max(1))
-        .timeouts(Timeouts {
-            wait: Some(wait),
-            create: Some(wait),
-            recycle: Some(wait),
-        })
-        .runtime(Runtime::Tokio1)
-        .build()
-}
-
 /// Serves until `shutdown` is cancelled, then closes every connection (1001), waits for
 /// them, and removes this gateway's subscriptions.
 pub async fn serve(args: ServeArgs, shutdown: CancellationToken) -> Result<(), ServeError> {
     let verifier = Verifier::new(&args.auth)?;
-    let pg_config =
-        tokio_postgres::Config::from_str(&args.database_url).map_err(ServeError::DatabaseUrl)?;
-    let p = &args.pools;
-    let feed_pool = pool(pg_config.clone(), p.feed_pool_size, p.pool_wait)?;
-    let timed = |config: &tokio_postgres::Config, timeout: Duration| {
-        let mut config = config.clone();
-        config.options(format!("-c statement_timeout={}", timeout.as_millis()));
-        config
-    };
-    // Both run table owners' policies (sync.visible: the live stream; replays and long-polls):
-    // no statement there outlives --policy-timeout.
-    let policies_config = timed(&pg_config, p.policy_timeout);
-    let visibility_pool = pool(policies_config.clone(), p.visibility_pool_size, p.pool_wait)?;
-    let client_pool = pool(policies_config, p.client_pool_size, p.pool_wait)?;
-    // Users' own queries: on the authenticator, else (insecure, see Roles::check) on the
-    // gateway's login. No statement outlives the longest snapshot (a write waiting on a lock,
-    // a table owner's slow trigger), so none holds a connection for good.
-    let user_config = match &args.authenticator_url {
-        Some(url) => tokio_postgres::Config::from_str(url).map_err(ServeError::DatabaseUrl)?,
-        None => pg_config.clone(),
-    };
-    let user_pool = pool(
-        timed(&user_config, args.caps.snapshot_max_duration),
-        p.client_pool_size,
-        p.pool_wait,
-    )?;
+    let pools = Pools::new(&args)?;
+    pools.check_replica().await?;
     let authenticator = match &args.authenticator_url {
         Some(_) => Some(
-            user_pool
+            pools
+                .user_writes
                 .get()
                 .await?
                 .query_one("SELECT current_user::text", &[])
@@ -206,10 +174,9 @@ pub async fn serve(args: ServeArgs, shutdown: CancellationToken) -> Result<(), S
         ),
         None => None,
     };
-    let ingest_pool = pool(pg_config.clone(), 1, p.pool_wait)?;
     let roles = Arc::new(
         Roles::check(
-            &**feed_pool.get().await?,
+            &**pools.feed.get().await?,
             authenticator,
             args.default_role.clone(),
             args.allowed_roles(),
@@ -219,19 +186,28 @@ pub async fn serve(args: ServeArgs, shutdown: CancellationToken) -> Result<(), S
     );
     tokio::spawn(refresh_roles(
         roles.clone(),
-        feed_pool.clone(),
+        pools.feed.clone(),
         shutdown.clone(),
     ));
     let gateway_id = args
         .gateway_id
         .clone()
         .unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string());
-    let catalog = Arc::new(Catalog::new(feed_pool.clone(), args.allowed_roles()));
+    let catalog = Arc::new(Catalog::new(
+        pools.feed.clone(),
+        pools.primary.clone(),
+        args.allowed_roles(),
+    ));
     let plans = Arc::new(Plans::default());
     let metrics = Arc::new(Metrics::default());
     let work = Arc::new(ClientWork::new(
-        client_pool,
-        user_pool,
+        WorkPools {
+            reads: pools.clients.clone(),
+            on_primary: pools.clients_on_primary.clone(),
+            user_reads: pools.user_reads.clone(),
+            user_writes: pools.user_writes.clone(),
+            replica: pools.replica,
+        },
         args.caps.max_queries_per_user,
     ));
 
@@ -246,7 +222,7 @@ pub async fn serve(args: ServeArgs, shutdown: CancellationToken) -> Result<(), S
     let tracker = TaskTracker::new();
 
     let mirror = Mirror {
-        pool: feed_pool.clone(),
+        pool: pools.primary.clone(),
         gateway_id: gateway_id.clone(),
         heartbeat: args.heartbeat(),
     };
@@ -275,7 +251,7 @@ pub async fn serve(args: ServeArgs, shutdown: CancellationToken) -> Result<(), S
         Router::new(gateway_id.clone(), limits, outlets).run(router_rx, replay_events_rx),
     );
     let stage = Stage {
-        pool: visibility_pool,
+        pool: pools.visibility.clone(),
         catalog: catalog.clone(),
         plans: plans.clone(),
         metrics: metrics.clone(),
@@ -294,13 +270,19 @@ pub async fn serve(args: ServeArgs, shutdown: CancellationToken) -> Result<(), S
     };
     tokio::spawn(replayer.run(replays_rx, shutdown.clone()));
     let wake = Arc::new(Notify::new());
+    let primary_config =
+        tokio_postgres::Config::from_str(&args.database_url).map_err(ServeError::DatabaseUrl)?;
     tokio::spawn(feed::listen::listen(
-        pg_config,
+        primary_config,
         wake.clone(),
         shutdown.clone(),
     ));
     let reader = Reader {
-        pool: feed_pool.clone(),
+        pool: pools.feed.clone(),
+        replica: pools.replica.then(|| Replica {
+            primary: pools.primary.clone(),
+            metrics: metrics.clone(),
+        }),
         catalog: catalog.clone(),
         wake,
         poll_interval: args.poll_interval(),
@@ -310,7 +292,7 @@ pub async fn serve(args: ServeArgs, shutdown: CancellationToken) -> Result<(), S
     let reader_task = tokio::spawn(reader.run(shutdown.clone()));
     if args.wal_ingest {
         let ingest = Ingest {
-            pool: ingest_pool,
+            pool: pools.ingest.clone(),
             interval: args.wal_ingest_interval(),
         };
         tokio::spawn(ingest.run(shutdown.clone()));
@@ -331,6 +313,7 @@ pub async fn serve(args: ServeArgs, shutdown: CancellationToken) -> Result<(), S
             send_timeout: args.send_timeout,
             ping_interval: args.ping_interval(),
             reconnect_window: args.reconnect_window,
+            behind_patience: args.behind_patience,
             snapshot_idle_timeout: caps.snapshot_idle_timeout,
             snapshot_max_duration: caps.snapshot_max_duration,
             cors_origins: args.cors_origins.clone(),

@@ -8,6 +8,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
+use std::sync::atomic::AtomicU64;
 
 pub struct Metrics {
     registry: Registry,
@@ -28,6 +29,9 @@ pub struct Metrics {
     /// read what that the gateway has seen.
     pub access_epoch: Gauge,
     wal_retained_bytes: Gauge,
+    /// With --read-url: how long the standby took, at the reader's last wake-up, to replay up
+    /// to the primary's position then (at most the reader's patience).
+    pub replica_lag: Gauge<f64, AtomicU64>,
 }
 
 impl Default for Metrics {
@@ -44,6 +48,7 @@ impl Default for Metrics {
         let rls_checks = Counter::default();
         let access_epoch = Gauge::default();
         let wal_retained_bytes = Gauge::default();
+        let replica_lag = Gauge::<f64, AtomicU64>::default();
         registry.register(
             "connections",
             "Open WebSocket connections",
@@ -99,6 +104,11 @@ impl Default for Metrics {
             "WAL kept by the pg_sync replication slot (0 without one)",
             wal_retained_bytes.clone(),
         );
+        registry.register(
+            "replica_lag_seconds",
+            "With --read-url: how long the standby took to replay up to the primary's position at the last wake-up",
+            replica_lag.clone(),
+        );
         Metrics {
             registry,
             connections,
@@ -112,6 +122,7 @@ impl Default for Metrics {
             rls_checks,
             access_epoch,
             wal_retained_bytes,
+            replica_lag,
         }
     }
 }
@@ -163,6 +174,7 @@ mod tests {
             "sync_send_wait_seconds_bucket",
             "sync_route_lag_seconds_bucket",
             "sync_wal_slot_retained_bytes 42",
+            "sync_replica_lag_seconds 0",
         ] {
             assert!(text.contains(name), "{name} in {text}");
         }

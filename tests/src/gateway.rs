@@ -467,6 +467,26 @@ impl Session {
         }
     }
 
+    /// The next JSON message if one arrives within `wait`: None when none did, Err with the
+    /// close code when the connection ended.
+    pub async fn next_within(&mut self, wait: Duration) -> Option<Result<Value, Option<u16>>> {
+        if let Some(message) = self.pending.pop_front() {
+            return Some(Ok(message));
+        }
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let frame = tokio::time::timeout_at(deadline, self.stream.next())
+                .await
+                .ok()?;
+            return Some(match frame {
+                Some(Ok(Message::Text(text))) => Ok(serde_json::from_str(&text).unwrap()),
+                Some(Ok(Message::Close(frame))) => Err(frame.map(|f| u16::from(f.code))),
+                Some(Ok(_)) => continue,
+                Some(Err(_)) | None => Err(None),
+            });
+        }
+    }
+
     /// The next message of type `kind`, skipping none: panics on any other.
     pub async fn expect(&mut self, kind: &str) -> Value {
         let message = self

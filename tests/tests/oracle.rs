@@ -14,11 +14,14 @@
 //! INVALIDATE mode (refetching what was invalidated) and with a filter, and a `/v1/changes`
 //! reader; each hydrates from a snapshot, follows from its cursors, and refetches on RESYNC.
 //!
+//! It runs twice: with one gateway on the primary, and with a gateway that reads from a hot
+//! standby beside one on the primary, each client moving between them at its reconnections.
+//!
 //! A failure prints the seed (`PG_SYNC_SEED` repeats it) and the steps, shrunk to fewer steps
 //! that still fail. `PG_SYNC_ORACLE_STEPS` sets the length (make soak runs it long).
 
 use pg_sync_tests::gateway::{token, Gateway, Session, PATIENCE};
-use pg_sync_tests::{error_text, Cluster, Rng};
+use pg_sync_tests::{error_text, Cluster, Rng, GATEWAY_ROLE};
 use serde_json::{json, Value};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
@@ -247,6 +250,8 @@ struct Client {
     replaying: BTreeSet<String>,
     /// INVALIDATE: ids to refetch.
     dirty: BTreeMap<String, BTreeSet<i64>>,
+    /// Which of the gateways it uses: the next one at each reconnection.
+    home: usize,
 }
 
 fn user_token(user: usize) -> String {
@@ -274,6 +279,7 @@ impl Client {
             awaiting: BTreeSet::new(),
             replaying: BTreeSet::new(),
             dirty: BTreeMap::new(),
+            home: user + kind as usize,
         }
     }
 
@@ -662,21 +668,43 @@ async fn truth(cluster: &Cluster, user: usize, entity: &str) -> Copy {
     }
 }
 
-/// Runs `steps` on a fresh cluster and gateway; the first difference found, if any.
-async fn run(steps: &[Step]) -> Result<(), String> {
+/// Where the clients' gateways read.
+#[derive(Clone, Copy, Debug)]
+enum Topology {
+    /// One gateway on the primary.
+    Primary,
+    /// A gateway reading from a streaming hot standby (`--read-url`) and one on the primary;
+    /// each client moves to the other at each reconnection.
+    Standby,
+}
+
+/// Runs `steps` on a fresh cluster and gateways; the first difference found, if any.
+async fn run(steps: &[Step], topology: Topology) -> Result<(), String> {
     let cluster = Cluster::start().await;
     cluster.execute(SCHEMA).await;
-    let mut gateway = Gateway::start(&cluster, &["--poll-interval-ms", "200"]).await;
+    let poll = ["--poll-interval-ms", "200"];
+    let (mut gateways, _standby) = match topology {
+        Topology::Primary => (vec![Gateway::start(&cluster, &poll).await], None),
+        Topology::Standby => {
+            let standby = cluster.standby().await;
+            let read_url = standby.url_as(GATEWAY_ROLE, "postgres");
+            let args = [&poll[..], &["--read-url", read_url.as_str()]].concat();
+            let on_standby = Gateway::start(&cluster, &args).await;
+            let on_primary = Gateway::start(&cluster, &poll).await;
+            (vec![on_standby, on_primary], Some(standby))
+        }
+    };
     let kinds = [Kind::Delta, Kind::Invalidate, Kind::Filtered, Kind::Changes];
     let mut clients: Vec<Client> = (0..USERS.len())
         .flat_map(|u| kinds.iter().map(move |k| Client::new(u, *k)))
         .collect();
     for client in &mut clients {
-        client.connect(&gateway).await?;
+        let gateway = &gateways[client.home % gateways.len()];
+        client.connect(gateway).await?;
         // The marker too, from a snapshot's cursor: after a reconnection the client resumes
         // it from there, not from the live position (which may be past a marker row).
         for entity in ["marker"].into_iter().chain(ENTITIES) {
-            client.hydrate(&gateway, entity).await;
+            client.hydrate(gateway, entity).await;
         }
     }
     let mut marker = 0;
@@ -697,12 +725,12 @@ async fn run(steps: &[Step]) -> Result<(), String> {
                 }
             }
             Step::Unseen(sql) => {
-                let before = gateway.metric("sync_access_epoch").await;
+                let before = gateways[0].metric("sync_access_epoch").await;
                 cluster.execute(sql).await;
                 // A grant of what the role has already changes nothing to notice.
                 let noticed = tokio::time::timeout(
                     std::time::Duration::from_secs(2),
-                    gateway.access_epoch_after(before),
+                    gateways[0].access_epoch_after(before),
                 )
                 .await;
                 let _ = noticed;
@@ -714,10 +742,17 @@ async fn run(steps: &[Step]) -> Result<(), String> {
                 b.batch_execute(second).await.unwrap();
                 a.batch_execute("COMMIT").await.unwrap();
             }
-            Step::KillGateway => gateway = gateway.replace().await,
+            Step::KillGateway => {
+                let killed = gateways.remove(0);
+                gateways.insert(0, killed.replace().await);
+            }
             Step::Reconnect(c) => {
-                let c = *c % clients.len();
-                clients[c].connect(&gateway).await?;
+                let count = clients.len();
+                let client = &mut clients[*c % count];
+                client.home += 1;
+                client
+                    .connect(&gateways[client.home % gateways.len()])
+                    .await?;
             }
             Step::Check => {
                 marker += 1;
@@ -725,8 +760,9 @@ async fn run(steps: &[Step]) -> Result<(), String> {
                     .execute(&format!("INSERT INTO marker VALUES ({marker})"))
                     .await;
                 for client in &mut clients {
-                    client.catch_up(&gateway, marker).await?;
-                    client.settle(&gateway).await;
+                    let gateway = &gateways[client.home % gateways.len()];
+                    client.catch_up(gateway, marker).await?;
+                    client.settle(gateway).await;
                 }
                 for client in &clients {
                     for entity in ENTITIES {
@@ -755,7 +791,11 @@ async fn run(steps: &[Step]) -> Result<(), String> {
 
 /// Steps that still fail, fewer: chunks of steps removed as long as the run fails (checks
 /// are kept: the last one is where a difference shows).
-async fn shrink(mut steps: Vec<Step>, budget: std::time::Duration) -> Vec<Step> {
+async fn shrink(
+    mut steps: Vec<Step>,
+    topology: Topology,
+    budget: std::time::Duration,
+) -> Vec<Step> {
     let deadline = tokio::time::Instant::now() + budget;
     let mut chunk = steps.len() / 2;
     while chunk > 0 && tokio::time::Instant::now() < deadline {
@@ -768,7 +808,7 @@ async fn shrink(mut steps: Vec<Step>, budget: std::time::Duration) -> Vec<Step> 
                 .cloned()
                 .collect();
             let keeps_a_check = matches!(candidate.last(), Some(Step::Check));
-            if keeps_a_check && run(&candidate).await.is_err() {
+            if keeps_a_check && run(&candidate, topology).await.is_err() {
                 steps = candidate;
             } else {
                 start = end;
@@ -781,19 +821,29 @@ async fn shrink(mut steps: Vec<Step>, budget: std::time::Duration) -> Vec<Step> 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn every_copy_equals_what_postgresql_lets_its_user_select() {
+    oracle(Topology::Primary, 60).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_copy_through_a_standby_equals_what_postgresql_lets_its_user_select() {
+    oracle(Topology::Standby, 40).await;
+}
+
+/// Runs `length` random steps (or `PG_SYNC_ORACLE_STEPS`) and shrinks a failure.
+async fn oracle(topology: Topology, length: usize) {
     let seed = pg_sync_tests::seed();
     let length: usize = std::env::var("PG_SYNC_ORACLE_STEPS")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(60);
+        .unwrap_or(length);
     let clients = USERS.len() * 4;
     let steps = steps(&mut Rng(seed), length, clients);
-    if let Err(failure) = run(&steps).await {
+    if let Err(failure) = run(&steps, topology).await {
         eprintln!("seed {seed}: {failure}\nshrinking {} steps…", steps.len());
-        let shrunk = shrink(steps, std::time::Duration::from_secs(120)).await;
-        let failure = run(&shrunk).await.err().unwrap_or(failure);
+        let shrunk = shrink(steps, topology, std::time::Duration::from_secs(120)).await;
+        let failure = run(&shrunk, topology).await.err().unwrap_or(failure);
         panic!(
-            "seed {seed} (PG_SYNC_SEED={seed} repeats it): {failure}\nshrunk to {} steps:\n{}",
+            "{topology:?}, seed {seed} (PG_SYNC_SEED={seed} repeats it): {failure}\nshrunk to {} steps:\n{}",
             shrunk.len(),
             shrunk
                 .iter()

@@ -4,6 +4,7 @@
 use super::slot::ingest_lock;
 use super::tracked::TrackedTables;
 use super::{already_stored, parse_lsn, peek, SLOT};
+use pgrx::pg_sys::panic::ErrorReport;
 use pgrx::prelude::*;
 use pgrx::spi::SpiClient;
 use std::ops::ControlFlow;
@@ -14,6 +15,7 @@ use std::ops::ControlFlow;
 /// Its row would be in the snapshot but its log row after the cursor, reaching the client
 /// twice. True for trigger-captured entities, which log in the writing transaction. False
 /// also when it cannot tell (an ingest runs, or moved the slot after the snapshot): retry.
+/// On a hot standby, which has no slot, raises 25006 for a WAL-captured entity.
 /// (Internal: the gateway's snapshot endpoint waits for this.)
 #[pg_extern(name = "_wal_settled", volatile, parallel_unsafe)]
 fn wal_settled(entity_code: &str) -> bool {
@@ -21,6 +23,17 @@ fn wal_settled(entity_code: &str) -> bool {
     tables.retain(|t| t.entity_code == entity_code);
     if tables.is_empty() {
         return true;
+    }
+    // SAFETY: reads a flag of shared memory.
+    if unsafe { pg_sys::RecoveryInProgress() } {
+        // The slot, and so what waits in it, lives on the primary only.
+        ErrorReport::new(
+            PgSqlErrorCode::ERRCODE_READ_ONLY_SQL_TRANSACTION,
+            format!("pg_sync: a hot standby cannot tell whether WAL changes of {entity_code} are in the log yet"),
+            function_name!(),
+        )
+        .set_hint("Read snapshots of WAL-captured entities on the primary.")
+        .report(PgLogLevel::ERROR);
     }
     if !ingest_lock::try_take() {
         return false; // an ingest holds the slot

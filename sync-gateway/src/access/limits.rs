@@ -19,6 +19,8 @@ pub enum Busy {
     GlobalCap { what: &'static str },
     #[error("no database connection became free in time; retry later")]
     Pool(#[from] PoolError),
+    #[error("the database did not answer ({0}); retry later")]
+    Database(String),
 }
 
 impl Busy {
@@ -95,13 +97,23 @@ impl Drop for Held {
 }
 
 /// Database work for clients, at most `per_user` connections at once for one user: the
-/// gateway's own queries for them (reading the log, compiling policies) on the clients' pool,
+/// gateway's own queries for them (reading the log, compiling policies) on the clients' pools,
 /// and their own queries (snapshots, writes), which run a table owner's code, on the
-/// authenticator's pool, whose login can read nothing of the log.
+/// authenticator's pools, whose login can read nothing of the log. Reads go where the
+/// gateway reads (a standby with --read-url), writes to the primary (`crate::pools`).
 pub struct ClientWork {
-    pool: Pool,
-    authenticator: Pool,
+    pools: WorkPools,
     queries: Arc<Cap>,
+}
+
+/// The pools of `ClientWork` (see `crate::pools::Pools`).
+pub struct WorkPools {
+    pub reads: Pool,
+    pub on_primary: Pool,
+    pub user_reads: Pool,
+    pub user_writes: Pool,
+    /// Whether `reads` and `user_reads` are on a standby.
+    pub replica: bool,
 }
 
 /// A connection for one client's query, and its place under the caps.
@@ -166,10 +178,9 @@ impl Drop for UserWork {
 impl ClientWork {
     /// The global bound is the pool itself, whose wait is bounded; the count keeps one user
     /// from taking all of it.
-    pub fn new(pool: Pool, authenticator: Pool, per_user: usize) -> ClientWork {
+    pub fn new(pools: WorkPools, per_user: usize) -> ClientWork {
         ClientWork {
-            pool,
-            authenticator,
+            pools,
             queries: Cap::new("queries", usize::MAX, per_user),
         }
     }
@@ -177,13 +188,27 @@ impl ClientWork {
     /// A connection for the gateway's work for `user`, or why not (at once, or after the
     /// pool's wait). No code of the user or of a table's owner may run on it.
     pub async fn start(&self, user: &str) -> Result<Work, Busy> {
-        self.take(&self.pool, user).await
+        self.take(&self.pools.reads, user).await
     }
 
-    /// A connection of the authenticator for `user`'s own queries (see `roles::act_as`),
-    /// cleaned when it is given back.
-    pub async fn start_as_user(&self, user: &str) -> Result<UserWork, Busy> {
-        let work = self.take(&self.authenticator, user).await?;
+    /// As `start`, on the primary.
+    pub async fn start_on_primary(&self, user: &str) -> Result<Work, Busy> {
+        self.take(&self.pools.on_primary, user).await
+    }
+
+    /// A connection of the authenticator for `user`'s own queries (see `roles::act_as`) that
+    /// only read, cleaned when it is given back.
+    pub async fn as_user(&self, user: &str) -> Result<UserWork, Busy> {
+        self.user_work(&self.pools.user_reads, user).await
+    }
+
+    /// As `as_user`, on the primary: for writes, and reads a standby cannot serve.
+    pub async fn as_user_on_primary(&self, user: &str) -> Result<UserWork, Busy> {
+        self.user_work(&self.pools.user_writes, user).await
+    }
+
+    async fn user_work(&self, pool: &Pool, user: &str) -> Result<UserWork, Busy> {
+        let work = self.take(pool, user).await?;
         Ok(UserWork {
             client: Some((work.client, work.held)),
         })
@@ -195,8 +220,14 @@ impl ClientWork {
         Ok(Work { client, held })
     }
 
-    pub fn pool(&self) -> &Pool {
-        &self.pool
+    /// Whether reads go to a standby (`--read-url`).
+    pub fn reads_replica(&self) -> bool {
+        self.pools.replica
+    }
+
+    /// The gateway's pool on the primary, for work of no user (the operators' status).
+    pub fn primary(&self) -> &Pool {
+        &self.pools.on_primary
     }
 }
 

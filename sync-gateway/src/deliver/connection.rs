@@ -15,6 +15,7 @@ use crate::access::auth::Claims;
 use crate::access::limits::Held;
 use crate::access::roles::{GroupId, UserContext};
 use crate::feed::catalog::Entity;
+use crate::feed::reach::{reach, Reach};
 use crate::model::cursor::Cursor;
 use crate::model::protocol::{
     parse, reference_of, ClientMessage, ErrorCode, ReconnectReason, ResyncReason, ServerMessage,
@@ -37,9 +38,8 @@ use tokio_util::sync::CancellationToken;
 const MAX_BAD_MESSAGES: u32 = 20;
 /// How long a closing connection waits for the client's close frame.
 const CLOSE_GRACE: Duration = Duration::from_secs(2);
-/// How long a subscription with a cursor this gateway has not reached yet (but the database
-/// has) waits for the live stream to pass it.
-const CATCH_UP_LIMIT: Duration = Duration::from_secs(10);
+/// When a client told its cursor is ahead of this gateway should come back.
+const BEHIND_RETRY: Duration = Duration::from_secs(1);
 
 pub const CLOSE_GOING_AWAY: u16 = 1001;
 pub const CLOSE_POLICY: u16 = 1008;
@@ -270,7 +270,7 @@ impl Session {
         };
         self.bad_in_a_row = 0;
         match message {
-            ClientMessage::Subscribe(request) => self.subscribe(request).await,
+            ClientMessage::Subscribe(request) => return self.subscribe(request).await,
             ClientMessage::Unsubscribe(u) => {
                 if u.entity_ids.is_none() {
                     self.subscribed.remove(&u.entity_code);
@@ -384,7 +384,8 @@ impl Session {
         readable_entity(&state.catalog, &state.plans, &state.work, user, code).await
     }
 
-    async fn subscribe(&mut self, s: Subscribe) {
+    /// Handles a SUBSCRIBE; Some when the connection must close.
+    async fn subscribe(&mut self, s: Subscribe) -> Option<(u16, &'static str)> {
         let entity = match self.readable(&self.user.clone(), &s.entity_code).await {
             Ok(entity) => entity,
             Err(refusal) => {
@@ -399,49 +400,64 @@ impl Session {
                         (ErrorCode::Internal, "try again".to_owned())
                     }
                 };
-                return self
-                    .reply(ServerMessage::error(code, message, s.reference))
+                self.reply(ServerMessage::error(code, message, s.reference))
                     .await;
+                return None;
             }
         };
         if let Err(message) = check_columns(&entity, &s) {
-            return self
-                .reply(ServerMessage::error(
-                    ErrorCode::BadRequest,
-                    message,
-                    s.reference,
-                ))
-                .await;
+            self.reply(ServerMessage::error(
+                ErrorCode::BadRequest,
+                message,
+                s.reference,
+            ))
+            .await;
+            return None;
         }
         let since = match s.since.as_deref().map(Cursor::from_client).transpose() {
             Ok(since) => since,
             Err(e) => {
-                return self
-                    .reply(ServerMessage::error(
-                        ErrorCode::BadRequest,
-                        format!("since: {e}"),
-                        s.reference,
-                    ))
-                    .await
+                self.reply(ServerMessage::error(
+                    ErrorCode::BadRequest,
+                    format!("since: {e}"),
+                    s.reference,
+                ))
+                .await;
+                return None;
             }
         };
         if let Some(since) = &since {
-            if let Err(refusal) = self.reached(since).await {
-                let message = match refusal {
-                    Unreached::Expired => ServerMessage::Resync {
-                        entity_code: s.entity_code,
-                        reason: ResyncReason::CursorExpired,
-                    },
-                    Unreached::Ahead => ServerMessage::error(
-                        ErrorCode::BadRequest,
-                        "since is a cursor the database has not reached",
-                        s.reference,
-                    ),
-                    Unreached::Busy(why) => {
-                        ServerMessage::error(ErrorCode::Internal, why, s.reference)
-                    }
-                };
-                return self.reply(message).await;
+            let patience = self.state.config.behind_patience;
+            let message = match reach(&self.state, &self.user.sub, since, patience).await {
+                Ok(Reach::Live) => None,
+                Ok(Reach::Expired) => Some(ServerMessage::Resync {
+                    entity_code: s.entity_code.clone(),
+                    reason: ResyncReason::CursorExpired,
+                }),
+                Ok(Reach::Ahead) => Some(ServerMessage::error(
+                    ErrorCode::BadRequest,
+                    "since is a cursor the database has not reached",
+                    s.reference.clone(),
+                )),
+                Ok(Reach::Behind) => {
+                    // Here or at another gateway, later: the whole connection resumes from
+                    // its cursors, so it goes rather than waiting on.
+                    let reconnect = ServerMessage::Reconnect {
+                        after_ms: BEHIND_RETRY.as_millis() as u64,
+                        reason: ReconnectReason::Behind,
+                    };
+                    self.reply(reconnect).await;
+                    return Some((CLOSE_GOING_AWAY, "behind the client's cursor; reconnect"));
+                }
+                Err(busy) => Some(ServerMessage::error(
+                    ErrorCode::Internal,
+                    busy.to_string(),
+                    s.reference.clone(),
+                )),
+            };
+            if let Some(message) = message {
+                self.reply(message).await;
+                return None;
             }
         }
         self.subscribed.insert(s.entity_code.clone());
@@ -468,51 +484,7 @@ impl Session {
             reference: s.reference,
         };
         self.command(Command::Subscribe(request)).await;
-    }
-
-    /// Checks `since` with the database (expired, or ahead of it: refused at once), then
-    /// waits until the live stream has reached it (a cursor of a gateway further ahead).
-    async fn reached(&self, since: &Cursor) -> Result<(), Unreached> {
-        let work = self
-            .state
-            .work
-            .start(&self.user.sub)
-            .await
-            .map_err(|e| Unreached::Busy(e.to_string()))?;
-        let row = work
-            .client
-            .query_one(
-                "SELECT sync._cursor_problem($1), sync.current_cursor()",
-                &[&since.as_str()],
-            )
-            .await
-            .map_err(|_| Unreached::Busy("try again".to_owned()))?;
-        drop(work);
-        if row.get::<_, Option<String>>(0).is_some() {
-            return Err(Unreached::Expired);
-        }
-        if !Cursor::from_db(row.get(1)).reaches(since) {
-            return Err(Unreached::Ahead);
-        }
-        let mut position = self.state.position.clone();
-        let waited = tokio::time::timeout(CATCH_UP_LIMIT, async {
-            loop {
-                if position
-                    .borrow_and_update()
-                    .as_ref()
-                    .is_some_and(|p| p.reaches(since))
-                {
-                    return;
-                }
-                if position.changed().await.is_err() {
-                    return;
-                }
-            }
-        })
-        .await;
-        waited.map_err(|_| {
-            Unreached::Busy("the gateway is behind; subscribe again in a moment".to_owned())
-        })
+        None
     }
 
     /// Answers the client, after what was answered before. A client that sends without
@@ -528,16 +500,6 @@ impl Session {
             self.kick.cancel();
         }
     }
-}
-
-/// Why a subscription's `since` cannot be replayed from now.
-enum Unreached {
-    /// Changes after it were pruned, or it is of another database (or of this one before a
-    /// restore).
-    Expired,
-    /// Ahead of the database.
-    Ahead,
-    Busy(String),
 }
 
 /// The columns a SUBSCRIBE names (filter, `columns`) must be published.

@@ -164,7 +164,10 @@ impl View {
 }
 
 pub struct Catalog {
+    /// Where the catalog is read: where the log is.
     pool: Pool,
+    /// Where access changes are noted: the primary.
+    notes: Pool,
     /// The roles this gateway acts as: what they may read is part of its access fingerprint.
     roles: Vec<String>,
     view: RwLock<Arc<View>>,
@@ -180,7 +183,7 @@ SELECT entity_code, rls, schema_name, table_name, schema_version, key_columns, k
 const ACCESS_SQL: &str = "SELECT sync.access_serial(), sync.access_fingerprint($1)";
 
 impl Catalog {
-    pub fn new(pool: Pool, roles: Vec<String>) -> Self {
+    pub fn new(pool: Pool, notes: Pool, roles: Vec<String>) -> Self {
         let empty = View {
             entities: HashMap::new(),
             serial: -1,
@@ -190,6 +193,7 @@ impl Catalog {
         };
         Catalog {
             pool,
+            notes,
             roles,
             view: RwLock::new(Arc::new(empty)),
             reloading: tokio::sync::Mutex::new(()),
@@ -271,6 +275,7 @@ impl Catalog {
         );
         let (access, rows) = (access?, rows?);
         tx.commit().await?;
+        drop(client);
         let entities = rows
             .iter()
             .map(|r| {
@@ -299,7 +304,9 @@ impl Catalog {
             // REASSIGN OWNED): noted in the log for the entities it touches, so that every
             // reader (this one, other gateways, replays, /v1/changes) meets it in order. (At
             // start: what changed while no gateway of these roles watched, or a first note.)
-            client
+            self.notes
+                .get()
+                .await?
                 .query_one("SELECT sync._note_access($1)", &[&self.roles])
                 .await?;
         }

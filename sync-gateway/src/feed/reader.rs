@@ -4,10 +4,13 @@
 //! a read coalesce into one more read. Each poll also reads the access fingerprint again
 //! when the catalog is older than the poll interval (`Catalog::refresh_if_older`), so that
 //! what no event trigger sees (ALTER ROLE, GRANT of a role) reaches the stage within it: a
-//! new catalog epoch is handed on as a batch too, even with no change.
+//! new catalog epoch is handed on as a batch too, even with no change. On a standby each
+//! read first waits for the standby to replay what the primary had at the wake-up
+//! (`replica`).
 
 use super::catalog::Catalog;
 use super::log::{current_cursor, read_page, ReadError};
+use super::replica::Replica;
 use crate::backoff::Backoff;
 use crate::model::change::Change;
 use crate::model::cursor::Cursor;
@@ -43,7 +46,10 @@ pub enum Feed {
 }
 
 pub struct Reader {
+    /// Where the log is read: the primary, or the standby of --read-url.
     pub pool: Pool,
+    /// With --read-url: the primary, to mark the log there.
+    pub replica: Option<Replica>,
     pub catalog: Arc<Catalog>,
     pub wake: Arc<Notify>,
     pub poll_interval: Duration,
@@ -112,14 +118,26 @@ impl Reader {
     }
 
     async fn start_position(&self) -> Result<Cursor, ReadError> {
-        let client = self.pool.get().await?;
+        let client = self.connect().await?;
         Ok(current_cursor(&client).await?)
+    }
+
+    /// A connection to read the log on, once a standby has replayed what the primary had.
+    async fn connect(&self) -> Result<deadpool_postgres::Object, ReadError> {
+        let client = self.pool.get().await?;
+        if let Some(replica) = &self.replica {
+            if let Err(e) = replica.tick_and_replay(&client).await {
+                // Read anyway: what the standby replayed, exactly, only less of it.
+                tracing::warn!(error = %crate::ErrorChain(&e), "the standby's replay was not awaited");
+            }
+        }
+        Ok(client)
     }
 
     /// Reads pages until the log is drained, handing each on (also an empty one whose
     /// position or catalog epoch moved).
     async fn drain(&self, position: &mut Cursor, epoch: &mut u64) -> Result<(), ReadError> {
-        let mut client = self.pool.get().await?;
+        let mut client = self.connect().await?;
         loop {
             let page = read_page(&mut client, Some(position), PAGE, None).await?;
             let read_at = tokio::time::Instant::now();

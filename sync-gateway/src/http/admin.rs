@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 /// `sync.status()` of the database, or null when it cannot be read.
 async fn database_status(state: &AppState) -> Value {
-    match state.work.pool().get().await {
+    match state.work.primary().get().await {
         Ok(client) => match client.query_one("SELECT sync.status()", &[]).await {
             Ok(row) => row.get(0),
             Err(_) => Value::Null,

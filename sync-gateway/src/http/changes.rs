@@ -3,8 +3,10 @@
 //! whole-entity DELTA subscription): a refusal is 403 as for a snapshot, a change of a
 //! replaced entity an item `{"action": "RESYNC", "reason": "entity_changed"}`.
 //! `wait` long-polls: with nothing new, the request waits for the gateway's own "log moved"
-//! signal (the router's position) holding no database connection, then reads again. A cursor
-//! the database has not reached is refused at once. The request's place under the long-poll
+//! signal (the router's position) holding no database connection, then reads again. Where
+//! `since` stands is judged first (`feed::reach`): expired 410, a cursor no database has
+//! reached 400, one this gateway's live stream has not passed within `--behind-patience` (a
+//! standby still replaying) 503 with `Retry-After`; never an empty answer for it. The request's place under the long-poll
 //! caps is held until its answer (up to `MAX_LIMIT` changes) has been taken by the client:
 //! answers nobody reads must not pile up in memory past the caps.
 
@@ -13,6 +15,7 @@ use super::extract::{check_client_id, Authenticated};
 use crate::access::judge::{decide, Db, Judge, Listeners, Subscriber};
 use crate::access::limits::Held;
 use crate::feed::log::{read_page, Page, ReadError};
+use crate::feed::reach::{reach, Reach};
 use crate::model::cursor::Cursor;
 use crate::model::protocol::{Mode, ResyncReason};
 use crate::model::subscription::{Judgement, Shape, Target};
@@ -29,6 +32,8 @@ use std::time::Duration;
 
 pub const MAX_LIMIT: i32 = 10_000;
 pub const MAX_WAIT: Duration = Duration::from_secs(60);
+/// When a client whose cursor this gateway has not reached should come back.
+const BEHIND_RETRY: Duration = Duration::from_secs(1);
 
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -71,12 +76,21 @@ pub async fn changes(
     }
     // Held while the request waits too: waiting costs no database connection, but memory.
     let place = state.caps.long_polls.take(&user.sub)?;
+    match reach(&state, &user.sub, &since, state.config.behind_patience).await? {
+        Reach::Live => {}
+        Reach::Expired => return Err(ApiError::gone_expired()),
+        Reach::Ahead => {
+            return Err(ApiError::bad_request(
+                "since is a cursor the database has not reached",
+            ))
+        }
+        Reach::Behind => return Err(ApiError::behind(BEHIND_RETRY)),
+    }
     let deadline = tokio::time::Instant::now() + wait;
     let mut moved = state.position.clone();
     let mut group = Arc::new(Listeners::alone(Arc::new(user.clone()), 0));
     let mut judge = Judge::default();
     let mut cursor = since;
-    let mut first = true;
     loop {
         moved.borrow_and_update();
         let mut work = state.work.start(&user.sub).await?;
@@ -87,12 +101,6 @@ pub async fn changes(
                 ReadError::Malformed(why) => ApiError::bad_request(format!("since: {why}")),
                 other => ApiError::internal(other),
             })?;
-        if first && page.changes.is_empty() && !page.end.reaches(&cursor) {
-            return Err(ApiError::bad_request(
-                "since is a cursor the database has not reached",
-            ));
-        }
-        first = false;
         let (end, more) = (page.end.clone(), page.more);
         let out = render(
             &state,

@@ -75,6 +75,18 @@ impl ApiError {
         e
     }
 
+    /// A cursor this gateway has not reached yet (a standby still replaying): 503, come back
+    /// later, here or at another gateway.
+    pub fn behind(retry_after: std::time::Duration) -> Self {
+        let mut e = Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "behind",
+            "this gateway has not reached since yet; retry",
+        );
+        e.retry_after = Some(retry_after.as_secs().max(1));
+        e
+    }
+
     /// Over a cap, or no connection in time: 503, come back later.
     pub fn busy(busy: Busy) -> Self {
         Self::unavailable(busy.to_string(), busy.retry_after())
@@ -102,6 +114,9 @@ impl ApiError {
             Self::forbidden(db.message())
         } else if class == "22" || class == "23" {
             Self::bad_request(db.message())
+        } else if *code == SqlState::T_R_SERIALIZATION_FAILURE {
+            // Also a standby's query cancelled by replay (conflict with recovery).
+            Self::unavailable(db.message(), std::time::Duration::from_secs(1))
         } else {
             Self::internal(crate::ErrorChain(&error))
         }

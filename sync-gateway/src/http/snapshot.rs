@@ -9,6 +9,11 @@
 //! read: each line must be taken within `--snapshot-idle-timeout`, and the whole snapshot
 //! ends by `--snapshot-max-duration`; either ends the body with an error.
 //!
+//! On a hot standby (`--read-url`) the snapshot is read there; replay may cancel it (a
+//! conflict with recovery): before its first row it is tried again, after it the body ends
+//! with an error as any snapshot cut short. A WAL-captured entity's snapshot is read on the
+//! primary: a standby cannot see how far WAL ingestion got (below).
+//!
 //! A WAL-captured entity's changes reach the log after their commit, when ingested: a
 //! snapshot taken in between would show a row whose log row lies after its cursor (sent
 //! again after it). Such a snapshot is retried, ingesting in between, until
@@ -36,6 +41,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
+use tokio_postgres::error::SqlState;
 use tokio_postgres::IsolationLevel;
 
 /// Ids one snapshot may name.
@@ -49,6 +55,8 @@ const SETTLE_RETRY: Duration = Duration::from_millis(10);
 /// Reads of the catalog a snapshot makes when the table changed under it (an ALTER, a
 /// re-track): each time, it starts again from the entity read anew.
 const CHANGED_RETRIES: usize = 3;
+/// Tries of a snapshot that replay on a standby cancelled before its first row.
+const CONFLICT_RETRIES: usize = 3;
 
 /// The ids of `?ids=a,b`: split on the literal commas of the raw query, then decoded, so
 /// that an id holding a comma (a composite key's `["a","b"]`, or text) is sent with it
@@ -78,6 +86,15 @@ enum Ended {
     Left,
     #[error("{0:?}")]
     Refused(ApiError),
+    /// A standby cannot tell whether the WAL changes its snapshot sees are in the log yet
+    /// (`sync._wal_settled`): the snapshot is read on the primary.
+    #[error("a WAL-captured entity's snapshot is read on the primary")]
+    NeedsPrimary,
+}
+
+/// Whether replay on a standby cancelled the query (SQLSTATE 40001, "conflict with recovery").
+fn replay_conflict(error: &tokio_postgres::Error) -> bool {
+    error.code() == Some(&SqlState::T_R_SERIALIZATION_FAILURE)
 }
 
 pub async fn snapshot(
@@ -105,9 +122,7 @@ pub async fn snapshot(
         )));
     }
     let place = state.caps.snapshots.take(&user.sub)?;
-    let work = state.work.start_as_user(&user.sub).await?;
-    // Ingesting runs as the gateway, never on the user's (the authenticator's) connection.
-    let gateway = state.work.pool().clone();
+    let work = state.work.as_user(&user.sub).await?;
     let (idle, longest) = (
         state.config.snapshot_idle_timeout,
         state.config.snapshot_max_duration,
@@ -141,7 +156,9 @@ pub async fn snapshot(
                 }
             }
         };
-        let outcome: Result<(), Ended> = async {
+        let mut conflicts_left = CONFLICT_RETRIES;
+        let outcome = loop {
+            let outcome: Result<(), Ended> = async {
             let client: &mut Object = &mut work;
             let settle_by = Instant::now() + SETTLE_PATIENCE;
             let mut changes_left = CHANGED_RETRIES;
@@ -162,6 +179,9 @@ pub async fn snapshot(
                 );
                 let [table, tracking, version] = entity.identity();
                 let row = match tx.query_one(&sql, &[&entity.code, table, tracking, version]).await {
+                    Err(e) if e.code() == Some(&SqlState::READ_ONLY_SQL_TRANSACTION) => {
+                        return Err(Ended::NeedsPrimary)
+                    }
                     Err(e) if entity_changed(&e) && changes_left > 0 => {
                         changes_left -= 1;
                         tx.rollback().await?;
@@ -177,7 +197,7 @@ pub async fn snapshot(
                     break (tx, row.get::<_, String>(0));
                 }
                 tx.rollback().await?;
-                let ingested: i64 = match gateway.get().await {
+                let ingested: i64 = match state.work.primary().get().await {
                     Ok(gateway) => gateway.query_one("SELECT sync.ingest_wal()", &[]).await?.get(0),
                     Err(_) => 0, // the pool is busy: the ingesting gateway drains the slot meanwhile
                 };
@@ -192,11 +212,9 @@ pub async fn snapshot(
                 String::new()
             };
             let sql = format!("SELECT {} FROM {} t{filter}", entity.row_json_sql(), entity.table);
-            let ids = ids.unwrap_or_default();
-            let params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = if ids.is_empty() {
-                vec![]
-            } else {
-                vec![&ids]
+            let params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = match &ids {
+                Some(ids) => vec![ids],
+                None => vec![],
             };
             let rows = tx.query_raw(&sql, params).await?;
             pin_mut!(rows);
@@ -216,6 +234,23 @@ pub async fn snapshot(
             Ok(())
         }
         .await;
+            // Before the first row, a try cut short is tried again: on the primary when the
+            // standby cannot serve it, anew when replay cancelled it on the standby.
+            match outcome {
+                Err(Ended::NeedsPrimary) if started.is_some() => {
+                    match state.work.as_user_on_primary(&user.sub).await {
+                        Ok(on_primary) => work = on_primary,
+                        Err(busy) => break Err(Ended::Refused(busy.into())),
+                    }
+                }
+                Err(Ended::Database(e))
+                    if started.is_some() && conflicts_left > 0 && replay_conflict(&e) =>
+                {
+                    conflicts_left -= 1;
+                }
+                outcome => break outcome,
+            }
+        };
         if let Err(e) = outcome {
             match (started.take(), e) {
                 (Some(started), Ended::Database(e)) => {

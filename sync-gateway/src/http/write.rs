@@ -73,7 +73,7 @@ pub async fn write(
             .with_mutation(&m.id));
         }
     }
-    let mut work = state.work.start_as_user(&user.sub).await?;
+    let mut work = state.work.as_user_on_primary(&user.sub).await?;
     let client: &mut Object = &mut work;
     // A table altered, re-tracked or replaced while the write was built: the catalog is read
     // again and the mutations checked anew against it.
