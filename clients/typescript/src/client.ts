@@ -237,6 +237,7 @@ export class SyncClient {
   private readonly syncedHere = new Set<string>();
   private readonly waiters = new Set<() => void>();
   private readonly toLoad = new Set<string>();
+  private readonly whenLoaded: (() => void)[] = [];
 
   // ---- status and refusals ------------------------------------------------------------
   private current: SyncStatus;
@@ -483,7 +484,13 @@ export class SyncClient {
     } finally {
       this.loading--;
       this.prune();
+      if (!this.loading) this.whenLoaded.splice(0).forEach((resolve) => resolve());
     }
+  }
+
+  /** Resolves when no load from IndexedDB is under way in this tab. */
+  private loaded(): Promise<void> {
+    return this.loading || this.toLoad.size ? new Promise((resolve) => this.whenLoaded.push(resolve)) : Promise.resolve();
   }
 
   /** Loads `code` with the others opened in the same task. */
@@ -1072,7 +1079,7 @@ export class SyncClient {
     this.refreshStatus();
     try {
       const response = await this.fetchSnapshot(code);
-      const keep = this.loads.get(code) === "loaded";
+      const keep = this.loads.has(code); // this tab shows it
       const rows = new Map<string, Row>();
       this.seal(); // what was committed before is written before the snapshot
       const worker = this.store.working && this.options.worker !== false && typeof Worker !== "undefined";
@@ -1175,6 +1182,8 @@ export class SyncClient {
     if (released) this.caughtUp.push(...released);
     const held = this.caughtUp.reduce((n, p) => n + p.changes.length, 0);
     if (this.caughtUp.length && (!this.catchingUp() || held >= MAX_CHANGES)) {
+      // This tab's entities are in memory first, so that the commit shows on all of them.
+      await this.loaded();
       const pieces = this.caughtUp;
       this.caughtUp = [];
       const items: Item[] = [];
@@ -1187,8 +1196,9 @@ export class SyncClient {
           const meta: Meta = { cursor: piece.cursor, key: options.key, mode: options.mode };
           positions.set(piece.entity, meta);
           items.push({ entity: piece.entity, replaced: true, meta });
-          if (piece.snapshot.rows && this.loads.get(piece.entity) === "loaded") {
+          if (piece.snapshot.rows && this.loads.has(piece.entity)) {
             this.replica.load(piece.entity, piece.snapshot.rows);
+            this.loads.set(piece.entity, "loaded");
             swapped.add(piece.entity);
           }
           this.fresh.delete(piece.entity);

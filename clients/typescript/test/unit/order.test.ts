@@ -2,7 +2,8 @@
  * The local copy is the log applied in order, a whole transaction at a time: a property over
  * random transactions (deletes, re-inserts of the same key, key moves, rows entering and
  * leaving a subscriber's sight, transactions over two entities) cut into random messages,
- * with reloads of the tab in between, against a model (the log applied in order).
+ * with reloads of the tab in between, against a model (the log applied in order), from a
+ * gateway that marks transaction ends and from one that does not.
  */
 import fc from "fast-check";
 import { afterEach, describe, expect, it, vi } from "vitest";
@@ -105,8 +106,15 @@ describe("the local copy", () => {
           return { client, state };
         };
         let tab = open();
+        // Caught up: live (every entity synced and replayed to the end), showing the model.
         const caughtUp = () =>
-          vi.waitFor(() => expect(tab.state()).toBe(stateOf(model)), { timeout: 3_000, interval: 2 });
+          vi.waitFor(
+            () => {
+              expect(tab.client.status).toBe("live");
+              expect(tab.state()).toBe(stateOf(model));
+            },
+            { timeout: 3_000, interval: 2 },
+          );
         for (const [n, s] of steps.entries()) {
           if (s.t === "tx") {
             const changes = plan(model, s.ops, n + 1);
@@ -132,7 +140,9 @@ describe("the local copy", () => {
         gateway.resume();
         await caughtUp();
         tab.client.close();
-        expect(torn).toEqual([]);
+        // Whole transactions need a gateway that marks them (txEnd); without, held messages
+        // are applied after a pause (IDLE_MS), which a loaded machine may take mid-transaction.
+        if (marks) expect(torn).toEqual([]);
       }),
       { numRuns: 150 },
     );
