@@ -2,15 +2,19 @@
  * Whether the stream has passed a cursor. Cursors are opaque to applications, but this client
  * must know when the live stream has delivered its own write (whose answer carries a cursor)
  * before it drops that write's optimistic state. A cursor is a snapshot of the log (see the
- * repository's cursor/src/lib.rs): `1.<generation>.<mark>` between batches, or
+ * repository's core/src/cursor.rs): `1.<generation>.<mark>` between batches, or
  * `1.<generation>.<from>.<to>.<txkey>.<txid>.<id>` inside one; a mark is
- * `<xmin>_<xmax>_<xip-xip…>_<maxId>_<nextXid>`.
+ * `<xmin>_<xmax>_<xip-xip…>_<maxId>_<nextXid>`, where a run of in-progress xids may be written
+ * `first~last` (a standby's marks).
  */
+
+/** In-progress xids as inclusive runs `[first, last]`. */
+type Runs = [bigint, bigint][];
 
 interface Mark {
   xmin: bigint;
   xmax: bigint;
-  xip: bigint[];
+  xip: Runs;
   maxId: bigint;
 }
 
@@ -30,7 +34,12 @@ function mark(text: string | undefined): Mark | undefined {
     return {
       xmin: BigInt(xmin),
       xmax: BigInt(xmax),
-      xip: xip ? xip.split("-").map(BigInt) : [],
+      xip: xip
+        ? xip.split("-").map((part): [bigint, bigint] => {
+            const [first = "", last = first] = part.split("~");
+            return [BigInt(first), BigInt(last)];
+          })
+        : [],
       maxId: BigInt(maxId),
     };
   } catch {
@@ -47,10 +56,22 @@ function parse(text: string): Cursor | undefined {
   return to && rest.length === 3 ? { generation, after: from, end: to } : undefined;
 }
 
-/** Every transaction visible in `earlier` is visible in `later`. */
+/** Whether the runs `outer` hold every xid of `[first, last]`. */
+function holds(outer: Runs, first: bigint, last: bigint): boolean {
+  for (const [a, b] of [...outer].sort((x, y) => (x[0] < y[0] ? -1 : 1))) {
+    if (first > last) break;
+    if (a > first) return false;
+    if (b >= first) first = b + 1n;
+  }
+  return first > last;
+}
+
+/** Every transaction visible in `earlier` is visible in `later`: every xid `later` still
+ * has in progress below `earlier.xmax` is in progress in `earlier` too. */
 function covers(later: Mark, earlier: Mark): boolean {
   return (
-    later.xmax >= earlier.xmax && later.xip.every((x) => x >= earlier.xmax || earlier.xip.includes(x))
+    later.xmax >= earlier.xmax &&
+    later.xip.every(([first, last]) => first >= earlier.xmax || holds(earlier.xip, first, last < earlier.xmax ? last : earlier.xmax - 1n))
   );
 }
 

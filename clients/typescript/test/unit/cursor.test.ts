@@ -29,6 +29,15 @@ describe("reaches", () => {
     expect(reaches(within("10_20__50_20", "14_40__90_40"), at("12_30__80_30"))).toBe(false);
   });
 
+  it("reads runs of in-progress xids (a standby's marks)", () => {
+    // 12 to 14 running in both, written as a run or one by one.
+    expect(reaches(at("12_30_12~14_80_30"), at("12_25_12-13-14_60_25"))).toBe(true);
+    // The position still has 15 running, which the target saw committed.
+    expect(reaches(at("12_30_12~15_80_30"), at("12_25_12~14_60_25"))).toBe(false);
+    expect(reaches(at("12_30_12~15_80_30"), at("12_25_12-13-15-16_60_25"))).toBe(false);
+    expect(reaches(at("12_30_12~15_80_30"), at("12_25_12~16_60_25"))).toBe(true);
+  });
+
   it("is false across logs and for what it cannot read", () => {
     expect(reaches(at("12_30__80_30", "cd"), at("10_20__50_20"))).toBe(false);
     for (const bad of ["", "x", "2.ab.1_1__0_1", "1.ab.1_1_0", "1.ab.x_1__0_1", "1.ab.1_1__0_1.2_2__0_2"]) {
