@@ -33,41 +33,44 @@ export interface QueryOptions {
   limit?: number;
 }
 
+/** Whether a row meets a filter, as the gateway judges it (the shared test vectors of
+ * tests/vectors/filters.json): a number compares with a number or a finite numeric string, a
+ * boolean with a boolean or "true"/"false", anything else as text; values that cannot be
+ * compared match nothing, not even `neq`; NULL or a missing column matches only `is_null`. */
 export function matches(row: Row, filter: Filter | undefined): boolean {
   if (!filter) return true;
   if (typeof filter === "function") return filter(row);
   return filter.every(({ column, op, value }) => {
     const v = row[column];
-    switch (op) {
-      case "is_null":
-        return v == null;
-      case "not_null":
-        return v != null;
-      case "in":
-        return Array.isArray(value) && value.some((x) => same(v, x));
-      case "eq":
-        return same(v, value);
-      case "neq":
-        return v != null && !same(v, value);
-      default:
-        return v != null && compareAs(v, value, op);
-    }
+    if (op === "is_null") return v == null;
+    if (op === "not_null") return v != null;
+    if (op === "in") return Array.isArray(value) && value.some((x) => compareAs(v, x) === 0);
+    const c = compareAs(v, value);
+    if (c === undefined) return false;
+    return op === "eq" ? c === 0 : op === "neq" ? c !== 0 : op === "lt" ? c < 0 : op === "lte" ? c <= 0 : op === "gt" ? c > 0 : c >= 0;
   });
 }
 
-/** A value as text, as the gateway compares values: a number and its text alike. */
-const text = (v: unknown): string =>
-  typeof v === "string" ? v : typeof v === "number" || typeof v === "boolean" ? `${v}` : JSON.stringify(v);
+/** A number, or a string that is a finite number (spaces around allowed). */
+const numeric = (v: unknown): number | undefined =>
+  typeof v === "number" ? (Number.isFinite(v) ? v : undefined) : typeof v === "string" && v.trim() && Number.isFinite(Number(v)) ? Number(v) : undefined;
 
-/** Equal as the gateway compares: by value, a number and its text alike. */
-function same(a: unknown, b: unknown): boolean {
-  return a === b || (a != null && b != null && text(a) === text(b));
-}
+const boolean = (v: unknown): boolean | undefined => (typeof v === "boolean" ? v : v === "true" ? true : v === "false" ? false : undefined);
 
-function compareAs(a: unknown, b: unknown, op: string): boolean {
-  const [x, y] = typeof a === "number" || typeof b === "number" ? [Number(a), Number(b)] : [text(a), text(b)];
-  if (Number.isNaN(x) || Number.isNaN(y)) return false;
-  return op === "lt" ? x < y : op === "lte" ? x <= y : op === "gt" ? x > y : x >= y;
+const order = <T>(x: T, y: T) => (x < y ? -1 : x > y ? 1 : 0);
+
+/** How a filter compares two values (undefined: they cannot be compared). */
+function compareAs(a: unknown, b: unknown): number | undefined {
+  if (a == null || b == null || typeof a === "object" || typeof b === "object") return undefined;
+  if (typeof a === "number" || typeof b === "number") {
+    const [x, y] = [numeric(a), numeric(b)];
+    return x === undefined || y === undefined ? undefined : order(x, y);
+  }
+  if (typeof a === "boolean" || typeof b === "boolean") {
+    const [x, y] = [boolean(a), boolean(b)];
+    if (x !== undefined && y !== undefined) return order(Number(x), Number(y));
+  }
+  return order(`${a as string}`, `${b as string}`); // strings, numbers' and booleans' texts
 }
 
 /** A rank per kind of value, so that values of different kinds still sort one way. */

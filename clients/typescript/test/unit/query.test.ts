@@ -1,9 +1,19 @@
 import fc from "fast-check";
+import { readFileSync } from "node:fs";
 import { describe, expect, it } from "vitest";
-import { comparator, LiveQuery, matches, run, type Entry } from "../../src/query.js";
+import { comparator, LiveQuery, matches, run, type Condition, type Entry } from "../../src/query.js";
 import type { Row } from "../../src/store.js";
 
+/** The filter vectors the gateway runs too (tests/vectors/filters.json): one meaning of filters. */
+const vectors = JSON.parse(readFileSync(new URL("../../../../tests/vectors/filters.json", import.meta.url), "utf8")) as {
+  vectors: { name: string; condition: Condition; row: Row; matches: boolean }[];
+};
+
 describe("matches", () => {
+  it.each(vectors.vectors)("$name", ({ condition, row, matches: expected }) => {
+    expect(matches(row, [condition])).toBe(expected);
+  });
+
   const row = { id: 7, project_id: "7", status: "open", due: null };
   it("applies the gateway's filter operators", () => {
     expect(matches(row, [{ column: "project_id", op: "eq", value: 7 }])).toBe(true);
