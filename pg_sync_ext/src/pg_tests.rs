@@ -205,7 +205,9 @@ mod tests {
             Some(2)
         );
         assert_eq!(
-            one::<String>("SELECT schema_version || ' ' || data::text FROM sync.change_history")
+            one::<String>(
+                "SELECT schema_version || ' ' || data::text FROM sync.change_history WHERE op = 'INSERT'"
+            )
                 .as_deref(),
             Some(r#"2 {"id": 1, "name": "a", "extra": 5, "secret": "s"}"#)
         );
