@@ -325,7 +325,7 @@ fn now_mark(client: &SpiClient<'_>) -> Mark {
 fn standby_mark(client: &SpiClient<'_>) -> Mark {
     let tick: Option<String> = client
         .select(
-            "SELECT t.cursor FROM sync.tick t ORDER BY t.id DESC LIMIT 1",
+            "SELECT (SELECT t.cursor FROM sync.tick t ORDER BY t.id DESC LIMIT 1)",
             Some(1),
             &[],
         )

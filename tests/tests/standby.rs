@@ -3,7 +3,7 @@
 //! plus what it replayed since. Tried with writers committing out of order on the primary,
 //! with replay paused and resumed, across a standby's restart and its promotion.
 
-use pg_sync_tests::{drain, workload, Change, Cluster};
+use pg_sync_tests::{drain, sqlstate, workload, Change, Cluster};
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
@@ -147,4 +147,30 @@ async fn reading_goes_on_across_the_standbys_promotion() {
     let (rest, _) = drain(&mut reader, cursor, 5).await;
     delivered.extend(rest);
     workload::check(&delivered, &reader, &committed, seed).await;
+}
+
+/// Before the first tick a standby cannot say a cursor, and says so; after it, it can.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_standby_without_a_tick_asks_for_one() {
+    let primary = Cluster::start().await;
+    primary.execute(workload::SCHEMA).await;
+    let standby = primary.standby().await;
+    let reader = standby.connect().await;
+    let refused = reader
+        .query_one("SELECT sync.current_cursor()", &[])
+        .await
+        .unwrap_err();
+    assert_eq!(sqlstate(&refused), "55000");
+    primary.execute("SELECT sync.tick()").await;
+    standby.caught_up_with(&primary).await;
+    reader
+        .query_one("SELECT sync.current_cursor()", &[])
+        .await
+        .unwrap();
+    // A standby cannot tick.
+    let ticked = reader
+        .query_one("SELECT sync.tick()", &[])
+        .await
+        .unwrap_err();
+    assert_eq!(sqlstate(&ticked), "25006");
 }
