@@ -19,7 +19,7 @@
 //! snapshots) go to a hot standby and the writes to the primary (`pools`); the reader then
 //! marks the log on the primary at each wake-up and waits for the standby to replay the mark
 //! (`feed::replica`), and a client's cursor the standby has not replayed is waited for, a
-//! bounded time (`feed::reach`).
+//! bounded time (`deliver::reach`).
 //!
 //! `model` holds the plain types every stage shares. Nothing calls back up the pipeline, and
 //! no client can make a stage before the router wait: client work has its own pool and caps
@@ -160,7 +160,12 @@ const MIRROR_BACKLOG_PER_USER: usize = 20_000;
 pub async fn serve(args: ServeArgs, shutdown: CancellationToken) -> Result<(), ServeError> {
     let verifier = Verifier::new(&args.auth)?;
     let pools = Pools::new(&args)?;
-    pools.check_replica().await?;
+    if pools.replica {
+        pools.check_replica().await?;
+        // Roles::check below checks the login of --read-url; this, --database-url's.
+        let primary = pools.primary.get().await?;
+        access::roles::check_login(&primary, args.insecure_superuser).await?;
+    }
     let authenticator = match &args.authenticator_url {
         Some(_) => Some(
             pools

@@ -96,9 +96,6 @@ impl Pools {
     /// Refuses a --read-url that is not a copy of --database-url's database (its log has
     /// another generation): cursors of one would be expired or wrong on the other.
     pub async fn check_replica(&self) -> Result<(), ServeError> {
-        if !self.replica {
-            return Ok(());
-        }
         const GENERATION: &str = "SELECT generation FROM sync.state";
         let primary: String = self
             .primary

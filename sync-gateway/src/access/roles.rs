@@ -189,24 +189,7 @@ impl Roles {
         configured: Vec<String>,
         insecure_superuser: bool,
     ) -> Result<Roles, RolesError> {
-        let row = client
-            .query_one(
-                "SELECT current_user::text, rolsuper OR rolbypassrls FROM pg_catalog.pg_roles
-                  WHERE rolname = current_user",
-                &[],
-            )
-            .await?;
-        let (login, privileged): (String, bool) = (row.get(0), row.get(1));
-        if privileged {
-            if !insecure_superuser {
-                return Err(RolesError::PrivilegedLogin(login));
-            }
-            tracing::warn!(
-                login,
-                "INSECURE: the login role bypasses row-level security (--insecure-superuser); \
-                 every user can read every row"
-            );
-        }
+        let login = check_login(client, insecure_superuser).await?;
         let separate_authenticator = authenticator.is_some();
         let authenticator = match authenticator {
             Some(authenticator) => {
@@ -355,4 +338,28 @@ pub async fn lock_as(
 pub enum LockMode {
     Read,
     Write,
+}
+
+/// The login of `client`, refused when it is a superuser or BYPASSRLS (unless insecure):
+/// row-level security would not hold for anyone.
+pub async fn check_login(client: &Client, insecure_superuser: bool) -> Result<String, RolesError> {
+    let row = client
+        .query_one(
+            "SELECT current_user::text, rolsuper OR rolbypassrls FROM pg_catalog.pg_roles
+              WHERE rolname = current_user",
+            &[],
+        )
+        .await?;
+    let (login, privileged): (String, bool) = (row.get(0), row.get(1));
+    if privileged {
+        if !insecure_superuser {
+            return Err(RolesError::PrivilegedLogin(login));
+        }
+        tracing::warn!(
+            login,
+            "INSECURE: the login role bypasses row-level security (--insecure-superuser); \
+             every user can read every row"
+        );
+    }
+    Ok(login)
 }

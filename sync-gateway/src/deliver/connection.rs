@@ -14,8 +14,8 @@ use crate::access::admission::{readable_entity, Refusal};
 use crate::access::auth::Claims;
 use crate::access::limits::Held;
 use crate::access::roles::{GroupId, UserContext};
+use crate::deliver::reach::{reach, Reach};
 use crate::feed::catalog::Entity;
-use crate::feed::reach::{reach, Reach};
 use crate::model::cursor::Cursor;
 use crate::model::protocol::{
     parse, reference_of, ClientMessage, ErrorCode, ReconnectReason, ResyncReason, ServerMessage,

@@ -119,6 +119,23 @@ pub async fn read_page(
     })
 }
 
+impl Page {
+    /// A full page cut after the last change that ends its transaction (when it holds one;
+    /// the rest is read again with the next page): the router then tells each connection
+    /// where every transaction of the batch ends (`txEnd`), even one whose changes for it
+    /// all came before the page's end. A transaction larger than a page stays split.
+    pub fn up_to_transaction_end(mut self) -> Page {
+        if !self.more {
+            return self;
+        }
+        if let Some(last) = self.changes.iter().rposition(|c| c.tx_end) {
+            self.changes.truncate(last + 1);
+            self.end = self.changes[last].cursor.clone();
+        }
+        self
+    }
+}
+
 fn object(value: Option<Value>) -> Option<Map<String, Value>> {
     match value {
         Some(Value::Object(map)) => Some(map),
@@ -132,4 +149,41 @@ pub async fn current_cursor(client: &Client) -> Result<Cursor, tokio_postgres::E
         .query_one("SELECT sync.current_cursor()", &[])
         .await?;
     Ok(Cursor::from_db(row.get(0)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::change::sample;
+
+    fn page(ends: &[bool], more: bool) -> Page {
+        let changes = ends
+            .iter()
+            .enumerate()
+            .map(|(i, &tx_end)| Change {
+                cursor: Cursor::from_db(format!("after {i}")),
+                tx_end,
+                ..sample(Op::Insert, &i.to_string(), None, None)
+            })
+            .collect();
+        Page {
+            changes,
+            end: Cursor::from_db("end".into()),
+            more,
+            access_serial: 0,
+        }
+    }
+
+    #[test]
+    fn a_full_page_ends_with_its_last_whole_transaction() {
+        let cut = page(&[false, true, false, true, false, false], true).up_to_transaction_end();
+        assert_eq!(cut.changes.len(), 4);
+        assert_eq!(cut.end.as_str(), "after 3");
+        assert!(cut.more);
+        // The last page, or one transaction larger than a page, as read.
+        let last = page(&[true, false], false).up_to_transaction_end();
+        assert_eq!((last.changes.len(), last.end.as_str()), (2, "end"));
+        let large = page(&[false, false], true).up_to_transaction_end();
+        assert_eq!((large.changes.len(), large.end.as_str()), (2, "end"));
+    }
 }

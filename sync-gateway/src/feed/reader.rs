@@ -139,7 +139,9 @@ impl Reader {
     async fn drain(&self, position: &mut Cursor, epoch: &mut u64) -> Result<(), ReadError> {
         let mut client = self.connect().await?;
         loop {
-            let page = read_page(&mut client, Some(position), PAGE, None).await?;
+            let page = read_page(&mut client, Some(position), PAGE, None)
+                .await?
+                .up_to_transaction_end();
             let read_at = tokio::time::Instant::now();
             let now = self.catalog.view().epoch;
             let moved = !page.changes.is_empty()

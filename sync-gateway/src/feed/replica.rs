@@ -21,7 +21,9 @@ const TICK_PATIENCE: Duration = Duration::from_secs(1);
 const FIRST_PAUSE: Duration = Duration::from_millis(1);
 const LONGEST_PAUSE: Duration = Duration::from_millis(50);
 
-const TICK_SQL: &str = "SELECT sync.tick(), pg_catalog.pg_current_wal_lsn()::text";
+const TICK_SQL: &str = "SELECT sync.tick()";
+/// Read after the tick committed (a statement of its own), so that it is past the commit.
+const POSITION_SQL: &str = "SELECT pg_catalog.pg_current_wal_insert_lsn()::text";
 /// Replayed up to `$1`, or not replaying any more (promoted: its own log is the truth).
 const REPLAYED_SQL: &str = "SELECT NOT pg_catalog.pg_is_in_recovery()
     OR pg_catalog.pg_last_wal_replay_lsn() >= $1::text::pg_lsn";
@@ -29,13 +31,13 @@ const REPLAYED_SQL: &str = "SELECT NOT pg_catalog.pg_is_in_recovery()
 #[derive(Debug, thiserror::Error)]
 pub enum ReplicaError {
     #[error("the primary: {0}")]
-    Primary(tokio_postgres::Error),
+    Primary(#[from] tokio_postgres::Error),
     #[error("the primary's pool: {0}")]
     PrimaryPool(deadpool_postgres::PoolError),
     #[error("the primary did not answer within {0:?}")]
     Unanswered(Duration),
     #[error("the standby: {0}")]
-    Standby(#[from] tokio_postgres::Error),
+    Standby(tokio_postgres::Error),
     #[error("the standby had not replayed the primary's position after {0:?}")]
     Late(Duration),
 }
@@ -55,17 +57,21 @@ impl Replica {
                 .get()
                 .await
                 .map_err(ReplicaError::PrimaryPool)?;
-            let row = primary.query_one(TICK_SQL, &[]).await;
-            row.map_err(ReplicaError::Primary)
+            primary.query_one(TICK_SQL, &[]).await?;
+            Ok::<_, ReplicaError>(primary.query_one(POSITION_SQL, &[]).await?)
         };
         let position: String = tokio::time::timeout(TICK_PATIENCE, tick)
             .await
             .map_err(|_| ReplicaError::Unanswered(TICK_PATIENCE))??
-            .get(1);
+            .get(0);
         let started = Instant::now();
         let mut pause = FIRST_PAUSE;
         loop {
-            let replayed: bool = standby.query_one(REPLAYED_SQL, &[&position]).await?.get(0);
+            let replayed: bool = standby
+                .query_one(REPLAYED_SQL, &[&position])
+                .await
+                .map_err(ReplicaError::Standby)?
+                .get(0);
             let waited = started.elapsed();
             if replayed || waited >= PATIENCE {
                 self.metrics.replica_lag.set(waited.as_secs_f64());

@@ -4,7 +4,7 @@
 //! replaced entity an item `{"action": "RESYNC", "reason": "entity_changed"}`.
 //! `wait` long-polls: with nothing new, the request waits for the gateway's own "log moved"
 //! signal (the router's position) holding no database connection, then reads again. Where
-//! `since` stands is judged first (`feed::reach`): expired 410, a cursor no database has
+//! `since` stands is judged first (`deliver::reach`): expired 410, a cursor no database has
 //! reached 400, one this gateway's live stream has not passed within `--behind-patience` (a
 //! standby still replaying) 503 with `Retry-After`; never an empty answer for it. The request's place under the long-poll
 //! caps is held until its answer (up to `MAX_LIMIT` changes) has been taken by the client:
@@ -14,8 +14,8 @@ use super::error::ApiError;
 use super::extract::{check_client_id, Authenticated};
 use crate::access::judge::{decide, Db, Judge, Listeners, Subscriber};
 use crate::access::limits::Held;
+use crate::deliver::reach::{reach, Reach};
 use crate::feed::log::{read_page, Page, ReadError};
-use crate::feed::reach::{reach, Reach};
 use crate::model::cursor::Cursor;
 use crate::model::protocol::{Mode, ResyncReason};
 use crate::model::subscription::{Judgement, Shape, Target};
@@ -99,6 +99,7 @@ pub async fn changes(
             .map_err(|e| match e {
                 ReadError::Expired(_) => ApiError::gone_expired(),
                 ReadError::Malformed(why) => ApiError::bad_request(format!("since: {why}")),
+                ReadError::Database(e) => ApiError::from_db(e),
                 other => ApiError::internal(other),
             })?;
         let (end, more) = (page.end.clone(), page.more);

@@ -114,8 +114,11 @@ impl ApiError {
             Self::forbidden(db.message())
         } else if class == "22" || class == "23" {
             Self::bad_request(db.message())
-        } else if *code == SqlState::T_R_SERIALIZATION_FAILURE {
-            // Also a standby's query cancelled by replay (conflict with recovery).
+        } else if *code == SqlState::T_R_SERIALIZATION_FAILURE
+            || *code == SqlState::SNAPSHOT_TOO_OLD
+        {
+            // Also a standby's query cancelled by replay (conflict with recovery), or a
+            // standby too far from its last tick for a cursor: both pass.
             Self::unavailable(db.message(), std::time::Duration::from_secs(1))
         } else {
             Self::internal(crate::ErrorChain(&error))

@@ -105,18 +105,18 @@ pub enum Judgement {
 /// CREATE, staying an UPDATE, leaving a DELETE, and a change outside before and after is not
 /// sent. A filter is never evaluated on a version the subscriber may not see.
 pub fn judge(change: &Change, target: &Target, sight: Sight, own: bool) -> Judgement {
-    if own {
-        return Judgement::Skip;
-    }
-    let id = change.entity_id.as_ref();
-    let empty = Map::new();
     let (before, after) = match change.op {
+        // What empties or changes the copy as a whole reaches the writer too: its copy is
+        // not emptied by its own write.
         Op::Truncate => return Judgement::Resync(ResyncReason::Truncate),
         Op::Access => return Judgement::Resync(ResyncReason::AccessChanged),
+        _ if own => return Judgement::Skip,
         Op::Insert => (false, true),
         Op::Delete => (true, false),
         Op::Update => (true, true),
     };
+    let id = change.entity_id.as_ref();
+    let empty = Map::new();
     // An UPDATE without its old row (WAL capture without REPLICA IDENTITY FULL) counts the
     // row as it was as covered when the new one is, as clients expect for an update.
     let old = change.old_data.as_ref();
@@ -230,9 +230,12 @@ mod tests {
             entity_id: None,
             ..sample(Op::Truncate, "", None, None)
         };
-        assert_eq!(
-            judge(&truncate, &Target::Rows(None), Sight::ALL, false),
-            Judgement::Resync(ResyncReason::Truncate)
-        );
+        // The writer's own TRUNCATE empties its copy too.
+        for own in [false, true] {
+            assert_eq!(
+                judge(&truncate, &Target::Rows(None), Sight::ALL, own),
+                Judgement::Resync(ResyncReason::Truncate)
+            );
+        }
     }
 }
