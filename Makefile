@@ -6,7 +6,7 @@ CARGO          ?= cargo
 # pgrx's own test cluster; its parent must belong to the postgres user.
 PGRX_TEST_ROOT ?= /tmp/pg_sync_pgrx_test
 
-.PHONY: setup install client test test-ext test-client test-e2e run bench bench-quick fuzz soak lint fmt clean
+.PHONY: setup install client test test-ext test-client test-e2e run run-cluster bench bench-quick fuzz soak lint fmt clean
 
 setup:
 	@scripts/setup.sh
@@ -42,6 +42,12 @@ run: install client
 	$(CARGO) build --release -p sync-gateway
 	@scripts/run.sh
 
+## run-cluster: the scaled-out shape on one machine: a primary, a streaming hot standby, a
+## gateway on each (one reading from the standby) and nginx in front (docs/deployment.md)
+run-cluster: install client
+	$(CARGO) build --release -p sync-gateway
+	@scripts/run-cluster.sh
+
 ## bench: every benchmark beside its reference, in one run: bench/results/REPORT.md, the raw
 ## data (results.jsonl, trigger.csv, bulk.csv, results.json) and latency.svg
 bench: install client
@@ -50,6 +56,7 @@ bench: install client
 	bench/trigger_bench.sh
 	bench/wal_bench.sh
 	bench/gateway_bench.sh
+	bench/standby_bench.sh
 	bench/browser_bench.sh
 	python3 bench/report.py bench/results $${BENCH_SECONDS:-15}
 
@@ -64,6 +71,7 @@ bench-quick: install client
 	$(QUICK) bench/trigger_bench.sh
 	$(QUICK) bench/wal_bench.sh
 	$(QUICK) bench/gateway_bench.sh
+	$(QUICK) bench/standby_bench.sh
 	$(QUICK) bench/browser_bench.sh
 	python3 bench/report.py target/bench-quick 3
 

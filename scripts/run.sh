@@ -6,24 +6,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-PG_BIN=/usr/lib/postgresql/15/bin
+. scripts/lib.sh
 DATA="$PWD/.pgdata"
-GATEWAY=target/release/sync-gateway
-DEMO_APP=clients/typescript/dist/demo
 LISTEN=${SYNC_LISTEN:-127.0.0.1:8787}
-export SYNC_JWT_SECRET=${SYNC_JWT_SECRET:-dev-secret-change-me}
 GATEWAY_PID=
-
-# PostgreSQL refuses to run as root: run it as the postgres user then.
-as_pg() { if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi; }
-
-free_port() {
-    python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
-}
-
-load_demo() {
-    psql "$1" -v ON_ERROR_STOP=1 -q -c "CREATE EXTENSION IF NOT EXISTS pg_sync" -f sql/demo.sql >/dev/null
-}
 
 # Starts the gateway on database $1 (a URL it logs in with: as sync_gateway, never a
 # superuser), users' queries on $2 (as sync_authenticator), and prints how to use it.
@@ -32,7 +18,7 @@ start_gateway() {
         "$GATEWAY" serve &
     GATEWAY_PID=$!
     local token
-    token=$("$GATEWAY" token --sub demo --role app_user --ttl 7d)
+    token=$(dev_token)
     cat <<EOF
 The demo app (a task board on app.task, the TypeScript client in clients/typescript): open
 it in two windows, edit, go offline (DevTools > Network), edit, come back online:
@@ -81,28 +67,15 @@ if [ -n "${SYNC_DATABASE_URL:-}" ]; then
 fi
 
 if [ ! -s "$DATA/PG_VERSION" ]; then
-    mkdir -p "$DATA"
-    if [ "$(id -u)" = 0 ]; then chown postgres:postgres "$DATA"; fi
-    if ! as_pg test -w "$DATA"; then
-        echo "run: the postgres user cannot write $DATA (a parent directory is closed to it)" >&2
-        exit 1
-    fi
+    pg_dir "$DATA"
     as_pg "$PG_BIN/initdb" -D "$DATA" -A trust -U postgres >/dev/null
 fi
 
 PORT=${PGPORT:-$(free_port)}
-# Builds of PostgreSQL that list the allowed output plugins must allow wal2json.
-PLUGINS=
-if "$PG_BIN/postgres" --describe-config 2>/dev/null | grep -q output_plugin_libraries; then
-    PLUGINS="-c output_plugin_libraries=pgoutput,test_decoding,wal2json"
-fi
-as_pg "$PG_BIN/pg_ctl" -D "$DATA" -l "$DATA/server.log" -w -o \
-    "-p $PORT -c listen_addresses=127.0.0.1 -c unix_socket_directories=$DATA \
-     -c wal_level=logical -c max_replication_slots=10 -c shared_preload_libraries=pg_sync $PLUGINS" \
-    start >/dev/null
+pg_start "$DATA" "$PORT"
 stop() {
     stop_gateway
-    as_pg "$PG_BIN/pg_ctl" -D "$DATA" -m fast -w stop >/dev/null
+    pg_stop "$DATA"
     echo "stopped."
 }
 trap stop EXIT
