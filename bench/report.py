@@ -28,6 +28,8 @@ bulk = {r["variant"]: float(r["seconds"]) for r in read_csv("bulk.csv")}
 
 
 def run(mode, **match):
+    """The first run of `mode` matching `match`; through a standby's bench only if `via` is named."""
+    match.setdefault("via", None)
     return next((r for r in runs if r["mode"] == mode and all(r.get(k) == v for k, v in match.items())), None)
 
 
@@ -79,7 +81,7 @@ if wal:
                  f"wal2json decoding alone {raw:,.0f} | {ingest / raw:.2f}× |")
 
 notify = run("notify")
-latency = [r for r in runs if r["mode"] == "latency"]
+latency = [r for r in runs if r["mode"] == "latency" and not r.get("via")]
 for r in latency:
     ref = f"NOTIFY round trip p50 {notify['p50_ms']:.2f} ms, p99 {notify['p99_ms']:.2f} ms" if notify else "—"
     ratio = f"p99 {r['p99_ms'] / notify['p99_ms']:.1f}× NOTIFY's" if notify and r["p99_ms"] else "—"
@@ -147,6 +149,25 @@ if snap:
     lines.append(f"| snapshot streaming of {snap['rows']:,} rows (NDJSON, {snap['megabytes']} MB) | "
                  f"{snap['rows_per_s']:,.0f} rows/s, gateway peak RSS {snap['gateway_peak_rss_kib'] // 1024} MiB | "
                  f"{ref} | {ratio} |")
+
+for mode, what in (("catchup", "catch-up of {changes:,} changes"), ("snapshot", "snapshot of {rows:,} rows")):
+    p, s = run(mode, via="primary"), run(mode, via="standby")
+    if not (p and s):
+        continue
+    took = lambda r: r["gateway_seconds"] if mode == "catchup" else r["seconds"]  # noqa: E731
+    share = s["primary_cpu_seconds"] / max(p["primary_cpu_seconds"], 0.01)
+    lines.append(f"| {what.format(**s)} served by a gateway reading a hot standby (`--read-url`): time, and "
+                 f"the primary's CPU meanwhile | {took(s):.2f} s, primary CPU {s['primary_cpu_seconds']:.2f} s | "
+                 f"the primary's own gateway: {took(p):.2f} s, primary CPU {p['primary_cpu_seconds']:.2f} s | "
+                 f"{share:.2f}× the primary's CPU |")
+    goal(f"{mode} through a standby costs the primary ≤ 5 % of serving it itself", share <= 0.05, f"{share * 100:.1f} %")
+p, s = run("latency", via="primary"), run("latency", via="standby")
+if p and s:
+    lines.append(f"| commit → client latency through a standby's gateway, {s['connections']:,} connections, "
+                 f"{s['rate']} commits/s | p50 {s['p50_ms']:.1f}, p99 {s['p99_ms']:.1f} ms | the primary's gateway: "
+                 f"p50 {p['p50_ms']:.1f}, p99 {p['p99_ms']:.1f} ms | {s['p99_ms'] / p['p99_ms']:.2f}× p99 |")
+    goal("commit → client p99 through a standby ≤ 1.5× the primary's", s["p99_ms"] <= 1.5 * p["p99_ms"],
+         f"{s['p99_ms'] / p['p99_ms']:.2f}×")
 
 browser, size = run("browser"), run("client_size")
 if browser:

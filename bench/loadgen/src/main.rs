@@ -21,6 +21,11 @@
 //!   only writes the same DELTA frame (`--changes-per-frame` changes) to every connection
 //!   as fast as it can, and the clients that count what arrives, as `fanout` does.
 //!
+//! With `--primary-data DIR` (catchup, snapshot), the report adds the CPU time the primary
+//! cluster of that data directory spent while the gateway served (its postmaster and every
+//! backend, live and exited); with `--replica-url`, the gateway's part starts once that
+//! standby has replayed what was written.
+//!
 //! With `--rls-claim-sets N`, `bench_item` has row-level security: row `id` belongs to team
 //! `id % N`, connection `i` is in team `i % N` (a claim of its token), and sees its team's rows.
 //! The policy compares the row's team with the claim, which the gateway compiles; with
@@ -102,6 +107,101 @@ struct Common {
     /// Changes missed while away (catchup).
     #[arg(long, default_value_t = 1_000_000)]
     changes: usize,
+    /// The primary's data directory: report its CPU time while the gateway serves.
+    #[arg(long)]
+    primary_data: Option<String>,
+    /// A standby the gateway reads from: wait for its replay before the gateway's part.
+    #[arg(long)]
+    replica_url: Option<String>,
+}
+
+/// CPU seconds the cluster of `data` has used so far: its postmaster's own and that of the
+/// backends it reaped, plus every live child's.
+fn cluster_cpu_seconds(data: &str) -> Result<f64> {
+    let pid_file = std::fs::read_to_string(format!("{data}/postmaster.pid"))?;
+    let postmaster: u32 = pid_file
+        .lines()
+        .next()
+        .context("postmaster.pid")?
+        .trim()
+        .parse()?;
+    // utime, stime, cutime, cstime are fields 14 to 17 of /proc/<pid>/stat (after the name).
+    let times = |pid: u32, with_children: bool| -> Option<u64> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+        let parent: u32 = fields[1].parse().ok()?;
+        if pid != postmaster && parent != postmaster {
+            return None;
+        }
+        let n = if with_children { 4 } else { 2 };
+        Some(
+            fields[11..11 + n]
+                .iter()
+                .filter_map(|f| f.parse::<u64>().ok())
+                .sum(),
+        )
+    };
+    let mut ticks = times(postmaster, true).context("the postmaster")?;
+    for entry in std::fs::read_dir("/proc")?.flatten() {
+        if let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        {
+            if pid != postmaster {
+                ticks += times(pid, false).unwrap_or(0);
+            }
+        }
+    }
+    // SAFETY: sysconf has no preconditions.
+    let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    Ok(ticks as f64 / per_second)
+}
+
+/// Measures the primary's CPU across the gateway's part of a run (when asked to), after the
+/// standby (when there is one) replayed what was written.
+struct PrimaryCpu {
+    data: Option<String>,
+    before: f64,
+}
+
+impl PrimaryCpu {
+    async fn start(c: &Common, primary: &tokio_postgres::Client) -> Result<PrimaryCpu> {
+        if let Some(url) = &c.replica_url {
+            let lsn: String = primary
+                .query_one("SELECT pg_current_wal_lsn()::text", &[])
+                .await?
+                .get(0);
+            let replica = database(url).await?;
+            while !replica
+                .query_one(
+                    "SELECT pg_last_wal_replay_lsn() >= $1::text::pg_lsn",
+                    &[&lsn],
+                )
+                .await?
+                .get::<_, bool>(0)
+            {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+        let before = match &c.primary_data {
+            Some(data) => cluster_cpu_seconds(data)?,
+            None => 0.0,
+        };
+        Ok(PrimaryCpu {
+            data: c.primary_data.clone(),
+            before,
+        })
+    }
+
+    /// Adds `primary_cpu_seconds` to `report`.
+    fn report(&self, report: &mut Value) -> Result<()> {
+        if let Some(data) = &self.data {
+            let spent = cluster_cpu_seconds(data)? - self.before;
+            report["primary_cpu_seconds"] = json!((spent * 100.0).round() / 100.0);
+        }
+        Ok(())
+    }
 }
 
 #[tokio::main]
@@ -503,6 +603,7 @@ async fn catchup(c: Common) -> Result<Value> {
     }
 
     // A client resubscribing with `since`: until SYNCED.
+    let cpu = PrimaryCpu::start(&c, &db).await?;
     let url = format!("ws://{}/ws/sync?token={}", c.gateway, token(&c, 0));
     let (mut socket, _) = tokio_tungstenite::connect_async(url).await?;
     let start = Instant::now();
@@ -524,11 +625,13 @@ async fn catchup(c: Common) -> Result<Value> {
     if received != changes {
         bail!("the client received {received} changes, not {changes}");
     }
-    Ok(json!({
+    let mut report = json!({
         "mode": "catchup", "changes": changes,
         "changes_since_seconds": (sql_seconds * 100.0).round() / 100.0,
         "gateway_seconds": (gateway_seconds * 100.0).round() / 100.0,
-    }))
+    });
+    cpu.report(&mut report)?;
+    Ok(report)
 }
 
 /// A DELTA frame shaped like the gateway's for `bench_item`, with `n` changes.
@@ -627,6 +730,7 @@ async fn snapshot(c: Common) -> Result<Value> {
     ))
     .await?;
     let before = status_kib(pid, "VmRSS:")?;
+    let cpu = PrimaryCpu::start(&c, &db).await?;
     let mut stream = tokio::net::TcpStream::connect(&c.gateway).await?;
     let request = format!(
         "GET /v1/snapshot/bench_snapshot HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\nConnection: close\r\n\r\n",
@@ -649,9 +753,11 @@ async fn snapshot(c: Common) -> Result<Value> {
     if (lines as f64) < rows {
         bail!("only {lines} lines for {rows} rows");
     }
-    Ok(json!({
+    let mut report = json!({
         "mode": "snapshot", "rows": c.rows, "seconds": (seconds * 100.0).round() / 100.0,
         "rows_per_s": (rows / seconds).round(), "megabytes": bytes / 1_000_000,
         "gateway_rss_before_kib": before, "gateway_peak_rss_kib": status_kib(pid, "VmHWM:")?,
-    }))
+    });
+    cpu.report(&mut report)?;
+    Ok(report)
 }
