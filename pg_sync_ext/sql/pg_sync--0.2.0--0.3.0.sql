@@ -69,6 +69,9 @@ RETURNS TABLE ("change_id" bigint, "cursor" text, "tx_end" bool)
 -- The ACCESS rows of the log (as pgrx declares the function in pg_sync--0.3.0.sql).
 CREATE FUNCTION sync._log_access("tbl" oid) RETURNS void
     STRICT VOLATILE PARALLEL UNSAFE LANGUAGE c AS 'MODULE_PATHNAME', 'log_access_wrapper';
+-- The trigger on tables that policies read (as pgrx declares it in pg_sync--0.3.0.sql).
+CREATE FUNCTION sync."_policy_input"() RETURNS TRIGGER
+    LANGUAGE c AS 'MODULE_PATHNAME', '_policy_input_wrapper';
 
 
 
@@ -249,6 +252,7 @@ BEGIN
     PERFORM sync._internal_ddl(true);
     PERFORM sync._drop_capture(tbl);
     PERFORM sync._internal_ddl(false);
+    PERFORM sync._watch_policy_inputs();
 END
 $$;
 
@@ -443,7 +447,70 @@ BEGIN
     IF changed > 0 THEN
         PERFORM pg_catalog.pg_notify('sync_changes', 'access');
     END IF;
+    IF roles IS NULL THEN
+        PERFORM sync._watch_policy_inputs();
+    END IF;
     RETURN changed;
+END
+$$;
+
+-- Rows enter and leave a user's sight without changing themselves when a table that a policy
+-- reads changes (a membership table in `EXISTS (SELECT 1 FROM member m WHERE ...)`). Each such
+-- table gets one statement trigger, sync_policy_input, whose arguments name the tracked tables
+-- whose policies read it; its writes then put an ACCESS row of each into the log (their
+-- subscribers refetch at that point). The tables read are PostgreSQL's own dependencies of
+-- each policy (pg_depend): one read through a function or a view is not seen, nor a policy
+-- reading its own table. A table is watched only when the tracked table's owner may SELECT it,
+-- so no one can put a trigger on tables they could not read. Called whenever who may read
+-- what is noted again (policies, tables, tracking changed); it replaces a trigger only when its
+-- arguments differ.
+CREATE OR REPLACE FUNCTION sync._watch_policy_inputs() RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    w record;
+BEGIN
+    IF sync._in_internal_ddl() THEN
+        RETURN;
+    END IF;
+    PERFORM sync._internal_ddl(true);
+    FOR w IN
+        WITH wanted AS (
+            SELECT i.input, pg_catalog.string_agg(i.relid::text || '\000', '' ORDER BY i.relid) AS args
+              FROM (SELECT DISTINCT d.refobjid AS input, p.polrelid::oid AS relid
+                      FROM sync.tracked t
+                      JOIN pg_catalog.pg_class tc ON tc.oid = t.relid
+                      JOIN pg_catalog.pg_policy p ON p.polrelid = t.relid
+                      JOIN pg_catalog.pg_depend d
+                        ON d.classid = 'pg_catalog.pg_policy'::pg_catalog.regclass AND d.objid = p.oid
+                       AND d.refclassid = 'pg_catalog.pg_class'::pg_catalog.regclass
+                       AND d.refobjid <> p.polrelid
+                      JOIN pg_catalog.pg_class c ON c.oid = d.refobjid
+                     WHERE c.relkind IN ('r', 'p') AND c.relpersistence <> 't'
+                       AND pg_catalog.has_table_privilege(tc.relowner, c.oid, 'SELECT')) i
+             GROUP BY i.input),
+        present AS (
+            SELECT g.tgrelid AS input, pg_catalog.encode(g.tgargs, 'escape') AS args
+              FROM pg_catalog.pg_trigger g
+             WHERE g.tgname = 'sync_policy_input'
+               AND g.tgfoid = 'sync._policy_input()'::pg_catalog.regprocedure)
+        SELECT coalesce(wanted.input, present.input)::regclass AS input, wanted.args AS wanted,
+               present.args AS present
+          FROM wanted FULL JOIN present ON present.input = wanted.input
+         WHERE wanted.args IS DISTINCT FROM present.args
+    LOOP
+        IF w.present IS NOT NULL THEN
+            EXECUTE format('DROP TRIGGER sync_policy_input ON %s', w.input);
+        END IF;
+        IF w.wanted IS NOT NULL THEN
+            EXECUTE format('CREATE TRIGGER sync_policy_input AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE '
+                           'ON %s FOR EACH STATEMENT EXECUTE FUNCTION sync._policy_input(%s)',
+                           w.input, (SELECT pg_catalog.string_agg(pg_catalog.quote_literal(a), ', ')
+                                       FROM pg_catalog.unnest(pg_catalog.string_to_array(
+                                              pg_catalog.rtrim(w.wanted, '\000'), '\000')) a));
+            EXECUTE format('ALTER TABLE %s ENABLE ALWAYS TRIGGER sync_policy_input', w.input);
+        END IF;
+    END LOOP;
+    PERFORM sync._internal_ddl(false);
 END
 $$;
 

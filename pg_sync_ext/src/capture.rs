@@ -355,6 +355,23 @@ fn log_access(tbl: pg_sys::Oid) {
     wakeup::note_log_write();
 }
 
+/// The statement trigger `sync._policy_input(relid, ...)` that `sync._watch_policy_inputs`
+/// puts on each table a tracked table's policies read (a membership table): rows of the
+/// tracked tables named by its arguments enter or leave users' sight when it changes, without
+/// changing themselves, so each gets an ACCESS row at this point of the log. It runs as the
+/// writer, runs no SQL, and writes only for tables that are tracked; attaching it elsewhere
+/// needs EXECUTE on it, which no one is granted.
+#[pg_trigger]
+fn _policy_input<'a>(
+    trigger: &'a PgTrigger<'a>,
+) -> Result<Option<PgHeapTuple<'a, AllocatedByPostgres>>, std::convert::Infallible> {
+    let args = trigger.extra_args().unwrap_or_default();
+    for relid in args.iter().filter_map(|a| a.parse::<u32>().ok()) {
+        log_access(pg_sys::Oid::from(relid));
+    }
+    Ok(None)
+}
+
 /// A table's row of `sync.tracked`, read without SQL and without privileges (the writer has
 /// none on `sync`), as of the latest snapshot, like the trigger that fired.
 struct TrackedRow {

@@ -6,11 +6,12 @@
 //!
 //! The work: inserts, updates (moving rows across users' sight and across a filter), key
 //! changes, a delete and re-insert of one key in one transaction, transactions over two
-//! entities, out-of-order commits, TRUNCATE, GRANT and REVOKE, a policy created and dropped,
-//! a role granted a policy's role and revoked from it, a role's INHERIT switched (no event
-//! trigger sees those two), untrack, track again, and another table tracked under the same
-//! code, the gateway killed and restarted, clients dropping their socket and
-//! resuming from their cursors. The clients: per user, protocol clients in DELTA mode,
+//! entities, out-of-order commits, memberships of projects given and taken (a policy reads
+//! them: tasks enter and leave sight without changing), TRUNCATE, GRANT and REVOKE, a policy
+//! created and dropped, a role granted a policy's role and revoked from it, a role's INHERIT
+//! switched (no event trigger sees those two), untrack, track again, and another table
+//! tracked under the same code, the gateway killed and restarted, clients dropping their
+//! socket and resuming from their cursors. The clients: per user, protocol clients in DELTA mode,
 //! INVALIDATE mode (refetching what was invalidated) and with a filter, and a `/v1/changes`
 //! reader; each hydrates from a snapshot, follows from its cursors, and refetches on RESYNC.
 //!
@@ -31,12 +32,17 @@ const SCHEMA: &str = "
     CREATE TABLE task (id int PRIMARY KEY, project_id int, org text, owner text,
                        status text NOT NULL DEFAULT 'open', version int NOT NULL DEFAULT 1);
     CREATE TABLE marker (id int PRIMARY KEY);
+    -- Members of a project see its tasks: rows enter and leave sight without changing.
+    CREATE TABLE member (project_id int, user_id text, PRIMARY KEY (project_id, user_id));
     -- Another table that takes the code `project` over now and then (untrack, track as).
     CREATE TABLE archive (id int PRIMARY KEY, org text NOT NULL, name text, version int NOT NULL DEFAULT 1);
     INSERT INTO archive VALUES (1, 'a', 'old one'), (2, 'b', 'old two'), (7, 'a', 'old seven');
     ALTER TABLE task ENABLE ROW LEVEL SECURITY;
     CREATE POLICY by_org ON task USING (org = current_setting('request.jwt.claims', true)::jsonb ->> 'org'
                                          OR owner = current_setting('request.jwt.claims', true)::jsonb ->> 'sub');
+    CREATE POLICY by_membership ON task USING (EXISTS (
+        SELECT 1 FROM member m WHERE m.project_id = task.project_id
+           AND m.user_id = current_setting('request.jwt.claims', true)::jsonb ->> 'sub'));
     CREATE ROLE auditors NOLOGIN;
     CREATE POLICY audit ON task TO auditors USING (status = 'done');
     SELECT sync.track('project'); SELECT sync.track('task'); SELECT sync.track('marker');";
@@ -99,7 +105,7 @@ fn write(rng: &mut Rng) -> String {
     let owner = pick(rng, &["alice", "bob", "carol", "dave"]);
     let status = pick(rng, &["open", "done", "blocked"]);
     let project = 1 + rng.below(PROJECTS);
-    match rng.below(9) {
+    match rng.below(11) {
         0..=2 => format!(
             "INSERT INTO task VALUES ({id}, {project}, '{org}', '{owner}', '{status}')
              ON CONFLICT (id) DO UPDATE SET org = excluded.org, owner = excluded.owner,
@@ -128,7 +134,9 @@ fn write(rng: &mut Rng) -> String {
                      version = project.version + 1;
              UPDATE task SET project_id = {project}, version = version + 1 WHERE id = {id}; COMMIT"
         ),
-        _ => format!("DELETE FROM project WHERE id = {project}"),
+        8 => format!("DELETE FROM project WHERE id = {project}"),
+        9 => format!("INSERT INTO member VALUES ({project}, '{owner}') ON CONFLICT DO NOTHING"),
+        _ => format!("DELETE FROM member WHERE project_id = {project} AND user_id = '{owner}'"),
     }
 }
 

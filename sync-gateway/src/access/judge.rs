@@ -18,13 +18,14 @@
 //! Who may read what is the catalog's as of the page at least (`Catalog::observe` with the
 //! page's newest access event), and a change is judged only under the tracking that wrote it:
 //! one written by a table no longer tracked under its code (untracked, re-tracked, replaced)
-//! is no subscriber's to see, whatever the table under that code is now.
+//! is no subscriber's to see, whatever the table under that code is now. Nor is a change
+//! followed in its page by an ACCESS or TRUNCATE of its entity, where everyone refetches.
 
 use super::plans::{Plan, Plans};
 use super::policy::GroupIndex;
 use super::roles::{GroupId, UserContext};
 use crate::feed::catalog::{Catalog, CatalogError, Entity, View};
-use crate::model::change::Change;
+use crate::model::change::{Change, Op};
 use crate::model::protocol::ResyncReason;
 use crate::model::subscription::{judge, Judgement, Sight, Target};
 use deadpool_postgres::{Object, Pool};
@@ -236,11 +237,24 @@ impl Judge {
                 continue;
             };
             let entity = view.entities.get(code);
+            // Every subscriber refetches at an ACCESS or TRUNCATE of the entity: the changes
+            // before it in the page are shown to nobody rather than judged by who may read
+            // what now, after it (a user who joined a project since would be shown versions
+            // of its rows that PostgreSQL never let them SELECT).
+            let refetch = at
+                .iter()
+                .rev()
+                .find(|&&i| matches!(changes[i].op, Op::Access | Op::Truncate))
+                .copied();
             let mut current = Vec::with_capacity(at.len());
             for i in at {
                 match entity {
-                    Some(e) if changes[i].tracking == Some(e.tracking) => current.push(i),
-                    _ => verdicts[i] = Verdict::Replaced,
+                    Some(e) if changes[i].tracking != Some(e.tracking) => {
+                        verdicts[i] = Verdict::Replaced
+                    }
+                    Some(_) if refetch.is_some_and(|r| i < r) => verdicts[i] = Verdict::hidden(),
+                    Some(_) => current.push(i),
+                    None => verdicts[i] = Verdict::Replaced,
                 }
             }
             let (Some(entity), false) = (entity, current.is_empty()) else {

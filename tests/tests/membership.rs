@@ -1,0 +1,290 @@
+//! Membership policies: a task is visible to the members of its project, so rows enter and
+//! leave a user's sight when a row of `member` is inserted or deleted, without changing
+//! themselves. Each such write puts an ACCESS row of `task` into the log (the trigger that
+//! `sync._watch_policy_inputs` keeps on `member`), and every reader meets it in the log's
+//! order: live sockets, replays and `/v1/changes` alike get RESYNC `access_changed` and
+//! refetch. The attacks: a table owner who points a policy at a table they may not read, and
+//! anyone attaching pg_sync's trigger by hand.
+
+use pg_sync_tests::gateway::{actions, Gateway, Session};
+use pg_sync_tests::{error_text, Cluster};
+use serde_json::{json, Value};
+
+const SCHEMA: &str = "
+    CREATE TABLE member (project_id int, user_id text, PRIMARY KEY (project_id, user_id));
+    CREATE TABLE task (id int PRIMARY KEY, project_id int NOT NULL, title text);
+    ALTER TABLE task ENABLE ROW LEVEL SECURITY;
+    CREATE POLICY by_membership ON task USING (EXISTS (
+        SELECT 1 FROM member m
+         WHERE m.project_id = task.project_id
+           AND m.user_id = current_setting('request.jwt.claims', true)::jsonb ->> 'sub'));
+    CREATE TABLE marker (id int PRIMARY KEY);
+    SELECT sync.track('task');
+    SELECT sync.track('marker');";
+
+async fn setup() -> (Cluster, Gateway) {
+    let cluster = Cluster::start().await;
+    cluster.execute(SCHEMA).await;
+    let gateway = Gateway::start(&cluster, &[]).await;
+    (cluster, gateway)
+}
+
+async fn watching(gateway: &Gateway, user: &str, since: Option<&str>) -> Session {
+    let mut session = gateway.connect(user).await;
+    session.subscribe(json!({"entityCode": "marker"})).await;
+    let mut task = json!({"entityCode": "task", "mode": "delta"});
+    if let Some(since) = since {
+        task["since"] = json!(since);
+    }
+    session.subscribe(task).await;
+    session
+}
+
+fn resyncs(messages: &[Value]) -> Vec<String> {
+    messages
+        .iter()
+        .filter(|m| m["type"] == "RESYNC")
+        .map(|m| format!("{} {}", m["payload"]["entityCode"], m["payload"]["reason"]))
+        .collect()
+}
+
+async fn snapshot_ids(gateway: &Gateway, user: &str) -> Vec<i64> {
+    let (_, rows) = gateway.snapshot(user, "task").await.unwrap();
+    let mut ids: Vec<i64> = rows.iter().map(|r| r["id"].as_i64().unwrap()).collect();
+    ids.sort();
+    ids
+}
+
+/// The `/v1/changes` answer of `user` for tasks after `since`.
+async fn changes(gateway: &Gateway, user: &str, since: &str) -> Vec<Value> {
+    let (status, body) = gateway
+        .call(
+            "GET",
+            &format!("/v1/changes?since={since}&entityCode=task"),
+            user,
+            None,
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    body["changes"].as_array().unwrap().clone()
+}
+
+/// b joins project 1, whose tasks exist already, then leaves it: each time b's live socket
+/// is told to refetch, in order with the writes around it, and the refetched copy is what
+/// PostgreSQL lets b SELECT.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn joining_and_leaving_a_project_reaches_the_live_copy_in_order() {
+    let (cluster, gateway) = setup().await;
+    cluster
+        .execute("INSERT INTO task VALUES (1, 1, 'one'), (2, 1, 'two'), (3, 2, 'other')")
+        .await;
+    let mut b = watching(&gateway, "b", None).await;
+    cluster.execute("INSERT INTO marker VALUES (1)").await;
+    assert!(b.changes_until(1).await.is_empty());
+
+    cluster
+        .execute(
+            "INSERT INTO member VALUES (1, 'b');
+             INSERT INTO marker VALUES (2);",
+        )
+        .await;
+    let seen = b.changes_until(2).await;
+    assert_eq!(resyncs(&seen), ["\"task\" \"access_changed\""], "{seen:?}");
+    assert_eq!(snapshot_ids(&gateway, "b").await, [1, 2]);
+
+    // Resubscribed after the refetch, b follows its project's tasks as before.
+    let mut b = watching(&gateway, "b", None).await;
+    cluster
+        .execute(
+            "UPDATE task SET title = 'one again' WHERE id = 1;
+             UPDATE task SET title = 'not b''s' WHERE id = 3;
+             INSERT INTO marker VALUES (3);",
+        )
+        .await;
+    let seen = b.changes_until(3).await;
+    assert_eq!(
+        actions(&seen),
+        [("1".to_owned(), "UPDATE".to_owned())],
+        "{seen:?}"
+    );
+
+    cluster
+        .execute(
+            "DELETE FROM member WHERE user_id = 'b';
+             INSERT INTO marker VALUES (4);",
+        )
+        .await;
+    let seen = b.changes_until(4).await;
+    assert_eq!(resyncs(&seen), ["\"task\" \"access_changed\""], "{seen:?}");
+    assert!(snapshot_ids(&gateway, "b").await.is_empty());
+
+    // Someone else's membership moves b's sight too little to matter, but b cannot tell:
+    // every membership write is a refetch of the entity (what compiling would spare).
+    let mut b = watching(&gateway, "b", None).await;
+    cluster
+        .execute(
+            "INSERT INTO member VALUES (2, 'c');
+             INSERT INTO marker VALUES (5);",
+        )
+        .await;
+    let seen = b.changes_until(5).await;
+    assert_eq!(resyncs(&seen), ["\"task\" \"access_changed\""], "{seen:?}");
+}
+
+/// c is a member of project 5 and holds task 1 from a snapshot; task 1 moves to project 1,
+/// where c is no member, and then c's membership of 5 ends. Judged by the membership of the
+/// moment of reading, the move is no longer c's to see and the DELETE vanished: an offline
+/// client kept task 1 for good. Now the membership's end is in the log after the move, and
+/// both a replay and `/v1/changes` from c's cursor end with the refetch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_membership_that_ends_before_the_change_is_read_still_removes_the_row() {
+    let (cluster, gateway) = setup().await;
+    cluster
+        .execute(
+            "INSERT INTO member VALUES (5, 'c');
+             INSERT INTO task VALUES (1, 5, 'moving');",
+        )
+        .await;
+    let (cursor, rows) = gateway.snapshot("c", "task").await.unwrap();
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    cluster
+        .execute(
+            "UPDATE task SET project_id = 1 WHERE id = 1;
+             DELETE FROM member WHERE project_id = 5 AND user_id = 'c';",
+        )
+        .await;
+
+    let answer = changes(&gateway, "c", &cursor).await;
+    assert_eq!(
+        answer.last().map(|c| c["action"].clone()),
+        Some(json!("RESYNC")),
+        "the row stays in c's copy: {answer:?}"
+    );
+
+    let mut replay = gateway.connect("c").await;
+    replay
+        .send(json!({"type": "SUBSCRIBE", "payload": {"entityCode": "task", "mode": "delta", "since": cursor}}))
+        .await;
+    let mut seen = Vec::new();
+    while !seen
+        .iter()
+        .any(|m: &Value| m["type"] == "RESYNC" || m["type"] == "SYNCED")
+    {
+        seen.push(replay.next().await.expect("open"));
+    }
+    assert_eq!(resyncs(&seen), ["\"task\" \"access_changed\""], "{seen:?}");
+    assert!(snapshot_ids(&gateway, "c").await.is_empty());
+}
+
+/// Task 7 of project 2 is updated to v2, then v3, and then b joins project 2. PostgreSQL
+/// only ever let b SELECT v3, but judged by the membership at the time of reading, b's
+/// `/v1/changes` from an older cursor returned UPDATE v2 and UPDATE v3. Now every version
+/// written before the membership is shown to nobody, and b refetches (getting v3).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn joining_never_shows_versions_written_before_the_membership() {
+    let (cluster, gateway) = setup().await;
+    cluster
+        .execute("INSERT INTO task VALUES (7, 2, 'v1')")
+        .await;
+    let cursor = cluster.current_cursor().await;
+    cluster
+        .execute(
+            "UPDATE task SET title = 'v2' WHERE id = 7;
+             UPDATE task SET title = 'v3' WHERE id = 7;
+             INSERT INTO member VALUES (2, 'b');",
+        )
+        .await;
+
+    let answer = changes(&gateway, "b", &cursor).await;
+    let text = serde_json::to_string(&answer).unwrap();
+    assert!(!text.contains("v2") && !text.contains("v3"), "{text}");
+    assert_eq!(answer.len(), 1, "{text}");
+    assert_eq!(answer[0]["action"], "RESYNC", "{text}");
+
+    let mut replay = gateway.connect("b").await;
+    replay
+        .send(json!({"type": "SUBSCRIBE", "payload": {"entityCode": "task", "mode": "delta", "since": cursor}}))
+        .await;
+    let mut seen = Vec::new();
+    while !seen
+        .iter()
+        .any(|m: &Value| m["type"] == "RESYNC" || m["type"] == "SYNCED")
+    {
+        seen.push(replay.next().await.expect("open"));
+    }
+    let text = serde_json::to_string(&seen).unwrap();
+    assert!(!text.contains("v2") && !text.contains("v3"), "{text}");
+    assert_eq!(resyncs(&seen), ["\"task\" \"access_changed\""], "{text}");
+    let (_, rows) = gateway.snapshot("b", "task").await.unwrap();
+    assert_eq!(rows, [json!({"id": 7, "project_id": 2, "title": "v3"})]);
+}
+
+/// The trigger follows the policies: a policy that reads another table adds it, a dropped
+/// policy removes it, and a table owner cannot have it put on a table the owner may not
+/// read, nor attach it by hand.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_watched_tables_follow_the_policies_and_no_one_else() {
+    let (cluster, _gateway) = setup().await;
+    let admin = cluster.connect().await;
+    let watched = || async {
+        admin
+            .query(
+                "SELECT tgrelid::regclass::text || ' ' || encode(tgargs, 'escape')
+                   FROM pg_trigger WHERE tgname = 'sync_policy_input' ORDER BY 1",
+                &[],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get::<_, String>(0))
+            .collect::<Vec<_>>()
+    };
+    let task: String = admin
+        .query_one("SELECT 'task'::regclass::oid::text", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(watched().await, [format!("member {task}\\000")]);
+
+    cluster.execute("DROP POLICY by_membership ON task").await;
+    assert!(watched().await.is_empty());
+
+    // An owner of a tracked table whose policy reads a table it may not read.
+    cluster
+        .execute(
+            "CREATE TABLE payroll (id int PRIMARY KEY, salary int);
+             CREATE ROLE mallory LOGIN;
+             GRANT USAGE, CREATE ON SCHEMA public TO mallory;
+             GRANT USAGE ON SCHEMA sync TO mallory;
+             GRANT EXECUTE ON FUNCTION sync.track(regclass, text, text, text[]) TO mallory;",
+        )
+        .await;
+    let mallory = cluster.connect_as("mallory", "postgres").await;
+    mallory
+        .batch_execute(
+            "CREATE TABLE mine (id int PRIMARY KEY);
+             ALTER TABLE mine ENABLE ROW LEVEL SECURITY;
+             CREATE POLICY peek ON mine USING (EXISTS (SELECT 1 FROM payroll));
+             SELECT sync.track('mine');",
+        )
+        .await
+        .unwrap();
+    assert!(watched().await.is_empty());
+
+    // Nobody but pg_sync may attach the trigger: it writes ACCESS rows of whatever it names.
+    let forged = mallory
+        .batch_execute(&format!(
+            "CREATE TABLE noise (id int);
+             CREATE TRIGGER forged AFTER INSERT ON noise FOR EACH STATEMENT
+                 EXECUTE FUNCTION sync._policy_input('{}')",
+            task
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        forged.code().map(|c| c.code()),
+        Some("42501"),
+        "{}",
+        error_text(&forged)
+    );
+}
