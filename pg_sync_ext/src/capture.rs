@@ -333,10 +333,20 @@ fn log_access(tbl: pg_sys::Oid) {
         return;
     };
     let log = LogTable::resolve().unwrap_or_else(|e| CaptureError::from(e).report());
-    // SAFETY: the name of a relation that exists (a tracked table), and a row of no datums.
+    // SAFETY: names read from the syscache (NULL when the table is gone), and a row of no
+    // datums. No lock on the table: writers of a table a policy reads must not wait for
+    // whoever holds the tracked table.
     unsafe {
-        let rel = PgRelation::with_lock(tbl, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
-        let table_name = format!("{}.{}", rel.namespace(), rel.name());
+        let text = |name: *mut std::ffi::c_char| {
+            (!name.is_null()).then(|| CStr::from_ptr(name).to_string_lossy().into_owned())
+        };
+        let (Some(schema), Some(name)) = (
+            text(pg_sys::get_namespace_name(pg_sys::get_rel_namespace(tbl))),
+            text(pg_sys::get_rel_name(tbl)),
+        ) else {
+            return;
+        };
+        let table_name = format!("{schema}.{name}");
         log.append(LogRow {
             table_name: &table_name,
             entity_code: &tracked.entity_code,

@@ -219,9 +219,9 @@ async fn joining_never_shows_versions_written_before_the_membership() {
     assert_eq!(rows, [json!({"id": 7, "project_id": 2, "title": "v3"})]);
 }
 
-/// The trigger follows the policies: a policy that reads another table adds it, a dropped
-/// policy removes it, and a table owner cannot have it put on a table the owner may not
-/// read, nor attach it by hand.
+/// The trigger follows the policies: a policy that reads another table adds it, a renamed
+/// trigger is still found, a dropped policy removes it, and a table owner cannot have it put
+/// on a table the owner may not alter, nor attach it by hand.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_watched_tables_follow_the_policies_and_no_one_else() {
     let (cluster, _gateway) = setup().await;
@@ -230,7 +230,7 @@ async fn the_watched_tables_follow_the_policies_and_no_one_else() {
         admin
             .query(
                 "SELECT tgrelid::regclass::text || ' ' || encode(tgargs, 'escape')
-                   FROM pg_trigger WHERE tgname = 'sync_policy_input' ORDER BY 1",
+                   FROM pg_trigger WHERE tgfoid = 'sync._policy_input()'::regprocedure ORDER BY 1",
                 &[],
             )
             .await
@@ -245,14 +245,26 @@ async fn the_watched_tables_follow_the_policies_and_no_one_else() {
         .unwrap()
         .get(0);
     assert_eq!(watched().await, [format!("member {task}\\000")]);
+    // Renamed by the owner of `member`, it is still pg_sync's, and not made twice.
+    cluster
+        .execute(
+            "DO $$ BEGIN EXECUTE format('ALTER TRIGGER %I ON member RENAME TO renamed',
+                 (SELECT tgname FROM pg_trigger WHERE tgfoid = 'sync._policy_input()'::regprocedure));
+             END $$;
+             GRANT SELECT ON member TO PUBLIC;",
+        )
+        .await;
+    assert_eq!(watched().await, [format!("member {task}\\000")]);
 
     cluster.execute("DROP POLICY by_membership ON task").await;
     assert!(watched().await.is_empty());
 
-    // An owner of a tracked table whose policy reads a table it may not read.
+    // An owner of a tracked table whose policy reads a table it may read but not alter: a
+    // trigger there would be pg_sync's doing, not hers (and would slow its writers).
     cluster
         .execute(
             "CREATE TABLE payroll (id int PRIMARY KEY, salary int);
+             GRANT SELECT ON payroll TO PUBLIC;
              CREATE ROLE mallory LOGIN;
              GRANT USAGE, CREATE ON SCHEMA public TO mallory;
              GRANT USAGE ON SCHEMA sync TO mallory;

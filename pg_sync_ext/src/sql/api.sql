@@ -398,26 +398,28 @@ $$;
 
 -- Rows enter and leave a user's sight without changing themselves when a table that a policy
 -- reads changes (a membership table in `EXISTS (SELECT 1 FROM member m WHERE ...)`). Each such
--- table gets one statement trigger, sync_policy_input, whose arguments name the tracked tables
--- whose policies read it; its writes then put an ACCESS row of each into the log (their
+-- table gets one statement trigger of sync._policy_input, whose arguments name the tracked
+-- tables whose policies read it; its writes then put an ACCESS row of each into the log (their
 -- subscribers refetch at that point). The tables read are PostgreSQL's own dependencies of
 -- each policy (pg_depend): one read through a function or a view is not seen, nor a policy
--- reading its own table. A table is watched only when the tracked table's owner may SELECT it,
--- so no one can put a trigger on tables they could not read. Called whenever who may read
--- what is noted again (policies, tables, tracking changed); it replaces a trigger only when its
--- arguments differ.
+-- reading its own table. A table is watched only when the tracked table's owner owns it or
+-- may create triggers on it, so that no one can have pg_sync put a trigger on a table they
+-- could not. The trigger is found by its function, whatever it is named, and made under a
+-- name no one can take first. Called whenever who may read what is noted again (policies,
+-- tables, tracking changed); it touches a table only when its trigger's arguments differ, and
+-- waits at most 1 s for a table's lock (then warns; a later command catches up).
 CREATE FUNCTION sync._watch_policy_inputs() RETURNS void
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     w record;
+    waited text := pg_catalog.current_setting('lock_timeout');
 BEGIN
     IF sync._in_internal_ddl() THEN
         RETURN;
     END IF;
-    PERFORM sync._internal_ddl(true);
     FOR w IN
         WITH wanted AS (
-            SELECT i.input, pg_catalog.string_agg(i.relid::text || '\000', '' ORDER BY i.relid) AS args
+            SELECT i.input, pg_catalog.array_agg(i.relid ORDER BY i.relid) AS relids
               FROM (SELECT DISTINCT d.refobjid AS input, p.polrelid::oid AS relid
                       FROM sync.tracked t
                       JOIN pg_catalog.pg_class tc ON tc.oid = t.relid
@@ -428,31 +430,46 @@ BEGIN
                        AND d.refobjid <> p.polrelid
                       JOIN pg_catalog.pg_class c ON c.oid = d.refobjid
                      WHERE c.relkind IN ('r', 'p') AND c.relpersistence <> 't'
-                       AND pg_catalog.has_table_privilege(tc.relowner, c.oid, 'SELECT')) i
+                       AND (pg_catalog.pg_has_role(tc.relowner, c.relowner, 'USAGE')
+                            OR pg_catalog.has_table_privilege(tc.relowner, c.oid, 'TRIGGER'))) i
              GROUP BY i.input),
         present AS (
-            SELECT g.tgrelid AS input, pg_catalog.encode(g.tgargs, 'escape') AS args
+            SELECT g.tgrelid AS input, g.tgname, g.tgargs
               FROM pg_catalog.pg_trigger g
-             WHERE g.tgname = 'sync_policy_input'
-               AND g.tgfoid = 'sync._policy_input()'::pg_catalog.regprocedure)
-        SELECT coalesce(wanted.input, present.input)::regclass AS input, wanted.args AS wanted,
-               present.args AS present
+             WHERE g.tgfoid = 'sync._policy_input()'::pg_catalog.regprocedure)
+        SELECT coalesce(wanted.input, present.input)::regclass AS input, wanted.relids,
+               present.tgname
           FROM wanted FULL JOIN present ON present.input = wanted.input
-         WHERE wanted.args IS DISTINCT FROM present.args
+         WHERE present.tgargs IS DISTINCT FROM
+               (SELECT pg_catalog.decode(pg_catalog.string_agg(
+                           pg_catalog.encode(pg_catalog.convert_to(r::text, 'UTF8'), 'hex') || '00', ''
+                           ORDER BY o), 'hex')
+                  FROM pg_catalog.unnest(wanted.relids) WITH ORDINALITY u(r, o))
     LOOP
-        IF w.present IS NOT NULL THEN
-            EXECUTE format('DROP TRIGGER sync_policy_input ON %s', w.input);
-        END IF;
-        IF w.wanted IS NOT NULL THEN
-            EXECUTE format('CREATE TRIGGER sync_policy_input AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE '
-                           'ON %s FOR EACH STATEMENT EXECUTE FUNCTION sync._policy_input(%s)',
-                           w.input, (SELECT pg_catalog.string_agg(pg_catalog.quote_literal(a), ', ')
-                                       FROM pg_catalog.unnest(pg_catalog.string_to_array(
-                                              pg_catalog.rtrim(w.wanted, '\000'), '\000')) a));
-            EXECUTE format('ALTER TABLE %s ENABLE ALWAYS TRIGGER sync_policy_input', w.input);
-        END IF;
+        BEGIN
+            -- (A subtransaction: the DDL below is pg_sync's own in it too.)
+            PERFORM sync._internal_ddl(true);
+            PERFORM pg_catalog.set_config('lock_timeout', '1s', true);
+            IF w.tgname IS NOT NULL THEN
+                EXECUTE format('DROP TRIGGER %I ON %s', w.tgname, w.input);
+            END IF;
+            IF w.relids IS NOT NULL THEN
+                EXECUTE format('CREATE TRIGGER %I AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON %s '
+                               'FOR EACH STATEMENT EXECUTE FUNCTION sync._policy_input(%s)',
+                               'sync_policy_input_' || pg_catalog.md5(pg_catalog.random()::text), w.input,
+                               (SELECT pg_catalog.string_agg(pg_catalog.quote_literal(r::text), ', ' ORDER BY o)
+                                  FROM pg_catalog.unnest(w.relids) WITH ORDINALITY u(r, o)));
+                EXECUTE format('ALTER TABLE %s ENABLE ALWAYS TRIGGER %I', w.input,
+                               (SELECT g.tgname FROM pg_catalog.pg_trigger g
+                                 WHERE g.tgrelid = w.input
+                                   AND g.tgfoid = 'sync._policy_input()'::pg_catalog.regprocedure));
+            END IF;
+            PERFORM sync._internal_ddl(false);
+            PERFORM pg_catalog.set_config('lock_timeout', waited, true);
+        EXCEPTION WHEN lock_not_available THEN
+            RAISE WARNING 'pg_sync: % is locked: the trigger that tells subscribers of its changes is updated by a later command', w.input;
+        END;
     END LOOP;
-    PERFORM sync._internal_ddl(false);
 END
 $$;
 
