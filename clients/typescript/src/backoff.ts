@@ -20,3 +20,10 @@ export function retryAfterMs(header: string | null, now = Date.now()): number | 
 export function retryDelay(attempt: number, floorMs: number | undefined, baseMs?: number, capMs?: number): number {
   return Math.max(floorMs ?? 0, fullJitter(attempt, baseMs, capMs));
 }
+
+/** Waits `ms`, or until `wake` aborts (the browser came online: retry now). */
+export const sleep = (ms: number, wake?: AbortSignal) =>
+  new Promise<void>((resolve) => {
+    const timer = setTimeout(resolve, ms);
+    wake?.addEventListener("abort", () => (clearTimeout(timer), resolve()), { once: true });
+  });

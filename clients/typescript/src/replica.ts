@@ -5,7 +5,7 @@
  * back by being removed, and a settled one disappears into the server's row.
  *
  * Live queries are told once per batch of changes, after the current task, so a commit that
- * touches several entities is seen whole by every query (see `Commit` in client.ts).
+ * touches several entities is seen whole by every query (see `Commit` in commit.ts).
  */
 import { LiveQuery, run, type Entry, type Filter, type QueryOptions } from "./query.js";
 import type { Mutation, Row } from "./store.js";

@@ -1,0 +1,348 @@
+/**
+ * The leader's socket, the one of the browser profile: connected and connected again (after
+ * a back-off, or when the server says), and for each entity it follows, the state machine
+ * snapshot (if it has no position) → SUBSCRIBE → SUBSCRIBED → catch-up → SYNCED (live), with
+ * RESYNC, forbidden entities and refused subscriptions on the way. Socket messages are
+ * handled one at a time, in order; what they carry becomes whole transactions
+ * (transactions.ts), then commits (`release`).
+ */
+import { claims } from "./auth.js";
+import { fullJitter, sleep } from "./backoff.js";
+import type { Item, RowChange } from "./commit.js";
+import { reaches } from "./cursor.js";
+import { HttpError } from "./hydration.js";
+import type { EntityOptions } from "./options.js";
+import type { Meta, Row } from "./store.js";
+import { MAX_CHANGES, Transactions, type Piece } from "./transactions.js";
+import { Writes } from "./writes.js";
+
+interface Change {
+  entityId: string;
+  action: string;
+  data?: Row;
+  schemaVersion?: number;
+}
+
+const PING_EVERY_MS = 15000;
+/** After the browser says it went offline, a socket that does not answer a PING within this is closed. */
+const PROBE_MS = 5000;
+
+export abstract class Session extends Writes {
+  private lastPong = 0;
+  protected readonly txs = new Transactions();
+  protected txTimer?: ReturnType<typeof setTimeout>;
+  private authTimer?: ReturnType<typeof setTimeout>;
+  /** Socket messages are handled one after the other, in order. */
+  private queue: Promise<void> = Promise.resolve();
+  /** The server asked to reconnect after this many ms (RECONNECT). */
+  private reconnectAfter?: number;
+
+  protected onlineChanged(online: boolean): void {
+    this.facts.online = online;
+    if (online) {
+      this.nudge();
+    } else if (this.socket?.readyState === WebSocket.OPEN) {
+      // The socket may live on (or be dead without knowing it): ask it.
+      const asked = Date.now();
+      this.ping();
+      this.later(() => {
+        if (this.lastPong < asked) this.socket?.close(4000, "no pong");
+      }, PROBE_MS);
+    }
+    this.refreshStatus();
+  }
+
+  /** The socket serves `code` (for this tab or another). */
+  protected follow(code: string, options: EntityOptions): void {
+    this.followed.set(code, { ...this.followed.get(code), ...options });
+    this.refreshStatus();
+    const socket = this.socket;
+    if (socket?.readyState === WebSocket.OPEN) this.enqueue(() => this.begin(code, socket));
+  }
+
+  protected async connect(): Promise<void> {
+    for (let attempt = 0; !this.closed && this.leading; ) {
+      this.facts.socket = "opening";
+      this.refreshStatus();
+      const outcome = await this.session().catch((e: unknown) => (this.error(e), { opened: false, live: false }));
+      this.socket = undefined;
+      if (this.closed || !this.leading) return;
+      const after = this.reconnectAfter;
+      this.reconnectAfter = undefined;
+      this.facts.socket = "down";
+      this.facts.failed = after === undefined && !outcome.opened;
+      this.refreshStatus();
+      if (after !== undefined) {
+        // The server asked (it is stopping, or its standby is behind): no sooner than it said.
+        attempt = 0;
+        await sleep(after + fullJitter(0, this.options.retry?.baseMs, this.options.retry?.capMs));
+      } else {
+        attempt = outcome.live ? 0 : attempt + 1;
+        await sleep(this.backoff(attempt), this.wake.signal);
+      }
+    }
+  }
+
+  /** One socket, until it closes. */
+  private async session(): Promise<{ opened: boolean; live: boolean }> {
+    const token = await this.freshToken();
+    // Its own origin tag, so that this profile's writes come back on the stream.
+    const url = `${this.base.replace(/^http/, "ws")}/ws/sync?token=${encodeURIComponent(token)}&clientId=${crypto.randomUUID()}`;
+    const socket = new WebSocket(url);
+    this.socket = socket;
+    let opened = false;
+    let live = false;
+    const timers: ReturnType<typeof setTimeout>[] = [];
+    await new Promise<void>((resolve) => {
+      socket.onopen = () => {
+        opened = true;
+        this.lastPong = Date.now();
+        this.facts.socket = "open";
+        this.facts.failed = false;
+        this.enqueue(async () => {
+          // The last socket's unfinished transactions: replayed from the cursors.
+          this.txs.take();
+          this.caughtUp = [];
+          this.subscribing.clear();
+          this.subscribed.clear();
+          this.liveHere.clear();
+          for (const code of this.followed.keys()) await this.begin(code, socket);
+        });
+        this.refreshStatus();
+        timers.push(
+          setInterval(() => {
+            if (Date.now() - this.lastPong > 2 * PING_EVERY_MS + 5000) socket.close(4000, "no pong");
+            else this.ping();
+          }, PING_EVERY_MS),
+        );
+        this.scheduleAuth(socket, token);
+        void this.drain();
+      };
+      socket.onmessage = (event: MessageEvent<string>) => {
+        const message = JSON.parse(event.data) as { type: string; payload?: Record<string, unknown> };
+        if (message.type === "PONG") this.lastPong = Date.now();
+        else if (message.type === "RECONNECT") this.reconnectAfter = Math.max(0, Number(message.payload?.afterMs) || 0);
+        else {
+          if (message.type === "SYNCED") live = true;
+          this.enqueue(() => this.handle(message.type, message.payload ?? {}, socket));
+        }
+      };
+      socket.onclose = () => resolve();
+    });
+    timers.forEach(clearInterval);
+    clearTimeout(this.txTimer);
+    clearTimeout(this.authTimer);
+    return { opened, live };
+  }
+
+  private enqueue(work: () => Promise<void>): void {
+    this.queue = this.queue.then(work).catch((e: unknown) => this.error(e));
+  }
+
+  protected ping(): void {
+    if (this.socket?.readyState === WebSocket.OPEN) this.socket.send(JSON.stringify({ type: "PING" }));
+  }
+
+  /** Sends a new token (AUTH) a minute before this one expires. */
+  private scheduleAuth(socket: WebSocket, token: string): void {
+    const exp = claims(token).exp;
+    if (!this.options.getToken || !exp) return;
+    this.authTimer = setTimeout(() => void this.reauthenticate(socket), Math.max(5000, exp * 1000 - Date.now() - 60000));
+  }
+
+  private async reauthenticate(socket: WebSocket): Promise<void> {
+    this.token = "";
+    const token = await this.freshToken().catch((e: unknown) => (this.error(e), undefined));
+    if (!token || socket.readyState !== WebSocket.OPEN) return;
+    socket.send(JSON.stringify({ type: "AUTH", payload: { token } }));
+    this.scheduleAuth(socket, token);
+  }
+
+  /** Fetches the entity if it has no position (or must be fetched again), then subscribes from its position. */
+  private async begin(code: string, socket: WebSocket): Promise<void> {
+    const busy = this.subscribing.has(code) || this.subscribed.has(code) || this.hydrating.has(code);
+    if (socket !== this.socket || socket.readyState !== WebSocket.OPEN || busy || this.forbidden.has(code)) return;
+    const since = this.meta.get(code)?.cursor;
+    if (!since || this.fresh.has(code)) {
+      try {
+        // Subscribed from the snapshot's cursor as soon as it is read, while the rows come.
+        await this.hydrate(code, (cursor) => this.subscribe(code, cursor, socket));
+      } catch (e) {
+        if (this.subscribing.delete(code) && socket.readyState === WebSocket.OPEN) {
+          socket.send(JSON.stringify({ type: "UNSUBSCRIBE", payload: { entityCode: code } }));
+        }
+        this.error(e);
+        if (e instanceof HttpError && e.status === 403) return this.forbid(code);
+        if (e instanceof HttpError && e.status === 401) this.token = "";
+        const attempt = this.attempts.get(code) ?? 0;
+        this.attempts.set(code, attempt + 1);
+        const wait = this.backoff(attempt, e instanceof HttpError ? e.retryAfter : undefined);
+        this.later(() => this.enqueue(() => this.begin(code, socket)), wait);
+      }
+      return;
+    }
+    this.subscribe(code, since, socket);
+  }
+
+  private subscribe(code: string, since: string, socket: WebSocket): void {
+    if (socket !== this.socket || socket.readyState !== WebSocket.OPEN) return;
+    this.subscribing.add(code);
+    const mode = this.followed.get(code)?.mode ?? "delta";
+    socket.send(JSON.stringify({ type: "SUBSCRIBE", payload: { entityCode: code, mode, since, ref: code } }));
+    this.refreshStatus();
+  }
+
+  private async handle(type: string, payload: Record<string, unknown>, socket: WebSocket): Promise<void> {
+    if (socket !== this.socket || this.closed) return;
+    const code = payload.entityCode as string | undefined;
+    const cursor = payload.cursor as string;
+    switch (type) {
+      case "SUBSCRIBED":
+        if (!code || payload.ref !== code || !this.subscribing.delete(code)) return;
+        this.subscribed.add(code);
+        return this.refreshStatus();
+      case "DELTA":
+      case "INVALIDATE": {
+        if (!code || !this.subscribed.has(code)) return; // not ours, or an earlier subscription's
+        const changes = payload.changes as Change[];
+        const version = changes.find((c) => c.schemaVersion !== undefined)?.schemaVersion;
+        const known = this.meta.get(code)?.schemaVersion;
+        if (version !== undefined && known !== undefined && version !== known) {
+          await this.release(this.txs.take());
+          return this.resync(code, socket);
+        }
+        const piece: Piece = { entity: code, changes, cursor, invalidate: type === "INVALIDATE" };
+        const marked = this.txs.marks;
+        const released = this.txs.add(piece, payload.txEnd === true, Date.now());
+        // Remembered, so that the next connection waits for txEnd from its first message.
+        if (!marked && this.txs.marks) (globalThis.localStorage as Storage | undefined)?.setItem(`${this.base}:txEnd`, "1");
+        return this.release(released);
+      }
+      case "SYNCED":
+        if (!code || !this.subscribed.has(code)) return;
+        this.liveHere.add(code);
+        await this.release(this.txs.synced({ entity: code, changes: [], cursor }, Date.now()));
+        // Caught up: REACHED now covers every entity, for the writes applied meanwhile.
+        if (!this.catchingUp()) new Set(this.replica.pendingMutations().map((m) => m.cursor)).forEach((c) => c && this.awaitCursor(c));
+        return this.refreshStatus();
+      case "REACHED":
+        await this.release(this.txs.barrier());
+        return this.reached(cursor);
+      case "RESYNC":
+        if (!code || !this.followed.has(code)) return;
+        await this.release(this.txs.take());
+        return this.resync(code, socket);
+      case "ERROR":
+        return this.failure(payload, socket);
+    }
+  }
+
+  /** Applies whole transactions released by `txs` as one commit, or holds them while the
+   * socket catches up (then the whole catch-up is one commit); arms the timer for `txs`. */
+  private async release(released: Piece[] | undefined): Promise<void> {
+    clearTimeout(this.txTimer);
+    if (released) this.caughtUp.push(...released);
+    const held = this.caughtUp.reduce((n, p) => n + p.changes.length, 0);
+    if (this.caughtUp.length && (!this.catchingUp() || held >= MAX_CHANGES)) {
+      // This tab's entities are in memory first, so that the commit shows on all of them.
+      await this.loaded();
+      const pieces = this.caughtUp;
+      this.caughtUp = [];
+      const items: Item[] = [];
+      const positions = new Map<string, Meta>();
+      const swapped = new Set<string>();
+      for (const piece of pieces) {
+        const before = positions.get(piece.entity) ?? this.meta.get(piece.entity);
+        if (piece.snapshot) {
+          const options = this.followed.get(piece.entity) ?? {};
+          const meta: Meta = { cursor: piece.cursor, key: options.key, mode: options.mode };
+          positions.set(piece.entity, meta);
+          items.push({ entity: piece.entity, replaced: true, meta });
+          if (piece.snapshot.rows && this.loads.has(piece.entity)) {
+            this.replica.load(piece.entity, piece.snapshot.rows);
+            this.loads.set(piece.entity, "loaded");
+            swapped.add(piece.entity);
+          }
+          this.fresh.delete(piece.entity);
+          this.attempts.delete(piece.entity);
+          continue;
+        }
+        const version = piece.changes.find((c) => c.schemaVersion !== undefined)?.schemaVersion;
+        const meta: Meta = { ...before, cursor: piece.cursor, schemaVersion: version ?? before?.schemaVersion };
+        positions.set(piece.entity, meta);
+        let changes: RowChange[];
+        if (piece.invalidate) {
+          const ids = [...new Set(piece.changes.map((c) => c.entityId))];
+          const fetched = await this.fetchRows(piece.entity, ids);
+          changes = ids.map((id) => [id, fetched.get(id) ?? null]);
+        } else {
+          changes = piece.changes.map((c) => [c.entityId, c.action === "DELETE" ? null : (c.data ?? {})]);
+        }
+        items.push({ entity: piece.entity, changes, meta });
+      }
+      this.commit(items, swapped);
+      // Writes whose cursor the stream has passed are settled.
+      const settled = this.replica
+        .pendingMutations()
+        .filter((m) => m.cursor && positions.has(m.entityCode) && reaches(positions.get(m.entityCode)!.cursor, m.cursor));
+      await this.settle(settled);
+    }
+    const wait = this.txs.deadline(Date.now());
+    if (wait !== undefined) {
+      this.txTimer = setTimeout(() => this.enqueue(() => this.release(this.txs.expire(Date.now()))), wait);
+    }
+  }
+
+  /** Keeps the entity's rows on show and fetches it again; the outbox stays. */
+  private async resync(code: string, socket: WebSocket): Promise<void> {
+    if (socket.readyState === WebSocket.OPEN) socket.send(JSON.stringify({ type: "UNSUBSCRIBE", payload: { entityCode: code } }));
+    this.subscribed.delete(code);
+    this.subscribing.delete(code);
+    this.liveHere.delete(code);
+    this.fresh.add(code);
+    await this.begin(code, socket);
+  }
+
+  /** The user may no longer read the entity: its rows and position go, and it is not followed. */
+  private forbid(code: string): void {
+    this.txs.drop(code);
+    this.caughtUp = this.caughtUp.filter((p) => p.entity !== code);
+    this.subscribed.delete(code);
+    this.subscribing.delete(code);
+    this.liveHere.delete(code);
+    this.forbidden.add(code);
+    this.commit([{ entity: code, drop: true, meta: null }]);
+    this.refreshStatus();
+  }
+
+  private async failure(payload: Record<string, unknown>, socket: WebSocket): Promise<void> {
+    const code = payload.code as string;
+    const ref = payload.ref as string | undefined;
+    const entity = (payload.entityCode as string | undefined) ?? (ref && this.followed.has(ref) ? ref : undefined);
+    this.error(new Error(`${code}: ${String(payload.message)}`));
+    if (code === "token_expired") return socket.close(4001);
+    if (code === "bad_request" && ref?.startsWith("await:")) {
+      this.awaitUnsupported = true; // an older gateway: writes settle as the stream passes them
+    } else if (code === "forbidden" && entity) {
+      this.forbid(entity);
+    } else if (entity) {
+      // Its SUBSCRIBE was refused (busy, a bad position): again later, from a new snapshot if bad.
+      this.subscribing.delete(entity);
+      if (code === "bad_request") this.fresh.add(entity);
+      const attempt = this.attempts.get(entity) ?? 0;
+      this.attempts.set(entity, attempt + 1);
+      this.later(() => this.enqueue(() => this.begin(entity, socket)), this.backoff(attempt));
+    } else if (code === "forbidden" || code === "internal") {
+      // A subscription ended without saying which: subscribe again from the positions, and
+      // the gateway names the refused ones in its answers (their `ref`).
+      for (const subscribed of [...this.subscribed]) {
+        this.subscribed.delete(subscribed);
+        this.liveHere.delete(subscribed);
+        this.txs.drop(subscribed);
+        this.caughtUp = this.caughtUp.filter((p) => p.entity !== subscribed);
+        await this.begin(subscribed, socket);
+      }
+    }
+    this.refreshStatus();
+  }
+}
