@@ -4,7 +4,8 @@
 # rows, each with the CPU time the primary spent while it was served (the point of a
 # standby: the primary should hardly notice), and commit-to-client latency at
 # STANDBY_LATENCY_CONNECTIONS (1,000) connections (the standby adds replication and its replay). Appends
-# JSON lines tagged "via": "primary" or "standby" to $OUT/results.jsonl.
+# JSON lines tagged "via": "primary" or "standby" to $OUT/results.jsonl. GATEWAY_LOG_DIR keeps
+# the gateways' logs (default: the run's temporary directory, removed at the end).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -34,7 +35,7 @@ start_gateway() {
         --authenticator-url "host=127.0.0.1 port=$PORT user=sync_authenticator dbname=postgres" "${read[@]}" \
         --listen "127.0.0.1:$port" --admin-listen "127.0.0.1:$admin" --jwt-secret "$SECRET" \
         --default-role app_user --max-subscriptions 100 --behind-patience 120s \
-        >"$WORK/gateway-$1.log" 2>&1 &
+        >"${GATEWAY_LOG_DIR:-$WORK}/gateway-$1.log" 2>&1 &
     local pid=$!
     CLEANUP+=("kill $pid 2>/dev/null; wait $pid 2>/dev/null")
     until curl -sf "http://127.0.0.1:$port/readyz" >/dev/null; do sleep 0.1; done

@@ -282,12 +282,16 @@ pub async fn serve(args: ServeArgs, shutdown: CancellationToken) -> Result<(), S
         wake.clone(),
         shutdown.clone(),
     ));
+    let replica = pools.replica.then(|| Replica {
+        primary: pools.primary.clone(),
+        metrics: metrics.clone(),
+    });
+    if let Some(replica) = replica.clone() {
+        tokio::spawn(replica.keep_marking(shutdown.clone()));
+    }
     let reader = Reader {
         pool: pools.feed.clone(),
-        replica: pools.replica.then(|| Replica {
-            primary: pools.primary.clone(),
-            metrics: metrics.clone(),
-        }),
+        replica,
         catalog: catalog.clone(),
         wake,
         poll_interval: args.poll_interval(),

@@ -158,6 +158,29 @@ fn cluster_cpu_seconds(data: &str) -> Result<f64> {
     Ok(ticks as f64 / per_second)
 }
 
+/// Returns once the standby of `--replica-url` (if any) replayed what `primary` wrote so far.
+async fn replayed(c: &Common, primary: &tokio_postgres::Client) -> Result<()> {
+    let Some(url) = &c.replica_url else {
+        return Ok(());
+    };
+    let lsn: String = primary
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await?
+        .get(0);
+    let replica = database(url).await?;
+    while !replica
+        .query_one(
+            "SELECT pg_last_wal_replay_lsn() >= $1::text::pg_lsn",
+            &[&lsn],
+        )
+        .await?
+        .get::<_, bool>(0)
+    {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(())
+}
+
 /// Measures the primary's CPU across the gateway's part of a run (when asked to), after the
 /// standby (when there is one) replayed what was written.
 struct PrimaryCpu {
@@ -167,23 +190,7 @@ struct PrimaryCpu {
 
 impl PrimaryCpu {
     async fn start(c: &Common, primary: &tokio_postgres::Client) -> Result<PrimaryCpu> {
-        if let Some(url) = &c.replica_url {
-            let lsn: String = primary
-                .query_one("SELECT pg_current_wal_lsn()::text", &[])
-                .await?
-                .get(0);
-            let replica = database(url).await?;
-            while !replica
-                .query_one(
-                    "SELECT pg_last_wal_replay_lsn() >= $1::text::pg_lsn",
-                    &[&lsn],
-                )
-                .await?
-                .get::<_, bool>(0)
-            {
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        }
+        replayed(c, primary).await?;
         let before = match &c.primary_data {
             Some(data) => cluster_cpu_seconds(data)?,
             None => 0.0,
@@ -317,7 +324,8 @@ async fn prepare_table(c: &Common) -> Result<()> {
         )
         .await?;
     }
-    Ok(())
+    // A gateway reading a standby knows the table once the standby has it.
+    replayed(c, &db).await
 }
 
 /// Writers updating `bench_item`: at `rate` per second in all (None: as fast as they can),
