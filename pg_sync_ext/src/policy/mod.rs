@@ -98,17 +98,29 @@ enum PolicyError {
     NoRole(String),
     #[error("the gateway's role cannot act as {0} (GRANT {0} TO it)")]
     NotMember(String),
+    /// Dropped since the caller read its catalog (a table replaced under the same entity
+    /// code, say): the caller reads its catalog again.
+    #[error("pg_sync: the table of oid {0} no longer exists")]
+    NoTable(u32),
 }
 
 impl PolicyError {
     fn report(self) -> ! {
-        ErrorReport::new(
-            PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
-            self.to_string(),
-            "sync.policy",
-        )
-        .report(PgLogLevel::ERROR);
+        let code = match self {
+            PolicyError::NoTable(_) => PgSqlErrorCode::ERRCODE_UNDEFINED_TABLE,
+            _ => PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
+        };
+        ErrorReport::new(code, self.to_string(), "sync.policy").report(PgLogLevel::ERROR);
         unreachable!("an ERROR does not return")
+    }
+}
+
+/// Raises `NoTable` (42P01) unless `tbl` is a relation: the checks below would otherwise
+/// fail on its missing schema, as an internal error.
+fn require_table(tbl: pg_sys::Oid) {
+    // SAFETY: a syscache lookup.
+    if unsafe { pg_sys::get_rel_namespace(tbl) } == pg_sys::InvalidOid {
+        PolicyError::NoTable(tbl.to_u32()).report();
     }
 }
 
@@ -132,6 +144,7 @@ fn role_for_caller(role: &str) -> Result<pg_sys::Oid, PolicyError> {
 /// `pg_sync_core::policy::Plan` as JSON.
 #[pg_extern(volatile, parallel_unsafe)]
 fn policy_plan(tbl: pg_sys::Oid, role: &str) -> JsonB {
+    require_table(tbl);
     let roleid = role_for_caller(role).unwrap_or_else(|e| e.report());
     let plan = as_role(roleid, || unsafe {
         if let Some(why) = refusal(tbl) {
@@ -171,6 +184,7 @@ fn policy_plan(tbl: pg_sys::Oid, role: &str) -> JsonB {
 /// object of the table's columns): a `Visibility` per group, in the groups' order.
 #[pg_extern(volatile, parallel_unsafe)]
 fn visible(tbl: pg_sys::Oid, groups: JsonB, images: JsonB) -> JsonB {
+    require_table(tbl);
     let groups: Vec<Group> = match serde_json::from_value(groups.0) {
         Ok(groups) => groups,
         Err(e) => invalid_parameter(format!("groups: {e}")),

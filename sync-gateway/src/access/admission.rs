@@ -7,6 +7,7 @@ use super::plans::Plans;
 use super::roles::UserContext;
 use crate::feed::catalog::{Catalog, Entity};
 use std::sync::Arc;
+use tokio_postgres::error::SqlState;
 
 /// Why a user may not read an entity.
 #[derive(Debug, thiserror::Error)]
@@ -32,27 +33,38 @@ pub async fn readable_entity(
     user: &UserContext,
     code: &str,
 ) -> Result<Arc<Entity>, Refusal> {
-    let entity = catalog
-        .entity(code)
-        .await
-        .map_err(|e| Refusal::Failed(crate::ErrorChain(&e).to_string()))?
-        .ok_or_else(|| Refusal::Unknown(code.to_owned()))?;
-    let Some(role) = &user.role else {
-        return Err(Refusal::NoRole(entity.code.clone()));
-    };
-    let epoch = catalog.view().epoch;
-    let plan = match plans.cached(epoch, &entity, role) {
-        Some(plan) => plan,
-        None => {
-            let work = work.start(&user.sub).await?;
-            plans
-                .get(&work.client, epoch, &entity, role)
-                .await
-                .map_err(|e| Refusal::Failed(crate::ErrorChain(&e).to_string()))?
-        }
-    };
-    match plan.refusal(&entity) {
-        Some(why) => Err(Refusal::NoAccess(why)),
-        None => Ok(entity),
+    let failed = |e: &dyn std::error::Error| Refusal::Failed(crate::ErrorChain(e).to_string());
+    // A table dropped since the catalog was read (replaced under the same code) is looked
+    // up once more, in a catalog read now.
+    let mut reloaded = false;
+    loop {
+        let entity = catalog
+            .entity(code)
+            .await
+            .map_err(|e| failed(&e))?
+            .ok_or_else(|| Refusal::Unknown(code.to_owned()))?;
+        let Some(role) = &user.role else {
+            return Err(Refusal::NoRole(entity.code.clone()));
+        };
+        let epoch = catalog.view().epoch;
+        let plan = match plans.cached(epoch, &entity, role) {
+            Some(plan) => plan,
+            None => {
+                let work = work.start(&user.sub).await?;
+                match plans.get(&work.client, epoch, &entity, role).await {
+                    Ok(plan) => plan,
+                    Err(e) if !reloaded && e.code() == Some(&SqlState::UNDEFINED_TABLE) => {
+                        reloaded = true;
+                        catalog.reload().await.map_err(|e| failed(&e))?;
+                        continue;
+                    }
+                    Err(e) => return Err(failed(&e)),
+                }
+            }
+        };
+        return match plan.refusal(&entity) {
+            Some(why) => Err(Refusal::NoAccess(why)),
+            None => Ok(entity),
+        };
     }
 }
