@@ -69,6 +69,22 @@ async fn changes(gateway: &Gateway, user: &str, since: &str) -> Vec<Value> {
     body["changes"].as_array().unwrap().clone()
 }
 
+/// What a replay of tasks from `since` sends `user`, up to its RESYNC or SYNCED.
+async fn replayed(gateway: &Gateway, user: &str, since: &str) -> Vec<Value> {
+    let mut replay = gateway.connect(user).await;
+    replay
+        .send(json!({"type": "SUBSCRIBE", "payload": {"entityCode": "task", "mode": "delta", "since": since}}))
+        .await;
+    let mut seen = Vec::new();
+    while !seen
+        .iter()
+        .any(|m: &Value| m["type"] == "RESYNC" || m["type"] == "SYNCED")
+    {
+        seen.push(replay.next().await.expect("open"));
+    }
+    seen
+}
+
 /// b joins project 1, whose tasks exist already, then leaves it: each time b's live socket
 /// is told to refetch, in order with the writes around it, and the refetched copy is what
 /// PostgreSQL lets b SELECT.
@@ -161,17 +177,7 @@ async fn a_membership_that_ends_before_the_change_is_read_still_removes_the_row(
         "the row stays in c's copy: {answer:?}"
     );
 
-    let mut replay = gateway.connect("c").await;
-    replay
-        .send(json!({"type": "SUBSCRIBE", "payload": {"entityCode": "task", "mode": "delta", "since": cursor}}))
-        .await;
-    let mut seen = Vec::new();
-    while !seen
-        .iter()
-        .any(|m: &Value| m["type"] == "RESYNC" || m["type"] == "SYNCED")
-    {
-        seen.push(replay.next().await.expect("open"));
-    }
+    let seen = replayed(&gateway, "c", &cursor).await;
     assert_eq!(resyncs(&seen), ["\"task\" \"access_changed\""], "{seen:?}");
     assert!(snapshot_ids(&gateway, "c").await.is_empty());
 }
@@ -201,17 +207,7 @@ async fn joining_never_shows_versions_written_before_the_membership() {
     assert_eq!(answer.len(), 1, "{text}");
     assert_eq!(answer[0]["action"], "RESYNC", "{text}");
 
-    let mut replay = gateway.connect("b").await;
-    replay
-        .send(json!({"type": "SUBSCRIBE", "payload": {"entityCode": "task", "mode": "delta", "since": cursor}}))
-        .await;
-    let mut seen = Vec::new();
-    while !seen
-        .iter()
-        .any(|m: &Value| m["type"] == "RESYNC" || m["type"] == "SYNCED")
-    {
-        seen.push(replay.next().await.expect("open"));
-    }
+    let seen = replayed(&gateway, "b", &cursor).await;
     let text = serde_json::to_string(&seen).unwrap();
     assert!(!text.contains("v2") && !text.contains("v3"), "{text}");
     assert_eq!(resyncs(&seen), ["\"task\" \"access_changed\""], "{text}");

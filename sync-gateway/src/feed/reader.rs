@@ -118,6 +118,12 @@ impl Reader {
     }
 
     async fn start_position(&self) -> Result<Cursor, ReadError> {
+        if let Some(replica) = &self.replica {
+            // A standby's first cursor needs a tick replayed (the marking task's may come later).
+            if let Err(e) = replica.tick().await {
+                tracing::warn!(error = %crate::ErrorChain(&e), "no tick on the primary");
+            }
+        }
         let client = self.connect().await?;
         Ok(current_cursor(&client).await?)
     }
@@ -126,7 +132,7 @@ impl Reader {
     async fn connect(&self) -> Result<deadpool_postgres::Object, ReadError> {
         let client = self.pool.get().await?;
         if let Some(replica) = &self.replica {
-            if let Err(e) = replica.tick_and_replay(&client).await {
+            if let Err(e) = replica.await_replay(&client).await {
                 // Read anyway: what the standby replayed, exactly, only less of it.
                 tracing::warn!(error = %crate::ErrorChain(&e), "the standby's replay was not awaited");
             }
