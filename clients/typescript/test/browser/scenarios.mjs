@@ -92,7 +92,11 @@ export async function offline_writes(browser) {
     written.push(2000 + i, 3000 + i);
   }
   await tabWrite(a, "update", 1, "renamed offline");
-  assert.equal(await b.evaluate(() => window.demo.client.pendingWrites), 11);
+  // The other tab learns of the outbox's growth a moment later (through IndexedDB).
+  await until("tab b to count 11 pending writes", async () => {
+    const pending = await b.evaluate(() => window.demo.client.pendingWrites);
+    return pending === 11 || `${pending} pending`;
+  });
   assert.equal(await query("SELECT id FROM app.task WHERE id >= 2000").then((r) => r.length), 0);
   // Back online, and the first tab is reloaded at once, its writes perhaps in flight.
   await context.setOffline(false);
