@@ -436,6 +436,20 @@ pub async fn drain(
     }
 }
 
+/// The first column of every row `sql` returns.
+pub async fn column<T: for<'a> tokio_postgres::types::FromSql<'a>>(
+    client: &Client,
+    sql: &str,
+) -> Vec<T> {
+    client
+        .query(sql, &[])
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {}", error_text(&e)))
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
 /// A database error's message with its SQLSTATE (tokio-postgres's own text is "db error").
 pub fn error_text(error: &tokio_postgres::Error) -> String {
     match error.as_db_error() {

@@ -83,16 +83,11 @@ pub async fn committed(writers: Vec<JoinHandle<Vec<i32>>>) -> HashSet<i32> {
 pub async fn check(delivered: &[Change], log: &Client, committed: &HashSet<i32>, seed: u64) {
     let mut delivered_ids: Vec<i64> = delivered.iter().map(|c| c.id).collect();
     delivered_ids.sort();
-    let log_ids: Vec<i64> = log
-        .query(
-            "SELECT id FROM sync.change_history WHERE op <> 'END' ORDER BY id",
-            &[],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let log_ids: Vec<i64> = crate::column(
+        log,
+        "SELECT id FROM sync.change_history WHERE op <> 'END' ORDER BY id",
+    )
+    .await;
     assert_eq!(delivered_ids, log_ids, "every log row once, seed {seed}");
     let items: HashSet<i32> = delivered
         .iter()

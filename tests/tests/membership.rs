@@ -7,7 +7,7 @@
 //! anyone attaching pg_sync's trigger by hand.
 
 use pg_sync_tests::gateway::{actions, Gateway, Session};
-use pg_sync_tests::{error_text, Cluster};
+use pg_sync_tests::{column, error_text, Cluster};
 use serde_json::{json, Value};
 
 const SCHEMA: &str = "
@@ -69,6 +69,14 @@ async fn changes(gateway: &Gateway, user: &str, since: &str) -> Vec<Value> {
     body["changes"].as_array().unwrap().clone()
 }
 
+/// `sql` and marker row `n` in one transaction: what `session` receives up to the marker.
+async fn after(cluster: &Cluster, session: &mut Session, sql: &str, n: i32) -> Vec<Value> {
+    cluster
+        .execute(&format!("{sql}; INSERT INTO marker VALUES ({n});"))
+        .await;
+    session.changes_until(n).await
+}
+
 /// What a replay of tasks from `since` sends `user`, up to its RESYNC or SYNCED.
 async fn replayed(gateway: &Gateway, user: &str, since: &str) -> Vec<Value> {
     let mut replay = gateway.connect(user).await;
@@ -98,52 +106,40 @@ async fn joining_and_leaving_a_project_reaches_the_live_copy_in_order() {
     cluster.execute("INSERT INTO marker VALUES (1)").await;
     assert!(b.changes_until(1).await.is_empty());
 
-    cluster
-        .execute(
-            "INSERT INTO member VALUES (1, 'b');
-             INSERT INTO marker VALUES (2);",
-        )
-        .await;
-    let seen = b.changes_until(2).await;
+    let seen = after(&cluster, &mut b, "INSERT INTO member VALUES (1, 'b')", 2).await;
     assert_eq!(resyncs(&seen), ["\"task\" \"access_changed\""], "{seen:?}");
     assert_eq!(snapshot_ids(&gateway, "b").await, [1, 2]);
 
     // Resubscribed after the refetch, b follows its project's tasks as before.
     let mut b = watching(&gateway, "b", None).await;
-    cluster
-        .execute(
-            "UPDATE task SET title = 'one again' WHERE id = 1;
-             UPDATE task SET title = 'not b''s' WHERE id = 3;
-             INSERT INTO marker VALUES (3);",
-        )
-        .await;
-    let seen = b.changes_until(3).await;
+    let seen = after(
+        &cluster,
+        &mut b,
+        "UPDATE task SET title = 'one again' WHERE id = 1;
+             UPDATE task SET title = 'not b''s' WHERE id = 3",
+        3,
+    )
+    .await;
     assert_eq!(
         actions(&seen),
         [("1".to_owned(), "UPDATE".to_owned())],
         "{seen:?}"
     );
 
-    cluster
-        .execute(
-            "DELETE FROM member WHERE user_id = 'b';
-             INSERT INTO marker VALUES (4);",
-        )
-        .await;
-    let seen = b.changes_until(4).await;
+    let seen = after(
+        &cluster,
+        &mut b,
+        "DELETE FROM member WHERE user_id = 'b'",
+        4,
+    )
+    .await;
     assert_eq!(resyncs(&seen), ["\"task\" \"access_changed\""], "{seen:?}");
     assert!(snapshot_ids(&gateway, "b").await.is_empty());
 
     // Someone else's membership moves b's sight too little to matter, but b cannot tell:
     // every membership write is a refetch of the entity (what compiling would spare).
     let mut b = watching(&gateway, "b", None).await;
-    cluster
-        .execute(
-            "INSERT INTO member VALUES (2, 'c');
-             INSERT INTO marker VALUES (5);",
-        )
-        .await;
-    let seen = b.changes_until(5).await;
+    let seen = after(&cluster, &mut b, "INSERT INTO member VALUES (2, 'c')", 5).await;
     assert_eq!(resyncs(&seen), ["\"task\" \"access_changed\""], "{seen:?}");
 }
 
@@ -222,18 +218,12 @@ async fn joining_never_shows_versions_written_before_the_membership() {
 async fn the_watched_tables_follow_the_policies_and_no_one_else() {
     let (cluster, _gateway) = setup().await;
     let admin = cluster.connect().await;
-    let watched = || async {
-        admin
-            .query(
-                "SELECT tgrelid::regclass::text || ' ' || encode(tgargs, 'escape')
-                   FROM pg_trigger WHERE tgfoid = 'sync._policy_input()'::regprocedure ORDER BY 1",
-                &[],
-            )
-            .await
-            .unwrap()
-            .iter()
-            .map(|r| r.get::<_, String>(0))
-            .collect::<Vec<_>>()
+    let watched = || {
+        column::<String>(
+            &admin,
+            "SELECT tgrelid::regclass::text || ' ' || encode(tgargs, 'escape')
+               FROM pg_trigger WHERE tgfoid = 'sync._policy_input()'::regprocedure ORDER BY 1",
+        )
     };
     let task: String = admin
         .query_one("SELECT 'task'::regclass::oid::text", &[])

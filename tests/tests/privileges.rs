@@ -3,7 +3,7 @@
 //! writer — and each attack that once worked is repeated and must now fail.
 
 use pg_sync_tests::gateway::{actions, token, Gateway, Session};
-use pg_sync_tests::{error_text, sqlstate, Cluster, AUTHENTICATOR_ROLE, GATEWAY_ROLE};
+use pg_sync_tests::{column, error_text, sqlstate, Cluster, AUTHENTICATOR_ROLE, GATEWAY_ROLE};
 use serde_json::{json, Value};
 use tokio_postgres::Client;
 
@@ -623,18 +623,11 @@ async fn a_write_to_a_wal_table_is_not_echoed_and_is_tagged_with_its_user() {
     cluster.execute("INSERT INTO marker VALUES (1)").await;
     let seen = actions(&alice.changes_until(1).await);
     assert_eq!(seen, [("his".to_owned(), "CREATE".to_owned())]);
-    let tags: Vec<String> = cluster
-        .connect()
-        .await
-        .query(
-            "SELECT client_id FROM sync.change_history WHERE entity_code = 'doc' ORDER BY id",
-            &[],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let tags: Vec<String> = column(
+        &cluster.connect().await,
+        "SELECT client_id FROM sync.change_history WHERE entity_code = 'doc' ORDER BY id",
+    )
+    .await;
     assert_eq!(tags, ["alice:tab-1", "bob:tab-1"]);
 }
 

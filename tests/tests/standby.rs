@@ -21,14 +21,20 @@ async fn ticking(primary: &Cluster) -> CancellationToken {
     stop
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn writers_out_of_order_on_the_primary_are_read_exactly_once_on_the_standby() {
-    let seed = pg_sync_tests::seed();
+/// A primary with the workload's schema and a streaming standby of it, the primary ticking.
+async fn ticked_standby() -> (Cluster, Cluster, CancellationToken) {
     let primary = Cluster::start().await;
     primary.execute(workload::SCHEMA).await;
     primary.execute("SELECT sync.tick()").await;
     let standby = primary.standby().await;
     let ticker = ticking(&primary).await;
+    (primary, standby, ticker)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn writers_out_of_order_on_the_primary_are_read_exactly_once_on_the_standby() {
+    let seed = pg_sync_tests::seed();
+    let (primary, standby, ticker) = ticked_standby().await;
     standby.caught_up_with(&primary).await;
 
     let mut writers = workload::start(&primary, seed, 0, 8, 40).await;
@@ -69,11 +75,7 @@ async fn writers_out_of_order_on_the_primary_are_read_exactly_once_on_the_standb
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_cursor_moves_between_primary_and_standby_across_paused_replay_and_restart() {
     let seed = pg_sync_tests::seed();
-    let primary = Cluster::start().await;
-    primary.execute(workload::SCHEMA).await;
-    primary.execute("SELECT sync.tick()").await;
-    let standby = primary.standby().await;
-    let ticker = ticking(&primary).await;
+    let (primary, standby, ticker) = ticked_standby().await;
     standby.caught_up_with(&primary).await;
 
     let writers = workload::start(&primary, seed, 0, 6, 60).await;
@@ -112,11 +114,7 @@ async fn a_cursor_moves_between_primary_and_standby_across_paused_replay_and_res
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn reading_goes_on_across_the_standbys_promotion() {
     let seed = pg_sync_tests::seed();
-    let primary = Cluster::start().await;
-    primary.execute(workload::SCHEMA).await;
-    primary.execute("SELECT sync.tick()").await;
-    let standby = primary.standby().await;
-    let ticker = ticking(&primary).await;
+    let (primary, standby, ticker) = ticked_standby().await;
     let before = workload::start(&primary, seed, 0, 4, 30).await;
     let mut reader = standby.connect().await;
     let mut delivered: Vec<Change> = Vec::new();

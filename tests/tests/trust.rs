@@ -9,7 +9,7 @@
 //! - no row that any role's command writes is on the path of every delivery.
 
 use pg_sync_tests::gateway::{actions, Gateway, Session};
-use pg_sync_tests::{error_text, Cluster};
+use pg_sync_tests::{column, error_text, Cluster};
 use serde_json::{json, Value};
 use tokio_postgres::Client;
 
@@ -117,23 +117,16 @@ async fn a_table_owner_cannot_become_superuser_through_the_temp_schema() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn every_definer_function_of_sync_searches_pg_temp_last() {
     let cluster = Cluster::start().await;
-    let loose: Vec<String> = cluster
-        .connect()
-        .await
-        .query(
-            "SELECT p.oid::regprocedure::text || ' ' || coalesce(p.proconfig::text, 'no settings')
-               FROM pg_proc p JOIN pg_language l ON l.oid = p.prolang
-              WHERE p.pronamespace = 'sync'::regnamespace
-                AND (p.prosecdef OR l.lanname IN ('sql', 'plpgsql'))
-                AND NOT 'search_path=pg_catalog, pg_temp' = ANY (coalesce(p.proconfig, '{}'))
-              ORDER BY 1",
-            &[],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let loose: Vec<String> = column(
+        &cluster.connect().await,
+        "SELECT p.oid::regprocedure::text || ' ' || coalesce(p.proconfig::text, 'no settings')
+           FROM pg_proc p JOIN pg_language l ON l.oid = p.prolang
+          WHERE p.pronamespace = 'sync'::regnamespace
+            AND (p.prosecdef OR l.lanname IN ('sql', 'plpgsql'))
+            AND NOT 'search_path=pg_catalog, pg_temp' = ANY (coalesce(p.proconfig, '{}'))
+          ORDER BY 1",
+    )
+    .await;
     assert!(
         loose.is_empty(),
         "functions without search_path = pg_catalog, pg_temp: {loose:#?}"
