@@ -256,6 +256,10 @@ struct Client {
     awaiting: BTreeSet<String>,
     /// Entities replaying (subscribed with `since`), until SYNCED.
     replaying: BTreeSet<String>,
+    /// The `ref` of each entity's newest SUBSCRIBE (`entity#n`): answers to an earlier one,
+    /// which a RESYNC replaced before it was answered, are not this one's.
+    refs: HashMap<String, String>,
+    subscriptions: usize,
     /// INVALIDATE: ids to refetch.
     dirty: BTreeMap<String, BTreeSet<i64>>,
     /// Which of the gateways it uses: the next one at each reconnection.
@@ -286,6 +290,8 @@ impl Client {
             cursors: HashMap::new(),
             awaiting: BTreeSet::new(),
             replaying: BTreeSet::new(),
+            refs: HashMap::new(),
+            subscriptions: 0,
             dirty: BTreeMap::new(),
             home: user + kind as usize,
         }
@@ -331,7 +337,10 @@ impl Client {
         } else {
             "delta"
         };
-        let mut payload = json!({"entityCode": entity, "mode": mode, "ref": entity});
+        self.subscriptions += 1;
+        let reference = format!("{entity}#{}", self.subscriptions);
+        let mut payload = json!({"entityCode": entity, "mode": mode, "ref": reference});
+        self.refs.insert(entity.to_owned(), reference);
         if let Some(filter) = filter(self.kind, entity) {
             payload["filter"] = filter;
         }
@@ -472,11 +481,15 @@ impl Client {
             };
             let payload = &message["payload"];
             // An answer to a SUBSCRIBE names its entity by `ref`.
+            let reference = payload["ref"].as_str();
             let entity = payload["entityCode"]
                 .as_str()
-                .or(payload["ref"].as_str())
+                .or(reference.and_then(|r| r.rsplit_once('#')).map(|(e, _)| e))
                 .unwrap_or_default()
                 .to_owned();
+            if reference.is_some_and(|r| self.refs.get(&entity).map(String::as_str) != Some(r)) {
+                continue; // the answer to a SUBSCRIBE replaced since
+            }
             match message["type"].as_str().unwrap_or_default() {
                 "SUBSCRIBED" => {
                     self.awaiting.remove(&entity);

@@ -29,6 +29,8 @@ const PROBE_MS = 5000;
 
 export abstract class Session extends Writes {
   private lastPong = 0;
+  /** Numbers each SUBSCRIBE's `ref`. */
+  private subscriptions = 0;
   protected readonly txs = new Transactions();
   protected txTimer?: ReturnType<typeof setTimeout>;
   private authTimer?: ReturnType<typeof setTimeout>;
@@ -186,9 +188,10 @@ export abstract class Session extends Writes {
 
   private subscribe(code: string, since: string, socket: WebSocket): void {
     if (socket !== this.socket || socket.readyState !== WebSocket.OPEN) return;
-    this.subscribing.add(code);
+    const ref = `sub:${++this.subscriptions}`;
+    this.subscribing.set(code, ref);
     const mode = this.followed.get(code)?.mode ?? "delta";
-    socket.send(JSON.stringify({ type: "SUBSCRIBE", payload: { entityCode: code, mode, since, ref: code } }));
+    socket.send(JSON.stringify({ type: "SUBSCRIBE", payload: { entityCode: code, mode, since, ref } }));
     this.refreshStatus();
   }
 
@@ -198,7 +201,8 @@ export abstract class Session extends Writes {
     const cursor = payload.cursor as string;
     switch (type) {
       case "SUBSCRIBED":
-        if (!code || payload.ref !== code || !this.subscribing.delete(code)) return;
+        if (!code || this.subscribing.get(code) !== payload.ref) return; // an earlier SUBSCRIBE's
+        this.subscribing.delete(code);
         this.subscribed.add(code);
         return this.refreshStatus();
       case "DELTA":
@@ -318,7 +322,7 @@ export abstract class Session extends Writes {
   private async failure(payload: Record<string, unknown>, socket: WebSocket): Promise<void> {
     const code = payload.code as string;
     const ref = payload.ref as string | undefined;
-    const entity = (payload.entityCode as string | undefined) ?? (ref && this.followed.has(ref) ? ref : undefined);
+    const entity = (payload.entityCode as string | undefined) ?? [...this.subscribing].find(([, r]) => r === ref)?.[0];
     this.error(new Error(`${code}: ${String(payload.message)}`));
     if (code === "token_expired") return socket.close(4001);
     if (code === "bad_request" && ref?.startsWith("await:")) {
@@ -332,6 +336,8 @@ export abstract class Session extends Writes {
       const attempt = this.attempts.get(entity) ?? 0;
       this.attempts.set(entity, attempt + 1);
       this.later(() => this.enqueue(() => this.begin(entity, socket)), this.backoff(attempt));
+    } else if (ref?.startsWith("sub:")) {
+      // The answer to a SUBSCRIBE replaced since: the one that replaced it is answered on its own.
     } else if (code === "forbidden" || code === "internal") {
       // A subscription ended without saying which: subscribe again from the positions, and
       // the gateway names the refused ones in its answers (their `ref`).

@@ -18,7 +18,9 @@ export abstract class StreamState extends LocalCopy {
   protected readonly fresh = new Set<string>();
   protected readonly attempts = new Map<string, number>();
   protected socket?: WebSocket;
-  protected readonly subscribing = new Set<string>();
+  /** Entities whose SUBSCRIBE is unanswered, with its `ref`: an answer to an earlier
+   * SUBSCRIBE of the entity (one that a RESYNC replaced) is not this one's. */
+  protected readonly subscribing = new Map<string, string>();
   protected readonly subscribed = new Set<string>();
   /** Entities caught up (SYNCED) on this socket. */
   protected readonly liveHere = new Set<string>();

@@ -221,6 +221,29 @@ describe("access", () => {
   });
 });
 
+describe("refetch", () => {
+  it("a RESYNC met while subscribing: the earlier subscription's catch-up is not applied over the new snapshot", async () => {
+    const { gateway, open } = setup();
+    const client = open();
+    const tasks = client.entity("task");
+    await client.waitForFirstSync();
+    await wait(() => expect(client.status).toBe("live"));
+    const title = (title: string) => () => gateway.commit([{ entity: "task", id: "1", action: "UPDATE", data: { id: 1, title } }]);
+    // While the first refetch streams, a change its subscription's catch-up carries; before
+    // the second, one that only the second snapshot has.
+    gateway.snapshotHooks.push({ after: title("old") }, { before: title("new") });
+    // Two RESYNCs: the second sent before the gateway had the client's UNSUBSCRIBE.
+    const resync = { type: "RESYNC", payload: { entityCode: "task", reason: "access_changed" } };
+    gateway.sockets[0]!.push(resync);
+    gateway.sockets[0]!.push(resync);
+    await wait(() => expect(gateway.snapshotTimes.length).toBe(3));
+    await wait(() => expect(gateway.sockets[0]!.idle && client.status === "live").toBe(true));
+    await settled(client);
+    expect(tasks.get(1)?.title).toBe("new");
+    client.close();
+  });
+});
+
 describe("sign-out", () => {
   it("closes every client of the user and deletes the database", async () => {
     const { open, db } = setup();

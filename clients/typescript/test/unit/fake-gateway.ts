@@ -42,6 +42,9 @@ export class FakeGateway {
   readonly snapshotFaults: { status: number; retryAfter?: string }[] = [];
   /** When each snapshot was asked for (ms since the epoch). */
   readonly snapshotTimes: number[] = [];
+  /** What happens around each next snapshot, in order: a commit just `before` its rows
+   * are read, or one `after` them, while it streams. */
+  readonly snapshotHooks: { before?: () => void; after?: () => void }[] = [];
   /** Server-side changes made to a written row (a trigger, a default). */
   trigger?: (entity: string, row: Row) => Row;
   private tx = 0;
@@ -132,10 +135,13 @@ export class FakeGateway {
     const snapshot = url.pathname.match(/^\/v1\/snapshot\/(.+)$/);
     if (snapshot) {
       this.snapshotTimes.push(Date.now());
+      const hook = this.snapshotHooks.shift();
+      hook?.before?.();
       const fault = this.snapshotFaults.shift();
       if (fault) return new Response("{}", { status: fault.status, headers: fault.retryAfter ? { "Retry-After": fault.retryAfter } : {} });
       const ids = url.searchParams.get("ids")?.split(",");
       const text = this.snapshot(decodeURIComponent(snapshot[1]!), ids);
+      hook?.after?.();
       // In a few chunks, cut anywhere (inside a line, inside a character).
       const bytes = new TextEncoder().encode(text);
       const cuts = [0, ...[1, 2, 3].map(() => Math.floor(this.random() * bytes.length)).sort((a, b) => a - b), bytes.length];
@@ -248,6 +254,13 @@ export class FakeSocket {
       .filter(({ change, at }) => this.subs.has(change.entity) && at >= (this.subs.get(change.entity) ?? Infinity));
     this.gateway.messages(changes).forEach((m) => this.push(m));
     for (const [entity, at] of this.subs) if (at !== undefined) this.subs.set(entity, this.gateway.log.length);
+  }
+
+  /** A server message sent before the ones still on their way (e.g. by a subscription the
+   * client already ended). */
+  interject(message: Message): void {
+    this.outbox.unshift(message);
+    this.flush();
   }
 
   /** A server message, delivered after the ones before it, one per macrotask. */

@@ -293,12 +293,20 @@ impl Router {
                         Judgement::Skip => {}
                         Judgement::Resync(reason) => {
                             conn.last_change = change.id;
-                            outboxes
-                                .entry(conn_id)
-                                .or_default()
-                                .resync(&change.entity_code, reason);
-                            if reason == ResyncReason::EntityChanged {
-                                ended.push((conn_id, sub_id));
+                            match &mut state.replay {
+                                // Ends the subscription, its replay too: nothing older follows.
+                                _ if reason == ResyncReason::EntityChanged => {
+                                    outboxes
+                                        .entry(conn_id)
+                                        .or_default()
+                                        .resync(&change.entity_code, reason);
+                                    ended.push((conn_id, sub_id));
+                                }
+                                Some(replay) => replay.hold_resync(reason),
+                                None => outboxes
+                                    .entry(conn_id)
+                                    .or_default()
+                                    .resync(&change.entity_code, reason),
                             }
                         }
                         Judgement::Deliver(action) => match &mut state.replay {

@@ -15,10 +15,13 @@ use crate::model::subscription::Judgement;
 use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 
-/// A live change held back, or the end of a transaction among them.
+/// A live change held back, the end of a transaction among them, or a RESYNC: sent
+/// before the replay's older changes, a RESYNC would have the client refetch and then
+/// apply history older than what it fetched.
 enum Held {
     Change(Arc<Change>, Action),
     TxEnd,
+    Resync(ResyncReason),
 }
 
 pub(super) struct Replay {
@@ -44,6 +47,10 @@ impl Replay {
     pub fn hold(&mut self, change: Arc<Change>, action: Action) {
         self.held.push(Held::Change(change, action));
         self.changes += 1;
+    }
+
+    pub fn hold_resync(&mut self, reason: ResyncReason) {
+        self.held.push(Held::Resync(reason));
     }
 
     /// A transaction ended after a change held since the last end.
@@ -91,6 +98,7 @@ impl Router {
                             out.push(&state.subscription.shape, &change, action)
                         }
                         Held::TxEnd => out.end_transaction(),
+                        Held::Resync(reason) => out.resync(&state.subscription.entity_code, reason),
                     }
                 }
                 out.end_transaction();

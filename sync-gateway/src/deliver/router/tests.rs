@@ -698,3 +698,35 @@ async fn subscribers_of_a_replaced_entity_refetch_and_their_subscriptions_end() 
     route(&mut h, vec![insert("3")], 13);
     assert!(drain(&mut q).await.is_empty(), "the subscription ended");
 }
+
+#[tokio::test]
+async fn a_resync_met_live_during_a_replay_follows_the_replays_older_changes() {
+    let mut h = harness();
+    let (mut q, _) = connect(&mut h, 1, 1, 1 << 20);
+    subscribe(&mut h, 1, Target::Rows(None), Some(cursor(5)));
+    let start = h.replays.try_recv().expect("a replay to run");
+    let mut access = insert("11");
+    access.op = Op::Access;
+    route(&mut h, vec![access], 11);
+    assert_eq!(shape(&drain(&mut q).await), [triple("SUBSCRIBED", "", "")]);
+    h.router.handle(Command::Replay(ReplayEvent::Page {
+        conn: 1,
+        sub: start.sub,
+        items: vec![ReplayItem::Change(
+            Arc::new(insert("6")),
+            Verdict::Seen(None),
+        )],
+    }));
+    h.router.handle(Command::Replay(ReplayEvent::Done {
+        conn: 1,
+        sub: start.sub,
+    }));
+    assert_eq!(
+        shape(&drain(&mut q).await),
+        [
+            triple("DELTA", "6", "CREATE"),
+            triple("SYNCED", "", ""),
+            triple("RESYNC", "", ""),
+        ]
+    );
+}
