@@ -20,11 +20,6 @@ NGINX="$ROOT/nginx"
 FRONT=${SYNC_FRONT:-127.0.0.1:8780}
 PIDS=()
 
-if ! command -v nginx >/dev/null; then
-    echo "run-cluster: installing nginx (Debian's nginx-light)"
-    if [ "$(id -u)" = 0 ]; then apt-get install -y -qq nginx-light >/dev/null; else sudo apt-get install -y -qq nginx-light >/dev/null; fi
-fi
-
 stop() {
     for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
     for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
@@ -66,44 +61,12 @@ start_gateway() {
 start_gateway "$A"
 start_gateway "$B" --read-url "$(at sync_gateway "$STANDBY_PORT")"
 
-# nginx in front: WebSockets proxied to either gateway, HTTP through a cache that keeps only
-# what a gateway marks cacheable (Cache-Control), keyed with the caller's credentials.
+# nginx in front, configured by docs/nginx.conf: WebSockets proxied to either gateway, change
+# pages cached and shared within their audience, everything else passed through.
 mkdir -p "$NGINX/tmp" "$NGINX/cache"
-cat > "$NGINX/nginx.conf" <<EOF
-worker_processes 1;
-error_log $NGINX/error.log warn;
-pid $NGINX/nginx.pid;
-events { worker_connections 4096; }
-http {
-    access_log $NGINX/access.log;
-    client_body_temp_path $NGINX/tmp/body;
-    proxy_temp_path $NGINX/tmp/proxy;
-    fastcgi_temp_path $NGINX/tmp/fastcgi;
-    uwsgi_temp_path $NGINX/tmp/uwsgi;
-    scgi_temp_path $NGINX/tmp/scgi;
-    proxy_cache_path $NGINX/cache levels=1:2 keys_zone=pages:10m max_size=1g inactive=1h use_temp_path=off;
-    map \$http_upgrade \$connection_upgrade { default upgrade; '' close; }
-    upstream gateways { server $A; server $B; }
-    server {
-        listen $FRONT;
-        location /ws/ {
-            proxy_pass http://gateways;
-            proxy_http_version 1.1;
-            proxy_set_header Upgrade \$http_upgrade;
-            proxy_set_header Connection \$connection_upgrade;
-            proxy_read_timeout 1h;
-        }
-        location / {
-            proxy_pass http://gateways;
-            proxy_http_version 1.1;
-            proxy_cache pages;
-            proxy_cache_lock on;
-            proxy_cache_key "\$scheme\$proxy_host\$request_uri \$http_authorization";
-            add_header X-Cache-Status \$upstream_cache_status;
-        }
-    }
-}
-EOF
+chmod -R 777 "$NGINX" # its workers run as nobody when nginx starts as root
+sed -e "s|@DIR@|$NGINX|g" -e "s|@LISTEN@|$FRONT|g" -e "s|@GATEWAYS@|server $A; server $B;|g" \
+    docs/nginx.conf > "$NGINX/nginx.conf"
 nginx -p "$NGINX" -c "$NGINX/nginx.conf" -g 'daemon off;' &
 PIDS+=($!)
 

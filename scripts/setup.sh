@@ -4,8 +4,9 @@
 set -euo pipefail
 
 PGRX_VERSION=0.18.0
-# chromium: the browser tests of the TypeScript client (driven by playwright-core).
-PACKAGES=(postgresql-15 postgresql-server-dev-15 postgresql-15-wal2json libclang-dev sudo chromium)
+# chromium: the browser tests of the TypeScript client (driven by playwright-core); nginx:
+# the HTTP cache in front of gateways (tests/tests/pages.rs, make run-cluster).
+PACKAGES=(postgresql-15 postgresql-server-dev-15 postgresql-15-wal2json libclang-dev sudo chromium nginx-light)
 
 sudo_if_needed() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 

@@ -125,6 +125,10 @@ pub struct ServeArgs {
     #[arg(long, env = "SYNC_BEHIND_PATIENCE", default_value = "10s", value_parser = humantime::parse_duration)]
     pub behind_patience: Duration,
 
+    /// Megabytes of `/v1/changes` pages an audience shares, kept in memory (`http::pages`).
+    #[arg(long, env = "SYNC_PAGE_CACHE_MB", default_value_t = 64)]
+    pub page_cache_mb: u64,
+
     /// Serve the files of this folder at `/` (the demo app of `make run`). Off by default.
     #[arg(long, env = "SYNC_STATIC_DIR")]
     pub static_dir: Option<PathBuf>,

@@ -117,6 +117,8 @@ pub struct AppState {
     pub position: watch::Receiver<Option<Cursor>>,
     pub config: RuntimeConfig,
     pub caps: Caps,
+    /// `/v1/changes` pages shared within an audience.
+    pub pages: http::pages::Pages,
     pub metrics: Arc<Metrics>,
     pub gateway_id: String,
     pub ready: Arc<AtomicBool>,
@@ -328,6 +330,7 @@ pub async fn serve(args: ServeArgs, shutdown: CancellationToken) -> Result<(), S
             cors_origins: args.cors_origins.clone(),
             static_dir: args.static_dir.clone(),
         },
+        pages: http::pages::Pages::new(args.page_cache_mb << 20),
         caps: Caps {
             connections: Cap::new(
                 "connections",

@@ -17,6 +17,8 @@ pub struct Metrics {
     pub messages_sent: Counter,
     pub bytes_sent: Counter,
     pub changes_read: Counter,
+    /// Pages of the log read for `/v1/changes` (what its cache and collapsing save).
+    pub changes_pages_read: Counter,
     /// Seconds from a change's capture to its routing.
     pub delivery_lag: Histogram,
     /// Seconds from the read of a change's page to its routing.
@@ -42,6 +44,7 @@ impl Default for Metrics {
         let messages_sent = Counter::default();
         let bytes_sent = Counter::default();
         let changes_read = Counter::default();
+        let changes_pages_read = Counter::default();
         let delivery_lag = Histogram::new(exponential_buckets(0.001, 2.0, 16));
         let route_lag = Histogram::new(exponential_buckets(0.0001, 2.0, 20));
         let send_wait = Histogram::new(exponential_buckets(0.0001, 2.0, 20));
@@ -73,6 +76,11 @@ impl Default for Metrics {
             "changes_read",
             "Changes read from the log",
             changes_read.clone(),
+        );
+        registry.register(
+            "changes_pages_read",
+            "Pages of the log read for /v1/changes",
+            changes_pages_read.clone(),
         );
         registry.register(
             "delivery_lag_seconds",
@@ -116,6 +124,7 @@ impl Default for Metrics {
             messages_sent,
             bytes_sent,
             changes_read,
+            changes_pages_read,
             delivery_lag,
             route_lag,
             send_wait,

@@ -292,7 +292,7 @@ impl Gateway {
 }
 
 /// An HTTP/1.1 request to 127.0.0.1:`port` with extra headers and an optional JSON body.
-async fn http_request(
+pub async fn http_request(
     port: u16,
     method: &str,
     path: &str,
@@ -333,19 +333,30 @@ pub struct HttpResponse {
     pub status: u16,
     /// The header lines, lower-cased.
     pub headers: String,
+    /// The header lines as sent.
+    head: String,
     pub body: Vec<u8>,
     /// The whole body arrived (a chunked body ended with its closing chunk).
     pub complete: bool,
 }
 
 impl HttpResponse {
+    /// The value of header `name` (any case), as sent, if present.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.head.lines().find_map(|l| {
+            let (n, value) = l.split_once(':')?;
+            n.eq_ignore_ascii_case(name).then_some(value.trim())
+        })
+    }
+
     fn parse(raw: &[u8]) -> Self {
         let split = raw
             .windows(4)
             .position(|w| w == b"\r\n\r\n")
             .map(|i| i + 4)
             .unwrap_or(raw.len());
-        let head = String::from_utf8_lossy(&raw[..split]).to_lowercase();
+        let sent = String::from_utf8_lossy(&raw[..split]).into_owned();
+        let head = sent.to_lowercase();
         let status = head
             .split(' ')
             .nth(1)
@@ -375,6 +386,7 @@ impl HttpResponse {
         HttpResponse {
             status,
             headers: head,
+            head: sent,
             body,
             complete,
         }

@@ -8,6 +8,7 @@
 //! (`make test` runs `cargo pgrx install`).
 
 pub mod gateway;
+pub mod nginx;
 pub mod workload;
 
 use std::net::TcpListener;

@@ -3,7 +3,7 @@
 //! published. Answered from the plans cache, so an admission rarely asks the database.
 
 use super::limits::{Busy, ClientWork};
-use super::plans::Plans;
+use super::plans::{Plan, Plans};
 use super::roles::UserContext;
 use crate::feed::catalog::{Catalog, Entity};
 use std::sync::Arc;
@@ -33,6 +33,25 @@ pub async fn readable_entity(
     user: &UserContext,
     code: &str,
 ) -> Result<Arc<Entity>, Refusal> {
+    Ok(readable(catalog, plans, work, user, code).await?.entity)
+}
+
+/// An entity a user may read, with how: the role's plan, read under the access fingerprint
+/// `fingerprint` (what decides who shares a cached page, `access::sharing`).
+pub struct Readable {
+    pub entity: Arc<Entity>,
+    pub plan: Arc<Plan>,
+    pub fingerprint: String,
+}
+
+/// The entity `code` and the plan `user` reads it by, if `user` may read it.
+pub async fn readable(
+    catalog: &Catalog,
+    plans: &Plans,
+    work: &ClientWork,
+    user: &UserContext,
+    code: &str,
+) -> Result<Readable, Refusal> {
     let failed = |e: &dyn std::error::Error| Refusal::Failed(crate::ErrorChain(e).to_string());
     // A table dropped since the catalog was read (replaced under the same code) is looked
     // up once more, in a catalog read now.
@@ -46,7 +65,8 @@ pub async fn readable_entity(
         let Some(role) = &user.role else {
             return Err(Refusal::NoRole(entity.code.clone()));
         };
-        let epoch = catalog.view().epoch;
+        let view = catalog.view();
+        let epoch = view.epoch;
         let plan = match plans.cached(epoch, &entity, role) {
             Some(plan) => plan,
             None => {
@@ -64,7 +84,11 @@ pub async fn readable_entity(
         };
         return match plan.refusal(&entity) {
             Some(why) => Err(Refusal::NoAccess(why)),
-            None => Ok(entity),
+            None => Ok(Readable {
+                entity,
+                plan,
+                fingerprint: view.fingerprint.clone(),
+            }),
         };
     }
 }

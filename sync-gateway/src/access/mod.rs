@@ -2,7 +2,7 @@
 //! (and `Groups` gives users of one role and claims one group); `admission` says whether a
 //! user may read an entity at all; `judge` is the one judgement of a page of the log (with
 //! `plans` and `policy` for row-level security), which `stage` applies between the feed and
-//! the router; `limits` bounds the work clients cause.
+//! the router; `sharing` says who may share a cached page; `limits` bounds the work clients cause.
 
 pub mod admission;
 pub mod auth;
@@ -11,4 +11,5 @@ pub mod limits;
 pub mod plans;
 pub mod policy;
 pub mod roles;
+pub mod sharing;
 pub mod stage;

@@ -1,5 +1,5 @@
-//! `GET /v1/changes?since=…[&limit=1000][&entityCode=…][&wait=25][&clientId=…]`: the log for
-//! clients without sockets, judged as the socket judges it (`access::judge`, for a
+//! `GET /v1/changes?since=…[&limit=1000][&entityCode=…][&wait=25][&clientId=…][&aud=…]`: the
+//! log for clients without sockets, judged as the socket judges it (`access::judge`, for a
 //! whole-entity DELTA subscription): a refusal is 403 as for a snapshot, a change of a
 //! replaced entity an item `{"action": "RESYNC", "reason": "entity_changed"}`.
 //! `wait` long-polls: with nothing new, the request waits for the gateway's own "log moved"
@@ -9,22 +9,35 @@
 //! standby still replaying) 503 with `Retry-After`; never an empty answer for it. The request's place under the long-poll
 //! caps is held until its answer (up to `MAX_LIMIT` changes) has been taken by the client:
 //! answers nobody reads must not pile up in memory past the caps.
+//!
+//! Pages of one entity are shared within an audience (`access::sharing`): read once for all
+//! its requests in flight, kept by the gateway (`http::pages`), and with `aud` in the URL
+//! cacheable by any HTTP cache in front: a closed page (one that ended at its `limit`) is
+//! immutable. Every answer links the next page (`Link: <…>; rel="next"`) with the audience
+//! of its reader; a URL whose `aud` is not the reader's is redirected (307) to the reader's,
+//! so a cached page is served only to whoever is of its audience. `/v1/changes/audience` is
+//! that check alone, for a cache's authorization subrequest.
 
 use super::error::ApiError;
 use super::extract::{check_client_id, Authenticated};
+use super::pages::{Page, PageKey};
+use crate::access::admission::readable;
 use crate::access::judge::{decide, Db, Judge, Listeners, Subscriber};
 use crate::access::limits::Held;
+use crate::access::roles::UserContext;
+use crate::access::sharing;
 use crate::deliver::reach::{reach, Reach};
-use crate::feed::log::{read_page, Page, ReadError};
+use crate::feed::log::{read_page, Page as LogPage, ReadError};
 use crate::model::cursor::Cursor;
 use crate::model::protocol::{Mode, ResyncReason};
 use crate::model::subscription::{Judgement, Shape, Target};
 use crate::AppState;
-use axum::body::Body;
+use axum::body::{Body, Bytes};
 use axum::extract::{Query, State};
-use axum::http::header;
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use futures_util::StreamExt;
+use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use std::sync::Arc;
@@ -34,6 +47,18 @@ pub const MAX_LIMIT: i32 = 10_000;
 pub const MAX_WAIT: Duration = Duration::from_secs(60);
 /// When a client whose cursor this gateway has not reached should come back.
 const BEHIND_RETRY: Duration = Duration::from_secs(1);
+/// A closed page with `aud` in its URL: the same bytes for as long as it is retained.
+const CLOSED_CACHING: &str = "public, max-age=31536000, immutable";
+/// The live edge with `aud`: shared briefly (many readers at one position, one read).
+const OPEN_CACHING: &str = "public, max-age=1";
+/// Anything else is one reader's.
+const PRIVATE: &str = "private, no-store";
+/// What a query value escapes: all but RFC 3986's unreserved characters.
+const QUERY_VALUE: &AsciiSet = &NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~');
 
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -43,40 +68,222 @@ pub struct Params {
     entity_code: Option<String>,
     wait: Option<u64>,
     client_id: Option<String>,
+    aud: Option<String>,
+}
+
+/// A request's parameters, checked.
+struct Request<'a> {
+    since: Cursor,
+    limit: i32,
+    wait: Duration,
+    params: &'a Params,
+}
+
+impl<'a> Request<'a> {
+    fn parse(params: &'a Params) -> Result<Request<'a>, ApiError> {
+        check_client_id(params.client_id.as_deref())?;
+        let since = params
+            .since
+            .as_deref()
+            .ok_or_else(|| ApiError::bad_request("since is required: take it from a snapshot"))?;
+        let since =
+            Cursor::from_client(since).map_err(|e| ApiError::bad_request(format!("since: {e}")))?;
+        let limit = params.limit.unwrap_or(1000);
+        if !(1..=MAX_LIMIT).contains(&limit) {
+            return Err(ApiError::bad_request(format!("limit is 1 to {MAX_LIMIT}")));
+        }
+        let wait = Duration::from_secs(params.wait.unwrap_or(0)).min(MAX_WAIT);
+        Ok(Request {
+            since,
+            limit,
+            wait,
+            params,
+        })
+    }
+
+    /// This request's URL from `since`, with `aud` (none: one reader's); the parameters in
+    /// one order, so that the same page has one URL.
+    fn url(&self, since: &Cursor, aud: Option<&str>) -> String {
+        let encode = |s: &str| utf8_percent_encode(s, QUERY_VALUE).to_string();
+        let mut url = format!(
+            "/v1/changes?since={}&limit={}",
+            encode(since.as_str()),
+            self.limit
+        );
+        if let Some(code) = &self.params.entity_code {
+            url += &format!("&entityCode={}", encode(code));
+        }
+        if let Some(aud) = aud {
+            url += &format!("&aud={}", encode(aud));
+        }
+        if let Some(wait) = self.params.wait {
+            url += &format!("&wait={wait}");
+        }
+        if let Some(client_id) = &self.params.client_id {
+            url += &format!("&clientId={}", encode(client_id));
+        }
+        url
+    }
+}
+
+/// The audience `user` shares pages of this request with, if any: pages of one entity,
+/// without a `clientId` (whose own changes are left out).
+async fn audience_of(
+    state: &AppState,
+    user: &UserContext,
+    params: &Params,
+) -> Result<Option<String>, ApiError> {
+    let Some(code) = &params.entity_code else {
+        return Ok(None);
+    };
+    let readable = readable(&state.catalog, &state.plans, &state.work, user, code).await?;
+    Ok(params
+        .client_id
+        .is_none()
+        .then(|| {
+            sharing::audience(
+                &readable.fingerprint,
+                &readable.entity,
+                &readable.plan,
+                user,
+            )
+        })
+        .flatten())
 }
 
 pub async fn changes(
     State(state): State<Arc<AppState>>,
     auth: Authenticated,
     Query(params): Query<Params>,
+    headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let user = auth.with_role()?;
-    check_client_id(params.client_id.as_deref())?;
-    let since = params
-        .since
-        .as_deref()
-        .ok_or_else(|| ApiError::bad_request("since is required: take it from a snapshot"))?;
-    let since =
-        Cursor::from_client(since).map_err(|e| ApiError::bad_request(format!("since: {e}")))?;
-    let limit = params.limit.unwrap_or(1000);
-    if !(1..=MAX_LIMIT).contains(&limit) {
-        return Err(ApiError::bad_request(format!("limit is 1 to {MAX_LIMIT}")));
-    }
-    let wait = Duration::from_secs(params.wait.unwrap_or(0)).min(MAX_WAIT);
-    if let Some(code) = &params.entity_code {
-        if state
-            .catalog
-            .entity(code)
-            .await
-            .map_err(ApiError::internal)?
-            .is_none()
-        {
-            return Err(ApiError::unknown_entity(code));
-        }
+    let request = Request::parse(&params)?;
+    let audience = audience_of(&state, &user, &params).await?;
+    if params.aud.is_some() && params.aud != audience {
+        // Another audience's URL (swapped, or from before a claim or policy change).
+        let location = request.url(&request.since, audience.as_deref());
+        return Ok((
+            StatusCode::TEMPORARY_REDIRECT,
+            [
+                (header::LOCATION, location),
+                (header::CACHE_CONTROL, PRIVATE.into()),
+            ],
+        )
+            .into_response());
     }
     // Held while the request waits too: waiting costs no database connection, but memory.
     let place = state.caps.long_polls.take(&user.sub)?;
-    match reach(&state, &user.sub, &since, state.config.behind_patience).await? {
+    let (page, caching) = match audience {
+        Some(audience) => {
+            let page = shared(&state, &user, &request, audience.clone()).await?;
+            let caching = match (&params.aud, page.closed) {
+                (None, _) => PRIVATE,
+                (Some(_), true) => CLOSED_CACHING,
+                (Some(_), false) => OPEN_CACHING,
+            };
+            let next = request.url(&page.cursor, Some(&audience));
+            (page, (caching, next))
+        }
+        None => {
+            let page = private(&state, &user, &request).await?;
+            let next = request.url(&page.cursor, None);
+            (Arc::new(page), (PRIVATE, next))
+        }
+    };
+    Ok(answer(&page, caching, &headers, place))
+}
+
+/// `GET /v1/changes/audience`, for an HTTP cache's authorization subrequest: 204 when the
+/// original request (its URL in `X-Original-URI`) names no audience or the token holder's,
+/// 401 for a bad token, else 403; the cache then passes the request on to a gateway, which
+/// gives it its real answer (a redirect, a refusal, a bad request).
+pub async fn check_audience(
+    State(state): State<Arc<AppState>>,
+    auth: Authenticated,
+    headers: HeaderMap,
+) -> StatusCode {
+    let Ok(user) = auth.with_role() else {
+        return StatusCode::FORBIDDEN;
+    };
+    let original: Option<Uri> = headers
+        .get("x-original-uri")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok());
+    let Some(Ok(Query(params))) = original.map(|uri| Query::<Params>::try_from_uri(&uri)) else {
+        return StatusCode::FORBIDDEN;
+    };
+    let Some(asked) = &params.aud else {
+        return StatusCode::NO_CONTENT;
+    };
+    match audience_of(&state, &user, &params).await {
+        Ok(Some(audience)) if *asked == audience => StatusCode::NO_CONTENT,
+        _ => StatusCode::FORBIDDEN,
+    }
+}
+
+/// The page after `since` as `audience` sees it: a closed page from the cache, else read
+/// once for every request of the audience that asks at the live position, long-polled.
+async fn shared(
+    state: &Arc<AppState>,
+    user: &UserContext,
+    request: &Request<'_>,
+    audience: String,
+) -> Result<Arc<Page>, ApiError> {
+    let key = PageKey {
+        since: request.since.as_str().to_owned(),
+        limit: request.limit,
+        entity: request.params.entity_code.clone().unwrap_or_default(),
+        audience,
+        at: None,
+    };
+    let deadline = tokio::time::Instant::now() + request.wait;
+    let mut moved = state.position.clone();
+    loop {
+        if let Some(page) = state.pages.closed(&key).await {
+            return Ok(page);
+        }
+        let at = moved
+            .borrow_and_update()
+            .as_ref()
+            .map(|p| p.as_str().to_owned());
+        let key = PageKey {
+            at: Some(at.unwrap_or_default()),
+            ..key.clone()
+        };
+        let page = state
+            .pages
+            .read_once(key, async {
+                let at_once = Request {
+                    since: request.since.clone(),
+                    wait: Duration::ZERO,
+                    ..*request
+                };
+                private(state, user, &at_once).await
+            })
+            .await?;
+        if !page.empty || page.closed || tokio::time::Instant::now() >= deadline {
+            return Ok(page);
+        }
+        // Nothing yet: wait for the live stream to move on, or for the time to run out.
+        let _ = tokio::time::timeout_at(deadline, moved.changed()).await;
+    }
+}
+
+/// The page after `since` as `user` sees it, read for this request alone, long-polled.
+async fn private(
+    state: &AppState,
+    user: &UserContext,
+    request: &Request<'_>,
+) -> Result<Page, ApiError> {
+    match reach(
+        state,
+        &user.sub,
+        &request.since,
+        state.config.behind_patience,
+    )
+    .await?
+    {
         Reach::Live => {}
         Reach::Expired => return Err(ApiError::gone_expired()),
         Reach::Ahead => {
@@ -86,15 +293,16 @@ pub async fn changes(
         }
         Reach::Behind => return Err(ApiError::behind(BEHIND_RETRY)),
     }
-    let deadline = tokio::time::Instant::now() + wait;
+    let deadline = tokio::time::Instant::now() + request.wait;
     let mut moved = state.position.clone();
     let mut group = Arc::new(Listeners::alone(Arc::new(user.clone()), 0));
     let mut judge = Judge::default();
-    let mut cursor = since;
+    let mut cursor = request.since.clone();
     loop {
         moved.borrow_and_update();
         let mut work = state.work.start(&user.sub).await?;
-        let page = read_page(&mut work.client, Some(&cursor), limit, None)
+        state.metrics.changes_pages_read.inc();
+        let page = read_page(&mut work.client, Some(&cursor), request.limit, None)
             .await
             .map_err(|e| match e {
                 ReadError::Expired(_) => ApiError::gone_expired(),
@@ -102,11 +310,11 @@ pub async fn changes(
                 ReadError::Database(e) => ApiError::from_db(e),
                 other => ApiError::internal(other),
             })?;
-        let (end, more) = (page.end.clone(), page.more);
+        let (end, closed) = (page.end.clone(), page.more);
         let out = render(
-            &state,
-            &user,
-            &params,
+            state,
+            user,
+            request.params,
             &mut group,
             &mut judge,
             &work.client,
@@ -115,37 +323,63 @@ pub async fn changes(
         .await?;
         drop(work);
         cursor = end;
-        if !out.is_empty() || more || tokio::time::Instant::now() >= deadline {
-            return Ok(answer(json!({"changes": out, "cursor": cursor}), place));
+        if !out.is_empty() || closed || tokio::time::Instant::now() >= deadline {
+            let body = Bytes::from(
+                serde_json::to_vec(&json!({"changes": out, "cursor": cursor}))
+                    .expect("JSON values serialize"),
+            );
+            return Ok(Page {
+                etag: format!("\"{}\"", sharing::short_digest(&body)),
+                body,
+                cursor,
+                closed,
+                empty: out.is_empty(),
+            });
         }
         // Nothing yet: wait for the live stream to move on, or for the time to run out.
         let _ = tokio::time::timeout_at(deadline, moved.changed()).await;
     }
 }
 
-/// `value` as JSON, with `place` given back once the body has been sent (the body's last,
-/// empty part is asked for only when the rest was taken).
-fn answer(value: Value, place: Held) -> Response {
-    let json = serde_json::to_vec(&value).expect("JSON values serialize");
+/// The page as JSON with its headers (`caching`: Cache-Control and the next page's URL), or
+/// 304 when the client holds it (`If-None-Match`); `place` given back once the body has
+/// been sent (the body's last, empty part is asked for only when the rest was taken).
+fn answer(page: &Page, caching: (&str, String), request: &HeaderMap, place: Held) -> Response {
+    let (cache_control, next) = caching;
+    let mut headers = HeaderMap::new();
+    let mut set = |name, value: &str| {
+        if let Ok(value) = HeaderValue::from_str(value) {
+            headers.insert(name, value);
+        }
+    };
+    set(header::CACHE_CONTROL, cache_control);
+    set(header::ETAG, &page.etag);
+    set(header::LINK, &format!("<{next}>; rel=\"next\""));
+    let held = request
+        .get(header::IF_NONE_MATCH)
+        .is_some_and(|v| v.as_bytes() == page.etag.as_bytes());
+    if held {
+        return (StatusCode::NOT_MODIFIED, headers).into_response();
+    }
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
     let sent = futures_util::stream::once(async move { drop(place) })
-        .filter_map(|()| async { None::<Result<Vec<u8>, std::io::Error>> });
-    let body = futures_util::stream::iter([Ok(json)]).chain(sent);
-    (
-        [(header::CONTENT_TYPE, "application/json")],
-        Body::from_stream(body),
-    )
-        .into_response()
+        .filter_map(|()| async { None::<Result<Bytes, std::io::Error>> });
+    let body = futures_util::stream::iter([Ok(page.body.clone())]).chain(sent);
+    (headers, Body::from_stream(body)).into_response()
 }
 
 /// The page's changes this user may see, DELTA-shaped with `entityCode` and `cursor`.
 async fn render(
     state: &AppState,
-    user: &crate::access::roles::UserContext,
+    user: &UserContext,
     params: &Params,
     group: &mut Arc<Listeners>,
     judge: &mut Judge,
     client: &tokio_postgres::Client,
-    page: Page,
+    page: LogPage,
 ) -> Result<Vec<Value>, ApiError> {
     let changes = page
         .changes

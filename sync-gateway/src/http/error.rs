@@ -9,7 +9,7 @@ use axum::Json;
 use serde_json::{json, Value};
 use tokio_postgres::error::SqlState;
 
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct ApiError {
     status: StatusCode,
     body: Value,

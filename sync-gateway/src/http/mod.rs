@@ -7,6 +7,7 @@ pub mod admin;
 pub mod changes;
 pub mod error;
 pub mod extract;
+pub mod pages;
 pub mod snapshot;
 pub mod write;
 
@@ -51,6 +52,7 @@ pub fn app(state: Arc<AppState>) -> Router {
         .layer(CompressionLayer::new());
     let changes = Router::new()
         .route("/v1/changes", get(changes::changes))
+        .route("/v1/changes/audience", get(changes::check_audience))
         .layer(TimeoutLayer::with_status_code(
             StatusCode::SERVICE_UNAVAILABLE,
             changes::MAX_WAIT + REQUEST_TIMEOUT,

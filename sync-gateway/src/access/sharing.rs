@@ -1,0 +1,217 @@
+//! Who may share a cached page of the log: its *audience*, the users who see exactly the
+//! same rows of an entity's changes. A page judged for one user is served from a cache to
+//! another only when both are of its audience.
+//!
+//! Two users see the same changes of an entity when the same plan judges them with the same
+//! inputs: the same role (its privileges, whether row-level security applies to it), the
+//! same access fingerprint (every policy, grant, owner and role of the database as the
+//! catalog was read: any change of them gives every entity a new audience), the same
+//! tracking of the entity, and, under a compiled policy, the same value of every claim the
+//! policy reads. A policy the gateway cannot compile is evaluated by the database, which may
+//! read anything (another table, a function): its pages are nobody's to share.
+//!
+//! The audience is a digest of those inputs. It is no secret and no credential: it names a
+//! cache entry, and whoever presents it is checked against it (`http::changes`).
+
+use super::plans::Plan;
+use super::roles::UserContext;
+use crate::feed::catalog::Entity;
+use pg_sync_core::policy::{Expr, Term};
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+use std::collections::BTreeSet;
+
+/// The audience of `user`'s reads of `entity` under `plan` (read at access `fingerprint`);
+/// None when its pages are the user's alone.
+pub fn audience(
+    fingerprint: &str,
+    entity: &Entity,
+    plan: &Plan,
+    user: &UserContext,
+) -> Option<String> {
+    let role = user.role.as_deref()?;
+    let claims: Vec<Value> = match (&plan.expr, plan.rls) {
+        (_, false) => Vec::new(),
+        (Some(expr), true) => claim_paths(expr)
+            .into_iter()
+            .map(|path| {
+                let value = path.iter().try_fold(&user.claims_json, |v, k| {
+                    v.as_object().and_then(|o| o.get(k))
+                });
+                json!([path, value])
+            })
+            .collect(),
+        (None, true) => return None,
+    };
+    let inputs = json!([
+        fingerprint,
+        entity.code,
+        entity.tracking,
+        role,
+        plan.rls,
+        claims
+    ]);
+    Some(short_digest(inputs.to_string().as_bytes()))
+}
+
+/// 128 bits of SHA-256, in hex: names a page's audience, and its bytes (`ETag`).
+pub fn short_digest(data: &[u8]) -> String {
+    Sha256::digest(data)[..16]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// Every claim path `expr` reads.
+fn claim_paths(expr: &Expr) -> BTreeSet<Vec<String>> {
+    fn term(t: &Term, out: &mut BTreeSet<Vec<String>>) {
+        if let Term::Claim { path, .. } = t {
+            out.insert(path.clone());
+        }
+    }
+    fn walk(e: &Expr, out: &mut BTreeSet<Vec<String>>) {
+        match e {
+            Expr::And(all) | Expr::Or(all) => all.iter().for_each(|e| walk(e, out)),
+            Expr::Not(e) => walk(e, out),
+            Expr::Const(_) => {}
+            Expr::Cmp { left, right, .. } => {
+                term(left, out);
+                term(right, out);
+            }
+            Expr::Null(t) | Expr::NotNull(t) => term(t, out),
+            Expr::Contains { claim, item } => {
+                out.insert(claim.clone());
+                term(item, out);
+            }
+        }
+    }
+    let mut out = BTreeSet::new();
+    walk(expr, &mut out);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashSet;
+
+    fn entity() -> Entity {
+        Entity {
+            code: "task".into(),
+            table: "\"app\".\"task\"".into(),
+            relid: 1,
+            key: vec!["id".into()],
+            key_types: vec!["bigint".into()],
+            columns: HashSet::new(),
+            allow_listed: false,
+            rls: true,
+            schema_version: 1,
+            tracking: 1,
+        }
+    }
+
+    fn plan(expr: Option<Value>, rls: bool) -> Plan {
+        Plan {
+            select: true,
+            rls,
+            expr: expr.map(|e| serde_json::from_value(e).unwrap()),
+            unpublished: None,
+            why: None,
+        }
+    }
+
+    fn user(sub: &str, role: &str, claims: Value) -> UserContext {
+        UserContext {
+            sub: sub.into(),
+            role: Some(role.into()),
+            claims: claims.to_string(),
+            claims_json: claims,
+        }
+    }
+
+    fn org_policy() -> Value {
+        json!({"cmp": {"op": "eq", "type": "text", "left": {"column": "org"},
+                       "right": {"claim": {"path": ["org"]}}}})
+    }
+
+    #[test]
+    fn users_share_an_audience_exactly_when_what_the_policy_reads_of_them_is_the_same() {
+        let (e, p) = (entity(), plan(Some(org_policy()), true));
+        let a = audience(
+            "f",
+            &e,
+            &p,
+            &user("a", "app", json!({"sub": "a", "org": "acme"})),
+        );
+        let b = audience(
+            "f",
+            &e,
+            &p,
+            &user("b", "app", json!({"sub": "b", "org": "acme"})),
+        );
+        let c = audience(
+            "f",
+            &e,
+            &p,
+            &user("c", "app", json!({"sub": "c", "org": "beta"})),
+        );
+        let missing = audience("f", &e, &p, &user("d", "app", json!({"sub": "d"})));
+        let number = audience("f", &e, &p, &user("e", "app", json!({"org": 7})));
+        let text = audience("f", &e, &p, &user("e", "app", json!({"org": "7"})));
+        assert!(a.is_some());
+        assert_eq!(a, b, "the policy does not read sub");
+        assert_ne!(a, c);
+        assert_ne!(a, missing);
+        assert_ne!(number, text, "another JSON value is another audience");
+    }
+
+    #[test]
+    fn the_role_the_fingerprint_and_the_tracking_each_make_another_audience() {
+        let (e, p) = (entity(), plan(Some(org_policy()), true));
+        let alice = user("a", "app", json!({"org": "acme"}));
+        let base = audience("f", &e, &p, &alice);
+        assert_ne!(base, audience("g", &e, &p, &alice));
+        assert_ne!(
+            base,
+            audience("f", &e, &p, &user("a", "auditor", json!({"org": "acme"})))
+        );
+        let retracked = Entity {
+            tracking: 2,
+            ..entity()
+        };
+        assert_ne!(base, audience("f", &retracked, &p, &alice));
+    }
+
+    #[test]
+    fn without_row_level_security_a_role_is_one_audience_and_an_uncompiled_policy_none() {
+        let e = entity();
+        let open = plan(None, false);
+        assert_eq!(
+            audience("f", &e, &open, &user("a", "app", json!({"org": "x"}))),
+            audience("f", &e, &open, &user("b", "app", json!({"org": "y"})))
+        );
+        let uncompiled = plan(None, true);
+        assert_eq!(
+            audience("f", &e, &uncompiled, &user("a", "app", json!({}))),
+            None
+        );
+        let roleless = UserContext {
+            role: None,
+            ..user("a", "app", json!({}))
+        };
+        assert_eq!(audience("f", &e, &open, &roleless), None);
+    }
+
+    #[test]
+    fn claims_read_inside_contains_and_null_tests_count() {
+        let expr = json!({"or": [
+            {"contains": {"claim": ["groups"], "item": {"value": "x"}}},
+            {"null": {"claim": {"path": ["team", "id"]}}}
+        ]});
+        let paths = claim_paths(&serde_json::from_value(expr).unwrap());
+        assert_eq!(
+            paths.into_iter().collect::<Vec<_>>(),
+            [vec!["groups".to_string()], vec!["team".into(), "id".into()]]
+        );
+    }
+}

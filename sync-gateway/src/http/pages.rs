@@ -1,0 +1,118 @@
+//! The gateway's cache of `/v1/changes` pages that an audience shares (`access::sharing`),
+//! bounded in bytes. Identical reads in flight are made once: the first request reads and
+//! judges, the others wait for its answer (moka's `try_get_with`).
+//!
+//! A page that ended at its `limit` is *closed*: the log after a cursor never changes, so the
+//! same `limit` changes follow `since` forever, and judged for one audience they are the same
+//! bytes forever. It is kept while it is read (`CLOSED_IDLE`). A page that reached the end of
+//! the log is *open*: it is shared only by requests that find the live stream at the same
+//! position (`PageKey::at`), for `OPEN_LIFETIME`.
+
+use super::error::ApiError;
+use crate::model::cursor::Cursor;
+use axum::body::Bytes;
+use moka::future::Cache;
+use moka::Expiry;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// A closed page unread for this long leaves the cache.
+const CLOSED_IDLE: Duration = Duration::from_secs(600);
+/// An open page is shared this long at most (the position it was read at moves on anyway).
+const OPEN_LIFETIME: Duration = Duration::from_secs(2);
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
+pub struct PageKey {
+    pub since: String,
+    pub limit: i32,
+    pub entity: String,
+    pub audience: String,
+    /// The live position an open page was read at; None for a closed page.
+    pub at: Option<String>,
+}
+
+/// A page as sent: its body and what the headers say of it.
+pub struct Page {
+    pub body: Bytes,
+    /// A digest of the body.
+    pub etag: String,
+    /// Where the next page starts.
+    pub cursor: Cursor,
+    /// Ended at its limit: the same bytes forever.
+    pub closed: bool,
+    /// Holds no change for the entity.
+    pub empty: bool,
+}
+
+pub struct Pages {
+    cache: Cache<PageKey, Arc<Page>>,
+}
+
+struct Lifetimes;
+
+impl Expiry<PageKey, Arc<Page>> for Lifetimes {
+    fn expire_after_create(&self, key: &PageKey, _: &Arc<Page>, _: Instant) -> Option<Duration> {
+        Some(match key.at {
+            Some(_) => OPEN_LIFETIME,
+            None => CLOSED_IDLE,
+        })
+    }
+
+    fn expire_after_read(
+        &self,
+        key: &PageKey,
+        _: &Arc<Page>,
+        _: Instant,
+        left: Option<Duration>,
+        _: Instant,
+    ) -> Option<Duration> {
+        match key.at {
+            Some(_) => left,
+            None => Some(CLOSED_IDLE),
+        }
+    }
+}
+
+impl Pages {
+    pub fn new(max_bytes: u64) -> Pages {
+        Pages {
+            cache: Cache::builder()
+                .max_capacity(max_bytes)
+                .weigher(|key: &PageKey, page: &Arc<Page>| {
+                    let bytes = page.body.len() + key.since.len() + key.entity.len() + 128;
+                    u32::try_from(bytes).unwrap_or(u32::MAX)
+                })
+                .expire_after(Lifetimes)
+                .build(),
+        }
+    }
+
+    /// The closed page of `key` (its `at` ignored), if cached.
+    pub async fn closed(&self, key: &PageKey) -> Option<Arc<Page>> {
+        let closed = PageKey {
+            at: None,
+            ..key.clone()
+        };
+        self.cache.get(&closed).await
+    }
+
+    /// The page of `key` read at live position `key.at`: read by `read` once however many
+    /// ask at the same time; kept as closed when it is.
+    pub async fn read_once(
+        &self,
+        key: PageKey,
+        read: impl Future<Output = Result<Page, ApiError>>,
+    ) -> Result<Arc<Page>, ApiError> {
+        let page = self
+            .cache
+            .try_get_with(key.clone(), async { read.await.map(Arc::new) })
+            .await
+            .map_err(|e| (*e).clone())?;
+        if page.closed {
+            let closed = PageKey { at: None, ..key };
+            self.cache.insert(closed, page.clone()).await;
+        }
+        Ok(page)
+    }
+}

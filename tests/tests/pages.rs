@@ -1,0 +1,348 @@
+//! Cacheable pages of `/v1/changes` (SPEC 2.4): a page that ended at its limit is the same
+//! bytes for everyone of its audience, forever, and says so to HTTP caches; identical reads in
+//! flight are made once. The attacker holds a valid token and someone else's page URL: of
+//! another audience (other claims), from before a claim or policy change, or of a table whose
+//! policy only the database can judge. Each gets a redirect to a URL of their own, never the
+//! page.
+
+use futures_util::StreamExt;
+use pg_sync_tests::gateway::{http_request, token, Gateway, HttpResponse, SECRET};
+use pg_sync_tests::nginx::Nginx;
+use pg_sync_tests::Cluster;
+use serde_json::{json, Value};
+
+/// Tasks are visible within their org; `note` is visible through a table the policy reads
+/// (the gateway cannot compile that: its pages are nobody's to share).
+const SCHEMA: &str = "
+    CREATE TABLE task (id int PRIMARY KEY, org text NOT NULL, title text);
+    ALTER TABLE task ENABLE ROW LEVEL SECURITY;
+    CREATE POLICY by_org ON task
+        USING (org = current_setting('request.jwt.claims', true)::jsonb ->> 'org');
+    CREATE TABLE reader (sub text PRIMARY KEY);
+    CREATE TABLE note (id int PRIMARY KEY);
+    ALTER TABLE note ENABLE ROW LEVEL SECURITY;
+    CREATE POLICY readers ON note USING (EXISTS (
+        SELECT 1 FROM reader r
+         WHERE r.sub = current_setting('request.jwt.claims', true)::jsonb ->> 'sub'));
+    SELECT sync.track('task');
+    SELECT sync.track('note');";
+
+async fn setup() -> (Cluster, Gateway, String) {
+    let cluster = Cluster::start().await;
+    cluster.execute(SCHEMA).await;
+    let gateway = Gateway::start(&cluster, &[]).await;
+    let start = cluster.current_cursor().await;
+    // 30 tasks, half of each org, one transaction each.
+    for id in 1..=30 {
+        let org = if id % 2 == 0 { "acme" } else { "beta" };
+        cluster
+            .execute(&format!("INSERT INTO task VALUES ({id}, '{org}', 't{id}')"))
+            .await;
+    }
+    (cluster, gateway, start)
+}
+
+fn bearer(sub: &str, org: &str) -> String {
+    format!(
+        "Bearer {}",
+        token(sub, &[("role", json!("app_user")), ("org", json!(org))])
+    )
+}
+
+async fn get(gateway: &Gateway, auth: &str, path: &str) -> HttpResponse {
+    get_with(gateway, auth, path, &[]).await
+}
+
+async fn get_with(
+    gateway: &Gateway,
+    auth: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> HttpResponse {
+    let mut all = vec![("Authorization", auth)];
+    all.extend_from_slice(headers);
+    gateway.request("GET", path, &all, None).await.unwrap()
+}
+
+/// The URL of `Link: <…>; rel="next"`.
+fn next(response: &HttpResponse) -> String {
+    let link = response.header("link").expect("a Link header");
+    link.strip_prefix('<')
+        .and_then(|l| l.split_once('>'))
+        .map(|(url, _)| url.to_owned())
+        .unwrap_or_else(|| panic!("a link: {link}"))
+}
+
+fn query(url: &str, name: &str) -> Option<String> {
+    url.split_once('?')?
+        .1
+        .split('&')
+        .find_map(|p| p.strip_prefix(&format!("{name}=")))
+        .map(str::to_owned)
+}
+
+fn body(response: &HttpResponse) -> Value {
+    serde_json::from_slice(&response.body).unwrap()
+}
+
+fn orgs(response: &HttpResponse) -> Vec<String> {
+    body(response)["changes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["data"]["org"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+/// The URL of the first page of tasks after `start`, for `auth`'s audience.
+async fn first_page(gateway: &Gateway, auth: &str, start: &str) -> String {
+    let plain = get(
+        gateway,
+        auth,
+        &format!("/v1/changes?since={start}&limit=10&entityCode=task"),
+    )
+    .await;
+    assert_eq!(plain.status, 200);
+    assert_eq!(plain.header("cache-control"), Some("private, no-store"));
+    // The same range, at the URL of the reader's audience.
+    let next = next(&plain);
+    let aud = query(&next, "aud").expect("an audience in the next page's URL");
+    format!("/v1/changes?since={start}&limit=10&entityCode=task&aud={aud}")
+}
+
+/// alice and carol (acme) share a closed page: the same bytes, cacheable forever, read from
+/// the log once; bob (beta) presenting its URL is sent to his own audience's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_closed_page_is_the_same_bytes_for_its_audience_and_no_one_else() {
+    let (_cluster, gateway, start) = setup().await;
+    let (alice, carol, bob) = (
+        bearer("alice", "acme"),
+        bearer("carol", "acme"),
+        bearer("bob", "beta"),
+    );
+    let url = first_page(&gateway, &alice, &start).await;
+
+    let first = get(&gateway, &alice, &url).await;
+    assert_eq!(first.status, 200);
+    assert_eq!(
+        first.header("cache-control"),
+        Some("public, max-age=31536000, immutable")
+    );
+    let etag = first.header("etag").expect("an ETag").to_owned();
+    // The first 10 changes of the log, of which alice sees acme's.
+    assert_eq!(orgs(&first), vec!["acme"; 5]);
+
+    let reads = gateway.metric("sync_changes_pages_read_total").await;
+    let again = get(&gateway, &carol, &url).await;
+    assert_eq!(again.status, 200);
+    assert_eq!(again.body, first.body, "the same bytes for the same URL");
+    assert_eq!(again.header("etag"), Some(etag.as_str()));
+    assert_eq!(
+        gateway.metric("sync_changes_pages_read_total").await,
+        reads,
+        "served from the cache"
+    );
+    let held = get_with(&gateway, &carol, &url, &[("If-None-Match", &etag)]).await;
+    assert_eq!(held.status, 304);
+
+    // bob, of beta, with alice's URL: redirected to his audience, never given the page.
+    let swapped = get(&gateway, &bob, &url).await;
+    assert_eq!(
+        swapped.status,
+        307,
+        "{}",
+        String::from_utf8_lossy(&swapped.body)
+    );
+    assert!(swapped.body.is_empty() || !swapped.body.starts_with(b"{\"changes\""));
+    let his = swapped.header("location").expect("a Location").to_owned();
+    assert_ne!(query(&his, "aud"), query(&url, "aud"));
+    let own = get(&gateway, &bob, &his).await;
+    assert_eq!(own.status, 200);
+    assert_eq!(orgs(&own), vec!["beta"; 5]);
+
+    // The chain goes on from the page's cursor to the end of the log, then stays open.
+    let second = get(&gateway, &alice, &next(&first)).await;
+    assert_eq!(orgs(&second), vec!["acme"; 5]);
+    let mut page = second;
+    let mut pages = 2;
+    while page.header("cache-control") == Some("public, max-age=31536000, immutable") {
+        page = get(&gateway, &alice, &next(&page)).await;
+        pages += 1;
+        assert!(
+            pages <= 4,
+            "30 changes, 10 a page: the fourth page is the live edge"
+        );
+    }
+    assert_eq!(page.header("cache-control"), Some("public, max-age=1"));
+}
+
+/// A page's URL names an audience from the claims and policies of when it was made: after
+/// the claim changed, after the policy changed, with an expired token, or for a policy the
+/// gateway cannot compile, it does not serve the page.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_audience_from_before_a_claim_or_policy_change_serves_nothing() {
+    let (cluster, gateway, start) = setup().await;
+    let alice = bearer("alice", "acme");
+    let url = first_page(&gateway, &alice, &start).await;
+    assert_eq!(get(&gateway, &alice, &url).await.status, 200);
+
+    // alice moved to beta: her token's claims say so, and the old URL is not hers.
+    let moved = get(&gateway, &bearer("alice", "beta"), &url).await;
+    assert_eq!(moved.status, 307);
+    assert_ne!(
+        query(moved.header("location").unwrap(), "aud"),
+        query(&url, "aud")
+    );
+
+    // An expired token gets nothing.
+    let expired = json!({"sub": "alice", "role": "app_user", "org": "acme",
+                         "exp": pg_sync_tests::gateway::now() - 10});
+    let expired = format!("Bearer {}", pg_sync_tests::gateway::sign(&expired, SECRET));
+    assert_eq!(get(&gateway, &expired, &url).await.status, 401);
+
+    // The policy changes: every audience of the old policy is gone.
+    let epoch = gateway.metric("sync_access_epoch").await;
+    cluster
+        .execute(
+            "ALTER POLICY by_org ON task USING (org = current_setting('request.jwt.claims', \
+             true)::jsonb ->> 'org' AND title IS NOT NULL)",
+        )
+        .await;
+    gateway.access_epoch_after(epoch).await;
+    let after = get(&gateway, &alice, &url).await;
+    assert_eq!(after.status, 307);
+    assert_ne!(
+        query(after.header("location").unwrap(), "aud"),
+        query(&url, "aud")
+    );
+
+    // A policy only the database can judge: no audience, and a URL naming one is redirected
+    // to the reader's own, private, answer.
+    let notes = get(
+        &gateway,
+        &alice,
+        &format!("/v1/changes?since={start}&entityCode=note"),
+    )
+    .await;
+    assert_eq!(notes.status, 200);
+    assert_eq!(notes.header("cache-control"), Some("private, no-store"));
+    assert_eq!(query(&next(&notes), "aud"), None);
+    let aud = query(&url, "aud").unwrap();
+    let forged = get(
+        &gateway,
+        &alice,
+        &format!("/v1/changes?since={start}&entityCode=note&aud={aud}"),
+    )
+    .await;
+    assert_eq!(forged.status, 307);
+    assert_eq!(query(forged.header("location").unwrap(), "aud"), None);
+}
+
+/// 100 readers of one audience asking for the same page at once cause one read of the log,
+/// at a closed page and at the live edge alike.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn readers_asking_for_one_page_at_once_read_the_log_once() {
+    let (cluster, gateway, start) = setup().await;
+    let alice = bearer("alice", "acme");
+    let url = first_page(&gateway, &alice, &start).await;
+    let live = cluster.current_cursor().await;
+    let aud = query(&url, "aud").unwrap();
+    let edge = format!("/v1/changes?since={live}&limit=10&entityCode=task&aud={aud}");
+    for url in [url, edge] {
+        let before = gateway.metric("sync_changes_pages_read_total").await;
+        let answers = futures_util::future::join_all((0..100).map(|i| {
+            let (gateway, url) = (&gateway, &url);
+            async move {
+                let auth = bearer(&format!("reader{i}"), "acme");
+                get(gateway, &auth, url).await
+            }
+        }))
+        .await;
+        assert!(answers
+            .iter()
+            .all(|a| a.status == 200 && a.body == answers[0].body));
+        let reads = gateway.metric("sync_changes_pages_read_total").await - before;
+        // One read; a second if the live position moved while they asked.
+        assert!(reads <= 2, "{reads} reads of the log for {url}");
+    }
+}
+
+/// Through nginx, configured by docs/nginx.conf, before two gateways: 1,000 readers of one
+/// audience catching up from one cursor, 50 at a time, cost the log a handful of reads; a
+/// reader of another audience presenting a cached page's URL is sent to their own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn through_an_http_cache_a_thousand_readers_cost_the_log_a_handful_of_reads() {
+    let (cluster, a, start) = setup().await;
+    let b = Gateway::start(&cluster, &[]).await;
+    let nginx = Nginx::start(&[a.port, b.port]).await;
+    let front = |auth: String, path: String| async move {
+        http_request(nginx.port, "GET", &path, &[("Authorization", &auth)], None)
+            .await
+            .unwrap()
+    };
+    let reads = || async {
+        a.metric("sync_changes_pages_read_total").await
+            + b.metric("sync_changes_pages_read_total").await
+    };
+    let before = reads().await;
+    let first = format!("/v1/changes?since={start}&limit=10&entityCode=task");
+    let readers: Vec<(usize, Vec<String>)> = futures_util::stream::iter(0..1000)
+        .map(|i| {
+            let first = first.clone();
+            async move {
+                let auth = bearer(&format!("reader{i}"), "acme");
+                let mut page = front(auth.clone(), first).await;
+                let (mut seen, mut statuses) = (0, Vec::new());
+                loop {
+                    assert_eq!(page.status, 200, "{}", String::from_utf8_lossy(&page.body));
+                    seen += orgs(&page).iter().filter(|o| *o == "acme").count();
+                    statuses.push(page.header("x-cache-status").unwrap_or("-").to_owned());
+                    if page.header("cache-control") == Some("public, max-age=1") {
+                        return (seen, statuses);
+                    }
+                    page = front(auth.clone(), next(&page)).await;
+                }
+            }
+        })
+        .buffer_unordered(50)
+        .collect()
+        .await;
+    let reads = reads().await - before;
+    assert!(
+        readers.iter().all(|(seen, _)| *seen == 15),
+        "every reader has acme's 15 tasks"
+    );
+    let hits = readers
+        .iter()
+        .flat_map(|(_, s)| s)
+        .filter(|s| *s == "HIT")
+        .count();
+    println!("1,000 readers through nginx: {reads} reads of the log, {hits} cache hits");
+    assert!(reads <= 12, "{reads} reads of the log");
+
+    // bob (beta) with the URL of acme's second page: sent to his own, never served acme's.
+    let acme = format!(
+        "/v1/changes?since={start}&limit=10&entityCode=task&aud={}",
+        query(
+            &next(&get(&a, &bearer("alice", "acme"), &first).await),
+            "aud"
+        )
+        .unwrap()
+    );
+    assert_eq!(
+        front(bearer("alice", "acme"), acme.clone()).await.status,
+        200
+    );
+    let swapped = front(bearer("bob", "beta"), acme.clone()).await;
+    assert_eq!(swapped.status, 307);
+    let own = front(
+        bearer("bob", "beta"),
+        swapped.header("location").unwrap().to_owned(),
+    )
+    .await;
+    assert_eq!(orgs(&own), vec!["beta"; 5]);
+    let unsigned = http_request(nginx.port, "GET", &acme, &[], None)
+        .await
+        .unwrap();
+    assert_eq!(unsigned.status, 401, "no token, no page");
+}
