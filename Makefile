@@ -58,6 +58,7 @@ bench: install client
 	bench/gateway_bench.sh
 	bench/standby_bench.sh
 	bench/browser_bench.sh
+	bench/page_bench.sh
 	python3 bench/report.py bench/results $${BENCH_SECONDS:-15}
 
 ## bench-quick: the same suite with small sizes and 3 s runs (a smoke test, about two
@@ -73,6 +74,7 @@ bench-quick: install client
 	$(QUICK) bench/gateway_bench.sh
 	$(QUICK) bench/standby_bench.sh
 	$(QUICK) bench/browser_bench.sh
+	$(QUICK) PAGE_READERS=100 PAGE_CHANGES=2000 bench/page_bench.sh
 	python3 bench/report.py target/bench-quick 3
 
 ## fuzz: the property tests of the client-facing parsers, new random cases for FUZZ_SECONDS

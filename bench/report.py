@@ -169,6 +169,17 @@ if p and s:
     goal("commit → client p99 through a standby ≤ 1.5× the primary's", s["p99_ms"] <= 1.5 * p["p99_ms"],
          f"{s['p99_ms'] / p['p99_ms']:.2f}×")
 
+pages = run("pages")
+if pages:
+    c, r = pages["cached"], pages["private"]
+    lines.append(f"| catch-up of {pages['readers']:,} readers of one audience from one cursor, {pages['changes']:,} "
+                 f"changes in pages of 1,000, through nginx (docs/nginx.conf) | {c['seconds']:.2f} s, {c['reads']} pages "
+                 f"read from the log for {c['pages']:,} served | the same readers reading privately from the gateway: "
+                 f"{r['seconds']:.2f} s, {r['reads']:,} pages read | {c['reads'] / max(r['reads'], 1):.4f}× the reads, "
+                 f"{c['seconds'] / r['seconds']:.2f}× the time |")
+    goal(f"{pages['readers']:,} readers from one cursor cause a handful of log reads", c["reads"] <= 20,
+         f"{c['reads']} reads")
+
 browser, size = run("browser"), run("client_size")
 if browser:
     in_page = browser.get("hydration_in_page_rows_per_s")

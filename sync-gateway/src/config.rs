@@ -212,6 +212,12 @@ pub struct CapArgs {
     #[arg(long, env = "SYNC_MAX_CONNECTIONS", default_value_t = 50_000)]
     pub max_connections: usize,
 
+    /// New WebSocket connections admitted per second, in total, in bursts of up to a second's
+    /// worth; beyond, 503 with `Retry-After`. What spreads a storm of reconnections (a
+    /// gateway restarted, a network back) over time instead of over the database.
+    #[arg(long, env = "SYNC_MAX_ADMISSIONS_PER_SECOND", default_value = "2000")]
+    pub max_admissions_per_second: std::num::NonZeroU32,
+
     /// WebSocket connections of one user (`sub`).
     #[arg(long, env = "SYNC_MAX_CONNECTIONS_PER_USER", default_value_t = 100)]
     pub max_connections_per_user: usize,

@@ -96,8 +96,10 @@ pub struct RuntimeConfig {
     pub static_dir: Option<PathBuf>,
 }
 
-/// What clients hold, capped.
+/// What clients hold, capped, and how fast they may come.
 pub struct Caps {
+    /// New WebSocket connections per second (`--max-admissions-per-second`).
+    pub admissions: governor::DefaultDirectRateLimiter,
     pub connections: Arc<Cap>,
     pub snapshots: Arc<Cap>,
     pub long_polls: Arc<Cap>,
@@ -332,6 +334,9 @@ pub async fn serve(args: ServeArgs, shutdown: CancellationToken) -> Result<(), S
         },
         pages: http::pages::Pages::new(args.page_cache_mb << 20),
         caps: Caps {
+            admissions: governor::RateLimiter::direct(governor::Quota::per_second(
+                caps.max_admissions_per_second,
+            )),
             connections: Cap::new(
                 "connections",
                 caps.max_connections,

@@ -137,6 +137,17 @@ impl Gateway {
     /// Opens a session with a token in the header and extra query parameters; Err carries
     /// the HTTP status of a refused upgrade.
     pub async fn connect_with(&self, token: &str, query: &str) -> Result<Session, u16> {
+        self.try_connect(token, query)
+            .await
+            .map_err(|(status, _)| status)
+    }
+
+    /// As `connect_with`; Err carries the status and the `Retry-After` of a refused upgrade.
+    pub async fn try_connect(
+        &self,
+        token: &str,
+        query: &str,
+    ) -> Result<Session, (u16, Option<String>)> {
         use tungstenite::client::IntoClientRequest;
         let mut request = self.ws_url(query).into_client_request().unwrap();
         request
@@ -147,7 +158,14 @@ impl Gateway {
                 stream,
                 pending: Default::default(),
             }),
-            Err(tungstenite::Error::Http(response)) => Err(response.status().as_u16()),
+            Err(tungstenite::Error::Http(response)) => Err((
+                response.status().as_u16(),
+                response
+                    .headers()
+                    .get("retry-after")
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_owned),
+            )),
             Err(e) => panic!("websocket: {e}"),
         }
     }

@@ -867,3 +867,41 @@ async fn a_column_added_to_an_allow_listed_table_stays_unpublished() {
         [json!({"id": 1, "project_id": 7, "title": "one", "status": "open"})]
     );
 }
+
+/// A storm of new connections (a gateway restarted, a network back) is admitted at
+/// `--max-admissions-per-second`: beyond it, 503 with `Retry-After`; coming back after it,
+/// everyone gets in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn new_connections_beyond_the_admission_rate_are_told_when_to_come_back() {
+    let (_cluster, gateway) = setup(&["--max-admissions-per-second", "5"]).await;
+    let token = token("alice", &[]);
+    let mut admitted = Vec::new();
+    let mut retry_after = Vec::new();
+    for _ in 0..20 {
+        match gateway.try_connect(&token, "").await {
+            Ok(session) => admitted.push(session),
+            Err((status, retry)) => {
+                assert_eq!(status, 503);
+                retry_after.push(retry.expect("Retry-After").parse::<u64>().unwrap());
+            }
+        }
+    }
+    assert!(admitted.len() >= 5, "a second's worth at once");
+    assert!(
+        retry_after.len() >= 10,
+        "{} refused of 20",
+        retry_after.len()
+    );
+    assert!(
+        retry_after.iter().all(|s| (1..=2).contains(s)),
+        "{retry_after:?}"
+    );
+    let retry = retry_after[0];
+    // Coming back as told, each gets in.
+    while admitted.len() < 20 {
+        match gateway.connect_with(&token, "").await {
+            Ok(session) => admitted.push(session),
+            Err(_) => tokio::time::sleep(Duration::from_secs(retry)).await,
+        }
+    }
+}

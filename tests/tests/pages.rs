@@ -267,6 +267,40 @@ async fn readers_asking_for_one_page_at_once_read_the_log_once() {
     }
 }
 
+/// `readers` users of acme, 50 at a time, each reading from `first(i)` at `port` and on
+/// through `Link` until a page holds no change: per reader, the acme changes seen and each
+/// page's `X-Cache-Status`.
+async fn catch_up(
+    port: u16,
+    readers: usize,
+    first: impl Fn(usize) -> String,
+) -> Vec<(usize, Vec<String>)> {
+    futures_util::stream::iter(0..readers)
+        .map(|i| {
+            let mut url = first(i);
+            async move {
+                let auth = bearer(&format!("reader{i}"), "acme");
+                let (mut seen, mut statuses) = (0, Vec::new());
+                loop {
+                    let page = http_request(port, "GET", &url, &[("Authorization", &auth)], None)
+                        .await
+                        .unwrap();
+                    assert_eq!(page.status, 200, "{}", String::from_utf8_lossy(&page.body));
+                    statuses.push(page.header("x-cache-status").unwrap_or("-").to_owned());
+                    let orgs = orgs(&page);
+                    if orgs.is_empty() {
+                        return (seen, statuses);
+                    }
+                    seen += orgs.iter().filter(|o| *o == "acme").count();
+                    url = next(&page);
+                }
+            }
+        })
+        .buffer_unordered(50)
+        .collect()
+        .await
+}
+
 /// Through nginx, configured by docs/nginx.conf, before two gateways: 1,000 readers of one
 /// audience catching up from one cursor, 50 at a time, cost the log a handful of reads; a
 /// reader of another audience presenting a cached page's URL is sent to their own.
@@ -286,27 +320,7 @@ async fn through_an_http_cache_a_thousand_readers_cost_the_log_a_handful_of_read
     };
     let before = reads().await;
     let first = format!("/v1/changes?since={start}&limit=10&entityCode=task");
-    let readers: Vec<(usize, Vec<String>)> = futures_util::stream::iter(0..1000)
-        .map(|i| {
-            let first = first.clone();
-            async move {
-                let auth = bearer(&format!("reader{i}"), "acme");
-                let mut page = front(auth.clone(), first).await;
-                let (mut seen, mut statuses) = (0, Vec::new());
-                loop {
-                    assert_eq!(page.status, 200, "{}", String::from_utf8_lossy(&page.body));
-                    seen += orgs(&page).iter().filter(|o| *o == "acme").count();
-                    statuses.push(page.header("x-cache-status").unwrap_or("-").to_owned());
-                    if page.header("cache-control") == Some("public, max-age=1") {
-                        return (seen, statuses);
-                    }
-                    page = front(auth.clone(), next(&page)).await;
-                }
-            }
-        })
-        .buffer_unordered(50)
-        .collect()
-        .await;
+    let readers = catch_up(nginx.port, 1000, |_| first.clone()).await;
     let reads = reads().await - before;
     assert!(
         readers.iter().all(|(seen, _)| *seen == 15),
@@ -345,4 +359,60 @@ async fn through_an_http_cache_a_thousand_readers_cost_the_log_a_handful_of_read
         .await
         .unwrap();
     assert_eq!(unsigned.status, 401, "no token, no page");
+}
+
+/// The page benchmark (`make bench`, bench/page_bench.sh): readers of one audience (1,000)
+/// catching up a log of 10,000 changes in pages of 1,000 from one cursor through nginx, beside
+/// the same readers reading the same pages privately (a `clientId` makes every page one
+/// reader's, read from the log) from the gateway, in the same run: seconds, and pages read
+/// from the log. Appends a line to `$BENCH_OUT/results.jsonl`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "a benchmark: make bench"]
+async fn page_benchmark() {
+    let number = |name: &str, default: usize| {
+        std::env::var(name)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(default)
+    };
+    let (changes, readers) = (number("PAGE_CHANGES", 10_000), number("PAGE_READERS", 1000));
+    let cluster = Cluster::start().await;
+    cluster.execute(SCHEMA).await;
+    let gateway = Gateway::start(&cluster, &[]).await;
+    let start = cluster.current_cursor().await;
+    cluster
+        .execute(&format!(
+            "INSERT INTO task SELECT g, CASE WHEN g % 2 = 0 THEN 'acme' ELSE 'beta' END, 't' || g
+               FROM generate_series(1, {changes}) g"
+        ))
+        .await;
+    let nginx = Nginx::start(&[gateway.port]).await;
+    let first = format!("/v1/changes?since={start}&limit=1000&entityCode=task");
+    let mut figures = Vec::new();
+    for (port, private) in [(nginx.port, false), (gateway.port, true)] {
+        let before = gateway.metric("sync_changes_pages_read_total").await;
+        let began = std::time::Instant::now();
+        let seen = catch_up(port, readers, |i| match private {
+            true => format!("{first}&clientId=r{i}"),
+            false => first.clone(),
+        })
+        .await;
+        let seconds = began.elapsed().as_secs_f64();
+        assert!(seen.iter().all(|(n, _)| *n == changes / 2));
+        let reads = gateway.metric("sync_changes_pages_read_total").await - before;
+        let pages: usize = seen.iter().map(|(_, s)| s.len()).sum();
+        figures.push(json!({"seconds": seconds, "reads": reads, "pages": pages}));
+    }
+    let line = json!({"mode": "pages", "via": null, "readers": readers, "changes": changes,
+                      "cached": figures[0], "private": figures[1]});
+    println!("[pages] {line}");
+    if let Ok(out) = std::env::var("BENCH_OUT") {
+        use std::io::Write;
+        let mut file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(format!("{out}/results.jsonl"))
+            .unwrap();
+        writeln!(file, "{line}").unwrap();
+    }
 }

@@ -122,6 +122,13 @@ async fn websocket(
     if state.shutdown.is_cancelled() || !state.ready.load(Ordering::SeqCst) {
         return (StatusCode::SERVICE_UNAVAILABLE, "not ready").into_response();
     }
+    if let Err(not_until) = state.caps.admissions.check() {
+        let wait = not_until.wait_time_from(governor::clock::Clock::now(
+            &governor::clock::DefaultClock::default(),
+        ));
+        return ApiError::unavailable("too many new connections; retry later", wait)
+            .into_response();
+    }
     let client_id = params.client_id.or_else(|| auth.claims.client_id.clone());
     if let Err(e) = check_client_id(client_id.as_deref()) {
         return e.into_response();
