@@ -37,11 +37,12 @@ pub async fn readable_entity(
 }
 
 /// An entity a user may read, with how: the role's plan, read under the access fingerprint
-/// `fingerprint` (what decides who shares a cached page, `access::sharing`).
+/// `fingerprint` at catalog `epoch` (what decides who shares a cached page, `access::sharing`).
 pub struct Readable {
     pub entity: Arc<Entity>,
     pub plan: Arc<Plan>,
     pub fingerprint: String,
+    pub epoch: u64,
 }
 
 /// The entity `code` and the plan `user` reads it by, if `user` may read it.
@@ -88,6 +89,7 @@ pub async fn readable(
                 entity,
                 plan,
                 fingerprint: view.fingerprint.clone(),
+                epoch,
             }),
         };
     }

@@ -38,7 +38,8 @@ pub fn audience(
                 let value = path.iter().try_fold(&user.claims_json, |v, k| {
                     v.as_object().and_then(|o| o.get(k))
                 });
-                json!([path, value])
+                // Present as null and absent differ (`?` tells them apart).
+                json!([path, value.map(|v| json!({ "is": v }))])
             })
             .collect(),
         (None, true) => return None,
@@ -156,12 +157,17 @@ mod tests {
             &user("c", "app", json!({"sub": "c", "org": "beta"})),
         );
         let missing = audience("f", &e, &p, &user("d", "app", json!({"sub": "d"})));
+        let null = audience("f", &e, &p, &user("d", "app", json!({"org": null})));
         let number = audience("f", &e, &p, &user("e", "app", json!({"org": 7})));
         let text = audience("f", &e, &p, &user("e", "app", json!({"org": "7"})));
         assert!(a.is_some());
         assert_eq!(a, b, "the policy does not read sub");
         assert_ne!(a, c);
         assert_ne!(a, missing);
+        assert_ne!(
+            missing, null,
+            "a claim present as null is not an absent one"
+        );
         assert_ne!(number, text, "another JSON value is another audience");
     }
 

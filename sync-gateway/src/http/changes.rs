@@ -19,7 +19,7 @@
 //! that check alone, for a cache's authorization subrequest.
 
 use super::error::ApiError;
-use super::extract::{check_client_id, Authenticated};
+use super::extract::{authenticate, bearer, check_client_id, Authenticated};
 use super::pages::{Page, PageKey};
 use crate::access::admission::readable;
 use crate::access::judge::{decide, Db, Judge, Listeners, Subscriber};
@@ -34,7 +34,7 @@ use crate::model::subscription::{Judgement, Shape, Target};
 use crate::AppState;
 use axum::body::{Body, Bytes};
 use axum::extract::{Query, State};
-use axum::http::{header, HeaderMap, HeaderValue, StatusCode, Uri};
+use axum::http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use futures_util::StreamExt;
 use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
@@ -47,12 +47,29 @@ pub const MAX_LIMIT: i32 = 10_000;
 pub const MAX_WAIT: Duration = Duration::from_secs(60);
 /// When a client whose cursor this gateway has not reached should come back.
 const BEHIND_RETRY: Duration = Duration::from_secs(1);
-/// A closed page with `aud` in its URL: the same bytes for as long as it is retained.
-const CLOSED_CACHING: &str = "public, max-age=31536000, immutable";
-/// The live edge with `aud`: shared briefly (many readers at one position, one read).
-const OPEN_CACHING: &str = "public, max-age=1";
-/// Anything else is one reader's.
-const PRIVATE: &str = "private, no-store";
+/// How an answer may be kept: by the reader (`Cache-Control`, always `private`: a cache
+/// that does not check the audience must not share it) and by a cache in front that does
+/// check it (`X-Accel-Expires`, seconds, which docs/nginx.conf follows).
+struct Caching {
+    cache_control: &'static str,
+    shared_for: Option<&'static str>,
+}
+
+/// A closed page at its audience's URL: the same bytes for as long as it is retained.
+const CLOSED: Caching = Caching {
+    cache_control: "private, max-age=31536000, immutable",
+    shared_for: Some("31536000"),
+};
+/// The live edge at its audience's URL: shared briefly (many readers at one position).
+const OPEN: Caching = Caching {
+    cache_control: "private, max-age=1",
+    shared_for: Some("1"),
+};
+/// Anything else is one reader's, once.
+const PRIVATE: Caching = Caching {
+    cache_control: "private, no-store",
+    shared_for: None,
+};
 /// What a query value escapes: all but RFC 3986's unreserved characters.
 const QUERY_VALUE: &AsciiSet = &NON_ALPHANUMERIC
     .remove(b'-')
@@ -60,7 +77,7 @@ const QUERY_VALUE: &AsciiSet = &NON_ALPHANUMERIC
     .remove(b'_')
     .remove(b'~');
 
-#[derive(Deserialize)]
+#[derive(Clone, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Params {
     since: Option<String>,
@@ -69,6 +86,8 @@ pub struct Params {
     wait: Option<u64>,
     client_id: Option<String>,
     aud: Option<String>,
+    /// The token, for clients that cannot send `Authorization` (kept in the links).
+    token: Option<String>,
 }
 
 /// A request's parameters, checked.
@@ -122,8 +141,18 @@ impl<'a> Request<'a> {
         if let Some(client_id) = &self.params.client_id {
             url += &format!("&clientId={}", encode(client_id));
         }
+        if let Some(token) = &self.params.token {
+            url += &format!("&token={}", encode(token));
+        }
         url
     }
+}
+
+/// Who shares a request's pages: the audience's digest, and the catalog epoch its plan was
+/// read at (a page judged at another epoch is judged under other policies: not shared).
+struct Audience {
+    id: String,
+    epoch: u64,
 }
 
 /// The audience `user` shares pages of this request with, if any: pages of one entity,
@@ -132,23 +161,24 @@ async fn audience_of(
     state: &AppState,
     user: &UserContext,
     params: &Params,
-) -> Result<Option<String>, ApiError> {
+) -> Result<Option<Audience>, ApiError> {
     let Some(code) = &params.entity_code else {
         return Ok(None);
     };
     let readable = readable(&state.catalog, &state.plans, &state.work, user, code).await?;
-    Ok(params
-        .client_id
-        .is_none()
-        .then(|| {
-            sharing::audience(
-                &readable.fingerprint,
-                &readable.entity,
-                &readable.plan,
-                user,
-            )
-        })
-        .flatten())
+    if params.client_id.is_some() {
+        return Ok(None);
+    }
+    Ok(sharing::audience(
+        &readable.fingerprint,
+        &readable.entity,
+        &readable.plan,
+        user,
+    )
+    .map(|id| Audience {
+        id,
+        epoch: readable.epoch,
+    }))
 }
 
 pub async fn changes(
@@ -160,52 +190,40 @@ pub async fn changes(
     let user = auth.with_role()?;
     let request = Request::parse(&params)?;
     let audience = audience_of(&state, &user, &params).await?;
-    if params.aud.is_some() && params.aud != audience {
+    let id = audience.as_ref().map(|a| a.id.as_str());
+    if params.aud.is_some() && params.aud.as_deref() != id {
         // Another audience's URL (swapped, or from before a claim or policy change).
-        let location = request.url(&request.since, audience.as_deref());
+        let location = request.url(&request.since, id);
         return Ok((
             StatusCode::TEMPORARY_REDIRECT,
             [
                 (header::LOCATION, location),
-                (header::CACHE_CONTROL, PRIVATE.into()),
+                (header::CACHE_CONTROL, PRIVATE.cache_control.into()),
             ],
         )
             .into_response());
     }
     // Held while the request waits too: waiting costs no database connection, but memory.
     let place = state.caps.long_polls.take(&user.sub)?;
-    let (page, caching) = match audience {
-        Some(audience) => {
-            let page = shared(&state, &user, &request, audience.clone()).await?;
-            let caching = match (&params.aud, page.closed) {
-                (None, _) => PRIVATE,
-                (Some(_), true) => CLOSED_CACHING,
-                (Some(_), false) => OPEN_CACHING,
-            };
-            let next = request.url(&page.cursor, Some(&audience));
-            (page, (caching, next))
-        }
-        None => {
-            let page = private(&state, &user, &request).await?;
-            let next = request.url(&page.cursor, None);
-            (Arc::new(page), (PRIVATE, next))
-        }
+    let (page, shared) = match &audience {
+        Some(audience) => shared(&state, &user, &request, audience).await?,
+        None => (Arc::new(private(&state, &user, &request).await?), false),
     };
-    Ok(answer(&page, caching, &headers, place))
+    let caching = match (shared && params.aud.is_some(), page.closed) {
+        (true, true) => CLOSED,
+        (true, false) => OPEN,
+        (false, _) => PRIVATE,
+    };
+    let next = request.url(&page.cursor, id);
+    Ok(answer(&page, caching, &next, &headers, place))
 }
 
 /// `GET /v1/changes/audience`, for an HTTP cache's authorization subrequest: 204 when the
-/// original request (its URL in `X-Original-URI`) names no audience or the token holder's,
-/// 401 for a bad token, else 403; the cache then passes the request on to a gateway, which
-/// gives it its real answer (a redirect, a refusal, a bad request).
-pub async fn check_audience(
-    State(state): State<Arc<AppState>>,
-    auth: Authenticated,
-    headers: HeaderMap,
-) -> StatusCode {
-    let Ok(user) = auth.with_role() else {
-        return StatusCode::FORBIDDEN;
-    };
+/// original request (its URL in `X-Original-URI`) names no audience or the token holder's
+/// (the token in `Authorization`, or in the original URL), 401 for a bad token, else 403;
+/// the cache then passes the request on to a gateway, which gives it its real answer (a
+/// redirect, a refusal, a bad request).
+pub async fn check_audience(State(state): State<Arc<AppState>>, headers: HeaderMap) -> StatusCode {
     let original: Option<Uri> = headers
         .get("x-original-uri")
         .and_then(|v| v.to_str().ok())
@@ -213,35 +231,45 @@ pub async fn check_audience(
     let Some(Ok(Query(params))) = original.map(|uri| Query::<Params>::try_from_uri(&uri)) else {
         return StatusCode::FORBIDDEN;
     };
+    let token = bearer(&headers).or_else(|| params.token.clone());
+    let user = match authenticate(&state, token).map(Authenticated::with_role) {
+        Err(e) => return e.status(),
+        Ok(Err(_)) => return StatusCode::FORBIDDEN,
+        Ok(Ok(user)) => user,
+    };
     let Some(asked) = &params.aud else {
         return StatusCode::NO_CONTENT;
     };
     match audience_of(&state, &user, &params).await {
-        Ok(Some(audience)) if *asked == audience => StatusCode::NO_CONTENT,
+        Ok(Some(audience)) if *asked == audience.id => StatusCode::NO_CONTENT,
         _ => StatusCode::FORBIDDEN,
     }
 }
 
-/// The page after `since` as `audience` sees it: a closed page from the cache, else read
-/// once for every request of the audience that asks at the live position, long-polled.
+/// The page after `since` as `audience` sees it, and whether it is the audience's: a closed
+/// page from the cache, else read once for every request of the audience that asks at the
+/// live position, long-polled. The shared read runs as a task of its own (a reader going
+/// away does not cancel it for the others). A shared read that fails, or that was judged
+/// under other policies than the audience was made from, is shared with nobody: each
+/// reader then reads alone, under its own caps.
 async fn shared(
     state: &Arc<AppState>,
     user: &UserContext,
     request: &Request<'_>,
-    audience: String,
-) -> Result<Arc<Page>, ApiError> {
+    audience: &Audience,
+) -> Result<(Arc<Page>, bool), ApiError> {
     let key = PageKey {
         since: request.since.as_str().to_owned(),
         limit: request.limit,
         entity: request.params.entity_code.clone().unwrap_or_default(),
-        audience,
+        audience: audience.id.clone(),
         at: None,
     };
     let deadline = tokio::time::Instant::now() + request.wait;
     let mut moved = state.position.clone();
     loop {
         if let Some(page) = state.pages.closed(&key).await {
-            return Ok(page);
+            return Ok((page, true));
         }
         let at = moved
             .borrow_and_update()
@@ -251,19 +279,30 @@ async fn shared(
             at: Some(at.unwrap_or_default()),
             ..key.clone()
         };
-        let page = state
-            .pages
-            .read_once(key, async {
+        let read = {
+            let (state, user, params) = (state.clone(), user.clone(), request.params.clone());
+            let (since, limit, epoch) = (request.since.clone(), request.limit, audience.epoch);
+            async move {
                 let at_once = Request {
-                    since: request.since.clone(),
+                    since,
+                    limit,
                     wait: Duration::ZERO,
-                    ..*request
+                    params: &params,
                 };
-                private(state, user, &at_once).await
-            })
-            .await?;
-        if !page.empty || page.closed || tokio::time::Instant::now() >= deadline {
-            return Ok(page);
+                let page = private(&state, &user, &at_once).await.ok()?;
+                (state.catalog.view().epoch == epoch).then_some(page)
+            }
+        };
+        // Spawned only by the one request that reads (moka runs one init per key).
+        let Some(page) = state
+            .pages
+            .read_once(key, async { tokio::spawn(read).await.ok().flatten() })
+            .await
+        else {
+            return Ok((Arc::new(private(state, user, request).await?), false));
+        };
+        if !page.empty || page.full || tokio::time::Instant::now() >= deadline {
+            return Ok((page, true));
         }
         // Nothing yet: wait for the live stream to move on, or for the time to run out.
         let _ = tokio::time::timeout_at(deadline, moved.changed()).await;
@@ -310,7 +349,7 @@ async fn private(
                 ReadError::Database(e) => ApiError::from_db(e),
                 other => ApiError::internal(other),
             })?;
-        let (end, closed) = (page.end.clone(), page.more);
+        let (end, full) = (page.end.clone(), page.more);
         let out = render(
             state,
             user,
@@ -323,7 +362,7 @@ async fn private(
         .await?;
         drop(work);
         cursor = end;
-        if !out.is_empty() || closed || tokio::time::Instant::now() >= deadline {
+        if !out.is_empty() || full || tokio::time::Instant::now() >= deadline {
             let body = Bytes::from(
                 serde_json::to_vec(&json!({"changes": out, "cursor": cursor}))
                     .expect("JSON values serialize"),
@@ -331,8 +370,9 @@ async fn private(
             return Ok(Page {
                 etag: format!("\"{}\"", sharing::short_digest(&body)),
                 body,
+                closed: full && cursor.in_batch_of(&request.since),
                 cursor,
-                closed,
+                full,
                 empty: out.is_empty(),
             });
         }
@@ -341,18 +381,20 @@ async fn private(
     }
 }
 
-/// The page as JSON with its headers (`caching`: Cache-Control and the next page's URL), or
-/// 304 when the client holds it (`If-None-Match`); `place` given back once the body has
-/// been sent (the body's last, empty part is asked for only when the rest was taken).
-fn answer(page: &Page, caching: (&str, String), request: &HeaderMap, place: Held) -> Response {
-    let (cache_control, next) = caching;
+/// The page as JSON with its headers (`Link` to `next`), or 304 when the client holds it
+/// (`If-None-Match`); `place` given back once the body has been sent (the body's last, empty
+/// part is asked for only when the rest was taken).
+fn answer(page: &Page, caching: Caching, next: &str, request: &HeaderMap, place: Held) -> Response {
     let mut headers = HeaderMap::new();
     let mut set = |name, value: &str| {
         if let Ok(value) = HeaderValue::from_str(value) {
             headers.insert(name, value);
         }
     };
-    set(header::CACHE_CONTROL, cache_control);
+    set(header::CACHE_CONTROL, caching.cache_control);
+    if let Some(seconds) = caching.shared_for {
+        set(HeaderName::from_static("x-accel-expires"), seconds);
+    }
     set(header::ETAG, &page.etag);
     set(header::LINK, &format!("<{next}>; rel=\"next\""));
     let held = request

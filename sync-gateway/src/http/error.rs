@@ -9,7 +9,7 @@ use axum::Json;
 use serde_json::{json, Value};
 use tokio_postgres::error::SqlState;
 
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 pub struct ApiError {
     status: StatusCode,
     body: Value,
@@ -123,6 +123,10 @@ impl ApiError {
         } else {
             Self::internal(crate::ErrorChain(&error))
         }
+    }
+
+    pub fn status(&self) -> StatusCode {
+        self.status
     }
 
     /// Names the mutation the error is about.

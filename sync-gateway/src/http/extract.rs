@@ -43,12 +43,7 @@ impl FromRequestParts<Arc<AppState>> for Authenticated {
         parts: &mut Parts,
         state: &Arc<AppState>,
     ) -> Result<Self, ApiError> {
-        let bearer = parts
-            .headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .map(str::to_owned);
+        let bearer = bearer(&parts.headers);
         let query = if parts.method == Method::GET {
             Query::<TokenParam>::from_request_parts(parts, state)
                 .await
@@ -57,19 +52,33 @@ impl FromRequestParts<Arc<AppState>> for Authenticated {
         } else {
             None
         };
-        let token = bearer.or(query).ok_or_else(|| {
-            ApiError::unauthorized("a token is required: Authorization: Bearer or ?token=")
-        })?;
-        let claims = state
-            .verifier
-            .verify(&token)
-            .map_err(|e| ApiError::unauthorized(e.to_string()))?;
-        let user = state
-            .roles
-            .user(&claims)
-            .map_err(|e| ApiError::new(StatusCode::UNAUTHORIZED, "forbidden", e.to_string()))?;
-        Ok(Authenticated { claims, user })
+        authenticate(state, bearer.or(query))
     }
+}
+
+/// The holder of `token` (None: no token given).
+pub fn authenticate(state: &AppState, token: Option<String>) -> Result<Authenticated, ApiError> {
+    let token = token.ok_or_else(|| {
+        ApiError::unauthorized("a token is required: Authorization: Bearer or ?token=")
+    })?;
+    let claims = state
+        .verifier
+        .verify(&token)
+        .map_err(|e| ApiError::unauthorized(e.to_string()))?;
+    let user = state
+        .roles
+        .user(&claims)
+        .map_err(|e| ApiError::new(StatusCode::UNAUTHORIZED, "forbidden", e.to_string()))?;
+    Ok(Authenticated { claims, user })
+}
+
+/// The token of `Authorization: Bearer`, if any.
+pub fn bearer(headers: &axum::http::HeaderMap) -> Option<String> {
+    headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::to_owned)
 }
 
 /// A client id (an origin tag, SPEC 2.3) must not hold `:`, which separates the user from

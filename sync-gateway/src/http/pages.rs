@@ -8,7 +8,6 @@
 //! the log is *open*: it is shared only by requests that find the live stream at the same
 //! position (`PageKey::at`), for `OPEN_LIFETIME`.
 
-use super::error::ApiError;
 use crate::model::cursor::Cursor;
 use axum::body::Bytes;
 use moka::future::Cache;
@@ -39,8 +38,11 @@ pub struct Page {
     pub etag: String,
     /// Where the next page starts.
     pub cursor: Cursor,
-    /// Ended at its limit: the same bytes forever.
+    /// Ended at its limit inside (or at the end of) the batch of the log its `since` is in:
+    /// the same bytes forever (`Cursor::in_batch_of`).
     pub closed: bool,
+    /// Ended at its limit: more follows at once.
+    pub full: bool,
     /// Holds no change for the entity.
     pub empty: bool,
 }
@@ -98,21 +100,23 @@ impl Pages {
     }
 
     /// The page of `key` read at live position `key.at`: read by `read` once however many
-    /// ask at the same time; kept as closed when it is.
+    /// ask at the same time; kept as closed when it is. None when the read gave no page to
+    /// share (it failed, or was judged under other policies): nothing is kept, and each
+    /// asker reads alone.
     pub async fn read_once(
         &self,
         key: PageKey,
-        read: impl Future<Output = Result<Page, ApiError>>,
-    ) -> Result<Arc<Page>, ApiError> {
+        read: impl Future<Output = Option<Page>>,
+    ) -> Option<Arc<Page>> {
         let page = self
             .cache
-            .try_get_with(key.clone(), async { read.await.map(Arc::new) })
+            .try_get_with(key.clone(), async { read.await.map(Arc::new).ok_or(()) })
             .await
-            .map_err(|e| (*e).clone())?;
+            .ok()?;
         if page.closed {
             let closed = PageKey { at: None, ..key };
             self.cache.insert(closed, page.clone()).await;
         }
-        Ok(page)
+        Some(page)
     }
 }

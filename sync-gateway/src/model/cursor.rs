@@ -43,6 +43,36 @@ impl Cursor {
         }
     }
 
+    /// Whether this cursor (the end of a full page read from `since`) is in the batch of the
+    /// log `since` is inside, or at its end: everything between them was fixed when the
+    /// batch was, and never changes. (From a cursor between batches, a read's first batch
+    /// ends at the read's present, which moves.)
+    pub fn in_batch_of(&self, since: &Cursor) -> bool {
+        use pg_sync_core::cursor::Cursor::{At, Within};
+        let Some(Within {
+            generation,
+            from,
+            to,
+            ..
+        }) = since.decoded()
+        else {
+            return false;
+        };
+        match self.decoded() {
+            Some(Within {
+                generation: g,
+                from: f,
+                to: t,
+                ..
+            }) => g == generation && f == from && t == to,
+            Some(At {
+                generation: g,
+                mark,
+            }) => g == generation && mark == to,
+            None => false,
+        }
+    }
+
     /// Whether both cursors belong to the same log (database and generation).
     pub fn same_log(&self, other: &Cursor) -> bool {
         match (self.decoded(), other.decoded()) {
