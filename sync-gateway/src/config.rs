@@ -125,6 +125,13 @@ pub struct ServeArgs {
     #[arg(long, env = "SYNC_BEHIND_PATIENCE", default_value = "10s", value_parser = humantime::parse_duration)]
     pub behind_patience: Duration,
 
+    /// The HTTP cache in front checks every request's audience (as `docs/nginx.conf` does):
+    /// pages an audience shares then say how long that cache may keep them
+    /// (`X-Accel-Expires`). Off by default: nginx honours that header even where nothing
+    /// checks the audience, and would share pages with anyone who has their URL.
+    #[arg(long, env = "SYNC_SHARED_CACHE")]
+    pub shared_cache: bool,
+
     /// Megabytes of `/v1/changes` pages an audience shares, kept in memory (`http::pages`).
     #[arg(long, env = "SYNC_PAGE_CACHE_MB", default_value_t = 64)]
     pub page_cache_mb: u64,

@@ -94,6 +94,8 @@ pub struct RuntimeConfig {
     pub snapshot_max_duration: Duration,
     pub cors_origins: Vec<String>,
     pub static_dir: Option<PathBuf>,
+    /// The HTTP cache in front checks audiences (`--shared-cache`).
+    pub shared_cache: bool,
 }
 
 /// What clients hold, capped, and how fast they may come.
@@ -331,6 +333,7 @@ pub async fn serve(args: ServeArgs, shutdown: CancellationToken) -> Result<(), S
             snapshot_max_duration: caps.snapshot_max_duration,
             cors_origins: args.cors_origins.clone(),
             static_dir: args.static_dir.clone(),
+            shared_cache: args.shared_cache,
         },
         pages: http::pages::Pages::new(args.page_cache_mb << 20),
         caps: Caps {

@@ -93,7 +93,9 @@ impl Plans {
 
     /// `role`'s plan for `entity` at catalog `epoch` (the epoch of the view `entity` comes
     /// from), read from the database when not cached. A plan read for an older epoch than the
-    /// cache's is used but not kept.
+    /// cache's is used but not kept. The first plan kept for an epoch stays: two reads racing
+    /// a policy change within one epoch both get it, so that every judgement of the epoch
+    /// (and the audience of a shared page, `access::sharing`) uses one plan.
     pub async fn get(
         &self,
         client: &Client,
@@ -113,7 +115,11 @@ impl Plans {
             *cache = (epoch, HashMap::new());
         }
         if cache.0 == epoch {
-            cache.1.insert(Self::key(entity, role), plan.clone());
+            return Ok(cache
+                .1
+                .entry(Self::key(entity, role))
+                .or_insert(plan)
+                .clone());
         }
         Ok(plan)
     }

@@ -6,8 +6,8 @@
 //! inputs: the same role (its privileges, whether row-level security applies to it), the
 //! same access fingerprint (every policy, grant, owner and role of the database as the
 //! catalog was read: any change of them gives every entity a new audience), the same
-//! tracking of the entity, and, under a compiled policy, the same value of every claim the
-//! policy reads. A policy the gateway cannot compile is evaluated by the database, which may
+//! tracking of the entity, and, under a compiled policy (itself part of the digest), the
+//! same value of every claim the policy reads. A policy the gateway cannot compile is evaluated by the database, which may
 //! read anything (another table, a function): its pages are nobody's to share.
 //!
 //! The audience is a digest of those inputs. It is no secret and no credential: it names a
@@ -50,6 +50,7 @@ pub fn audience(
         entity.tracking,
         role,
         plan.rls,
+        plan.expr,
         claims
     ]);
     Some(short_digest(inputs.to_string().as_bytes()))

@@ -48,8 +48,8 @@ pub const MAX_WAIT: Duration = Duration::from_secs(60);
 /// When a client whose cursor this gateway has not reached should come back.
 const BEHIND_RETRY: Duration = Duration::from_secs(1);
 /// How an answer may be kept: by the reader (`Cache-Control`, always `private`: a cache
-/// that does not check the audience must not share it) and by a cache in front that does
-/// check it (`X-Accel-Expires`, seconds, which docs/nginx.conf follows).
+/// that does not check the audience must not share it) and, with `--shared-cache`, by the
+/// cache in front, which checks it (`X-Accel-Expires`, seconds, as docs/nginx.conf does).
 struct Caching {
     cache_control: &'static str,
     shared_for: Option<&'static str>,
@@ -207,12 +207,23 @@ pub async fn changes(
     let place = state.caps.long_polls.take(&user.sub)?;
     let (page, shared) = match &audience {
         Some(audience) => shared(&state, &user, &request, audience).await?,
-        None => (Arc::new(private(&state, &user, &request).await?), false),
+        None => (
+            Arc::new(private(&state, &user, &request, &user.sub).await?),
+            false,
+        ),
     };
-    let caching = match (shared && params.aud.is_some(), page.closed) {
-        (true, true) => CLOSED,
-        (true, false) => OPEN,
-        (false, _) => PRIVATE,
+    // The empty live edge is not kept: its next link may be its own URL.
+    let caching = match (shared && params.aud.is_some(), page.closed, page.empty) {
+        (true, true, _) => CLOSED,
+        (true, false, false) => OPEN,
+        _ => PRIVATE,
+    };
+    let caching = match state.config.shared_cache {
+        true => caching,
+        false => Caching {
+            shared_for: None,
+            ..caching
+        },
     };
     let next = request.url(&page.cursor, id);
     Ok(answer(&page, caching, &next, &headers, place))
@@ -249,9 +260,10 @@ pub async fn check_audience(State(state): State<Arc<AppState>>, headers: HeaderM
 /// The page after `since` as `audience` sees it, and whether it is the audience's: a closed
 /// page from the cache, else read once for every request of the audience that asks at the
 /// live position, long-polled. The shared read runs as a task of its own (a reader going
-/// away does not cancel it for the others). A shared read that fails, or that was judged
-/// under other policies than the audience was made from, is shared with nobody: each
-/// reader then reads alone, under its own caps.
+/// away does not cancel it for the others), under caps of the audience's own, not of the
+/// reader who came first (who could fill theirs to make it fail). A shared read that
+/// fails, or that was judged under other policies than the audience was made from, is
+/// shared with nobody: each reader then reads alone, under its own caps.
 async fn shared(
     state: &Arc<AppState>,
     user: &UserContext,
@@ -282,6 +294,7 @@ async fn shared(
         let read = {
             let (state, user, params) = (state.clone(), user.clone(), request.params.clone());
             let (since, limit, epoch) = (request.since.clone(), request.limit, audience.epoch);
+            let key_audience = audience.id.clone();
             async move {
                 let at_once = Request {
                     since,
@@ -289,7 +302,9 @@ async fn shared(
                     wait: Duration::ZERO,
                     params: &params,
                 };
-                let page = private(&state, &user, &at_once).await.ok()?;
+                // NUL: no token's `sub` names it in practice.
+                let holder = format!("\0audience {}", key_audience);
+                let page = private(&state, &user, &at_once, &holder).await.ok()?;
                 (state.catalog.view().epoch == epoch).then_some(page)
             }
         };
@@ -299,30 +314,29 @@ async fn shared(
             .read_once(key, async { tokio::spawn(read).await.ok().flatten() })
             .await
         else {
-            return Ok((Arc::new(private(state, user, request).await?), false));
+            let alone = private(state, user, request, &user.sub).await?;
+            return Ok((Arc::new(alone), false));
         };
         if !page.empty || page.full || tokio::time::Instant::now() >= deadline {
             return Ok((page, true));
         }
-        // Nothing yet: wait for the live stream to move on, or for the time to run out.
-        let _ = tokio::time::timeout_at(deadline, moved.changed()).await;
+        // Nothing yet: wait for the live stream to move on, or for the time to run out (or
+        // for the gateway to stop).
+        if let Ok(Err(_)) = tokio::time::timeout_at(deadline, moved.changed()).await {
+            return Ok((page, true));
+        }
     }
 }
 
-/// The page after `since` as `user` sees it, read for this request alone, long-polled.
+/// The page after `since` as `user` sees it, long-polled, its queries counted under
+/// `holder`'s caps.
 async fn private(
     state: &AppState,
     user: &UserContext,
     request: &Request<'_>,
+    holder: &str,
 ) -> Result<Page, ApiError> {
-    match reach(
-        state,
-        &user.sub,
-        &request.since,
-        state.config.behind_patience,
-    )
-    .await?
-    {
+    match reach(state, holder, &request.since, state.config.behind_patience).await? {
         Reach::Live => {}
         Reach::Expired => return Err(ApiError::gone_expired()),
         Reach::Ahead => {
@@ -332,14 +346,14 @@ async fn private(
         }
         Reach::Behind => return Err(ApiError::behind(BEHIND_RETRY)),
     }
-    let deadline = tokio::time::Instant::now() + request.wait;
+    let mut deadline = tokio::time::Instant::now() + request.wait;
     let mut moved = state.position.clone();
     let mut group = Arc::new(Listeners::alone(Arc::new(user.clone()), 0));
     let mut judge = Judge::default();
     let mut cursor = request.since.clone();
     loop {
         moved.borrow_and_update();
-        let mut work = state.work.start(&user.sub).await?;
+        let mut work = state.work.start(holder).await?;
         state.metrics.changes_pages_read.inc();
         let page = read_page(&mut work.client, Some(&cursor), request.limit, None)
             .await
@@ -376,8 +390,11 @@ async fn private(
                 empty: out.is_empty(),
             });
         }
-        // Nothing yet: wait for the live stream to move on, or for the time to run out.
-        let _ = tokio::time::timeout_at(deadline, moved.changed()).await;
+        // Nothing yet: wait for the live stream to move on, or for the time to run out (the
+        // gateway stopping ends it: one more read, then the answer).
+        if let Ok(Err(_)) = tokio::time::timeout_at(deadline, moved.changed()).await {
+            deadline = tokio::time::Instant::now();
+        }
     }
 }
 

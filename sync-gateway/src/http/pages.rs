@@ -82,7 +82,13 @@ impl Pages {
             cache: Cache::builder()
                 .max_capacity(max_bytes)
                 .weigher(|key: &PageKey, page: &Arc<Page>| {
-                    let bytes = page.body.len() + key.since.len() + key.entity.len() + 128;
+                    let at = key.at.as_ref().map_or(0, String::len);
+                    let bytes = page.body.len()
+                        + page.cursor.as_str().len()
+                        + key.since.len()
+                        + key.entity.len()
+                        + at
+                        + 128;
                     u32::try_from(bytes).unwrap_or(u32::MAX)
                 })
                 .expire_after(Lifetimes)

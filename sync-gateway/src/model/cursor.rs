@@ -108,4 +108,18 @@ mod tests {
         assert!(!late.reaches(&elsewhere) && !late.same_log(&elsewhere));
         assert!(Cursor::from_client("1.ab.nonsense").is_err());
     }
+
+    #[test]
+    fn a_page_end_is_in_its_since_batch_only_inside_or_at_the_end_of_it() {
+        let cursor = |text: &str| Cursor::from_client(&format!("1.ab.{text}")).unwrap();
+        // The batch (from, to] and a position in it; the next batch (to, later].
+        let (from, to, later) = ("10_20__5_22", "20_30__9_32", "30_40__15_42");
+        let since = cursor(&format!("{from}.{to}.6.21.6"));
+        assert!(cursor(&format!("{from}.{to}.8.25.7")).in_batch_of(&since));
+        assert!(cursor(to).in_batch_of(&since), "at the batch's end");
+        assert!(!cursor(&format!("{to}.{later}.12.33.11")).in_batch_of(&since));
+        assert!(!cursor(later).in_batch_of(&since));
+        // From a cursor between batches, a read's first batch ends at its present: never.
+        assert!(!cursor(&format!("{from}.{to}.8.25.7")).in_batch_of(&cursor(from)));
+    }
 }
