@@ -398,7 +398,7 @@ async fn page_benchmark() {
     let (changes, readers) = (number("PAGE_CHANGES", 10_000), number("PAGE_READERS", 1000));
     let cluster = Cluster::start().await;
     cluster.execute(SCHEMA).await;
-    let gateway = Gateway::start(&cluster, &[]).await;
+    let gateway = Gateway::start(&cluster, &["--shared-cache"]).await;
     let start = cluster.current_cursor().await;
     cluster
         .execute(&format!(
