@@ -171,6 +171,22 @@ fn route(h: &mut Harness, changes: Vec<Change>, end: u64) {
         .handle(Command::Batch(Arc::new(batch(changes, vec![], end, true))));
 }
 
+/// The replay task of connection 1's subscription `sub`: `changes` as the gap's one page,
+/// then its end.
+fn replay(h: &mut Harness, sub: SubId, changes: Vec<Change>) {
+    let items = changes
+        .into_iter()
+        .map(|c| ReplayItem::Change(Arc::new(c), Verdict::Seen(None)))
+        .collect();
+    h.router.handle(Command::Replay(ReplayEvent::Page {
+        conn: 1,
+        sub,
+        items,
+    }));
+    h.router
+        .handle(Command::Replay(ReplayEvent::Done { conn: 1, sub }));
+}
+
 fn triple(kind: &str, id: &str, action: &str) -> (String, String, String) {
     (kind.into(), id.into(), action.into())
 }
@@ -211,19 +227,7 @@ async fn a_replay_comes_first_then_synced_then_what_was_held_back() {
     // A live change while the replay runs waits.
     route(&mut h, vec![insert("9")], 11);
     assert_eq!(shape(&drain(&mut q).await), [triple("SUBSCRIBED", "", "")]);
-    let page = vec![
-        ReplayItem::Change(Arc::new(insert("6")), Verdict::Seen(None)),
-        ReplayItem::Change(Arc::new(insert("7")), Verdict::Seen(None)),
-    ];
-    h.router.handle(Command::Replay(ReplayEvent::Page {
-        conn: 1,
-        sub: start.sub,
-        items: page,
-    }));
-    h.router.handle(Command::Replay(ReplayEvent::Done {
-        conn: 1,
-        sub: start.sub,
-    }));
+    replay(&mut h, start.sub, vec![insert("6"), insert("7")]);
     assert_eq!(
         shape(&drain(&mut q).await),
         [
@@ -709,18 +713,7 @@ async fn a_resync_met_live_during_a_replay_follows_the_replays_older_changes() {
     access.op = Op::Access;
     route(&mut h, vec![access], 11);
     assert_eq!(shape(&drain(&mut q).await), [triple("SUBSCRIBED", "", "")]);
-    h.router.handle(Command::Replay(ReplayEvent::Page {
-        conn: 1,
-        sub: start.sub,
-        items: vec![ReplayItem::Change(
-            Arc::new(insert("6")),
-            Verdict::Seen(None),
-        )],
-    }));
-    h.router.handle(Command::Replay(ReplayEvent::Done {
-        conn: 1,
-        sub: start.sub,
-    }));
+    replay(&mut h, start.sub, vec![insert("6")]);
     assert_eq!(
         shape(&drain(&mut q).await),
         [
