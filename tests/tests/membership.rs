@@ -141,6 +141,12 @@ async fn joining_and_leaving_a_project_reaches_the_live_copy_in_order() {
     let mut b = watching(&gateway, "b", None).await;
     let seen = after(&cluster, &mut b, "INSERT INTO member VALUES (2, 'c')", 5).await;
     assert_eq!(resyncs(&seen), ["\"task\" \"access_changed\""], "{seen:?}");
+
+    // 100 statements on the membership table in one transaction: one refetch, not 100.
+    let mut b = watching(&gateway, "b", None).await;
+    let statements = "DELETE FROM member WHERE user_id = 'nobody';".repeat(100);
+    let seen = after(&cluster, &mut b, &statements, 6).await;
+    assert_eq!(resyncs(&seen), ["\"task\" \"access_changed\""], "{seen:?}");
 }
 
 /// c is a member of project 5 and holds task 1 from a snapshot; task 1 moves to project 1,

@@ -723,3 +723,25 @@ async fn a_resync_met_live_during_a_replay_follows_the_replays_older_changes() {
         ]
     );
 }
+
+#[tokio::test]
+async fn many_access_changes_in_one_read_make_one_refetch() {
+    let mut h = harness();
+    let (mut q, _) = connect(&mut h, 1, 1, 1 << 20);
+    subscribe(&mut h, 1, Target::Rows(None), None);
+    drain(&mut q).await;
+    let access = |n: &str| Change {
+        op: Op::Access,
+        ..insert(n)
+    };
+    // 100 statements on a membership table, then a change, then one more.
+    let mut changes: Vec<Change> = (1..=100).map(|n| access(&n.to_string())).collect();
+    changes.push(insert("101"));
+    changes.push(access("102"));
+    route(&mut h, changes, 11);
+    let kinds: Vec<String> = shape(&drain(&mut q).await)
+        .into_iter()
+        .map(|(kind, _, _)| kind)
+        .collect();
+    assert_eq!(kinds, ["RESYNC", "DELTA", "RESYNC"]);
+}
