@@ -30,7 +30,7 @@ use crate::wakeup;
 use pgrx::pg_sys::panic::ErrorReport;
 use pgrx::prelude::*;
 use pgrx::{PgMemoryContexts, PgRelation, PgTupleDesc};
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::ffi::CStr;
 use std::rc::Rc;
@@ -365,16 +365,37 @@ fn log_access(tbl: pg_sys::Oid) {
     wakeup::note_log_write();
 }
 
-/// The statement trigger `sync._policy_input(relid, ...)` that `sync._watch_policy_inputs`
-/// puts on each table a tracked table's policies read (a membership table): rows of the
-/// tracked tables named by its arguments enter or leave users' sight when it changes, without
-/// changing themselves, so each gets an ACCESS row at this point of the log. It runs as the
-/// writer, runs no SQL, and writes only for tables that are tracked; attaching it elsewhere
-/// needs EXECUTE on it, which no one is granted.
+thread_local! {
+    /// The statement (top transaction, command, table) whose first changed row wrote the
+    /// ACCESS rows of `_policy_input`: its other rows write none.
+    static ACCESS_NOTED: Cell<Option<(u32, u32, u32)>> = const { Cell::new(None) };
+}
+
+/// The triggers `sync._policy_input(relid, ...)` that `sync._watch_policy_inputs` puts on
+/// each table a tracked table's policies read (a membership table): rows of the tracked
+/// tables named by its arguments enter or leave users' sight when it changes, without
+/// changing themselves, so each gets an ACCESS row at this point of the log. A row trigger
+/// (INSERT, UPDATE, DELETE) writes them at the statement's first changed row, so that a
+/// statement that changes nothing writes nothing; a statement trigger, at TRUNCATE. It runs
+/// as the writer, runs no SQL, and writes only for tables that are tracked; attaching it
+/// elsewhere needs EXECUTE on it, which no one is granted.
 #[pg_trigger]
 fn _policy_input<'a>(
     trigger: &'a PgTrigger<'a>,
 ) -> Result<Option<PgHeapTuple<'a, AllocatedByPostgres>>, std::convert::Infallible> {
+    if matches!(trigger.level(), PgTriggerLevel::Row) {
+        // SAFETY: reads of this backend's transaction state.
+        let statement = unsafe {
+            (
+                pg_sys::GetTopTransactionIdIfAny().into_inner(),
+                pg_sys::GetCurrentCommandId(false),
+                trigger.relid().map_or(0, u32::from),
+            )
+        };
+        if ACCESS_NOTED.with(|noted| noted.replace(Some(statement))) == Some(statement) {
+            return Ok(None);
+        }
+    }
     let args = trigger.extra_args().unwrap_or_default();
     for relid in args.iter().filter_map(|a| a.parse::<u32>().ok()) {
         log_access(pg_sys::Oid::from(relid));

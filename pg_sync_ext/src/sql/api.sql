@@ -398,9 +398,10 @@ $$;
 
 -- Rows enter and leave a user's sight without changing themselves when a table that a policy
 -- reads changes (a membership table in `EXISTS (SELECT 1 FROM member m WHERE ...)`). Each such
--- table gets one statement trigger of sync._policy_input, whose arguments name the tracked
--- tables whose policies read it; its writes then put an ACCESS row of each into the log (their
--- subscribers refetch at that point). The tables read are PostgreSQL's own dependencies of
+-- table gets two triggers of sync._policy_input, one per row (INSERT, UPDATE, DELETE) and one
+-- at TRUNCATE, whose arguments name the tracked tables whose policies read it; a statement
+-- that changes rows of it (or truncates it) then puts an ACCESS row of each into the log, once
+-- (their subscribers refetch at that point), and one that changes none, nothing. The tables read are PostgreSQL's own dependencies of
 -- each policy (pg_depend): one read through a function or a view is not seen, nor a policy
 -- reading its own table. A table is watched only when the tracked table's owner owns it or
 -- may create triggers on it, so that no one can have pg_sync put a trigger on a table they
@@ -412,6 +413,8 @@ CREATE FUNCTION sync._watch_policy_inputs() RETURNS void
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     w record;
+    name name;
+    args text;
     waited text := pg_catalog.current_setting('lock_timeout');
 BEGIN
     IF sync._in_internal_ddl() THEN
@@ -433,36 +436,46 @@ BEGIN
                        AND (pg_catalog.pg_has_role(tc.relowner, c.relowner, 'USAGE')
                             OR pg_catalog.has_table_privilege(tc.relowner, c.oid, 'TRIGGER'))) i
              GROUP BY i.input),
+        -- Each trigger as its type (29: AFTER INSERT OR UPDATE OR DELETE FOR EACH ROW; 32:
+        -- AFTER TRUNCATE FOR EACH STATEMENT) and its arguments.
         present AS (
-            SELECT g.tgrelid AS input, g.tgname, g.tgargs
+            SELECT g.tgrelid AS input, pg_catalog.array_agg(g.tgname) AS tgnames,
+                   pg_catalog.array_agg(g.tgtype::int || ':' || pg_catalog.encode(g.tgargs, 'hex')
+                                        ORDER BY g.tgtype) AS triggers
               FROM pg_catalog.pg_trigger g
-             WHERE g.tgfoid = 'sync._policy_input()'::pg_catalog.regprocedure)
+             WHERE g.tgfoid = 'sync._policy_input()'::pg_catalog.regprocedure
+             GROUP BY g.tgrelid)
         SELECT coalesce(wanted.input, present.input)::regclass AS input, wanted.relids,
-               present.tgname
+               present.tgnames
           FROM wanted FULL JOIN present ON present.input = wanted.input
-         WHERE present.tgargs IS DISTINCT FROM
-               (SELECT pg_catalog.decode(pg_catalog.string_agg(
-                           pg_catalog.encode(pg_catalog.convert_to(r::text, 'UTF8'), 'hex') || '00', ''
-                           ORDER BY o), 'hex')
-                  FROM pg_catalog.unnest(wanted.relids) WITH ORDINALITY u(r, o))
+         WHERE present.triggers IS DISTINCT FROM
+               (SELECT ARRAY['29:' || a.hex, '32:' || a.hex]
+                  FROM (SELECT pg_catalog.string_agg(
+                                   pg_catalog.encode(pg_catalog.convert_to(r::text, 'UTF8'), 'hex') || '00',
+                                   '' ORDER BY o) AS hex
+                          FROM pg_catalog.unnest(wanted.relids) WITH ORDINALITY u(r, o)) a)
     LOOP
         BEGIN
             -- (A subtransaction: the DDL below is pg_sync's own in it too.)
             PERFORM sync._internal_ddl(true);
             PERFORM pg_catalog.set_config('lock_timeout', '1s', true);
-            IF w.tgname IS NOT NULL THEN
-                EXECUTE format('DROP TRIGGER %I ON %s', w.tgname, w.input);
-            END IF;
+            FOR name IN SELECT pg_catalog.unnest(w.tgnames) LOOP
+                EXECUTE format('DROP TRIGGER %I ON %s', name, w.input);
+            END LOOP;
             IF w.relids IS NOT NULL THEN
-                EXECUTE format('CREATE TRIGGER %I AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON %s '
+                args := (SELECT pg_catalog.string_agg(pg_catalog.quote_literal(r::text), ', ' ORDER BY o)
+                           FROM pg_catalog.unnest(w.relids) WITH ORDINALITY u(r, o));
+                EXECUTE format('CREATE TRIGGER %I AFTER INSERT OR UPDATE OR DELETE ON %s '
+                               'FOR EACH ROW EXECUTE FUNCTION sync._policy_input(%s)',
+                               'sync_policy_input_' || pg_catalog.md5(pg_catalog.random()::text), w.input, args);
+                EXECUTE format('CREATE TRIGGER %I AFTER TRUNCATE ON %s '
                                'FOR EACH STATEMENT EXECUTE FUNCTION sync._policy_input(%s)',
-                               'sync_policy_input_' || pg_catalog.md5(pg_catalog.random()::text), w.input,
-                               (SELECT pg_catalog.string_agg(pg_catalog.quote_literal(r::text), ', ' ORDER BY o)
-                                  FROM pg_catalog.unnest(w.relids) WITH ORDINALITY u(r, o)));
-                EXECUTE format('ALTER TABLE %s ENABLE ALWAYS TRIGGER %I', w.input,
-                               (SELECT g.tgname FROM pg_catalog.pg_trigger g
-                                 WHERE g.tgrelid = w.input
-                                   AND g.tgfoid = 'sync._policy_input()'::pg_catalog.regprocedure));
+                               'sync_policy_input_' || pg_catalog.md5(pg_catalog.random()::text), w.input, args);
+                FOR name IN SELECT g.tgname FROM pg_catalog.pg_trigger g
+                             WHERE g.tgrelid = w.input
+                               AND g.tgfoid = 'sync._policy_input()'::pg_catalog.regprocedure LOOP
+                    EXECUTE format('ALTER TABLE %s ENABLE ALWAYS TRIGGER %I', w.input, name);
+                END LOOP;
             END IF;
             PERFORM sync._internal_ddl(false);
             PERFORM pg_catalog.set_config('lock_timeout', waited, true);
