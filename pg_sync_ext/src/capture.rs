@@ -366,9 +366,12 @@ fn log_access(tbl: pg_sys::Oid) {
 }
 
 thread_local! {
-    /// The statement (top transaction, command, table) whose first changed row wrote the
-    /// ACCESS rows of `_policy_input`: its other rows write none.
-    static ACCESS_NOTED: Cell<Option<(u32, u32, u32)>> = const { Cell::new(None) };
+    /// The statement (local transaction, subtransaction, command, table) whose first changed
+    /// row wrote the ACCESS rows of `_policy_input`: its other rows write none. The
+    /// subtransaction: an inner write rolled back with its ACCESS row (an EXCEPTION block)
+    /// shares the outer statement's command id. The local transaction id: a transaction
+    /// writing only to a foreign partition has no xid.
+    static ACCESS_NOTED: Cell<Option<(u32, u32, u32, u32)>> = const { Cell::new(None) };
 }
 
 /// The triggers `sync._policy_input(relid, ...)` that `sync._watch_policy_inputs` puts on
@@ -384,10 +387,11 @@ fn _policy_input<'a>(
     trigger: &'a PgTrigger<'a>,
 ) -> Result<Option<PgHeapTuple<'a, AllocatedByPostgres>>, std::convert::Infallible> {
     if matches!(trigger.level(), PgTriggerLevel::Row) {
-        // SAFETY: reads of this backend's transaction state.
+        // SAFETY: reads of this backend's transaction state; MyProc is set in a backend.
         let statement = unsafe {
             (
-                pg_sys::GetTopTransactionIdIfAny().into_inner(),
+                (*pg_sys::MyProc).lxid,
+                pg_sys::GetCurrentSubTransactionId(),
                 pg_sys::GetCurrentCommandId(false),
                 trigger.relid().map_or(0, u32::from),
             )

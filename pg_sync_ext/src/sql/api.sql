@@ -444,6 +444,7 @@ BEGIN
                                         ORDER BY g.tgtype) AS triggers
               FROM pg_catalog.pg_trigger g
              WHERE g.tgfoid = 'sync._policy_input()'::pg_catalog.regprocedure
+               AND g.tgparentid = 0 -- not the copies a partitioned table's row trigger makes
              GROUP BY g.tgrelid)
         SELECT coalesce(wanted.input, present.input)::regclass AS input, wanted.relids,
                present.tgnames
@@ -472,7 +473,7 @@ BEGIN
                                'FOR EACH STATEMENT EXECUTE FUNCTION sync._policy_input(%s)',
                                'sync_policy_input_' || pg_catalog.md5(pg_catalog.random()::text), w.input, args);
                 FOR name IN SELECT g.tgname FROM pg_catalog.pg_trigger g
-                             WHERE g.tgrelid = w.input
+                             WHERE g.tgrelid = w.input AND g.tgparentid = 0
                                AND g.tgfoid = 'sync._policy_input()'::pg_catalog.regprocedure LOOP
                     EXECUTE format('ALTER TABLE %s ENABLE ALWAYS TRIGGER %I', w.input, name);
                 END LOOP;
