@@ -64,7 +64,7 @@ impl Cluster {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         run("chown", &["postgres:postgres", dir.to_str().unwrap()]);
-        let cluster = Cluster {
+        let mut cluster = Cluster {
             dir,
             port: free_port(),
         };
@@ -79,13 +79,29 @@ impl Cluster {
             "postgres",
             "--no-sync",
         ]);
-        cluster.pg_ctl_start(settings);
+        // Another process may bind the free port between its pick and the server's start (a
+        // CI run failed so): a new port, a few times.
+        for attempt in 1.. {
+            match cluster.try_pg_ctl_start(settings) {
+                Ok(()) => break,
+                Err(e) if attempt < 3 && e.contains("Address already in use") => {
+                    cluster.port = free_port();
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
         cluster.execute("CREATE EXTENSION pg_sync").await;
         cluster.execute(ROLES).await;
         cluster
     }
 
     fn pg_ctl_start(&self, settings: &[&str]) {
+        self.try_pg_ctl_start(settings)
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+
+    /// Starts the server; Err with pg_ctl's output and the server's log when it did not.
+    fn try_pg_ctl_start(&self, settings: &[&str]) -> Result<(), String> {
         let mut options = format!(
             "-p {} -c listen_addresses=127.0.0.1 -c unix_socket_directories={} \
              -c wal_level=logical -c max_replication_slots=10 \
@@ -102,17 +118,23 @@ impl Cluster {
             options.push_str(&format!(" -c {s}"));
         }
         let log = self.dir.join("log");
-        as_postgres(&[
-            &format!("{PG_BIN}/pg_ctl"),
-            "-D",
-            self.data().to_str().unwrap(),
-            "-l",
-            log.to_str().unwrap(),
-            "-w",
-            "-o",
-            &options,
-            "start",
-        ]);
+        let out = Command::new("runuser")
+            .args(["-u", "postgres", "--", &format!("{PG_BIN}/pg_ctl"), "-D"])
+            .arg(self.data())
+            .arg("-l")
+            .arg(&log)
+            .args(["-w", "-o", &options, "start"])
+            .output()
+            .map_err(|e| format!("runuser: {e}"))?;
+        if out.status.success() {
+            return Ok(());
+        }
+        Err(format!(
+            "pg_ctl start failed:\n{}{}\nserver log:\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+            std::fs::read_to_string(&log).unwrap_or_default()
+        ))
     }
 
     fn data(&self) -> PathBuf {
