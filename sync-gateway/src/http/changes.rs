@@ -11,9 +11,9 @@
 //! answers nobody reads must not pile up in memory past the caps.
 //!
 //! Pages of one entity are shared within an audience (`access::sharing`): read once for all
-//! its requests in flight, kept by the gateway (`http::pages`), and with `aud` in the URL
-//! cacheable by any HTTP cache in front: a closed page (one that ended at its `limit`) is
-//! immutable. Every answer links the next page (`Link: <…>; rel="next"`) with the audience
+//! its requests in flight, kept by the gateway (`http::pages`), and with `aud` in the URL and
+//! `--shared-cache`, kept by the HTTP cache in front, which checks audiences: a closed page
+//! (`http::pages::Page::closed`) for a year, another briefly. Every answer links the next page (`Link: <…>; rel="next"`) with the audience
 //! of its reader; a URL whose `aud` is not the reader's is redirected (307) to the reader's,
 //! so a cached page is served only to whoever is of its audience. `/v1/changes/audience` is
 //! that check alone, for a cache's authorization subrequest.

@@ -2,11 +2,10 @@
 //! bounded in bytes. Identical reads in flight are made once: the first request reads and
 //! judges, the others wait for its answer (moka's `try_get_with`).
 //!
-//! A page that ended at its `limit` is *closed*: the log after a cursor never changes, so the
-//! same `limit` changes follow `since` forever, and judged for one audience they are the same
-//! bytes forever. It is kept while it is read (`CLOSED_IDLE`). A page that reached the end of
-//! the log is *open*: it is shared only by requests that find the live stream at the same
-//! position (`PageKey::at`), for `OPEN_LIFETIME`.
+//! A *closed* page (`Page::closed`: full, and ending inside or at the end of the batch of the
+//! log its `since` is in) is the same bytes for one audience forever; it is kept while it is
+//! read (`CLOSED_IDLE`). Any other page is *open*: it is shared only by requests that find
+//! the live stream at the same position (`PageKey::at`), for `OPEN_LIFETIME`.
 
 use crate::model::cursor::Cursor;
 use axum::body::Bytes;
