@@ -225,6 +225,16 @@ pub struct CapArgs {
     #[arg(long, env = "SYNC_MAX_ADMISSIONS_PER_SECOND", default_value = "2000")]
     pub max_admissions_per_second: std::num::NonZeroU32,
 
+    /// New WebSocket connections of one user (`sub`) admitted per second, in bursts of up
+    /// to a second's worth; beyond, 503 with `Retry-After`. Checked before the total, so
+    /// that one user cannot spend everyone's admissions.
+    #[arg(
+        long,
+        env = "SYNC_MAX_ADMISSIONS_PER_USER_PER_SECOND",
+        default_value = "10"
+    )]
+    pub max_admissions_per_user_per_second: std::num::NonZeroU32,
+
     /// WebSocket connections of one user (`sub`).
     #[arg(long, env = "SYNC_MAX_CONNECTIONS_PER_USER", default_value_t = 100)]
     pub max_connections_per_user: usize,

@@ -100,8 +100,8 @@ pub struct RuntimeConfig {
 
 /// What clients hold, capped, and how fast they may come.
 pub struct Caps {
-    /// New WebSocket connections per second (`--max-admissions-per-second`).
-    pub admissions: governor::DefaultDirectRateLimiter,
+    /// New WebSocket connections per second, per user and in total.
+    pub admissions: access::limits::Admissions,
     pub connections: Arc<Cap>,
     pub snapshots: Arc<Cap>,
     pub long_polls: Arc<Cap>,
@@ -337,9 +337,10 @@ pub async fn serve(args: ServeArgs, shutdown: CancellationToken) -> Result<(), S
         },
         pages: http::pages::Pages::new(args.page_cache_mb << 20),
         caps: Caps {
-            admissions: governor::RateLimiter::direct(governor::Quota::per_second(
+            admissions: access::limits::Admissions::new(
                 caps.max_admissions_per_second,
-            )),
+                caps.max_admissions_per_user_per_second,
+            ),
             connections: Cap::new(
                 "connections",
                 caps.max_connections,

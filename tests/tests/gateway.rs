@@ -905,3 +905,35 @@ async fn new_connections_beyond_the_admission_rate_are_told_when_to_come_back() 
         }
     }
 }
+
+/// One user opening connections as fast as they can spends their own admissions, not
+/// everyone's: another user connects at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_user_flooding_new_connections_leaves_others_their_admission() {
+    let (_cluster, gateway) = setup(&[
+        "--max-admissions-per-second",
+        "5",
+        "--max-admissions-per-user-per-second",
+        "2",
+    ])
+    .await;
+    let mallory = token("mallory", &[]);
+    let mut refused = 0;
+    let mut held = Vec::new();
+    for _ in 0..20 {
+        match gateway.try_connect(&mallory, "").await {
+            Ok(session) => held.push(session),
+            Err((status, _)) => {
+                assert_eq!(status, 503);
+                refused += 1;
+            }
+        }
+    }
+    assert!(refused >= 15, "{refused} of mallory's 20 refused");
+    for user in ["bob", "carol"] {
+        assert!(
+            gateway.try_connect(&token(user, &[]), "").await.is_ok(),
+            "{user} gets in while mallory floods"
+        );
+    }
+}

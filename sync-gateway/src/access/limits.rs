@@ -7,6 +7,7 @@
 
 use deadpool_postgres::{Object, Pool, PoolError};
 use std::collections::HashMap;
+use std::num::NonZeroU32;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -37,6 +38,39 @@ pub struct Cap {
     total: usize,
     per_user: usize,
     counts: Mutex<(usize, HashMap<String, usize>)>,
+}
+
+/// How fast new connections are admitted: per user first, then in total, so that a user
+/// who floods spends their own bucket and not everyone's.
+pub struct Admissions {
+    per_user: governor::DefaultKeyedRateLimiter<String>,
+    total: governor::DefaultDirectRateLimiter,
+}
+
+/// Users remembered by the per-user buckets before those full again are forgotten.
+const ADMITTED_USERS: usize = 10_000;
+
+impl Admissions {
+    pub fn new(total: NonZeroU32, per_user: NonZeroU32) -> Admissions {
+        Admissions {
+            per_user: governor::RateLimiter::keyed(governor::Quota::per_second(per_user)),
+            total: governor::RateLimiter::direct(governor::Quota::per_second(total)),
+        }
+    }
+
+    /// Whether `user` may open a connection now; else how long until it may come back.
+    pub fn admit(&self, user: &str) -> Result<(), Duration> {
+        let now = || governor::clock::Clock::now(&governor::clock::DefaultClock::default());
+        if self.per_user.len() > ADMITTED_USERS {
+            self.per_user.retain_recent();
+        }
+        self.per_user
+            .check_key(&user.to_owned())
+            .map_err(|refused| refused.wait_time_from(now()))?;
+        self.total
+            .check()
+            .map_err(|refused| refused.wait_time_from(now()))
+    }
 }
 
 /// Places of a cap, given back on drop.

@@ -122,13 +122,6 @@ async fn websocket(
     if state.shutdown.is_cancelled() || !state.ready.load(Ordering::SeqCst) {
         return (StatusCode::SERVICE_UNAVAILABLE, "not ready").into_response();
     }
-    if let Err(not_until) = state.caps.admissions.check() {
-        let wait = not_until.wait_time_from(governor::clock::Clock::now(
-            &governor::clock::DefaultClock::default(),
-        ));
-        return ApiError::unavailable("too many new connections; retry later", wait)
-            .into_response();
-    }
     let client_id = params.client_id.or_else(|| auth.claims.client_id.clone());
     if let Err(e) = check_client_id(client_id.as_deref()) {
         return e.into_response();
@@ -137,6 +130,11 @@ async fn websocket(
         Ok(place) => place,
         Err(busy) => return ApiError::busy(busy).into_response(),
     };
+    // Charged last, per user before in total: a request refused anyway spends nothing.
+    if let Err(wait) = state.caps.admissions.admit(&auth.user.sub) {
+        return ApiError::unavailable("too many new connections; retry later", wait)
+            .into_response();
+    }
     let tracker = state.tracker.clone();
     upgrade
         .max_message_size(MAX_FRAME_BYTES)
