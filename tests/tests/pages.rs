@@ -133,6 +133,11 @@ async fn a_closed_page_is_the_same_bytes_for_its_audience_and_no_one_else() {
     // for one that does.
     assert_eq!(first.header("cache-control"), Some(IMMUTABLE));
     assert_eq!(first.header("x-accel-expires"), Some("31536000"));
+    // Another spelling of the same page is served, but not kept by the cache in front: its
+    // variants must not push everyone's pages out.
+    let variant = get(&gateway, &alice, &format!("{url}&x=1")).await;
+    assert_eq!(variant.body, first.body);
+    assert_eq!(variant.header("x-accel-expires"), None);
     let etag = first.header("etag").expect("an ETag").to_owned();
     // Changes 11 to 20 of the log, of which alice sees acme's.
     assert_eq!(orgs(&first), vec!["acme"; 5]);

@@ -135,8 +135,8 @@ impl<'a> Request<'a> {
         if let Some(aud) = aud {
             url += &format!("&aud={}", encode(aud));
         }
-        if let Some(wait) = self.params.wait {
-            url += &format!("&wait={wait}");
+        if self.params.wait.is_some() {
+            url += &format!("&wait={}", self.wait.as_secs());
         }
         if let Some(client_id) = &self.params.client_id {
             url += &format!("&clientId={}", encode(client_id));
@@ -184,6 +184,7 @@ async fn audience_of(
 pub async fn changes(
     State(state): State<Arc<AppState>>,
     auth: Authenticated,
+    uri: Uri,
     Query(params): Query<Params>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
@@ -218,7 +219,12 @@ pub async fn changes(
         (true, false, false) => OPEN,
         _ => PRIVATE,
     };
-    let caching = match state.config.shared_cache {
+    // A cache in front keys pages by URL: only the one URL of a page (as links name it) is
+    // kept there, so that variants of it (another order, an unknown parameter) cannot fill
+    // the cache and push out everyone's pages.
+    let canonical =
+        uri.path_and_query().map(|p| p.as_str()) == Some(&request.url(&request.since, id));
+    let caching = match state.config.shared_cache && canonical {
         true => caching,
         false => Caching {
             shared_for: None,
