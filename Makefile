@@ -1,6 +1,8 @@
 # pg_sync: the two commands (`make run`, `make test`) and their helpers.
 # Every target that needs the toolchain runs `setup` first, which installs what is missing.
 
+# bash: `make soak` reads the oracle's exit status through a pipe (PIPESTATUS).
+SHELL          := /bin/bash
 PG_CONFIG      ?= /usr/bin/pg_config
 CARGO          ?= cargo
 # pgrx's own test cluster; its parent must belong to the postgres user.
