@@ -30,7 +30,6 @@ export abstract class Leader extends Session {
     );
     this.replica.setPending((await this.store.outbox()) ?? []);
     const storage = globalThis.localStorage as Storage | undefined;
-    this.txs.marks = storage?.getItem(`${this.base}:txEnd`) === "1";
     this.clientId = this.options.clientId ?? storage?.getItem(`${name}:client`) ?? crypto.randomUUID();
     storage?.setItem(`${name}:client`, this.clientId);
     if (typeof BroadcastChannel !== "undefined") {

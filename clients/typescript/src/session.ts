@@ -201,26 +201,25 @@ export abstract class Session extends Writes {
     const cursor = payload.cursor as string;
     switch (type) {
       case "SUBSCRIBED":
+        // The gateway marks transaction ends: wait for them from the first message on.
+        if (payload.txEnds === true) this.txs.marks = true;
         if (!code || this.subscribing.get(code) !== payload.ref) return; // an earlier SUBSCRIBE's
         this.subscribing.delete(code);
         this.subscribed.add(code);
         return this.refreshStatus();
       case "DELTA":
       case "INVALIDATE": {
-        if (!code || !this.subscribed.has(code)) return; // not ours, or an earlier subscription's
+        if (!code || !this.subscribed.has(code)) {
+          // Not ours, or an earlier subscription's (a RESYNC ended it): its changes are not
+          // applied, but where it ends a transaction, what is held before it is whole.
+          return payload.txEnd === true && this.txs.size ? this.release(this.txs.take()) : undefined;
+        }
         const changes = payload.changes as Change[];
         const version = changes.find((c) => c.schemaVersion !== undefined)?.schemaVersion;
         const known = this.meta.get(code)?.schemaVersion;
-        if (version !== undefined && known !== undefined && version !== known) {
-          await this.release(this.txs.take());
-          return this.resync(code, socket);
-        }
+        if (version !== undefined && known !== undefined && version !== known) return this.resync(code, socket);
         const piece: Piece = { entity: code, changes, cursor, invalidate: type === "INVALIDATE" };
-        const marked = this.txs.marks;
-        const released = this.txs.add(piece, payload.txEnd === true, Date.now());
-        // Remembered, so that the next connection waits for txEnd from its first message.
-        if (!marked && this.txs.marks) (globalThis.localStorage as Storage | undefined)?.setItem(`${this.base}:txEnd`, "1");
-        return this.release(released);
+        return this.release(this.txs.add(piece, payload.txEnd === true, Date.now()));
       }
       case "SYNCED":
         if (!code || !this.subscribed.has(code)) return;
@@ -234,7 +233,6 @@ export abstract class Session extends Writes {
         return this.reached(cursor);
       case "RESYNC":
         if (!code || !this.followed.has(code)) return;
-        await this.release(this.txs.take());
         return this.resync(code, socket);
       case "ERROR":
         return this.failure(payload, socket);
@@ -297,8 +295,12 @@ export abstract class Session extends Writes {
     }
   }
 
-  /** Keeps the entity's rows on show and fetches it again; the outbox stays. */
+  /** Keeps the entity's rows on show and fetches it again; the outbox stays. What is held of
+   * it is older than the coming snapshot and goes; what is held of other entities waits for
+   * its transaction's end, and then for the refetch to catch up (`catchingUp`), so that no
+   * commit shows half a transaction. */
   private async resync(code: string, socket: WebSocket): Promise<void> {
+    this.txs.drop(code);
     if (socket.readyState === WebSocket.OPEN) socket.send(JSON.stringify({ type: "UNSUBSCRIBE", payload: { entityCode: code } }));
     this.subscribed.delete(code);
     this.subscribing.delete(code);

@@ -5,11 +5,12 @@
  * released together, so that the app sees all of it or none of it. Pure: the caller passes
  * the time and arms the timer `deadline()` asks for.
  *
- * The rule for gateways that do not mark transactions (older ones): until a connection has
- * shown a `txEnd`, held messages are released after `IDLE_MS` without another message, at most
- * `MAX_AGE_MS` after the first, and at once before SYNCED or REACHED. Once a `txEnd` was seen,
- * messages wait for it; `GUARD_MS` without any message, or more than `MAX_CHANGES` changes held,
- * release them anyway (a guard, never reached with a gateway that marks ends).
+ * The rule for gateways that do not mark transactions (older ones): until the gateway said
+ * it marks them (`txEnds` in SUBSCRIBED) or a `txEnd` was seen, held messages are released
+ * after `IDLE_MS` without another message, at most `MAX_AGE_MS` after the first, and at once
+ * before SYNCED or REACHED. After that, messages wait for it; `GUARD_MS` without any message,
+ * or more than `MAX_CHANGES` changes held, release them anyway (a guard, reached only by a
+ * transaction larger than the gateway's page).
  */
 
 export interface Piece {

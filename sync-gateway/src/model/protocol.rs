@@ -246,6 +246,9 @@ pub enum ServerMessage {
         cursor: Cursor,
         #[serde(rename = "ref", skip_serializing_if = "Option::is_none")]
         reference: Option<String>,
+        /// Always true: this gateway marks transaction ends (`txEnd`), so a client can hold
+        /// a transaction's messages for its end from the first one, before it has seen a mark.
+        tx_ends: bool,
     },
     #[serde(rename = "INVALIDATE", rename_all = "camelCase")]
     Invalidate {

@@ -244,6 +244,70 @@ describe("refetch", () => {
   });
 });
 
+describe("transactions", () => {
+  /** Projects that count their tasks, a client that checks the counts at every live-query
+   * callback, and a transaction that moves task 1 to p2 with both counts (task first). */
+  async function counted() {
+    const { gateway, open } = setup();
+    gateway.commit([
+      { entity: "project", id: "p1", action: "CREATE", data: { id: "p1", tasks: 2 } },
+      { entity: "project", id: "p2", action: "CREATE", data: { id: "p2", tasks: 0 } },
+      { entity: "task", id: "1", action: "UPDATE", data: { id: 1, title: "one", project: "p1" } },
+      { entity: "task", id: "2", action: "UPDATE", data: { id: 2, title: "two", project: "p1" } },
+    ]);
+    const client = open();
+    const tasks = client.entity("task");
+    const projects = client.entity("project");
+    const torn: string[] = [];
+    const check = () => {
+      for (const p of projects.all()) {
+        const count = tasks.all().filter((t) => t.project === p.id).length;
+        if (count !== p.tasks) torn.push(`${String(p.id)}: ${count} tasks, says ${String(p.tasks)}`);
+      }
+    };
+    tasks.subscribe(undefined, check);
+    projects.subscribe(undefined, check);
+    await client.waitForFirstSync();
+    await wait(() => expect(client.status).toBe("live"));
+    gateway.pause();
+    gateway.commit([
+      { entity: "task", id: "1", action: "UPDATE", data: { id: 1, title: "one", project: "p2" } },
+      { entity: "project", id: "p1", action: "UPDATE", data: { id: "p1", tasks: 1 } },
+      { entity: "project", id: "p2", action: "UPDATE", data: { id: "p2", tasks: 1 } },
+    ]);
+    const socket = gateway.sockets[0]!;
+    // The messages on their way: the task's first, then the projects' (the last with txEnd).
+    const outbox = (socket as unknown as { outbox: { payload: { entityCode: string } }[] }).outbox;
+    expect(outbox.map((m) => m.payload.entityCode)).toEqual(["task", ...outbox.slice(1).map(() => "project")]);
+    const moved = async () => {
+      await wait(() => expect(socket.idle && client.status === "live" && projects.get("p2")?.tasks === 1).toBe(true));
+      expect(tasks.get(1)?.project).toBe("p2");
+      expect(torn).toEqual([]);
+      client.close();
+    };
+    return { gateway, socket, outbox, moved };
+  }
+
+  it("the first transaction is whole though its end comes late (the gateway said it marks ends)", async () => {
+    const { gateway, socket, outbox, moved } = await counted();
+    // No txEnd seen yet on this connection; the projects' messages come 30 ms after the task's.
+    const rest = outbox.splice(1);
+    gateway.resume();
+    await wait(() => expect(socket.idle).toBe(true));
+    await new Promise((resolve) => setTimeout(resolve, 30));
+    rest.forEach((m) => socket.push(m as never));
+    await moved();
+  });
+
+  it("a RESYNC in the middle of a transaction does not show its first half", async () => {
+    const { gateway, outbox, moved } = await counted();
+    outbox.splice(1, 0, { type: "RESYNC", payload: { entityCode: "project", reason: "access_changed" } } as never);
+    gateway.resume();
+    await wait(() => expect(gateway.snapshotTimes.length).toBe(3));
+    await moved();
+  });
+});
+
 describe("sign-out", () => {
   it("closes every client of the user and deletes the database", async () => {
     const { open, db } = setup();

@@ -226,7 +226,7 @@ export class FakeSocket {
         const entity = p.entityCode as string;
         const since = positionOf(p.since as string);
         this.subs.set(entity, undefined);
-        this.push({ type: "SUBSCRIBED", payload: { entityCode: entity, count: 1, cursor: p.since, ref: p.ref } });
+        this.push({ type: "SUBSCRIBED", payload: { entityCode: entity, count: 1, cursor: p.since, ref: p.ref, ...(this.gateway.marks ? { txEnds: true } : {}) } });
         // The replay: this entity's changes after `since`, then SYNCED at the live position.
         const missed = this.gateway.log.map((change, at) => ({ change, at })).filter(({ change, at }) => at >= since && change.entity === entity);
         this.gateway.messages(missed).forEach((m) => this.push(m));

@@ -120,6 +120,7 @@ impl Router {
             count,
             cursor: request.since.unwrap_or(position),
             reference,
+            tx_ends: true,
         };
         if self.send(conn_id, &answer) {
             if let Some(replay) = replay {
