@@ -937,3 +937,61 @@ async fn one_user_flooding_new_connections_leaves_others_their_admission() {
         );
     }
 }
+
+/// Snapshot rows are written by the gateway from the columns' values: each must be the same
+/// JSON as PostgreSQL's `to_jsonb` of the row (of its published columns), for every kind of
+/// column, NULLs, texts that need escaping, a `json` value typed over several lines, and
+/// names that need quoting; by COPY (the whole table) and by ids alike.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_snapshot_row_is_the_json_postgresql_makes_of_it() {
+    let (cluster, gateway) = setup(&[]).await;
+    cluster
+        .execute(
+            r#"CREATE TYPE mood AS ENUM ('calm', 'loud');
+             CREATE TYPE point2 AS (x int, y float8);
+             CREATE DOMAIN positive AS int CHECK (VALUE > 0);
+             CREATE TABLE every_kind (
+                 id int PRIMARY KEY, small int2, big int8, yes bool, body text, short varchar(9),
+                 amount numeric, ratio float8, day date, at timestamptz, seen interval, uid uuid,
+                 raw bytea, doc json, docb jsonb, tags text[], nums int[], place point2,
+                 feeling mood, n positive, span int4range, "Weird ""name""" text, letter char(3));
+             INSERT INTO every_kind (id) VALUES (1);
+             INSERT INTO every_kind VALUES
+                 (2, -32768, 9223372036854775807, true, E'quote " back \\ tab \t nl \n ctl \x01 é ✓', 'short',
+                  123456789012345678901234567890.000100, 'NaN', '2026-12-02', '2026-12-02 18:00:00.123456+01',
+                  '1 day 02:03:04', 'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11', '\xdeadbeef',
+                  E'{"b": 1,\n "a": [1, 2.50, "x"],\n "a": null}', '{"z": {"y": [true, null]}}',
+                  ARRAY['a', NULL, 'c"d'], ARRAY[1, NULL, 3], ROW(1, 'Infinity'), 'loud', 7, '[1,5)', 'w', 'ab'),
+                 (3, 0, -1, false, '', '', -0.5, '-Infinity', 'infinity', '-infinity', '-1 mon', NULL,
+                  '', '"text"', 'null', '{}', '{}', ROW(NULL, NULL), 'calm', 1, 'empty', '', '');
+             CREATE TABLE narrow (id int PRIMARY KEY, shown text, stamp timestamptz, hidden text);
+             INSERT INTO narrow VALUES (1, 'a', now(), 'no'), (2, NULL, NULL, 'no');
+             SELECT sync.track('every_kind');
+             SELECT sync.track('narrow', columns => ARRAY['shown', 'stamp']);"#,
+        )
+        .await;
+    let db = cluster.connect().await;
+    for (entity, columns) in [("every_kind", "t.*"), ("narrow", "t.id, t.shown, t.stamp")] {
+        let expected: Vec<Value> = db
+            .query(
+                &format!(
+                    "SELECT to_jsonb(r) FROM (SELECT {columns} FROM {entity} t ORDER BY id) r"
+                ),
+                &[],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|row| row.get(0))
+            .collect();
+        let (_, mut whole) = gateway.snapshot("alice", entity).await.unwrap();
+        whole.sort_by_key(|row| row["id"].as_i64());
+        assert_eq!(whole, expected, "{entity}, by COPY");
+        let (_, mut named) = gateway
+            .snapshot("alice", &format!("{entity}?ids=1,2,3"))
+            .await
+            .unwrap();
+        named.sort_by_key(|row| row["id"].as_i64());
+        assert_eq!(named, expected, "{entity}, by ids");
+    }
+}

@@ -8,6 +8,7 @@ pub mod changes;
 pub mod error;
 pub mod extract;
 pub mod pages;
+mod row_lines;
 pub mod snapshot;
 pub mod write;
 

@@ -1,12 +1,13 @@
 //! `GET /v1/snapshot/{entityCode}[?ids=a,b]`: the rows a user may see, streamed as NDJSON
 //! from one REPEATABLE READ transaction run as the user. The first line is `{"cursor":…}`
 //! from that same transaction, so subscribing with `since` = that cursor continues exactly
-//! where the snapshot ends. Rows travel through a small bounded channel as PostgreSQL sends
-//! them: memory stays flat for any table size.
+//! where the snapshot ends. A whole table is read with a binary `COPY (SELECT …) TO STDOUT`
+//! and each row written as JSON here (`row_lines`); rows travel in chunks through a small
+//! bounded channel as PostgreSQL sends them: memory stays flat for any table size.
 //!
 //! A snapshot holds a client connection and an open transaction (which holds back VACUUM),
 //! so it is capped in total and per user, and never kept open for a client that does not
-//! read: each line must be taken within `--snapshot-idle-timeout`, and the whole snapshot
+//! read: each chunk must be taken within `--snapshot-idle-timeout`, and the whole snapshot
 //! ends by `--snapshot-max-duration`; either ends the body with an error.
 //!
 //! On a hot standby (`--read-url`) the snapshot is read there; replay may cancel it (a
@@ -24,6 +25,7 @@
 
 use super::error::ApiError;
 use super::extract::Authenticated;
+use super::row_lines::{Cells, RowLines};
 use crate::access::admission::readable_entity;
 use crate::access::roles::UserContext;
 use crate::access::roles::{act_as, lock_as, LockMode};
@@ -35,19 +37,21 @@ use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use deadpool_postgres::Object;
 use futures_util::{pin_mut, StreamExt};
-use serde_json::{json, Value};
+use serde_json::json;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
+use tokio_postgres::binary_copy::BinaryCopyOutStream;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::IsolationLevel;
 
 /// Ids one snapshot may name.
 const MAX_IDS: usize = 1000;
-/// Lines buffered between the database and the client.
-const BUFFERED_LINES: usize = 256;
+/// Chunks of rows buffered between the database and the client, and their size.
+const BUFFERED_CHUNKS: usize = 16;
+const CHUNK_BYTES: usize = 32 * 1024;
 /// How long a snapshot of a WAL-captured entity tries to find ingestion caught up.
 const SETTLE_PATIENCE: Duration = Duration::from_secs(2);
 /// Between two tries when another session is ingesting.
@@ -127,7 +131,7 @@ pub async fn snapshot(
         state.config.snapshot_idle_timeout,
         state.config.snapshot_max_duration,
     );
-    let (lines, body) = mpsc::channel::<Result<String, std::io::Error>>(BUFFERED_LINES);
+    let (chunks, body) = mpsc::channel::<Result<Vec<u8>, std::io::Error>>(BUFFERED_CHUNKS);
     let (started, start) = oneshot::channel::<Result<(), ApiError>>();
     // Set when every row was sent: a body that ends without it ends with an error, so a
     // client never takes a snapshot cut short for a whole one.
@@ -140,12 +144,12 @@ pub async fn snapshot(
         let cancel = work.cancel_token();
         let mut started = Some(started);
         let deadline = Instant::now() + longest;
-        let send = |line: String| {
-            let lines = lines.clone();
+        let send = |chunk: Vec<u8>| {
+            let chunks = chunks.clone();
             async move {
                 match tokio::time::timeout_at(
                     deadline.min(Instant::now() + idle),
-                    lines.send(Ok(line)),
+                    chunks.send(Ok(chunk)),
                 )
                 .await
                 {
@@ -211,23 +215,27 @@ pub async fn snapshot(
             } else {
                 String::new()
             };
-            let sql = format!("SELECT {} FROM {} t{filter}", entity.row_json_sql(), entity.table);
-            let params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = match &ids {
-                Some(ids) => vec![ids],
-                None => vec![],
+            // The columns' types fix how each is sent and written.
+            let shape = RowLines::describe(&tx, &entity).await?;
+            let select = format!("SELECT {} FROM {} t{filter}", shape.select_list(), entity.table);
+            let head = format!("{}\n", json!({"cursor": cursor})).into_bytes();
+            let mut begun = || {
+                // The query runs: from here on the answer is 200 and the rows follow.
+                if let Some(started) = started.take() {
+                    let _ = started.send(Ok(()));
+                }
             };
-            let rows = tx.query_raw(&sql, params).await?;
-            pin_mut!(rows);
-            let first = rows.next().await.transpose()?;
-            // The query runs: from here on the answer is 200 and the rows follow.
-            if let Some(started) = started.take() {
-                let _ = started.send(Ok(()));
-            }
-            send(format!("{}\n", json!({"cursor": cursor}))).await?;
-            let mut next = first;
-            while let Some(row) = next {
-                send(format!("{}\n", row.get::<_, Value>(0))).await?;
-                next = rows.next().await.transpose()?;
+            match &ids {
+                // COPY takes no parameters: the few rows an INVALIDATE names come by a query.
+                Some(ids) => {
+                    let rows = tx.query_raw(&select, [ids]).await?;
+                    stream_lines(rows, &shape, head, &mut begun, &send).await?;
+                }
+                None => {
+                    let copy = tx.copy_out(&format!("COPY ({select}) TO STDOUT (FORMAT binary)")).await?;
+                    let rows = BinaryCopyOutStream::new(copy, &shape.types());
+                    stream_lines(rows, &shape, head, &mut begun, &send).await?;
+                }
             }
             tx.commit().await?;
             finished.store(true, Ordering::SeqCst);
@@ -287,6 +295,37 @@ pub async fn snapshot(
         body,
     )
         .into_response())
+}
+
+/// Sends `head`, then each row as a line of JSON, in chunks of about `CHUNK_BYTES`; calls
+/// `begun` once the first row (or the end) is read, so that an error the query meets at once
+/// is still the answer's status.
+async fn stream_lines<R: Cells, F>(
+    rows: impl futures_util::Stream<Item = Result<R, tokio_postgres::Error>>,
+    shape: &RowLines,
+    head: Vec<u8>,
+    begun: &mut impl FnMut(),
+    send: &impl Fn(Vec<u8>) -> F,
+) -> Result<(), Ended>
+where
+    F: std::future::Future<Output = Result<(), Ended>>,
+{
+    pin_mut!(rows);
+    let mut next = rows.next().await.transpose()?;
+    begun();
+    let mut chunk = head;
+    while let Some(row) = next {
+        shape.write(&row, &mut chunk)?;
+        if chunk.len() >= CHUNK_BYTES {
+            send(std::mem::replace(
+                &mut chunk,
+                Vec::with_capacity(CHUNK_BYTES + 4096),
+            ))
+            .await?;
+        }
+        next = rows.next().await.transpose()?;
+    }
+    send(chunk).await
 }
 
 /// The entity read again (the table changed under a snapshot), if the user may still read it.
