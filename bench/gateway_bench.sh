@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The gateway benchmark, each figure beside its reference from the same run: commit-to-client
-# latency at several connection counts (reference: a NOTIFY round trip), fan-out without and
+# latency at several connection counts (references: a NOTIFY round trip, and a bare WebSocket
+# server sending the same frames at the same rate), fan-out without and
 # with row-level security (reference: a bare WebSocket server writing the same frames),
 # catch-up of missed changes (reference: sync.changes_since read alone), snapshot streaming
 # (reference: COPY TO STDOUT) and resident memory per idle connection. The load generator
@@ -40,21 +41,28 @@ loadgen() {
 }
 
 loadgen notify
+# The latency reference: a bare server sending the same one-change frames at the same rate to
+# the connections subscribed to each row, measured as the gateway is, just before it.
+BARE_PORT=$(free_port)
+target/release/sync-loadgen bare-server --listen "127.0.0.1:$BARE_PORT" --rate 1000 --rows 1000 &
+BARE_PID=$!
+CLEANUP+=("kill $BARE_PID 2>/dev/null")
 start_gateway
 # With the gateway's own share of each run (its histograms, scraped before and after).
 metrics() { curl -sf "http://127.0.0.1:$ADMIN_PORT/metrics" >"$1"; }
 for n in ${LATENCY_CONNECTIONS:-100 1000 10000}; do
+    TARGET=127.0.0.1:$BARE_PORT loadgen bare-latency --connections "$n" --ids-per-connection 10 --rows 1000
     metrics "$WORK/metrics.before"
     loadgen latency --connections "$n" --ids-per-connection 10 --rows 1000 --rate 1000
     metrics "$WORK/metrics.after"
     python3 bench/gateway_share.py "$WORK/metrics.before" "$WORK/metrics.after" "$n" | tee -a "$OUT/results.jsonl"
 done
+kill "$BARE_PID"
 FANOUT=${FANOUT_CONNECTIONS:-10000}
 loadgen fanout --connections "$FANOUT"
 # The reference: a bare server writing frames as large as the gateway's were.
 per_frame=$(tail -1 "$OUT/results.jsonl" | python3 -c \
     'import json,sys; r=json.load(sys.stdin); print(max(1, round(r["changes_per_s"] / max(r["messages_per_s"], 1))))')
-BARE_PORT=$(free_port)
 target/release/sync-loadgen bare-server --listen "127.0.0.1:$BARE_PORT" --changes-per-frame "$per_frame" &
 BARE_PID=$!
 CLEANUP+=("kill $BARE_PID 2>/dev/null")

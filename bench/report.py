@@ -85,6 +85,14 @@ latency = [r for r in runs if r["mode"] == "latency" and not r.get("via")]
 for r in latency:
     ref = f"NOTIFY round trip p50 {notify['p50_ms']:.2f} ms, p99 {notify['p99_ms']:.2f} ms" if notify else "—"
     ratio = f"p99 {r['p99_ms'] / notify['p99_ms']:.1f}× NOTIFY's" if notify and r["p99_ms"] else "—"
+    bare = run("bare_latency", connections=r["connections"])
+    if bare and bare["p99_ms"]:
+        ref += (f"; bare WebSocket server, same frames at the same rate to the same connections: "
+                f"p50 {bare['p50_ms']:.1f}, p99 {bare['p99_ms']:.1f} ms")
+        ratio += f", {r['p99_ms'] / bare['p99_ms']:.1f}× the bare server's"
+        if r["connections"] == 10000:
+            goal("p99 ≤ 1.5× a bare WebSocket server's at 10,000 connections", r["p99_ms"] <= 1.5 * bare["p99_ms"],
+                 f"{r['p99_ms'] / bare['p99_ms']:.1f}×")
     lines.append(f"| commit → client latency, {r['connections']:,} connections, {r['rate']} commits/s "
                  f"({r['samples']:,} deliveries) | p50 {r['p50_ms']:.1f}, p90 {r['p90_ms']:.1f}, "
                  f"p99 {r['p99_ms']:.1f}, max {r['max_ms']:.1f} ms | {ref} | {ratio} |")

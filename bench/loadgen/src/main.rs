@@ -20,6 +20,10 @@
 //! - `bare-server` and `bare-fanout`: the reference for fan-out: a WebSocket server that
 //!   only writes the same DELTA frame (`--changes-per-frame` changes) to every connection
 //!   as fast as it can, and the clients that count what arrives, as `fanout` does.
+//! - `bare-server --rate R` and `bare-latency`: the reference for latency: the server changes
+//!   a random row R times a second and sends its one-change DELTA to the connections that
+//!   subscribed to that row's id, stamped with the time it was sent; the clients subscribe as
+//!   `latency` does and measure stamp → arrival.
 //!
 //! With `--primary-data DIR` (catchup, snapshot), the report adds the CPU time the primary
 //! cluster of that data directory spent while the gateway served (its postmaster and every
@@ -58,6 +62,7 @@ enum Mode {
     Catchup(Common),
     BareServer(BareServer),
     BareFanout(Common),
+    BareLatency(Common),
 }
 
 #[derive(Args, Clone)]
@@ -66,6 +71,13 @@ struct BareServer {
     listen: String,
     #[arg(long, default_value_t = 1)]
     changes_per_frame: usize,
+    /// Changes per second sent to the connections subscribed to each changed row (the latency
+    /// reference); without it, frames are written as fast as possible (the fan-out reference).
+    #[arg(long)]
+    rate: Option<u64>,
+    /// Rows the changes pick from (with `--rate`).
+    #[arg(long, default_value_t = 1000)]
+    rows: usize,
 }
 
 #[derive(Args, Clone)]
@@ -222,6 +234,7 @@ async fn main() -> Result<()> {
         Mode::Catchup(c) => catchup(c).await?,
         Mode::BareServer(b) => return bare_server(b).await,
         Mode::BareFanout(c) => bare_fanout(c).await?,
+        Mode::BareLatency(c) => bare_latency(c).await?,
     };
     println!("{report}");
     Ok(())
@@ -257,7 +270,7 @@ async fn open(c: &Common, n: usize, payload: impl Fn(usize) -> Value) -> Result<
         let gate = gate.clone();
         tasks.push(tokio::spawn(async move {
             let _permit = gate.acquire().await?;
-            let (mut socket, _) = tokio_tungstenite::connect_async(url).await?;
+            let mut socket = connect(&url).await?;
             socket.send(Message::text(subscribe)).await?;
             loop {
                 match socket.next().await {
@@ -276,6 +289,33 @@ async fn open(c: &Common, n: usize, payload: impl Fn(usize) -> Value) -> Result<
         sockets.push(t.await??);
     }
     Ok(sockets)
+}
+
+/// Connects as a client should: refused for now (503, the gateway's admission rate), it comes
+/// back after the `Retry-After` it was told, spread over a second.
+async fn connect(url: &str) -> Result<Socket> {
+    use tokio_tungstenite::tungstenite::Error;
+    let mut spread = url.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+    });
+    loop {
+        match tokio_tungstenite::connect_async(url).await {
+            Ok((socket, _)) => return Ok(socket),
+            Err(Error::Http(refusal)) if refusal.status() == 503 => {
+                let after: u64 = refusal
+                    .headers()
+                    .get("retry-after")
+                    .and_then(|v| v.to_str().ok()?.parse().ok())
+                    .unwrap_or(1);
+                spread = spread
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                let jitter = Duration::from_millis((spread >> 33) % 1000);
+                tokio::time::sleep(Duration::from_secs(after) + jitter).await;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
 }
 
 async fn database(url: &str) -> Result<tokio_postgres::Client> {
@@ -428,14 +468,17 @@ async fn drain(
     (messages, changes)
 }
 
+/// Connection `i`'s subscription in the latency runs: `ids_per_connection` rows of its own.
+fn latency_subscription(c: &Common, i: usize) -> Value {
+    let (rows, k) = (c.rows, c.ids_per_connection);
+    let ids: Vec<String> = (0..k).map(|j| ((i * k + j) % rows).to_string()).collect();
+    json!({"entityCode": "bench_item", "entityIds": ids, "mode": "delta"})
+}
+
 async fn latency(c: Common) -> Result<Value> {
     prepare_table(&c).await?;
-    let (rows, k) = (c.rows, c.ids_per_connection);
-    let sockets = open(&c, c.connections, |i| {
-        let ids: Vec<String> = (0..k).map(|j| ((i * k + j) % rows).to_string()).collect();
-        json!({"entityCode": "bench_item", "entityIds": ids, "mode": "delta"})
-    })
-    .await?;
+    let k = c.ids_per_connection;
+    let sockets = open(&c, c.connections, |i| latency_subscription(&c, i)).await?;
     let start = Instant::now();
     let until = start + Duration::from_secs(c.seconds + 3);
     let readers: Vec<_> = sockets
@@ -657,25 +700,135 @@ fn bare_frame(n: usize) -> String {
     .to_string()
 }
 
+type Utf8Bytes = tokio_tungstenite::tungstenite::Utf8Bytes;
+/// With `--rate`: each row id's subscribed connections, as the queues their writers take from.
+type Subscribers = Arc<
+    std::sync::Mutex<std::collections::HashMap<String, Vec<tokio::sync::mpsc::Sender<Utf8Bytes>>>>,
+>;
+
+fn epoch_micros() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_micros() as u64
+}
+
 async fn bare_server(b: BareServer) -> Result<()> {
     let listener = tokio::net::TcpListener::bind(&b.listen).await?;
-    let frame = tokio_tungstenite::tungstenite::Utf8Bytes::from(bare_frame(b.changes_per_frame));
+    let frame = Utf8Bytes::from(bare_frame(b.changes_per_frame));
+    let subscribers = Subscribers::default();
+    if let Some(rate) = b.rate {
+        tokio::spawn(bare_changes(subscribers.clone(), rate, b.rows));
+    }
     loop {
         let (stream, _) = listener.accept().await?;
-        let frame = frame.clone();
+        let (frame, subscribers, paced) = (frame.clone(), subscribers.clone(), b.rate.is_some());
         tokio::spawn(async move {
             let Ok(mut socket) = tokio_tungstenite::accept_async(stream).await else {
                 return;
             };
             // Wait for the client's SUBSCRIBE, answer it, then write until it leaves.
-            socket.next().await;
+            let Some(Ok(Message::Text(subscribe))) = socket.next().await else {
+                return;
+            };
             let subscribed = Message::text(r#"{"type":"SUBSCRIBED","payload":{}}"#);
             if socket.send(subscribed).await.is_err() {
                 return;
             }
-            while socket.send(Message::Text(frame.clone())).await.is_ok() {}
+            if !paced {
+                while socket.send(Message::Text(frame.clone())).await.is_ok() {}
+                return;
+            }
+            let (queue, mut frames) = tokio::sync::mpsc::channel(1024);
+            let request: Value = serde_json::from_str(&subscribe).unwrap_or_default();
+            for id in request["payload"]["entityIds"]
+                .as_array()
+                .into_iter()
+                .flatten()
+            {
+                let id = id.as_str().unwrap_or_default().to_owned();
+                subscribers
+                    .lock()
+                    .unwrap()
+                    .entry(id)
+                    .or_default()
+                    .push(queue.clone());
+            }
+            while let Some(frame) = frames.recv().await {
+                if socket.send(Message::Text(frame)).await.is_err() {
+                    return;
+                }
+            }
         });
     }
+}
+
+/// `rate` changes a second, each of a random row, sent to its subscribers: a one-change
+/// DELTA whose `seq` is when it was sent (µs since the epoch).
+async fn bare_changes(subscribers: Subscribers, rate: u64, rows: usize) {
+    let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / rate as f64));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let mut rng = 0x9E37_79B9_7F4A_7C15u64;
+    loop {
+        tick.tick().await;
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        let id = (rng % rows as u64).to_string();
+        let queues = subscribers
+            .lock()
+            .unwrap()
+            .get(&id)
+            .cloned()
+            .unwrap_or_default();
+        let frame = Utf8Bytes::from(
+            json!({"type": "DELTA", "payload": {"entityCode": "bench_item",
+                   "changes": [{"entityId": id, "action": "UPDATE",
+                                "data": {"id": id.parse::<u64>().unwrap_or(0), "team": "0", "seq": epoch_micros(), "pad": "x".repeat(40)},
+                                "changed": ["seq"], "schemaVersion": 1}],
+                   "timestamp": "2026-11-23T12:00:00.000Z",
+                   "cursor": "1.0123456789abcdef0123456789abcdef.1000_1000__123456_1000"}})
+            .to_string(),
+        );
+        for queue in queues {
+            let _ = queue.try_send(frame.clone()); // a full queue: that client is not keeping up
+        }
+    }
+}
+
+/// The latency reference: as `latency`, against `bare-server --rate`.
+async fn bare_latency(c: Common) -> Result<Value> {
+    let sockets = open(&c, c.connections, |i| latency_subscription(&c, i)).await?;
+    let (start, started_at) = (Instant::now(), epoch_micros());
+    let until = start + Duration::from_secs(c.seconds);
+    let readers: Vec<_> = sockets
+        .into_iter()
+        .map(|s| {
+            tokio::spawn(async move {
+                let mut latencies = Vec::new();
+                // Frames sent before the run (queued while the connections opened) are not counted.
+                drain(s, until, start, |sent, at| {
+                    if sent >= started_at {
+                        latencies.push((started_at + at).saturating_sub(sent))
+                    }
+                })
+                .await;
+                latencies
+            })
+        })
+        .collect();
+    let mut latencies = Vec::new();
+    for r in readers {
+        latencies.extend(r.await?);
+    }
+    let mut report = percentiles(latencies);
+    let run = json!({"mode": "bare_latency", "connections": c.connections,
+                     "ids_per_connection": c.ids_per_connection, "seconds": c.seconds});
+    report
+        .as_object_mut()
+        .unwrap()
+        .extend(run.as_object().unwrap().clone());
+    Ok(report)
 }
 
 async fn bare_fanout(c: Common) -> Result<Value> {
