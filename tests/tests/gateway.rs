@@ -940,14 +940,19 @@ async fn one_user_flooding_new_connections_leaves_others_their_admission() {
 
 /// Snapshot rows are written by the gateway from the columns' values: each must be the same
 /// JSON as PostgreSQL's `to_jsonb` of the row (of its published columns), for every kind of
-/// column, NULLs, texts that need escaping, a `json` value typed over several lines, and
-/// names that need quoting; by COPY (the whole table) and by ids alike.
+/// column, NULLs, texts that need escaping, a `json` value typed over several lines, a user's
+/// cast to `json` that returns several lines, a float's `-0`, and names that need quoting; by
+/// COPY (the whole table) and by ids alike.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_snapshot_row_is_the_json_postgresql_makes_of_it() {
     let (cluster, gateway) = setup(&[]).await;
     cluster
         .execute(
             r#"CREATE TYPE mood AS ENUM ('calm', 'loud');
+             -- The type's owner gives it a cast to json over several lines.
+             CREATE FUNCTION mood_json(mood) RETURNS json LANGUAGE sql IMMUTABLE
+                 AS $$ SELECT E'[1,\n{"id": 99, "forged": true}\n]'::json $$;
+             CREATE CAST (mood AS json) WITH FUNCTION mood_json(mood);
              CREATE TYPE point2 AS (x int, y float8);
              CREATE DOMAIN positive AS int CHECK (VALUE > 0);
              CREATE TABLE every_kind (
@@ -964,6 +969,7 @@ async fn a_snapshot_row_is_the_json_postgresql_makes_of_it() {
                   ARRAY['a', NULL, 'c"d'], ARRAY[1, NULL, 3], ROW(1, 'Infinity'), 'loud', 7, '[1,5)', 'w', 'ab'),
                  (3, 0, -1, false, '', '', -0.5, '-Infinity', 'infinity', '-infinity', '-1 mon', NULL,
                   '', '"text"', 'null', '{}', '{}', ROW(NULL, NULL), 'calm', 1, 'empty', '', '');
+             INSERT INTO every_kind (id, ratio) VALUES (4, '-0');
              CREATE TABLE narrow (id int PRIMARY KEY, shown text, stamp timestamptz, hidden text);
              INSERT INTO narrow VALUES (1, 'a', now(), 'no'), (2, NULL, NULL, 'no');
              SELECT sync.track('every_kind');
@@ -988,7 +994,7 @@ async fn a_snapshot_row_is_the_json_postgresql_makes_of_it() {
         whole.sort_by_key(|row| row["id"].as_i64());
         assert_eq!(whole, expected, "{entity}, by COPY");
         let (_, mut named) = gateway
-            .snapshot("alice", &format!("{entity}?ids=1,2,3"))
+            .snapshot("alice", &format!("{entity}?ids=1,2,3,4"))
             .await
             .unwrap();
         named.sort_by_key(|row| row["id"].as_i64());

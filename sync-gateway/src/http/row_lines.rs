@@ -2,9 +2,12 @@
 //! PostgreSQL sends them, instead of each row built as JSON by PostgreSQL (`to_jsonb(t.*)`):
 //! that was most of a snapshot's time (2.3 s of 2.8 for a million rows, where `COPY` of the
 //! table takes 0.5). Integers, booleans and texts are written here; every other column comes
-//! as PostgreSQL's JSON of that column alone: `to_json` for a scalar, `to_jsonb` for `json`,
-//! arrays, composites, domains and ranges (whose `to_json` may carry a `json` value's line
-//! breaks as they were typed). Each line is the same JSON value as `to_jsonb` of the row.
+//! as PostgreSQL's JSON of that column alone: `to_json` for a built-in scalar, `to_jsonb` for
+//! the rest. `to_json` passes some values on as they were typed, line breaks included: a
+//! `json` value (also inside an array, a composite, a domain or a range), and whatever a cast
+//! to `json` of a type of the user's own returns (an enum's owner can create one). It also
+//! writes a float's `-0`, which `to_jsonb` gives as `0`. Each line is the same JSON value as
+//! `to_jsonb` of the row.
 
 use crate::feed::catalog::{quote, Entity};
 use tokio_postgres::binary_copy::BinaryCopyOutRow;
@@ -31,14 +34,18 @@ pub struct RowLines {
     select: String,
 }
 
-/// The table's columns, with whether `to_json` of one is safe (a scalar other than `json`).
+/// The table's columns, with whether `to_json` of one gives what `to_jsonb` does, on one line:
+/// a built-in scalar (below `FirstNormalObjectId`, so no user's cast to `json`) other than
+/// `json` and the floats.
 /// Read from the catalog rather than from a described `SELECT t.*`: describing a column of a
 /// type of the user's own makes the driver look the type up with statements it keeps, which
 /// the pool's `DISCARD ALL` has dropped ("prepared statement does not exist").
 const COLUMNS: &str = "
 SELECT a.attname::pg_catalog.text, a.atttypid,
-       ty.typtype IN ('b', 'e') AND ty.typcategory <> 'A'
-           AND ty.oid <> 'pg_catalog.json'::pg_catalog.regtype
+       ty.typtype = 'b' AND ty.typcategory <> 'A' AND ty.oid < 16384
+           AND ty.oid NOT IN ('pg_catalog.json'::pg_catalog.regtype,
+                              'pg_catalog.float4'::pg_catalog.regtype,
+                              'pg_catalog.float8'::pg_catalog.regtype)
 FROM pg_catalog.pg_attribute a JOIN pg_catalog.pg_type ty ON ty.oid = a.atttypid
 WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped
 ORDER BY a.attnum";
