@@ -410,12 +410,7 @@ async fn write(c: &Common, rate: Option<u64>, start: Instant) -> Result<Arc<Vec<
                 }
                 // Sorted: writers lock rows in one order, so they never deadlock.
                 let ids: std::collections::BTreeSet<i32> = (0..per_commit)
-                    .map(|_| {
-                        rng ^= rng << 13;
-                        rng ^= rng >> 7;
-                        rng ^= rng << 17;
-                        (rng % rows) as i32
-                    })
+                    .map(|_| (xorshift(&mut rng) % rows) as i32)
                     .collect();
                 let ids: Vec<i32> = ids.into_iter().collect();
                 match db.execute(&update, &[&(seq as i64), &ids]).await {
@@ -687,17 +682,30 @@ async fn catchup(c: Common) -> Result<Value> {
 
 /// A DELTA frame shaped like the gateway's for `bench_item`, with `n` changes.
 fn bare_frame(n: usize) -> String {
-    let changes: Vec<Value> = (0..n)
-        .map(|i| {
-            json!({"entityId": i.to_string(), "action": "UPDATE",
-                         "data": {"id": i, "team": "0", "seq": 123456, "pad": "x".repeat(40)},
-                         "changed": ["seq"], "schemaVersion": 1})
+    bare_delta((0..n as u64).map(|i| (i, 123456)))
+}
+
+/// A DELTA of `bench_item` rows, each given as (id, seq).
+fn bare_delta(rows: impl Iterator<Item = (u64, u64)>) -> String {
+    let changes: Vec<Value> = rows
+        .map(|(id, seq)| {
+            json!({"entityId": id.to_string(), "action": "UPDATE",
+                   "data": {"id": id, "team": "0", "seq": seq, "pad": "x".repeat(40)},
+                   "changed": ["seq"], "schemaVersion": 1})
         })
         .collect();
     json!({"type": "DELTA", "payload": {"entityCode": "bench_item", "changes": changes,
            "timestamp": "2026-11-23T12:00:00.000Z",
            "cursor": "1.0123456789abcdef0123456789abcdef.1000_1000__123456_1000"}})
     .to_string()
+}
+
+/// The next number of a xorshift sequence (the writers' and the bare server's row picks).
+fn xorshift(state: &mut u64) -> u64 {
+    *state ^= *state << 13;
+    *state ^= *state >> 7;
+    *state ^= *state << 17;
+    *state
 }
 
 type Utf8Bytes = tokio_tungstenite::tungstenite::Utf8Bytes;
@@ -771,25 +779,14 @@ async fn bare_changes(subscribers: Subscribers, rate: u64, rows: usize) {
     let mut rng = 0x9E37_79B9_7F4A_7C15u64;
     loop {
         tick.tick().await;
-        rng ^= rng << 13;
-        rng ^= rng >> 7;
-        rng ^= rng << 17;
-        let id = (rng % rows as u64).to_string();
+        let id = xorshift(&mut rng) % rows as u64;
         let queues = subscribers
             .lock()
             .unwrap()
-            .get(&id)
+            .get(&id.to_string())
             .cloned()
             .unwrap_or_default();
-        let frame = Utf8Bytes::from(
-            json!({"type": "DELTA", "payload": {"entityCode": "bench_item",
-                   "changes": [{"entityId": id, "action": "UPDATE",
-                                "data": {"id": id.parse::<u64>().unwrap_or(0), "team": "0", "seq": epoch_micros(), "pad": "x".repeat(40)},
-                                "changed": ["seq"], "schemaVersion": 1}],
-                   "timestamp": "2026-11-23T12:00:00.000Z",
-                   "cursor": "1.0123456789abcdef0123456789abcdef.1000_1000__123456_1000"}})
-            .to_string(),
-        );
+        let frame = Utf8Bytes::from(bare_delta(std::iter::once((id, epoch_micros()))));
         for queue in queues {
             let _ = queue.try_send(frame.clone()); // a full queue: that client is not keeping up
         }
