@@ -7,8 +7,9 @@
 //! same access fingerprint (every policy, grant, owner and role of the database as the
 //! catalog was read: any change of them gives every entity a new audience), the same
 //! tracking of the entity, and, under a compiled policy (itself part of the digest), the
-//! same value of every claim the policy reads. A policy the gateway cannot compile is evaluated by the database, which may
-//! read anything (another table, a function): its pages are nobody's to share.
+//! same value of every claim the policy reads. A policy the gateway cannot compile is
+//! evaluated by the database, which may read anything (another table, a function): its
+//! pages are nobody's to share.
 //!
 //! The audience is a digest of those inputs. It is no secret and no credential: it names a
 //! cache entry, and whoever presents it is checked against it (`http::changes`).

@@ -13,10 +13,11 @@
 //! Pages of one entity are shared within an audience (`access::sharing`): read once for all
 //! its requests in flight, kept by the gateway (`http::pages`), and with `aud` in the URL and
 //! `--shared-cache`, kept by the HTTP cache in front, which checks audiences: a closed page
-//! (`http::pages::Page::closed`) for a year, another briefly. Every answer links the next page (`Link: <…>; rel="next"`) with the audience
-//! of its reader; a URL whose `aud` is not the reader's is redirected (307) to the reader's,
-//! so a cached page is served only to whoever is of its audience. `/v1/changes/audience` is
-//! that check alone, for a cache's authorization subrequest.
+//! (`http::pages::Page::closed`) for a year, another briefly. Every answer links the next
+//! page (`Link: <…>; rel="next"`) with the audience of its reader; a URL whose `aud` is not
+//! the reader's is redirected (307) to the reader's, so a cached page is served only to
+//! whoever is of its audience. `/v1/changes/audience` is that check alone, for a cache's
+//! authorization subrequest.
 
 use super::error::ApiError;
 use super::extract::{authenticate, bearer, check_client_id, Authenticated};
