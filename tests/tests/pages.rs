@@ -284,6 +284,74 @@ async fn readers_asking_for_one_page_at_once_read_the_log_once() {
     }
 }
 
+/// A reader who starts shared reads, one for each entity's audience, and goes away at once
+/// keeps no more of them going than their own cap allows: the rest are refused (503), and do
+/// not hold the gateway's connections for those audiences. The log is locked meanwhile, so
+/// that every read started waits and stays counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn shared_reads_a_reader_starts_count_under_their_own_cap() {
+    const ENTITIES: [&str; 4] = ["e1", "e2", "e3", "e4"];
+    let cluster = Cluster::start().await;
+    for entity in ENTITIES {
+        cluster
+            .execute(&format!(
+                "CREATE TABLE {entity} (id int PRIMARY KEY); SELECT sync.track('{entity}');"
+            ))
+            .await;
+    }
+    let gateway = Gateway::start(&cluster, &["--max-queries-per-user", "1"]).await;
+    let start = cluster.current_cursor().await;
+    let mallory = bearer("mallory", "acme");
+    let url = |entity: &str, limit: u32| {
+        format!("/v1/changes?since={start}&limit={limit}&entityCode={entity}")
+    };
+    // Each entity's plan is read, and the gateway has reached `start`.
+    for entity in ENTITIES {
+        assert_eq!(get(&gateway, &mallory, &url(entity, 5)).await.status, 200);
+    }
+    let lock = cluster.connect().await;
+    lock.batch_execute("BEGIN; LOCK TABLE sync.change_history IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    let mut asks: futures_util::stream::FuturesUnordered<_> = ENTITIES
+        .iter()
+        .map(|entity| {
+            let (gateway, auth, url) = (&gateway, &mallory, url(entity, 7));
+            async move {
+                let answer = get(gateway, auth, &url).await;
+                (
+                    answer.status,
+                    String::from_utf8_lossy(&answer.body).into_owned(),
+                )
+            }
+        })
+        .collect();
+    // While the log is locked, one read runs under mallory's one place; the others are
+    // refused at once for that cap (not after a read of theirs gave up on the lock).
+    let refused = tokio::time::timeout(pg_sync_tests::gateway::PATIENCE, async {
+        let mut refused = Vec::new();
+        while refused.len() < ENTITIES.len() - 1 {
+            refused.push(asks.next().await.expect("an answer"));
+        }
+        refused
+    })
+    .await
+    .expect("all but one answered while the log was locked");
+    for (status, body) in &refused {
+        assert_eq!(*status, 503, "{body}");
+        assert!(
+            body.contains("too many queries in progress for this user"),
+            "{body}"
+        );
+    }
+    lock.batch_execute("COMMIT").await.unwrap();
+    let (status, body) = asks.next().await.expect("the last answer");
+    assert_eq!(
+        status, 200,
+        "the one read ends once the log is free: {body}"
+    );
+}
+
 /// `readers` users of acme, 50 at a time, each reading from `first(i)` at `port` and on
 /// through `Link` until a page holds no change: per reader, the acme changes seen and each
 /// page's `X-Cache-Status`.

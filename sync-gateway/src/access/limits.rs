@@ -248,6 +248,12 @@ impl ClientWork {
         })
     }
 
+    /// A place under `user`'s query cap, without a connection: held by work that `user`
+    /// started for others too (a shared read), so that it counts as theirs.
+    pub fn hold(&self, user: &str) -> Result<Held, Busy> {
+        self.queries.take(user)
+    }
+
     async fn take(&self, pool: &Pool, user: &str) -> Result<Work, Busy> {
         let held = self.queries.take(user)?;
         let client = pool.get().await?;

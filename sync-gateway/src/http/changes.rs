@@ -268,9 +268,12 @@ pub async fn check_audience(State(state): State<Arc<AppState>>, headers: HeaderM
 /// page from the cache, else read once for every request of the audience that asks at the
 /// live position, long-polled. The shared read runs as a task of its own (a reader going
 /// away does not cancel it for the others), under caps of the audience's own, not of the
-/// reader who came first (who could fill theirs to make it fail). A shared read that
-/// fails, or that was judged under other policies than the audience was made from, is
-/// shared with nobody: each reader then reads alone, under its own caps.
+/// reader who came first (who could fill theirs to make it fail); that reader spends a place
+/// of their own too while it runs, so that requests started and abandoned at once cannot
+/// keep more reads going than their cap (one per entity's audience otherwise). A shared read
+/// that fails, or that was judged under other policies than the audience was made from, or
+/// whose starter has no place left, is shared with nobody: each reader then reads alone,
+/// under its own caps.
 async fn shared(
     state: &Arc<AppState>,
     user: &UserContext,
@@ -309,6 +312,7 @@ async fn shared(
                     wait: Duration::ZERO,
                     params: &params,
                 };
+                let _starter = state.work.hold(&user.sub).ok()?;
                 // NUL: no token's `sub` names it in practice.
                 let holder = format!("\0audience {}", key_audience);
                 let page = private(&state, &user, &at_once, &holder).await.ok()?;
