@@ -41,11 +41,12 @@
 //! therefore found in the id range `(A.max_id, B.max_id]` plus the unsettled transactions,
 //! and a page costs about its own size.
 //!
-//! The id range is also what keeps cursors right across a crash. Transaction ids that were
-//! handed out but never reached the WAL (an aborted or asynchronously committed transaction
-//! that the crash cut off) are handed out again after recovery, so a cursor from before the
-//! crash may "see" an xid that now belongs to a new transaction. Its changes still have ids
-//! above the cursor's `max_id`, and the range finds them; an xid comparison would skip them.
+//! A crash hands out again the transaction ids whose records never reached the disk. So a
+//! mark is made only once the WAL up to it is flushed: every xid its snapshot counts as
+//! completed survives, the snapshots after recovery cover it, and an xid used again is one
+//! the mark counts as unsettled or never knew. (Without the flush, a cursor from before a
+//! crash "saw" xids that were asynchronously committed and lost, and every snapshot after
+//! the crash looked older than it until as many xids were used again.)
 //!
 //! # The text form
 //!

@@ -442,6 +442,15 @@ fn current_mark(client: &SpiClient<'_>) -> Mark {
     // Read after the snapshot was taken: an upper bound of the xids assigned before it.
     // SAFETY: reads a counter under its lock.
     let next_xid = unsafe { pg_sys::ReadNextFullTransactionId() }.value;
+    // Every transaction this snapshot counts as completed wrote its commit or abort record
+    // before it: make those durable before the mark leaves. Otherwise a crash hands their
+    // xids out again (asynchronous commits, and every transaction that took an xid and wrote
+    // nothing else, are not flushed at commit), and a later snapshot would stay "older" than
+    // the mark until as many xids were used again, with the changes in between held back.
+    // It also means no client holds a change that a crash takes back. Costs nothing when the
+    // WAL is flushed already, one flush otherwise.
+    // SAFETY: reads the insert position, then waits for the WAL up to it to be flushed.
+    unsafe { pg_sys::XLogFlush(pg_sys::GetXLogInsertRecPtr()) };
     let mut snapshot = Snapshot::parse_pg(&snapshot).expect("PostgreSQL snapshots parse");
     let since_snapshot = next_xid.saturating_sub(snapshot.xmax);
     if since_snapshot > MAX_UNSETTLED {
