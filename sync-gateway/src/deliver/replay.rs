@@ -118,7 +118,7 @@ impl Replayer {
         // given back. It ends at its next page, which finds nobody to take it.
         tokio::spawn(self.clone().read(start.clone(), pages));
         while let Some(page) = judged.recv().await {
-            for part in page?.chunks(PART) {
+            for part in parts(&page?, PART) {
                 start
                     .queue
                     .wait_for_room()
@@ -209,5 +209,51 @@ impl Replayer {
             }
             cursor = end;
         }
+    }
+}
+
+/// `items` in parts of `size`, or one more where the next item ends a transaction: each
+/// part goes out in a message of its own, and an end cut from its change was lost (the
+/// client then waited a second for it).
+fn parts(items: &[ReplayItem], size: usize) -> Vec<&[ReplayItem]> {
+    let mut parts = Vec::new();
+    let mut rest = items;
+    while !rest.is_empty() {
+        let mut cut = size.min(rest.len());
+        if matches!(rest.get(cut), Some(ReplayItem::TxEnd)) {
+            cut += 1;
+        }
+        let (part, after) = rest.split_at(cut);
+        parts.push(part);
+        rest = after;
+    }
+    parts
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::access::judge::Verdict;
+    use crate::model::change::{sample, Op};
+
+    #[test]
+    fn a_transactions_end_stays_in_the_part_of_its_change() {
+        let change = || {
+            ReplayItem::Change(
+                Arc::new(sample(Op::Insert, "1", None, None)),
+                Verdict::Seen(None),
+            )
+        };
+        let items = vec![
+            change(),
+            change(),
+            ReplayItem::TxEnd,
+            change(),
+            ReplayItem::TxEnd,
+            change(),
+        ];
+        let lengths: Vec<usize> = parts(&items, 2).iter().map(|p| p.len()).collect();
+        assert_eq!(lengths, [3, 2, 1]);
+        assert!(parts(&[], 2).is_empty());
     }
 }

@@ -96,6 +96,9 @@ pub struct Router {
     /// can end, so replays start when the drain ends.
     mid_drain: bool,
     deferred: Vec<SubscribeRequest>,
+    /// Replaying subscriptions that held back a change of the transaction under way, which
+    /// may go on in the next page: told where it ends.
+    held_open: HashSet<(ConnId, SubId)>,
     out: Outlets,
 }
 
@@ -110,6 +113,7 @@ impl Router {
             position: None,
             mid_drain: false,
             deferred: Vec::new(),
+            held_open: HashSet::new(),
             out,
         }
     }
@@ -254,10 +258,8 @@ impl Router {
             self.refuse(entity, *group, why, &mut outboxes);
         }
         let mut candidates: Vec<(ConnId, SubId)> = Vec::new();
-        // Connections given a change of the transaction under way, and replaying
-        // subscriptions that held one back: told where it ends.
+        // Connections given a change of the transaction under way: told where it ends.
         let mut in_transaction: HashSet<ConnId> = HashSet::new();
-        let mut held_in_transaction: HashSet<(ConnId, SubId)> = HashSet::new();
         let mut ended: Vec<(ConnId, SubId)> = Vec::new();
         for (change, verdict) in page.changes.iter().zip(&page.verdicts) {
             if let Some(entry) = self.index.get(&change.entity_code) {
@@ -312,7 +314,7 @@ impl Router {
                         Judgement::Deliver(action) => match &mut state.replay {
                             Some(replay) => {
                                 replay.hold(change.clone(), action);
-                                held_in_transaction.insert((conn_id, sub_id));
+                                self.held_open.insert((conn_id, sub_id));
                             }
                             None => {
                                 conn.last_change = change.id;
@@ -333,7 +335,7 @@ impl Router {
                         out.end_transaction();
                     }
                 }
-                for (conn, sub) in held_in_transaction.drain() {
+                for (conn, sub) in std::mem::take(&mut self.held_open) {
                     let replay = self
                         .connections
                         .get_mut(&conn)

@@ -76,6 +76,9 @@ impl Router {
         match event {
             ReplayEvent::Page { conn, sub, items } => self.replayed(conn, sub, items),
             ReplayEvent::Done { conn, sub } => {
+                // A transaction it held a change of may go on in the next page: then it ends
+                // there, with the live stream's messages.
+                self.held_open.remove(&(conn, sub));
                 let Some(state) = self
                     .connections
                     .get_mut(&conn)
@@ -101,7 +104,6 @@ impl Router {
                         Held::Resync(reason) => out.resync(&state.subscription.entity_code, reason),
                     }
                 }
-                out.end_transaction();
                 self.deliver(conn, out, &mut RunCache::new());
                 self.answer_awaits(conn);
             }

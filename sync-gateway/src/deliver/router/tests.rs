@@ -620,6 +620,44 @@ async fn the_message_ending_a_transaction_says_so_even_when_its_last_change_is_s
     );
 }
 
+/// A transaction larger than a page, held back from a replay that ends between its pages:
+/// what was held goes out then, but the transaction ends only with its last page.
+#[tokio::test]
+async fn a_replay_ending_inside_a_transaction_leaves_it_open() {
+    let mut h = harness();
+    let (mut q, _) = connect(&mut h, 1, 1, 1 << 20);
+    subscribe(&mut h, 1, Target::Rows(None), Some(cursor(5)));
+    let start = h.replays.try_recv().expect("a replay to run");
+    h.router.handle(Command::Batch(Arc::new(batch(
+        vec![in_tx("11", false)],
+        vec![],
+        11,
+        false,
+    ))));
+    let items = vec![
+        ReplayItem::Change(Arc::new(in_tx("6", true)), Verdict::Seen(None)),
+        ReplayItem::TxEnd,
+    ];
+    h.router.handle(Command::Replay(ReplayEvent::Page {
+        conn: 1,
+        sub: start.sub,
+        items,
+    }));
+    h.router.handle(Command::Replay(ReplayEvent::Done {
+        conn: 1,
+        sub: start.sub,
+    }));
+    route(&mut h, vec![in_tx("12", true)], 12);
+    assert_eq!(
+        tx_marks(&drain(&mut q).await),
+        [
+            ("6".to_owned(), true),
+            ("11".to_owned(), false),
+            ("12".to_owned(), true)
+        ]
+    );
+}
+
 #[tokio::test]
 async fn an_await_is_answered_once_the_stream_has_passed_its_cursor() {
     let mut h = harness();
