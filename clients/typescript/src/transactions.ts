@@ -83,6 +83,7 @@ export class Transactions {
   /** Forgets what is held of `entity` (its subscription ended). */
   drop(entity: string): void {
     this.held = this.held.filter((p) => p.entity !== entity);
+    this.changes = this.held.reduce((n, p) => n + p.changes.length, 0);
   }
 
   take(): Piece[] {

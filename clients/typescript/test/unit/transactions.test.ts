@@ -1,5 +1,5 @@
 import { describe, expect, it } from "vitest";
-import { GUARD_MS, IDLE_MS, MAX_AGE_MS, Transactions, type Piece } from "../../src/transactions.js";
+import { GUARD_MS, IDLE_MS, MAX_AGE_MS, MAX_CHANGES, Transactions, type Piece } from "../../src/transactions.js";
 
 const piece = (entity: string, cursor: string): Piece => ({ entity, cursor, changes: [{ entityId: "1", action: "UPDATE", data: {} }] });
 
@@ -41,5 +41,13 @@ describe("Transactions", () => {
     expect(txs.synced({ entity: "task", changes: [], cursor: "c2" }, 1)).toBeUndefined();
     txs.drop("project");
     expect(txs.add(piece("task", "c3"), true, 2)?.map((p) => p.entity + p.cursor)).toEqual(["taskc1", "taskc2", "taskc3"]);
+  });
+
+  it("no longer counts the changes it forgot towards the guard", () => {
+    const txs = new Transactions(true);
+    const many = { ...piece("project", "c1"), changes: Array.from({ length: MAX_CHANGES - 1 }, () => piece("project", "").changes[0]!) };
+    txs.add(many, undefined, 0);
+    txs.drop("project");
+    expect(txs.add(piece("task", "c2"), undefined, 1)).toBeUndefined();
   });
 });
