@@ -217,7 +217,11 @@ export abstract class Session extends Writes {
         const changes = payload.changes as Change[];
         const version = changes.find((c) => c.schemaVersion !== undefined)?.schemaVersion;
         const known = this.meta.get(code)?.schemaVersion;
-        if (version !== undefined && known !== undefined && version !== known) return this.resync(code, socket);
+        if (version !== undefined && known !== undefined && version !== known) {
+          await this.resync(code, socket);
+          // The refetch replaces this message; where it ends a transaction, the rest is whole.
+          return payload.txEnd === true && this.txs.size ? this.release(this.txs.take()) : undefined;
+        }
         const piece: Piece = { entity: code, changes, cursor, invalidate: type === "INVALIDATE" };
         return this.release(this.txs.add(piece, payload.txEnd === true, Date.now()));
       }

@@ -306,6 +306,22 @@ describe("transactions", () => {
     await wait(() => expect(gateway.snapshotTimes.length).toBe(3));
     await moved();
   });
+
+  it("a new schema version on the message that ends a transaction still ends it", async () => {
+    const { gateway, outbox, moved } = await counted();
+    type Sent = { payload: { changes: { schemaVersion?: number }[]; txEnd?: boolean } };
+    const last = outbox.at(-1) as unknown as Sent;
+    expect(last.payload.txEnd).toBe(true);
+    last.payload.changes[0]!.schemaVersion = 2;
+    // Before the transaction: a message that tells the client the projects' version is 1.
+    const version1 = { entityId: "p1", action: "UPDATE", data: { id: "p1", tasks: 2 }, schemaVersion: 1 };
+    const known = { type: "DELTA", payload: { entityCode: "project", changes: [version1], timestamp: "t", cursor: gateway.cursor, txEnd: true } };
+    outbox.unshift(known);
+    gateway.resume();
+    // The projects are refetched; the task's message, held for the transaction, goes with it.
+    await wait(() => expect(gateway.snapshotTimes.length).toBe(3));
+    await moved();
+  });
 });
 
 describe("sign-out", () => {
