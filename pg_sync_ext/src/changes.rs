@@ -449,8 +449,8 @@ fn current_mark(client: &SpiClient<'_>) -> Mark {
     // the mark until as many xids were used again, with the changes in between held back.
     // It also means no client holds a change that a crash takes back. Costs nothing when the
     // WAL is flushed already, one flush otherwise.
-    // SAFETY: reads the insert position, then waits for the WAL up to it to be flushed.
-    unsafe { pg_sys::XLogFlush(pg_sys::GetXLogInsertRecPtr()) };
+    // SAFETY: waits for the WAL up to a position already inserted to be flushed.
+    unsafe { pg_sys::XLogFlush(inserted_wal_end()) };
     let mut snapshot = Snapshot::parse_pg(&snapshot).expect("PostgreSQL snapshots parse");
     let since_snapshot = next_xid.saturating_sub(snapshot.xmax);
     if since_snapshot > MAX_UNSETTLED {
@@ -472,6 +472,31 @@ fn current_mark(client: &SpiClient<'_>) -> Mark {
         snapshot,
         max_id,
         next_xid,
+    }
+}
+
+/// The end of the WAL inserted so far. That is the insert position, except at the start of a
+/// page: there it names the byte after the page's header, which is written only with the next
+/// record, and a flush asked for it fails ("xlog flush request … is not satisfied", after a
+/// segment switch and in a reconnect storm). The page's start is then the end.
+fn inserted_wal_end() -> pg_sys::XLogRecPtr {
+    /// `SizeOfXLogShortPHD` and `SizeOfXLogLongPHD` (access/xlog_internal.h): the headers
+    /// of a page and of a segment's first page, MAXALIGNed.
+    const SHORT: u64 = (std::mem::size_of::<pg_sys::XLogPageHeaderData>() as u64 + 7) & !7;
+    const LONG: u64 = (std::mem::size_of::<pg_sys::XLogLongPageHeaderData>() as u64 + 7) & !7;
+    // SAFETY: reads the insert position under its lock, and a setting fixed at start-up.
+    let (at, segment) = unsafe {
+        (
+            pg_sys::GetXLogInsertRecPtr(),
+            pg_sys::wal_segment_size as u64,
+        )
+    };
+    if at % segment == LONG {
+        at - LONG
+    } else if at % u64::from(pg_sys::XLOG_BLCKSZ) == SHORT {
+        at - SHORT
+    } else {
+        at
     }
 }
 
