@@ -119,9 +119,11 @@ async fn websocket(
     Query(params): Query<WsParams>,
     upgrade: WebSocketUpgrade,
 ) -> Response {
-    // Before the first read of the log there is no live position to subscribe from.
+    // Before the first read of the log there is no live position to subscribe from. Told
+    // when to come back: in a restart's storm, clients reach a gateway before it is ready.
     if state.shutdown.is_cancelled() || !state.ready.load(Ordering::SeqCst) {
-        return (StatusCode::SERVICE_UNAVAILABLE, "not ready").into_response();
+        let retry = [(axum::http::header::RETRY_AFTER, "1")];
+        return (StatusCode::SERVICE_UNAVAILABLE, retry, "not ready").into_response();
     }
     let client_id = params.client_id.or_else(|| auth.claims.client_id.clone());
     if let Err(e) = check_client_id(client_id.as_deref()) {
