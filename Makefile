@@ -91,10 +91,12 @@ fuzz:
 	done; echo "fuzz: $$rounds rounds of 20000 cases per property, no failure"
 
 ## soak: the whole-pipeline oracle with new seeds for SOAK_SECONDS (default 300), then the long
-## variants of the reliability suite (a 3,000-step convergence run under faults, 10,000 idle
-## connections held for a minute), plus the fuzzing run
+## variants of the reliability suite against the release gateway (a 3,000-step convergence run
+## under faults, 10,000 idle connections held for a minute, a restart's reconnect storm of
+## 10,000 clients), plus the fuzzing run
 soak: install fuzz
 	$(CARGO) build -p sync-gateway
+	$(CARGO) build --release -p sync-gateway
 	$(CARGO) test -p pg_sync_tests --test oracle --no-run
 	@end=$$(( $$(date +%s) + $${SOAK_SECONDS:-300} )); runs=0; \
 	while [ $$(date +%s) -lt $$end ]; do \
@@ -103,7 +105,8 @@ soak: install fuzz
 	    [ $${PIPESTATUS[0]} -eq 0 ] || { echo "soak: the oracle failed (seed and steps above)"; exit 1; }; \
 	    runs=$$((runs + 1)); \
 	done; echo "soak: $$runs oracle runs of $${ORACLE_STEPS:-300} steps (on the primary and through a standby), every copy equal to what its user may SELECT"
-	PG_SYNC_SOAK=1 $(CARGO) test -p pg_sync_tests --test convergence --test reliability -- --test-threads 1
+	PG_SYNC_GATEWAY=$(CURDIR)/target/release/sync-gateway PG_SYNC_SOAK=1 \
+	    $(CARGO) test -p pg_sync_tests --test convergence --test reliability -- --test-threads 1
 
 lint:
 	$(CARGO) fmt --all -- --check

@@ -47,7 +47,7 @@ use crate::access::stage::Stage;
 use crate::config::ServeArgs;
 use crate::deliver::command::Command;
 use crate::deliver::mirror::Mirror;
-use crate::deliver::replay::Replayer;
+use crate::deliver::replay::{Replayer, SharedReads};
 use crate::deliver::router::{Limits, Outlets, Router};
 use crate::feed::catalog::Catalog;
 use crate::feed::ingest::Ingest;
@@ -278,6 +278,8 @@ pub async fn serve(args: ServeArgs, shutdown: CancellationToken) -> Result<(), S
         plans: plans.clone(),
         catalog: catalog.clone(),
         events: replay_events_tx,
+        reads: SharedReads::default(),
+        metrics: metrics.clone(),
     };
     tokio::spawn(replayer.run(replays_rx, shutdown.clone()));
     let wake = Arc::new(Notify::new());

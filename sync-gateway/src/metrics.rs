@@ -19,6 +19,8 @@ pub struct Metrics {
     pub changes_read: Counter,
     /// Pages of the log read for `/v1/changes` (what its cache and collapsing save).
     pub changes_pages_read: Counter,
+    /// Pages of the log read for replays (what sharing identical reads saves).
+    pub replay_pages_read: Counter,
     /// Seconds from a change's capture to its routing.
     pub delivery_lag: Histogram,
     /// Seconds from the read of a change's page to its routing.
@@ -45,6 +47,7 @@ impl Default for Metrics {
         let bytes_sent = Counter::default();
         let changes_read = Counter::default();
         let changes_pages_read = Counter::default();
+        let replay_pages_read = Counter::default();
         let delivery_lag = Histogram::new(exponential_buckets(0.001, 2.0, 16));
         let route_lag = Histogram::new(exponential_buckets(0.0001, 2.0, 20));
         let send_wait = Histogram::new(exponential_buckets(0.0001, 2.0, 20));
@@ -81,6 +84,11 @@ impl Default for Metrics {
             "changes_pages_read",
             "Pages of the log read for /v1/changes",
             changes_pages_read.clone(),
+        );
+        registry.register(
+            "replay_pages_read",
+            "Pages of the log read for replays",
+            replay_pages_read.clone(),
         );
         registry.register(
             "delivery_lag_seconds",
@@ -125,6 +133,7 @@ impl Default for Metrics {
             bytes_sent,
             changes_read,
             changes_pages_read,
+            replay_pages_read,
             delivery_lag,
             route_lag,
             send_wait,

@@ -72,6 +72,21 @@ impl Gateway {
         }
     }
 
+    /// Stops this gateway with SIGTERM (its clients are told when to reconnect), runs
+    /// `meanwhile` while no gateway runs, then starts another with the same flags on the same
+    /// ports, as a rolling restart would.
+    pub async fn restart(self, meanwhile: impl std::future::Future<Output = ()>) -> Gateway {
+        let (port, admin_port, args) = (self.port, self.admin_port, self.args.clone());
+        let stopping = std::time::Instant::now();
+        assert!(self.stop().await, "the gateway did not stop cleanly");
+        eprintln!("the gateway stopped in {:?}", stopping.elapsed());
+        meanwhile.await;
+        match Self::launch_on(port, admin_port, &args).await {
+            Ok(gateway) => gateway,
+            Err(why) => panic!("the gateway did not start again: {why}"),
+        }
+    }
+
     async fn launch_on(port: u16, admin_port: u16, args: &[String]) -> Result<Gateway, String> {
         let mut child = Command::new(binary())
             .arg("serve")
@@ -338,6 +353,10 @@ pub async fn http_request(
 }
 
 fn binary() -> PathBuf {
+    // `make soak` runs its large tests against the release build.
+    if let Some(path) = std::env::var_os("PG_SYNC_GATEWAY") {
+        return path.into();
+    }
     // target/<profile>/deps/<test binary> → target/<profile>/sync-gateway
     let exe = std::env::current_exe().unwrap();
     exe.parent()

@@ -9,6 +9,7 @@ use pg_sync_tests::{future_cursor, Cluster};
 use serde_json::{json, Value};
 use std::collections::HashSet;
 use std::time::Duration;
+use tokio_tungstenite::tungstenite;
 
 fn soak() -> bool {
     std::env::var("PG_SYNC_SOAK").is_ok()
@@ -641,4 +642,213 @@ async fn an_unread_changes_answer_holds_its_place_until_taken() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     reading.abort();
+}
+
+/// What one client of a storm did: the ids it received, in order, and how often it was told
+/// to come back later (its upgrade refused, its replay refused).
+#[derive(Default)]
+struct StormClient {
+    received: Vec<i64>,
+    cursor: Option<String>,
+    refused: usize,
+    retried: usize,
+}
+
+/// Follows `room` from where it stands, as a client should: through the gateway's RECONNECT
+/// (after `afterMs`), a refused upgrade (after `Retry-After`), a refused replay (subscribing
+/// again a moment later) and a closed socket (backing off), until it has ids 1 to `total`. Counts itself in `at_first` once
+/// it has the first `first` of them.
+async fn storm_client(
+    url: String,
+    sub: String,
+    total: usize,
+    first: usize,
+    at_first: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) -> StormClient {
+    use tungstenite::client::IntoClientRequest;
+    let mut me = StormClient::default();
+    let (mut pause, mut failed) = (Duration::ZERO, Duration::ZERO);
+    while me.received.len() < total {
+        tokio::time::sleep(pause).await;
+        pause = Duration::from_millis(100);
+        let mut request = url.as_str().into_client_request().unwrap();
+        let bearer = format!("Bearer {}", token(&sub, &[]));
+        request
+            .headers_mut()
+            .insert("Authorization", bearer.parse().unwrap());
+        let mut socket = match tokio_tungstenite::connect_async(request).await {
+            Ok((socket, _)) => socket,
+            Err(tungstenite::Error::Http(response)) => {
+                assert_eq!(response.status().as_u16(), 503, "{sub}: upgrade refused");
+                let retry = response.headers()["retry-after"].to_str().unwrap();
+                pause = Duration::from_secs(retry.parse().unwrap());
+                me.refused += 1;
+                continue;
+            }
+            Err(_) => {
+                // No gateway listens yet: back off, doubling up to 2 s.
+                pause = (failed * 2).clamp(Duration::from_millis(100), Duration::from_secs(2));
+                failed = pause;
+                continue;
+            }
+        };
+        failed = Duration::ZERO;
+        let subscribe = |cursor: &Option<String>| {
+            let mut payload = json!({"entityCode": "room", "mode": "delta"});
+            if let Some(cursor) = cursor {
+                payload["since"] = json!(cursor);
+            }
+            json!({"type": "SUBSCRIBE", "payload": payload}).to_string()
+        };
+        let text = subscribe(&me.cursor);
+        if futures_util::SinkExt::send(&mut socket, text.as_str().into())
+            .await
+            .is_err()
+        {
+            continue;
+        }
+        while me.received.len() < total {
+            let Some(Ok(tungstenite::Message::Text(text))) = socket.next().await else {
+                break; // closed: come back
+            };
+            let message: Value = serde_json::from_str(&text).unwrap();
+            let payload = &message["payload"];
+            match message["type"].as_str().unwrap() {
+                "SUBSCRIBED" if me.cursor.is_none() => {
+                    me.cursor = Some(payload["cursor"].as_str().unwrap().to_owned());
+                }
+                "SUBSCRIBED" | "SYNCED" => {}
+                "DELTA" => {
+                    let had = me.received.len();
+                    me.received.extend(
+                        changes(&message)
+                            .iter()
+                            .map(|c| c["entityId"].as_str().unwrap().parse::<i64>().unwrap()),
+                    );
+                    me.cursor = Some(payload["cursor"].as_str().unwrap().to_owned());
+                    if had < first && me.received.len() >= first {
+                        at_first.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    }
+                }
+                "RECONNECT" => {
+                    pause = Duration::from_millis(payload["afterMs"].as_u64().unwrap());
+                    break;
+                }
+                // Too many replays at once: subscribe again from the cursor, a moment later.
+                "ERROR" if payload["code"] == "internal" => {
+                    me.retried += 1;
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    let again = subscribe(&me.cursor);
+                    if futures_util::SinkExt::send(&mut socket, again.as_str().into())
+                        .await
+                        .is_err()
+                    {
+                        break;
+                    }
+                }
+                _ => panic!("{sub}: unexpected {message}"),
+            }
+        }
+    }
+    me
+}
+
+/// Waits until `counted()` reaches `want`; fails at `deadline` saying how far it got.
+async fn reaches(
+    what: &str,
+    want: usize,
+    deadline: tokio::time::Instant,
+    counted: impl AsyncFn() -> i64,
+) {
+    loop {
+        let now = counted().await;
+        if now >= want as i64 {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{what}: {now} of {want}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A reconnect storm: every client of a gateway that restarts comes back, over the window
+/// the gateway spreads them on and under its admission rate, and resumes from its cursor;
+/// each ends with every change once and in order, and the replays of the same range share
+/// their reads of the log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_restarts_reconnect_storm_loses_nothing_and_shares_its_reads() {
+    let count = if soak() { 10_000 } else { 1_000 };
+    let cluster = Cluster::start().await;
+    cluster
+        .execute("CREATE TABLE room (id int PRIMARY KEY); SELECT sync.track('room');")
+        .await;
+    // Admissions at a fifth of the clients a second: arriving within two seconds, some may
+    // be told to come back (as many as this machine connects faster than that).
+    let rate = (count / 5).to_string();
+    let args = [
+        "--reconnect-window",
+        "2s",
+        "--max-admissions-per-second",
+        &rate,
+    ];
+    let gateway = Gateway::start(&cluster, &args).await;
+    let at_first = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let clients: Vec<_> = (0..count)
+        .map(|i| {
+            tokio::spawn(storm_client(
+                gateway.ws_url(""),
+                format!("storm-{i}"),
+                30,
+                10,
+                at_first.clone(),
+            ))
+        })
+        .collect();
+    let started = tokio::time::Instant::now();
+    let deadline = || started + PATIENCE * 6;
+    let subscribed = async |gateway: &Gateway| gateway.metric("sync_subscriptions").await;
+    reaches("subscriptions", count, deadline(), async || {
+        subscribed(&gateway).await
+    })
+    .await;
+    cluster
+        .execute("INSERT INTO room SELECT generate_series(1, 10)")
+        .await;
+    let have_first = async || at_first.load(std::sync::atomic::Ordering::SeqCst) as i64;
+    reaches("clients with 1 to 10", count, deadline(), have_first).await;
+
+    // Changes made while no gateway runs come with the replays.
+    let gateway = gateway
+        .restart(cluster.execute("INSERT INTO room SELECT generate_series(11, 20)"))
+        .await;
+    let storm = tokio::time::Instant::now();
+    reaches("subscriptions again", count, deadline(), async || {
+        subscribed(&gateway).await
+    })
+    .await;
+    let back_in = storm.elapsed();
+    cluster
+        .execute("INSERT INTO room SELECT generate_series(21, 30)")
+        .await;
+    let (mut refused, mut retried) = (0, 0);
+    for client in clients {
+        let client = tokio::time::timeout_at(deadline(), client)
+            .await
+            .expect("every client has every change in time")
+            .unwrap();
+        assert_eq!(client.received, (1..=30).collect::<Vec<i64>>());
+        refused += client.refused;
+        retried += client.retried;
+    }
+    let reads = gateway.metric("sync_replay_pages_read_total").await;
+    eprintln!(
+        "{count} clients came back in {back_in:?} with {reads} reads of the log; \
+         {refused} upgrades and {retried} replays were told to come back later"
+    );
+    assert!(
+        reads * 10 <= count as i64,
+        "{reads} reads of the log for {count} replays of one range"
+    );
 }

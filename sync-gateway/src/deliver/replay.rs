@@ -15,8 +15,13 @@ use crate::access::limits::{Busy, Cap, ClientWork};
 use crate::access::plans::Plans;
 use crate::feed::catalog::Catalog;
 use crate::feed::log::{read_page, ReadError};
+use crate::metrics::Metrics;
+use crate::model::change::Change;
+use crate::model::cursor::Cursor;
 use crate::model::protocol::{ErrorCode, ResyncReason, ServerMessage};
+use moka::future::Cache;
 use std::sync::Arc;
+use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -34,6 +39,44 @@ pub struct Replayer {
     pub plans: Arc<Plans>,
     pub catalog: Arc<Catalog>,
     pub events: mpsc::Sender<ReplayEvent>,
+    pub reads: SharedReads,
+    pub metrics: Arc<Metrics>,
+}
+
+/// Pages of the log read for replays, shared by the replays that read the same range. In a
+/// reconnect storm every client of a gateway resumes from about the same cursor up to the
+/// same live position, and the range `(since, until]` of a replay is closed: its page is
+/// the same for every reader. (Judging stays each replay's own.) Kept briefly and bounded
+/// in bytes; a read that fails is not shared, and each replay then reads alone.
+pub struct SharedReads {
+    cache: Cache<(String, String), Arc<LogPage>>,
+}
+
+/// A page of the log as replays share it.
+struct LogPage {
+    changes: Vec<Arc<Change>>,
+    end: Cursor,
+    more: bool,
+    access_serial: i64,
+}
+
+/// How long a shared page stays after its read, and how many bytes of pages at most.
+const SHARED_FOR: Duration = Duration::from_secs(5);
+const SHARED_BYTES: u64 = 64 << 20;
+
+impl Default for SharedReads {
+    fn default() -> SharedReads {
+        SharedReads {
+            cache: Cache::builder()
+                .max_capacity(SHARED_BYTES)
+                .weigher(|_, page: &Arc<LogPage>| {
+                    let bytes: usize = page.changes.iter().map(|c| c.approximate_size()).sum();
+                    u32::try_from(bytes).unwrap_or(u32::MAX)
+                })
+                .time_to_live(SHARED_FOR)
+                .build(),
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -142,6 +185,42 @@ impl Replayer {
         self.events.send(done).await.map_err(|_| ReplayError::Gone)
     }
 
+    /// The page of `(since, until]`, read once for all the replays asking for it at the
+    /// same time or soon after; None when that read failed.
+    async fn read_shared(
+        &self,
+        user: &str,
+        since: &Cursor,
+        until: &Cursor,
+    ) -> Option<Arc<LogPage>> {
+        let key = (since.as_str().to_owned(), until.as_str().to_owned());
+        self.reads
+            .cache
+            .try_get_with(key, async {
+                self.read_alone(user, since, until).await.map(Arc::new)
+            })
+            .await
+            .ok()
+    }
+
+    /// Reads the page of `(since, until]`, under `user`'s caps.
+    async fn read_alone(
+        &self,
+        user: &str,
+        since: &Cursor,
+        until: &Cursor,
+    ) -> Result<LogPage, ReplayError> {
+        let mut work = self.work.start(user).await?;
+        let page = read_page(&mut work.client, Some(since), PAGE, Some(until)).await?;
+        self.metrics.replay_pages_read.inc();
+        Ok(LogPage {
+            changes: page.changes.into_iter().map(Arc::new).collect(),
+            end: page.end,
+            more: page.more,
+            access_serial: page.access_serial,
+        })
+    }
+
     /// Reads and judges the gap page by page into `pages`, ending with the last page (or the
     /// first error).
     async fn read(
@@ -155,19 +234,26 @@ impl Replayer {
         let mut cursor = start.since.clone();
         loop {
             let page = async {
-                let mut work = self.work.start(&start.user.sub).await?;
-                let page =
-                    read_page(&mut work.client, Some(&cursor), PAGE, Some(&start.until)).await?;
+                let page = match self
+                    .read_shared(&start.user.sub, &cursor, &start.until)
+                    .await
+                {
+                    Some(page) => page,
+                    None => Arc::new(
+                        self.read_alone(&start.user.sub, &cursor, &start.until)
+                            .await?,
+                    ),
+                };
+                let work = self.work.start(&start.user.sub).await?;
                 // The subscription's entity only, and where the page's transactions end.
                 let mut items = Vec::new();
                 let mut mine = Vec::new();
-                for change in page.changes {
-                    let tx_end = change.tx_end;
+                for change in &page.changes {
                     if &change.entity_code == code {
-                        mine.push(Arc::new(change));
+                        mine.push(change.clone());
                         items.push(None);
                     }
-                    if tx_end && !matches!(items.last(), Some(Some(ReplayItem::TxEnd))) {
+                    if change.tx_end && !matches!(items.last(), Some(Some(ReplayItem::TxEnd))) {
                         items.push(Some(ReplayItem::TxEnd));
                     }
                 }
@@ -194,7 +280,7 @@ impl Replayer {
                         })
                     })
                     .collect();
-                Ok((items, page.end, page.more))
+                Ok((items, page.end.clone(), page.more))
             }
             .await;
             let (items, end, more) = match page {

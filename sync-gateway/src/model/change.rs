@@ -68,6 +68,21 @@ impl Change {
                 .and_then(|rest| rest.strip_prefix(':'))
                 .is_some_and(|own| own == client_id)
     }
+
+    /// About the bytes this change holds (its rows as JSON, its names and position): what
+    /// a cache of changes weighs it by.
+    pub fn approximate_size(&self) -> usize {
+        let row = |r: &Option<Map<String, Value>>| {
+            r.as_ref()
+                .map_or(0, |r| serde_json::to_vec(r).map_or(0, |v| v.len()))
+        };
+        row(&self.data)
+            + row(&self.old_data)
+            + self.entity_code.len()
+            + self.entity_id.as_ref().map_or(0, String::len)
+            + self.cursor.as_str().len()
+            + 128
+    }
 }
 
 #[cfg(test)]
