@@ -186,21 +186,32 @@ impl Replayer {
     }
 
     /// The page of `(since, until]`, read once for all the replays asking for it at the
-    /// same time or soon after; None when that read failed.
-    async fn read_shared(
+    /// same time or within `SHARED_FOR`. The asking replay holds a place under its user's cap
+    /// while it waits: a user at their cap is refused at once, and starts no read for others.
+    /// The read itself counts under a holder of its own range. When it fails, nothing is
+    /// shared, and each replay reads alone (and gets its own error).
+    async fn read_page_of(
         &self,
         user: &str,
         since: &Cursor,
         until: &Cursor,
-    ) -> Option<Arc<LogPage>> {
+    ) -> Result<Arc<LogPage>, ReplayError> {
+        let mine = self.work.hold(user)?;
         let key = (since.as_str().to_owned(), until.as_str().to_owned());
-        self.reads
+        // NUL: no token's `sub` names it in practice.
+        let holder = format!("\0replay {}..{}", key.0, key.1);
+        let shared = self
+            .reads
             .cache
             .try_get_with(key, async {
-                self.read_alone(user, since, until).await.map(Arc::new)
+                self.read_alone(&holder, since, until).await.map(Arc::new)
             })
-            .await
-            .ok()
+            .await;
+        drop(mine);
+        match shared {
+            Ok(page) => Ok(page),
+            Err(_) => Ok(Arc::new(self.read_alone(user, since, until).await?)),
+        }
     }
 
     /// Reads the page of `(since, until]`, under `user`'s caps.
@@ -234,17 +245,9 @@ impl Replayer {
         let mut cursor = start.since.clone();
         loop {
             let page = async {
-                let page = match self
-                    .read_shared(&start.user.sub, &cursor, &start.until)
-                    .await
-                {
-                    Some(page) => page,
-                    None => Arc::new(
-                        self.read_alone(&start.user.sub, &cursor, &start.until)
-                            .await?,
-                    ),
-                };
-                let work = self.work.start(&start.user.sub).await?;
+                let page = self
+                    .read_page_of(&start.user.sub, &cursor, &start.until)
+                    .await?;
                 // The subscription's entity only, and where the page's transactions end.
                 let mut items = Vec::new();
                 let mut mine = Vec::new();
@@ -257,20 +260,30 @@ impl Replayer {
                         items.push(Some(ReplayItem::TxEnd));
                     }
                 }
-                let judged = judge
-                    .page(
-                        &self.catalog,
-                        &self.plans,
-                        &mut Db::Held(&work.client),
-                        page.access_serial,
-                        mine,
-                        &mut listeners,
-                    )
-                    .await?;
-                if let Some((_, _, why)) = judged.refused.into_iter().next() {
-                    return Err(ReplayError::Forbidden(why));
-                }
-                let mut judged = judged.changes.into_iter().zip(judged.verdicts);
+                // Judged on a connection of the user's own, taken only when there is
+                // something to judge.
+                let judged = if mine.is_empty() {
+                    None
+                } else {
+                    let work = self.work.start(&start.user.sub).await?;
+                    let judged = judge
+                        .page(
+                            &self.catalog,
+                            &self.plans,
+                            &mut Db::Held(&work.client),
+                            page.access_serial,
+                            mine,
+                            &mut listeners,
+                        )
+                        .await?;
+                    if let Some((_, _, why)) = judged.refused.into_iter().next() {
+                        return Err(ReplayError::Forbidden(why));
+                    }
+                    Some((judged.changes, judged.verdicts))
+                };
+                let mut judged = judged
+                    .into_iter()
+                    .flat_map(|(changes, verdicts)| changes.into_iter().zip(verdicts));
                 let items: Vec<ReplayItem> = items
                     .into_iter()
                     .map(|item| {

@@ -120,9 +120,11 @@ async fn websocket(
     upgrade: WebSocketUpgrade,
 ) -> Response {
     // Before the first read of the log there is no live position to subscribe from. Told
-    // when to come back: in a restart's storm, clients reach a gateway before it is ready.
+    // when to come back, 1 to 3 s at random so that they do not all come back at once: in a
+    // restart's storm, clients reach a gateway before it is ready.
     if state.shutdown.is_cancelled() || !state.ready.load(Ordering::SeqCst) {
-        let retry = [(axum::http::header::RETRY_AFTER, "1")];
+        let seconds = 1 + uuid::Uuid::new_v4().as_u128() % 3;
+        let retry = [(axum::http::header::RETRY_AFTER, seconds.to_string())];
         return (StatusCode::SERVICE_UNAVAILABLE, retry, "not ready").into_response();
     }
     let client_id = params.client_id.or_else(|| auth.claims.client_id.clone());
