@@ -36,9 +36,14 @@
 //! `--rls-subquery` it looks the user's team up in a membership table instead, which the
 //! gateway cannot compile and asks the database about.
 
+mod memory;
+mod primary;
+mod reference;
+
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use futures_util::{SinkExt, StreamExt};
+use primary::{replayed, PrimaryCpu};
 use serde_json::{json, Value};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -127,114 +132,18 @@ struct Common {
     replica_url: Option<String>,
 }
 
-/// CPU seconds the cluster of `data` has used so far: its postmaster's own and that of the
-/// backends it reaped, plus every live child's.
-fn cluster_cpu_seconds(data: &str) -> Result<f64> {
-    let pid_file = std::fs::read_to_string(format!("{data}/postmaster.pid"))?;
-    let postmaster: u32 = pid_file
-        .lines()
-        .next()
-        .context("postmaster.pid")?
-        .trim()
-        .parse()?;
-    // utime, stime, cutime, cstime are fields 14 to 17 of /proc/<pid>/stat (after the name).
-    let times = |pid: u32, with_children: bool| -> Option<u64> {
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-        let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
-        let parent: u32 = fields[1].parse().ok()?;
-        if pid != postmaster && parent != postmaster {
-            return None;
-        }
-        let n = if with_children { 4 } else { 2 };
-        Some(
-            fields[11..11 + n]
-                .iter()
-                .filter_map(|f| f.parse::<u64>().ok())
-                .sum(),
-        )
-    };
-    let mut ticks = times(postmaster, true).context("the postmaster")?;
-    for entry in std::fs::read_dir("/proc")?.flatten() {
-        if let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|n| n.parse::<u32>().ok())
-        {
-            if pid != postmaster {
-                ticks += times(pid, false).unwrap_or(0);
-            }
-        }
-    }
-    // SAFETY: sysconf has no preconditions.
-    let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    Ok(ticks as f64 / per_second)
-}
-
-/// Returns once the standby of `--replica-url` (if any) replayed what `primary` wrote so far.
-async fn replayed(c: &Common, primary: &tokio_postgres::Client) -> Result<()> {
-    let Some(url) = &c.replica_url else {
-        return Ok(());
-    };
-    let lsn: String = primary
-        .query_one("SELECT pg_current_wal_lsn()::text", &[])
-        .await?
-        .get(0);
-    let replica = database(url).await?;
-    while !replica
-        .query_one(
-            "SELECT pg_last_wal_replay_lsn() >= $1::text::pg_lsn",
-            &[&lsn],
-        )
-        .await?
-        .get::<_, bool>(0)
-    {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    Ok(())
-}
-
-/// Measures the primary's CPU across the gateway's part of a run (when asked to), after the
-/// standby (when there is one) replayed what was written.
-struct PrimaryCpu {
-    data: Option<String>,
-    before: f64,
-}
-
-impl PrimaryCpu {
-    async fn start(c: &Common, primary: &tokio_postgres::Client) -> Result<PrimaryCpu> {
-        replayed(c, primary).await?;
-        let before = match &c.primary_data {
-            Some(data) => cluster_cpu_seconds(data)?,
-            None => 0.0,
-        };
-        Ok(PrimaryCpu {
-            data: c.primary_data.clone(),
-            before,
-        })
-    }
-
-    /// Adds `primary_cpu_seconds` to `report`.
-    fn report(&self, report: &mut Value) -> Result<()> {
-        if let Some(data) = &self.data {
-            let spent = cluster_cpu_seconds(data)? - self.before;
-            report["primary_cpu_seconds"] = json!((spent * 100.0).round() / 100.0);
-        }
-        Ok(())
-    }
-}
-
 #[tokio::main]
 async fn main() -> Result<()> {
     let report = match Cli::parse().command {
         Mode::Latency(c) => latency(c).await?,
         Mode::Fanout(c) => fanout(c).await?,
-        Mode::Idle(c) => idle(c).await?,
-        Mode::Snapshot(c) => snapshot(c).await?,
-        Mode::Notify(c) => notify(c).await?,
+        Mode::Idle(c) => memory::idle(c).await?,
+        Mode::Snapshot(c) => memory::snapshot(c).await?,
+        Mode::Notify(c) => reference::notify(c).await?,
         Mode::Catchup(c) => catchup(c).await?,
-        Mode::BareServer(b) => return bare_server(b).await,
-        Mode::BareFanout(c) => bare_fanout(c).await?,
-        Mode::BareLatency(c) => bare_latency(c).await?,
+        Mode::BareServer(b) => return reference::bare_server(b).await,
+        Mode::BareFanout(c) => reference::bare_fanout(c).await?,
+        Mode::BareLatency(c) => reference::bare_latency(c).await?,
     };
     println!("{report}");
     Ok(())
@@ -571,36 +480,6 @@ fn percentiles(mut samples: Vec<u64>) -> Value {
     json!({"samples": samples.len(), "p50_ms": pct(0.5), "p90_ms": pct(0.9), "p99_ms": pct(0.99), "max_ms": pct(1.0)})
 }
 
-async fn notify(c: Common) -> Result<Value> {
-    use tokio_postgres::AsyncMessage;
-    let (listener, mut connection) =
-        tokio_postgres::connect(&c.database_url, tokio_postgres::NoTls)
-            .await
-            .context("connecting")?;
-    let (arrived, mut arrivals) = tokio::sync::mpsc::unbounded_channel();
-    tokio::spawn(async move {
-        let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
-        while let Some(Ok(message)) = messages.next().await {
-            if let AsyncMessage::Notification(_) = message {
-                let _ = arrived.send(Instant::now());
-            }
-        }
-    });
-    listener.batch_execute("LISTEN bench_round_trip").await?;
-    let sender = database(&c.database_url).await?;
-    let end = Instant::now() + Duration::from_secs(c.seconds);
-    let mut samples = Vec::new();
-    while Instant::now() < end {
-        let sent = Instant::now();
-        sender.batch_execute("NOTIFY bench_round_trip").await?;
-        let at = arrivals.recv().await.context("the listener ended")?;
-        samples.push(at.duration_since(sent).as_micros() as u64);
-    }
-    let mut report = percentiles(samples);
-    report["mode"] = json!("notify");
-    Ok(report)
-}
-
 async fn catchup(c: Common) -> Result<Value> {
     let mut db = database(&c.database_url).await?;
     db.batch_execute(
@@ -680,26 +559,6 @@ async fn catchup(c: Common) -> Result<Value> {
     Ok(report)
 }
 
-/// A DELTA frame shaped like the gateway's for `bench_item`, with `n` changes.
-fn bare_frame(n: usize) -> String {
-    bare_delta((0..n as u64).map(|i| (i, 123456)))
-}
-
-/// A DELTA of `bench_item` rows, each given as (id, seq).
-fn bare_delta(rows: impl Iterator<Item = (u64, u64)>) -> String {
-    let changes: Vec<Value> = rows
-        .map(|(id, seq)| {
-            json!({"entityId": id.to_string(), "action": "UPDATE",
-                   "data": {"id": id, "team": "0", "seq": seq, "pad": "x".repeat(40)},
-                   "changed": ["seq"], "schemaVersion": 1})
-        })
-        .collect();
-    json!({"type": "DELTA", "payload": {"entityCode": "bench_item", "changes": changes,
-           "timestamp": "2026-11-23T12:00:00.000Z",
-           "cursor": "1.0123456789abcdef0123456789abcdef.1000_1000__123456_1000"}})
-    .to_string()
-}
-
 /// The next number of a xorshift sequence (the writers' and the bare server's row picks).
 fn xorshift(state: &mut u64) -> u64 {
     *state ^= *state << 13;
@@ -708,214 +567,10 @@ fn xorshift(state: &mut u64) -> u64 {
     *state
 }
 
-type Utf8Bytes = tokio_tungstenite::tungstenite::Utf8Bytes;
-/// With `--rate`: each row id's subscribed connections, as the queues their writers take from.
-type Subscribers = Arc<
-    std::sync::Mutex<std::collections::HashMap<String, Vec<tokio::sync::mpsc::Sender<Utf8Bytes>>>>,
->;
-
+/// Microseconds since the Unix epoch (the bare server's stamps).
 fn epoch_micros() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap()
         .as_micros() as u64
-}
-
-async fn bare_server(b: BareServer) -> Result<()> {
-    let listener = tokio::net::TcpListener::bind(&b.listen).await?;
-    let frame = Utf8Bytes::from(bare_frame(b.changes_per_frame));
-    let subscribers = Subscribers::default();
-    if let Some(rate) = b.rate {
-        tokio::spawn(bare_changes(subscribers.clone(), rate, b.rows));
-    }
-    loop {
-        let (stream, _) = listener.accept().await?;
-        let (frame, subscribers, paced) = (frame.clone(), subscribers.clone(), b.rate.is_some());
-        tokio::spawn(async move {
-            let Ok(mut socket) = tokio_tungstenite::accept_async(stream).await else {
-                return;
-            };
-            // Wait for the client's SUBSCRIBE, answer it, then write until it leaves.
-            let Some(Ok(Message::Text(subscribe))) = socket.next().await else {
-                return;
-            };
-            let subscribed = Message::text(r#"{"type":"SUBSCRIBED","payload":{}}"#);
-            if socket.send(subscribed).await.is_err() {
-                return;
-            }
-            if !paced {
-                while socket.send(Message::Text(frame.clone())).await.is_ok() {}
-                return;
-            }
-            let (queue, mut frames) = tokio::sync::mpsc::channel(1024);
-            let request: Value = serde_json::from_str(&subscribe).unwrap_or_default();
-            for id in request["payload"]["entityIds"]
-                .as_array()
-                .into_iter()
-                .flatten()
-            {
-                let id = id.as_str().unwrap_or_default().to_owned();
-                subscribers
-                    .lock()
-                    .unwrap()
-                    .entry(id)
-                    .or_default()
-                    .push(queue.clone());
-            }
-            while let Some(frame) = frames.recv().await {
-                if socket.send(Message::Text(frame)).await.is_err() {
-                    return;
-                }
-            }
-        });
-    }
-}
-
-/// `rate` changes a second, each of a random row, sent to its subscribers: a one-change
-/// DELTA whose `seq` is when it was sent (µs since the epoch).
-async fn bare_changes(subscribers: Subscribers, rate: u64, rows: usize) {
-    let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / rate as f64));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
-    let mut rng = 0x9E37_79B9_7F4A_7C15u64;
-    loop {
-        tick.tick().await;
-        let id = xorshift(&mut rng) % rows as u64;
-        let queues = subscribers
-            .lock()
-            .unwrap()
-            .get(&id.to_string())
-            .cloned()
-            .unwrap_or_default();
-        let frame = Utf8Bytes::from(bare_delta(std::iter::once((id, epoch_micros()))));
-        for queue in queues {
-            let _ = queue.try_send(frame.clone()); // a full queue: that client is not keeping up
-        }
-    }
-}
-
-/// The latency reference: as `latency`, against `bare-server --rate`.
-async fn bare_latency(c: Common) -> Result<Value> {
-    let sockets = open(&c, c.connections, |i| latency_subscription(&c, i)).await?;
-    let (start, started_at) = (Instant::now(), epoch_micros());
-    let until = start + Duration::from_secs(c.seconds);
-    let readers: Vec<_> = sockets
-        .into_iter()
-        .map(|s| {
-            tokio::spawn(async move {
-                let mut latencies = Vec::new();
-                // Frames sent before the run (queued while the connections opened) are not counted.
-                drain(s, until, start, |sent, at| {
-                    if sent >= started_at {
-                        latencies.push((started_at + at).saturating_sub(sent))
-                    }
-                })
-                .await;
-                latencies
-            })
-        })
-        .collect();
-    let mut latencies = Vec::new();
-    for r in readers {
-        latencies.extend(r.await?);
-    }
-    let mut report = percentiles(latencies);
-    let run = json!({"mode": "bare_latency", "connections": c.connections,
-                     "ids_per_connection": c.ids_per_connection, "seconds": c.seconds});
-    report
-        .as_object_mut()
-        .unwrap()
-        .extend(run.as_object().unwrap().clone());
-    Ok(report)
-}
-
-async fn bare_fanout(c: Common) -> Result<Value> {
-    let sockets = open(&c, c.connections, |_| json!({"entityCode": "bench_item"})).await?;
-    let start = Instant::now();
-    let (messages, changes) = total(read_all(
-        sockets,
-        start + Duration::from_secs(c.seconds),
-        start,
-    ))
-    .await?;
-    let secs = c.seconds as f64;
-    Ok(json!({
-        "mode": "bare_fanout", "connections": c.connections, "seconds": c.seconds,
-        "messages_per_s": (messages as f64 / secs).round(), "changes_per_s": (changes as f64 / secs).round(),
-    }))
-}
-
-async fn idle(c: Common) -> Result<Value> {
-    let pid = c.gateway_pid.context("--gateway-pid is required")?;
-    prepare_table(&c).await?;
-    let before = status_kib(pid, "VmRSS:")?;
-    let rows = c.rows;
-    let sockets = open(
-        &c,
-        c.connections,
-        |i| json!({"entityCode": "bench_item", "entityIds": [(i % rows).to_string()]}),
-    )
-    .await?;
-    // Let allocations settle, then read.
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let after = status_kib(pid, "VmRSS:")?;
-    drop(sockets);
-    Ok(json!({
-        "mode": "idle", "connections": c.connections, "rss_before_kib": before, "rss_after_kib": after,
-        "kib_per_connection": ((after.saturating_sub(before)) as f64 / c.connections as f64 * 10.0).round() / 10.0,
-    }))
-}
-
-fn status_kib(pid: u32, field: &str) -> Result<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let line = status
-        .lines()
-        .find(|l| l.starts_with(field))
-        .context("field")?;
-    Ok(line.split_whitespace().nth(1).context("value")?.parse()?)
-}
-
-async fn snapshot(c: Common) -> Result<Value> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let pid = c.gateway_pid.context("--gateway-pid is required")?;
-    let db = database(&c.database_url).await?;
-    db.batch_execute(&format!(
-        "DROP TABLE IF EXISTS bench_snapshot;
-         CREATE TABLE bench_snapshot (id int PRIMARY KEY, n int, label text, at timestamptz DEFAULT now());
-         INSERT INTO bench_snapshot SELECT g, g % 1000, 'row ' || g FROM generate_series(1, {}) g;
-         ANALYZE bench_snapshot;
-         SELECT sync.track('bench_snapshot');",
-        c.rows
-    ))
-    .await?;
-    let before = status_kib(pid, "VmRSS:")?;
-    let cpu = PrimaryCpu::start(&c, &db).await?;
-    let mut stream = tokio::net::TcpStream::connect(&c.gateway).await?;
-    let request = format!(
-        "GET /v1/snapshot/bench_snapshot HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\nConnection: close\r\n\r\n",
-        token(&c, 0)
-    );
-    let start = Instant::now();
-    stream.write_all(request.as_bytes()).await?;
-    let (mut lines, mut bytes, mut buffer) = (0u64, 0u64, vec![0u8; 1 << 16]);
-    loop {
-        let n = stream.read(&mut buffer).await?;
-        if n == 0 {
-            break;
-        }
-        bytes += n as u64;
-        lines += buffer[..n].iter().filter(|b| **b == b'\n').count() as u64;
-    }
-    let seconds = start.elapsed().as_secs_f64();
-    // Chunk headers and the cursor line add a few newlines; the rows dominate.
-    let rows = c.rows as f64;
-    if (lines as f64) < rows {
-        bail!("only {lines} lines for {rows} rows");
-    }
-    let mut report = json!({
-        "mode": "snapshot", "rows": c.rows, "seconds": (seconds * 100.0).round() / 100.0,
-        "rows_per_s": (rows / seconds).round(), "megabytes": bytes / 1_000_000,
-        "gateway_rss_before_kib": before, "gateway_peak_rss_kib": status_kib(pid, "VmHWM:")?,
-    });
-    cpu.report(&mut report)?;
-    Ok(report)
 }
