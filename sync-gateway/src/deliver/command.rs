@@ -116,8 +116,8 @@ pub struct SubscribeRequest {
 pub enum ReplayItem {
     /// A change of the subscription's entity, with what the page's judgement says of it.
     Change(Arc<Change>, Verdict),
-    /// A database transaction ended here.
-    TxEnd,
+    /// A database transaction ended here, with this change (of any entity).
+    TxEnd(Arc<Change>),
 }
 
 /// What a replay reports.

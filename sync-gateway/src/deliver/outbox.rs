@@ -9,7 +9,7 @@
 //! connection was the gateway's bottleneck.
 
 use crate::model::change::{Action, Change};
-use crate::model::protocol::{Mode, ResyncReason, ServerMessage};
+use crate::model::protocol::{ChangeOut, Mode, ResyncReason, ServerMessage};
 use crate::model::subscription::Shape;
 use axum::extract::ws::Utf8Bytes;
 use std::collections::HashMap;
@@ -29,6 +29,13 @@ enum Part {
 
 /// Serialized runs of one batch, by what they hold.
 pub type RunCache = HashMap<(Shape, Vec<(i64, Action)>, bool), Utf8Bytes>;
+
+/// Where a connection's messages of a transaction under way went: see `Outbox::open_run`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct OpenRun {
+    entity_code: String,
+    mode: Mode,
+}
 
 #[derive(Default)]
 pub struct Outbox {
@@ -74,6 +81,31 @@ impl Outbox {
         if let Some(tx_end) = last_run {
             *tx_end = true;
         }
+    }
+
+    /// The entity and mode of the run that went out without its transaction's end, when a
+    /// change was pushed since the last end: what an end met later is told on
+    /// (`end_elsewhere`).
+    pub fn open_run(&self) -> Option<OpenRun> {
+        if !self.in_transaction {
+            return None;
+        }
+        self.parts.iter().rev().find_map(|part| match part {
+            Part::Run { shape, changes, .. } => Some(OpenRun {
+                entity_code: changes[0].0.entity_code.clone(),
+                mode: shape.mode,
+            }),
+            Part::Message(_) => None,
+        })
+    }
+
+    /// A transaction ends at `last`, its last change, after this connection's changes of it
+    /// went out in an earlier message (`run`) without the end: a message of no changes says
+    /// so, with the position after `last`.
+    pub fn end_elsewhere(&mut self, run: OpenRun, last: &Change) {
+        self.in_transaction = false;
+        let end = changes_message(run.mode, run.entity_code, Vec::new(), last, true);
+        self.message(end);
     }
 
     /// Whether nothing was pushed or added.
@@ -135,13 +167,20 @@ impl Outbox {
 
 fn run_message(shape: &Shape, changes: &[(Arc<Change>, Action)], tx_end: bool) -> ServerMessage {
     let last = &changes[changes.len() - 1].0;
-    let (entity_code, timestamp, cursor) = (
-        last.entity_code.clone(),
-        last.captured_at.clone(),
-        last.cursor.clone(),
-    );
-    let changes = changes.iter().map(|(c, a)| shape.render(c, *a)).collect();
-    match shape.mode {
+    let rendered = changes.iter().map(|(c, a)| shape.render(c, *a)).collect();
+    changes_message(shape.mode, last.entity_code.clone(), rendered, last, tx_end)
+}
+
+/// A DELTA or INVALIDATE of `entity_code`, as `mode` says, at the position after `last`.
+fn changes_message(
+    mode: Mode,
+    entity_code: String,
+    changes: Vec<ChangeOut>,
+    last: &Change,
+    tx_end: bool,
+) -> ServerMessage {
+    let (timestamp, cursor) = (last.captured_at.clone(), last.cursor.clone());
+    match mode {
         Mode::Delta => ServerMessage::Delta {
             entity_code,
             changes,

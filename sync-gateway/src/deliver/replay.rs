@@ -256,8 +256,8 @@ impl Replayer {
                         mine.push(change.clone());
                         items.push(None);
                     }
-                    if change.tx_end && !matches!(items.last(), Some(Some(ReplayItem::TxEnd))) {
-                        items.push(Some(ReplayItem::TxEnd));
+                    if change.tx_end && !matches!(items.last(), Some(Some(ReplayItem::TxEnd(_)))) {
+                        items.push(Some(ReplayItem::TxEnd(change.clone())));
                     }
                 }
                 // Judged on a connection of the user's own, taken only when there is
@@ -319,7 +319,7 @@ fn parts(items: &[ReplayItem], size: usize) -> Vec<&[ReplayItem]> {
     let mut rest = items;
     while !rest.is_empty() {
         let mut cut = size.min(rest.len());
-        if matches!(rest.get(cut), Some(ReplayItem::TxEnd)) {
+        if matches!(rest.get(cut), Some(ReplayItem::TxEnd(_))) {
             cut += 1;
         }
         let (part, after) = rest.split_at(cut);
@@ -343,14 +343,8 @@ mod tests {
                 Verdict::Seen(None),
             )
         };
-        let items = vec![
-            change(),
-            change(),
-            ReplayItem::TxEnd,
-            change(),
-            ReplayItem::TxEnd,
-            change(),
-        ];
+        let end = || ReplayItem::TxEnd(Arc::new(sample(Op::Insert, "1", None, None)));
+        let items = vec![change(), change(), end(), change(), end(), change()];
         let lengths: Vec<usize> = parts(&items, 2).iter().map(|p| p.len()).collect();
         assert_eq!(lengths, [3, 2, 1]);
         assert!(parts(&[], 2).is_empty());

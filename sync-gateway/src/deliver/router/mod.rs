@@ -19,7 +19,7 @@ mod tests;
 
 use super::command::{Command, ConnId, ReplayStart, SubId, SubscribeRequest};
 use super::mirror::MirrorOp;
-use super::outbox::{Outbox, RunCache};
+use super::outbox::{OpenRun, Outbox, RunCache};
 use super::queue::{Outbound, Refused};
 use crate::access::judge::{decide, Subscriber, Verdict};
 use crate::access::roles::{GroupId, UserContext};
@@ -99,6 +99,9 @@ pub struct Router {
     /// Replaying subscriptions that held back a change of the transaction under way, which
     /// may go on in the next page: told where it ends.
     held_open: HashSet<(ConnId, SubId)>,
+    /// Connections whose changes of the transaction under way went out in an earlier page
+    /// (a transaction larger than a page), without its end: told of it when it comes.
+    open_elsewhere: HashMap<ConnId, OpenRun>,
     out: Outlets,
 }
 
@@ -114,6 +117,7 @@ impl Router {
             mid_drain: false,
             deferred: Vec::new(),
             held_open: HashSet::new(),
+            open_elsewhere: HashMap::new(),
             out,
         }
     }
@@ -334,6 +338,10 @@ impl Router {
                     if let Some(out) = outboxes.get_mut(&conn) {
                         out.end_transaction();
                     }
+                    self.open_elsewhere.remove(&conn);
+                }
+                for (conn, run) in self.open_elsewhere.drain() {
+                    outboxes.entry(conn).or_default().end_elsewhere(run, change);
                 }
                 for (conn, sub) in std::mem::take(&mut self.held_open) {
                     let replay = self
@@ -345,6 +353,12 @@ impl Router {
                         replay.end_transaction();
                     }
                 }
+            }
+        }
+        // The page ended inside a transaction: where its end must be told.
+        for conn in in_transaction {
+            if let Some(run) = outboxes.get(&conn).and_then(Outbox::open_run) {
+                self.open_elsewhere.insert(conn, run);
             }
         }
         for (conn, sub) in ended {

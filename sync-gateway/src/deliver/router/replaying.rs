@@ -7,7 +7,7 @@
 use super::{ConnId, Router, SubId};
 use crate::access::judge::decide;
 use crate::deliver::command::{ReplayEvent, ReplayItem};
-use crate::deliver::outbox::{Outbox, RunCache};
+use crate::deliver::outbox::{OpenRun, Outbox, RunCache};
 use crate::model::change::{Action, Change};
 use crate::model::cursor::Cursor;
 use crate::model::protocol::{ResyncReason, ServerMessage};
@@ -31,6 +31,9 @@ pub(super) struct Replay {
     until: Cursor,
     reference: Option<String>,
     cancel: CancellationToken,
+    /// The replay's changes of a transaction under way went out in an earlier part, without
+    /// its end: where to tell it.
+    open_run: Option<OpenRun>,
 }
 
 impl Replay {
@@ -41,6 +44,7 @@ impl Replay {
             until,
             reference,
             cancel,
+            open_run: None,
         }
     }
 
@@ -78,7 +82,7 @@ impl Router {
             ReplayEvent::Done { conn, sub } => {
                 // A transaction it held a change of may go on in the next page: then it ends
                 // there, with the live stream's messages.
-                self.held_open.remove(&(conn, sub));
+                let open = self.held_open.remove(&(conn, sub));
                 let Some(state) = self
                     .connections
                     .get_mut(&conn)
@@ -104,6 +108,9 @@ impl Router {
                         Held::Resync(reason) => out.resync(&state.subscription.entity_code, reason),
                     }
                 }
+                if let Some(run) = out.open_run().filter(|_| open) {
+                    self.open_elsewhere.insert(conn, run);
+                }
                 self.deliver(conn, out, &mut RunCache::new());
                 self.answer_awaits(conn);
             }
@@ -123,13 +130,18 @@ impl Router {
             return;
         };
         let subscriber = owner.subscriber();
+        let mut open_run = state.replay.as_ref().and_then(|r| r.open_run.clone());
         let mut out = Outbox::default();
         let mut entity_changed = false;
         for item in items {
             let (change, verdict) = match item {
                 ReplayItem::Change(change, verdict) => (change, verdict),
-                ReplayItem::TxEnd => {
-                    out.end_transaction();
+                ReplayItem::TxEnd(last) => {
+                    match open_run.take() {
+                        // Nothing of it since the last part: the end goes on its own.
+                        Some(run) if out.open_run().is_none() => out.end_elsewhere(run, &last),
+                        _ => out.end_transaction(),
+                    }
                     continue;
                 }
             };
@@ -144,6 +156,17 @@ impl Router {
                 }
                 Judgement::Deliver(action) => out.push(&state.subscription.shape, &change, action),
             }
+        }
+        if let Some(run) = out.open_run() {
+            open_run = Some(run);
+        }
+        let replay = self
+            .connections
+            .get_mut(&conn)
+            .and_then(|c| c.subs.get_mut(&sub))
+            .and_then(|s| s.replay.as_mut());
+        if let Some(replay) = replay {
+            replay.open_run = open_run;
         }
         self.deliver(conn, out, &mut RunCache::new());
         if entity_changed {

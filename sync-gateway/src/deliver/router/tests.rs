@@ -571,14 +571,17 @@ fn in_tx(id: &str, tx_end: bool) -> Change {
     }
 }
 
-/// `(first entity id, txEnd)` of each change message.
+/// `(first entity id, txEnd)` of each change message ("" for one of no changes).
 fn tx_marks(messages: &[Value]) -> Vec<(String, bool)> {
     messages
         .iter()
         .filter(|m| m["type"] == "DELTA")
         .map(|m| {
-            let first = m["payload"]["changes"][0]["entityId"].as_str().unwrap();
-            (first.to_owned(), m["payload"]["txEnd"] == true)
+            let first = m["payload"]["changes"][0]["entityId"].as_str();
+            (
+                first.unwrap_or("").to_owned(),
+                m["payload"]["txEnd"] == true,
+            )
         })
         .collect()
 }
@@ -618,6 +621,24 @@ async fn the_message_ending_a_transaction_says_so_even_when_its_last_change_is_s
         tx_marks(&drain(&mut q).await),
         [("1".to_owned(), false), ("2".to_owned(), true)]
     );
+    // When the next batch holds nothing of it for this connection, a message of no changes
+    // ends it, at the position after the transaction's last change.
+    h.router.handle(Command::Batch(Arc::new(batch(
+        vec![in_tx("1", false)],
+        vec![],
+        14,
+        false,
+    ))));
+    route(&mut h, vec![in_tx("3", true)], 15);
+    let messages = drain(&mut q).await;
+    assert_eq!(
+        tx_marks(&messages),
+        [("1".to_owned(), false), ("".to_owned(), true)]
+    );
+    assert_eq!(
+        messages[1]["payload"]["cursor"],
+        in_tx("3", true).cursor.as_str()
+    );
 }
 
 /// A transaction larger than a page, held back from a replay that ends between its pages:
@@ -634,9 +655,10 @@ async fn a_replay_ending_inside_a_transaction_leaves_it_open() {
         11,
         false,
     ))));
+    let six = Arc::new(in_tx("6", true));
     let items = vec![
-        ReplayItem::Change(Arc::new(in_tx("6", true)), Verdict::Seen(None)),
-        ReplayItem::TxEnd,
+        ReplayItem::Change(six.clone(), Verdict::Seen(None)),
+        ReplayItem::TxEnd(six),
     ];
     h.router.handle(Command::Replay(ReplayEvent::Page {
         conn: 1,
@@ -655,6 +677,63 @@ async fn a_replay_ending_inside_a_transaction_leaves_it_open() {
             ("11".to_owned(), false),
             ("12".to_owned(), true)
         ]
+    );
+}
+
+/// As above, when the transaction's last page holds nothing for the connection.
+#[tokio::test]
+async fn a_replay_ending_inside_a_transaction_has_its_end_told_alone() {
+    let mut h = harness();
+    let (mut q, _) = connect(&mut h, 1, 1, 1 << 20);
+    subscribe(&mut h, 1, ids(&["11"]), Some(cursor(5)));
+    let start = h.replays.try_recv().expect("a replay to run");
+    h.router.handle(Command::Batch(Arc::new(batch(
+        vec![in_tx("11", false)],
+        vec![],
+        11,
+        false,
+    ))));
+    replay(&mut h, start.sub, vec![]);
+    route(&mut h, vec![in_tx("12", true)], 12);
+    assert_eq!(
+        tx_marks(&drain(&mut q).await),
+        [("11".to_owned(), false), ("".to_owned(), true)]
+    );
+}
+
+/// A replay hands its changes on in parts: a part whose changes of a transaction are all
+/// someone else's still tells where the transaction that an earlier part began ends.
+#[tokio::test]
+async fn a_replay_part_of_none_of_a_transactions_changes_still_ends_it() {
+    let mut h = harness();
+    let (mut q, _) = connect(&mut h, 1, 1, 1 << 20);
+    subscribe(&mut h, 1, ids(&["6"]), Some(cursor(5)));
+    let start = h.replays.try_recv().expect("a replay to run");
+    let seven = Arc::new(in_tx("7", true));
+    let parts = [
+        vec![ReplayItem::Change(
+            Arc::new(in_tx("6", false)),
+            Verdict::Seen(None),
+        )],
+        vec![
+            ReplayItem::Change(seven.clone(), Verdict::Seen(None)),
+            ReplayItem::TxEnd(seven),
+        ],
+    ];
+    for items in parts {
+        h.router.handle(Command::Replay(ReplayEvent::Page {
+            conn: 1,
+            sub: start.sub,
+            items,
+        }));
+    }
+    h.router.handle(Command::Replay(ReplayEvent::Done {
+        conn: 1,
+        sub: start.sub,
+    }));
+    assert_eq!(
+        tx_marks(&drain(&mut q).await),
+        [("6".to_owned(), false), ("".to_owned(), true)]
     );
 }
 
