@@ -344,12 +344,7 @@ impl Router {
                     outboxes.entry(conn).or_default().end_elsewhere(run, change);
                 }
                 for (conn, sub) in std::mem::take(&mut self.held_open) {
-                    let replay = self
-                        .connections
-                        .get_mut(&conn)
-                        .and_then(|c| c.subs.get_mut(&sub))
-                        .and_then(|s| s.replay.as_mut());
-                    if let Some(replay) = replay {
+                    if let Some(replay) = self.replay_of(conn, sub) {
                         replay.end_transaction();
                     }
                 }

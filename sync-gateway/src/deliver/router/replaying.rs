@@ -76,6 +76,14 @@ impl Replay {
 }
 
 impl Router {
+    /// The replay of a subscription still replaying.
+    pub(super) fn replay_of(&mut self, conn: ConnId, sub: SubId) -> Option<&mut Replay> {
+        self.connections
+            .get_mut(&conn)
+            .and_then(|c| c.subs.get_mut(&sub))
+            .and_then(|s| s.replay.as_mut())
+    }
+
     pub(super) fn replay_event(&mut self, event: ReplayEvent) {
         match event {
             ReplayEvent::Page { conn, sub, items } => self.replayed(conn, sub, items),
@@ -160,12 +168,7 @@ impl Router {
         if let Some(run) = out.open_run() {
             open_run = Some(run);
         }
-        let replay = self
-            .connections
-            .get_mut(&conn)
-            .and_then(|c| c.subs.get_mut(&sub))
-            .and_then(|s| s.replay.as_mut());
-        if let Some(replay) = replay {
+        if let Some(replay) = self.replay_of(conn, sub) {
             replay.open_run = open_run;
         }
         self.deliver(conn, out, &mut RunCache::new());

@@ -178,13 +178,27 @@ fn replay(h: &mut Harness, sub: SubId, changes: Vec<Change>) {
         .into_iter()
         .map(|c| ReplayItem::Change(Arc::new(c), Verdict::Seen(None)))
         .collect();
-    h.router.handle(Command::Replay(ReplayEvent::Page {
-        conn: 1,
-        sub,
-        items,
-    }));
+    replay_parts(h, sub, vec![items]);
+}
+
+/// The replay task of connection 1's subscription `sub`: `parts` handed on one by one, then
+/// its end.
+fn replay_parts(h: &mut Harness, sub: SubId, parts: Vec<Vec<ReplayItem>>) {
+    for items in parts {
+        h.router.handle(Command::Replay(ReplayEvent::Page {
+            conn: 1,
+            sub,
+            items,
+        }));
+    }
     h.router
         .handle(Command::Replay(ReplayEvent::Done { conn: 1, sub }));
+}
+
+/// Routes a full page of `changes` that ends inside a transaction, at `end`.
+fn route_cut(h: &mut Harness, changes: Vec<Change>, end: u64) {
+    h.router
+        .handle(Command::Batch(Arc::new(batch(changes, vec![], end, false))));
 }
 
 fn triple(kind: &str, id: &str, action: &str) -> (String, String, String) {
@@ -610,12 +624,7 @@ async fn the_message_ending_a_transaction_says_so_even_when_its_last_change_is_s
         "one message per transaction, each ending it"
     );
     // A transaction cut by a full page ends in the next batch.
-    h.router.handle(Command::Batch(Arc::new(batch(
-        vec![in_tx("1", false)],
-        vec![],
-        12,
-        false,
-    ))));
+    route_cut(&mut h, vec![in_tx("1", false)], 12);
     route(&mut h, vec![in_tx("2", true)], 13);
     assert_eq!(
         tx_marks(&drain(&mut q).await),
@@ -623,12 +632,7 @@ async fn the_message_ending_a_transaction_says_so_even_when_its_last_change_is_s
     );
     // When the next batch holds nothing of it for this connection, a message of no changes
     // ends it, at the position after the transaction's last change.
-    h.router.handle(Command::Batch(Arc::new(batch(
-        vec![in_tx("1", false)],
-        vec![],
-        14,
-        false,
-    ))));
+    route_cut(&mut h, vec![in_tx("1", false)], 14);
     route(&mut h, vec![in_tx("3", true)], 15);
     let messages = drain(&mut q).await;
     assert_eq!(
@@ -649,26 +653,13 @@ async fn a_replay_ending_inside_a_transaction_leaves_it_open() {
     let (mut q, _) = connect(&mut h, 1, 1, 1 << 20);
     subscribe(&mut h, 1, Target::Rows(None), Some(cursor(5)));
     let start = h.replays.try_recv().expect("a replay to run");
-    h.router.handle(Command::Batch(Arc::new(batch(
-        vec![in_tx("11", false)],
-        vec![],
-        11,
-        false,
-    ))));
+    route_cut(&mut h, vec![in_tx("11", false)], 11);
     let six = Arc::new(in_tx("6", true));
     let items = vec![
         ReplayItem::Change(six.clone(), Verdict::Seen(None)),
         ReplayItem::TxEnd(six),
     ];
-    h.router.handle(Command::Replay(ReplayEvent::Page {
-        conn: 1,
-        sub: start.sub,
-        items,
-    }));
-    h.router.handle(Command::Replay(ReplayEvent::Done {
-        conn: 1,
-        sub: start.sub,
-    }));
+    replay_parts(&mut h, start.sub, vec![items]);
     route(&mut h, vec![in_tx("12", true)], 12);
     assert_eq!(
         tx_marks(&drain(&mut q).await),
@@ -687,12 +678,7 @@ async fn a_replay_ending_inside_a_transaction_has_its_end_told_alone() {
     let (mut q, _) = connect(&mut h, 1, 1, 1 << 20);
     subscribe(&mut h, 1, ids(&["11"]), Some(cursor(5)));
     let start = h.replays.try_recv().expect("a replay to run");
-    h.router.handle(Command::Batch(Arc::new(batch(
-        vec![in_tx("11", false)],
-        vec![],
-        11,
-        false,
-    ))));
+    route_cut(&mut h, vec![in_tx("11", false)], 11);
     replay(&mut h, start.sub, vec![]);
     route(&mut h, vec![in_tx("12", true)], 12);
     assert_eq!(
@@ -720,17 +706,7 @@ async fn a_replay_part_of_none_of_a_transactions_changes_still_ends_it() {
             ReplayItem::TxEnd(seven),
         ],
     ];
-    for items in parts {
-        h.router.handle(Command::Replay(ReplayEvent::Page {
-            conn: 1,
-            sub: start.sub,
-            items,
-        }));
-    }
-    h.router.handle(Command::Replay(ReplayEvent::Done {
-        conn: 1,
-        sub: start.sub,
-    }));
+    replay_parts(&mut h, start.sub, parts.into());
     assert_eq!(
         tx_marks(&drain(&mut q).await),
         [("6".to_owned(), false), ("".to_owned(), true)]
