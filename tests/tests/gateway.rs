@@ -999,5 +999,8 @@ async fn a_snapshot_row_is_the_json_postgresql_makes_of_it() {
             .unwrap();
         named.sort_by_key(|row| row["id"].as_i64());
         assert_eq!(named, expected, "{entity}, by ids");
+        // `?ids=` names no id: refused, where it was one empty id the int key could not cast.
+        let none = gateway.snapshot("alice", &format!("{entity}?ids=")).await;
+        assert_eq!(none.unwrap_err(), 400, "{entity}, by no ids");
     }
 }

@@ -279,7 +279,8 @@ export abstract class Session extends Writes {
         let changes: RowChange[];
         if (piece.invalidate) {
           const ids = [...new Set(piece.changes.map((c) => c.entityId))];
-          const fetched = await this.fetchRows(piece.entity, ids);
+          // A message of no changes only ends a transaction: nothing to fetch.
+          const fetched = ids.length ? await this.fetchRows(piece.entity, ids) : new Map<string, Row>();
           changes = ids.map((id) => [id, fetched.get(id) ?? null]);
         } else {
           changes = piece.changes.map((c) => [c.entityId, c.action === "DELETE" ? null : (c.data ?? {})]);

@@ -64,7 +64,8 @@ const CONFLICT_RETRIES: usize = 3;
 
 /// The ids of `?ids=a,b`: split on the literal commas of the raw query, then decoded, so
 /// that an id holding a comma (a composite key's `["a","b"]`, or text) is sent with it
-/// percent-encoded, as `encodeURIComponent` does. None without the parameter.
+/// percent-encoded, as `encodeURIComponent` does. None without the parameter; `?ids=` lists
+/// no id (refused), not one empty id.
 fn ids_param(raw_query: Option<&str>) -> Option<Vec<String>> {
     let decode = |s: &str| {
         percent_encoding::percent_decode_str(&s.replace('+', " "))
@@ -75,6 +76,9 @@ fn ids_param(raw_query: Option<&str>) -> Option<Vec<String>> {
         .split('&')
         .find_map(|pair| pair.split_once('=').filter(|(k, _)| decode(k) == "ids"))?
         .1;
+    if value.is_empty() {
+        return Some(Vec::new());
+    }
     Some(value.split(',').map(decode).collect())
 }
 
@@ -348,6 +352,7 @@ mod tests {
     fn ids_split_on_raw_commas_only() {
         assert_eq!(ids_param(None), None);
         assert_eq!(ids_param(Some("x=1")), None);
+        assert_eq!(ids_param(Some("ids=")), Some(vec![]));
         assert_eq!(
             ids_param(Some("x=1&ids=a,b%2Cc,%5B%221%22%2C%222%22%5D,d+e")),
             Some(vec![

@@ -324,6 +324,26 @@ describe("transactions", () => {
   });
 });
 
+describe("a message of no changes", () => {
+  it("ends the transaction and fetches nothing, in invalidate mode too", async () => {
+    const { gateway, open } = setup();
+    const client = open();
+    const tasks = client.entity("task", { mode: "invalidate" });
+    await client.waitForFirstSync();
+    await wait(() => expect(client.status).toBe("live"));
+    const fetches = gateway.snapshotTimes.length;
+    const socket = gateway.sockets[0]!;
+    const end = { type: "INVALIDATE", payload: { entityCode: "task", changes: [], timestamp: "t", cursor: gateway.cursor, txEnd: true } };
+    socket.push(end as never);
+    await wait(() => expect(socket.idle).toBe(true));
+    gateway.commit([{ entity: "task", id: "1", action: "UPDATE", data: { id: 1, title: "after" } }]);
+    await wait(() => expect(tasks.get(1)?.title).toBe("after"));
+    expect(gateway.snapshotTimes.length).toBe(fetches); // (this gateway sends the update's row)
+    expect(gateway.sockets).toEqual([socket]);
+    client.close();
+  });
+});
+
 describe("sign-out", () => {
   it("closes every client of the user and deletes the database", async () => {
     const { open, db } = setup();

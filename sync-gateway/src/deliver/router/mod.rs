@@ -188,6 +188,9 @@ impl Router {
 
     fn reset(&mut self, position: Cursor) {
         self.set_position(position, true);
+        // The transaction under way is gone with the place; everyone refetches.
+        self.open_elsewhere.clear();
+        self.held_open.clear();
         let entities: HashSet<(ConnId, String)> = self
             .connections
             .iter()
