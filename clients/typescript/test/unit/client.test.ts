@@ -334,7 +334,7 @@ describe("a message of no changes", () => {
     const fetches = gateway.snapshotTimes.length;
     const socket = gateway.sockets[0]!;
     const end = { type: "INVALIDATE", payload: { entityCode: "task", changes: [], timestamp: "t", cursor: gateway.cursor, txEnd: true } };
-    socket.push(end as never);
+    socket.push(end);
     await wait(() => expect(socket.idle).toBe(true));
     gateway.commit([{ entity: "task", id: "1", action: "UPDATE", data: { id: 1, title: "after" } }]);
     await wait(() => expect(tasks.get(1)?.title).toBe("after"));
