@@ -223,7 +223,7 @@ export abstract class Session extends Writes {
           return payload.txEnd === true && this.txs.size ? this.release(this.txs.take()) : undefined;
         }
         const piece: Piece = { entity: code, changes, cursor, invalidate: type === "INVALIDATE" };
-        return this.release(this.txs.add(piece, payload.txEnd === true, Date.now()));
+        return this.release(this.txs.add(piece, payload.txEnd === true, Date.now(), this.streamOf(code)));
       }
       case "SYNCED":
         if (!code || !this.subscribed.has(code)) return;
@@ -304,6 +304,14 @@ export abstract class Session extends Writes {
    * it is older than the coming snapshot and goes; what is held of other entities waits for
    * its transaction's end, and then for the refetch to catch up (`catchingUp`), so that no
    * commit shows half a transaction. */
+  /** The held pieces that a transaction's end on a message of `code` closes. Until its
+   * SYNCED an entity's messages are its replay's, whose transactions end apart from the live
+   * stream's (the gateway holds the entity's live changes until then). */
+  private streamOf(code: string): (held: Piece) => boolean {
+    if (!this.liveHere.has(code)) return (held) => held.entity === code;
+    return (held) => this.liveHere.has(held.entity);
+  }
+
   private async resync(code: string, socket: WebSocket): Promise<void> {
     this.txs.drop(code);
     if (socket.readyState === WebSocket.OPEN) socket.send(JSON.stringify({ type: "UNSUBSCRIBE", payload: { entityCode: code } }));

@@ -43,14 +43,18 @@ export class Transactions {
     return this.held.length;
   }
 
-  /** A DELTA or INVALIDATE message; returns what is now whole, in order. */
-  add(piece: Piece, txEnd: boolean | undefined, now: number): Piece[] | undefined {
+  /** A DELTA or INVALIDATE message; returns what is now whole, in order. `sameStream` says
+   * which held pieces its end closes: the live stream and each entity's catch-up end their
+   * transactions apart, so the end of a catch-up's transaction must not release a live
+   * transaction's first part (default: all of them). */
+  add(piece: Piece, txEnd: boolean | undefined, now: number, sameStream: (held: Piece) => boolean = () => true): Piece[] | undefined {
     if (this.held.length === 0) this.first = now;
     this.last = now;
     this.held.push(piece);
     this.changes += piece.changes.length;
     if (txEnd) this.marks = true;
-    return txEnd || this.changes >= MAX_CHANGES ? this.take() : undefined;
+    if (this.changes >= MAX_CHANGES) return this.take();
+    return txEnd ? this.takeWhere(sameStream) : undefined;
   }
 
   /** SYNCED (a position without changes): joins what is held, or stands alone. */
@@ -82,8 +86,15 @@ export class Transactions {
 
   /** Forgets what is held of `entity` (its subscription ended). */
   drop(entity: string): void {
-    this.held = this.held.filter((p) => p.entity !== entity);
+    this.takeWhere((p) => p.entity === entity);
+  }
+
+  /** Takes the held pieces `which` picks, in order, and keeps the others. */
+  private takeWhere(which: (held: Piece) => boolean): Piece[] {
+    const taken = this.held.filter(which);
+    this.held = this.held.filter((p) => !which(p));
     this.changes = this.held.reduce((n, p) => n + p.changes.length, 0);
+    return taken;
   }
 
   take(): Piece[] {

@@ -43,6 +43,16 @@ describe("Transactions", () => {
     expect(txs.add(piece("task", "c3"), true, 2)?.map((p) => p.entity + p.cursor)).toEqual(["taskc1", "taskc2", "taskc3"]);
   });
 
+  it("ends a catch-up's transactions apart from the live stream's", () => {
+    const txs = new Transactions(true);
+    txs.add(piece("project", "live1"), undefined, 0); // the first part of a live transaction
+    const replayOfTask = (p: Piece) => p.entity === "task";
+    expect(txs.add(piece("task", "r1"), true, 1, replayOfTask)?.map((p) => p.cursor)).toEqual(["r1"]);
+    expect(txs.size).toBe(1);
+    const live = (p: Piece) => p.entity !== "task";
+    expect(txs.add(piece("project", "live2"), true, 2, live)?.map((p) => p.cursor)).toEqual(["live1", "live2"]);
+  });
+
   it("no longer counts the changes it forgot towards the guard", () => {
     const txs = new Transactions(true);
     const many = { ...piece("project", "c1"), changes: Array.from({ length: MAX_CHANGES - 1 }, () => piece("project", "").changes[0]!) };
