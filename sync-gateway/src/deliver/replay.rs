@@ -69,8 +69,11 @@ impl Default for SharedReads {
         SharedReads {
             cache: Cache::builder()
                 .max_capacity(SHARED_BYTES)
-                .weigher(|_, page: &Arc<LogPage>| {
-                    let bytes: usize = page.changes.iter().map(|c| c.approximate_size()).sum();
+                .weigher(|(since, until): &(String, String), page: &Arc<LogPage>| {
+                    // The key and the end count too: a page of no changes under a client's
+                    // long cursor is not free.
+                    let changes: usize = page.changes.iter().map(|c| c.approximate_size()).sum();
+                    let bytes = changes + since.len() + until.len() + page.end.as_str().len() + 128;
                     u32::try_from(bytes).unwrap_or(u32::MAX)
                 })
                 .time_to_live(SHARED_FOR)
