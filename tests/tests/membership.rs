@@ -350,3 +350,88 @@ async fn a_partitioned_membership_table_is_watched_through_its_partitions() {
     assert_eq!(resyncs(&seen), ["\"task\" \"access_changed\""], "{seen:?}");
     assert_eq!(snapshot_ids(&gateway, "b").await, [1]);
 }
+
+/// `/v1/changes` of tasks for `user` from `since`, `limit` at a time, up to its RESYNC or the
+/// log's end: every change of every page, in order.
+async fn changes_in_pages(gateway: &Gateway, user: &str, since: &str, limit: u32) -> Vec<Value> {
+    let mut since = since.to_owned();
+    let mut all = Vec::new();
+    for _ in 0..100 {
+        let (status, body) = gateway
+            .call(
+                "GET",
+                &format!("/v1/changes?since={since}&entityCode=task&limit={limit}"),
+                user,
+                None,
+            )
+            .await;
+        assert_eq!(status, 200, "{body}");
+        let page = body["changes"].as_array().unwrap();
+        all.extend(page.iter().cloned());
+        let next = body["cursor"].as_str().unwrap();
+        if page.iter().any(|c| c["action"] == "RESYNC") || next == since {
+            return all;
+        }
+        since = next.to_owned();
+    }
+    panic!("no end after 100 pages: {all:?}");
+}
+
+/// The same across pages: versions written in transactions before b joins project 2, read
+/// in pages that end before the membership row (`/v1/changes` 500 at a time, a replay of a
+/// transaction larger than its page). Judged by the membership as it was when each page was
+/// read, b was shown every version of the pages before the one holding the ACCESS row. Now a
+/// page of changes that the log already follows with an ACCESS row of their entity is shown
+/// to nobody, and b refetches where that row is. Changes after an ACCESS row are shown as
+/// ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn pages_before_the_membership_show_none_of_its_versions() {
+    let (cluster, gateway) = setup().await;
+    cluster
+        .execute("INSERT INTO task VALUES (7, 2, 'v1')")
+        .await;
+    let cursor = cluster.current_cursor().await;
+    cluster
+        .execute("UPDATE task SET title = 'v2' WHERE id = 7")
+        .await;
+    cluster
+        .execute(
+            "DO $$ BEGIN
+                 FOR i IN 1..2500 LOOP UPDATE task SET title = 'w' || i WHERE id = 7; END LOOP;
+             END $$",
+        )
+        .await;
+    cluster.execute("INSERT INTO member VALUES (2, 'b')").await;
+
+    let answer = changes_in_pages(&gateway, "b", &cursor, 500).await;
+    let text = serde_json::to_string(&answer).unwrap();
+    assert!(!text.contains("\"v2\"") && !text.contains("\"w"), "{text}");
+    assert_eq!(answer.len(), 1, "{text}");
+    assert_eq!(answer[0]["action"], "RESYNC", "{text}");
+
+    let seen = replayed(&gateway, "b", &cursor).await;
+    let text = serde_json::to_string(&seen).unwrap();
+    assert!(!text.contains("\"v2\"") && !text.contains("\"w"), "{text}");
+    assert_eq!(resyncs(&seen), ["\"task\" \"access_changed\""], "{text}");
+
+    // A change after an ACCESS row of the same read is b's as before.
+    let cursor = cluster.current_cursor().await;
+    cluster.execute("INSERT INTO member VALUES (3, 'b')").await;
+    cluster
+        .execute("UPDATE task SET title = 'after' WHERE id = 7")
+        .await;
+    let (status, body) = gateway
+        .call(
+            "GET",
+            &format!("/v1/changes?since={cursor}&entityCode=task&limit=1"),
+            "b",
+            None,
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["changes"][0]["action"], "RESYNC", "{body}");
+    let next = body["cursor"].as_str().unwrap();
+    let after = changes(&gateway, "b", next).await;
+    assert_eq!(after.len(), 1, "{after:?}");
+    assert_eq!(after[0]["data"]["title"], "after", "{after:?}");
+}

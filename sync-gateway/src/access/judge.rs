@@ -19,7 +19,9 @@
 //! page's newest access event), and a change is judged only under the tracking that wrote it:
 //! one written by a table no longer tracked under its code (untracked, re-tracked, replaced)
 //! is no subscriber's to see, whatever the table under that code is now. Nor is a change
-//! followed in its page by an ACCESS or TRUNCATE of its entity, where everyone refetches.
+//! followed in its page by an ACCESS or TRUNCATE of its entity, where everyone refetches,
+//! nor one judged in the database while the log already held such a row after it (the
+//! database then judged it by who may read what after that row: `refetch_follows`).
 
 use super::plans::{Plan, Plans};
 use super::policy::GroupIndex;
@@ -33,6 +35,7 @@ use pg_sync_core::policy::Visibility;
 use serde_json::{Map, Value};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
+use tokio_postgres::types::ToSql;
 use tokio_postgres::Client;
 
 /// Who may see the versions of one change of an entity with row-level security.
@@ -201,7 +204,16 @@ pub struct Judge {
     /// the catalog epoch, and the plan, held so that a newer plan can never be mistaken for
     /// it by its address).
     indexes: HashMap<(String, String), BuiltIndex>,
+    /// Per entity, the snapshot of the last `refetch_follows` that found nothing after the
+    /// pages judged so far (on a primary). Pages come in the log's order, so the next one
+    /// need only look at what committed since: the checks of a long catch-up cost the
+    /// catch-up's length once, not once per page.
+    refetch_checked: RefetchChecks,
 }
+
+/// Per entity, the snapshot of a check that found no ACCESS or TRUNCATE of it after a
+/// position (`refetch_follows`).
+pub type RefetchChecks = HashMap<String, String>;
 
 type BuiltIndex = ((u64, u64), Arc<Plan>, Arc<GroupIndex>);
 
@@ -210,9 +222,25 @@ struct EntityJudgement {
     /// Per change (in order), or None when every group sees everything.
     sights: Option<Vec<ChangeSight>>,
     refused: Vec<(GroupId, String)>,
+    /// The database judged them while the log already held an ACCESS or TRUNCATE of the
+    /// entity after them: shown to nobody (see `refetch_follows`).
+    superseded: bool,
 }
 
 impl Judge {
+    /// A judge for the pages after the one whose judging found `checks`.
+    pub fn resume(checks: Option<&RefetchChecks>) -> Judge {
+        Judge {
+            refetch_checked: checks.cloned().unwrap_or_default(),
+            ..Judge::default()
+        }
+    }
+
+    /// What judging found of the log after the pages judged so far, for `resume`.
+    pub fn refetch_checks(self) -> RefetchChecks {
+        self.refetch_checked
+    }
+
     /// Judges `changes`, a page whose snapshot saw access event `access_serial`, for the
     /// groups `audience` says listen.
     pub async fn page(
@@ -264,7 +292,11 @@ impl Judge {
             let judgement = self
                 .entity(db, plans, &view, entity, &listeners, &of_entity)
                 .await;
-            if let Some(sights) = judgement.sights {
+            if judgement.superseded {
+                for i in current {
+                    verdicts[i] = Verdict::hidden();
+                }
+            } else if let Some(sights) = judgement.sights {
                 judged_rls = true;
                 for (i, sight) in current.into_iter().zip(sights) {
                     verdicts[i] = Verdict::Seen(Some(Arc::new(sight)));
@@ -298,6 +330,7 @@ impl Judge {
         let nobody = |why: &str| EntityJudgement {
             sights: Some(vec![ChangeSight::default(); changes.len()]),
             refused: listeners.groups().map(|g| (g, why.to_owned())).collect(),
+            superseded: false,
         };
         let client = match db.client().await {
             Ok(client) => client,
@@ -369,6 +402,7 @@ impl Judge {
             return EntityJudgement {
                 sights: None,
                 refused,
+                superseded: false,
             };
         }
         // The images to judge: each change's old and new row, where it has them.
@@ -379,8 +413,33 @@ impl Judge {
             .collect();
         let mut database_sees: Vec<Vec<GroupId>> = vec![Vec::new(); images.len()];
         if !in_database.is_empty() {
-            match visible_in_database(client, entity, &in_database, &images).await {
+            let last = &changes
+                .last()
+                .expect("a page's changes of an entity")
+                .cursor;
+            let judged = match visible_in_database(client, entity, &in_database, &images).await {
                 Ok(answers) => {
+                    let checked = self.refetch_checked.remove(&entity.code);
+                    refetch_follows(client, &entity.code, last, checked.as_deref())
+                        .await
+                        .map(|(follows, snapshot)| {
+                            if let (false, Some(snapshot)) = (follows, snapshot) {
+                                self.refetch_checked.insert(entity.code.clone(), snapshot);
+                            }
+                            (answers, follows)
+                        })
+                }
+                Err(e) => Err(e),
+            };
+            match judged {
+                Ok((_, true)) => {
+                    return EntityJudgement {
+                        sights: None,
+                        refused,
+                        superseded: true,
+                    }
+                }
+                Ok((answers, false)) => {
                     for ((g, _), answer) in in_database.iter().zip(answers) {
                         match answer {
                             Visibility::Visible(bits) => {
@@ -433,6 +492,7 @@ impl Judge {
         EntityJudgement {
             sights: Some(sights),
             refused,
+            superseded: false,
         }
     }
 }
@@ -494,4 +554,89 @@ async fn visible_in_database(
         vec![Visibility::Error(format!("an answer of sync.visible did not parse: {e}")); count]
     });
     Ok(answers)
+}
+
+/// Whether the log holds an ACCESS or TRUNCATE of `entity` after `position` (the cursor after
+/// a page's last change of it) that the database sees now. Asked after `sync.visible`, in a
+/// later snapshot: the database judged the page's changes by the tables their policies read
+/// as they are now, not as they were when the changes were written. If one of those tables
+/// changed since (a membership), its ACCESS row lies after the changes, where every subscriber
+/// of the entity refetches; until it is read, the changes are shown to nobody, so no user
+/// who joined since is shown versions PostgreSQL never let them SELECT.
+///
+/// The rows after a cursor are found as `sync.changes_since` finds them
+/// (`pg_sync_core::cursor`): ids past the batch's start or transactions unsettled at it,
+/// less those of the cursor's batch up to its position. With `checked`, the snapshot of a
+/// check that found none after an earlier position, only the transactions it did not see
+/// are looked at. Also answers this check's snapshot, on a primary (a hot standby's
+/// snapshots do not list the transactions in progress).
+async fn refetch_follows(
+    client: &Client,
+    entity: &str,
+    position: &crate::model::cursor::Cursor,
+    checked: Option<&str>,
+) -> Result<(bool, Option<String>), tokio_postgres::Error> {
+    use pg_sync_core::cursor::{Cursor, Position};
+    /// Rows of the entity's ACCESS or TRUNCATE `$after` the batch's start, less those of the
+    /// cursor's batch ($2) up to its position ($3-$5).
+    macro_rules! sql {
+        ($after:literal) => {
+            concat!(
+                "SELECT EXISTS (SELECT 1 FROM sync.change_history h
+                  WHERE h.entity_code = $1 AND h.op IN ('ACCESS', 'TRUNCATE') AND ",
+                $after,
+                " AND NOT (pg_catalog.pg_visible_in_snapshot(h.txid, $2::text::pg_snapshot)
+                     AND ((SELECT max(x.id) FROM sync.change_history x WHERE x.txid = h.txid) < $3
+                          OR (h.txid = $4::text::xid8 AND h.id <= $5)))),
+                 CASE WHEN NOT pg_catalog.pg_is_in_recovery()
+                      THEN pg_catalog.pg_current_snapshot()::text END"
+            )
+        };
+    }
+    let Ok(cursor) = Cursor::decode(position.as_str()) else {
+        // Never: the database wrote it. Judged as superseded, nobody is shown the changes.
+        return Ok((true, None));
+    };
+    let (from, to, p) = match &cursor {
+        Cursor::At { mark, .. } => (
+            mark,
+            mark,
+            Position {
+                txkey: 0,
+                txid: 0,
+                id: 0,
+            },
+        ),
+        Cursor::Within {
+            from, to, position, ..
+        } => (from, to, *position),
+    };
+    let (to, txid) = (to.snapshot.to_pg(), p.txid.to_string());
+    let batch: [&(dyn ToSql + Sync); 5] = [&entity, &to, &p.txkey, &txid, &p.id];
+    let row = match checked {
+        None => {
+            let unsettled = format!(
+                "{{{}}}",
+                from.unsettled()
+                    .iter()
+                    .map(u64::to_string)
+                    .collect::<Vec<_>>()
+                    .join(",")
+            );
+            let sql = sql!("(h.id > $6 OR h.txid = ANY ($7::text::xid8[]))");
+            client
+                .query_one(sql, &[&batch[..], &[&from.max_id, &unsettled]].concat())
+                .await?
+        }
+        Some(checked) => {
+            let sql = sql!(
+                "h.txid >= pg_catalog.pg_snapshot_xmin($6::text::pg_snapshot)
+                 AND NOT pg_catalog.pg_visible_in_snapshot(h.txid, $6::text::pg_snapshot)"
+            );
+            client
+                .query_one(sql, &[&batch[..], &[&checked]].concat())
+                .await?
+        }
+    };
+    Ok((row.get(0), row.get(1)))
 }

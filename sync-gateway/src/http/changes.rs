@@ -360,7 +360,7 @@ async fn private(
     let mut deadline = tokio::time::Instant::now() + request.wait;
     let mut moved = state.position.clone();
     let mut group = Arc::new(Listeners::alone(Arc::new(user.clone()), 0));
-    let mut judge = Judge::default();
+    let mut judge = Judge::resume(state.pages.refetch_checks(&request.since).await.as_deref());
     let mut cursor = request.since.clone();
     loop {
         moved.borrow_and_update();
@@ -392,6 +392,10 @@ async fn private(
                 serde_json::to_vec(&json!({"changes": out, "cursor": cursor}))
                     .expect("JSON values serialize"),
             );
+            state
+                .pages
+                .keep_refetch_checks(cursor.clone(), judge.refetch_checks())
+                .await;
             return Ok(Page {
                 etag: format!("\"{}\"", sharing::short_digest(&body)),
                 body,

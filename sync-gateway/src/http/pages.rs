@@ -7,6 +7,7 @@
 //! read (`CLOSED_IDLE`). Any other page is *open*: it is shared only by requests that find
 //! the live stream at the same position (`PageKey::at`), for `OPEN_LIFETIME`.
 
+use crate::access::judge::RefetchChecks;
 use crate::model::cursor::Cursor;
 use axum::body::Bytes;
 use moka::future::Cache;
@@ -48,7 +49,14 @@ pub struct Page {
 
 pub struct Pages {
     cache: Cache<PageKey, Arc<Page>>,
+    /// What the judging of private pages found of the log after each page's end, for the
+    /// request that continues from it (`Judge::resume`): a client paging through a long
+    /// catch-up then costs the database the catch-up's length once, not once per page.
+    refetch_checks: Cache<Cursor, Arc<RefetchChecks>>,
 }
+
+/// Kept this long after the page that found them: a client pages on at once.
+const CHECKS_LIFETIME: Duration = Duration::from_secs(60);
 
 struct Lifetimes;
 
@@ -92,6 +100,21 @@ impl Pages {
                 })
                 .expire_after(Lifetimes)
                 .build(),
+            refetch_checks: Cache::builder()
+                .max_capacity(10_000)
+                .time_to_live(CHECKS_LIFETIME)
+                .build(),
+        }
+    }
+
+    /// What judging found of the log after `end`, a page's end, if a page ending there did.
+    pub async fn refetch_checks(&self, end: &Cursor) -> Option<Arc<RefetchChecks>> {
+        self.refetch_checks.get(end).await
+    }
+
+    pub async fn keep_refetch_checks(&self, end: Cursor, checks: RefetchChecks) {
+        if !checks.is_empty() {
+            self.refetch_checks.insert(end, Arc::new(checks)).await;
         }
     }
 
