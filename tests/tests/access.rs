@@ -724,3 +724,61 @@ async fn readiness_takes_no_client_connection() {
         assert_eq!(gateway.get("/readyz").await.unwrap().0, 200);
     }
 }
+
+/// A policy loosened after a change was written: the change is judged as the policy was
+/// then, not as it is when it is read. bob's row 1 becomes secret (the policy hides secret
+/// rows), then the policy is dropped for one that shows everything. Read a change at a time
+/// from before, bob must not be shown the secret version: he gets the row leaving his sight
+/// (or nothing) and, where the policy changed, the refetch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_policy_loosened_later_shows_no_version_written_under_the_old_one() {
+    let cluster = Cluster::start().await;
+    cluster
+        .execute(
+            "CREATE TABLE note (id int PRIMARY KEY, secret boolean NOT NULL, title text);
+             ALTER TABLE note ENABLE ROW LEVEL SECURITY;
+             CREATE POLICY open ON note USING (NOT secret);
+             CREATE TABLE marker (id int PRIMARY KEY);
+             INSERT INTO note VALUES (1, false, 'plain');
+             SELECT sync.track('note'); SELECT sync.track('marker');",
+        )
+        .await;
+    let gateway = Gateway::start(&cluster, &[]).await;
+    let cursor = cluster.current_cursor().await;
+    cluster
+        .execute("UPDATE note SET secret = true, title = 'hidden' WHERE id = 1")
+        .await;
+    let mut bob = gateway.connect("bob").await;
+    bob.subscribe(json!({"entityCode": "marker"})).await;
+    cluster
+        .execute(
+            "DROP POLICY open ON note; CREATE POLICY everything ON note USING (true);
+             INSERT INTO marker VALUES (1);",
+        )
+        .await;
+    // The gateway has read past the policy change.
+    bob.changes_until(1).await;
+
+    let (status, body) = gateway
+        .call(
+            "GET",
+            &format!("/v1/changes?since={cursor}&entityCode=note&limit=1"),
+            "bob",
+            None,
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert!(!body.to_string().contains("hidden"), "{body}");
+
+    let mut replay = gateway.connect("bob").await;
+    replay
+        .send(json!({"type": "SUBSCRIBE", "payload": {"entityCode": "note", "mode": "delta", "since": cursor}}))
+        .await;
+    loop {
+        let message = replay.next().await.expect("open");
+        assert!(!message.to_string().contains("hidden"), "{message}");
+        if message["type"] == "RESYNC" {
+            break;
+        }
+    }
+}

@@ -26,7 +26,7 @@
 use super::plans::{Plan, Plans};
 use super::policy::GroupIndex;
 use super::roles::{GroupId, UserContext};
-use crate::feed::catalog::{Catalog, CatalogError, Entity, View};
+use crate::feed::catalog::{Catalog, CatalogError, Entity};
 use crate::model::change::{Change, Op};
 use crate::model::protocol::ResyncReason;
 use crate::model::subscription::{judge, Judgement, Sight, Target};
@@ -217,6 +217,16 @@ pub type RefetchChecks = HashMap<String, String>;
 
 type BuiltIndex = ((u64, u64), Arc<Plan>, Arc<GroupIndex>);
 
+/// Who may read what, as a page is judged by it.
+#[derive(Clone, Copy)]
+struct Basis {
+    /// The catalog's epoch (`feed::catalog::View::epoch`).
+    epoch: u64,
+    /// Whether it may be later than the page's own time: a replay or request reads the
+    /// past, and the catalog may have moved on since the page was read.
+    read_later: bool,
+}
+
 /// What judging one entity's changes found.
 struct EntityJudgement {
     /// Per change (in order), or None when every group sees everything.
@@ -253,6 +263,10 @@ impl Judge {
         audience: &mut impl Audience,
     ) -> Result<JudgedPage, JudgeError> {
         let view = catalog.observe(access_serial).await?;
+        let basis = Basis {
+            epoch: view.epoch,
+            read_later: matches!(db, Db::Held(_)) || view.serial > access_serial,
+        };
         let mut verdicts = vec![Verdict::Seen(None); changes.len()];
         let mut refused = Vec::new();
         let mut judged_rls = false;
@@ -290,7 +304,7 @@ impl Judge {
             };
             let of_entity: Vec<&Change> = current.iter().map(|&i| &*changes[i]).collect();
             let judgement = self
-                .entity(db, plans, &view, entity, &listeners, &of_entity)
+                .entity(db, plans, basis, entity, &listeners, &of_entity)
                 .await;
             if judgement.superseded {
                 for i in current {
@@ -322,7 +336,7 @@ impl Judge {
         &mut self,
         db: &mut Db<'_>,
         plans: &Plans,
-        view: &View,
+        basis: Basis,
         entity: &Entity,
         listeners: &Listeners,
         changes: &[&Change],
@@ -348,7 +362,7 @@ impl Judge {
         let mut indexed: Vec<Arc<GroupIndex>> = Vec::new();
         let mut in_database: Vec<(GroupId, &Group)> = Vec::new();
         for (role, members) in &listeners.by_role {
-            let plan = match plans.get(client, view.epoch, entity, role).await {
+            let plan = match plans.get(client, basis.epoch, entity, role).await {
                 Ok(plan) => plan,
                 Err(e) => {
                     tracing::warn!(entity = entity.code, role, error = %crate::ErrorChain(&e), "reading a policy plan failed");
@@ -363,7 +377,7 @@ impl Judge {
                 see_all.extend(members.iter().map(|(g, _)| *g));
             } else if let Some(expr) = &plan.expr {
                 let key = (entity.code.clone(), role.clone());
-                let built_for = (listeners.generation, view.epoch);
+                let built_for = (listeners.generation, basis.epoch);
                 let index = match self.indexes.get(&key) {
                     Some((built, built_plan, index))
                         if *built == built_for && Arc::ptr_eq(built_plan, &plan) =>
@@ -398,7 +412,11 @@ impl Judge {
                 in_database.extend(members.iter().map(|(g, group)| (*g, group)));
             }
         }
-        if indexed.is_empty() && in_database.is_empty() {
+        // Judged by who may read what later than the page's own time: the database's
+        // answer is as of now, and so are the catalog and plans read since the page.
+        let judged_later = !in_database.is_empty()
+            || (basis.read_later && !(indexed.is_empty() && see_all.is_empty()));
+        if indexed.is_empty() && in_database.is_empty() && !judged_later {
             return EntityJudgement {
                 sights: None,
                 refused,
@@ -411,59 +429,66 @@ impl Judge {
             .flat_map(|c| [c.old_data.as_ref(), c.data.as_ref()])
             .flatten()
             .collect();
-        let mut database_sees: Vec<Vec<GroupId>> = vec![Vec::new(); images.len()];
-        if !in_database.is_empty() {
+        let answers = if in_database.is_empty() {
+            Ok(Vec::new())
+        } else {
+            visible_in_database(client, entity, &in_database, &images).await
+        };
+        if judged_later && answers.is_ok() {
             let last = &changes
                 .last()
                 .expect("a page's changes of an entity")
                 .cursor;
-            let judged = match visible_in_database(client, entity, &in_database, &images).await {
-                Ok(answers) => {
-                    let checked = self.refetch_checked.remove(&entity.code);
-                    refetch_follows(client, &entity.code, last, checked.as_deref())
-                        .await
-                        .map(|(follows, snapshot)| {
-                            if let (false, Some(snapshot)) = (follows, snapshot) {
-                                self.refetch_checked.insert(entity.code.clone(), snapshot);
-                            }
-                            (answers, follows)
-                        })
-                }
-                Err(e) => Err(e),
-            };
-            match judged {
-                Ok((_, true)) => {
+            match self.refetch_follows(client, &entity.code, last).await {
+                Ok(false) => {}
+                Ok(true) => {
                     return EntityJudgement {
                         sights: None,
                         refused,
                         superseded: true,
                     }
                 }
-                Ok((answers, false)) => {
-                    for ((g, _), answer) in in_database.iter().zip(answers) {
-                        match answer {
-                            Visibility::Visible(bits) => {
-                                for (i, seen) in bits.into_iter().enumerate().take(images.len()) {
-                                    if seen {
-                                        database_sees[i].push(*g);
-                                    }
+                Err(e) => {
+                    tracing::warn!(entity = entity.code, error = %crate::ErrorChain(&e), "reading the log after a page failed");
+                    return nobody(
+                        "the gateway could not judge this table's rows; subscribe again",
+                    );
+                }
+            }
+        }
+        if indexed.is_empty() && in_database.is_empty() {
+            return EntityJudgement {
+                sights: None,
+                refused,
+                superseded: false,
+            };
+        }
+        let mut database_sees: Vec<Vec<GroupId>> = vec![Vec::new(); images.len()];
+        match answers {
+            Ok(answers) => {
+                for ((g, _), answer) in in_database.iter().zip(answers) {
+                    match answer {
+                        Visibility::Visible(bits) => {
+                            for (i, seen) in bits.into_iter().enumerate().take(images.len()) {
+                                if seen {
+                                    database_sees[i].push(*g);
                                 }
                             }
-                            Visibility::Error(why) => refused.push((
-                                *g,
-                                format!(
-                                    "a row-level-security policy of {} failed for you: {why}",
-                                    entity.code
-                                ),
-                            )),
                         }
+                        Visibility::Error(why) => refused.push((
+                            *g,
+                            format!(
+                                "a row-level-security policy of {} failed for you: {why}",
+                                entity.code
+                            ),
+                        )),
                     }
                 }
-                Err(e) => {
-                    tracing::warn!(entity = entity.code, error = %crate::ErrorChain(&e), "judging rows in the database failed");
-                    let why = "the gateway could not judge this table's rows; subscribe again";
-                    refused.extend(in_database.iter().map(|(g, _)| (*g, why.to_owned())));
-                }
+            }
+            Err(e) => {
+                tracing::warn!(entity = entity.code, error = %crate::ErrorChain(&e), "judging rows in the database failed");
+                let why = "the gateway could not judge this table's rows; subscribe again";
+                refused.extend(in_database.iter().map(|(g, _)| (*g, why.to_owned())));
             }
         }
         let mut at = 0;
@@ -498,6 +523,22 @@ impl Judge {
 }
 
 impl Judge {
+    /// `refetch_follows`, from what the checks of the pages before found.
+    async fn refetch_follows(
+        &mut self,
+        client: &Client,
+        entity: &str,
+        position: &crate::model::cursor::Cursor,
+    ) -> Result<bool, tokio_postgres::Error> {
+        let checked = self.refetch_checked.remove(entity);
+        let (follows, snapshot) =
+            refetch_follows(client, entity, position, checked.as_deref()).await?;
+        if let (false, Some(snapshot)) = (follows, snapshot) {
+            self.refetch_checked.insert(entity.to_owned(), snapshot);
+        }
+        Ok(follows)
+    }
+
     /// A page nobody may see anything of (it could not be judged): every group listening is
     /// refused, so that nobody is shown a change unjudged.
     pub fn unjudged(
