@@ -435,3 +435,92 @@ async fn pages_before_the_membership_show_none_of_its_versions() {
     assert_eq!(after.len(), 1, "{after:?}");
     assert_eq!(after[0]["data"]["title"], "after", "{after:?}");
 }
+
+/// Membership one level further: a task is visible to the members of its project's
+/// organisation. Both tables the policy reads are watched, so joining the organisation,
+/// moving a project to another organisation and leaving each reach b's live copy as a
+/// refetch, in order with the writes around them, and the refetched copy is what PostgreSQL
+/// lets b SELECT; a replay and `/v1/changes` from before the join show none of the versions
+/// written before it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_nested_membership_reaches_the_copy_through_either_table() {
+    let cluster = Cluster::start().await;
+    cluster
+        .execute(
+            "CREATE TABLE org_member (org_id int, user_id text, PRIMARY KEY (org_id, user_id));
+             CREATE TABLE project (id int PRIMARY KEY, org_id int NOT NULL);
+             CREATE TABLE task (id int PRIMARY KEY, project_id int NOT NULL, title text);
+             ALTER TABLE task ENABLE ROW LEVEL SECURITY;
+             CREATE POLICY by_organisation ON task USING (EXISTS (
+                 SELECT 1 FROM project p JOIN org_member o ON o.org_id = p.org_id
+                  WHERE p.id = task.project_id
+                    AND o.user_id = current_setting('request.jwt.claims', true)::jsonb ->> 'sub'));
+             CREATE TABLE marker (id int PRIMARY KEY);
+             SELECT sync.track('task');
+             SELECT sync.track('marker');
+             INSERT INTO project VALUES (1, 10), (2, 10), (3, 20);
+             INSERT INTO task VALUES (1, 1, 'one'), (2, 2, 'two'), (3, 3, 'three');",
+        )
+        .await;
+    let gateway = Gateway::start(&cluster, &[]).await;
+    let before = cluster.current_cursor().await;
+    cluster
+        .execute("UPDATE task SET title = 'written before' WHERE id = 1")
+        .await;
+
+    let mut b = watching(&gateway, "b", None).await;
+    let seen = after(
+        &cluster,
+        &mut b,
+        "INSERT INTO org_member VALUES (10, 'b')",
+        1,
+    )
+    .await;
+    assert_eq!(resyncs(&seen), ["\"task\" \"access_changed\""], "{seen:?}");
+    assert_eq!(snapshot_ids(&gateway, "b").await, [1, 2]);
+
+    let mut b = watching(&gateway, "b", None).await;
+    let seen = after(
+        &cluster,
+        &mut b,
+        "UPDATE project SET org_id = 20 WHERE id = 2",
+        2,
+    )
+    .await;
+    assert_eq!(resyncs(&seen), ["\"task\" \"access_changed\""], "{seen:?}");
+    assert_eq!(snapshot_ids(&gateway, "b").await, [1]);
+
+    // Between the refetches, b follows its organisation's tasks as any subscriber does.
+    let mut b = watching(&gateway, "b", None).await;
+    let seen = after(
+        &cluster,
+        &mut b,
+        "UPDATE task SET title = 'one again' WHERE id = 1;
+         UPDATE task SET title = 'not b''s' WHERE id = 3",
+        3,
+    )
+    .await;
+    assert_eq!(
+        actions(&seen),
+        [("1".to_owned(), "UPDATE".to_owned())],
+        "{seen:?}"
+    );
+
+    let seen = after(
+        &cluster,
+        &mut b,
+        "DELETE FROM org_member WHERE user_id = 'b'",
+        4,
+    )
+    .await;
+    assert_eq!(resyncs(&seen), ["\"task\" \"access_changed\""], "{seen:?}");
+    assert!(snapshot_ids(&gateway, "b").await.is_empty());
+
+    for answer in [
+        serde_json::to_string(&changes_in_pages(&gateway, "b", &before, 1).await).unwrap(),
+        serde_json::to_string(&replayed(&gateway, "b", &before).await).unwrap(),
+    ] {
+        assert!(!answer.contains("written before"), "{answer}");
+        assert!(answer.contains("access_changed"), "{answer}");
+    }
+}
