@@ -6,7 +6,7 @@
 //! refetch. The attacks: a table owner who points a policy at a table they may not read, and
 //! anyone attaching pg_sync's trigger by hand.
 
-use pg_sync_tests::gateway::{actions, Gateway, Session};
+use pg_sync_tests::gateway::{actions, Gateway, Session, PATIENCE};
 use pg_sync_tests::{column, error_text, Cluster};
 use serde_json::{json, Value};
 
@@ -523,4 +523,69 @@ async fn a_nested_membership_reaches_the_copy_through_either_table() {
         assert!(!answer.contains("written before"), "{answer}");
         assert!(answer.contains("access_changed"), "{answer}");
     }
+}
+
+/// What one page's question found is kept for the next, and must not outlive the row it
+/// is about. c's task page is judged in the database (nothing follows it then); c leaves, so
+/// that the page of b joining project 2, its ACCESS row, asks nothing; then task 1 changes.
+/// The ACCESS row is before that change, not after it: b, subscribed after joining, gets the
+/// change. (The first version of the question, kept as "nothing seen by this snapshot",
+/// found the ACCESS row again and hid the change from everyone, with no refetch to follow.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_change_after_a_membership_is_not_hidden_by_it() {
+    let (cluster, gateway) = setup().await;
+    cluster
+        .execute("INSERT INTO member VALUES (2, 'c'); INSERT INTO task VALUES (1, 2, 'one')")
+        .await;
+    // The live stream has passed those writes before c subscribes.
+    let mut probe = gateway.connect("probe").await;
+    probe.subscribe(json!({"entityCode": "marker"})).await;
+    cluster.execute("INSERT INTO marker VALUES (0)").await;
+    probe.changes_until(0).await;
+    let mut c = watching(&gateway, "c", None).await;
+    let seen = after(
+        &cluster,
+        &mut c,
+        "UPDATE task SET title = 'c saw' WHERE id = 1",
+        1,
+    )
+    .await;
+    assert_eq!(
+        actions(&seen),
+        [("1".to_owned(), "UPDATE".to_owned())],
+        "{seen:?}"
+    );
+    let subscriptions = gateway.metric("sync_subscriptions").await;
+    c.drop_connection();
+    tokio::time::timeout(PATIENCE, async {
+        while gateway.metric("sync_subscriptions").await > subscriptions - 2 {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("c's subscriptions end");
+    after(
+        &cluster,
+        &mut probe,
+        "INSERT INTO member VALUES (2, 'b')",
+        2,
+    )
+    .await;
+
+    // The change ends its transaction and so the live read's batch: its cursor is the
+    // batch's end.
+    let mut b = watching(&gateway, "b", None).await;
+    cluster
+        .execute("INSERT INTO marker VALUES (3); UPDATE task SET title = 'b sees' WHERE id = 1")
+        .await;
+    b.changes_until(3).await;
+    let next = b.next_within(PATIENCE).await;
+    let Some(Ok(message)) = next else {
+        panic!("b never got the change: {next:?}");
+    };
+    assert_eq!(
+        actions(std::slice::from_ref(&message)),
+        [("1".to_owned(), "UPDATE".to_owned())],
+        "{message}"
+    );
 }

@@ -21,10 +21,11 @@
 //! is no subscriber's to see, whatever the table under that code is now. Nor is a change
 //! followed in its page by an ACCESS or TRUNCATE of its entity, where everyone refetches,
 //! nor one judged in the database while the log already held such a row after it (the
-//! database then judged it by who may read what after that row: `refetch_follows`).
+//! database then judged it by who may read what after that row: `access::refetch`).
 
 use super::plans::{Plan, Plans};
 use super::policy::GroupIndex;
+use super::refetch::RefetchChecks;
 use super::roles::{GroupId, UserContext};
 use crate::feed::catalog::{Catalog, CatalogError, Entity};
 use crate::model::change::{Change, Op};
@@ -35,7 +36,6 @@ use pg_sync_core::policy::Visibility;
 use serde_json::{Map, Value};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
-use tokio_postgres::types::ToSql;
 use tokio_postgres::Client;
 
 /// Who may see the versions of one change of an entity with row-level security.
@@ -204,16 +204,10 @@ pub struct Judge {
     /// the catalog epoch, and the plan, held so that a newer plan can never be mistaken for
     /// it by its address).
     indexes: HashMap<(String, String), BuiltIndex>,
-    /// Per entity, the snapshot of the last `refetch_follows` that found nothing after the
-    /// pages judged so far (on a primary). Pages come in the log's order, so the next one
-    /// need only look at what committed since: the checks of a long catch-up cost the
-    /// catch-up's length once, not once per page.
-    refetch_checked: RefetchChecks,
+    /// What asking whether a refetch follows found of the log after the pages judged so
+    /// far (`access::refetch`).
+    refetch_checks: RefetchChecks,
 }
-
-/// Per entity, the snapshot of a check that found no ACCESS or TRUNCATE of it after a
-/// position (`refetch_follows`).
-pub type RefetchChecks = HashMap<String, String>;
 
 type BuiltIndex = ((u64, u64), Arc<Plan>, Arc<GroupIndex>);
 
@@ -233,7 +227,7 @@ struct EntityJudgement {
     sights: Option<Vec<ChangeSight>>,
     refused: Vec<(GroupId, String)>,
     /// The database judged them while the log already held an ACCESS or TRUNCATE of the
-    /// entity after them: shown to nobody (see `refetch_follows`).
+    /// entity after them: shown to nobody (`access::refetch`).
     superseded: bool,
 }
 
@@ -241,14 +235,14 @@ impl Judge {
     /// A judge for the pages after the one whose judging found `checks`.
     pub fn resume(checks: Option<&RefetchChecks>) -> Judge {
         Judge {
-            refetch_checked: checks.cloned().unwrap_or_default(),
+            refetch_checks: checks.cloned().unwrap_or_default(),
             ..Judge::default()
         }
     }
 
     /// What judging found of the log after the pages judged so far, for `resume`.
     pub fn refetch_checks(self) -> RefetchChecks {
-        self.refetch_checked
+        self.refetch_checks
     }
 
     /// Judges `changes`, a page whose snapshot saw access event `access_serial`, for the
@@ -439,7 +433,11 @@ impl Judge {
                 .last()
                 .expect("a page's changes of an entity")
                 .cursor;
-            match self.refetch_follows(client, &entity.code, last).await {
+            match self
+                .refetch_checks
+                .follows(client, &entity.code, last.as_str())
+                .await
+            {
                 Ok(false) => {}
                 Ok(true) => {
                     return EntityJudgement {
@@ -523,22 +521,6 @@ impl Judge {
 }
 
 impl Judge {
-    /// `refetch_follows`, from what the checks of the pages before found.
-    async fn refetch_follows(
-        &mut self,
-        client: &Client,
-        entity: &str,
-        position: &crate::model::cursor::Cursor,
-    ) -> Result<bool, tokio_postgres::Error> {
-        let checked = self.refetch_checked.remove(entity);
-        let (follows, snapshot) =
-            refetch_follows(client, entity, position, checked.as_deref()).await?;
-        if let (false, Some(snapshot)) = (follows, snapshot) {
-            self.refetch_checked.insert(entity.to_owned(), snapshot);
-        }
-        Ok(follows)
-    }
-
     /// A page nobody may see anything of (it could not be judged): every group listening is
     /// refused, so that nobody is shown a change unjudged.
     pub fn unjudged(
@@ -595,89 +577,4 @@ async fn visible_in_database(
         vec![Visibility::Error(format!("an answer of sync.visible did not parse: {e}")); count]
     });
     Ok(answers)
-}
-
-/// Whether the log holds an ACCESS or TRUNCATE of `entity` after `position` (the cursor after
-/// a page's last change of it) that the database sees now. Asked after `sync.visible`, in a
-/// later snapshot: the database judged the page's changes by the tables their policies read
-/// as they are now, not as they were when the changes were written. If one of those tables
-/// changed since (a membership), its ACCESS row lies after the changes, where every subscriber
-/// of the entity refetches; until it is read, the changes are shown to nobody, so no user
-/// who joined since is shown versions PostgreSQL never let them SELECT.
-///
-/// The rows after a cursor are found as `sync.changes_since` finds them
-/// (`pg_sync_core::cursor`): ids past the batch's start or transactions unsettled at it,
-/// less those of the cursor's batch up to its position. With `checked`, the snapshot of a
-/// check that found none after an earlier position, only the transactions it did not see
-/// are looked at. Also answers this check's snapshot, on a primary (a hot standby's
-/// snapshots do not list the transactions in progress).
-async fn refetch_follows(
-    client: &Client,
-    entity: &str,
-    position: &crate::model::cursor::Cursor,
-    checked: Option<&str>,
-) -> Result<(bool, Option<String>), tokio_postgres::Error> {
-    use pg_sync_core::cursor::{Cursor, Position};
-    /// Rows of the entity's ACCESS or TRUNCATE `$after` the batch's start, less those of the
-    /// cursor's batch ($2) up to its position ($3-$5).
-    macro_rules! sql {
-        ($after:literal) => {
-            concat!(
-                "SELECT EXISTS (SELECT 1 FROM sync.change_history h
-                  WHERE h.entity_code = $1 AND h.op IN ('ACCESS', 'TRUNCATE') AND ",
-                $after,
-                " AND NOT (pg_catalog.pg_visible_in_snapshot(h.txid, $2::text::pg_snapshot)
-                     AND ((SELECT max(x.id) FROM sync.change_history x WHERE x.txid = h.txid) < $3
-                          OR (h.txid = $4::text::xid8 AND h.id <= $5)))),
-                 CASE WHEN NOT pg_catalog.pg_is_in_recovery()
-                      THEN pg_catalog.pg_current_snapshot()::text END"
-            )
-        };
-    }
-    let Ok(cursor) = Cursor::decode(position.as_str()) else {
-        // Never: the database wrote it. Judged as superseded, nobody is shown the changes.
-        return Ok((true, None));
-    };
-    let (from, to, p) = match &cursor {
-        Cursor::At { mark, .. } => (
-            mark,
-            mark,
-            Position {
-                txkey: 0,
-                txid: 0,
-                id: 0,
-            },
-        ),
-        Cursor::Within {
-            from, to, position, ..
-        } => (from, to, *position),
-    };
-    let (to, txid) = (to.snapshot.to_pg(), p.txid.to_string());
-    let batch: [&(dyn ToSql + Sync); 5] = [&entity, &to, &p.txkey, &txid, &p.id];
-    let row = match checked {
-        None => {
-            let unsettled = format!(
-                "{{{}}}",
-                from.unsettled()
-                    .iter()
-                    .map(u64::to_string)
-                    .collect::<Vec<_>>()
-                    .join(",")
-            );
-            let sql = sql!("(h.id > $6 OR h.txid = ANY ($7::text::xid8[]))");
-            client
-                .query_one(sql, &[&batch[..], &[&from.max_id, &unsettled]].concat())
-                .await?
-        }
-        Some(checked) => {
-            let sql = sql!(
-                "h.txid >= pg_catalog.pg_snapshot_xmin($6::text::pg_snapshot)
-                 AND NOT pg_catalog.pg_visible_in_snapshot(h.txid, $6::text::pg_snapshot)"
-            );
-            client
-                .query_one(sql, &[&batch[..], &[&checked]].concat())
-                .await?
-        }
-    };
-    Ok((row.get(0), row.get(1)))
 }

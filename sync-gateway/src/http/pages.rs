@@ -7,7 +7,7 @@
 //! read (`CLOSED_IDLE`). Any other page is *open*: it is shared only by requests that find
 //! the live stream at the same position (`PageKey::at`), for `OPEN_LIFETIME`.
 
-use crate::access::judge::RefetchChecks;
+use crate::access::refetch::RefetchChecks;
 use crate::model::cursor::Cursor;
 use axum::body::Bytes;
 use moka::future::Cache;

@@ -1,0 +1,234 @@
+//! Whether the log already holds an ACCESS or TRUNCATE of an entity after a position: the
+//! question `judge` asks of a page judged by who may read what *later* than the page was
+//! written. The database judges by the tables its policies read as they are now (a
+//! membership), and the gateway by policies and grants as it last read them; if they changed
+//! after a change was written, their ACCESS row lies after the change in the log, where every
+//! subscriber of the entity refetches. Until then the change is shown to nobody: a user who
+//! joined a project since is never shown versions PostgreSQL never let them SELECT.
+//!
+//! The rows after a position are found as `sync.changes_since` finds a batch
+//! (`pg_sync_core::cursor`): those not visible in a mark are the ids above its `max_id` and
+//! the transactions unsettled at it, one range scan and a few lookups; of those, the rows of
+//! the position's own batch up to the position are left out. What one question finds is
+//! kept (`RefetchChecks`) for the next page, which comes later in the log: a mark as of
+//! which nothing follows (then only what committed since is looked at), or the row that
+//! follows (then pages before it need no question). So the questions of a catch-up cost the
+//! log's length once, not once per page.
+
+use pg_sync_core::cursor::{Cursor, CursorError, Mark, Position};
+use std::collections::HashMap;
+use tokio_postgres::Client;
+
+/// What the questions about each entity found so far: facts about the log, true for any
+/// later position, so they are shared between users (`http::pages` keeps them per page end).
+#[derive(Clone, Debug, Default)]
+pub struct RefetchChecks(HashMap<String, Known>);
+
+#[derive(Clone, Debug)]
+enum Known {
+    /// Nothing follows the positions asked about, as of this mark (durable: a mark is made
+    /// only once the WAL up to it is flushed, so no transaction it counts as completed is
+    /// taken back by a crash and its xid handed out again).
+    Clear(Mark),
+    /// This row follows the positions asked about.
+    Follows(LogRow),
+}
+
+/// An ACCESS or TRUNCATE row of the log: its transaction, its id, and its transaction's
+/// largest id (its order within a batch).
+#[derive(Clone, Copy, Debug)]
+struct LogRow {
+    txid: u64,
+    id: i64,
+    txkey: i64,
+}
+
+impl LogRow {
+    /// Whether this row comes after `position`: not before the batch it is in, and not up
+    /// to the position in it.
+    fn after(&self, position: &Cursor) -> bool {
+        let (from, to, p) = parts(position);
+        !from.snapshot.sees(self.txid)
+            && !(to.snapshot.sees(self.txid)
+                && (self.txkey < p.txkey || (self.txid == p.txid && self.id <= p.id)))
+    }
+}
+
+/// The batch a position is in and where in it: an `At` cursor is the end of a batch.
+fn parts(position: &Cursor) -> (&Mark, &Mark, Position) {
+    match position {
+        Cursor::At { mark, .. } => (
+            mark,
+            mark,
+            Position {
+                txkey: 0,
+                txid: 0,
+                id: 0,
+            },
+        ),
+        Cursor::Within {
+            from, to, position, ..
+        } => (from, to, *position),
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RefetchError {
+    #[error(transparent)]
+    Database(#[from] tokio_postgres::Error),
+    #[error("a cursor of the log did not parse: {0}")]
+    Cursor(#[from] CursorError),
+}
+
+/// The entity's ACCESS or TRUNCATE rows that `$2`/`$3` (a mark) does not see and that come
+/// after the position ($4: its batch's start, $5-$8: its batch's end and the position in
+/// it); the last of them by id.
+const FOLLOWING_SQL: &str = "
+SELECT h.txid::text, h.id,
+       (SELECT max(x.id) FROM sync.change_history x WHERE x.txid = h.txid)
+  FROM sync.change_history h
+ WHERE h.entity_code = $1 AND h.op IN ('ACCESS', 'TRUNCATE')
+   AND (h.id > $2 OR h.txid = ANY ($3::text::xid8[]))
+   AND NOT pg_catalog.pg_visible_in_snapshot(h.txid, $4::text::pg_snapshot)
+   AND NOT (pg_catalog.pg_visible_in_snapshot(h.txid, $5::text::pg_snapshot)
+            AND ((SELECT max(x.id) FROM sync.change_history x WHERE x.txid = h.txid) < $6
+                 OR (h.txid = $7::text::xid8 AND h.id <= $8)))
+ ORDER BY h.id DESC LIMIT 1";
+
+impl RefetchChecks {
+    /// Whether the log holds an ACCESS or TRUNCATE of `entity` after `position` that the
+    /// database sees now. Asked after the judging it checks, so that whatever the judging
+    /// saw, this sees too.
+    pub async fn follows(
+        &mut self,
+        client: &Client,
+        entity: &str,
+        position: &str,
+    ) -> Result<bool, RefetchError> {
+        let position = Cursor::decode(position)?;
+        let base = match self.0.remove(entity) {
+            Some(Known::Follows(row)) if row.after(&position) => {
+                self.0.insert(entity.to_owned(), Known::Follows(row));
+                return Ok(true);
+            }
+            Some(Known::Clear(mark)) => mark,
+            _ => position.base().clone(),
+        };
+        // Made before the question, so that it sees no more than the question did.
+        let now = current_mark(client).await?;
+        let (from, to, p) = parts(&position);
+        let unsettled = format!(
+            "{{{}}}",
+            base.unsettled()
+                .iter()
+                .map(u64::to_string)
+                .collect::<Vec<_>>()
+                .join(",")
+        );
+        let found = client
+            .query_opt(
+                FOLLOWING_SQL,
+                &[
+                    &entity,
+                    &base.max_id,
+                    &unsettled,
+                    &from.snapshot.to_pg(),
+                    &to.snapshot.to_pg(),
+                    &p.txkey,
+                    &p.txid.to_string(),
+                    &p.id,
+                ],
+            )
+            .await?;
+        let Some(found) = found else {
+            self.0.insert(entity.to_owned(), Known::Clear(now));
+            return Ok(false);
+        };
+        let txid: String = found.get(0);
+        let row = LogRow {
+            txid: txid.parse().map_err(|_| CursorError::Malformed("txid"))?,
+            id: found.get(1),
+            txkey: found.get(2),
+        };
+        // The row may be an asynchronous commit not yet on disk: a crash would take it back,
+        // and the changes hidden for it would never be followed by a refetch. A mark made now
+        // makes it durable.
+        current_mark(client).await?;
+        self.0.insert(entity.to_owned(), Known::Follows(row));
+        Ok(true)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+/// `sync.current_cursor()`'s mark: the WAL up to it is flushed.
+async fn current_mark(client: &Client) -> Result<Mark, RefetchError> {
+    let text: String = client
+        .query_one("SELECT sync.current_cursor()", &[])
+        .await?
+        .get(0);
+    Ok(Cursor::decode(&text)?.end().clone())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pg_sync_core::cursor::Snapshot;
+
+    fn mark(xmin: u64, xmax: u64, xip: Vec<u64>, max_id: i64) -> Mark {
+        Mark {
+            snapshot: Snapshot::new(xmin, xmax, xip).unwrap(),
+            max_id,
+            next_xid: xmax,
+        }
+    }
+
+    #[test]
+    fn a_row_follows_a_position_only_past_it() {
+        let g = "g".to_owned();
+        let at = Cursor::At {
+            generation: g.clone(),
+            mark: mark(10, 12, vec![], 100),
+        };
+        let row = |txid, id, txkey| LogRow { txid, id, txkey };
+        assert!(
+            !row(11, 90, 90).after(&at),
+            "visible at the mark: before it"
+        );
+        assert!(row(12, 101, 101).after(&at));
+        let within = Cursor::Within {
+            generation: g,
+            from: mark(10, 12, vec![], 100),
+            to: mark(10, 20, vec![15], 200),
+            position: Position {
+                txkey: 150,
+                txid: 13,
+                id: 140,
+            },
+        };
+        assert!(!row(11, 90, 90).after(&within), "before the batch");
+        assert!(
+            !row(14, 120, 130).after(&within),
+            "in the batch, before the position"
+        );
+        assert!(
+            !row(13, 135, 150).after(&within),
+            "the position's own, up to it"
+        );
+        assert!(
+            row(13, 145, 150).after(&within),
+            "the position's own, after it"
+        );
+        assert!(
+            row(16, 160, 170).after(&within),
+            "in the batch, after the position"
+        );
+        assert!(
+            row(15, 110, 210).after(&within),
+            "running at the batch's end"
+        );
+        assert!(row(21, 210, 210).after(&within), "after the batch");
+    }
+}
