@@ -115,7 +115,9 @@ pub async fn run(
         tokio::select! {
             incoming = stream.next() => match incoming {
                 Some(Ok(Message::Text(text))) => {
-                    if let Some(close) = session.handle(&text).await {
+                    // Boxed: handling a message is a large future (subscribing, replaying),
+                    // and inline it made every idle connection's task that large.
+                    if let Some(close) = Box::pin(session.handle(&text)).await {
                         break Some(close);
                     }
                 }

@@ -36,10 +36,12 @@ use tower_http::trace::TraceLayer;
 /// size are answered with `message_too_large`.
 const MAX_FRAME_BYTES: usize = 1 << 20;
 
-/// The WebSocket's read and write buffers. The library's default, 128 KiB each way and
-/// allocated up front, made an idle connection cost 138 KiB; buffers still grow for large
-/// messages.
-const SOCKET_BUFFER_BYTES: usize = 4096;
+/// The WebSocket's read buffer, allocated up front for every connection, and how much the
+/// write buffer gathers before writing. The library's default, 128 KiB each way, made an
+/// idle connection cost 138 KiB. Clients send short messages (writes go over HTTP): 1 KiB
+/// reads them whole, and the buffer grows for a larger one.
+const READ_BUFFER_BYTES: usize = 1024;
+const WRITE_BUFFER_BYTES: usize = 4096;
 
 /// Bodies of `POST /v1/write`.
 const MAX_WRITE_BYTES: usize = 1 << 20;
@@ -144,8 +146,8 @@ async fn websocket(
     upgrade
         .max_message_size(MAX_FRAME_BYTES)
         .max_frame_size(MAX_FRAME_BYTES)
-        .read_buffer_size(SOCKET_BUFFER_BYTES)
-        .write_buffer_size(SOCKET_BUFFER_BYTES)
+        .read_buffer_size(READ_BUFFER_BYTES)
+        .write_buffer_size(WRITE_BUFFER_BYTES)
         .on_upgrade(move |socket| {
             tracker.track_future(connection::run(
                 socket,
