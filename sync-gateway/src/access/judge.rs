@@ -20,8 +20,9 @@
 //! one written by a table no longer tracked under its code (untracked, re-tracked, replaced)
 //! is no subscriber's to see, whatever the table under that code is now. Nor is a change
 //! followed in its page by an ACCESS or TRUNCATE of its entity, where everyone refetches,
-//! nor one judged in the database while the log already held such a row after it (the
-//! database then judged it by who may read what after that row: `access::refetch`).
+//! nor one judged by who may read what later than it was written (in the database, on a
+//! replay or request, with a catalog or plan newer than its page) while the log already held
+//! such a row after it (`access::refetch`).
 
 use super::plans::{Plan, Plans};
 use super::policy::GroupIndex;
@@ -219,6 +220,9 @@ struct Basis {
     /// Whether it may be later than the page's own time: a replay or request reads the
     /// past, and the catalog may have moved on since the page was read.
     read_later: bool,
+    /// The newest access event the page's snapshot saw: a plan read after a newer one
+    /// may hold policies newer than the page.
+    access_serial: i64,
 }
 
 /// What judging one entity's changes found.
@@ -260,7 +264,9 @@ impl Judge {
         let basis = Basis {
             epoch: view.epoch,
             read_later: matches!(db, Db::Held(_)) || view.serial > access_serial,
+            access_serial,
         };
+        self.refetch_checks.new_page();
         let mut verdicts = vec![Verdict::Seen(None); changes.len()];
         let mut refused = Vec::new();
         let mut judged_rls = false;
@@ -355,6 +361,7 @@ impl Judge {
         let mut see_all: Vec<GroupId> = Vec::new();
         let mut indexed: Vec<Arc<GroupIndex>> = Vec::new();
         let mut in_database: Vec<(GroupId, &Group)> = Vec::new();
+        let mut plan_later = false;
         for (role, members) in &listeners.by_role {
             let plan = match plans.get(client, basis.epoch, entity, role).await {
                 Ok(plan) => plan,
@@ -365,6 +372,7 @@ impl Judge {
                     continue;
                 }
             };
+            plan_later |= plan.read_at > basis.access_serial;
             if let Some(why) = plan.refusal(entity) {
                 refused.extend(members.iter().map(|(g, _)| (*g, why.clone())));
             } else if !plan.rls {
@@ -407,9 +415,10 @@ impl Judge {
             }
         }
         // Judged by who may read what later than the page's own time: the database's
-        // answer is as of now, and so are the catalog and plans read since the page.
+        // answer is as of now, and so are the catalog and plans read since the page (a plan
+        // read on the live stream after a policy changed, before the catalog saw it).
         let judged_later = !in_database.is_empty()
-            || (basis.read_later && !(indexed.is_empty() && see_all.is_empty()));
+            || ((basis.read_later || plan_later) && !(indexed.is_empty() && see_all.is_empty()));
         if indexed.is_empty() && in_database.is_empty() && !judged_later {
             return EntityJudgement {
                 sights: None,

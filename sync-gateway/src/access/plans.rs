@@ -24,10 +24,13 @@ pub struct Plan {
     pub unpublished: Option<String>,
     /// Why the role may not SELECT, as the extension says.
     pub why: Option<String>,
+    /// The newest access event once it was read (`sync.access_serial()`): a page that saw
+    /// an older one may be judged by policies newer than its own (`access::refetch`).
+    pub read_at: i64,
 }
 
 impl Plan {
-    fn from_json(plan: Value, entity: &Entity) -> Plan {
+    fn from_json(plan: Value, entity: &Entity, read_at: i64) -> Plan {
         let plan: pg_sync_core::policy::Plan = serde_json::from_value(plan).unwrap_or_else(|e| {
             tracing::warn!(entity = entity.code, error = %e, "a policy plan did not parse");
             pg_sync_core::policy::Plan {
@@ -45,6 +48,7 @@ impl Plan {
             expr: plan.expr,
             unpublished,
             why: plan.why.filter(|_| !plan.select),
+            read_at,
         }
     }
 
@@ -109,7 +113,12 @@ impl Plans {
         let row = client
             .query_one("SELECT sync.policy_plan($1, $2)", &[&entity.relid, &role])
             .await?;
-        let plan = Arc::new(Plan::from_json(row.get::<_, Value>(0), entity));
+        // Read after the plan, in a later snapshot: at least as new as the policies it read.
+        let read_at: i64 = client
+            .query_one("SELECT sync.access_serial()", &[])
+            .await?
+            .get(0);
+        let plan = Arc::new(Plan::from_json(row.get::<_, Value>(0), entity, read_at));
         let mut cache = self.cache.lock().expect("plans lock");
         if cache.0 < epoch {
             *cache = (epoch, HashMap::new());

@@ -21,8 +21,17 @@ use tokio_postgres::Client;
 
 /// What the questions about each entity found so far: facts about the log, true for any
 /// later position, so they are shared between users (`http::pages` keeps them per page end).
+/// Positions asked about must come in the log's order, as pages do; a position of another
+/// log (a database restored from a dump, with its ids and xids begun again) drops them.
 #[derive(Clone, Debug, Default)]
-pub struct RefetchChecks(HashMap<String, Known>);
+pub struct RefetchChecks {
+    /// The log (`sync.state.generation`) the facts are about.
+    generation: Option<String>,
+    known: HashMap<String, Known>,
+    /// The mark of this page's first question: as good for the page's later questions,
+    /// asked after it (one WAL flush per page, not per entity).
+    page_mark: Option<Mark>,
+}
 
 #[derive(Clone, Debug)]
 enum Known {
@@ -80,20 +89,28 @@ pub enum RefetchError {
     Cursor(#[from] CursorError),
 }
 
-/// The entity's ACCESS or TRUNCATE rows that `$2`/`$3` (a mark) does not see and that come
-/// after the position ($4: its batch's start, $5-$8: its batch's end and the position in
-/// it); the last of them by id.
+/// The entity's ACCESS or TRUNCATE rows that a mark does not see (ids above `$2`, one range
+/// scan; the transactions of `$3`, by txid) and that come after the position ($4: its
+/// batch's start, $5-$8: its batch's end and the position in it); the last of them by id.
+/// Two branches, as `PAGE_SQL` has them: with an OR and the ORDER BY, the planner may scan
+/// the whole log backwards with the id range as a mere filter.
 const FOLLOWING_SQL: &str = "
-SELECT h.txid::text, h.id,
-       (SELECT max(x.id) FROM sync.change_history x WHERE x.txid = h.txid)
-  FROM sync.change_history h
- WHERE h.entity_code = $1 AND h.op IN ('ACCESS', 'TRUNCATE')
-   AND (h.id > $2 OR h.txid = ANY ($3::text::xid8[]))
-   AND NOT pg_catalog.pg_visible_in_snapshot(h.txid, $4::text::pg_snapshot)
-   AND NOT (pg_catalog.pg_visible_in_snapshot(h.txid, $5::text::pg_snapshot)
-            AND ((SELECT max(x.id) FROM sync.change_history x WHERE x.txid = h.txid) < $6
-                 OR (h.txid = $7::text::xid8 AND h.id <= $8)))
- ORDER BY h.id DESC LIMIT 1";
+WITH candidates AS (
+        SELECT h.txid, h.id FROM sync.change_history h
+         WHERE h.id > $2 AND h.entity_code = $1 AND h.op IN ('ACCESS', 'TRUNCATE')
+    UNION ALL
+        SELECT h.txid, h.id FROM sync.change_history h
+         WHERE h.txid = ANY ($3::text::xid8[]) AND h.entity_code = $1
+           AND h.op IN ('ACCESS', 'TRUNCATE')
+)
+SELECT c.txid::text, c.id, k.txkey
+  FROM candidates c
+ CROSS JOIN LATERAL (SELECT max(x.id) AS txkey FROM sync.change_history x
+                      WHERE x.txid = c.txid) k
+ WHERE NOT pg_catalog.pg_visible_in_snapshot(c.txid, $4::text::pg_snapshot)
+   AND NOT (pg_catalog.pg_visible_in_snapshot(c.txid, $5::text::pg_snapshot)
+            AND (k.txkey < $6 OR (c.txid = $7::text::xid8 AND c.id <= $8)))
+ ORDER BY c.id DESC LIMIT 1";
 
 impl RefetchChecks {
     /// Whether the log holds an ACCESS or TRUNCATE of `entity` after `position` that the
@@ -106,16 +123,23 @@ impl RefetchChecks {
         position: &str,
     ) -> Result<bool, RefetchError> {
         let position = Cursor::decode(position)?;
-        let base = match self.0.remove(entity) {
+        if self.generation.as_deref() != Some(position.generation()) {
+            self.known.clear();
+            self.generation = Some(position.generation().to_owned());
+        }
+        let base = match self.known.remove(entity) {
             Some(Known::Follows(row)) if row.after(&position) => {
-                self.0.insert(entity.to_owned(), Known::Follows(row));
+                self.known.insert(entity.to_owned(), Known::Follows(row));
                 return Ok(true);
             }
             Some(Known::Clear(mark)) => mark,
             _ => position.base().clone(),
         };
         // Made before the question, so that it sees no more than the question did.
-        let now = current_mark(client).await?;
+        let now = match &self.page_mark {
+            Some(mark) => mark.clone(),
+            None => self.page_mark.insert(current_mark(client).await?).clone(),
+        };
         let (from, to, p) = parts(&position);
         let unsettled = format!(
             "{{{}}}",
@@ -141,7 +165,7 @@ impl RefetchChecks {
             )
             .await?;
         let Some(found) = found else {
-            self.0.insert(entity.to_owned(), Known::Clear(now));
+            self.known.insert(entity.to_owned(), Known::Clear(now));
             return Ok(false);
         };
         let txid: String = found.get(0);
@@ -152,14 +176,34 @@ impl RefetchChecks {
         };
         // The row may be an asynchronous commit not yet on disk: a crash would take it back,
         // and the changes hidden for it would never be followed by a refetch. A mark made now
-        // makes it durable.
+        // makes it durable. (On a hot standby nothing is flushed; what it replayed was on the
+        // primary's disk already.)
         current_mark(client).await?;
-        self.0.insert(entity.to_owned(), Known::Follows(row));
+        self.known.insert(entity.to_owned(), Known::Follows(row));
         Ok(true)
     }
 
+    /// A new page: its first question makes a mark of its own.
+    pub fn new_page(&mut self) {
+        self.page_mark = None;
+    }
+
     pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
+        self.known.is_empty()
+    }
+
+    /// About the bytes held, for a cache of them.
+    pub fn approximate_size(&self) -> usize {
+        self.known
+            .iter()
+            .map(|(entity, known)| {
+                let xids = match known {
+                    Known::Clear(mark) => mark.snapshot.xip.len(),
+                    Known::Follows(_) => 0,
+                };
+                entity.len() + 8 * xids + 96
+            })
+            .sum()
     }
 }
 

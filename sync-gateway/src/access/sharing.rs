@@ -120,6 +120,7 @@ mod tests {
             expr: expr.map(|e| serde_json::from_value(e).unwrap()),
             unpublished: None,
             why: None,
+            read_at: 0,
         }
     }
 

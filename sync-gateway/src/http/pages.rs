@@ -57,6 +57,8 @@ pub struct Pages {
 
 /// Kept this long after the page that found them: a client pages on at once.
 const CHECKS_LIFETIME: Duration = Duration::from_secs(60);
+/// At most this many bytes of them (a mark of a busy standby lists thousands of xids).
+const CHECKS_BYTES: u64 = 16 << 20;
 
 struct Lifetimes;
 
@@ -101,7 +103,11 @@ impl Pages {
                 .expire_after(Lifetimes)
                 .build(),
             refetch_checks: Cache::builder()
-                .max_capacity(10_000)
+                .max_capacity(CHECKS_BYTES)
+                .weigher(|end: &Cursor, checks: &Arc<RefetchChecks>| {
+                    let bytes = end.as_str().len() + checks.approximate_size() + 64;
+                    u32::try_from(bytes).unwrap_or(u32::MAX)
+                })
                 .time_to_live(CHECKS_LIFETIME)
                 .build(),
         }
