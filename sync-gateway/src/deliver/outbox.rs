@@ -37,6 +37,12 @@ pub struct OpenRun {
     mode: Mode,
 }
 
+impl OpenRun {
+    pub fn entity_code(&self) -> &str {
+        &self.entity_code
+    }
+}
+
 #[derive(Default)]
 pub struct Outbox {
     parts: Vec<Part>,

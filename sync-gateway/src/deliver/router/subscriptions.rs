@@ -210,6 +210,22 @@ impl Router {
         if let Some(entry) = self.index.get_mut(&subscription.entity_code) {
             entry.remove(&subscription.target, group, (conn_id, sub_id));
         }
+        // A transaction under way of an entity the connection no longer follows: its end
+        // is no message of the connection's (a subscription of it made again would be told
+        // the end of a transaction it saw no part of).
+        self.held_open.remove(&(conn_id, sub_id));
+        let follows = conn
+            .subs
+            .values()
+            .any(|s| s.subscription.entity_code == subscription.entity_code);
+        if !follows
+            && self
+                .open_elsewhere
+                .get(&conn_id)
+                .is_some_and(|run| run.entity_code() == subscription.entity_code)
+        {
+            self.open_elsewhere.remove(&conn_id);
+        }
         self.answer_awaits(conn_id);
         Some(subscription)
     }

@@ -645,6 +645,31 @@ async fn the_message_ending_a_transaction_says_so_even_when_its_last_change_is_s
     );
 }
 
+/// A connection that stops following an entity in the middle of a transaction larger than
+/// a page, and follows it again before the transaction ends, is not told the end of a
+/// transaction its new subscription saw no part of.
+#[tokio::test]
+async fn an_unsubscribed_entity_is_told_no_end_of_a_transaction_under_way() {
+    let mut h = harness();
+    let (mut q, _) = connect(&mut h, 1, 1, 1 << 20);
+    subscribe(&mut h, 1, ids(&["1"]), None);
+    drain(&mut q).await;
+    route_cut(&mut h, vec![in_tx("1", false)], 12);
+    assert_eq!(tx_marks(&drain(&mut q).await), [("1".to_owned(), false)]);
+    h.router.handle(Command::Unsubscribe {
+        conn: 1,
+        entity_code: "doc".into(),
+        entity_ids: None,
+    });
+    subscribe(&mut h, 1, ids(&["4"]), None);
+    route(&mut h, vec![in_tx("3", true)], 13);
+    let messages = drain(&mut q).await;
+    assert!(
+        messages.iter().all(|m| m["type"] != "DELTA"),
+        "{messages:?}"
+    );
+}
+
 /// A transaction larger than a page, held back from a replay that ends between its pages:
 /// what was held goes out then, but the transaction ends only with its last page.
 #[tokio::test]
