@@ -107,7 +107,10 @@ export abstract class Leader extends Session {
         return;
       case "outbox": {
         const outbox = await this.store.outbox();
-        if (outbox) this.replica.setPending(outbox);
+        // The leader's own pending writes may know more than storage yet (a cursor being
+        // stored): those stay as they are, and storage adds the other tabs' new ones.
+        const known = new Map(this.leading ? this.replica.pendingMutations().map((m) => [m.id, m]) : []);
+        if (outbox) this.replica.setPending(outbox.map((m) => known.get(m.id) ?? m));
         this.refreshStatus();
         if (this.leading) void this.drain();
         return;

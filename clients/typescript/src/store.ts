@@ -194,8 +194,14 @@ export class Store {
     return seq;
   }
 
+  /** Stores what was learnt of a mutation (its cursor), unless it is gone: settled or refused
+   * meanwhile. Putting it back would leave a write no stream ever settles, laid over the
+   * server's newer rows in every tab that reads the outbox. */
   async updateMutation(mutation: Mutation): Promise<void> {
-    await this.run(["outbox"], (tx) => void tx.objectStore("outbox").put(mutation));
+    await this.run(["outbox"], async (tx) => {
+      const outbox = tx.objectStore("outbox");
+      if (mutation.seq !== undefined && (await outbox.get(mutation.seq))) await outbox.put(mutation);
+    });
   }
 
   async removeMutations(seqs: (number | undefined)[]): Promise<void> {

@@ -78,7 +78,11 @@ export abstract class Writes extends Hydration {
    * brought its change back (REACHED for its cursor, or a message past it). */
   private async applied_(batch: Mutation[], cursor: string): Promise<void> {
     const settled: Mutation[] = [];
-    for (const m of batch) {
+    for (const sent of batch) {
+      // The pending write as it is now: the outbox may have been read again from storage
+      // meanwhile (another tab wrote), and one settled meanwhile is done with.
+      const m = this.replica.pendingMutations().find((p) => p.id === sent.id);
+      if (!m) continue;
       m.cursor = cursor;
       const position = this.meta.get(m.entityCode)?.cursor;
       if (position && reaches(position, cursor)) settled.push(m);
