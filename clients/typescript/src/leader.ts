@@ -83,6 +83,10 @@ export abstract class Leader extends Session {
     this.checkAccess();
     for (const entity of this.entities.values()) this.follow(entity.code, entity.options);
     this.tell({ t: "lead" });
+    // The outbox as stored: the last leader may have settled, refused or given cursors to
+    // writes since this tab last read it.
+    const outbox = await this.store.outbox();
+    if (outbox) this.replica.setPending(outbox);
     this.refreshStatus();
     void this.connect();
     void this.drain();

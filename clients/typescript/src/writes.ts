@@ -99,8 +99,10 @@ export abstract class Writes extends Hydration {
   protected async settle(done: Mutation[]): Promise<void> {
     if (!done.length) return;
     const ids = new Set(done.map((m) => m.id));
-    this.replica.setPending(this.replica.pendingMutations().filter((p) => !ids.has(p.id)));
+    // Out of storage first: a read of the outbox under way (another tab wrote) then finds
+    // them in memory too and leaves them to this, rather than taking them back.
     await this.store.removeMutations(done.map((m) => m.seq));
+    this.replica.setPending(this.replica.pendingMutations().filter((p) => !ids.has(p.id)));
     this.tell({ t: "outbox" });
   }
 
