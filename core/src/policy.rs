@@ -51,6 +51,38 @@ pub enum Expr {
         claim: Vec<String>,
         item: Term,
     },
+    /// A row of a membership table matches the row and the terms: `EXISTS (SELECT 1 FROM m
+    /// WHERE m.key = row.column AND m.field = term …)`, or `row.column IN (SELECT m.key FROM
+    /// m WHERE …)` where neither side can be NULL. TRUE or FALSE, never NULL.
+    Member(Member),
+}
+
+/// The membership an `Expr::Member` asks about. The gateway reads the rows of `table` whose
+/// `key` equals a row's `column` as the subscriber's role (`sync.members`), and compares
+/// their fields with the terms itself.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Member {
+    /// The membership table's oid.
+    pub table: u32,
+    /// Read without its inheritance children (`FROM ONLY`), as the policy reads it.
+    #[serde(default)]
+    pub only: bool,
+    /// The membership table's column equal to the row's `column`, both of type `ty`.
+    pub key: String,
+    pub column: String,
+    #[serde(rename = "type")]
+    pub ty: Ty,
+    /// `m.field = term`, each compared as its type: all must hold for one row of `table`.
+    pub fields: Vec<MemberField>,
+}
+
+/// One comparison of a membership row's column with a term (a claim, a constant).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct MemberField {
+    pub field: String,
+    #[serde(rename = "type")]
+    pub ty: Ty,
+    pub term: Term,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -164,8 +164,9 @@ fn steps(rng: &mut Rng, length: usize, clients: usize) -> Vec<Step> {
                         "GRANT SELECT ON project TO app_user",
                         "CREATE POLICY extra ON task USING (status = 'blocked')",
                         "DROP POLICY IF EXISTS extra ON task",
-                        // Without it, task's policy compiles: `/v1/changes` readers share
-                        // pages within an audience.
+                        // Without it, `/v1/changes` readers of task share pages within an
+                        // audience; with it (compiled too, reading member), each reads their
+                        // own.
                         "DROP POLICY IF EXISTS by_membership ON task",
                         BY_MEMBERSHIP,
                     ],

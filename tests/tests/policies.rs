@@ -1,12 +1,16 @@
 //! The differential test of row-level security judged on row images (SPEC 2.2): for many
 //! generated policies (equality on a claim, IN lists, OR, NOT, NULLs, `?` on a claim array,
-//! comparisons with cast claims, `current_user`, subqueries on a membership table, functions,
+//! comparisons with cast claims, `current_user`, subqueries on a membership table (EXISTS and
+//! IN, compiled when they match a row's column and claims by `=`, else not), functions,
 //! restrictive and permissive mixes, policies for other roles and commands), rows and claim
 //! sets, three answers must agree:
 //! - PostgreSQL's own: `SELECT id FROM item` as the role with the claims;
 //! - the database path: `sync.visible` over the rows' images;
 //! - the compiled path, when the policy compiles: `sync.policy_plan` evaluated by the
-//!   gateway's own code (`sync_gateway::access::policy`), groups indexed by claims.
+//!   gateway's own code (`sync_gateway::access::policy`), groups indexed by claims, with the
+//!   membership rows the images match read as the gateway reads them (`sync.members`).
+//!
+//! The membership table changes every round, so every path must judge by it as it is.
 //!
 //!
 //! Claims include objects, arrays and fractional numbers, whose `->>` text PostgreSQL prints
@@ -18,8 +22,9 @@
 //! Seeded (`PG_SYNC_SEED` repeats a run); `PG_SYNC_SOAK=1` runs ten times as many policies.
 
 use pg_sync_tests::{error_text, Cluster, Rng, APP_ROLE, GATEWAY_ROLE};
-use serde_json::{json, Value};
+use serde_json::{json, Map, Value};
 use std::collections::BTreeSet;
+use sync_gateway::access::judge::read_memberships;
 use sync_gateway::access::policy::GroupIndex;
 use tokio_postgres::error::SqlState;
 
@@ -30,13 +35,17 @@ const SCHEMA: &str = "
     GRANT USAGE ON SCHEMA public TO sync_gateway, item_owner, other_owner;
     CREATE TABLE item (id int PRIMARY KEY, owner text, team text, n int, flag bool, tag uuid);
     ALTER TABLE item OWNER TO item_owner;
-    CREATE TABLE member (usr text, team text);
+    CREATE TABLE member (usr text, team text, lvl int);
     GRANT SELECT ON member TO app_user;
-    INSERT INTO member VALUES ('u1', 'a'), ('u2', 'b'), ('u2', 'c'), ('u3', 'a');
+    -- Whoever owns item may have pg_sync watch member for its policies.
+    GRANT TRIGGER ON member TO item_owner, other_owner;
+    INSERT INTO member VALUES ('u1', 'a', 1), ('u2', 'b', 2), ('u2', 'c', 3), ('u3', 'a', 4),
+                              ('app_user', 'b', 5);
     CREATE ROLE other_role NOLOGIN;
     GRANT SELECT ON item TO other_role;
     GRANT USAGE ON SCHEMA public TO other_role;
-    ALTER TABLE item ENABLE ROW LEVEL SECURITY;";
+    ALTER TABLE item ENABLE ROW LEVEL SECURITY;
+    SELECT sync.track('item');";
 
 const CLAIMS: &str = "current_setting('request.jwt.claims', true)::jsonb";
 
@@ -47,7 +56,7 @@ fn pick<'a>(rng: &mut Rng, items: &[&'a str]) -> &'a str {
 /// A random condition on a row and the claims.
 fn atom(rng: &mut Rng) -> String {
     let c = CLAIMS;
-    match rng.below(16) {
+    match rng.below(20) {
         0 => format!("owner = {c} ->> 'sub'"),
         1 => format!("team = {c} ->> 'team'"),
         2 => format!("team = ({c} -> 'app' ->> 'team')"),
@@ -77,6 +86,16 @@ fn atom(rng: &mut Rng) -> String {
             "EXISTS (SELECT 1 FROM member m WHERE m.usr = {c} ->> 'sub' AND m.team = item.team)"
         ),
         14 => "length(coalesce(owner, '')) > 2".to_owned(),
+        15 => format!("team IN (SELECT m.team FROM member m WHERE m.usr = {c} ->> 'sub')"),
+        16 => "EXISTS (SELECT 1 FROM member m WHERE m.lvl = item.n AND m.usr = current_user)"
+            .to_owned(),
+        17 => format!(
+            "n IN (SELECT m.lvl FROM member m WHERE m.team = {c} ->> 'team' AND m.usr = {c} ->> 'sub')"
+        ),
+        // Not compiled (a comparison other than =): judged in the database.
+        18 => format!(
+            "EXISTS (SELECT 1 FROM member m WHERE m.team = item.team AND m.lvl > 2 AND m.usr = {c} ->> 'sub')"
+        ),
         _ => format!("{c} ->> 'admin' = 'yes'"),
     }
 }
@@ -140,6 +159,25 @@ fn rows(rng: &mut Rng) -> String {
         "TRUNCATE item; INSERT INTO item VALUES {};",
         values.join(", ")
     )
+}
+
+/// Memberships come and go between rounds: every path must judge by the table as it is.
+fn membership_churn(rng: &mut Rng) -> String {
+    (0..3)
+        .map(|_| {
+            let usr = pick(rng, &["u1", "u2", "u3", "u4", "app_user"]);
+            let team = pick(rng, &["a", "b", "c", "[\"a\", \"b\"]"]);
+            if rng.below(2) == 0 {
+                format!("DELETE FROM member WHERE usr = '{usr}' AND team = '{team}';")
+            } else {
+                let lvl = match rng.below(11) {
+                    10 => "NULL".to_owned(),
+                    n => n.to_string(),
+                };
+                format!("INSERT INTO member VALUES ('{usr}', '{team}', {lvl});")
+            }
+        })
+        .collect()
 }
 
 const UUID_A: &str = "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11";
@@ -226,6 +264,7 @@ async fn compiled_database_and_postgresql_agree_on_every_row() {
     let mut rng = Rng(seed);
     let (mut compiled, mut in_database, mut comparisons, mut refusals, mut set_apart) =
         (0, 0, 0, 0, 0);
+    let mut with_members = 0;
     for round in 0..rounds {
         let created = policies(&mut rng);
         let mut ddl = "DROP POLICY IF EXISTS p0 ON item; DROP POLICY IF EXISTS p1 ON item; \
@@ -239,6 +278,7 @@ async fn compiled_database_and_postgresql_agree_on_every_row() {
         if round % 10 == 0 {
             ddl.push_str(&rows(&mut rng));
         }
+        ddl.push_str(&membership_churn(&mut rng));
         admin
             .batch_execute(&ddl)
             .await
@@ -375,13 +415,24 @@ async fn compiled_database_and_postgresql_agree_on_every_row() {
                     index.failed
                 );
                 set_apart += index.inexact.len();
+                let image_rows: Vec<&Map<String, Value>> =
+                    images.iter().map(|i| i.as_object().unwrap()).collect();
+                let (memberships, asked) =
+                    read_memberships(&gateway, APP_ROLE, index.expr(), &image_rows)
+                        .await
+                        .unwrap_or_else(|e| panic!("round {round}: {e}; plan {plan}; seed {seed}"));
+                with_members += usize::from(asked);
                 for (g, expected) in truth.iter().enumerate() {
                     if index.inexact.contains(&(g as u32)) {
                         continue; // judged by the database path, compared above
                     }
                     let seen: BTreeSet<i64> = images
                         .iter()
-                        .filter(|i| index.visible(i.as_object().unwrap()).contains(&(g as u32)))
+                        .filter(|i| {
+                            index
+                                .visible(&memberships.row(i.as_object().unwrap()))
+                                .contains(&(g as u32))
+                        })
                         .map(|i| i["id"].as_i64().unwrap())
                         .collect();
                     assert_eq!(
@@ -396,12 +447,16 @@ async fn compiled_database_and_postgresql_agree_on_every_row() {
         }
     }
     eprintln!(
-        "{rounds} policy sets: {compiled} compiled, {in_database} judged in the database only, \
-         {refusals} refused, {set_apart} claim sets set apart for the database, \
-         {comparisons} row verdicts compared"
+        "{rounds} policy sets: {compiled} compiled ({with_members} reading the membership \
+         table), {in_database} judged in the database only, {refusals} refused, {set_apart} \
+         claim sets set apart for the database, {comparisons} row verdicts compared"
     );
     assert!(
-        compiled > rounds / 5 && in_database > rounds / 10 && refusals > 0 && set_apart > 0,
+        compiled > rounds / 5
+            && with_members > rounds / 20
+            && in_database > rounds / 10
+            && refusals > 0
+            && set_apart > 0,
         "every path exercised"
     );
 }

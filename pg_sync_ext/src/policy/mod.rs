@@ -26,7 +26,7 @@ use crate::roles::as_role;
 mod compile;
 
 use compile::Compiler;
-use pg_sync_core::policy::{Expr, Group, Plan, Visibility};
+use pg_sync_core::policy::{Expr, Group, Member, Plan, Visibility};
 use pgrx::pg_sys::panic::ErrorReport;
 use pgrx::prelude::*;
 use pgrx::{JsonB, PgList};
@@ -102,6 +102,10 @@ enum PolicyError {
     /// code, say): the caller reads its catalog again.
     #[error("pg_sync: the table of oid {0} no longer exists")]
     NoTable(u32),
+    /// A membership table read for a compiled policy (`members`) cannot be read as the plan
+    /// said.
+    #[error("pg_sync: the membership table cannot be read as compiled: {0}")]
+    Membership(String),
 }
 
 impl PolicyError {
@@ -162,7 +166,14 @@ fn policy_plan(tbl: pg_sys::Oid, role: &str) -> JsonB {
         let columns = referenced_columns(tbl, &quals);
         let compiled = quals
             .iter()
-            .map(|&q| Compiler { relid: tbl, role }.expr(q))
+            .map(|&q| {
+                Compiler {
+                    relid: tbl,
+                    role,
+                    negated: Default::default(),
+                }
+                .expr(q)
+            })
             .collect::<Result<Vec<_>, String>>();
         let (expr, why) = match compiled {
             Ok(mut exprs) if exprs.len() == 1 => (Some(exprs.remove(0)), None),
@@ -235,6 +246,95 @@ fn visible(tbl: pg_sys::Oid, groups: JsonB, images: JsonB) -> JsonB {
     JsonB(serde_json::to_value(answers).expect("answers serialize"))
 }
 
+/// The rows of a membership table (`pg_sync_core::policy::Member`, from a plan of `role`'s)
+/// whose key is one of `keys` (texts of the key's type), read as `role`: their fields, as
+/// text, by the key's text, `{"7": [["alice"], ["bob"]]}`. The gateway compares the fields
+/// with each group's claims. Raises when the role may not read the table or row-level
+/// security applies to it now (the plan no longer holds: the gateway refuses and reads it
+/// again).
+#[pg_extern(volatile, parallel_unsafe)]
+fn members(role: &str, member: JsonB, keys: Vec<Option<String>>) -> JsonB {
+    let member: Member = match serde_json::from_value(member.0) {
+        Ok(member) => member,
+        Err(e) => invalid_parameter(format!("member: {e}")),
+    };
+    let table = pg_sys::Oid::from(member.table);
+    require_table(table);
+    let roleid = role_for_caller(role).unwrap_or_else(|e| e.report());
+    let answer = as_role(roleid, || unsafe {
+        if let Some(why) = refusal(table) {
+            PolicyError::Membership(why).report();
+        }
+        if pg_sys::check_enable_rls(table, pg_sys::InvalidOid, true)
+            != pg_sys::CheckEnableRlsResult::RLS_NONE as i32
+        {
+            PolicyError::Membership("row-level security applies to it".into()).report();
+        }
+        let sql =
+            members_sql(table, &member).unwrap_or_else(|why| PolicyError::Membership(why).report());
+        read_one::<JsonB>(&sql, &[keys.into()])
+    });
+    answer.unwrap_or_else(|| JsonB(Value::Object(Default::default())))
+}
+
+/// `SELECT jsonb_object_agg(key, rows)` of the membership table's rows whose key is in `$1`:
+/// identifiers quoted, the key cast to its column's type (its text is of that type: the
+/// gateway sends values of the row's column, which has it too).
+unsafe fn members_sql(table: pg_sys::Oid, member: &Member) -> Result<String, String> {
+    let column = |name: &str| -> Result<(String, pg_sys::Oid), String> {
+        let c = CString::new(name).map_err(|_| format!("no column {name:?}"))?;
+        let attno = pg_sys::get_attnum(table, c.as_ptr());
+        if attno <= 0 {
+            return Err(format!("no column {name:?}"));
+        }
+        Ok((quote(c.as_ptr()), pg_sys::get_atttype(table, attno)))
+    };
+    let (key, key_type) = column(&member.key)?;
+    let fields = member
+        .fields
+        .iter()
+        .map(|f| column(&f.field).map(|(name, _)| format!("m.{name}::pg_catalog.text")))
+        .collect::<Result<Vec<_>, _>>()?;
+    let relname = pg_sys::get_rel_name(table);
+    let schema = pg_sys::get_namespace_name(pg_sys::get_rel_namespace(table));
+    let key_type = CStr::from_ptr(pg_sys::format_type_be_qualified(key_type)).to_string_lossy();
+    Ok(format!(
+        "SELECT pg_catalog.jsonb_object_agg(k, v) FROM (
+             SELECT m.{key}::pg_catalog.text AS k, pg_catalog.jsonb_agg(pg_catalog.jsonb_build_array({fields})) AS v
+               FROM {only}{schema}.{relname} m
+              WHERE m.{key} = ANY ($1::pg_catalog.text[]::{key_type}[])
+              GROUP BY 1) rows",
+        fields = fields.join(", "),
+        only = if member.only { "ONLY " } else { "" },
+        schema = quote(schema),
+        relname = quote(relname),
+    ))
+}
+
+/// The one value a read-only query returns. Read-only as SPI means it (pgrx's
+/// `Spi::get_one*` run queries read-write, which takes a transaction id: a hot standby has
+/// none to give).
+fn read_one<T: pgrx::FromDatum + pgrx::IntoDatum>(
+    sql: &str,
+    args: &[pgrx::datum::DatumWithOid],
+) -> Option<T> {
+    Spi::connect(|client| {
+        client
+            .select(sql, Some(1), args)
+            .expect("a read-only query runs")
+            .first()
+            .get_one::<T>()
+            .ok()
+            .flatten()
+    })
+}
+
+unsafe fn quote(name: *const std::ffi::c_char) -> String {
+    CStr::from_ptr(pg_sys::quote_identifier(name))
+        .to_string_lossy()
+        .into_owned()
+}
+
 /// Runs the visibility query for one claim set: a bool per image.
 fn evaluate(sql: &str, claims: &str, images: &Value) -> Vec<bool> {
     set_claims(claims);
@@ -260,11 +360,6 @@ unsafe fn visibility_sql(relid: pg_sys::Oid, quals: &[*mut pg_sys::Node]) -> Str
         })
         .collect();
     let schema = pg_sys::get_namespace_name(pg_sys::get_rel_namespace(relid));
-    let quote = |s: *const std::ffi::c_char| {
-        CStr::from_ptr(pg_sys::quote_identifier(s))
-            .to_string_lossy()
-            .into_owned()
-    };
     format!(
         "SELECT ({}) IS TRUE FROM pg_catalog.jsonb_populate_recordset(NULL::{}.{}, $1) AS {}",
         quals.join(" AND "),

@@ -25,7 +25,7 @@
 //! such a row after it (`access::refetch`).
 
 use super::plans::{Plan, Plans};
-use super::policy::GroupIndex;
+use super::policy::{GroupIndex, Memberships};
 use super::refetch::RefetchChecks;
 use super::roles::{GroupId, UserContext};
 use crate::feed::catalog::{Catalog, CatalogError, Entity};
@@ -359,7 +359,8 @@ impl Judge {
             .map(|g| (*g, format!("reading {} needs a role", entity.code)))
             .collect();
         let mut see_all: Vec<GroupId> = Vec::new();
-        let mut indexed: Vec<Arc<GroupIndex>> = Vec::new();
+        // Per role judged here: its index, and the groups of it the index judges.
+        let mut indexed: Vec<(&str, Arc<GroupIndex>, Vec<GroupId>)> = Vec::new();
         let mut in_database: Vec<(GroupId, &Group)> = Vec::new();
         let mut plan_later = false;
         for (role, members) in &listeners.by_role {
@@ -403,21 +404,52 @@ impl Judge {
                     );
                     (*g, why)
                 }));
-                in_database.extend(
-                    members
-                        .iter()
-                        .filter(|(g, _)| index.inexact.binary_search(g).is_ok())
-                        .map(|(g, group)| (*g, group)),
-                );
-                indexed.push(index);
+                let (inexact, exact): (Vec<_>, Vec<_>) = members
+                    .iter()
+                    .partition(|(g, _)| index.inexact.binary_search(g).is_ok());
+                in_database.extend(inexact.into_iter().map(|(g, group)| (*g, group)));
+                indexed.push((role, index, exact.into_iter().map(|(g, _)| *g).collect()));
             } else {
                 in_database.extend(members.iter().map(|(g, group)| (*g, group)));
             }
         }
+        // The images to judge: each change's old and new row, where it has them.
+        let images: Vec<&Map<String, Value>> = changes
+            .iter()
+            .flat_map(|c| [c.old_data.as_ref(), c.data.as_ref()])
+            .flatten()
+            .collect();
+        // Membership rows as the database holds them now, for the roles whose compiled
+        // policy asks about them.
+        let mut memberships: Vec<Memberships> = Vec::with_capacity(indexed.len());
+        let mut asked_members = false;
+        let mut i = 0;
+        while i < indexed.len() {
+            let (role, index, groups) = &indexed[i];
+            match read_memberships(client, role, index.expr(), &images).await {
+                Ok((read, asked)) => {
+                    asked_members |= asked;
+                    memberships.push(read);
+                    i += 1;
+                }
+                Err(e) => {
+                    tracing::warn!(entity = entity.code, role, error = %crate::ErrorChain(&e), "reading a membership table failed");
+                    let why = format!(
+                        "the gateway could not read the membership table of {}'s policy: {}",
+                        entity.code,
+                        crate::ErrorChain(&e)
+                    );
+                    refused.extend(groups.iter().map(|g| (*g, why.clone())));
+                    indexed.remove(i);
+                }
+            }
+        }
         // Judged by who may read what later than the page's own time: the database's
-        // answer is as of now, and so are the catalog and plans read since the page (a plan
-        // read on the live stream after a policy changed, before the catalog saw it).
+        // answer is as of now (its verdicts, the membership rows), and so are the catalog and
+        // plans read since the page (a plan read on the live stream after a policy changed,
+        // before the catalog saw it).
         let judged_later = !in_database.is_empty()
+            || asked_members
             || ((basis.read_later || plan_later) && !(indexed.is_empty() && see_all.is_empty()));
         if indexed.is_empty() && in_database.is_empty() && !judged_later {
             return EntityJudgement {
@@ -426,12 +458,6 @@ impl Judge {
                 superseded: false,
             };
         }
-        // The images to judge: each change's old and new row, where it has them.
-        let images: Vec<&Map<String, Value>> = changes
-            .iter()
-            .flat_map(|c| [c.old_data.as_ref(), c.data.as_ref()])
-            .flatten()
-            .collect();
         let answers = if in_database.is_empty() {
             Ok(Vec::new())
         } else {
@@ -504,8 +530,8 @@ impl Judge {
                 return Vec::new();
             };
             let mut groups: Vec<GroupId> = see_all.clone();
-            for index in &indexed {
-                groups.extend(index.visible(image));
+            for ((_, index, _), memberships) in indexed.iter().zip(&memberships) {
+                groups.extend(index.visible(&memberships.row(image)));
             }
             groups.append(&mut database_sees[at]);
             at += 1;
@@ -557,6 +583,35 @@ impl Judge {
             judged_rls: false,
         }
     }
+}
+
+/// The membership rows `expr` asks about that `images` match, read as `role`; and whether it
+/// asks about any.
+pub async fn read_memberships(
+    client: &Client,
+    role: &str,
+    expr: &pg_sync_core::policy::Expr,
+    images: &[&Map<String, Value>],
+) -> Result<(Memberships, bool), tokio_postgres::Error> {
+    let mut read = Memberships::default();
+    let asked = Memberships::asked(expr);
+    for member in &asked {
+        let keys = Memberships::keys(member, images);
+        let answer: Value = if keys.is_empty() {
+            Value::Null
+        } else {
+            let member_json = serde_json::to_value(member).expect("a member serializes");
+            client
+                .query_one(
+                    "SELECT sync.members($1, $2, $3)",
+                    &[&role, &member_json, &keys],
+                )
+                .await?
+                .get(0)
+        };
+        read.insert((*member).clone(), answer);
+    }
+    Ok((read, !asked.is_empty()))
 }
 
 /// `sync.visible` for `groups` over `images`: per group, a bit per image, or why it failed.

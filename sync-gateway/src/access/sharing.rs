@@ -8,13 +8,15 @@
 //! catalog was read: any change of them gives every entity a new audience), the same
 //! tracking of the entity, and, under a compiled policy (itself part of the digest), the
 //! same value of every claim the policy reads. A policy the gateway cannot compile is
-//! evaluated by the database, which may read anything (another table, a function): its
-//! pages are nobody's to share.
+//! evaluated by the database, which may read anything (another table, a function), and a
+//! compiled one that reads a membership table depends on that table too: their pages are
+//! nobody's to share.
 //!
 //! The audience is a digest of those inputs. It is no secret and no credential: it names a
 //! cache entry, and whoever presents it is checked against it (`http::changes`).
 
 use super::plans::Plan;
+use super::policy::Memberships;
 use super::roles::UserContext;
 use crate::feed::catalog::Entity;
 use pg_sync_core::policy::{Expr, Term};
@@ -33,6 +35,9 @@ pub fn audience(
     let role = user.role.as_deref()?;
     let claims: Vec<Value> = match (&plan.expr, plan.rls) {
         (_, false) => Vec::new(),
+        // What a membership policy lets a user see depends on another table, as of when
+        // the page was judged: its pages are the user's alone, as the database's are.
+        (Some(expr), true) if !Memberships::asked(expr).is_empty() => return None,
         (Some(expr), true) => claim_paths(expr)
             .into_iter()
             .map(|path| {
@@ -86,6 +91,7 @@ fn claim_paths(expr: &Expr) -> BTreeSet<Vec<String>> {
                 out.insert(claim.clone());
                 term(item, out);
             }
+            Expr::Member(m) => m.fields.iter().for_each(|f| term(&f.term, out)),
         }
     }
     let mut out = BTreeSet::new();

@@ -7,8 +7,28 @@
 //! numeric prints them), which is not reproduced here; such a group is judged in the
 //! database instead (`inexact`).
 
-use pg_sync_core::policy::{Cast, CmpOp, Expr, Term, Ty};
+use pg_sync_core::policy::{Cast, CmpOp, Expr, Member, Term, Ty};
 use serde_json::{Map, Value};
+
+/// What an expression reads of a row: its image's columns and, for `Expr::Member`, the rows
+/// of the membership table that match it (`members::WithMembers`).
+pub trait Row {
+    fn column(&self, name: &str) -> Option<&Value>;
+    /// The fields (text or null, in `member.fields`' order) of each row of `member`'s table
+    /// whose key equals this row's column.
+    fn members(&self, member: &Member) -> &[Vec<Value>];
+}
+
+/// An image alone: no membership row matches it.
+impl Row for Map<String, Value> {
+    fn column(&self, name: &str) -> Option<&Value> {
+        self.get(name)
+    }
+
+    fn members(&self, _: &Member) -> &[Vec<Value>] {
+        &[]
+    }
+}
 
 /// Why an expression could not be evaluated for a group: what would have raised in
 /// PostgreSQL (a claim that is not a valid value of its cast).
@@ -22,9 +42,9 @@ pub struct EvalError {
 
 /// Three-valued evaluation of `expr` over a row image and a group's claims, in order,
 /// stopping as PostgreSQL's AND and OR do (at the first FALSE, the first TRUE).
-pub fn eval(
+pub fn eval<R: Row + ?Sized>(
     expr: &Expr,
-    row: &Map<String, Value>,
+    row: &R,
     claims: &Value,
 ) -> Result<Option<bool>, EvalError> {
     Ok(match expr {
@@ -74,6 +94,26 @@ pub fn eval(
             };
             holds(claim_value(claims, claim), &item)
         }
+        Expr::Member(member) => {
+            // The terms first, whether or not a row matches: a claim that does not parse
+            // fails the group on every row alike.
+            let terms = member
+                .fields
+                .iter()
+                .map(|f| typed(&f.term, f.ty, row, claims))
+                .collect::<Result<Vec<_>, _>>()?;
+            let matches = |fields: &Vec<Value>| {
+                member
+                    .fields
+                    .iter()
+                    .zip(fields)
+                    .zip(&terms)
+                    .all(|((f, value), term)| {
+                        term.is_some() && json_val(value, f.ty).as_ref() == term.as_ref()
+                    })
+            };
+            Some(row.members(member).iter().any(matches))
+        }
     })
 }
 
@@ -104,6 +144,10 @@ pub fn inexact(expr: &Expr, claims: &Value) -> bool {
         } => odd(left) || odd(right),
         Expr::Cmp { .. } => false,
         Expr::Contains { item, .. } => odd(item),
+        Expr::Member(member) => member
+            .fields
+            .iter()
+            .any(|f| f.ty == Ty::Text && odd(&f.term)),
     }
 }
 
@@ -162,7 +206,7 @@ fn holds(value: Option<&Value>, item: &str) -> Option<bool> {
 }
 
 /// The term's value as text, as a NULL test or `?` sees it (a cast claim must parse).
-fn raw(term: &Term, row: &Map<String, Value>, claims: &Value) -> Result<Option<String>, EvalError> {
+fn raw<R: Row + ?Sized>(term: &Term, row: &R, claims: &Value) -> Result<Option<String>, EvalError> {
     match term {
         Term::Claim {
             cast: Some(cast), ..
@@ -178,13 +222,13 @@ fn raw(term: &Term, row: &Map<String, Value>, claims: &Value) -> Result<Option<S
     }
 }
 
-fn text(
+fn text<R: Row + ?Sized>(
     term: &Term,
-    row: &Map<String, Value>,
+    row: &R,
     claims: &Value,
 ) -> Result<Option<String>, EvalError> {
     Ok(match term {
-        Term::Column(c) => row.get(c).and_then(json_text),
+        Term::Column(c) => row.column(c).and_then(json_text),
         Term::Claim { path, .. } => claim_value(claims, path).and_then(json_text),
         Term::Value(v) => json_text(v),
     })
@@ -193,14 +237,14 @@ fn text(
 /// The term's value as type `ty`. A claim that does not parse is an error (the cast
 /// would raise); a column or constant that does not is NULL (cannot happen: both come
 /// from values of their type).
-pub(super) fn typed(
+pub(super) fn typed<R: Row + ?Sized>(
     term: &Term,
     ty: Ty,
-    row: &Map<String, Value>,
+    row: &R,
     claims: &Value,
 ) -> Result<Option<Val>, EvalError> {
     let text = match term {
-        Term::Column(c) => return Ok(row.get(c).and_then(|v| json_val(v, ty))),
+        Term::Column(c) => return Ok(row.column(c).and_then(|v| json_val(v, ty))),
         Term::Value(v) => return Ok(json_val(v, ty)),
         Term::Claim { path, .. } => claim_value(claims, path).and_then(json_text),
     };

@@ -7,9 +7,9 @@
 //! policy raise, and those it cannot evaluate exactly (`eval::inexact`), are set apart for
 //! the caller.
 
-use super::eval::{claim_value, eval, inexact, json_text, json_val, typed, EvalError, Val};
+use super::eval::{claim_value, eval, inexact, json_text, json_val, typed, EvalError, Row, Val};
 use crate::access::roles::GroupId;
-use pg_sync_core::policy::{CmpOp, Expr, Term, Ty};
+use pg_sync_core::policy::{CmpOp, Expr, Member, Term, Ty};
 use serde_json::{Map, Value};
 use std::collections::HashMap;
 
@@ -21,7 +21,7 @@ struct Literal {
 }
 
 impl Literal {
-    fn eval(&self, row: &Map<String, Value>, claims: &Value) -> Result<bool, EvalError> {
+    fn eval<R: Row + ?Sized>(&self, row: &R, claims: &Value) -> Result<bool, EvalError> {
         Ok(eval(&self.expr, row, claims)?.map(|b| b != self.negated) == Some(true))
     }
 }
@@ -80,6 +80,7 @@ fn reads_columns(expr: &Expr) -> bool {
         Expr::Cmp { left, right, .. } => term(left) || term(right),
         Expr::Null(t) | Expr::NotNull(t) => term(t),
         Expr::Contains { item, .. } => term(item),
+        Expr::Member(_) => true,
     }
 }
 
@@ -92,14 +93,17 @@ fn reads_claims(expr: &Expr) -> bool {
         Expr::Cmp { left, right, .. } => term(left) || term(right),
         Expr::Null(t) | Expr::NotNull(t) => term(t),
         Expr::Contains { .. } => true,
+        Expr::Member(m) => m.fields.iter().any(|f| term(&f.term)),
     }
 }
 
-/// A literal that indexes groups: `column = claim` (either side) or `claim ? column`.
+/// A literal that indexes groups: `column = claim` (either side), `claim ? column`, or a
+/// membership whose one field is compared with a claim.
 #[derive(Clone, Debug)]
 enum Link {
     Equal { column: String, claim: Term, ty: Ty },
     Holds { column: String, claim: Vec<String> },
+    Member(Member),
 }
 
 impl Link {
@@ -129,6 +133,9 @@ impl Link {
                 column: c.clone(),
                 claim: claim.clone(),
             }),
+            Expr::Member(m) if matches!(&m.fields[..], [f] if matches!(f.term, Term::Claim { .. })) => {
+                Some(Link::Member(m.clone()))
+            }
             _ => None,
         }
     }
@@ -139,6 +146,11 @@ impl Link {
             Link::Equal { claim, ty, .. } => Ok(typed(claim, *ty, &Map::new(), claims)?
                 .into_iter()
                 .collect()),
+            Link::Member(m) => Ok(
+                typed(&m.fields[0].term, m.fields[0].ty, &Map::new(), claims)?
+                    .into_iter()
+                    .collect(),
+            ),
             Link::Holds { claim, .. } => Ok(match claim_value(claims, claim) {
                 Some(Value::Array(items)) => items
                     .iter()
@@ -151,11 +163,25 @@ impl Link {
         }
     }
 
-    /// The key a row looks up.
-    fn key(&self, row: &Map<String, Value>) -> Option<Val> {
+    /// The keys a row looks up.
+    fn row_keys<R: Row + ?Sized>(&self, row: &R) -> Vec<Val> {
         match self {
-            Link::Equal { column, ty, .. } => row.get(column).and_then(|v| json_val(v, *ty)),
-            Link::Holds { column, .. } => row.get(column).and_then(json_text).map(Val::Text),
+            Link::Equal { column, ty, .. } => row
+                .column(column)
+                .and_then(|v| json_val(v, *ty))
+                .into_iter()
+                .collect(),
+            Link::Holds { column, .. } => row
+                .column(column)
+                .and_then(json_text)
+                .map(Val::Text)
+                .into_iter()
+                .collect(),
+            Link::Member(m) => row
+                .members(m)
+                .iter()
+                .filter_map(|fields| json_val(fields.first()?, m.fields[0].ty))
+                .collect(),
         }
     }
 }
@@ -263,8 +289,13 @@ impl GroupIndex {
         index
     }
 
+    /// The compiled policy.
+    pub fn expr(&self) -> &Expr {
+        &self.expr
+    }
+
     /// The groups (sorted) that may see `row`, among those that did not fail.
-    pub fn visible(&self, row: &Map<String, Value>) -> Vec<GroupId> {
+    pub fn visible<R: Row + ?Sized>(&self, row: &R) -> Vec<GroupId> {
         let mut out = Vec::new();
         match &self.conjuncts {
             None => {
@@ -284,14 +315,15 @@ impl GroupIndex {
                     {
                         continue;
                     }
-                    let candidates = match &conjunct.link {
-                        None => &conjunct.groups[..],
-                        Some(link) => match link.key(row).and_then(|k| conjunct.by_key.get(&k)) {
-                            Some(groups) => &groups[..],
-                            None => &[],
-                        },
+                    let candidates: Vec<&[GroupId]> = match &conjunct.link {
+                        None => vec![&conjunct.groups],
+                        Some(link) => link
+                            .row_keys(row)
+                            .iter()
+                            .filter_map(|k| conjunct.by_key.get(k).map(Vec::as_slice))
+                            .collect(),
                     };
-                    for g in candidates {
+                    for g in candidates.into_iter().flatten() {
                         let claims = &self.claims[g];
                         if conjunct
                             .on_both

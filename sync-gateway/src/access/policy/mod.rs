@@ -2,13 +2,16 @@
 //! `pg_sync_core::policy` types) and evaluated here, in memory, for any number of groups of
 //! subscribers (a role and its claims), so that judging a change costs no query per group.
 //! Pure: no I/O. `eval` evaluates one expression for one row and one group, as PostgreSQL
-//! would, or says it cannot exactly; `index` finds the groups that may see a row.
+//! would, or says it cannot exactly; `index` finds the groups that may see a row; `members`
+//! holds the membership rows a page's images match, for policies that ask about them.
 
 mod eval;
 mod index;
+mod members;
 
 pub use eval::EvalError;
 pub use index::GroupIndex;
+pub use members::Memberships;
 
 #[cfg(test)]
 mod tests {
@@ -154,5 +157,60 @@ mod tests {
         assert_eq!(index.inexact, [2, 3, 4]);
         assert_eq!(index.visible(&row(json!({"team": "7"}))), [5]);
         assert!(index.visible(&row(json!({"team": "{\"a\":1}"}))).is_empty());
+    }
+
+    /// `EXISTS (SELECT 1 FROM member m WHERE m.project = row.project AND m.usr = sub)`, with
+    /// project 7's members u1 and u2, a row with a NULL user, and project 8 with none.
+    fn membership() -> (Expr, Memberships) {
+        let member = json!({"table": 1, "key": "project", "column": "project", "type": "int",
+            "fields": [{"field": "usr", "type": "text", "term": {"claim": {"path": ["sub"]}}}]});
+        let e = expr(json!({ "member": member }));
+        let mut memberships = Memberships::default();
+        let Expr::Member(m) = &e else { unreachable!() };
+        memberships.insert(m.clone(), json!({"7": [["u1"], ["u2"], [null]]}));
+        (e, memberships)
+    }
+
+    #[test]
+    fn members_see_their_projects_rows_found_by_their_claim() {
+        let (e, memberships) = membership();
+        let groups = [
+            (1, json!({"sub": "u1"})),
+            (2, json!({"sub": "u2"})),
+            (3, json!({"sub": "u3"})),
+            (4, json!({})),
+        ];
+        let index = GroupIndex::new(e.clone(), groups.clone());
+        let seven = row(json!({"project": 7}));
+        assert_eq!(index.visible(&memberships.row(&seven)), [1, 2]);
+        assert!(index
+            .visible(&memberships.row(&row(json!({"project": 8}))))
+            .is_empty());
+        assert!(index
+            .visible(&memberships.row(&row(json!({"project": null}))))
+            .is_empty());
+        // Without the membership rows, nobody: never more than the table allows.
+        assert!(index.visible(&seven).is_empty());
+        // EXISTS is never NULL: NOT of it shows the row to the others, and to no claim alike.
+        let not = expr(json!({"not": serde_json::to_value(&e).unwrap()}));
+        let index = GroupIndex::new(not, groups);
+        assert_eq!(index.visible(&memberships.row(&seven)), [3, 4]);
+    }
+
+    #[test]
+    fn a_membership_compared_with_a_cast_claim_fails_a_group_whose_claim_does_not_parse() {
+        let member = json!({"table": 1, "key": "project", "column": "project", "type": "int",
+            "fields": [{"field": "level", "type": "int", "term": {"claim": {"path": ["n"], "as": "int4"}}}]});
+        let e = expr(json!({ "member": member }));
+        let Expr::Member(m) = &e else { unreachable!() };
+        let mut memberships = Memberships::default();
+        memberships.insert(m.clone(), json!({"7": [["3"]]}));
+        let index = GroupIndex::new(e, [(1, json!({"n": " 3"})), (2, json!({"n": "x"}))]);
+        assert_eq!(index.failed.len(), 1);
+        assert_eq!(index.failed[0].0, 2);
+        assert_eq!(
+            index.visible(&memberships.row(&row(json!({"project": 7})))),
+            [1]
+        );
     }
 }

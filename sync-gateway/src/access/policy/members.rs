@@ -1,0 +1,102 @@
+//! The rows of membership tables that a page's images match, for policies compiled with
+//! `Expr::Member`: read once per page and role (`sync.members`, as the role), then looked up
+//! in memory for every image and group.
+
+use super::eval::{json_text, json_val, Row, Val};
+use pg_sync_core::policy::{Expr, Member};
+use serde_json::{Map, Value};
+use std::collections::HashMap;
+
+/// Per membership a policy asks about: the fields of its table's rows, by their key.
+#[derive(Default)]
+pub struct Memberships {
+    tables: Vec<(Member, HashMap<Val, Vec<Vec<Value>>>)>,
+}
+
+impl Memberships {
+    /// The memberships `expr` asks about, each once.
+    pub fn asked(expr: &Expr) -> Vec<&Member> {
+        fn walk<'a>(e: &'a Expr, out: &mut Vec<&'a Member>) {
+            match e {
+                Expr::And(all) | Expr::Or(all) => all.iter().for_each(|e| walk(e, out)),
+                Expr::Not(e) => walk(e, out),
+                Expr::Member(m) if !out.contains(&m) => out.push(m),
+                _ => {}
+            }
+        }
+        let mut out = Vec::new();
+        walk(expr, &mut out);
+        out
+    }
+
+    /// The keys `member` is asked for by `images` (their column's values, as text), each once.
+    pub fn keys(member: &Member, images: &[&Map<String, Value>]) -> Vec<String> {
+        let mut keys: Vec<String> = images
+            .iter()
+            .filter_map(|i| i.get(&member.column).and_then(json_text))
+            .collect();
+        keys.sort_unstable();
+        keys.dedup();
+        keys
+    }
+
+    /// Adds what `sync.members` answered for `member`: `{key text: [[field, …], …]}`.
+    pub fn insert(&mut self, member: Member, answer: Value) {
+        let Value::Object(by_key) = answer else {
+            self.tables.push((member, HashMap::new()));
+            return;
+        };
+        let rows = by_key
+            .into_iter()
+            .filter_map(|(key, rows)| {
+                let key = json_val(&Value::String(key), member.ty)?;
+                let rows = match rows {
+                    Value::Array(rows) => rows
+                        .into_iter()
+                        .filter_map(|r| match r {
+                            Value::Array(fields) => Some(fields),
+                            _ => None,
+                        })
+                        .collect(),
+                    _ => Vec::new(),
+                };
+                Some((key, rows))
+            })
+            .collect();
+        self.tables.push((member, rows));
+    }
+
+    /// `image` as a policy reads it, with these memberships.
+    pub fn row<'a>(&'a self, image: &'a Map<String, Value>) -> WithMembers<'a> {
+        WithMembers {
+            image,
+            memberships: self,
+        }
+    }
+}
+
+/// An image and the membership rows that match it.
+pub struct WithMembers<'a> {
+    image: &'a Map<String, Value>,
+    memberships: &'a Memberships,
+}
+
+impl Row for WithMembers<'_> {
+    fn column(&self, name: &str) -> Option<&Value> {
+        self.image.get(name)
+    }
+
+    fn members(&self, member: &Member) -> &[Vec<Value>] {
+        let key = self
+            .image
+            .get(&member.column)
+            .and_then(|v| json_val(v, member.ty));
+        self.memberships
+            .tables
+            .iter()
+            .find(|(m, _)| m == member)
+            .zip(key)
+            .and_then(|((_, rows), key)| rows.get(&key))
+            .map_or(&[], Vec::as_slice)
+    }
+}
