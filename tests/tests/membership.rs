@@ -7,7 +7,7 @@
 //! anyone attaching pg_sync's trigger by hand.
 
 use pg_sync_tests::gateway::{actions, Gateway, Session, PATIENCE};
-use pg_sync_tests::{column, error_text, Cluster};
+use pg_sync_tests::{column, error_text, Cluster, APP_ROLE, GATEWAY_ROLE};
 use serde_json::{json, Value};
 
 const SCHEMA: &str = "
@@ -99,6 +99,18 @@ async fn replayed(gateway: &Gateway, user: &str, since: &str) -> Vec<Value> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn joining_and_leaving_a_project_reaches_the_live_copy_in_order() {
     let (cluster, gateway) = setup().await;
+    // The policy compiles: the gateway judges it, reading the membership rows per page.
+    let plan: Value = cluster
+        .connect_as(GATEWAY_ROLE, "postgres")
+        .await
+        .query_one(
+            "SELECT sync.policy_plan('task'::regclass, $1)",
+            &[&APP_ROLE],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(plan["expr"]["member"].is_object(), "{plan}");
     cluster
         .execute("INSERT INTO task VALUES (1, 1, 'one'), (2, 1, 'two'), (3, 2, 'other')")
         .await;

@@ -7,10 +7,13 @@ use pg_sync_core::policy::{Expr, Member};
 use serde_json::{Map, Value};
 use std::collections::HashMap;
 
-/// Per membership a policy asks about: the fields of its table's rows, by their key.
+/// The fields (text or null) of a membership table's rows, by their key.
+type RowsByKey = HashMap<Val, Vec<Vec<Value>>>;
+
+/// Per membership a policy asks about: the rows of its table that the images match.
 #[derive(Default)]
 pub struct Memberships {
-    tables: Vec<(Member, HashMap<Val, Vec<Vec<Value>>>)>,
+    tables: Vec<(Member, RowsByKey)>,
 }
 
 impl Memberships {
