@@ -69,6 +69,9 @@ pub struct Member {
     pub only: bool,
     /// The membership table's column equal to the row's `column`, both of type `ty`.
     pub key: String,
+    /// The key's attribute number: the policy names columns by number, and a column
+    /// renamed since (another one given the name) must not be read in its place.
+    pub key_attnum: i16,
     pub column: String,
     #[serde(rename = "type")]
     pub ty: Ty,
@@ -80,6 +83,7 @@ pub struct Member {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct MemberField {
     pub field: String,
+    pub attnum: i16,
     #[serde(rename = "type")]
     pub ty: Ty,
     pub term: Term,

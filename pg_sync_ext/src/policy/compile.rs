@@ -199,6 +199,7 @@ impl Compiler<'_> {
             return not_compiled("over more than one table");
         };
         if (**rte).rtekind != pg_sys::RTEKind::RTE_RELATION
+            || !(**rte).tablesample.is_null()
             || !pgrx::is_a(*from, pg_sys::NodeTag::T_RangeTblRef)
             || !matches!(
                 (**rte).relkind as u8,
@@ -208,7 +209,7 @@ impl Compiler<'_> {
             return not_compiled("over something other than a table");
         }
         let table = (**rte).relid;
-        let mut key: Option<(String, String, pg_sys::Oid)> = None;
+        let mut key: Option<(String, i16, String, pg_sys::Oid)> = None;
         let mut fields = Vec::new();
         let mut conditions = Vec::new();
         conjuncts((*q.jointree).quals, &mut conditions);
@@ -216,7 +217,7 @@ impl Compiler<'_> {
             let Some((ty, [left, right])) = equality(condition) else {
                 return not_compiled("comparing other than by = of a compiled type");
             };
-            self.deterministic((*condition.cast::<pg_sys::OpExpr>()).inputcollid)?;
+            self.collated(ty, (*condition.cast::<pg_sys::OpExpr>()).inputcollid)?;
             let (inner, other) = match (var(left, 0), var(right, 0)) {
                 (Some(inner), None) => (inner, right),
                 (None, Some(inner)) => (inner, left),
@@ -233,19 +234,24 @@ impl Compiler<'_> {
                 {
                     return not_compiled("matching columns of different or other types");
                 }
-                key = Some((field, column, (*inner).vartype));
+                key = Some((field, (*inner).varattno, column, (*inner).vartype));
                 continue;
             }
             if var_anywhere(other) {
                 return not_compiled("comparing columns of other levels");
             }
             let term = self.term(other)?;
-            fields.push(MemberField { field, ty, term });
+            fields.push(MemberField {
+                field,
+                attnum: (*inner).varattno,
+                ty,
+                term,
+            });
         }
         if in_form {
             key = self.in_key(link, q, table)?.into();
         }
-        let Some((key, column, key_type)) = key else {
+        let Some((key, key_attnum, column, key_type)) = key else {
             return not_compiled("not matching a column of the row");
         };
         if fields.is_empty() {
@@ -256,6 +262,7 @@ impl Compiler<'_> {
             table: table.to_u32(),
             only: !(**rte).inh,
             key,
+            key_attnum,
             column,
             ty: match key_type {
                 pg_sys::UUIDOID => Ty::Uuid,
@@ -272,7 +279,7 @@ impl Compiler<'_> {
         link: *mut pg_sys::SubLink,
         q: &pg_sys::Query,
         table: pg_sys::Oid,
-    ) -> Result<(String, String, pg_sys::Oid), String> {
+    ) -> Result<(String, i16, String, pg_sys::Oid), String> {
         let not_compiled = || Err("an IN subquery of this shape is not compiled".to_owned());
         let targets: Vec<*mut pg_sys::TargetEntry> =
             PgList::<pg_sys::TargetEntry>::from_pg(q.targetList)
@@ -283,7 +290,10 @@ impl Compiler<'_> {
         else {
             return not_compiled();
         };
-        self.deterministic((*(*link).testexpr.cast::<pg_sys::OpExpr>()).inputcollid)?;
+        let ty = equality((*link).testexpr)
+            .map(|(ty, _)| ty)
+            .unwrap_or(Ty::Int);
+        self.collated(ty, (*(*link).testexpr.cast::<pg_sys::OpExpr>()).inputcollid)?;
         let (Some(outer), Some(inner)) = (var(left, 0), var((**target).expr.cast(), 0)) else {
             return not_compiled();
         };
@@ -295,6 +305,7 @@ impl Compiler<'_> {
         }
         Ok((
             attname(table, (*inner).varattno).ok_or("a dropped column")?,
+            (*inner).varattno,
             attname(self.relid, (*outer).varattno).ok_or("a dropped column")?,
             (*inner).vartype,
         ))
@@ -404,6 +415,15 @@ impl Compiler<'_> {
             | pg_sys::UUIDOID => Ok(json!(output_text((*c).consttype, (*c).constvalue))),
             other => Err(format!("a constant of type {}", u32::from(other))),
         }
+    }
+
+    /// A membership comparison of texts must have a collation: without one (two columns of
+    /// conflicting collations) PostgreSQL raises at the first comparison, and sees nothing.
+    unsafe fn collated(&self, ty: Ty, collation: pg_sys::Oid) -> Result<(), String> {
+        if ty == Ty::Text && collation == pg_sys::InvalidOid {
+            return Err("a membership comparison of texts without a collation".into());
+        }
+        self.deterministic(collation)
     }
 
     /// Texts of a string comparison must compare byte for byte, as the gateway does.

@@ -281,19 +281,19 @@ fn members(role: &str, member: JsonB, keys: Vec<Option<String>>) -> JsonB {
 /// identifiers quoted, the key cast to its column's type (its text is of that type: the
 /// gateway sends values of the row's column, which has it too).
 unsafe fn members_sql(table: pg_sys::Oid, member: &Member) -> Result<String, String> {
-    let column = |name: &str| -> Result<(String, pg_sys::Oid), String> {
+    // The column the policy reads, by number, still under the name the plan knows it by.
+    let column = |name: &str, attnum: i16| -> Result<(String, pg_sys::Oid), String> {
         let c = CString::new(name).map_err(|_| format!("no column {name:?}"))?;
-        let attno = pg_sys::get_attnum(table, c.as_ptr());
-        if attno <= 0 {
-            return Err(format!("no column {name:?}"));
+        if attnum <= 0 || pg_sys::get_attnum(table, c.as_ptr()) != attnum {
+            return Err(format!("column {name:?} was renamed, replaced or dropped"));
         }
-        Ok((quote(c.as_ptr()), pg_sys::get_atttype(table, attno)))
+        Ok((quote(c.as_ptr()), pg_sys::get_atttype(table, attnum)))
     };
-    let (key, key_type) = column(&member.key)?;
+    let (key, key_type) = column(&member.key, member.key_attnum)?;
     let fields = member
         .fields
         .iter()
-        .map(|f| column(&f.field).map(|(name, _)| format!("m.{name}::pg_catalog.text")))
+        .map(|f| column(&f.field, f.attnum).map(|(name, _)| format!("m.{name}::pg_catalog.text")))
         .collect::<Result<Vec<_>, _>>()?;
     let relname = pg_sys::get_rel_name(table);
     let schema = pg_sys::get_namespace_name(pg_sys::get_rel_namespace(table));

@@ -103,14 +103,15 @@ pub fn eval<R: Row + ?Sized>(
                 .map(|f| typed(&f.term, f.ty, row, claims))
                 .collect::<Result<Vec<_>, _>>()?;
             let matches = |fields: &Vec<Value>| {
-                member
-                    .fields
-                    .iter()
-                    .zip(fields)
-                    .zip(&terms)
-                    .all(|((f, value), term)| {
-                        term.is_some() && json_val(value, f.ty).as_ref() == term.as_ref()
-                    })
+                fields.len() == member.fields.len()
+                    && member
+                        .fields
+                        .iter()
+                        .zip(fields)
+                        .zip(&terms)
+                        .all(|((f, value), term)| {
+                            term.is_some() && json_val(value, f.ty).as_ref() == term.as_ref()
+                        })
             };
             Some(row.members(member).iter().any(matches))
         }

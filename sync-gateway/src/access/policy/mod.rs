@@ -162,8 +162,8 @@ mod tests {
     /// `EXISTS (SELECT 1 FROM member m WHERE m.project = row.project AND m.usr = sub)`, with
     /// project 7's members u1 and u2, a row with a NULL user, and project 8 with none.
     fn membership() -> (Expr, Memberships) {
-        let member = json!({"table": 1, "key": "project", "column": "project", "type": "int",
-            "fields": [{"field": "usr", "type": "text", "term": {"claim": {"path": ["sub"]}}}]});
+        let member = json!({"table": 1, "key": "project", "key_attnum": 1, "column": "project",
+            "type": "int", "fields": [{"field": "usr", "attnum": 2, "type": "text", "term": {"claim": {"path": ["sub"]}}}]});
         let e = expr(json!({ "member": member }));
         let mut memberships = Memberships::default();
         let Expr::Member(m) = &e else { unreachable!() };
@@ -199,8 +199,8 @@ mod tests {
 
     #[test]
     fn a_membership_compared_with_a_cast_claim_fails_a_group_whose_claim_does_not_parse() {
-        let member = json!({"table": 1, "key": "project", "column": "project", "type": "int",
-            "fields": [{"field": "level", "type": "int", "term": {"claim": {"path": ["n"], "as": "int4"}}}]});
+        let member = json!({"table": 1, "key": "project", "key_attnum": 1, "column": "project",
+            "type": "int", "fields": [{"field": "level", "attnum": 3, "type": "int", "term": {"claim": {"path": ["n"], "as": "int4"}}}]});
         let e = expr(json!({ "member": member }));
         let Expr::Member(m) = &e else { unreachable!() };
         let mut memberships = Memberships::default();
