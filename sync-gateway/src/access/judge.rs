@@ -37,7 +37,6 @@ use pg_sync_core::policy::Visibility;
 use serde_json::{Map, Value};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
-use tokio_postgres::types::Type;
 use tokio_postgres::Client;
 
 /// Who may see the versions of one change of an entity with row-level security.
@@ -603,13 +602,9 @@ pub async fn read_memberships(
         } else {
             let member_json = serde_json::to_value(member).expect("a member serializes");
             client
-                .query_typed_one(
+                .query_one(
                     "SELECT sync.members($1, $2, $3)",
-                    &[
-                        (&role, Type::TEXT),
-                        (&member_json, Type::JSONB),
-                        (&keys, Type::TEXT_ARRAY),
-                    ],
+                    &[&role, &member_json, &keys],
                 )
                 .await?
                 .get(0)
@@ -637,13 +632,9 @@ async fn visible_in_database(
     let groups = serde_json::to_value(groups).expect("groups serialize");
     let images = Value::Array(images.iter().map(|i| Value::Object((*i).clone())).collect());
     let row = client
-        .query_typed_one(
+        .query_one(
             "SELECT sync.visible($1, $2, $3)",
-            &[
-                (&entity.relid, Type::OID),
-                (&groups, Type::JSONB),
-                (&images, Type::JSONB),
-            ],
+            &[&entity.relid, &groups, &images],
         )
         .await?;
     let answers = serde_json::from_value(row.get::<_, Value>(0)).unwrap_or_else(|e| {

@@ -17,7 +17,6 @@
 
 use pg_sync_core::cursor::{Cursor, CursorError, Mark, Position};
 use std::collections::HashMap;
-use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::Client;
 
 /// What the questions about each entity found so far: facts about the log, true for any
@@ -136,6 +135,11 @@ impl RefetchChecks {
             Some(Known::Clear(mark)) => mark,
             _ => position.base().clone(),
         };
+        // Made before the question, so that it sees no more than the question did.
+        let now = match &self.page_mark {
+            Some(mark) => mark.clone(),
+            None => self.page_mark.insert(current_mark(client).await?).clone(),
+        };
         let (from, to, p) = parts(&position);
         let unsettled = format!(
             "{{{}}}",
@@ -145,34 +149,21 @@ impl RefetchChecks {
                 .collect::<Vec<_>>()
                 .join(",")
         );
-        let (from, to, txid) = (
-            from.snapshot.to_pg(),
-            to.snapshot.to_pg(),
-            p.txid.to_string(),
-        );
-        let params: [(&(dyn ToSql + Sync), Type); 8] = [
-            (&entity, Type::TEXT),
-            (&base.max_id, Type::INT8),
-            (&unsettled, Type::TEXT),
-            (&from, Type::TEXT),
-            (&to, Type::TEXT),
-            (&p.txkey, Type::INT8),
-            (&txid, Type::TEXT),
-            (&p.id, Type::INT8),
-        ];
-        let question = client.query_typed_opt(FOLLOWING_SQL, &params);
-        // The page's mark is made before the question, so that it sees no more than the
-        // question did: both are sent at once, the mark first (`try_join!` polls in order,
-        // and a query is sent at its first poll), and the server runs them in that order.
-        let (now, found) = match &self.page_mark {
-            Some(mark) => (mark.clone(), question.await?),
-            None => {
-                let (mark, found) = tokio::try_join!(current_mark(client), async {
-                    question.await.map_err(RefetchError::from)
-                })?;
-                (self.page_mark.insert(mark).clone(), found)
-            }
-        };
+        let found = client
+            .query_opt(
+                FOLLOWING_SQL,
+                &[
+                    &entity,
+                    &base.max_id,
+                    &unsettled,
+                    &from.snapshot.to_pg(),
+                    &to.snapshot.to_pg(),
+                    &p.txkey,
+                    &p.txid.to_string(),
+                    &p.id,
+                ],
+            )
+            .await?;
         let Some(found) = found else {
             self.known.insert(entity.to_owned(), Known::Clear(now));
             return Ok(false);
@@ -219,7 +210,7 @@ impl RefetchChecks {
 /// `sync.current_cursor()`'s mark: the WAL up to it is flushed.
 async fn current_mark(client: &Client) -> Result<Mark, RefetchError> {
     let text: String = client
-        .query_typed_one("SELECT sync.current_cursor()", &[])
+        .query_one("SELECT sync.current_cursor()", &[])
         .await?
         .get(0);
     Ok(Cursor::decode(&text)?.end().clone())
