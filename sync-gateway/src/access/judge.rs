@@ -413,12 +413,17 @@ impl Judge {
                 in_database.extend(members.iter().map(|(g, group)| (*g, group)));
             }
         }
-        // The images to judge: each change's old and new row, where it has them.
-        let images: Vec<&Map<String, Value>> = changes
-            .iter()
-            .flat_map(|c| [c.old_data.as_ref(), c.data.as_ref()])
-            .flatten()
-            .collect();
+        // The images to judge: each change's old and new row, where it has them (none when
+        // nothing is judged here or in the database).
+        let images: Vec<&Map<String, Value>> = if indexed.is_empty() && in_database.is_empty() {
+            Vec::new()
+        } else {
+            changes
+                .iter()
+                .flat_map(|c| [c.old_data.as_ref(), c.data.as_ref()])
+                .flatten()
+                .collect()
+        };
         // Membership rows as the database holds them now, for the roles whose compiled
         // policy asks about them.
         let mut memberships: Vec<Memberships> = Vec::with_capacity(indexed.len());
@@ -434,12 +439,8 @@ impl Judge {
                 }
                 Err(e) => {
                     tracing::warn!(entity = entity.code, role, error = %crate::ErrorChain(&e), "reading a membership table failed");
-                    let why = format!(
-                        "the gateway could not read the membership table of {}'s policy: {}",
-                        entity.code,
-                        crate::ErrorChain(&e)
-                    );
-                    refused.extend(groups.iter().map(|g| (*g, why.clone())));
+                    let why = "the gateway could not judge this table's rows; subscribe again";
+                    refused.extend(groups.iter().map(|g| (*g, why.to_owned())));
                     indexed.remove(i);
                 }
             }
