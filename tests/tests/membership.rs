@@ -601,3 +601,35 @@ async fn a_change_after_a_membership_is_not_hidden_by_it() {
         "{message}"
     );
 }
+
+/// The table's owner renames the membership column the policy reads and gives its name to a
+/// new column that says otherwise. PostgreSQL's policy still reads the old column (by
+/// number), so c, named only in the new one, sees nothing; the compiled policy, planned
+/// before the rename, must not read the new column in its place: c gets no task (its reading
+/// of tasks is refused instead, as the plan no longer holds).
+#[tokio::test]
+async fn a_renamed_membership_column_is_not_read_in_its_place() {
+    let (cluster, gateway) = setup().await;
+    cluster.execute("INSERT INTO member VALUES (1, 'b')").await;
+    let mut c = watching(&gateway, "c", None).await;
+    // Judged once: the gateway holds the plan.
+    let seen = after(&cluster, &mut c, "INSERT INTO task VALUES (1, 1, 'one')", 1).await;
+    assert!(seen.is_empty(), "{seen:?}");
+    let seen = after(
+        &cluster,
+        &mut c,
+        "ALTER TABLE member RENAME COLUMN user_id TO invited_by;
+         ALTER TABLE member ADD COLUMN user_id text;
+         UPDATE member SET user_id = 'c'",
+        2,
+    )
+    .await;
+    assert_eq!(resyncs(&seen), ["\"task\" \"access_changed\""], "{seen:?}");
+    assert!(snapshot_ids(&gateway, "c").await.is_empty());
+    let mut c = watching(&gateway, "c", None).await;
+    let seen = after(&cluster, &mut c, "INSERT INTO task VALUES (2, 1, 'two')", 3).await;
+    assert!(
+        !seen.iter().any(|m| m["type"] == "DELTA"),
+        "c was shown a task of a project it is no member of: {seen:?}"
+    );
+}
