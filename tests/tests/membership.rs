@@ -633,3 +633,32 @@ async fn a_renamed_membership_column_is_not_read_in_its_place() {
         "c was shown a task of a project it is no member of: {seen:?}"
     );
 }
+
+/// The membership table's owner changes what the compiled policy relies on: its triggers
+/// disabled (no change of it would be seen), row-level security on it, a column renamed.
+/// Each is a change of who may read tasks: subscribers refetch, and the policy is planned
+/// again (judged in the database while the watch is off).
+#[tokio::test]
+async fn what_the_membership_table_is_refetches_when_it_changes() {
+    let (cluster, gateway) = setup().await;
+    cluster.execute("INSERT INTO member VALUES (1, 'b')").await;
+    let mut b = watching(&gateway, "b", None).await;
+    for (n, ddl) in [
+        "ALTER TABLE member DISABLE TRIGGER ALL",
+        "ALTER TABLE member ENABLE TRIGGER ALL",
+        "ALTER TABLE member ENABLE ROW LEVEL SECURITY",
+        "ALTER TABLE member DISABLE ROW LEVEL SECURITY",
+        "ALTER TABLE member RENAME COLUMN user_id TO login",
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let n = n as i32 + 1;
+        let seen = after(&cluster, &mut b, ddl, n).await;
+        assert_eq!(resyncs(&seen), ["\"task\" \"access_changed\""], "{ddl}: {seen:?}");
+        b = watching(&gateway, "b", None).await;
+    }
+    // Planned again after the rename: b still follows its project's tasks.
+    let seen = after(&cluster, &mut b, "INSERT INTO task VALUES (1, 1, 'one')", 10).await;
+    assert_eq!(actions(&seen), [("1".to_owned(), "CREATE".to_owned())], "{seen:?}");
+}

@@ -292,8 +292,8 @@ SELECT t.entity_code, t.relid::oid, n.nspname::text, c.relname::text, t.capture,
 $$;
 
 -- What of who may read `tbl` the table itself decides: its tracking and published columns,
--- owner, table, column and schema privileges, row-level security enabled or forced, and its
--- policies.
+-- owner, table, column and schema privileges, row-level security enabled or forced, its
+-- policies, and the tables they read (their privileges, security, columns and watch).
 CREATE FUNCTION sync._table_access(tbl regclass) RETURNS text
 LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
 SELECT pg_catalog.md5(pg_catalog.concat_ws(',',
@@ -303,7 +303,27 @@ SELECT pg_catalog.md5(pg_catalog.concat_ws(',',
               FROM pg_catalog.pg_attribute a WHERE a.attrelid = t.relid AND a.attacl IS NOT NULL),
            (SELECT pg_catalog.string_agg(pg_catalog.concat_ws(':', p.oid, p.polcmd, p.polpermissive,
                                                               p.polroles, p.polqual::text), ';' ORDER BY p.oid)
-              FROM pg_catalog.pg_policy p WHERE p.polrelid = t.relid)))
+              FROM pg_catalog.pg_policy p WHERE p.polrelid = t.relid),
+           -- The tables its policies read: who may read them, their columns (a policy names
+           -- them by number; a compiled one by name too), and whether pg_sync's triggers on
+           -- them are enabled (sync._watch_policy_inputs).
+           (SELECT pg_catalog.string_agg(pg_catalog.concat_ws(':', i.oid, i.relacl, i.relrowsecurity,
+                       i.relforcerowsecurity,
+                       (SELECT pg_catalog.string_agg(a.attnum || '=' || a.attname || '/' || coalesce(a.attacl::text, ''),
+                                                     ';' ORDER BY a.attnum)
+                          FROM pg_catalog.pg_attribute a
+                         WHERE a.attrelid = i.oid AND a.attnum > 0 AND NOT a.attisdropped),
+                       (SELECT pg_catalog.string_agg(g.tgenabled::text, ';' ORDER BY g.oid)
+                          FROM pg_catalog.pg_trigger g
+                          JOIN pg_catalog.pg_proc f ON f.oid = g.tgfoid
+                         WHERE g.tgrelid = i.oid AND f.proname = '_policy_input'
+                           AND f.pronamespace = 'sync'::pg_catalog.regnamespace)), ';' ORDER BY i.oid)
+              FROM pg_catalog.pg_class i
+             WHERE i.oid IN (SELECT d.refobjid FROM pg_catalog.pg_policy p
+                               JOIN pg_catalog.pg_depend d
+                                 ON d.classid = 'pg_catalog.pg_policy'::pg_catalog.regclass AND d.objid = p.oid
+                                AND d.refclassid = 'pg_catalog.pg_class'::pg_catalog.regclass
+                              WHERE p.polrelid = t.relid AND d.refobjid <> t.relid))))
   FROM sync.tracked t
   JOIN pg_catalog.pg_class c ON c.oid = t.relid
   JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
