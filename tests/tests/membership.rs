@@ -655,10 +655,24 @@ async fn what_the_membership_table_is_refetches_when_it_changes() {
     {
         let n = n as i32 + 1;
         let seen = after(&cluster, &mut b, ddl, n).await;
-        assert_eq!(resyncs(&seen), ["\"task\" \"access_changed\""], "{ddl}: {seen:?}");
+        assert_eq!(
+            resyncs(&seen),
+            ["\"task\" \"access_changed\""],
+            "{ddl}: {seen:?}"
+        );
         b = watching(&gateway, "b", None).await;
     }
     // Planned again after the rename: b still follows its project's tasks.
-    let seen = after(&cluster, &mut b, "INSERT INTO task VALUES (1, 1, 'one')", 10).await;
-    assert_eq!(actions(&seen), [("1".to_owned(), "CREATE".to_owned())], "{seen:?}");
+    let seen = after(
+        &cluster,
+        &mut b,
+        "INSERT INTO task VALUES (1, 1, 'one')",
+        10,
+    )
+    .await;
+    assert_eq!(
+        actions(&seen),
+        [("1".to_owned(), "CREATE".to_owned())],
+        "{seen:?}"
+    );
 }
