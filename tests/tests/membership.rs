@@ -676,3 +676,50 @@ async fn what_the_membership_table_is_refetches_when_it_changes() {
         "{seen:?}"
     );
 }
+
+/// The IN form of the policy compiles too, and judges as PostgreSQL does: b, a member of
+/// project 1 only, follows project 1's tasks and nothing of project 2's.
+#[tokio::test]
+async fn a_membership_written_with_in_follows_the_members_projects() {
+    let (cluster, gateway) = setup().await;
+    cluster
+        .execute(
+            "DROP POLICY by_membership ON task;
+             CREATE POLICY by_membership ON task USING (project_id IN (
+                 SELECT m.project_id FROM member m
+                  WHERE m.user_id = current_setting('request.jwt.claims', true)::jsonb ->> 'sub'));
+             INSERT INTO member VALUES (1, 'b')",
+        )
+        .await;
+    let plan: Value = cluster
+        .connect_as(GATEWAY_ROLE, "postgres")
+        .await
+        .query_one(
+            "SELECT sync.policy_plan('task'::regclass, $1)",
+            &[&APP_ROLE],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(plan["expr"]["member"].is_object(), "{plan}");
+    let mut b = watching(&gateway, "b", None).await;
+    let seen = after(
+        &cluster,
+        &mut b,
+        "INSERT INTO task VALUES (1, 1, 'b''s'), (2, 2, 'not b''s');
+         UPDATE task SET project_id = 1 WHERE id = 2",
+        1,
+    )
+    .await;
+    let mut actions = actions(&seen);
+    actions.sort();
+    assert_eq!(
+        actions,
+        [
+            ("1".to_owned(), "CREATE".to_owned()),
+            ("2".to_owned(), "CREATE".to_owned())
+        ],
+        "{seen:?}"
+    );
+    assert_eq!(snapshot_ids(&gateway, "b").await, [1, 2]);
+}
