@@ -77,6 +77,22 @@ async fn after(cluster: &Cluster, session: &mut Session, sql: &str, n: i32) -> V
     session.changes_until(n).await
 }
 
+/// Asserts that task's policy compiles to a membership: the gateway judges it, reading the
+/// membership rows per page.
+async fn assert_compiled(cluster: &Cluster) {
+    let plan: Value = cluster
+        .connect_as(GATEWAY_ROLE, "postgres")
+        .await
+        .query_one(
+            "SELECT sync.policy_plan('task'::regclass, $1)",
+            &[&APP_ROLE],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(plan["expr"]["member"].is_object(), "{plan}");
+}
+
 /// What a replay of tasks from `since` sends `user`, up to its RESYNC or SYNCED.
 async fn replayed(gateway: &Gateway, user: &str, since: &str) -> Vec<Value> {
     let mut replay = gateway.connect(user).await;
@@ -99,18 +115,7 @@ async fn replayed(gateway: &Gateway, user: &str, since: &str) -> Vec<Value> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn joining_and_leaving_a_project_reaches_the_live_copy_in_order() {
     let (cluster, gateway) = setup().await;
-    // The policy compiles: the gateway judges it, reading the membership rows per page.
-    let plan: Value = cluster
-        .connect_as(GATEWAY_ROLE, "postgres")
-        .await
-        .query_one(
-            "SELECT sync.policy_plan('task'::regclass, $1)",
-            &[&APP_ROLE],
-        )
-        .await
-        .unwrap()
-        .get(0);
-    assert!(plan["expr"]["member"].is_object(), "{plan}");
+    assert_compiled(&cluster).await;
     cluster
         .execute("INSERT INTO task VALUES (1, 1, 'one'), (2, 1, 'two'), (3, 2, 'other')")
         .await;
@@ -691,17 +696,7 @@ async fn a_membership_written_with_in_follows_the_members_projects() {
              INSERT INTO member VALUES (1, 'b')",
         )
         .await;
-    let plan: Value = cluster
-        .connect_as(GATEWAY_ROLE, "postgres")
-        .await
-        .query_one(
-            "SELECT sync.policy_plan('task'::regclass, $1)",
-            &[&APP_ROLE],
-        )
-        .await
-        .unwrap()
-        .get(0);
-    assert!(plan["expr"]["member"].is_object(), "{plan}");
+    assert_compiled(&cluster).await;
     let mut b = watching(&gateway, "b", None).await;
     let seen = after(
         &cluster,

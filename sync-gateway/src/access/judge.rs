@@ -39,6 +39,10 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use tokio_postgres::Client;
 
+/// Why a group's reading ends when its entity could not be judged (a connection, a query or
+/// a membership table failed): the details go to the log, not to the client.
+const UNJUDGED: &str = "the gateway could not judge this table's rows; subscribe again";
+
 /// Who may see the versions of one change of an entity with row-level security.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct ChangeSight {
@@ -350,7 +354,7 @@ impl Judge {
             Ok(client) => client,
             Err(e) => {
                 tracing::warn!(error = %e, "no connection to judge row-level security");
-                return nobody("the gateway could not judge this table's rows; subscribe again");
+                return nobody(UNJUDGED);
             }
         };
         let mut refused: Vec<(GroupId, String)> = listeners
@@ -439,8 +443,7 @@ impl Judge {
                 }
                 Err(e) => {
                     tracing::warn!(entity = entity.code, role, error = %crate::ErrorChain(&e), "reading a membership table failed");
-                    let why = "the gateway could not judge this table's rows; subscribe again";
-                    refused.extend(groups.iter().map(|g| (*g, why.to_owned())));
+                    refused.extend(groups.iter().map(|g| (*g, UNJUDGED.to_owned())));
                     indexed.remove(i);
                 }
             }
@@ -484,9 +487,7 @@ impl Judge {
                 }
                 Err(e) => {
                     tracing::warn!(entity = entity.code, error = %crate::ErrorChain(&e), "reading the log after a page failed");
-                    return nobody(
-                        "the gateway could not judge this table's rows; subscribe again",
-                    );
+                    return nobody(UNJUDGED);
                 }
             }
         }
@@ -521,8 +522,7 @@ impl Judge {
             }
             Err(e) => {
                 tracing::warn!(entity = entity.code, error = %crate::ErrorChain(&e), "judging rows in the database failed");
-                let why = "the gateway could not judge this table's rows; subscribe again";
-                refused.extend(in_database.iter().map(|(g, _)| (*g, why.to_owned())));
+                refused.extend(in_database.iter().map(|(g, _)| (*g, UNJUDGED.to_owned())));
             }
         }
         let mut at = 0;
