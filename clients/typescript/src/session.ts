@@ -38,6 +38,8 @@ export abstract class Session extends Writes {
   private queue: Promise<void> = Promise.resolve();
   /** The server asked to reconnect after this many ms (RECONNECT). */
   private reconnectAfter?: number;
+  /** A REACHED that came while a transaction was held: handled once nothing is. */
+  private reachedLater?: string;
 
   protected onlineChanged(online: boolean): void {
     this.facts.online = online;
@@ -105,6 +107,7 @@ export abstract class Session extends Writes {
           // The last socket's unfinished transactions: replayed from the cursors.
           this.txs.take();
           this.caughtUp = [];
+          this.reachedLater = undefined;
           this.subscribing.clear();
           this.subscribed.clear();
           this.liveHere.clear();
@@ -234,6 +237,12 @@ export abstract class Session extends Writes {
         return this.refreshStatus();
       case "REACHED":
         await this.release(this.txs.barrier());
+        // A write it covers may have its change in the transaction held: settled now, it
+        // would show its old row until the transaction is whole.
+        if (this.txs.size) {
+          this.reachedLater = cursor;
+          return;
+        }
         return this.reached(cursor);
       case "RESYNC":
         if (!code || !this.followed.has(code)) return;
@@ -293,6 +302,11 @@ export abstract class Session extends Writes {
         .pendingMutations()
         .filter((m) => m.cursor && positions.has(m.entityCode) && reaches(positions.get(m.entityCode)!.cursor, m.cursor));
       await this.settle(settled);
+    }
+    if (this.reachedLater !== undefined && !this.txs.size) {
+      const cursor = this.reachedLater;
+      this.reachedLater = undefined;
+      await this.reached(cursor);
     }
     const wait = this.txs.deadline(Date.now());
     if (wait !== undefined) {

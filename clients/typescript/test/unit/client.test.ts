@@ -40,6 +40,8 @@ async function stored(name: string): Promise<{ rows: Row[]; meta: string[]; outb
 }
 
 const settled = (client: SyncClient) => (client as unknown as { writing: Promise<void> }).writing;
+/** Every socket message delivered so far has been handled. */
+const handled = (client: SyncClient) => (client as unknown as { queue: Promise<void> }).queue;
 const wait = (check: () => unknown, timeout = 3000) => vi.waitFor(check, { timeout, interval: 2 });
 
 afterEach(() => vi.unstubAllGlobals());
@@ -96,6 +98,30 @@ describe("writes", () => {
     await settled(client);
     expect((await stored(db)).outbox).toBe(0);
     expect(gateway.sockets[0]!.received.some((m) => m.type === "AWAIT")).toBe(true);
+    client.close();
+  });
+
+  it("settle only once the transaction that brought them back is whole (a REACHED before its end)", async () => {
+    const { gateway, open } = setup();
+    const client = open();
+    const tasks = client.entity("task");
+    client.entity("project");
+    await client.waitForFirstSync();
+    const seen: unknown[] = [];
+    tasks.subscribe(undefined, (rows) => seen.push(rows.find((r) => r.id === 1)?.title));
+    // The write's transaction updates a project too (a trigger), and its end comes late.
+    gateway.writeSideEffects = [{ entity: "project", id: "1", action: "CREATE", data: { id: 1, tasks: 1 } }];
+    gateway.holdTxEnds = true;
+    await tasks.update(1, { title: "mine" });
+    const socket = gateway.sockets[0]!;
+    await wait(() => expect(socket.received.some((m) => m.type === "AWAIT")).toBe(true));
+    await wait(() => expect(socket.idle).toBe(true));
+    await handled(client); // the REACHED, delivered before the transaction's end
+    expect(tasks.get(1)?.title).toBe("mine");
+    gateway.releaseTxEnds();
+    await wait(() => expect(client.replica.pendingMutations()).toEqual([]));
+    expect(tasks.get(1)?.title).toBe("mine");
+    expect(seen.slice(seen.indexOf("mine"))).not.toContain("one");
     client.close();
   });
 

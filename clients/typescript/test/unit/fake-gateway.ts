@@ -47,6 +47,12 @@ export class FakeGateway {
   readonly snapshotHooks: { before?: () => void; after?: () => void }[] = [];
   /** Server-side changes made to a written row (a trigger, a default). */
   trigger?: (entity: string, row: Row) => Row;
+  /** Changes of other rows that each write's transaction makes too (a trigger's), after it. */
+  writeSideEffects: Omit<LogChange, "tx">[] = [];
+  /** Messages that end a transaction are withheld (a transaction cut by the gateway's page,
+   * its end read later) until `releaseTxEnds()`; what comes after them is not. */
+  holdTxEnds = false;
+  private readonly heldTxEnds: [FakeSocket, Message][] = [];
   private tx = 0;
   private random: () => number;
   /** Delivery is held (a slow network) until `resume()`. */
@@ -87,6 +93,19 @@ export class FakeGateway {
   resume(): void {
     this.paused = false;
     this.sockets.forEach((s) => s.flush());
+  }
+
+  /** Sends the messages `holdTxEnds` withheld, and withholds no more. */
+  releaseTxEnds(): void {
+    this.holdTxEnds = false;
+    this.heldTxEnds.splice(0).forEach(([socket, message]) => socket.push(message));
+  }
+
+  /** Whether `message` is to be withheld from `socket` (`holdTxEnds`). */
+  withholds(socket: FakeSocket, message: Message): boolean {
+    if (!this.holdTxEnds || message.payload?.txEnd !== true) return false;
+    this.heldTxEnds.push([socket, message]);
+    return true;
   }
 
   isPaused(): boolean {
@@ -158,15 +177,16 @@ export class FakeGateway {
       if (fault) return new Response(JSON.stringify({ error: "conflict", current: {} }), { status: fault });
       const { mutations } = JSON.parse(init!.body as string) as { mutations: FakeGateway["writes"][number] };
       this.writes.push(mutations);
-      this.commit(
-        mutations.map((m) => {
+      this.commit([
+        ...mutations.map((m): Omit<LogChange, "tx"> => {
           const table = this.table(m.entityCode);
           const existing = table.get(m.entityId);
           let data = m.action === "CREATE" ? { ...m.data } : { ...existing, ...m.data };
           if (this.trigger) data = this.trigger(m.entityCode, data);
           return { entity: m.entityCode, id: m.entityId, action: m.action === "DELETE" ? "DELETE" : existing ? "UPDATE" : "CREATE", data };
         }),
-      );
+        ...this.writeSideEffects,
+      ]);
       return new Response(JSON.stringify({ cursor: this.cursor, results: mutations.map((m) => ({ id: m.id, status: "applied" })) }), { status: 200 });
     }
     return new Response("{}", { status: 404 });
@@ -265,6 +285,7 @@ export class FakeSocket {
 
   /** A server message, delivered after the ones before it, one per macrotask. */
   push(message: Message): void {
+    if (this.gateway.withholds(this, message)) return;
     this.outbox.push(message);
     this.flush();
   }
