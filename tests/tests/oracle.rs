@@ -316,6 +316,7 @@ impl Client {
         self.session = None;
         self.awaiting.clear();
         self.replaying.clear();
+        self.refs.remove("await");
         if self.kind == Kind::Changes {
             return Ok(());
         }
@@ -347,6 +348,7 @@ impl Client {
             "delta"
         };
         self.subscriptions += 1;
+        self.refs.remove("await");
         let reference = format!("{entity}#{}", self.subscriptions);
         let mut payload = json!({"entityCode": entity, "mode": mode, "ref": reference});
         self.refs.insert(entity.to_owned(), reference);
@@ -459,17 +461,46 @@ impl Client {
         }
     }
 
-    /// Reads what the gateway sent until the marker row `marker` and every replay arrived.
+    /// Reads what the gateway sent until the marker row `marker` and every replay arrived,
+    /// then until REACHED of the marker's cursor: a replay's live changes come after its
+    /// SYNCED, and may follow the marker (another subscription, live meanwhile).
     async fn catch_up(&mut self, gateway: &Gateway, marker: i64) -> Result<(), String> {
         if self.kind == Kind::Changes {
             return self.poll_changes(gateway).await;
         }
-        let mut seen_marker = false;
-        while !(seen_marker && self.replaying.is_empty() && self.awaiting.is_empty()) {
+        let (mut seen_marker, mut reached) = (false, false);
+        // The AWAIT in force (`refs["await"]`), sent after the last SUBSCRIBE (which drops it).
+        self.refs.remove("await");
+        while !(seen_marker
+            && self.replaying.is_empty()
+            && self.awaiting.is_empty()
+            && reached
+            && self.refs.contains_key("await"))
+        {
             let Some(session) = &mut self.session else {
                 self.connect(gateway).await?;
                 continue;
             };
+            if seen_marker
+                && self.replaying.is_empty()
+                && self.awaiting.is_empty()
+                && !self.refs.contains_key("await")
+            {
+                self.subscriptions += 1;
+                let reference = format!("await#{}", self.subscriptions);
+                let cursor = self.cursors["marker"].clone();
+                self.refs.insert("await".to_owned(), reference.clone());
+                reached = false;
+                if !session
+                    .try_send(
+                        json!({"type": "AWAIT", "payload": {"cursor": cursor, "ref": reference}}),
+                    )
+                    .await
+                {
+                    self.session = None;
+                }
+                continue;
+            }
             let quiet = PATIENCE / 2;
             let message = match tokio::time::timeout(quiet, session.next_or_close()).await {
                 Ok(Ok(message)) => message,
@@ -517,7 +548,8 @@ impl Client {
                     self.cursors
                         .insert(entity, payload["cursor"].as_str().unwrap().to_owned());
                 }
-                "DELTA" | "INVALIDATE" | "PONG" | "REACHED" => {}
+                "REACHED" => reached = true,
+                "DELTA" | "INVALIDATE" | "PONG" => {}
                 "RESYNC" => {
                     self.replaying.remove(&entity);
                     self.hydrate(gateway, &entity).await;
