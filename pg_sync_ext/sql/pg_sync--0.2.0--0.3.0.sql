@@ -74,7 +74,7 @@ CREATE FUNCTION sync."_policy_input"() RETURNS TRIGGER
     LANGUAGE c AS 'MODULE_PATHNAME', '_policy_input_wrapper';
 -- A membership table's rows, for a compiled membership policy (as pgrx declares it in
 -- pg_sync--0.3.0.sql).
-CREATE FUNCTION sync."members"("role" text, "member" jsonb, "keys" text[]) RETURNS jsonb
+CREATE FUNCTION sync."members"("role" text, "member" jsonb, "keys" text[], "wanted" jsonb) RETURNS jsonb
     STRICT VOLATILE PARALLEL UNSAFE LANGUAGE c AS 'MODULE_PATHNAME', 'members_wrapper';
 
 
@@ -785,7 +785,7 @@ BEGIN
         'sync.ingest_wal(integer)', 'sync._wal_settled(text)', 'sync.status()',
         'sync._wakeup_mode()', 'sync.claim_mutation(text, text)', 'sync.tag_origin(text)',
         'sync.policy_plan(oid, text)', 'sync.visible(oid, jsonb, jsonb)',
-        'sync.members(text, jsonb, text[])', 'sync.entities()', 'sync.tick()', 'sync.access_fingerprint(text[])', 'sync._table_access(regclass)',
+        'sync.members(text, jsonb, text[], jsonb)', 'sync.entities()', 'sync.tick()', 'sync.access_fingerprint(text[])', 'sync._table_access(regclass)',
         'sync._role_access(regclass, text[])', 'sync.access_serial()', 'sync._note_access(text[])',
         'sync._entity_is(regclass, bigint, integer)'
     ]::regprocedure[] LOOP

@@ -718,3 +718,63 @@ async fn a_membership_written_with_in_follows_the_members_projects() {
     );
     assert_eq!(snapshot_ids(&gateway, "b").await, [1, 2]);
 }
+
+/// A user who may write the membership table piles 10,000 rows under project 1, for users
+/// nobody subscribes as (or for the users of a role that others share). The gateway asks
+/// only for the rows its subscribers' claims can match, so the answer for a page of that
+/// project stays the real member's row, and the member still follows the project's tasks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn rows_piled_under_a_key_are_not_read_for_anyone() {
+    let (cluster, gateway) = setup().await;
+    assert_compiled(&cluster).await;
+    cluster.execute("INSERT INTO member VALUES (1, 'b')").await;
+    // As app_user (a role, not a login: the superuser's session becomes it).
+    cluster
+        .connect()
+        .await
+        .batch_execute(
+            "SET ROLE app_user;
+             INSERT INTO member SELECT 1, 'x' || i FROM generate_series(1, 10000) i",
+        )
+        .await
+        .unwrap();
+
+    // What the gateway asks for a page of project 1's tasks with b, c and x5 subscribed.
+    let gateway_role = cluster.connect_as(GATEWAY_ROLE, "postgres").await;
+    let plan: Value = gateway_role
+        .query_one(
+            "SELECT sync.policy_plan('task'::regclass, $1)",
+            &[&APP_ROLE],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let answer: Value = gateway_role
+        .query_one(
+            "SELECT sync.members($1, $2, $3, $4)",
+            &[
+                &APP_ROLE,
+                &plan["expr"]["member"],
+                &vec!["1", "2"],
+                &json!([["b"], ["c"], ["x5"]]),
+            ],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(answer, json!({"1": [["b"], ["x5"]]}));
+
+    let mut b = watching(&gateway, "b", None).await;
+    let seen = after(
+        &cluster,
+        &mut b,
+        "INSERT INTO task VALUES (1, 1, 'one'), (2, 2, 'two')",
+        1,
+    )
+    .await;
+    assert_eq!(
+        actions(&seen),
+        [("1".to_owned(), "CREATE".to_owned())],
+        "{seen:?}"
+    );
+}

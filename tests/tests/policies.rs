@@ -422,7 +422,7 @@ async fn compiled_database_and_postgresql_agree_on_every_row() {
                 let image_rows: Vec<&Map<String, Value>> =
                     images.iter().map(|i| i.as_object().unwrap()).collect();
                 let (memberships, asked) =
-                    read_memberships(&gateway, APP_ROLE, index.expr(), &image_rows)
+                    read_memberships(&gateway, APP_ROLE, &index, &image_rows)
                         .await
                         .unwrap_or_else(|e| panic!("round {round}: {e}; plan {plan}; seed {seed}"));
                 with_members += usize::from(asked);

@@ -247,13 +247,16 @@ fn visible(tbl: pg_sys::Oid, groups: JsonB, images: JsonB) -> JsonB {
 }
 
 /// The rows of a membership table (`pg_sync_core::policy::Member`, from a plan of `role`'s)
-/// whose key is one of `keys` (texts of the key's type), read as `role`: their fields, as
-/// text, by the key's text, `{"7": [["alice"], ["bob"]]}`. The gateway compares the fields
-/// with each group's claims. Raises when the role may not read the table or row-level
-/// security applies to it now (the plan no longer holds: the gateway refuses and reads it
-/// again).
+/// whose key is one of `keys` (texts of the key's type) and whose fields read one of the
+/// tuples of `wanted` (a JSON array of arrays of texts, one text per field: what the
+/// gateway's groups' claims ask for), read as `role`: their distinct fields, as text, by the
+/// key's text, `{"7": [["alice"], ["bob"]]}`. Asking only for what some group can match
+/// bounds the answer by the keys and groups, not by the table: a writer of the table who
+/// piles rows under a key (or duplicates one) makes it no larger for anyone else. Raises
+/// when the role may not read the table or row-level security applies to it now (the plan
+/// no longer holds: the gateway refuses and reads it again).
 #[pg_extern(volatile, parallel_unsafe)]
-fn members(role: &str, member: JsonB, keys: Vec<Option<String>>) -> JsonB {
+fn members(role: &str, member: JsonB, keys: Vec<Option<String>>, wanted: JsonB) -> JsonB {
     let member: Member = match serde_json::from_value(member.0) {
         Ok(member) => member,
         Err(e) => invalid_parameter(format!("member: {e}")),
@@ -272,14 +275,17 @@ fn members(role: &str, member: JsonB, keys: Vec<Option<String>>) -> JsonB {
         }
         let sql =
             members_sql(table, &member).unwrap_or_else(|why| PolicyError::Membership(why).report());
-        read_one::<JsonB>(&sql, &[keys.into()])
+        read_one::<JsonB>(&sql, &[keys.into(), wanted.into()])
     });
     answer.unwrap_or_else(|| JsonB(Value::Object(Default::default())))
 }
 
-/// `SELECT jsonb_object_agg(key, rows)` of the membership table's rows whose key is in `$1`:
+/// `SELECT jsonb_object_agg(key, rows)` of the membership table's distinct (key, fields)
+/// whose key is in `$1` and whose fields, as text, are one of the tuples of `$2`
+/// (`[["alice", "3"], …]`):
 /// identifiers quoted, the key cast to its column's type (its text is of that type: the
-/// gateway sends values of the row's column, which has it too).
+/// gateway sends values of the row's column, which has it too). The gateway compares
+/// fields by their text too (`eval::Val::pg_text`), so the filter drops no row it matches.
 unsafe fn members_sql(table: pg_sys::Oid, member: &Member) -> Result<String, String> {
     // The column the policy reads, by number, still under the name the plan knows it by.
     let column = |name: &str, attnum: i16| -> Result<(String, pg_sys::Oid), String> {
@@ -300,10 +306,13 @@ unsafe fn members_sql(table: pg_sys::Oid, member: &Member) -> Result<String, Str
     let key_type = CStr::from_ptr(pg_sys::format_type_be_qualified(key_type)).to_string_lossy();
     Ok(format!(
         "SELECT pg_catalog.jsonb_object_agg(k, v) FROM (
-             SELECT m.{key}::pg_catalog.text AS k, pg_catalog.jsonb_agg(pg_catalog.jsonb_build_array({fields})) AS v
-               FROM {only}{schema}.{relname} m
-              WHERE m.{key} = ANY ($1::pg_catalog.text[]::{key_type}[])
-              GROUP BY 1) rows",
+             SELECT k, pg_catalog.jsonb_agg(f) AS v FROM (
+                 SELECT DISTINCT m.{key}::pg_catalog.text AS k, pg_catalog.jsonb_build_array({fields}) AS f
+                   FROM {only}{schema}.{relname} m
+                  WHERE m.{key} = ANY ($1::pg_catalog.text[]::{key_type}[])
+                    AND pg_catalog.jsonb_build_array({fields})
+                        IN (SELECT pg_catalog.jsonb_array_elements($2))) matched
+              GROUP BY k) by_key",
         fields = fields.join(", "),
         only = if member.only { "ONLY " } else { "" },
         schema = quote(schema),

@@ -746,7 +746,7 @@ BEGIN
         'sync.ingest_wal(integer)', 'sync._wal_settled(text)', 'sync.status()',
         'sync._wakeup_mode()', 'sync.claim_mutation(text, text)', 'sync.tag_origin(text)',
         'sync.policy_plan(oid, text)', 'sync.visible(oid, jsonb, jsonb)',
-        'sync.members(text, jsonb, text[])', 'sync.entities()', 'sync.tick()', 'sync.access_fingerprint(text[])', 'sync._table_access(regclass)',
+        'sync.members(text, jsonb, text[], jsonb)', 'sync.entities()', 'sync.tick()', 'sync.access_fingerprint(text[])', 'sync._table_access(regclass)',
         'sync._role_access(regclass, text[])', 'sync.access_serial()', 'sync._note_access(text[])',
         'sync._entity_is(regclass, bigint, integer)'
     ]::regprocedure[] LOOP

@@ -435,7 +435,7 @@ impl Judge {
         let mut i = 0;
         while i < indexed.len() {
             let (role, index, groups) = &indexed[i];
-            match read_memberships(client, role, index.expr(), &images).await {
+            match read_memberships(client, role, index, &images).await {
                 Ok((read, asked)) => {
                     asked_members |= asked;
                     memberships.push(read);
@@ -586,26 +586,32 @@ impl Judge {
     }
 }
 
-/// The membership rows `expr` asks about that `images` match, read as `role`; and whether it
-/// asks about any.
+/// The membership rows the policy of `index` asks about that `images` and the claims of
+/// its groups match, read as `role`; and whether it asks about any.
 pub async fn read_memberships(
     client: &Client,
     role: &str,
-    expr: &pg_sync_core::policy::Expr,
+    index: &GroupIndex,
     images: &[&Map<String, Value>],
 ) -> Result<(Memberships, bool), tokio_postgres::Error> {
     let mut read = Memberships::default();
-    let asked = Memberships::asked(expr);
+    let asked = Memberships::asked(index.expr());
     for member in &asked {
         let keys = Memberships::keys(member, images);
-        let answer: Value = if keys.is_empty() {
+        let wanted = Memberships::wanted(member, index.claims());
+        let answer: Value = if keys.is_empty() || wanted.is_empty() {
             Value::Null
         } else {
             let member_json = serde_json::to_value(member).expect("a member serializes");
             client
                 .query_one(
-                    "SELECT sync.members($1, $2, $3)",
-                    &[&role, &member_json, &keys],
+                    "SELECT sync.members($1, $2, $3, $4)",
+                    &[
+                        &role,
+                        &member_json,
+                        &keys,
+                        &serde_json::to_value(wanted).expect("texts serialize"),
+                    ],
                 )
                 .await?
                 .get(0)

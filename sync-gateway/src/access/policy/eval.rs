@@ -161,6 +161,29 @@ pub enum Val {
     Uuid(u128),
 }
 
+impl Val {
+    /// The text PostgreSQL prints for this value (`::text`): a membership row's field, read
+    /// as text, equals this value exactly when its text is this.
+    pub fn pg_text(&self) -> String {
+        match self {
+            Val::Text(s) => s.clone(),
+            Val::Int(i) => i.to_string(),
+            Val::Bool(b) => b.to_string(),
+            Val::Uuid(u) => {
+                let h = format!("{u:032x}");
+                format!(
+                    "{}-{}-{}-{}-{}",
+                    &h[..8],
+                    &h[8..12],
+                    &h[12..16],
+                    &h[16..20],
+                    &h[20..]
+                )
+            }
+        }
+    }
+}
+
 fn compare(op: CmpOp, a: &Val, b: &Val) -> Option<bool> {
     let ordering = match (a, b) {
         (Val::Int(x), Val::Int(y)) => x.cmp(y),

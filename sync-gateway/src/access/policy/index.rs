@@ -294,6 +294,11 @@ impl GroupIndex {
         &self.expr
     }
 
+    /// The claims of the groups this index judges.
+    pub fn claims(&self) -> impl Iterator<Item = &Value> {
+        self.claims.values()
+    }
+
     /// The groups (sorted) that may see `row`, among those that did not fail.
     pub fn visible<R: Row + ?Sized>(&self, row: &R) -> Vec<GroupId> {
         let mut out = Vec::new();

@@ -2,7 +2,7 @@
 //! `Expr::Member`: read once per page and role (`sync.members`, as the role), then looked up
 //! in memory for every image and group.
 
-use super::eval::{json_text, json_val, Row, Val};
+use super::eval::{json_text, json_val, typed, Row, Val};
 use pg_sync_core::policy::{Expr, Member};
 use serde_json::{Map, Value};
 use std::collections::HashMap;
@@ -41,6 +41,33 @@ impl Memberships {
         keys.sort_unstable();
         keys.dedup();
         keys
+    }
+
+    /// What `member`'s fields must read, as text, for a row to match one of `claims`: each
+    /// group's tuple once. A group whose terms are null or fail matches no row, nor does a
+    /// text holding NUL, which no PostgreSQL text holds (and jsonb refuses: sent, it would
+    /// fail the read for the whole role). Only rows holding one are answered, so that rows
+    /// nobody can match, however many, are not.
+    pub fn wanted<'a>(
+        member: &Member,
+        claims: impl Iterator<Item = &'a Value>,
+    ) -> Vec<Vec<String>> {
+        let no_row = Map::new();
+        let mut wanted: Vec<Vec<String>> = claims
+            .filter_map(|claims| {
+                member
+                    .fields
+                    .iter()
+                    .map(|f| {
+                        let text = typed(&f.term, f.ty, &no_row, claims).ok()??.pg_text();
+                        (!text.contains('\0')).then_some(text)
+                    })
+                    .collect()
+            })
+            .collect();
+        wanted.sort_unstable();
+        wanted.dedup();
+        wanted
     }
 
     /// Adds what `sync.members` answered for `member`: `{key text: [[field, …], …]}`.

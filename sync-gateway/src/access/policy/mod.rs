@@ -213,4 +213,29 @@ mod tests {
             [1]
         );
     }
+    /// Only rows a group can match are asked for: each group's terms once, as PostgreSQL
+    /// prints their type (an int claim " 3" asks for "3"), none for a group whose claim is
+    /// missing, does not parse, or holds NUL.
+    #[test]
+    fn the_rows_asked_for_are_the_groups_terms_as_postgresql_prints_them() {
+        let member = json!({"table": 1, "key": "project", "key_attnum": 1, "column": "project",
+            "type": "int", "fields": [
+                {"field": "usr", "attnum": 2, "type": "text", "term": {"claim": {"path": ["sub"]}}},
+                {"field": "level", "attnum": 3, "type": "int", "term": {"claim": {"path": ["n"], "as": "int4"}}},
+                {"field": "id", "attnum": 4, "type": "uuid", "term": {"value": "A0EEBC99-9C0B-4EF8-BB6D-6BB9BD380A11"}}]});
+        let Expr::Member(m) = expr(json!({ "member": member })) else {
+            unreachable!()
+        };
+        let claims = [
+            json!({"sub": "u1", "n": " 3"}),
+            json!({"sub": "u1", "n": 3}),
+            json!({"sub": "u2", "n": "x"}),
+            json!({"n": 4}),
+            json!({"sub": "u\0", "n": 3}),
+        ];
+        assert_eq!(
+            Memberships::wanted(&m, claims.iter()),
+            [["u1", "3", "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11"]]
+        );
+    }
 }
