@@ -778,3 +778,59 @@ async fn rows_piled_under_a_key_are_not_read_for_anyone() {
         "{seen:?}"
     );
 }
+
+/// Past the rows `sync.members` scans under a page's keys (100,000), its answer is `null`
+/// and the gateway has the database judge the page for that role instead: the policy's
+/// own EXISTS probes the primary key. The member still follows the project.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_key_with_more_rows_than_are_scanned_is_judged_by_the_database() {
+    let (cluster, gateway) = setup().await;
+    assert_compiled(&cluster).await;
+    cluster
+        .connect()
+        .await
+        .batch_execute(
+            "INSERT INTO member VALUES (1, 'b');
+             SET ROLE app_user;
+             INSERT INTO member SELECT 1, 'x' || i FROM generate_series(1, 100000) i",
+        )
+        .await
+        .unwrap();
+    let gateway_role = cluster.connect_as(GATEWAY_ROLE, "postgres").await;
+    let plan: Value = gateway_role
+        .query_one(
+            "SELECT sync.policy_plan('task'::regclass, $1)",
+            &[&APP_ROLE],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let answer: Value = gateway_role
+        .query_one(
+            "SELECT sync.members($1, $2, $3, $4)",
+            &[
+                &APP_ROLE,
+                &plan["expr"]["member"],
+                &vec!["1"],
+                &json!([["b"]]),
+            ],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(answer, Value::Null);
+
+    let mut b = watching(&gateway, "b", None).await;
+    let seen = after(
+        &cluster,
+        &mut b,
+        "INSERT INTO task VALUES (1, 1, 'one'), (2, 2, 'two')",
+        1,
+    )
+    .await;
+    assert_eq!(
+        actions(&seen),
+        [("1".to_owned(), "CREATE".to_owned())],
+        "{seen:?}"
+    );
+}

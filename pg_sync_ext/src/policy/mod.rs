@@ -252,9 +252,12 @@ fn visible(tbl: pg_sys::Oid, groups: JsonB, images: JsonB) -> JsonB {
 /// gateway's groups' claims ask for), read as `role`: their distinct fields, as text, by the
 /// key's text, `{"7": [["alice"], ["bob"]]}`. Asking only for what some group can match
 /// bounds the answer by the keys and groups, not by the table: a writer of the table who
-/// piles rows under a key (or duplicates one) makes it no larger for anyone else. Raises
-/// when the role may not read the table or row-level security applies to it now (the plan
-/// no longer holds: the gateway refuses and reads it again).
+/// piles rows under a key (or duplicates one) makes it no larger for anyone else. The rows
+/// under the keys are still scanned: past `MEMBER_ROWS_SCANNED` of them the answer is JSON
+/// `null`, and the gateway has the database judge those groups instead (the policy's own
+/// EXISTS probes only the rows it needs, as any SELECT of the table would). Raises when the
+/// role may not read the table or row-level security applies to it now (the plan no longer
+/// holds: the gateway refuses and reads it again).
 #[pg_extern(volatile, parallel_unsafe)]
 fn members(role: &str, member: JsonB, keys: Vec<Option<String>>, wanted: JsonB) -> JsonB {
     let member: Member = match serde_json::from_value(member.0) {
@@ -279,6 +282,9 @@ fn members(role: &str, member: JsonB, keys: Vec<Option<String>>, wanted: JsonB) 
     });
     answer.unwrap_or_else(|| JsonB(Value::Object(Default::default())))
 }
+
+/// The most rows of a membership table `members` scans under a page's keys.
+const MEMBER_ROWS_SCANNED: i64 = 100_000;
 
 /// `SELECT jsonb_object_agg(key, rows)` of the membership table's distinct (key, fields)
 /// whose key is in `$1` and whose fields, as text, are one of the tuples of `$2`
@@ -305,18 +311,29 @@ unsafe fn members_sql(table: pg_sys::Oid, member: &Member) -> Result<String, Str
     let schema = pg_sys::get_namespace_name(pg_sys::get_rel_namespace(table));
     let key_type = CStr::from_ptr(pg_sys::format_type_be_qualified(key_type)).to_string_lossy();
     Ok(format!(
-        "SELECT pg_catalog.jsonb_object_agg(k, v) FROM (
-             SELECT k, pg_catalog.jsonb_agg(f) AS v FROM (
+        "SELECT CASE
+           WHEN (SELECT pg_catalog.count(*) FROM (
+                    SELECT FROM {table} m WHERE {under_keys} LIMIT {cap} + 1) scanned) > {cap}
+           THEN 'null'::pg_catalog.jsonb
+           ELSE COALESCE((
+             SELECT pg_catalog.jsonb_object_agg(k, v) FROM (
+               SELECT k, pg_catalog.jsonb_agg(f) AS v FROM (
                  SELECT DISTINCT m.{key}::pg_catalog.text AS k, pg_catalog.jsonb_build_array({fields}) AS f
-                   FROM {only}{schema}.{relname} m
-                  WHERE m.{key} = ANY ($1::pg_catalog.text[]::{key_type}[])
+                   FROM {table} m
+                  WHERE {under_keys}
                     AND pg_catalog.jsonb_build_array({fields})
                         IN (SELECT pg_catalog.jsonb_array_elements($2))) matched
-              GROUP BY k) by_key",
+                GROUP BY k) by_key), '{{}}'::pg_catalog.jsonb)
+         END",
+        table = format!(
+            "{}{}.{}",
+            if member.only { "ONLY " } else { "" },
+            quote(schema),
+            quote(relname)
+        ),
+        under_keys = format!("m.{key} = ANY ($1::pg_catalog.text[]::{key_type}[])"),
         fields = fields.join(", "),
-        only = if member.only { "ONLY " } else { "" },
-        schema = quote(schema),
-        relname = quote(relname),
+        cap = MEMBER_ROWS_SCANNED,
     ))
 }
 

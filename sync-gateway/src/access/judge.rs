@@ -35,7 +35,7 @@ use crate::model::subscription::{judge, Judgement, Sight, Target};
 use deadpool_postgres::{Object, Pool};
 use pg_sync_core::policy::Visibility;
 use serde_json::{Map, Value};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use tokio_postgres::Client;
 
@@ -436,10 +436,22 @@ impl Judge {
         while i < indexed.len() {
             let (role, index, groups) = &indexed[i];
             match read_memberships(client, role, index, &images).await {
-                Ok((read, asked)) => {
+                Ok(Some((read, asked))) => {
                     asked_members |= asked;
                     memberships.push(read);
                     i += 1;
+                }
+                Ok(None) => {
+                    // More membership rows under the page's keys than are read: the
+                    // database judges these groups, as it judges policies not compiled.
+                    let judged_here: HashSet<GroupId> = groups.iter().copied().collect();
+                    in_database.extend(
+                        listeners.by_role[*role]
+                            .iter()
+                            .filter(|(g, _)| judged_here.contains(g))
+                            .map(|(g, group)| (*g, group)),
+                    );
+                    indexed.remove(i);
                 }
                 Err(e) => {
                     tracing::warn!(entity = entity.code, role, error = %crate::ErrorChain(&e), "reading a membership table failed");
@@ -587,20 +599,21 @@ impl Judge {
 }
 
 /// The membership rows the policy of `index` asks about that `images` and the claims of
-/// its groups match, read as `role`; and whether it asks about any.
+/// its groups match, read as `role`, and whether it asks about any; None when a membership
+/// table holds more rows under the images' keys than `sync.members` scans.
 pub async fn read_memberships(
     client: &Client,
     role: &str,
     index: &GroupIndex,
     images: &[&Map<String, Value>],
-) -> Result<(Memberships, bool), tokio_postgres::Error> {
+) -> Result<Option<(Memberships, bool)>, tokio_postgres::Error> {
     let mut read = Memberships::default();
     let asked = Memberships::asked(index.expr());
     for member in &asked {
         let keys = Memberships::keys(member, images);
         let wanted = Memberships::wanted(member, index.claims());
         let answer: Value = if keys.is_empty() || wanted.is_empty() {
-            Value::Null
+            Value::Object(Map::new())
         } else {
             let member_json = serde_json::to_value(member).expect("a member serializes");
             client
@@ -616,9 +629,12 @@ pub async fn read_memberships(
                 .await?
                 .get(0)
         };
+        if answer.is_null() {
+            return Ok(None);
+        }
         read.insert((*member).clone(), answer);
     }
-    Ok((read, !asked.is_empty()))
+    Ok(Some((read, !asked.is_empty())))
 }
 
 /// `sync.visible` for `groups` over `images`: per group, a bit per image, or why it failed.
