@@ -88,3 +88,6 @@ loadgen fanout --connections 1000 --rls-claim-sets 10 --rows-per-commit 50
 loadgen fanout --connections "$FANOUT" --rls-claim-sets "$FANOUT" --rows-per-commit 50
 restart_gateway
 loadgen fanout --connections 1000 --rls-claim-sets 10 --rows-per-commit 50 --rls-subquery
+# A visibility change without row changes: joining and leaving a project of 1,000 tasks.
+restart_gateway
+loadgen enter --rows 1000

@@ -120,7 +120,7 @@ if fan:
          fan["changes_per_s"] >= 300_000, f"{fan['changes_per_s']:,.0f} changes/s in {fan['messages_per_s']:,.0f} messages/s")
 for r in [r for r in runs if r["mode"] == "fanout" and r.get("rls_claim_sets")]:
     sets, subquery = r["rls_claim_sets"], r.get("rls_policy") == "subquery"
-    policy = "a membership-subquery policy (not compiled: the database judges)" if subquery \
+    policy = "a membership-subquery policy (`IN (SELECT …)`, compiled: membership rows read per page)" if subquery \
         else "a claim-comparing policy (compiled)"
     batch = r.get("rows_per_commit", 1)
     if fan:
@@ -133,6 +133,16 @@ for r in [r for r in runs if r["mode"] == "fanout" and r.get("rls_claim_sets")]:
         need = 100_000 if sets == 10 else 50_000
         goal(f"fan-out ≥ {need // 1000}k changes/s with RLS in {sets:,} claim sets (compiled policy)",
              r["changes_per_s"] >= need, f"{r['changes_per_s']:,.0f} changes/s")
+
+enter = run("enter")
+if enter:
+    lines.append(f"| a user joins a project of {enter['rows']:,} tasks (compiled membership policy): membership "
+                 f"commit → RESYNC → refetched copy holds them, {enter['rounds']} rounds | "
+                 f"p50 {enter['enter']['p50_ms']:.1f}, p99 {enter['enter']['p99_ms']:.1f} ms "
+                 f"(leaving: p50 {enter['leave']['p50_ms']:.1f}, p99 {enter['leave']['p99_ms']:.1f} ms) | "
+                 f"the same refetch alone: p50 {enter['snapshot']['p50_ms']:.1f}, "
+                 f"p99 {enter['snapshot']['p99_ms']:.1f} ms | "
+                 f"{enter['enter']['p99_ms'] / enter['snapshot']['p99_ms']:.2f}× at p99 |")
 
 idle = run("idle")
 if idle:

@@ -17,6 +17,10 @@
 //! - `catchup`: `--changes` changes committed while a client is away (1,000 per
 //!   transaction); the time to read them with `sync.changes_since` alone (pages of 10,000,
 //!   as a gateway would) and the time for a client resubscribing with `since` to get them all.
+//! - `enter`: a project of `--rows` tasks behind a compiled membership policy; a user joins it
+//!   and leaves it again, `--rounds` times. Reports the time from the membership's commit to
+//!   the user's copy holding the project's rows (the RESYNC, then the refetch in full), and
+//!   beside it the same refetch alone, with no membership change.
 //! - `bare-server` and `bare-fanout`: the reference for fan-out: a WebSocket server that
 //!   only writes the same DELTA frame (`--changes-per-frame` changes) to every connection
 //!   as fast as it can, and the clients that count what arrives, as `fanout` does.
@@ -33,9 +37,10 @@
 //! With `--rls-claim-sets N`, `bench_item` has row-level security: row `id` belongs to team
 //! `id % N`, connection `i` is in team `i % N` (a claim of its token), and sees its team's rows.
 //! The policy compares the row's team with the claim, which the gateway compiles; with
-//! `--rls-subquery` it looks the user's team up in a membership table instead, which the
-//! gateway cannot compile and asks the database about.
+//! `--rls-subquery` it looks the user's team up in a membership table instead
+//! (`team IN (SELECT …)`), which the gateway compiles too and reads per page.
 
+mod membership;
 mod memory;
 mod primary;
 mod reference;
@@ -65,6 +70,7 @@ enum Mode {
     Snapshot(Common),
     Notify(Common),
     Catchup(Common),
+    Enter(Common),
     BareServer(BareServer),
     BareFanout(Common),
     BareLatency(Common),
@@ -113,7 +119,7 @@ struct Common {
     /// Row-level security with this many distinct claim sets (0: none).
     #[arg(long, default_value_t = 0)]
     rls_claim_sets: usize,
-    /// With row-level security: a membership-subquery policy (not compilable).
+    /// With row-level security: a membership-subquery policy.
     #[arg(long)]
     rls_subquery: bool,
     /// Rows each writer's transaction updates (fan-out): with many claim sets a change
@@ -130,6 +136,9 @@ struct Common {
     /// A standby the gateway reads from: wait for its replay before the gateway's part.
     #[arg(long)]
     replica_url: Option<String>,
+    /// Joins and leaves (enter).
+    #[arg(long, default_value_t = 50)]
+    rounds: usize,
 }
 
 #[tokio::main]
@@ -141,6 +150,7 @@ async fn main() -> Result<()> {
         Mode::Snapshot(c) => memory::snapshot(c).await?,
         Mode::Notify(c) => reference::notify(c).await?,
         Mode::Catchup(c) => catchup(c).await?,
+        Mode::Enter(c) => membership::enter(c).await?,
         Mode::BareServer(b) => return reference::bare_server(b).await,
         Mode::BareFanout(c) => reference::bare_fanout(c).await?,
         Mode::BareLatency(c) => reference::bare_latency(c).await?,

@@ -1,0 +1,107 @@
+//! What a visibility change costs a user: joining a project of `--rows` tasks behind a
+//! compiled membership policy, until the user's copy holds them (and leaving, until it holds
+//! none). The gateway tells the user's socket to refetch (RESYNC `access_changed`) and the
+//! client takes a snapshot; the reference is that snapshot alone, of the same rows.
+
+use super::{connect, database, percentiles, token, Common, Socket};
+use anyhow::{bail, Context, Result};
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{json, Value};
+use std::time::Instant;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_tungstenite::tungstenite::Message;
+
+pub(super) async fn enter(c: Common) -> Result<Value> {
+    // Connection 0's token names the role the policy applies to.
+    let c = Common {
+        rls_claim_sets: c.rls_claim_sets.max(1),
+        ..c
+    };
+    let db = database(&c.database_url).await?;
+    db.batch_execute(&format!(
+        "DROP TABLE IF EXISTS bench_task; DROP TABLE IF EXISTS bench_project_member;
+         DO $$ BEGIN CREATE ROLE bench_user NOLOGIN; EXCEPTION WHEN duplicate_object THEN NULL; END $$;
+         CREATE TABLE bench_project_member (project_id int, user_id text, PRIMARY KEY (project_id, user_id));
+         CREATE TABLE bench_task (id int PRIMARY KEY, project_id int NOT NULL, pad text);
+         INSERT INTO bench_task SELECT g, 1 + g % 2, repeat('x', 40) FROM generate_series(1, {}) g;
+         GRANT SELECT ON bench_task, bench_project_member TO bench_user;
+         ALTER TABLE bench_task ENABLE ROW LEVEL SECURITY;
+         CREATE POLICY member ON bench_task USING (EXISTS (
+             SELECT 1 FROM bench_project_member m WHERE m.project_id = bench_task.project_id
+                AND m.user_id = current_setting('request.jwt.claims', true)::jsonb ->> 'sub'));
+         SELECT sync.track('bench_task');",
+        c.rows * 2
+    ))
+    .await?;
+    let auth = token(&c, 0);
+    let url = format!("ws://{}/ws/sync?token={auth}", c.gateway);
+    let mut socket = connect(&url).await?;
+    let (mut enter, mut leave, mut alone) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..c.rounds {
+        subscribe(&mut socket).await?;
+        let start = Instant::now();
+        db.batch_execute("INSERT INTO bench_project_member VALUES (1, 'user0')")
+            .await?;
+        refetch_asked(&mut socket).await?;
+        expect_rows(&c, &auth, c.rows).await?;
+        enter.push(start.elapsed().as_micros() as u64);
+
+        let start = Instant::now();
+        expect_rows(&c, &auth, c.rows).await?;
+        alone.push(start.elapsed().as_micros() as u64);
+
+        subscribe(&mut socket).await?;
+        let start = Instant::now();
+        db.batch_execute("DELETE FROM bench_project_member").await?;
+        refetch_asked(&mut socket).await?;
+        expect_rows(&c, &auth, 0).await?;
+        leave.push(start.elapsed().as_micros() as u64);
+    }
+    Ok(json!({
+        "mode": "enter", "rows": c.rows, "rounds": c.rounds,
+        "enter": percentiles(enter), "leave": percentiles(leave), "snapshot": percentiles(alone),
+    }))
+}
+
+/// Subscribes to the tasks (again, after a refetch), until SUBSCRIBED.
+async fn subscribe(socket: &mut Socket) -> Result<()> {
+    let subscribe =
+        json!({"type": "SUBSCRIBE", "payload": {"entityCode": "bench_task", "mode": "delta"}});
+    socket.send(Message::text(subscribe.to_string())).await?;
+    until(socket, "SUBSCRIBED").await
+}
+
+/// Waits for the RESYNC that a membership change sends.
+async fn refetch_asked(socket: &mut Socket) -> Result<()> {
+    until(socket, "RESYNC").await
+}
+
+async fn until(socket: &mut Socket, kind: &str) -> Result<()> {
+    loop {
+        let frame = socket.next().await.context("connection closed")??;
+        let Message::Text(text) = frame else { continue };
+        let value: Value = serde_json::from_str(&text)?;
+        match value["type"].as_str() {
+            Some(t) if t == kind => return Ok(()),
+            Some("ERROR") => bail!("unexpected: {text}"),
+            _ => {}
+        }
+    }
+}
+
+/// `GET /v1/snapshot/bench_task` as the user: it must hold `rows` rows.
+async fn expect_rows(c: &Common, auth: &str, rows: usize) -> Result<()> {
+    let mut stream = tokio::net::TcpStream::connect(&c.gateway).await?;
+    let request = format!(
+        "GET /v1/snapshot/bench_task HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {auth}\r\nConnection: close\r\n\r\n"
+    );
+    stream.write_all(request.as_bytes()).await?;
+    let mut body = Vec::new();
+    stream.read_to_end(&mut body).await?;
+    let text = String::from_utf8_lossy(&body);
+    let held = text.matches("\"pad\"").count();
+    if held != rows {
+        bail!("the snapshot held {held} rows, not {rows}");
+    }
+    Ok(())
+}
