@@ -337,12 +337,17 @@ export abstract class Session extends Writes {
   }
 
   /** The user may no longer read the entity: its rows and position go, and it is not followed. */
-  private forbid(code: string): void {
+  /** The socket no longer serves `code`: what is held of it goes (read again from its position). */
+  private ended(code: string): void {
     this.txs.drop(code);
     this.caughtUp = this.caughtUp.filter((p) => p.entity !== code);
     this.subscribed.delete(code);
     this.subscribing.delete(code);
     this.liveHere.delete(code);
+  }
+
+  private forbid(code: string): void {
+    this.ended(code);
     this.forbidden.add(code);
     this.commit([{ entity: code, drop: true, meta: null }]);
     this.refreshStatus();
@@ -359,8 +364,9 @@ export abstract class Session extends Writes {
     } else if (code === "forbidden" && entity) {
       this.forbid(entity);
     } else if (entity) {
-      // Its SUBSCRIBE was refused (busy, a bad position): again later, from a new snapshot if bad.
-      this.subscribing.delete(entity);
+      // Its SUBSCRIBE was refused (busy, a bad position), or its replay failed after SUBSCRIBED:
+      // again later, from a new snapshot if bad.
+      this.ended(entity);
       if (code === "bad_request") this.fresh.add(entity);
       const attempt = this.attempts.get(entity) ?? 0;
       this.attempts.set(entity, attempt + 1);
@@ -371,10 +377,7 @@ export abstract class Session extends Writes {
       // A subscription ended without saying which: subscribe again from the positions, and
       // the gateway names the refused ones in its answers (their `ref`).
       for (const subscribed of [...this.subscribed]) {
-        this.subscribed.delete(subscribed);
-        this.liveHere.delete(subscribed);
-        this.txs.drop(subscribed);
-        this.caughtUp = this.caughtUp.filter((p) => p.entity !== subscribed);
+        this.ended(subscribed);
         await this.begin(subscribed, socket);
       }
     }

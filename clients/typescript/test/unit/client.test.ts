@@ -125,6 +125,22 @@ describe("writes", () => {
     client.close();
   });
 
+  it("subscribe again when the gateway ends a subscription with an error after SUBSCRIBED (a failed replay)", async () => {
+    const { gateway, open } = setup();
+    const client = open();
+    const tasks = client.entity("task");
+    await client.waitForFirstSync();
+    const socket = gateway.sockets[0]!;
+    const subscribes = () => socket.received.filter((m) => m.type === "SUBSCRIBE").length;
+    const before = subscribes();
+    socket.subs.delete("task"); // the gateway ended it
+    socket.push({ type: "ERROR", payload: { code: "internal", entityCode: "task", message: "the replay failed: subscribe again from your cursor" } });
+    await wait(() => expect(subscribes()).toBe(before + 1));
+    gateway.commit([{ entity: "task", id: "3", action: "CREATE", data: { id: 3, title: "three" } }]);
+    await wait(() => expect(tasks.get(3)?.title).toBe("three"));
+    client.close();
+  });
+
   it("settle with an older gateway too, once the stream passes them", async () => {
     const { gateway, open } = setup();
     gateway.awaits = false;

@@ -49,8 +49,9 @@ export class FakeGateway {
   trigger?: (entity: string, row: Row) => Row;
   /** Changes of other rows that each write's transaction makes too (a trigger's), after it. */
   writeSideEffects: Omit<LogChange, "tx">[] = [];
-  /** Messages that end a transaction are withheld (a transaction cut by the gateway's page,
-   * its end read later) until `releaseTxEnds()`; what comes after them is not. */
+  /** Messages that end a transaction are withheld until `releaseTxEnds()` (its end read
+   * later); what comes after them is not, so use it for one transaction at a time: a later
+   * transaction's first part would overtake the end, which a gateway never does. */
   holdTxEnds = false;
   private readonly heldTxEnds: [FakeSocket, Message][] = [];
   private tx = 0;
