@@ -255,7 +255,8 @@ fn visible(tbl: pg_sys::Oid, groups: JsonB, images: JsonB) -> JsonB {
 /// piles rows under a key (or duplicates one) makes it no larger for anyone else. The rows
 /// under the keys are still scanned: past `MEMBER_ROWS_SCANNED` of them the answer is JSON
 /// `null`, and the gateway has the database judge those groups instead (the policy's own
-/// EXISTS probes only the rows it needs, as any SELECT of the table would). Raises when the
+/// EXISTS, as any SELECT of the table runs it: with an index on the key and the compared
+/// column, it probes only the rows it needs). Raises when the
 /// role may not read the table or row-level security applies to it now (the plan no longer
 /// holds: the gateway refuses and reads it again).
 #[pg_extern(volatile, parallel_unsafe)]

@@ -408,8 +408,11 @@ impl Judge {
                     );
                     (*g, why)
                 }));
+                // Groups the policy failed for are refused above, and judged nowhere.
+                let failed: HashSet<GroupId> = index.failed.iter().map(|(g, _)| *g).collect();
                 let (inexact, exact): (Vec<_>, Vec<_>) = members
                     .iter()
+                    .filter(|(g, _)| !failed.contains(g))
                     .partition(|(g, _)| index.inexact.binary_search(g).is_ok());
                 in_database.extend(inexact.into_iter().map(|(g, group)| (*g, group)));
                 indexed.push((role, index, exact.into_iter().map(|(g, _)| *g).collect()));
