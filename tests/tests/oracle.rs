@@ -469,6 +469,11 @@ impl Client {
             return self.poll_changes(gateway).await;
         }
         let (mut seen_marker, mut reached) = (false, false);
+        // The marker came while nothing replayed (and nothing was subscribed since, counted
+        // here): every change before it came before it (a connection's live messages keep the
+        // log's order), so none may follow it.
+        let mut in_order: Option<usize> = None;
+        let mut awaits = 0;
         // The AWAIT in force (`refs["await"]`), sent after the last SUBSCRIBE (which drops it).
         self.refs.remove("await");
         while !(seen_marker
@@ -486,8 +491,8 @@ impl Client {
                 && self.awaiting.is_empty()
                 && !self.refs.contains_key("await")
             {
-                self.subscriptions += 1;
-                let reference = format!("await#{}", self.subscriptions);
+                awaits += 1;
+                let reference = format!("await#{marker}.{awaits}");
                 let cursor = self.cursors["marker"].clone();
                 self.refs.insert("await".to_owned(), reference.clone());
                 reached = false;
@@ -538,9 +543,23 @@ impl Client {
                     self.replaying.remove(&entity);
                 }
                 "DELTA" | "INVALIDATE" if !self.awaiting.contains(&entity) => {
-                    for change in payload["changes"].as_array().unwrap() {
+                    let changes = payload["changes"].as_array().unwrap();
+                    if in_order == Some(self.subscriptions)
+                        && entity != "marker"
+                        && !changes.is_empty()
+                    {
+                        return Err(format!(
+                            "{}: a change of {entity} after marker {marker}, though nothing                              replayed: {message}",
+                            self.name()
+                        ));
+                    }
+                    for change in changes {
                         if entity == "marker" {
-                            seen_marker |= change["entityId"].as_str() == Some(&marker.to_string());
+                            if change["entityId"].as_str() == Some(&marker.to_string()) {
+                                seen_marker = true;
+                                in_order = (self.replaying.is_empty() && self.awaiting.is_empty())
+                                    .then_some(self.subscriptions);
+                            }
                         } else {
                             self.apply(&entity, change);
                         }
@@ -730,6 +749,33 @@ async fn truth(cluster: &Cluster, user: usize, entity: &str) -> Copy {
     }
 }
 
+/// Waits until `gateway`'s live stream has passed the log's current position (AWAIT and
+/// REACHED on a connection of its own).
+async fn settled(cluster: &Cluster, gateway: &Gateway) -> Result<(), String> {
+    let cursor: String = cluster
+        .connect()
+        .await
+        .query_one("SELECT sync.current_cursor()", &[])
+        .await
+        .map_err(|e| error_text(&e))?
+        .get(0);
+    let mut session = gateway
+        .connect_with(&user_token(0), "")
+        .await
+        .map_err(|status| format!("no connection to settle on: {status}"))?;
+    session
+        .send(json!({"type": "AWAIT", "payload": {"cursor": cursor, "ref": "settled"}}))
+        .await;
+    let quiet = PATIENCE;
+    loop {
+        match tokio::time::timeout(quiet, session.next_or_close()).await {
+            Ok(Ok(m)) if m["type"] == "REACHED" => return Ok(()),
+            Ok(Ok(_)) => {}
+            other => return Err(format!("no REACHED of the log's position: {other:?}")),
+        }
+    }
+}
+
 /// Where the clients' gateways read.
 #[derive(Clone, Copy, Debug)]
 enum Topology {
@@ -788,15 +834,26 @@ async fn run(steps: &[Step], topology: Topology) -> Result<(), String> {
                 }
             }
             Step::Unseen(sql) => {
-                let before = gateways[0].metric("sync_access_epoch").await;
+                // Each gateway's epoch, once it has met every access change written so far
+                // (a standby's gateway replays them late: its epoch moving for an earlier
+                // change must not pass for noticing this one).
+                let mut before = Vec::new();
+                for gateway in &gateways {
+                    settled(&cluster, gateway).await?;
+                    before.push(gateway.metric("sync_access_epoch").await);
+                }
                 cluster.execute(sql).await;
-                // A grant of what the role has already changes nothing to notice.
-                let noticed = tokio::time::timeout(
-                    std::time::Duration::from_secs(2),
-                    gateways[0].access_epoch_after(before),
-                )
-                .await;
-                let _ = noticed;
+                // Every gateway notices at its own poll: a client of one that has not yet
+                // would be checked before its RESYNC. A grant of what the role has already
+                // changes nothing to notice.
+                for (gateway, before) in gateways.iter().zip(before) {
+                    let noticed = tokio::time::timeout(
+                        std::time::Duration::from_secs(2),
+                        gateway.access_epoch_after(before),
+                    )
+                    .await;
+                    let _ = noticed;
+                }
             }
             Step::OutOfOrder(first, second) => {
                 let a = cluster.connect().await;
