@@ -1,7 +1,9 @@
 //! What a visibility change costs a user: joining a project of `--rows` tasks behind a
 //! compiled membership policy, until the user's copy holds them (and leaving, until it holds
 //! none). The gateway tells the user's socket to refetch (RESYNC `access_changed`) and the
-//! client takes a snapshot; the reference is that snapshot alone, of the same rows.
+//! client takes a snapshot; the reference is that snapshot alone, of the same rows. The
+//! membership's own commit (its round trip, a WAL flush) is part of the time, and is
+//! reported apart too.
 
 use super::{connect, database, percentiles, token, Common, Socket};
 use anyhow::{bail, Context, Result};
@@ -36,12 +38,13 @@ pub(super) async fn enter(c: Common) -> Result<Value> {
     let auth = token(&c, 0);
     let url = format!("ws://{}/ws/sync?token={auth}", c.gateway);
     let mut socket = connect(&url).await?;
-    let (mut enter, mut leave, mut alone) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut enter, mut leave, mut alone, mut commit) = (vec![], vec![], vec![], vec![]);
     for _ in 0..c.rounds {
         subscribe(&mut socket).await?;
         let start = Instant::now();
         db.batch_execute("INSERT INTO bench_project_member VALUES (1, 'user0')")
             .await?;
+        commit.push(start.elapsed().as_micros() as u64);
         refetch_asked(&mut socket).await?;
         expect_rows(&c, &auth, c.rows).await?;
         enter.push(start.elapsed().as_micros() as u64);
@@ -60,6 +63,7 @@ pub(super) async fn enter(c: Common) -> Result<Value> {
     Ok(json!({
         "mode": "enter", "rows": c.rows, "rounds": c.rounds,
         "enter": percentiles(enter), "leave": percentiles(leave), "snapshot": percentiles(alone),
+        "commit": percentiles(commit),
     }))
 }
 
