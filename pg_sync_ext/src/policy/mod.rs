@@ -256,9 +256,9 @@ fn visible(tbl: pg_sys::Oid, groups: JsonB, images: JsonB) -> JsonB {
 /// under the keys are still scanned: past `MEMBER_ROWS_SCANNED` of them the answer is JSON
 /// `null`, and the gateway has the database judge those groups instead (the policy's own
 /// EXISTS, as any SELECT of the table runs it: with an index on the key and the compared
-/// column, it probes only the rows it needs). Raises when the
-/// role may not read the table or row-level security applies to it now (the plan no longer
-/// holds: the gateway refuses and reads it again).
+/// column, it probes only the rows it needs). Raises when the role may not read the table
+/// or row-level security applies to it now (the plan no longer holds: the gateway refuses
+/// and reads it again).
 #[pg_extern(volatile, parallel_unsafe)]
 fn members(role: &str, member: JsonB, keys: Vec<Option<String>>, wanted: JsonB) -> JsonB {
     let member: Member = match serde_json::from_value(member.0) {
