@@ -216,6 +216,9 @@ pub struct Judge {
 
 type BuiltIndex = ((u64, u64), Arc<Plan>, Arc<GroupIndex>);
 
+/// A role whose groups a page judges in memory: its index, and those of its groups it judges.
+type Indexed<'a> = (&'a str, Arc<GroupIndex>, Vec<(GroupId, &'a Group)>);
+
 /// Who may read what, as a page is judged by it.
 #[derive(Clone, Copy)]
 struct Basis {
@@ -363,8 +366,7 @@ impl Judge {
             .map(|g| (*g, format!("reading {} needs a role", entity.code)))
             .collect();
         let mut see_all: Vec<GroupId> = Vec::new();
-        // Per role judged here: its index, and the groups of it the index judges.
-        let mut indexed: Vec<(&str, Arc<GroupIndex>, Vec<GroupId>)> = Vec::new();
+        let mut indexed: Vec<Indexed> = Vec::new();
         let mut in_database: Vec<(GroupId, &Group)> = Vec::new();
         let mut plan_later = false;
         for (role, members) in &listeners.by_role {
@@ -415,7 +417,11 @@ impl Judge {
                     .filter(|(g, _)| !failed.contains(g))
                     .partition(|(g, _)| index.inexact.binary_search(g).is_ok());
                 in_database.extend(inexact.into_iter().map(|(g, group)| (*g, group)));
-                indexed.push((role, index, exact.into_iter().map(|(g, _)| *g).collect()));
+                indexed.push((
+                    role,
+                    index,
+                    exact.into_iter().map(|(g, group)| (*g, group)).collect(),
+                ));
             } else {
                 in_database.extend(members.iter().map(|(g, group)| (*g, group)));
             }
@@ -447,18 +453,12 @@ impl Judge {
                 Ok(None) => {
                     // More membership rows under the page's keys than are read: the
                     // database judges these groups, as it judges policies not compiled.
-                    let judged_here: HashSet<GroupId> = groups.iter().copied().collect();
-                    in_database.extend(
-                        listeners.by_role[*role]
-                            .iter()
-                            .filter(|(g, _)| judged_here.contains(g))
-                            .map(|(g, group)| (*g, group)),
-                    );
+                    in_database.extend(groups.iter().copied());
                     indexed.remove(i);
                 }
                 Err(e) => {
                     tracing::warn!(entity = entity.code, role, error = %crate::ErrorChain(&e), "reading a membership table failed");
-                    refused.extend(groups.iter().map(|g| (*g, UNJUDGED.to_owned())));
+                    refused.extend(groups.iter().map(|(g, _)| (*g, UNJUDGED.to_owned())));
                     indexed.remove(i);
                 }
             }
