@@ -614,7 +614,7 @@ pub async fn read_memberships(
     let asked = Memberships::asked(index.expr());
     for member in &asked {
         let keys = Memberships::keys(member, images);
-        let wanted = Memberships::wanted(member, index.claims());
+        let wanted = index.wanted(member);
         let answer: Value = if keys.is_empty() || wanted.is_empty() {
             Value::Object(Map::new())
         } else {

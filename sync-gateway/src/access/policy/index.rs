@@ -8,6 +8,7 @@
 //! the caller.
 
 use super::eval::{claim_value, eval, inexact, json_text, json_val, typed, EvalError, Row, Val};
+use super::members::Memberships;
 use crate::access::roles::GroupId;
 use pg_sync_core::policy::{CmpOp, Expr, Member, Term, Ty};
 use serde_json::{Map, Value};
@@ -207,6 +208,9 @@ pub struct GroupIndex {
     pub failed: Vec<(GroupId, EvalError)>,
     /// Groups this index cannot judge exactly (`eval::inexact`): the database must.
     pub inexact: Vec<GroupId>,
+    /// Per membership the policy asks about, the field values its groups ask for
+    /// (`Memberships::wanted`): made once with the index, not for every page.
+    wanted: Vec<(Member, Vec<Vec<String>>)>,
 }
 
 impl GroupIndex {
@@ -269,6 +273,7 @@ impl GroupIndex {
             conjuncts,
             failed: Vec::new(),
             inexact: set_apart,
+            wanted: Vec::new(),
         };
         if index.conjuncts.is_none() {
             // Evaluated one by one: a group fails when its claims make the policy raise on
@@ -286,6 +291,10 @@ impl GroupIndex {
             index.claims.remove(g);
         }
         index.failed = failed;
+        index.wanted = Memberships::asked(&index.expr)
+            .into_iter()
+            .map(|m| (m.clone(), Memberships::wanted(m, index.claims.values())))
+            .collect();
         index
     }
 
@@ -294,9 +303,12 @@ impl GroupIndex {
         &self.expr
     }
 
-    /// The claims of the groups this index judges.
-    pub fn claims(&self) -> impl Iterator<Item = &Value> {
-        self.claims.values()
+    /// What the fields of `member`'s rows must read for one of the groups to match.
+    pub fn wanted(&self, member: &Member) -> &[Vec<String>] {
+        self.wanted
+            .iter()
+            .find(|(m, _)| m == member)
+            .map_or(&[], |(_, wanted)| wanted.as_slice())
     }
 
     /// The groups (sorted) that may see `row`, among those that did not fail.
