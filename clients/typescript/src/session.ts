@@ -336,7 +336,6 @@ export abstract class Session extends Writes {
     await this.begin(code, socket);
   }
 
-  /** The user may no longer read the entity: its rows and position go, and it is not followed. */
   /** The socket no longer serves `code`: what is held of it goes (read again from its position). */
   private ended(code: string): void {
     this.txs.drop(code);
@@ -346,6 +345,7 @@ export abstract class Session extends Writes {
     this.liveHere.delete(code);
   }
 
+  /** The user may no longer read the entity: its rows and position go, and it is not followed. */
   private forbid(code: string): void {
     this.ended(code);
     this.forbidden.add(code);
