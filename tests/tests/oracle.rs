@@ -476,21 +476,17 @@ impl Client {
         let mut awaits = 0;
         // The AWAIT in force (`refs["await"]`), sent after the last SUBSCRIBE (which drops it).
         self.refs.remove("await");
-        while !(seen_marker
-            && self.replaying.is_empty()
-            && self.awaiting.is_empty()
-            && reached
-            && self.refs.contains_key("await"))
-        {
+        loop {
+            let settled = seen_marker && self.replaying.is_empty() && self.awaiting.is_empty();
+            let await_sent = self.refs.contains_key("await");
+            if settled && await_sent && reached {
+                break;
+            }
             let Some(session) = &mut self.session else {
                 self.connect(gateway).await?;
                 continue;
             };
-            if seen_marker
-                && self.replaying.is_empty()
-                && self.awaiting.is_empty()
-                && !self.refs.contains_key("await")
-            {
+            if settled && !await_sent {
                 awaits += 1;
                 let reference = format!("await#{marker}.{awaits}");
                 let cursor = self.cursors["marker"].clone();
@@ -549,7 +545,7 @@ impl Client {
                         && !changes.is_empty()
                     {
                         return Err(format!(
-                            "{}: a change of {entity} after marker {marker}, though nothing                              replayed: {message}",
+                            "{}: a change of {entity} after marker {marker}, though nothing replayed: {message}",
                             self.name()
                         ));
                     }
