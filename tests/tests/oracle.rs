@@ -477,16 +477,16 @@ impl Client {
         // The AWAIT in force (`refs["await"]`), sent after the last SUBSCRIBE (which drops it).
         self.refs.remove("await");
         loop {
-            let settled = seen_marker && self.replaying.is_empty() && self.awaiting.is_empty();
+            let caught_up = seen_marker && self.replaying.is_empty() && self.awaiting.is_empty();
             let await_sent = self.refs.contains_key("await");
-            if settled && await_sent && reached {
+            if caught_up && await_sent && reached {
                 break;
             }
             let Some(session) = &mut self.session else {
                 self.connect(gateway).await?;
                 continue;
             };
-            if settled && !await_sent {
+            if caught_up && !await_sent {
                 awaits += 1;
                 let reference = format!("await#{marker}.{awaits}");
                 let cursor = self.cursors["marker"].clone();
