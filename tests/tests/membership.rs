@@ -77,10 +77,9 @@ async fn after(cluster: &Cluster, session: &mut Session, sql: &str, n: i32) -> V
     session.changes_until(n).await
 }
 
-/// Asserts that task's policy compiles to a membership: the gateway judges it, reading the
-/// membership rows per page.
-async fn assert_compiled(cluster: &Cluster) {
-    let plan: Value = cluster
+/// Task's policy plan for app_user, as the gateway reads it.
+async fn task_plan(cluster: &Cluster) -> Value {
+    cluster
         .connect_as(GATEWAY_ROLE, "postgres")
         .await
         .query_one(
@@ -89,8 +88,61 @@ async fn assert_compiled(cluster: &Cluster) {
         )
         .await
         .unwrap()
-        .get(0);
+        .get(0)
+}
+
+/// Asserts that task's policy compiles to a membership: the gateway judges it, reading the
+/// membership rows per page.
+async fn assert_compiled(cluster: &Cluster) {
+    let plan = task_plan(cluster).await;
     assert!(plan["expr"]["member"].is_object(), "{plan}");
+}
+
+/// b a member of project 1, and `piled` more rows under it (`x1`, `x2`, …) written by
+/// app_user (a role, not a login: the superuser's session becomes it).
+async fn pile_under_project_1(cluster: &Cluster, piled: usize) {
+    cluster
+        .connect()
+        .await
+        .batch_execute(&format!(
+            "INSERT INTO member VALUES (1, 'b');
+             SET ROLE app_user;
+             INSERT INTO member SELECT 1, 'x' || i FROM generate_series(1, {piled}) i"
+        ))
+        .await
+        .unwrap();
+}
+
+/// What `sync.members` answers the gateway role for task's membership, `keys` and `wanted`.
+async fn members(cluster: &Cluster, keys: &[&str], wanted: Value) -> Value {
+    let plan = task_plan(cluster).await;
+    cluster
+        .connect_as(GATEWAY_ROLE, "postgres")
+        .await
+        .query_one(
+            "SELECT sync.members($1, $2, $3, $4)",
+            &[&APP_ROLE, &plan["expr"]["member"], &keys, &wanted],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
+/// b subscribes, tasks 1 (project 1) and 2 (project 2) are written: b gets task 1 alone.
+async fn b_gets_project_1s_new_task(cluster: &Cluster, gateway: &Gateway) {
+    let mut b = watching(gateway, "b", None).await;
+    let seen = after(
+        cluster,
+        &mut b,
+        "INSERT INTO task VALUES (1, 1, 'one'), (2, 2, 'two')",
+        1,
+    )
+    .await;
+    assert_eq!(
+        actions(&seen),
+        [("1".to_owned(), "CREATE".to_owned())],
+        "{seen:?}"
+    );
 }
 
 /// What a replay of tasks from `since` sends `user`, up to its RESYNC or SYNCED.
@@ -727,56 +779,11 @@ async fn a_membership_written_with_in_follows_the_members_projects() {
 async fn rows_piled_under_a_key_are_not_read_for_anyone() {
     let (cluster, gateway) = setup().await;
     assert_compiled(&cluster).await;
-    cluster.execute("INSERT INTO member VALUES (1, 'b')").await;
-    // As app_user (a role, not a login: the superuser's session becomes it).
-    cluster
-        .connect()
-        .await
-        .batch_execute(
-            "SET ROLE app_user;
-             INSERT INTO member SELECT 1, 'x' || i FROM generate_series(1, 10000) i",
-        )
-        .await
-        .unwrap();
-
+    pile_under_project_1(&cluster, 10_000).await;
     // What the gateway asks for a page of project 1's tasks with b, c and x5 subscribed.
-    let gateway_role = cluster.connect_as(GATEWAY_ROLE, "postgres").await;
-    let plan: Value = gateway_role
-        .query_one(
-            "SELECT sync.policy_plan('task'::regclass, $1)",
-            &[&APP_ROLE],
-        )
-        .await
-        .unwrap()
-        .get(0);
-    let answer: Value = gateway_role
-        .query_one(
-            "SELECT sync.members($1, $2, $3, $4)",
-            &[
-                &APP_ROLE,
-                &plan["expr"]["member"],
-                &vec!["1", "2"],
-                &json!([["b"], ["c"], ["x5"]]),
-            ],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let answer = members(&cluster, &["1", "2"], json!([["b"], ["c"], ["x5"]])).await;
     assert_eq!(answer, json!({"1": [["b"], ["x5"]]}));
-
-    let mut b = watching(&gateway, "b", None).await;
-    let seen = after(
-        &cluster,
-        &mut b,
-        "INSERT INTO task VALUES (1, 1, 'one'), (2, 2, 'two')",
-        1,
-    )
-    .await;
-    assert_eq!(
-        actions(&seen),
-        [("1".to_owned(), "CREATE".to_owned())],
-        "{seen:?}"
-    );
+    b_gets_project_1s_new_task(&cluster, &gateway).await;
 }
 
 /// Past the rows `sync.members` scans under a page's keys (100,000), its answer is `null`
@@ -786,51 +793,7 @@ async fn rows_piled_under_a_key_are_not_read_for_anyone() {
 async fn a_key_with_more_rows_than_are_scanned_is_judged_by_the_database() {
     let (cluster, gateway) = setup().await;
     assert_compiled(&cluster).await;
-    cluster
-        .connect()
-        .await
-        .batch_execute(
-            "INSERT INTO member VALUES (1, 'b');
-             SET ROLE app_user;
-             INSERT INTO member SELECT 1, 'x' || i FROM generate_series(1, 100000) i",
-        )
-        .await
-        .unwrap();
-    let gateway_role = cluster.connect_as(GATEWAY_ROLE, "postgres").await;
-    let plan: Value = gateway_role
-        .query_one(
-            "SELECT sync.policy_plan('task'::regclass, $1)",
-            &[&APP_ROLE],
-        )
-        .await
-        .unwrap()
-        .get(0);
-    let answer: Value = gateway_role
-        .query_one(
-            "SELECT sync.members($1, $2, $3, $4)",
-            &[
-                &APP_ROLE,
-                &plan["expr"]["member"],
-                &vec!["1"],
-                &json!([["b"]]),
-            ],
-        )
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(answer, Value::Null);
-
-    let mut b = watching(&gateway, "b", None).await;
-    let seen = after(
-        &cluster,
-        &mut b,
-        "INSERT INTO task VALUES (1, 1, 'one'), (2, 2, 'two')",
-        1,
-    )
-    .await;
-    assert_eq!(
-        actions(&seen),
-        [("1".to_owned(), "CREATE".to_owned())],
-        "{seen:?}"
-    );
+    pile_under_project_1(&cluster, 100_000).await;
+    assert_eq!(members(&cluster, &["1"], json!([["b"]])).await, Value::Null);
+    b_gets_project_1s_new_task(&cluster, &gateway).await;
 }
