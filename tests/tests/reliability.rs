@@ -132,7 +132,9 @@ async fn a_client_that_never_reads_is_cut_off_and_memory_stays_bounded() {
         grown < 32 * 1024,
         "the gateway grew by {grown} KiB for a client that never reads"
     );
-    // The stalled client finds, after what was already on its way, RESYNC or the close.
+    // The stalled client finds, after what was already on its way, RESYNC or the close. The
+    // close frame comes only when the socket had room for it: when the kernel's buffers were
+    // full, the gateway ends the connection after the send timeout without one.
     let ending = loop {
         match stalled.next_or_close().await {
             Ok(m) if m["type"] == "RESYNC" => break format!("RESYNC {}", m["payload"]["reason"]),
@@ -140,10 +142,13 @@ async fn a_client_that_never_reads_is_cut_off_and_memory_stays_bounded() {
             Err(code) => break format!("closed {code:?}"),
         }
     };
-    assert!(
-        ending == "closed Some(4008)" || ending.starts_with("RESYNC"),
-        "{ending}"
-    );
+    match ending.as_str() {
+        "closed Some(4008)" => {}
+        // Ended without a frame: the gateway dropped it (the watcher is all it still holds),
+        // not a failure of the gateway.
+        "closed None" => assert_eq!(gateway.metric("sync_connections").await, 1),
+        resync => assert!(resync.starts_with("RESYNC"), "{ending}"),
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
