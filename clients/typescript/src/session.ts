@@ -177,12 +177,16 @@ export abstract class Session extends Writes {
           socket.send(JSON.stringify({ type: "UNSUBSCRIBE", payload: { entityCode: code } }));
         }
         this.error(e);
-        if (e instanceof HttpError && e.status === 403) return this.forbid(code);
-        if (e instanceof HttpError && e.status === 401) this.token = "";
-        const attempt = this.attempts.get(code) ?? 0;
-        this.attempts.set(code, attempt + 1);
-        const wait = this.backoff(attempt, e instanceof HttpError ? e.retryAfter : undefined);
-        this.later(() => this.enqueue(() => this.begin(code, socket)), wait);
+        if (e instanceof HttpError && e.status === 403) this.forbid(code);
+        else {
+          if (e instanceof HttpError && e.status === 401) this.token = "";
+          const attempt = this.attempts.get(code) ?? 0;
+          this.attempts.set(code, attempt + 1);
+          const wait = this.backoff(attempt, e instanceof HttpError ? e.retryAfter : undefined);
+          this.later(() => this.enqueue(() => this.begin(code, socket)), wait);
+        }
+        // No longer waited for: the others' catch-up may be over.
+        await this.caughtUpWith(undefined);
       }
       return;
     }
@@ -231,9 +235,7 @@ export abstract class Session extends Writes {
       case "SYNCED":
         if (!code || !this.subscribed.has(code)) return;
         this.liveHere.add(code);
-        await this.release(this.txs.synced({ entity: code, changes: [], cursor }, Date.now()));
-        // Caught up: REACHED now covers every entity, for the writes applied meanwhile.
-        if (!this.catchingUp()) new Set(this.replica.pendingMutations().map((m) => m.cursor)).forEach((c) => c && this.awaitCursor(c));
+        await this.caughtUpWith(this.txs.synced({ entity: code, changes: [], cursor }, Date.now()));
         return this.refreshStatus();
       case "REACHED":
         await this.release(this.txs.barrier());
@@ -250,6 +252,14 @@ export abstract class Session extends Writes {
       case "ERROR":
         return this.failure(payload, socket);
     }
+  }
+
+  /** Applies `released` and, if that ended the socket's catch-up (a SYNCED, or the last
+   * entity caught up ended otherwise: refused, failed), what the catch-up held; REACHED then
+   * covers every entity again, and is asked for the writes applied meanwhile. */
+  private async caughtUpWith(released: Piece[] | undefined): Promise<void> {
+    await this.release(released);
+    if (!this.catchingUp()) new Set(this.replica.pendingMutations().map((m) => m.cursor)).forEach((c) => c && this.awaitCursor(c));
   }
 
   /** Applies whole transactions released by `txs` as one commit, or holds them while the
@@ -359,6 +369,7 @@ export abstract class Session extends Writes {
     const entity = (payload.entityCode as string | undefined) ?? [...this.subscribing].find(([, r]) => r === ref)?.[0];
     this.error(new Error(`${code}: ${String(payload.message)}`));
     if (code === "token_expired") return socket.close(4001);
+    const wasCatchingUp = this.catchingUp();
     if (code === "bad_request" && ref?.startsWith("await:")) {
       this.awaitUnsupported = true; // an older gateway: writes settle as the stream passes them
     } else if (code === "forbidden" && entity) {
@@ -381,6 +392,7 @@ export abstract class Session extends Writes {
         await this.begin(subscribed, socket);
       }
     }
+    if (wasCatchingUp) await this.caughtUpWith(undefined);
     this.refreshStatus();
   }
 }

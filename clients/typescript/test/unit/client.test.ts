@@ -141,6 +141,28 @@ describe("writes", () => {
     client.close();
   });
 
+  it("apply what a catch-up held and settle writes when it ends without SYNCED (the entity was refused)", async () => {
+    const { gateway, open } = setup();
+    const client = open();
+    const tasks = client.entity("task");
+    await client.waitForFirstSync();
+    const socket = gateway.sockets[0]!;
+    gateway.endlessReplays.add("project");
+    client.entity("project"); // its replay runs on: the socket is catching up
+    await wait(() => expect(socket.received.some((m) => m.type === "SUBSCRIBE" && m.payload?.entityCode === "project")).toBe(true));
+    await tasks.update(1, { title: "mine" });
+    gateway.commit([{ entity: "task", id: "2", action: "UPDATE", data: { id: 2, title: "later" } }]);
+    await wait(() => expect(socket.idle).toBe(true));
+    await handled(client);
+    expect(tasks.get(2)?.title).toBe("two"); // held for the end of the catch-up
+    // The replay ends without SYNCED: the role may not read the entity.
+    socket.push({ type: "ERROR", payload: { code: "forbidden", entityCode: "project", message: "no SELECT on project" } });
+    await wait(() => expect(tasks.get(2)?.title).toBe("later"));
+    await wait(() => expect(client.replica.pendingMutations()).toEqual([]));
+    expect(tasks.get(1)?.title).toBe("mine");
+    client.close();
+  });
+
   it("settle with an older gateway too, once the stream passes them", async () => {
     const { gateway, open } = setup();
     gateway.awaits = false;

@@ -53,6 +53,9 @@ export class FakeGateway {
    * later); what comes after them is not, so use it for one transaction at a time: a later
    * transaction's first part would overtake the end, which a gateway never does. */
   holdTxEnds = false;
+  /** Entities whose replay does not end: SUBSCRIBE is answered with SUBSCRIBED only (a test
+   * ends it, e.g. with an ERROR). */
+  readonly endlessReplays = new Set<string>();
   private readonly heldTxEnds: [FakeSocket, Message][] = [];
   private tx = 0;
   private random: () => number;
@@ -248,6 +251,7 @@ export class FakeSocket {
         const since = positionOf(p.since as string);
         this.subs.set(entity, undefined);
         this.push({ type: "SUBSCRIBED", payload: { entityCode: entity, count: 1, cursor: p.since, ref: p.ref, ...(this.gateway.marks ? { txEnds: true } : {}) } });
+        if (this.gateway.endlessReplays.has(entity)) return;
         // The replay: this entity's changes after `since`, then SYNCED at the live position.
         const missed = this.gateway.log.map((change, at) => ({ change, at })).filter(({ change, at }) => at >= since && change.entity === entity);
         this.gateway.messages(missed).forEach((m) => this.push(m));
