@@ -24,6 +24,7 @@ interface Change {
 }
 
 const PING_EVERY_MS = 15000;
+const RECHECK_FORBIDDEN_MS = 5 * 60_000;
 /** After the browser says it went offline, a socket that does not answer a PING within this is closed. */
 const PROBE_MS = 5000;
 
@@ -40,6 +41,8 @@ export abstract class Session extends Writes {
   private reconnectAfter?: number;
   /** A REACHED that came while a transaction was held: handled once nothing is. */
   private reachedLater?: string;
+  /** Forbidden entities with a check again scheduled. */
+  private readonly rechecks = new Set<string>();
 
   protected onlineChanged(online: boolean): void {
     this.facts.online = online;
@@ -108,6 +111,7 @@ export abstract class Session extends Writes {
           this.txs.take();
           this.caughtUp = [];
           this.reachedLater = undefined;
+          this.forbidden.clear(); // asked again: rights may have been granted meanwhile
           this.subscribing.clear();
           this.subscribed.clear();
           this.liveHere.clear();
@@ -361,6 +365,19 @@ export abstract class Session extends Writes {
     this.forbidden.add(code);
     this.commit([{ entity: code, drop: true, meta: null }]);
     this.refreshStatus();
+    if (this.rechecks.has(code)) return;
+    this.rechecks.add(code);
+    this.later(() => {
+      this.rechecks.delete(code);
+      this.enqueue(() => this.recheck(code));
+    }, this.options.recheckForbiddenMs ?? RECHECK_FORBIDDEN_MS);
+  }
+
+  /** Follows a forbidden entity again: fetched, or forbidden again. */
+  private async recheck(code: string): Promise<void> {
+    if (!this.forbidden.delete(code)) return;
+    this.refreshStatus();
+    if (this.socket) await this.begin(code, this.socket);
   }
 
   private async failure(payload: Record<string, unknown>, socket: WebSocket): Promise<void> {

@@ -12,7 +12,8 @@ import type { Piece } from "./transactions.js";
 export abstract class StreamState extends LocalCopy {
   /** The entities the socket serves (for every tab), with their options. */
   protected readonly followed = new Map<string, EntityOptions>();
-  /** Entities the user may not read (ERROR forbidden, 403): not followed until the claims change. */
+  /** Entities the user may not read (ERROR forbidden, 403): not followed until asked again
+   * (`recheckForbiddenMs`, a new socket) or the claims change. */
   protected readonly forbidden = new Set<string>();
   /** Entities to fetch again (RESYNC, a new schema version). */
   protected readonly fresh = new Set<string>();

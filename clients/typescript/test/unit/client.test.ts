@@ -163,6 +163,35 @@ describe("writes", () => {
     client.close();
   });
 
+  it("ask again for an entity the user could not read, after a while and at a new socket: a GRANT is not announced", async () => {
+    const { gateway, open } = setup({ recheckForbiddenMs: 50 });
+    gateway.commit([{ entity: "project", id: "1", action: "CREATE", data: { id: 1, name: "p" } }]);
+    gateway.forbidden.add("project");
+    const client = open();
+    const projects = client.entity("project");
+    client.entity("task");
+    await client.waitForFirstSync();
+    expect(client.syncStatus.entities.project?.error).toBe("forbidden");
+    const asked = gateway.snapshotTimes.length;
+    await wait(() => expect(gateway.snapshotTimes.length).toBeGreaterThan(asked + 1)); // asked again, still refused
+    gateway.forbidden.delete("project"); // GRANT SELECT ON project
+    await wait(() => expect(projects.get(1)?.name).toBe("p"));
+    expect(client.syncStatus.entities.project?.error).toBeUndefined();
+    client.close();
+
+    // With no recheck due, a new socket asks again.
+    const second = setup({ recheckForbiddenMs: 3_600_000 });
+    second.gateway.commit([{ entity: "project", id: "1", action: "CREATE", data: { id: 1, name: "p" } }]);
+    second.gateway.forbidden.add("project");
+    const other = second.open();
+    const theirs = other.entity("project");
+    await other.waitForFirstSync();
+    second.gateway.forbidden.delete("project");
+    second.gateway.sockets[0]!.close(1012);
+    await wait(() => expect(theirs.get(1)?.name).toBe("p"));
+    other.close();
+  });
+
   it("settle with an older gateway too, once the stream passes them", async () => {
     const { gateway, open } = setup();
     gateway.awaits = false;

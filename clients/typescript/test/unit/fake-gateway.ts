@@ -56,6 +56,8 @@ export class FakeGateway {
   /** Entities whose replay does not end: SUBSCRIBE is answered with SUBSCRIBED only (a test
    * ends it, e.g. with an ERROR). */
   readonly endlessReplays = new Set<string>();
+  /** Entities the user may not read: their snapshot answers 403. */
+  readonly forbidden = new Set<string>();
   private readonly heldTxEnds: [FakeSocket, Message][] = [];
   private tx = 0;
   private random: () => number;
@@ -158,6 +160,7 @@ export class FakeGateway {
     const snapshot = url.pathname.match(/^\/v1\/snapshot\/(.+)$/);
     if (snapshot) {
       this.snapshotTimes.push(Date.now());
+      if (this.forbidden.has(decodeURIComponent(snapshot[1]!))) return new Response('{"error":"forbidden"}', { status: 403 });
       const hook = this.snapshotHooks.shift();
       hook?.before?.();
       const fault = this.snapshotFaults.shift();
