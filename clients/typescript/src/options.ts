@@ -26,7 +26,8 @@ export interface ClientOptions {
    * most `capMs` (defaults 1 s and 32 s), and never less than a server's `Retry-After`. */
   retry?: { baseMs?: number; capMs?: number };
   /** How often an entity the user may not read (ERROR `forbidden`, a 403) is asked again
-   * (default 5 minutes; also at each new socket): a GRANT is not announced to clients. */
+   * (default 5 minutes; `Infinity`: only at each new socket, where it is always asked): a
+   * GRANT is not announced to clients. */
   recheckForbiddenMs?: number;
   /** Store snapshots from a Web Worker (default true; without one, or where workers cannot
    * start, the page stores them). */

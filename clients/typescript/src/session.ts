@@ -25,6 +25,8 @@ interface Change {
 
 const PING_EVERY_MS = 15000;
 const RECHECK_FORBIDDEN_MS = 5 * 60_000;
+/** The longest delay `setTimeout` keeps (a longer one fires at once). */
+const LONGEST_TIMER_MS = 2 ** 31 - 1;
 /** After the browser says it went offline, a socket that does not answer a PING within this is closed. */
 const PROBE_MS = 5000;
 
@@ -111,11 +113,11 @@ export abstract class Session extends Writes {
           this.txs.take();
           this.caughtUp = [];
           this.reachedLater = undefined;
-          this.forbidden.clear(); // asked again: rights may have been granted meanwhile
           this.subscribing.clear();
           this.subscribed.clear();
           this.liveHere.clear();
-          for (const code of this.followed.keys()) await this.begin(code, socket);
+          // Forbidden ones too: rights may have been granted meanwhile.
+          for (const code of this.followed.keys()) await this.begin(code, socket, true);
         });
         this.refreshStatus();
         timers.push(
@@ -167,15 +169,20 @@ export abstract class Session extends Writes {
     this.scheduleAuth(socket, token);
   }
 
-  /** Fetches the entity if it has no position (or must be fetched again), then subscribes from its position. */
-  private async begin(code: string, socket: WebSocket): Promise<void> {
+  /** Fetches the entity if it has no position (or must be fetched again), then subscribes from
+   * its position. A forbidden entity only when `recheck`: it stays forbidden (not waited for,
+   * and so shown) until its snapshot is answered. */
+  private async begin(code: string, socket: WebSocket, recheck = false): Promise<void> {
     const busy = this.subscribing.has(code) || this.subscribed.has(code) || this.hydrating.has(code);
-    if (socket !== this.socket || socket.readyState !== WebSocket.OPEN || busy || this.forbidden.has(code)) return;
+    if (socket !== this.socket || socket.readyState !== WebSocket.OPEN || busy || (this.forbidden.has(code) && !recheck)) return;
     const since = this.meta.get(code)?.cursor;
     if (!since || this.fresh.has(code)) {
       try {
         // Subscribed from the snapshot's cursor as soon as it is read, while the rows come.
-        await this.hydrate(code, (cursor) => this.subscribe(code, cursor, socket));
+        await this.hydrate(code, (cursor) => {
+          if (this.forbidden.delete(code)) this.refreshStatus();
+          this.subscribe(code, cursor, socket);
+        });
       } catch (e) {
         if (this.subscribing.delete(code) && socket.readyState === WebSocket.OPEN) {
           socket.send(JSON.stringify({ type: "UNSUBSCRIBE", payload: { entityCode: code } }));
@@ -187,7 +194,7 @@ export abstract class Session extends Writes {
           const attempt = this.attempts.get(code) ?? 0;
           this.attempts.set(code, attempt + 1);
           const wait = this.backoff(attempt, e instanceof HttpError ? e.retryAfter : undefined);
-          this.later(() => this.enqueue(() => this.begin(code, socket)), wait);
+          this.later(() => this.enqueue(() => this.begin(code, socket, recheck)), wait);
         }
         // No longer waited for: the others' catch-up may be over.
         await this.caughtUpWith(undefined);
@@ -239,6 +246,7 @@ export abstract class Session extends Writes {
       case "SYNCED":
         if (!code || !this.subscribed.has(code)) return;
         this.liveHere.add(code);
+        this.attempts.delete(code); // waited for again at the next catch-up
         await this.caughtUpWith(this.txs.synced({ entity: code, changes: [], cursor }, Date.now()));
         return this.refreshStatus();
       case "REACHED":
@@ -362,22 +370,19 @@ export abstract class Session extends Writes {
   /** The user may no longer read the entity: its rows and position go, and it is not followed. */
   private forbid(code: string): void {
     this.ended(code);
-    this.forbidden.add(code);
-    this.commit([{ entity: code, drop: true, meta: null }]);
-    this.refreshStatus();
+    if (!this.forbidden.has(code)) {
+      this.forbidden.add(code);
+      this.commit([{ entity: code, drop: true, meta: null }]);
+      this.refreshStatus();
+    }
     if (this.rechecks.has(code)) return;
     this.rechecks.add(code);
     this.later(() => {
       this.rechecks.delete(code);
-      this.enqueue(() => this.recheck(code));
-    }, this.options.recheckForbiddenMs ?? RECHECK_FORBIDDEN_MS);
-  }
-
-  /** Follows a forbidden entity again: fetched, or forbidden again. */
-  private async recheck(code: string): Promise<void> {
-    if (!this.forbidden.delete(code)) return;
-    this.refreshStatus();
-    if (this.socket) await this.begin(code, this.socket);
+      // Without a socket, the next one asks.
+      const socket = this.socket;
+      if (this.forbidden.has(code) && socket) this.enqueue(() => this.begin(code, socket, true));
+    }, Math.min(LONGEST_TIMER_MS, Math.max(10, this.options.recheckForbiddenMs ?? RECHECK_FORBIDDEN_MS)) || RECHECK_FORBIDDEN_MS);
   }
 
   private async failure(payload: Record<string, unknown>, socket: WebSocket): Promise<void> {

@@ -148,7 +148,10 @@ export abstract class Writes extends Hydration {
   /** REACHED: every change up to `cursor` has been delivered, so the writes it covers are settled. */
   protected async reached(cursor: string): Promise<void> {
     if (this.catchingUp()) return; // asked again once caught up
-    await this.settle(this.replica.pendingMutations().filter((m) => m.cursor && (m.cursor === cursor || reaches(cursor, m.cursor))));
+    // It covers the entities live on this socket: a write of one that is not (its replay
+    // refused, its snapshot failing: not waited for) settles when its stream passes it.
+    const covered = (code: string) => this.liveHere.has(code) || this.forbidden.has(code) || !this.followed.has(code);
+    await this.settle(this.replica.pendingMutations().filter((m) => m.cursor && covered(m.entityCode) && (m.cursor === cursor || reaches(cursor, m.cursor))));
     this.refreshStatus();
   }
 }

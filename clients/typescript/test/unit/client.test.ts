@@ -163,8 +163,9 @@ describe("writes", () => {
     client.close();
   });
 
-  it("ask again for an entity the user could not read, after a while and at a new socket: a GRANT is not announced", async () => {
-    const { gateway, open } = setup({ recheckForbiddenMs: 50 });
+  /** A client of `setup` following project (forbidden to the user) and task, once synced. */
+  async function forbiddenProject(recheckForbiddenMs: number) {
+    const { gateway, open } = setup({ recheckForbiddenMs });
     gateway.commit([{ entity: "project", id: "1", action: "CREATE", data: { id: 1, name: "p" } }]);
     gateway.forbidden.add("project");
     const client = open();
@@ -172,24 +173,92 @@ describe("writes", () => {
     client.entity("task");
     await client.waitForFirstSync();
     expect(client.syncStatus.entities.project?.error).toBe("forbidden");
+    return { gateway, client, projects };
+  }
+
+  it("ask again, after a while, for an entity the user could not read: a GRANT is not announced", async () => {
+    const { gateway, client, projects } = await forbiddenProject(50);
     const asked = gateway.snapshotTimes.length;
     await wait(() => expect(gateway.snapshotTimes.length).toBeGreaterThan(asked + 1)); // asked again, still refused
     gateway.forbidden.delete("project"); // GRANT SELECT ON project
     await wait(() => expect(projects.get(1)?.name).toBe("p"));
     expect(client.syncStatus.entities.project?.error).toBeUndefined();
     client.close();
+  });
 
-    // With no recheck due, a new socket asks again.
-    const second = setup({ recheckForbiddenMs: 3_600_000 });
-    second.gateway.commit([{ entity: "project", id: "1", action: "CREATE", data: { id: 1, name: "p" } }]);
-    second.gateway.forbidden.add("project");
-    const other = second.open();
-    const theirs = other.entity("project");
-    await other.waitForFirstSync();
-    second.gateway.forbidden.delete("project");
-    second.gateway.sockets[0]!.close(1012);
-    await wait(() => expect(theirs.get(1)?.name).toBe("p"));
-    other.close();
+  it("keep the status while a forbidden entity is asked again (it stays forbidden until answered)", async () => {
+    const { gateway, client } = await forbiddenProject(30);
+    await wait(() => expect(client.status).toBe("live"));
+    const statuses: string[] = [];
+    client.onStatus((s) => statuses.push(s));
+    const asked = gateway.snapshotTimes.length;
+    await wait(() => expect(gateway.snapshotTimes.length).toBeGreaterThan(asked + 2));
+    expect(statuses.filter((s) => s !== "live")).toEqual([]);
+    expect(client.syncStatus.entities.project?.error).toBe("forbidden");
+    client.close();
+  });
+
+  it("ask again for a forbidden entity at a new socket, and not before a recheck is due (even one too long for a timer)", async () => {
+    const { gateway, client, projects } = await forbiddenProject(30 * 24 * 3_600_000);
+    const asked = gateway.snapshotTimes.length;
+    await new Promise((resolve) => setTimeout(resolve, 100)); // the duration under test: no recheck in it
+    expect(gateway.snapshotTimes.length).toBe(asked);
+    gateway.forbidden.delete("project");
+    gateway.sockets[0]!.close(1012);
+    await wait(() => expect(projects.get(1)?.name).toBe("p"));
+    client.close();
+  });
+
+  it("settle a write of an entity whose replay failed only once its change is shown (REACHED covers live entities)", async () => {
+    const { gateway, open } = setup();
+    gateway.commit([{ entity: "project", id: "1", action: "CREATE", data: { id: 1, name: "p" } }]);
+    const client = open();
+    client.entity("task");
+    const projects = client.entity("project");
+    await client.waitForFirstSync();
+    // A new socket, on which project's replay runs on.
+    gateway.endlessReplays.add("project");
+    gateway.sockets[0]!.close(1012);
+    await wait(() => expect(gateway.sockets[0]?.received.filter((m) => m.type === "SUBSCRIBE").length).toBe(2));
+    const socket = gateway.sockets[0]!;
+    await projects.update(1, { name: "mine" });
+    await wait(() => expect(client.pendingWrites).toBe(0)); // applied by the server
+    const seen: unknown[] = [];
+    projects.subscribe(undefined, (rows) => seen.push(rows[0]?.name));
+    // The replay fails; the retry (from the cursor) brings the write's change back.
+    gateway.endlessReplays.delete("project");
+    socket.subs.delete("project");
+    socket.push({ type: "ERROR", payload: { code: "internal", entityCode: "project", message: "the replay failed" } });
+    await wait(() => expect(client.replica.pendingMutations()).toEqual([]));
+    expect(projects.get(1)?.name).toBe("mine");
+    expect(seen).not.toContain("p");
+    expect(socket.received.some((m) => m.type === "AWAIT")).toBe(true);
+    client.close();
+  });
+
+  it("wait for an entity again at a new socket after one of its SUBSCRIBEs was refused (a transaction stays whole)", async () => {
+    const { gateway, open } = setup();
+    gateway.commit([{ entity: "project", id: "1", action: "CREATE", data: { id: 1, name: "p" } }]);
+    const client = open();
+    const tasks = client.entity("task");
+    const projects = client.entity("project");
+    await client.waitForFirstSync();
+    gateway.sockets[0]!.push({ type: "ERROR", payload: { code: "internal", entityCode: "project", message: "busy" } });
+    await wait(() => expect(gateway.sockets[0]!.received.filter((m) => m.type === "SUBSCRIBE").length).toBe(3));
+    await wait(() => expect(client.status).toBe("live"));
+    gateway.endlessReplays.add("project");
+    gateway.sockets[0]!.close(1012);
+    await wait(() => expect(gateway.sockets[0]?.received.filter((m) => m.type === "SUBSCRIBE").length).toBe(2));
+    const socket = gateway.sockets[0]!;
+    // One transaction: project's part is in its replay, task's comes live.
+    gateway.commit([
+      { entity: "project", id: "1", action: "UPDATE", data: { id: 1, name: "renamed" } },
+      { entity: "task", id: "1", action: "UPDATE", data: { id: 1, title: "of renamed" } },
+    ]);
+    await wait(() => expect(socket.idle).toBe(true));
+    await handled(client);
+    expect({ task: tasks.get(1)?.title, project: projects.get(1)?.name }).toEqual({ task: "one", project: "p" });
+    client.close();
   });
 
   it("settle with an older gateway too, once the stream passes them", async () => {
