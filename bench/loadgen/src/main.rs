@@ -179,8 +179,14 @@ fn token(c: &Common, i: usize) -> String {
     encode(&Header::new(Algorithm::HS256), &claims, &key).unwrap()
 }
 
+/// A connection, subscribed with `subscribe`.
+struct Subscriber {
+    socket: Socket,
+    subscribe: String,
+}
+
 /// Opens `n` connections (200 handshakes at a time), each subscribed with `payload(i)`.
-async fn open(c: &Common, n: usize, payload: impl Fn(usize) -> Value) -> Result<Vec<Socket>> {
+async fn open(c: &Common, n: usize, payload: impl Fn(usize) -> Value) -> Result<Vec<Subscriber>> {
     let gate = Arc::new(Semaphore::new(200));
     let mut tasks = Vec::with_capacity(n);
     for i in 0..n {
@@ -190,11 +196,11 @@ async fn open(c: &Common, n: usize, payload: impl Fn(usize) -> Value) -> Result<
         tasks.push(tokio::spawn(async move {
             let _permit = gate.acquire().await?;
             let mut socket = connect(&url).await?;
-            socket.send(Message::text(subscribe)).await?;
+            socket.send(Message::text(subscribe.clone())).await?;
             loop {
                 match socket.next().await {
                     Some(Ok(Message::Text(t))) if t.contains("SUBSCRIBED") => {
-                        return Ok::<_, anyhow::Error>(socket)
+                        return Ok::<_, anyhow::Error>(Subscriber { socket, subscribe });
                     }
                     Some(Ok(Message::Text(t))) => bail!("unexpected answer: {t}"),
                     Some(Ok(_)) => continue,
@@ -355,9 +361,14 @@ async fn write(c: &Common, rate: Option<u64>, start: Instant) -> Result<Arc<Vec<
 }
 
 /// Reads a socket until `until`, calling `on_change(seq, received_at_us)` for DELTA changes;
-/// returns (messages, changes).
+/// returns (messages, changes). A RESYNC is answered as a client does, by subscribing again
+/// (from the live position: these runs count live changes only). The gateway sends one when
+/// it read the table's last change of definition (the run's RLS set-up) after the SUBSCRIBE.
 async fn drain(
-    mut socket: Socket,
+    Subscriber {
+        mut socket,
+        subscribe,
+    }: Subscriber,
     until: Instant,
     start: Instant,
     mut on_change: impl FnMut(u64, u64),
@@ -372,6 +383,10 @@ async fn drain(
         let at = start.elapsed().as_micros() as u64;
         messages += 1;
         let value: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
+        if value["type"] == "RESYNC" && socket.send(Message::text(subscribe.clone())).await.is_err()
+        {
+            break;
+        }
         for change in value["payload"]["changes"].as_array().into_iter().flatten() {
             changes += 1;
             if let Some(seq) = change["data"]["seq"].as_u64() {
@@ -461,7 +476,7 @@ async fn fanout(c: Common) -> Result<Value> {
 type Reader = tokio::task::JoinHandle<(u64, u64)>;
 
 /// Reads every socket until `until`, counting messages and changes.
-fn read_all(sockets: Vec<Socket>, until: Instant, start: Instant) -> Vec<Reader> {
+fn read_all(sockets: Vec<Subscriber>, until: Instant, start: Instant) -> Vec<Reader> {
     sockets
         .into_iter()
         .map(|s| tokio::spawn(async move { drain(s, until, start, |_, _| {}).await }))
