@@ -1,9 +1,11 @@
 //! The messages for one connection, built change by change and serialized at the end.
 //!
 //! A message holds a run of consecutive changes of one entity (at most 256); its cursor is
-//! the position after its last change. The run that carries the last change of a database
-//! transaction (of what this connection receives) ends there and says so (`txEnd`), so that
-//! a client can apply whole transactions. Runs are kept as (change, action) until delivery, and
+//! the position after its last change. A message whose last change is the last of a database
+//! transaction (of what this connection receives) says so (`txEnd`), so that a client can
+//! apply whole transactions. A run goes on past a transaction's end: several small
+//! transactions of one entity in a read make one message (one per transaction made the
+//! gateway's fan-out of single-row commits send one frame per change). Runs are kept as (change, action) until delivery, and
 //! runs that are the same for many connections (every whole-table subscriber of a batch, say)
 //! are serialized once and their text shared: with 10,000 subscribers, serializing per
 //! connection was the gateway's bottleneck.
@@ -51,13 +53,14 @@ pub struct Outbox {
 }
 
 impl Outbox {
-    /// Adds a change, extending the last run when it is of the same entity and shape.
+    /// Adds a change, extending the last run when it is of the same entity and shape (also
+    /// past a transaction's end: the run then ends inside the new one until it ends too).
     pub fn push(&mut self, shape: &Shape, change: &Arc<Change>, action: Action) {
         self.in_transaction = true;
         if let Some(Part::Run {
             shape: last,
             changes,
-            tx_end: false,
+            tx_end,
         }) = self.parts.last_mut()
         {
             if last == shape
@@ -65,6 +68,7 @@ impl Outbox {
                 && changes.len() < MAX_CHANGES_PER_MESSAGE
             {
                 changes.push((change.clone(), action));
+                *tx_end = false;
                 return;
             }
         }
