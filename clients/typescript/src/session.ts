@@ -233,9 +233,9 @@ export abstract class Session extends Writes {
           return payload.txEnd === true && this.txs.size ? this.release(this.txs.take()) : undefined;
         }
         const changes = payload.changes as Change[];
-        const version = changes.find((c) => c.schemaVersion !== undefined)?.schemaVersion;
+        // Any change of the message: it may hold several transactions.
         const known = this.meta.get(code)?.schemaVersion;
-        if (version !== undefined && known !== undefined && version !== known) {
+        if (known !== undefined && changes.some((c) => c.schemaVersion !== undefined && c.schemaVersion !== known)) {
           await this.resync(code, socket);
           // The refetch replaces this message; where it ends a transaction, the rest is whole.
           return payload.txEnd === true && this.txs.size ? this.release(this.txs.take()) : undefined;
@@ -304,7 +304,7 @@ export abstract class Session extends Writes {
           this.attempts.delete(piece.entity);
           continue;
         }
-        const version = piece.changes.find((c) => c.schemaVersion !== undefined)?.schemaVersion;
+        const version = piece.changes.reduce<number | undefined>((v, c) => c.schemaVersion ?? v, undefined);
         const meta: Meta = { ...before, cursor: piece.cursor, schemaVersion: version ?? before?.schemaVersion };
         positions.set(piece.entity, meta);
         let changes: RowChange[];

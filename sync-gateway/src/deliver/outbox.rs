@@ -5,10 +5,12 @@
 //! transaction (of what this connection receives) says so (`txEnd`), so that a client can
 //! apply whole transactions. A run goes on past a transaction's end: several small
 //! transactions of one entity in a read make one message (one per transaction made the
-//! gateway's fan-out of single-row commits send one frame per change). Runs are kept as (change, action) until delivery, and
-//! runs that are the same for many connections (every whole-table subscriber of a batch, say)
-//! are serialized once and their text shared: with 10,000 subscribers, serializing per
-//! connection was the gateway's bottleneck.
+//! gateway's fan-out of single-row commits send one frame per change).
+//!
+//! Runs are kept as (change, action) until delivery, and runs that are the same for many
+//! connections (every whole-table subscriber of a batch, say) are serialized once and their
+//! text shared: with 10,000 subscribers, serializing per connection was the gateway's
+//! bottleneck.
 
 use crate::model::change::{Action, Change};
 use crate::model::protocol::{ChangeOut, Mode, ResyncReason, ServerMessage};

@@ -1,7 +1,7 @@
 /**
  * A gateway in memory, as the client sees it (SPEC 2.3, 2.4): a log of transactions, the
  * socket protocol (SUBSCRIBE with `since`, a replay per subscription then SYNCED, live DELTAs
- * in log order, `txEnd` on the message with a transaction's last change, AWAIT/REACHED,
+ * in log order, `txEnd` on a message whose last change ends a transaction, AWAIT/REACHED,
  * RECONNECT), snapshots and `/v1/write`. Messages are split at random (seeded) and delivered
  * one per macrotask, so the client sees them as a socket would deliver them.
  */
@@ -119,7 +119,8 @@ export class FakeGateway {
   }
 
   /** Splits changes into messages as the gateway may: consecutive changes of one entity, cut
-   * at random; `txEnd` on the message holding a transaction's last change. */
+   * at random (also inside or past a transaction's end); `txEnd` on a message whose last
+   * change ends its transaction. */
   messages(changes: { change: LogChange; at: number }[], type = "DELTA"): Message[] {
     const out: Message[] = [];
     let i = 0;

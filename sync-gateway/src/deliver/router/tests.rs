@@ -627,17 +627,24 @@ async fn the_message_ending_a_transaction_says_so_even_when_its_last_change_is_s
     let changes =
         messages.iter().find(|m| m["type"] == "DELTA").unwrap()["payload"]["changes"].clone();
     assert_eq!(changes.as_array().unwrap().len(), 3, "{changes}");
+    // A run that goes on past an end into a transaction cut by a full page does not end.
+    route_cut(&mut h, vec![in_tx("1", true), in_tx("2", false)], 12);
+    route(&mut h, vec![in_tx("4", true)], 13);
+    assert_eq!(
+        tx_marks(&drain(&mut q).await),
+        [("1".to_owned(), false), ("4".to_owned(), true)]
+    );
     // A transaction cut by a full page ends in the next batch.
-    route_cut(&mut h, vec![in_tx("1", false)], 12);
-    route(&mut h, vec![in_tx("2", true)], 13);
+    route_cut(&mut h, vec![in_tx("1", false)], 14);
+    route(&mut h, vec![in_tx("2", true)], 15);
     assert_eq!(
         tx_marks(&drain(&mut q).await),
         [("1".to_owned(), false), ("2".to_owned(), true)]
     );
     // When the next batch holds nothing of it for this connection, a message of no changes
     // ends it, at the position after the transaction's last change.
-    route_cut(&mut h, vec![in_tx("1", false)], 14);
-    route(&mut h, vec![in_tx("3", true)], 15);
+    route_cut(&mut h, vec![in_tx("1", false)], 16);
+    route(&mut h, vec![in_tx("3", true)], 17);
     let messages = drain(&mut q).await;
     assert_eq!(
         tx_marks(&messages),
