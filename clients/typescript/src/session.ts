@@ -367,7 +367,8 @@ export abstract class Session extends Writes {
     this.liveHere.delete(code);
   }
 
-  /** The user may no longer read the entity: its rows and position go, and it is not followed. */
+  /** The user may no longer read the entity: its rows and position go, and it is asked again
+   * after `recheckForbiddenMs` (and at each new socket). */
   private forbid(code: string): void {
     this.ended(code);
     if (!this.forbidden.has(code)) {
