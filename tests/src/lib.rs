@@ -345,12 +345,27 @@ fn allows_plugin_setting() -> bool {
     })
 }
 
+/// A port that can be bound now, below the kernel's range of ephemeral ports (32768 up on
+/// Linux). A port from that range, free when picked, can become the local end of some
+/// outgoing connection while a test has its server down, and the server started again on it
+/// fails with "Address already in use" (a browser scenario's gateway restart did, on CI).
+/// Ports are handed out in turn from a start that differs per process, each checked free.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    const LOW: usize = 20_000;
+    const SPAN: usize = 12_000;
+    static NEXT: std::sync::OnceLock<AtomicUsize> = std::sync::OnceLock::new();
+    let next = NEXT.get_or_init(|| {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos() as usize);
+        AtomicUsize::new(std::process::id() as usize * 7919 + nanos)
+    });
+    loop {
+        let port = (LOW + next.fetch_add(1, Ordering::SeqCst) % SPAN) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 fn as_postgres(args: &[&str]) {
