@@ -141,7 +141,10 @@ if enter:
                  f"p50 {enter['enter']['p50_ms']:.1f}, p99 {enter['enter']['p99_ms']:.1f} ms "
                  f"(leaving: p50 {enter['leave']['p50_ms']:.1f}, p99 {enter['leave']['p99_ms']:.1f} ms; "
                  f"the membership's own commit p50 {enter['commit']['p50_ms']:.1f}, "
-                 f"p99 {enter['commit']['p99_ms']:.1f} ms) | "
+                 f"p99 {enter['commit']['p99_ms']:.1f} ms"
+                 + (f"; commit → RESYNC received p50 {enter['resync']['p50_ms']:.1f}, "
+                    f"p99 {enter['resync']['p99_ms']:.1f} ms" if "resync" in enter else "")
+                 + ") | "
                  f"the same refetch alone: p50 {enter['snapshot']['p50_ms']:.1f}, "
                  f"p99 {enter['snapshot']['p99_ms']:.1f} ms | "
                  f"{enter['enter']['p99_ms'] / enter['snapshot']['p99_ms']:.2f}× at p99 |")

@@ -3,7 +3,7 @@
 //! none). The gateway tells the user's socket to refetch (RESYNC `access_changed`) and the
 //! client takes a snapshot; the reference is that snapshot alone, of the same rows. The
 //! membership's own commit (its round trip, a WAL flush) is part of the time, and is
-//! reported apart too.
+//! reported apart too, as is the time until the RESYNC arrived.
 
 use super::{connect, database, percentiles, token, Common, Socket};
 use anyhow::{bail, Context, Result};
@@ -38,7 +38,8 @@ pub(super) async fn enter(c: Common) -> Result<Value> {
     let auth = token(&c, 0);
     let url = format!("ws://{}/ws/sync?token={auth}", c.gateway);
     let mut socket = connect(&url).await?;
-    let (mut enter, mut leave, mut alone, mut commit) = (vec![], vec![], vec![], vec![]);
+    let (mut enter, mut leave, mut alone) = (vec![], vec![], vec![]);
+    let (mut commit, mut told) = (vec![], vec![]);
     for _ in 0..c.rounds {
         subscribe(&mut socket).await?;
         let start = Instant::now();
@@ -46,6 +47,7 @@ pub(super) async fn enter(c: Common) -> Result<Value> {
             .await?;
         commit.push(start.elapsed().as_micros() as u64);
         refetch_asked(&mut socket).await?;
+        told.push(start.elapsed().as_micros() as u64);
         expect_rows(&c, &auth, c.rows).await?;
         enter.push(start.elapsed().as_micros() as u64);
 
@@ -63,7 +65,7 @@ pub(super) async fn enter(c: Common) -> Result<Value> {
     Ok(json!({
         "mode": "enter", "rows": c.rows, "rounds": c.rounds,
         "enter": percentiles(enter), "leave": percentiles(leave), "snapshot": percentiles(alone),
-        "commit": percentiles(commit),
+        "commit": percentiles(commit), "resync": percentiles(told),
     }))
 }
 
