@@ -16,7 +16,21 @@ best_of_3() {
     done
     echo "$best"
 }
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+# A free port below the kernel's ephemeral range (32768 up): one from that range can be taken
+# by an outgoing connection while a server restarted on it is down.
+free_port() {
+    python3 -c '
+import random, socket
+while True:
+    port = random.randrange(20000, 32000)
+    s = socket.socket()
+    try:
+        s.bind(("127.0.0.1", port))
+    except OSError:
+        continue
+    print(port)
+    break'
+}
 
 PORT=$(free_port)
 # WAL capture needs logical decoding, and wal2json listed where the server limits plugins.
