@@ -134,7 +134,7 @@ async fn a_client_that_never_reads_is_cut_off_and_memory_stays_bounded() {
     );
     // The stalled client finds, after what was already on its way, RESYNC or the close. The
     // close frame comes only when the socket had room for it: when the kernel's buffers were
-    // full, the gateway ends the connection after the send timeout without one.
+    // full, the gateway ends the connection without one.
     let ending = loop {
         match stalled.next_or_close().await {
             Ok(m) if m["type"] == "RESYNC" => break format!("RESYNC {}", m["payload"]["reason"]),
