@@ -611,10 +611,8 @@ pub async fn read_memberships(
     images: &[&Map<String, Value>],
 ) -> Result<Option<(Memberships, bool)>, tokio_postgres::Error> {
     let mut read = Memberships::default();
-    let asked = Memberships::asked(index.expr());
-    for member in &asked {
+    for (member, wanted) in index.memberships() {
         let keys = Memberships::keys(member, images);
-        let wanted = index.wanted(member);
         let answer: Value = if keys.is_empty() || wanted.is_empty() {
             Value::Object(Map::new())
         } else {
@@ -635,9 +633,9 @@ pub async fn read_memberships(
         if answer.is_null() {
             return Ok(None);
         }
-        read.insert((*member).clone(), answer);
+        read.insert(member.clone(), answer);
     }
-    Ok(Some((read, !asked.is_empty())))
+    Ok(Some((read, !index.memberships().is_empty())))
 }
 
 /// `sync.visible` for `groups` over `images`: per group, a bit per image, or why it failed.

@@ -208,9 +208,9 @@ pub struct GroupIndex {
     pub failed: Vec<(GroupId, EvalError)>,
     /// Groups this index cannot judge exactly (`eval::inexact`): the database must.
     pub inexact: Vec<GroupId>,
-    /// Per membership the policy asks about, the field values its groups ask for
+    /// Each membership the policy asks about, with the field values its groups ask for
     /// (`Memberships::wanted`): made once with the index, not for every page.
-    wanted: Vec<(Member, Vec<Vec<String>>)>,
+    memberships: Vec<(Member, Vec<Vec<String>>)>,
 }
 
 impl GroupIndex {
@@ -273,7 +273,7 @@ impl GroupIndex {
             conjuncts,
             failed: Vec::new(),
             inexact: set_apart,
-            wanted: Vec::new(),
+            memberships: Vec::new(),
         };
         if index.conjuncts.is_none() {
             // Evaluated one by one: a group fails when its claims make the policy raise on
@@ -291,24 +291,17 @@ impl GroupIndex {
             index.claims.remove(g);
         }
         index.failed = failed;
-        index.wanted = Memberships::asked(&index.expr)
+        index.memberships = Memberships::asked(&index.expr)
             .into_iter()
             .map(|m| (m.clone(), Memberships::wanted(m, index.claims.values())))
             .collect();
         index
     }
 
-    /// The compiled policy.
-    pub fn expr(&self) -> &Expr {
-        &self.expr
-    }
-
-    /// What the fields of `member`'s rows must read for one of the groups to match.
-    pub fn wanted(&self, member: &Member) -> &[Vec<String>] {
-        self.wanted
-            .iter()
-            .find(|(m, _)| m == member)
-            .map_or(&[], |(_, wanted)| wanted.as_slice())
+    /// Each membership the policy asks about, with what the fields of its rows must read for
+    /// one of the groups to match.
+    pub fn memberships(&self) -> &[(Member, Vec<Vec<String>>)] {
+        &self.memberships
     }
 
     /// The groups (sorted) that may see `row`, among those that did not fail.
