@@ -762,9 +762,8 @@ async fn settled(cluster: &Cluster, gateway: &Gateway) -> Result<(), String> {
     session
         .send(json!({"type": "AWAIT", "payload": {"cursor": cursor, "ref": "settled"}}))
         .await;
-    let quiet = PATIENCE;
     loop {
-        match tokio::time::timeout(quiet, session.next_or_close()).await {
+        match tokio::time::timeout(PATIENCE, session.next_or_close()).await {
             Ok(Ok(m)) if m["type"] == "REACHED" => return Ok(()),
             Ok(Ok(_)) => {}
             other => return Err(format!("no REACHED of the log's position: {other:?}")),
