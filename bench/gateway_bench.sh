@@ -69,6 +69,14 @@ CLEANUP+=("kill $BARE_PID 2>/dev/null")
 sleep 0.5
 TARGET=127.0.0.1:$BARE_PORT loadgen bare-fanout --connections "$FANOUT"
 kill "$BARE_PID"
+# The reference for the RLS rows with one subscriber per claim set below, where each message
+# carries about one change: the bare server writing one-change frames to 1,000 connections.
+target/release/sync-loadgen bare-server --listen "127.0.0.1:$BARE_PORT" --changes-per-frame 1 &
+BARE_PID=$!
+CLEANUP+=("kill $BARE_PID 2>/dev/null")
+sleep 0.5
+TARGET=127.0.0.1:$BARE_PORT loadgen bare-fanout --connections 1000
+kill "$BARE_PID"
 restart_gateway
 loadgen catchup --changes "${CATCHUP_CHANGES:-1000000}"
 # Fresh gateways for memory: idle connections, then a 1M-row snapshot's peak.
@@ -79,15 +87,24 @@ ROWS=${SNAPSHOT_ROWS:-1000000}
 loadgen snapshot --rows "$ROWS" --gateway-pid "$GATEWAY_PID"
 best=$(best_of_3 psql -qAt -c "COPY bench_snapshot TO STDOUT")
 echo "{\"mode\": \"copy\", \"rows\": $ROWS, \"seconds\": $best}" | tee -a "$OUT/results.jsonl"
-# Row-level security last: the table keeps its policy from here on.
+# Fan-out of a backlog: the changes are written while the gateway is paused (SIGSTOP) and
+# read at full speed once it resumes, so that the rows show the gateway's limit: writers
+# sharing its two cores committed 25-45k changes/s, less than it delivers. Transactions of
+# 1,000 rows. First without RLS, the reference for the rows with it.
+BACKLOG=${BACKLOG_CHANGES:-200000}
+backlog() { loadgen fanout --backlog --gateway-pid "$GATEWAY_PID" --rows 20000 --rows-per-commit 1000 "$@"; }
 restart_gateway
-# Transactions of 50 rows: with many claim sets a change reaches few subscribers, and
-# single-row commits measured how fast PostgreSQL commits (4.3k/s), not the gateway.
-loadgen fanout --connections 1000 --rls-claim-sets 1000 --rows-per-commit 50
-loadgen fanout --connections 1000 --rls-claim-sets 10 --rows-per-commit 50
-loadgen fanout --connections "$FANOUT" --rls-claim-sets "$FANOUT" --rows-per-commit 50
+backlog --connections 1000 --changes 20000
+# Row-level security last: the table keeps its policy from here on. A fresh gateway per
+# policy: a policy replaced under running subscriptions sends each a RESYNC.
 restart_gateway
-loadgen fanout --connections 1000 --rls-claim-sets 10 --rows-per-commit 50 --rls-subquery
+backlog --connections 1000 --rls-claim-sets 1000 --changes "$BACKLOG"
+backlog --connections 1000 --rls-claim-sets 10 --changes "$((BACKLOG / 10))"
+backlog --connections "$FANOUT" --rls-claim-sets "$FANOUT" --changes "$BACKLOG"
+restart_gateway
+backlog --connections 1000 --rls-claim-sets 1000 --rls-subquery --changes "$BACKLOG"
+backlog --connections 1000 --rls-claim-sets 10 --rls-subquery --changes "$((BACKLOG / 10))"
+backlog --connections "$FANOUT" --rls-claim-sets "$FANOUT" --rls-subquery --changes "$BACKLOG"
 # A visibility change without row changes: joining and leaving a project of 1,000 tasks.
 restart_gateway
 loadgen enter --rows 1000

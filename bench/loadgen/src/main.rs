@@ -6,7 +6,9 @@
 //!   update random rows at a fixed rate and note when each commit returned; every client
 //!   notes when each change arrived. Reports commit-to-client percentiles.
 //! - `fanout`: N connections subscribed to the whole entity; writers commit single-row
-//!   updates as fast as they can; reports messages and changes delivered per second.
+//!   updates as fast as they can; reports messages and changes delivered per second. With
+//!   `--backlog`, the changes are written while the gateway is paused and read at full
+//!   speed once it resumes: the gateway's limit, not the writers' (which share its cores).
 //! - `idle`: opens N connections holding one subscription each and reports the gateway's
 //!   resident memory per connection.
 //! - `snapshot`: streams `GET /v1/snapshot` of a table of `--rows` rows; reports rows per
@@ -127,9 +129,15 @@ struct Common {
     /// rate rather than the gateway.
     #[arg(long, default_value_t = 1)]
     rows_per_commit: usize,
-    /// Changes missed while away (catchup).
+    /// Changes missed while away (catchup); changes written while the gateway is paused
+    /// (fanout --backlog).
     #[arg(long, default_value_t = 1_000_000)]
     changes: usize,
+    /// Fan-out of a backlog: `--changes` changes are written while the gateway (its
+    /// `--gateway-pid`) is paused, then it resumes and reads them at full speed, with no
+    /// writer sharing the cores; reports deliveries per second from the resume to the last.
+    #[arg(long)]
+    backlog: bool,
     /// The primary's data directory: report its CPU time while the gateway serves.
     #[arg(long)]
     primary_data: Option<String>,
@@ -311,6 +319,7 @@ async fn write(c: &Common, rate: Option<u64>, start: Instant) -> Result<Arc<Vec<
             c.rows_per_commit.max(1),
         );
         tasks.push(tokio::spawn(async move {
+            let own_rows = (rows / WRITERS).max(1);
             let update = db
                 .prepare("UPDATE bench_item SET seq = $1 WHERE id = ANY ($2)")
                 .await?;
@@ -333,22 +342,13 @@ async fn write(c: &Common, rate: Option<u64>, start: Instant) -> Result<Arc<Vec<
                 if seq as usize >= commits.len() {
                     break;
                 }
-                // Sorted: writers lock rows in one order, so they never deadlock.
+                // Each writer updates rows of its own (`id % WRITERS == w`): writers never
+                // wait for each other's locks, so large transactions commit at full speed.
                 let ids: std::collections::BTreeSet<i32> = (0..per_commit)
-                    .map(|_| (xorshift(&mut rng) % rows) as i32)
+                    .map(|_| ((xorshift(&mut rng) % own_rows) * WRITERS + w) as i32)
                     .collect();
                 let ids: Vec<i32> = ids.into_iter().collect();
-                match db.execute(&update, &[&(seq as i64), &ids]).await {
-                    // Updated rows move, so two multi-row updates can still lock in
-                    // opposite orders: the one PostgreSQL picks is simply not counted.
-                    Err(e)
-                        if e.code()
-                            == Some(&tokio_postgres::error::SqlState::T_R_DEADLOCK_DETECTED) =>
-                    {
-                        continue
-                    }
-                    other => other?,
-                };
+                db.execute(&update, &[&(seq as i64), &ids]).await?;
                 commits[seq as usize].store(start.elapsed().as_micros() as u64, Ordering::SeqCst);
             }
             Ok::<_, anyhow::Error>(())
@@ -360,7 +360,8 @@ async fn write(c: &Common, rate: Option<u64>, start: Instant) -> Result<Arc<Vec<
     Ok(commits)
 }
 
-/// Reads a socket until `until`, calling `on_change(seq, received_at_us)` for DELTA changes;
+/// Reads a socket until `until`, calling `on_change(seq, received_at_us)` for every change
+/// (`seq`: its `data.seq`, which DELTA changes carry);
 /// returns (messages, changes). A RESYNC is answered as a client does, by subscribing again
 /// (from the live position: these runs count live changes only). The gateway sends one when
 /// it read the table's last change of definition (the run's RLS set-up) after the SUBSCRIBE.
@@ -371,7 +372,7 @@ async fn drain(
     }: Subscriber,
     until: Instant,
     start: Instant,
-    mut on_change: impl FnMut(u64, u64),
+    mut on_change: impl FnMut(Option<u64>, u64),
 ) -> (u64, u64) {
     let (mut messages, mut changes) = (0, 0);
     // A stream that is always ready never times out: the deadline is checked as well.
@@ -389,9 +390,7 @@ async fn drain(
         }
         for change in value["payload"]["changes"].as_array().into_iter().flatten() {
             changes += 1;
-            if let Some(seq) = change["data"]["seq"].as_u64() {
-                on_change(seq, at);
-            }
+            on_change(change["data"]["seq"].as_u64(), at);
         }
     }
     (messages, changes)
@@ -415,7 +414,10 @@ async fn latency(c: Common) -> Result<Value> {
         .map(|s| {
             tokio::spawn(async move {
                 let mut seen = Vec::new();
-                let counts = drain(s, until, start, |seq, at| seen.push((seq, at))).await;
+                let counts = drain(s, until, start, |seq, at| {
+                    seen.extend(seq.map(|seq| (seq, at)))
+                })
+                .await;
                 (seen, counts)
             })
         })
@@ -455,6 +457,9 @@ async fn latency(c: Common) -> Result<Value> {
 async fn fanout(c: Common) -> Result<Value> {
     prepare_table(&c).await?;
     let sockets = open(&c, c.connections, |_| json!({"entityCode": "bench_item"})).await?;
+    if c.backlog {
+        return backlog(c, sockets).await;
+    }
     let start = Instant::now();
     let readers = read_all(sockets, start + Duration::from_secs(c.seconds), start);
     let commits = write(&c, None, start).await?;
@@ -471,6 +476,114 @@ async fn fanout(c: Common) -> Result<Value> {
         "seconds": c.seconds, "commits": committed,
         "messages_per_s": (messages as f64 / secs).round(), "changes_per_s": (changes as f64 / secs).round(),
     }))
+}
+
+/// `fanout --backlog`: the gateway is paused (SIGSTOP) while writers update `bench_item`
+/// in transactions of `--rows-per-commit` consecutive rows until `--changes` are written;
+/// then it resumes (SIGCONT). The readers count deliveries until all that the policy lets
+/// each subscriber see have arrived, or none arrives for 10 s.
+async fn backlog(c: Common, sockets: Vec<Subscriber>) -> Result<Value> {
+    let pid = c.gateway_pid.context("--backlog needs --gateway-pid")? as i32;
+    let passes = c.changes.div_ceil(c.rows);
+    let expected = passes as u64 * deliveries_per_pass(&c);
+    let (delivered, last) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    // SAFETY: kill(2) with a pid and a signal number; nothing is shared with the process.
+    let signal = |sig| unsafe { libc::kill(pid, sig) };
+    if signal(libc::SIGSTOP) != 0 {
+        bail!("cannot pause the gateway (pid {pid})");
+    }
+    // Statistics of the log as autovacuum keeps them in a running system: a log never
+    // analyzed yet makes the planner scan all of it where one index range would do.
+    let written = match write_blocks(&c, passes).await {
+        Ok(()) => database(&c.database_url)
+            .await?
+            .batch_execute("ANALYZE sync.change_history")
+            .await
+            .map_err(Into::into),
+        Err(e) => Err(e),
+    };
+    let resumed = Instant::now();
+    if signal(libc::SIGCONT) != 0 {
+        bail!("cannot resume the gateway (pid {pid})");
+    }
+    written?;
+    let readers: Vec<_> = sockets
+        .into_iter()
+        .map(|s| {
+            let (delivered, last) = (delivered.clone(), last.clone());
+            tokio::spawn(async move {
+                let until = resumed + Duration::from_secs(600);
+                drain(s, until, resumed, |_, at| {
+                    delivered.fetch_add(1, Ordering::Relaxed);
+                    last.fetch_max(at, Ordering::Relaxed);
+                })
+                .await
+            })
+        })
+        .collect();
+    let mut seen = (0, Instant::now());
+    loop {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let now = delivered.load(Ordering::Relaxed);
+        if now >= expected || seen.1.elapsed() > Duration::from_secs(10) {
+            break;
+        }
+        if now > seen.0 {
+            seen = (now, Instant::now());
+        }
+    }
+    readers.iter().for_each(|r| r.abort());
+    let seconds = last.load(Ordering::Relaxed) as f64 / 1e6;
+    let delivered = delivered.load(Ordering::Relaxed);
+    Ok(json!({
+        "mode": "fanout", "backlog": true, "connections": c.connections,
+        "rls_claim_sets": c.rls_claim_sets,
+        "rls_policy": if c.rls_subquery { "subquery" } else { "claim" },
+        "rows_per_commit": c.rows_per_commit, "changes_written": passes * c.rows,
+        "deliveries_expected": expected, "changes_delivered": delivered,
+        "seconds": (seconds * 100.0).round() / 100.0,
+        "changes_per_s": (delivered as f64 / seconds).round(),
+    }))
+}
+
+/// The deliveries one update of every row of `bench_item` makes: row `id` reaches the
+/// connections of team `id % N` (all of them without RLS).
+fn deliveries_per_pass(c: &Common) -> u64 {
+    if c.rls_claim_sets == 0 {
+        return (c.rows * c.connections) as u64;
+    }
+    let mut per_team = vec![0u64; c.rls_claim_sets];
+    (0..c.connections).for_each(|i| per_team[i % c.rls_claim_sets] += 1);
+    (0..c.rows).map(|id| per_team[id % c.rls_claim_sets]).sum()
+}
+
+/// Updates every row of `bench_item` `passes` times, in transactions of `--rows-per-commit`
+/// consecutive rows; four writers take the blocks in turn, so no two touch one row at once.
+async fn write_blocks(c: &Common, passes: usize) -> Result<()> {
+    const WRITERS: usize = 4;
+    let block = c.rows_per_commit.max(1);
+    let blocks = c.rows.div_ceil(block);
+    let mut tasks = Vec::new();
+    for w in 0..WRITERS {
+        let db = database(&c.database_url).await?;
+        tasks.push(tokio::spawn(async move {
+            let update = db
+                .prepare("UPDATE bench_item SET seq = seq + 1 WHERE id >= $1 AND id < $2")
+                .await?;
+            for _ in 0..passes {
+                for b in (w..blocks).step_by(WRITERS) {
+                    let from = (b * block) as i32;
+                    db.execute(&update, &[&from, &(from + block as i32)])
+                        .await?;
+                }
+            }
+            Ok::<_, anyhow::Error>(())
+        }));
+    }
+    for t in tasks {
+        t.await??;
+    }
+    Ok(())
 }
 
 type Reader = tokio::task::JoinHandle<(u64, u64)>;

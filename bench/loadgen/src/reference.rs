@@ -125,7 +125,7 @@ pub(super) async fn bare_latency(c: Common) -> Result<Value> {
                 let mut latencies = Vec::new();
                 // Frames sent before the run (queued while the connections opened) are not counted.
                 drain(s, until, start, |sent, at| {
-                    if sent >= started_at {
+                    if let Some(sent) = sent.filter(|&sent| sent >= started_at) {
                         latencies.push((started_at + at).saturating_sub(sent))
                     }
                 })
