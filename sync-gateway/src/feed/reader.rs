@@ -21,8 +21,13 @@ use std::time::Duration;
 use tokio::sync::{mpsc, Notify};
 use tokio_util::sync::CancellationToken;
 
-/// Changes read per query.
+/// Changes read per query at the log's end.
 const PAGE: i32 = 1000;
+/// Changes read per query behind it (the page before came back full): a subscriber gets one
+/// message per page it has changes in, so larger pages send fewer, fuller messages where
+/// row-level security gives each subscriber few of a page's changes, and read the log in
+/// fewer queries.
+const BACKLOG_PAGE: i32 = 4000;
 
 /// A page of the log as the reader read it.
 pub struct Batch {
@@ -144,8 +149,9 @@ impl Reader {
     /// position or catalog epoch moved).
     async fn drain(&self, position: &mut Cursor, epoch: &mut u64) -> Result<(), ReadError> {
         let mut client = self.connect().await?;
+        let mut size = PAGE;
         loop {
-            let page = read_page(&mut client, Some(position), PAGE, None)
+            let page = read_page(&mut client, Some(position), size, None)
                 .await?
                 .up_to_transaction_end();
             let read_at = tokio::time::Instant::now();
@@ -171,6 +177,7 @@ impl Reader {
             if !page.more {
                 return Ok(());
             }
+            size = BACKLOG_PAGE;
         }
     }
 }
