@@ -417,11 +417,22 @@ async fn through_an_http_cache_a_thousand_readers_cost_the_log_a_few_reads() {
         .filter(|s| *s == "HIT")
         .count();
     println!("1,000 readers through nginx: {reads} reads of the log, {hits} cache hits");
-    // Reads grow with time, not readers: a first page from a snapshot's cursor is read again
-    // each time the live position moves (its batch ends at its read's present), and each
-    // such read starts a chain of closed pages of its own; 1,000 readers reading alone read
-    // 4,000 pages.
-    assert!(reads <= 50, "{reads} reads of the log");
+    // One chain of URLs: each page after the first is fetched from a gateway once. The
+    // first page, from a cursor between batches, ends its batch where its read found the
+    // log; read again at another live position it would link to a second chain (it did:
+    // 2 misses a page, 22 reads), so the gateway keeps the first one read for everyone.
+    let depth = readers[0].1.len();
+    for page in 1..depth - 1 {
+        let misses = readers
+            .iter()
+            .filter(|(_, s)| s.get(page).is_some_and(|s| s == "MISS"))
+            .count();
+        assert_eq!(misses, 1, "page {page} fetched {misses} times");
+    }
+    // Reads grow with time, not readers: the rest are the empty live edge, read again as
+    // the live position moves (11-16 reads in all here, in 9 s; a slower machine takes
+    // longer); 1,000 readers reading alone read 4,000 pages.
+    assert!(reads <= 30, "{reads} reads of the log");
 
     // bob (beta) with the URL of acme's second page: sent to his own, never served acme's.
     let acme = second_page(&a, &bearer("alice", "acme"), &start).await;

@@ -290,7 +290,7 @@ async fn shared(
     let deadline = tokio::time::Instant::now() + request.wait;
     let mut moved = state.position.clone();
     loop {
-        if let Some(page) = state.pages.closed(&key).await {
+        if let Some(page) = state.pages.settled(&key).await {
             return Ok((page, true));
         }
         let at = moved
@@ -400,6 +400,7 @@ async fn private(
                 etag: format!("\"{}\"", sharing::short_digest(&body)),
                 body,
                 closed: full && cursor.in_batch_of(&request.since),
+                settled: full && cursor.in_batch_read_from(&request.since),
                 cursor,
                 full,
                 empty: out.is_empty(),

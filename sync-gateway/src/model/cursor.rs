@@ -73,6 +73,32 @@ impl Cursor {
         }
     }
 
+    /// Whether this cursor (the end of a full page read from `since`) is in the batch the
+    /// read began with, or at its end: every change of the page was settled when it was
+    /// read. Unlike `in_batch_of`, also from a cursor between batches, whose first batch
+    /// ends where the read found the log: two reads may end it differently, each page right.
+    pub fn in_batch_read_from(&self, since: &Cursor) -> bool {
+        use pg_sync_core::cursor::Cursor::{At, Within};
+        match (since.decoded(), self.decoded()) {
+            (
+                Some(At { generation, mark }),
+                Some(Within {
+                    generation: g,
+                    from,
+                    ..
+                }),
+            ) => g == generation && from == mark,
+            (
+                Some(At { generation, mark }),
+                Some(At {
+                    generation: g,
+                    mark: end,
+                }),
+            ) => g == generation && end != mark,
+            _ => self.in_batch_of(since),
+        }
+    }
+
     /// Whether both cursors belong to the same log (database and generation).
     pub fn same_log(&self, other: &Cursor) -> bool {
         match (self.decoded(), other.decoded()) {
@@ -121,5 +147,26 @@ mod tests {
         assert!(!cursor(later).in_batch_of(&since));
         // From a cursor between batches, a read's first batch ends at its present: never.
         assert!(!cursor(&format!("{from}.{to}.8.25.7")).in_batch_of(&cursor(from)));
+    }
+
+    #[test]
+    fn a_page_end_is_in_the_batch_its_read_began_inside_or_at_the_end_of_it() {
+        let cursor = |text: &str| Cursor::from_client(&format!("1.ab.{text}")).unwrap();
+        let (from, to, later) = ("10_20__5_22", "20_30__9_32", "30_40__15_42");
+        let inside = cursor(&format!("{from}.{to}.8.25.7"));
+        assert!(
+            inside.in_batch_read_from(&cursor(from)),
+            "between batches: its first"
+        );
+        assert!(cursor(to).in_batch_read_from(&cursor(from)), "at its end");
+        assert!(
+            !cursor(from).in_batch_read_from(&cursor(from)),
+            "no change read"
+        );
+        assert!(!inside.in_batch_read_from(&cursor(to)), "another batch");
+        assert!(!cursor(&format!("{to}.{later}.12.33.11")).in_batch_read_from(&inside));
+        assert!(inside.in_batch_read_from(&cursor(&format!("{from}.{to}.6.21.6"))));
+        let elsewhere = Cursor::from_client("1.cd.20_30__9_32").unwrap();
+        assert!(!elsewhere.in_batch_read_from(&cursor(from)), "another log");
     }
 }
