@@ -771,7 +771,7 @@ async fn a_membership_written_with_in_follows_the_members_projects() {
     assert_eq!(snapshot_ids(&gateway, "b").await, [1, 2]);
 }
 
-/// A user who may write the membership table piles 5,000 rows under project 1, for users
+/// A user who may write the membership table piles 10,000 rows under project 1, for users
 /// nobody subscribes as (or for the users of a role that others share). The gateway asks
 /// only for the rows its subscribers' claims can match, so the answer for a page of that
 /// project stays the real member's row, and the member still follows the project's tasks.
@@ -779,21 +779,21 @@ async fn a_membership_written_with_in_follows_the_members_projects() {
 async fn rows_piled_under_a_key_are_not_read_for_anyone() {
     let (cluster, gateway) = setup().await;
     assert_compiled(&cluster).await;
-    pile_under_project_1(&cluster, 5_000).await;
+    pile_under_project_1(&cluster, 10_000).await;
     // What the gateway asks for a page of project 1's tasks with b, c and x5 subscribed.
     let answer = members(&cluster, &["1", "2"], json!([["b"], ["c"], ["x5"]])).await;
     assert_eq!(answer, json!({"1": [["b"], ["x5"]]}));
     b_gets_project_1s_new_task(&cluster, &gateway).await;
 }
 
-/// Past the rows `sync.members` scans under a page's keys (10,000), its answer is `null`
+/// Past the rows `sync.members` scans under a page's keys (100,000), its answer is `null`
 /// and the gateway has the database judge the page for that role instead: the policy's
 /// own EXISTS probes the primary key. The member still follows the project.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_key_with_more_rows_than_are_scanned_is_judged_by_the_database() {
     let (cluster, gateway) = setup().await;
     assert_compiled(&cluster).await;
-    pile_under_project_1(&cluster, 10_000).await;
+    pile_under_project_1(&cluster, 100_000).await;
     assert_eq!(members(&cluster, &["1"], json!([["b"]])).await, Value::Null);
     b_gets_project_1s_new_task(&cluster, &gateway).await;
 }
