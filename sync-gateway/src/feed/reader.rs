@@ -23,11 +23,15 @@ use tokio_util::sync::CancellationToken;
 
 /// Changes read per query at the log's end.
 const PAGE: i32 = 1000;
-/// Changes read per query behind it (the page before came back full): a subscriber gets one
-/// message per page it has changes in, so larger pages send fewer, fuller messages where
-/// row-level security gives each subscriber few of a page's changes, and read the log in
-/// fewer queries.
+/// Changes read per query behind it (the page before came back full), at most: a subscriber
+/// gets one message per page it has changes in, so larger pages send fewer, fuller messages
+/// where row-level security gives each subscriber few of a page's changes, and read the log
+/// in fewer queries.
 const BACKLOG_PAGE: i32 = 4000;
+/// What a page read behind the log may hold, about, as the page before measured its changes.
+/// A connection's share of a page is queued whole (`--send-queue-bytes`, 4 MiB by default:
+/// past it the connection is closed), so large rows keep pages at `PAGE` changes, as before.
+const BACKLOG_PAGE_BYTES: usize = 2 << 20;
 
 /// A page of the log as the reader read it.
 pub struct Batch {
@@ -160,6 +164,7 @@ impl Reader {
                 || page.end != *position
                 || now != *epoch
                 || page.access_serial > self.catalog.view().serial;
+            let next_size = page.more.then(|| backlog_page(&page.changes));
             if moved {
                 *position = page.end.clone();
                 *epoch = now;
@@ -177,7 +182,57 @@ impl Reader {
             if !page.more {
                 return Ok(());
             }
-            size = BACKLOG_PAGE;
+            size = next_size.unwrap_or(PAGE);
         }
+    }
+}
+
+/// The size of the next page behind the log: as many changes as `BACKLOG_PAGE_BYTES` holds
+/// at the average size of `changes` (the page before), from `PAGE` to `BACKLOG_PAGE`. Up to
+/// 64 changes spread over the page are weighed (`Change::approximate_size` writes each one's
+/// rows as JSON: all of them would cost the page's serialization once more).
+fn backlog_page(changes: &[Change]) -> i32 {
+    let step = (changes.len() / 64).max(1);
+    let sizes: Vec<usize> = changes
+        .iter()
+        .step_by(step)
+        .map(Change::approximate_size)
+        .collect();
+    let average = sizes.iter().sum::<usize>() / sizes.len().max(1);
+    (BACKLOG_PAGE_BYTES / average.max(1)).clamp(PAGE as usize, BACKLOG_PAGE as usize) as i32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::change::{sample, Op};
+    use serde_json::json;
+
+    #[test]
+    fn pages_behind_the_log_grow_only_while_their_changes_are_small() {
+        let page = |pad: usize| -> Vec<Change> {
+            (0..PAGE)
+                .map(|i| {
+                    sample(
+                        Op::Update,
+                        &i.to_string(),
+                        Some(json!({"pad": "x".repeat(pad)})),
+                        None,
+                    )
+                })
+                .collect()
+        };
+        assert_eq!(
+            backlog_page(&page(40)),
+            BACKLOG_PAGE,
+            "small rows: the largest pages"
+        );
+        assert_eq!(
+            backlog_page(&page(4096)),
+            PAGE,
+            "large rows: pages as at the log's end"
+        );
+        let between = backlog_page(&page(1024));
+        assert!(PAGE < between && between < BACKLOG_PAGE, "{between}");
     }
 }
