@@ -178,12 +178,27 @@ async fn a_closed_page_is_the_same_bytes_for_its_audience_and_no_one_else() {
     let edge = get(&gateway, &alice, &next(&third)).await;
     assert!(orgs(&edge).is_empty());
     assert_eq!(edge.header("cache-control"), Some("private, no-store"));
-    // So is the first page: from a snapshot's cursor, its batch ends at its read's present.
+    // The first page, from a snapshot's cursor, is closed too, though its batch ends where
+    // its read found the log: as first read, the same bytes once the live position moved
+    // (read again there, it would end elsewhere and link to another chain of URLs).
     let aud = query(&url, "aud").unwrap();
     let from_start = format!("/v1/changes?since={start}&limit=10&entityCode=task&aud={aud}");
-    let from_start = get(&gateway, &alice, &from_start).await;
-    assert_eq!(from_start.header("cache-control"), Some(BRIEF));
-    assert_eq!(from_start.header("x-accel-expires"), Some("1"));
+    let first_read = get(&gateway, &alice, &from_start).await;
+    assert_eq!(first_read.header("cache-control"), Some(IMMUTABLE));
+    assert_eq!(first_read.header("x-accel-expires"), Some("31536000"));
+    let read = gateway.metric("sync_changes_read_total").await;
+    cluster.execute("INSERT INTO note VALUES (1)").await;
+    while gateway.metric("sync_changes_read_total").await == read {
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    let again = get(&gateway, &alice, &from_start).await;
+    assert_eq!(again.body, first_read.body);
+    // A page that reached the live edge with changes in it is kept briefly.
+    let to_the_edge = format!("/v1/changes?since={start}&limit=100&entityCode=task&aud={aud}");
+    let to_the_edge = get(&gateway, &alice, &to_the_edge).await;
+    assert_eq!(orgs(&to_the_edge), vec!["acme"; 15]);
+    assert_eq!(to_the_edge.header("cache-control"), Some(BRIEF));
+    assert_eq!(to_the_edge.header("x-accel-expires"), Some("1"));
 
     // A gateway not told that the cache in front checks audiences tells it to keep nothing:
     // nginx would honour X-Accel-Expires without any check.
@@ -403,8 +418,15 @@ async fn through_an_http_cache_a_thousand_readers_cost_the_log_a_few_reads() {
         a.metric("sync_changes_pages_read_total").await
             + b.metric("sync_changes_pages_read_total").await
     };
-    let before = reads().await;
+    // The first page's URL with the readers' audience, as a client has it from an answer.
     let first = format!("/v1/changes?since={start}&limit=10&entityCode=task");
+    let aud = query(
+        &next(&front(bearer("reader", "acme"), first.clone()).await),
+        "aud",
+    )
+    .unwrap();
+    let first = format!("{first}&aud={aud}");
+    let before = reads().await;
     let readers = catch_up(nginx.port, 1000, |_| first.clone()).await;
     let reads = reads().await - before;
     assert!(
@@ -417,12 +439,12 @@ async fn through_an_http_cache_a_thousand_readers_cost_the_log_a_few_reads() {
         .filter(|s| *s == "HIT")
         .count();
     println!("1,000 readers through nginx: {reads} reads of the log, {hits} cache hits");
-    // One chain of URLs: each page after the first is fetched from a gateway once. The
-    // first page, from a cursor between batches, ends its batch where its read found the
-    // log; read again at another live position it would link to a second chain (it did:
-    // 2 misses a page, 22 reads), so the gateway keeps the first one read for everyone.
+    // One chain of URLs: each page but the empty live edge is fetched from a gateway once.
+    // The first page, from a cursor between batches, ends its batch where its read found
+    // the log; read again at another live position it would link to a second chain (it
+    // did: 2 misses a page, 22 reads), so it is closed, and kept, as first read.
     let depth = readers[0].1.len();
-    for page in 1..depth - 1 {
+    for page in 0..depth - 1 {
         let misses = readers
             .iter()
             .filter(|(_, s)| s.get(page).is_some_and(|s| s == "MISS"))

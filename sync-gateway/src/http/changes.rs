@@ -56,7 +56,8 @@ struct Caching {
     shared_for: Option<&'static str>,
 }
 
-/// A closed page at its audience's URL: the same bytes for as long as it is retained.
+/// A closed page at its audience's URL: final for as long as it is retained (the first
+/// answer a cache keeps is as right as any other gateway's).
 const CLOSED: Caching = Caching {
     cache_control: "private, max-age=31536000, immutable",
     shared_for: Some("31536000"),
@@ -290,7 +291,7 @@ async fn shared(
     let deadline = tokio::time::Instant::now() + request.wait;
     let mut moved = state.position.clone();
     loop {
-        if let Some(page) = state.pages.settled(&key).await {
+        if let Some(page) = state.pages.closed(&key).await {
             return Ok((page, true));
         }
         let at = moved
@@ -399,8 +400,7 @@ async fn private(
             return Ok(Page {
                 etag: format!("\"{}\"", sharing::short_digest(&body)),
                 body,
-                closed: full && cursor.in_batch_of(&request.since),
-                settled: full && cursor.in_batch_read_from(&request.since),
+                closed: full && cursor.in_batch_read_from(&request.since),
                 cursor,
                 full,
                 empty: out.is_empty(),

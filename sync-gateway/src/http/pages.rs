@@ -3,12 +3,12 @@
 //! judges, the others wait for its answer (moka's `try_get_with`).
 //!
 //! A *closed* page (`Page::closed`: full, and ending inside or at the end of the batch of the
-//! log its `since` is in) is the same bytes for one audience forever. It, and any other
-//! *settled* page (full within the batch its read began with: the first page from a cursor
-//! between batches), is kept while it is read (`CLOSED_IDLE`), the first one read being the
-//! answer for everyone, so that an audience pages along one chain of URLs. Any other page is
-//! *open*: it is shared only by requests that find the live stream at the same position
-//! (`PageKey::at`), for `OPEN_LIFETIME`.
+//! log its read began with) holds changes that are final. It is kept while it is read
+//! (`CLOSED_IDLE`), the first one read being every later reader's answer: from a cursor
+//! between batches, a read's batch ends where it found the log, so two reads at two moments
+//! would link to two chains of URLs, each cached on its own. Any other page is *open*: it is
+//! shared only by requests that find the live stream at the same position (`PageKey::at`),
+//! for `OPEN_LIFETIME`.
 
 use crate::access::refetch::RefetchChecks;
 use crate::model::cursor::Cursor;
@@ -19,7 +19,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// A settled page unread for this long leaves the cache.
+/// A closed page unread for this long leaves the cache.
 const CLOSED_IDLE: Duration = Duration::from_secs(600);
 /// An open page is shared this long at most (the position it was read at moves on anyway).
 const OPEN_LIFETIME: Duration = Duration::from_secs(2);
@@ -30,7 +30,7 @@ pub struct PageKey {
     pub limit: i32,
     pub entity: String,
     pub audience: String,
-    /// The live position an open page was read at; None for a settled page.
+    /// The live position an open page was read at; None for a closed page.
     pub at: Option<String>,
 }
 
@@ -41,16 +41,11 @@ pub struct Page {
     pub etag: String,
     /// Where the next page starts.
     pub cursor: Cursor,
-    /// Ended at its limit inside (or at the end of) the batch of the log its `since` is in:
-    /// the same bytes forever (`Cursor::in_batch_of`).
+    /// Ended at its limit inside (or at the end of) the batch its read began with
+    /// (`Cursor::in_batch_read_from`): its changes are final. From a cursor inside a batch
+    /// every read gives the same bytes; from one between batches another read (another
+    /// gateway) may end the batch elsewhere, its page as right, forever.
     pub closed: bool,
-    /// Ended at its limit inside (or at the end of) the batch its read began with: its
-    /// changes were settled when it was read, so it stays a right answer from its `since`,
-    /// and the gateway keeps the first one read as the answer for everyone
-    /// (`Cursor::in_batch_read_from`). Closed pages are settled; the first page from a
-    /// cursor between batches may be settled and not closed (another read may end its batch
-    /// elsewhere).
-    pub settled: bool,
     /// Ended at its limit: more follows at once.
     pub full: bool,
     /// Holds no change for the entity.
@@ -134,21 +129,21 @@ impl Pages {
         }
     }
 
-    /// The settled page of `key` (its `at` ignored), if cached.
-    pub async fn settled(&self, key: &PageKey) -> Option<Arc<Page>> {
-        let settled = PageKey {
+    /// The closed page of `key` (its `at` ignored), if cached.
+    pub async fn closed(&self, key: &PageKey) -> Option<Arc<Page>> {
+        let closed = PageKey {
             at: None,
             ..key.clone()
         };
-        self.cache.get(&settled).await
+        self.cache.get(&closed).await
     }
 
     /// The page of `key` read at live position `key.at`: read by `read` once however many
-    /// ask at the same time; kept for good when settled. None when the read gave no page to
+    /// ask at the same time; kept for good when closed. None when the read gave no page to
     /// share (it failed, or was judged under other policies): nothing is kept, and each
     /// asker reads alone.
     ///
-    /// Two reads from one cursor at two live positions can both be settled and still differ:
+    /// Two reads from one cursor at two live positions can both be closed and still differ:
     /// a cursor at a batch's end starts a batch that ends where its read found the log, so
     /// their next links start two chains of URLs that a cache in front keeps apart. The
     /// first one kept is the one every asker gets, so that an audience pages along one.
@@ -162,10 +157,10 @@ impl Pages {
             .try_get_with(key.clone(), async { read.await.map(Arc::new).ok_or(()) })
             .await
             .ok()?;
-        if !page.settled {
+        if !page.closed {
             return Some(page);
         }
-        let settled = PageKey { at: None, ..key };
-        Some(self.cache.get_with(settled, async { page }).await)
+        let closed = PageKey { at: None, ..key };
+        Some(self.cache.get_with(closed, async { page }).await)
     }
 }

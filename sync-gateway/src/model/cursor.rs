@@ -47,7 +47,7 @@ impl Cursor {
     /// log `since` is inside, or at its end: everything between them was fixed when the
     /// batch was, and never changes. (From a cursor between batches, a read's first batch
     /// ends at the read's present, which moves.)
-    pub fn in_batch_of(&self, since: &Cursor) -> bool {
+    fn in_batch_of(&self, since: &Cursor) -> bool {
         use pg_sync_core::cursor::Cursor::{At, Within};
         let Some(Within {
             generation,
