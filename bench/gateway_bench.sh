@@ -71,6 +71,7 @@ TARGET=127.0.0.1:$BARE_PORT loadgen bare-fanout --connections "$FANOUT"
 kill "$BARE_PID"
 # The reference for the RLS rows with one subscriber per claim set below, where each message
 # carries about one change: the bare server writing one-change frames to 1,000 connections.
+BARE_PORT=$(free_port)
 target/release/sync-loadgen bare-server --listen "127.0.0.1:$BARE_PORT" --changes-per-frame 1 &
 BARE_PID=$!
 CLEANUP+=("kill $BARE_PID 2>/dev/null")
