@@ -301,10 +301,12 @@ async fn prepare_table(c: &Common) -> Result<()> {
     replayed(c, &db).await
 }
 
+/// Connections writing `bench_item` at once (`write`, `write_blocks`), each on rows of its own.
+const WRITERS: u64 = 4;
+
 /// Writers updating `bench_item`: at `rate` per second in all (None: as fast as they can),
 /// for `seconds`. Returns, per sequence number, when its commit returned (µs since `start`).
 async fn write(c: &Common, rate: Option<u64>, start: Instant) -> Result<Arc<Vec<AtomicU64>>> {
-    const WRITERS: u64 = 4;
     let capacity = rate.unwrap_or(20_000) * c.seconds * 2 + 1;
     let commits: Arc<Vec<AtomicU64>> = Arc::new((0..capacity).map(|_| AtomicU64::new(0)).collect());
     let next = Arc::new(AtomicU64::new(1));
@@ -494,14 +496,13 @@ async fn backlog(c: Common, sockets: Vec<Subscriber>) -> Result<Value> {
     }
     // Statistics of the log as autovacuum keeps them in a running system: a log never
     // analyzed yet makes the planner scan all of it where one index range would do.
-    let written = match write_blocks(&c, passes).await {
-        Ok(()) => database(&c.database_url)
-            .await?
-            .batch_execute("ANALYZE sync.change_history")
-            .await
-            .map_err(Into::into),
-        Err(e) => Err(e),
-    };
+    let written = async {
+        write_blocks(&c, passes).await?;
+        let db = database(&c.database_url).await?;
+        db.batch_execute("ANALYZE sync.change_history").await?;
+        Ok::<_, anyhow::Error>(())
+    }
+    .await;
     let resumed = Instant::now();
     if signal(libc::SIGCONT) != 0 {
         bail!("cannot resume the gateway (pid {pid})");
@@ -558,20 +559,19 @@ fn deliveries_per_pass(c: &Common) -> u64 {
 }
 
 /// Updates every row of `bench_item` `passes` times, in transactions of `--rows-per-commit`
-/// consecutive rows; four writers take the blocks in turn, so no two touch one row at once.
+/// consecutive rows; the writers take the blocks in turn, so no two touch one row at once.
 async fn write_blocks(c: &Common, passes: usize) -> Result<()> {
-    const WRITERS: usize = 4;
     let block = c.rows_per_commit.max(1);
     let blocks = c.rows.div_ceil(block);
     let mut tasks = Vec::new();
-    for w in 0..WRITERS {
+    for w in 0..WRITERS as usize {
         let db = database(&c.database_url).await?;
         tasks.push(tokio::spawn(async move {
             let update = db
                 .prepare("UPDATE bench_item SET seq = seq + 1 WHERE id >= $1 AND id < $2")
                 .await?;
             for _ in 0..passes {
-                for b in (w..blocks).step_by(WRITERS) {
+                for b in (w..blocks).step_by(WRITERS as usize) {
                     let from = (b * block) as i32;
                     db.execute(&update, &[&from, &(from + block as i32)])
                         .await?;
