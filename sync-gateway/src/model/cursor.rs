@@ -17,10 +17,14 @@ impl Cursor {
         Cursor(text.into())
     }
 
-    /// A cursor a client sent: refused unless it is one the extension could have written.
+    /// A cursor a client sent: refused unless it is one the extension could have written,
+    /// and kept as the extension writes it. Other spellings of one position (leading zeros,
+    /// another form of its list of transactions) would each be a URL and a cache key of
+    /// their own: one user could fill the page caches with the same page.
     pub fn from_client(text: &str) -> Result<Cursor, CursorError> {
-        pg_sync_core::cursor::Cursor::decode(text)?;
-        Ok(Cursor(text.into()))
+        Ok(Cursor(
+            pg_sync_core::cursor::Cursor::decode(text)?.encode().into(),
+        ))
     }
 
     pub fn as_str(&self) -> &str {
@@ -133,6 +137,14 @@ mod tests {
         assert!(!early.reaches(&late));
         assert!(!late.reaches(&elsewhere) && !late.same_log(&elsewhere));
         assert!(Cursor::from_client("1.ab.nonsense").is_err());
+    }
+
+    #[test]
+    fn a_client_cursor_is_kept_as_the_extension_writes_it() {
+        let written = Cursor::from_client("1.ab.10_20_12_50_22").unwrap();
+        let padded = Cursor::from_client("1.ab.010_20_12_050_22").unwrap();
+        assert_eq!(padded, written);
+        assert_eq!(written.as_str(), "1.ab.10_20_12_50_22");
     }
 
     #[test]
