@@ -7,7 +7,9 @@
 //! fresh snapshot. Expiry is checked by the PL/pgSQL wrapper `sync.changes_since`, which holds
 //! the log's read lock so that no prune moves the horizon in between.
 
-use pg_sync_core::cursor::{expiry, Cursor, CursorError, Mark, Position, Snapshot, MAX_UNSETTLED};
+use pg_sync_core::cursor::{
+    expiry, BatchCursors, Cursor, CursorError, Mark, Position, Snapshot, MAX_UNSETTLED,
+};
 use pgrx::pg_sys::panic::ErrorReport;
 use pgrx::prelude::*;
 use pgrx::spi::SpiClient;
@@ -23,8 +25,11 @@ const MAX_PAGE_ROWS: i32 = 100_000;
 /// - the other transactions: their last rows lie in `(from.max_id, to.max_id]`, one range
 ///   scan in id order;
 ///
-/// ordered by their last id (`txkey`); then their rows, found by one range scan from the
-/// lowest first id of the page to its highest last id, each transaction's rows in id order.
+/// ordered by their last id (`txkey`); then their rows, each transaction's by its txid and id
+/// range, in (txkey, id) order. The transactions come sorted, so the rows need only an
+/// incremental sort, which stops at `$8` rows: a page reads about the rows it returns (joining
+/// every transaction of the page whole and sorting made a page of 4,000 changes in 1,000-row
+/// transactions read and sort 16,000 rows, 20 ms of its 30).
 /// Only transactions whose last id is at most `$9` are considered: the page is then exact up
 /// to `$9`, and the scan stops there (without it, transactions of many rows made each page
 /// scan the rest of the batch: a 100k-change catch-up in pages of 1,000 took 29 s instead of
@@ -46,12 +51,12 @@ WITH tails AS (
             AND t.txid <> ALL ($1::xid8[])
             AND pg_catalog.pg_visible_in_snapshot(t.txid, $2::pg_snapshot)
           ORDER BY t.id LIMIT $8)
-), page AS MATERIALIZED (SELECT * FROM tails ORDER BY txkey LIMIT $8)
-SELECT h.id, h.txid::text, p.txkey
+), page AS (SELECT * FROM tails ORDER BY txkey LIMIT $8)
+SELECT h.id, p.txid::text, p.txkey
   FROM page p
-  JOIN sync.change_history h ON h.txid = p.txid AND h.id > p.after AND h.id <= p.txkey
- WHERE h.id >= (SELECT min(lowest) FROM page) AND h.id <= (SELECT max(txkey) FROM page)
-   AND h.op <> 'END'
+ CROSS JOIN LATERAL (SELECT h.id FROM sync.change_history h
+                      WHERE h.txid = p.txid AND h.id > p.after AND h.id >= p.lowest
+                        AND h.id <= p.txkey AND h.op <> 'END') h
  ORDER BY p.txkey, h.id
  LIMIT $8";
 
@@ -201,15 +206,9 @@ fn read_page(
         let ends: Vec<bool> = (0..rows.len())
             .map(|i| rows.get(i + 1).is_none_or(|next| next.2 != rows[i].2))
             .collect();
+        let cursors = BatchCursors::new(&generation, &from, &to);
         for ((id, txid, txkey), tx_end) in rows.into_iter().zip(ends).take(room) {
-            let position = Position { txkey, txid, id };
-            let within = Cursor::Within {
-                generation: generation.clone(),
-                from: from.clone(),
-                to: to.clone(),
-                position,
-            };
-            out.push((id, within.encode(), tx_end));
+            out.push((id, cursors.encode(&Position { txkey, txid, id }), tx_end));
         }
         if !exhausted {
             return out;
