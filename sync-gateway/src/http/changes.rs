@@ -92,6 +92,22 @@ pub struct Params {
     token: Option<String>,
 }
 
+/// The limit a page is read with: `asked` rounded down to 1, 2 or 5 times a power of ten.
+/// Each limit is a page of its own (its URL, its read, its place in the caches), so that with
+/// every value from 1 to 10,000 one user could make 10,000 pages of each cursor; with these,
+/// 13. A limit is a most, so a smaller one answers the request.
+fn page_limit(asked: i32) -> i32 {
+    let mut power = 1;
+    while power * 10 <= asked {
+        power *= 10;
+    }
+    [5, 2, 1]
+        .into_iter()
+        .map(|step| step * power)
+        .find(|&limit| limit <= asked)
+        .unwrap_or(power)
+}
+
 /// A request's parameters, checked.
 struct Request<'a> {
     since: Cursor,
@@ -113,6 +129,7 @@ impl<'a> Request<'a> {
         if !(1..=MAX_LIMIT).contains(&limit) {
             return Err(ApiError::bad_request(format!("limit is 1 to {MAX_LIMIT}")));
         }
+        let limit = page_limit(limit);
         let wait = Duration::from_secs(params.wait.unwrap_or(0)).min(MAX_WAIT);
         Ok(Request {
             since,
@@ -509,4 +526,25 @@ async fn render(
         out.push(rendered);
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_page_limit_is_one_two_or_five_times_a_power_of_ten_at_most_the_asked() {
+        let limits = |range: std::ops::RangeInclusive<i32>| {
+            let mut all: Vec<i32> = range.map(page_limit).collect();
+            all.dedup();
+            all
+        };
+        assert_eq!(
+            limits(1..=MAX_LIMIT),
+            [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10_000]
+        );
+        assert_eq!(page_limit(1000), 1000, "the default stays");
+        assert_eq!(page_limit(999), 500);
+        assert_eq!(page_limit(4), 2);
+    }
 }
