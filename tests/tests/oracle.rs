@@ -14,6 +14,9 @@
 //! socket and resuming from their cursors. The clients: per user, protocol clients in DELTA mode,
 //! INVALIDATE mode (refetching what was invalidated) and with a filter, and a `/v1/changes`
 //! reader; each hydrates from a snapshot, follows from its cursors, and refetches on RESYNC.
+//! And per user the TypeScript client in Chromium (a browser context each: its own IndexedDB
+//! and socket), checked at the same points: the work pauses until its copy equals what the
+//! user may SELECT, or fails the run once it has stayed different for a while.
 //!
 //! It runs twice: with one gateway on the primary, and with a gateway that reads from a hot
 //! standby beside one on the primary, each client moving between them at its reconnections.
@@ -771,6 +774,98 @@ async fn settled(cluster: &Cluster, gateway: &Gateway) -> Result<(), String> {
     }
 }
 
+/// The TypeScript client in Chromium, a tab of its own per user (its own IndexedDB and socket),
+/// following the entities from the first gateway (`clients/typescript/test/browser/oracle.mjs`,
+/// driven one JSON line at a time). Build the client first (`make client`).
+struct Browser {
+    node: tokio::process::Child,
+    commands: tokio::process::ChildStdin,
+    answers: tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>,
+}
+
+/// Where the client's build is, for the gateway to serve (`--static-dir`).
+fn client_build() -> String {
+    let demo = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../clients/typescript/dist/demo"
+    );
+    assert!(
+        std::path::Path::new(demo).join("client.js").exists(),
+        "build the client first: make client"
+    );
+    demo.to_owned()
+}
+
+impl Browser {
+    async fn start(gateway: &Gateway) -> Result<Browser, String> {
+        let mut node = tokio::process::Command::new("node")
+            .arg("test/browser/oracle.mjs")
+            .current_dir(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/../clients/typescript"
+            ))
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| format!("node: {e}"))?;
+        let commands = node.stdin.take().unwrap();
+        let answers = tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(
+            node.stdout.take().unwrap(),
+        ));
+        let mut browser = Browser {
+            node,
+            commands,
+            answers,
+        };
+        let users: Vec<Value> = (0..USERS.len())
+            .map(|u| json!({"name": USERS[u].0, "token": user_token(u)}))
+            .collect();
+        let entities: Vec<&str> = ["marker"].into_iter().chain(ENTITIES).collect();
+        browser
+            .ask(
+                json!({"open": {"gateway": format!("http://127.0.0.1:{}", gateway.port),
+                                  "users": users, "entities": entities}}),
+            )
+            .await?;
+        Ok(browser)
+    }
+
+    async fn ask(&mut self, command: Value) -> Result<(), String> {
+        use tokio::io::AsyncWriteExt;
+        let line = format!("{command}\n");
+        let sent = self.commands.write_all(line.as_bytes()).await;
+        let answer = match sent {
+            Ok(()) => self.answers.next_line().await.ok().flatten(),
+            Err(_) => None,
+        };
+        let answer: Value = answer
+            .and_then(|a| serde_json::from_str(&a).ok())
+            .ok_or("the browser's program ended (its output is above)")?;
+        match answer.get("error") {
+            Some(error) => Err(format!(
+                "TypeScript client: {}",
+                error.as_str().unwrap_or_default()
+            )),
+            None => Ok(()),
+        }
+    }
+
+    /// Waits until every user's tab holds what `truth` says each may SELECT, by user name and
+    /// entity (rows, or "forbidden" / "unknown").
+    async fn check(&mut self, truth: Value) -> Result<(), String> {
+        let timeout_ms = PATIENCE.as_millis() as u64 / 2;
+        self.ask(json!({"check": {"truth": truth, "timeoutMs": timeout_ms}}))
+            .await
+    }
+}
+
+impl Drop for Browser {
+    fn drop(&mut self) {
+        let _ = self.node.start_kill();
+    }
+}
+
 /// Where the clients' gateways read.
 #[derive(Clone, Copy, Debug)]
 enum Topology {
@@ -787,12 +882,15 @@ async fn run(steps: &[Step], topology: Topology) -> Result<(), String> {
     cluster.execute(SCHEMA).await;
     cluster.execute(BY_MEMBERSHIP).await;
     let poll = ["--poll-interval-ms", "200"];
+    let build = client_build();
+    // The first gateway also serves the TypeScript client's build, to the browser's tabs.
+    let first = [&poll[..], &["--static-dir", build.as_str()]].concat();
     let (mut gateways, _standby) = match topology {
-        Topology::Primary => (vec![Gateway::start(&cluster, &poll).await], None),
+        Topology::Primary => (vec![Gateway::start(&cluster, &first).await], None),
         Topology::Standby => {
             let standby = cluster.standby().await;
             let read_url = standby.url_as(GATEWAY_ROLE, "postgres");
-            let args = [&poll[..], &["--read-url", read_url.as_str()]].concat();
+            let args = [&first[..], &["--read-url", read_url.as_str()]].concat();
             let on_standby = Gateway::start(&cluster, &args).await;
             let on_primary = Gateway::start(&cluster, &poll).await;
             (vec![on_standby, on_primary], Some(standby))
@@ -811,6 +909,7 @@ async fn run(steps: &[Step], topology: Topology) -> Result<(), String> {
             client.hydrate(gateway, entity).await;
         }
     }
+    let mut browser = Browser::start(&gateways[0]).await?;
     let mut marker = 0;
     let log = std::env::var("PG_SYNC_ORACLE_LOG").is_ok();
     for (n, step) in steps.iter().enumerate() {
@@ -879,9 +978,15 @@ async fn run(steps: &[Step], topology: Topology) -> Result<(), String> {
                     client.catch_up(gateway, marker).await?;
                     client.settle(gateway).await;
                 }
+                let mut truths = HashMap::new();
+                for user in 0..USERS.len() {
+                    for entity in ["marker"].into_iter().chain(ENTITIES) {
+                        truths.insert((user, entity), truth(&cluster, user, entity).await);
+                    }
+                }
                 for client in &clients {
                     for entity in ENTITIES {
-                        let expected = match truth(&cluster, client.user, entity).await {
+                        let expected = match truths[&(client.user, entity)].clone() {
                             Copy::Rows(rows) => Copy::Rows(
                                 rows.into_iter()
                                     .filter(|(_, r)| in_filter(client.kind, entity, r))
@@ -898,6 +1003,23 @@ async fn run(steps: &[Step], topology: Topology) -> Result<(), String> {
                         }
                     }
                 }
+                let truth: serde_json::Map<String, Value> = (0..USERS.len())
+                    .map(|user| {
+                        let entities = ["marker"].into_iter().chain(ENTITIES).map(|entity| {
+                            let copy = match &truths[&(user, entity)] {
+                                Copy::Rows(rows) => json!(rows.values().collect::<Vec<_>>()),
+                                Copy::Forbidden => json!("forbidden"),
+                                Copy::Unknown => json!("unknown"),
+                            };
+                            (entity.to_owned(), copy)
+                        });
+                        (USERS[user].0.to_owned(), Value::Object(entities.collect()))
+                    })
+                    .collect();
+                browser
+                    .check(Value::Object(truth))
+                    .await
+                    .map_err(|e| format!("at check {marker} (step {n}), {e}"))?;
             }
         }
     }

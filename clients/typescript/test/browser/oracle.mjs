@@ -1,0 +1,110 @@
+// The TypeScript client as a client of the whole-pipeline oracle (tests/tests/oracle.rs): one
+// browser context per user (its own IndexedDB and socket), each following the oracle's
+// entities with the client's script-tag build. The oracle drives it with one JSON command per
+// line on stdin and reads one answer per line on stdout:
+//   {"open": {"gateway", "users": [{"name", "token"}], "entities": [...]}}  -> {"ok": null}
+//   {"check": {"truth": {user: {entity: rows | "forbidden" | "unknown"}}, "timeoutMs"}}
+//        -> {"ok": null} once every user's copy equals what PostgreSQL lets them SELECT (the
+//           work is paused meanwhile, so a copy still different at the timeout stays wrong),
+//           else {"error": the first difference}
+// Everything else it prints goes to stderr.
+import { chromium } from "playwright-core";
+import { createInterface } from "node:readline";
+
+const browser = await chromium.launch({ executablePath: process.env.CHROMIUM ?? "/usr/bin/chromium", args: ["--no-sandbox"] });
+const tabs = new Map();
+
+async function open({ gateway, users, entities }) {
+  for (const { name, token } of users) {
+    const context = await browser.newContext();
+    const page = await context.newPage();
+    page.on("pageerror", (e) => console.error(`  [oracle browser] ${name} tab error: ${e.message}`));
+    await page.goto(`${gateway}/blank.html`);
+    await page.addScriptTag({ url: `${gateway}/client.js` });
+    await page.evaluate(
+      ([token, entities]) => {
+        // Retries and rechecks of a forbidden entity soon: the oracle waits for them.
+        window.client = window.PgSync.createClient({
+          url: location.origin,
+          token,
+          retry: { baseMs: 50, capMs: 500 },
+          recheckForbiddenMs: 200,
+          onError: () => undefined,
+        });
+        window.followed = Object.fromEntries(entities.map((code) => [code, window.client.entity(code)]));
+      },
+      [token, entities],
+    );
+    tabs.set(name, page);
+  }
+}
+
+/** A row as text with its keys in order, so that equal rows compare equal. */
+function canonical(value) {
+  if (Array.isArray(value)) return `[${value.map(canonical).join(",")}]`;
+  if (value && typeof value === "object") {
+    return `{${Object.keys(value)
+      .sort()
+      .map((k) => `${JSON.stringify(k)}:${canonical(value[k])}`)
+      .join(",")}}`;
+  }
+  return JSON.stringify(value);
+}
+
+const sorted = (rows) => rows.map(canonical).sort();
+
+/** The first difference between what `name`'s tab holds and `truth`, or null. */
+async function difference(name, truth) {
+  const held = await tabs.get(name).evaluate(() =>
+    Object.fromEntries(
+      Object.entries(window.followed).map(([code, entity]) => [
+        code,
+        { rows: entity.all(), error: window.client.syncStatus.entities[code]?.error ?? null },
+      ]),
+    ),
+  );
+  for (const [code, expected] of Object.entries(truth)) {
+    const { rows, error } = held[code];
+    if (expected === "unknown") continue; // not tracked: nothing to hold it to
+    if (expected === "forbidden") {
+      if (error !== "forbidden" || rows.length > 0) {
+        return `${name} holds ${rows.length} rows of ${code} (error ${error}) where PostgreSQL refuses it`;
+      }
+      continue;
+    }
+    const [have, want] = [sorted(rows), sorted(expected)];
+    if (have.join("\n") !== want.join("\n")) {
+      const extra = have.filter((r) => !want.includes(r));
+      const missing = want.filter((r) => !have.includes(r));
+      return `${name} holds of ${code} (error ${error}) rows PostgreSQL does not let it SELECT: ${extra.join(" ")}; and lacks: ${missing.join(" ")}`;
+    }
+  }
+  return null;
+}
+
+async function check({ truth, timeoutMs }) {
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    let first = null;
+    for (const name of Object.keys(truth)) {
+      first ??= await difference(name, truth[name]);
+    }
+    if (first === null) return;
+    if (Date.now() > deadline) throw new Error(`after ${timeoutMs} ms of no work: ${first}`);
+    await new Promise((resolve) => setTimeout(resolve, 50));
+  }
+}
+
+for await (const line of createInterface({ input: process.stdin })) {
+  const command = JSON.parse(line);
+  try {
+    if (command.open) await open(command.open);
+    else if (command.check) await check(command.check);
+    else throw new Error(`unknown command ${line}`);
+    process.stdout.write(JSON.stringify({ ok: null }) + "\n");
+  } catch (e) {
+    process.stdout.write(JSON.stringify({ error: String(e.message ?? e) }) + "\n");
+  }
+}
+await browser.close();
+process.exit();
