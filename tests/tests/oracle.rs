@@ -854,7 +854,7 @@ impl Browser {
     /// Waits until every user's tab holds what `truth` says each may SELECT, by user name and
     /// entity (rows, or "forbidden" / "unknown").
     async fn check(&mut self, truth: Value) -> Result<(), String> {
-        let timeout_ms = PATIENCE.as_millis() as u64 / 2;
+        let timeout_ms = PATIENCE.as_millis() as u64;
         self.ask(json!({"check": {"truth": truth, "timeoutMs": timeout_ms}}))
             .await
     }

@@ -2,7 +2,8 @@
 // browser context per user (its own IndexedDB and socket), each following the oracle's
 // entities with the client's script-tag build. The oracle drives it with one JSON command per
 // line on stdin and reads one answer per line on stdout:
-//   {"open": {"gateway", "users": [{"name", "token"}], "entities": [...]}}  -> {"ok": null}
+//   {"open": {"gateway", "users": [{"name", "token"}], "entities": [...]}}
+//        -> {"ok": null} once every tab's first sync is done
 //   {"check": {"truth": {user: {entity: rows | "forbidden" | "unknown"}}, "timeoutMs"}}
 //        -> {"ok": null} once every user's copy equals what PostgreSQL lets them SELECT (the
 //           work is paused meanwhile, so a copy still different at the timeout stays wrong),
@@ -32,6 +33,9 @@ async function open({ gateway, users, entities }) {
           onError: () => undefined,
         });
         window.followed = Object.fromEntries(entities.map((code) => [code, window.client.entity(code)]));
+        // Each tab starts synced, so that a cold browser's first start is not taken for a
+        // client that does not converge.
+        return window.client.waitForFirstSync();
       },
       [token, entities],
     );
