@@ -232,6 +232,17 @@ async fn an_audience_from_before_a_claim_or_policy_change_serves_nothing() {
     let expired = format!("Bearer {}", pg_sync_tests::gateway::sign(&expired, SECRET));
     assert_eq!(get(&gateway, &expired, &url).await.status, 401);
 
+    // Another table's access changes: a new catalog epoch, but the task pages' audience is
+    // what it was (every audience of the database went with any such change before).
+    let epoch = gateway.metric("sync_access_epoch").await;
+    cluster
+        .execute("CREATE ROLE note_reader; GRANT SELECT ON note TO note_reader")
+        .await;
+    gateway.access_epoch_after(epoch).await;
+    let unchanged = get(&gateway, &alice, &url).await;
+    assert_eq!(unchanged.status, 200, "still alice's audience");
+    assert_eq!(query(&next(&unchanged), "aud"), query(&url, "aud"));
+
     // The policy changes: every audience of the old policy is gone.
     let epoch = gateway.metric("sync_access_epoch").await;
     cluster
@@ -320,7 +331,8 @@ async fn shared_reads_a_reader_starts_count_under_their_own_cap() {
     let url = |entity: &str, limit: u32| {
         format!("/v1/changes?since={start}&limit={limit}&entityCode={entity}")
     };
-    // Each entity's plan is read, and the gateway has reached `start`.
+    // Each entity's plan is read, and the gateway has reached `start`. (The reads below ask
+    // for another limit, so that they are not these pages, kept.)
     for entity in ENTITIES {
         assert_eq!(get(&gateway, &mallory, &url(entity, 5)).await.status, 200);
     }
@@ -331,7 +343,7 @@ async fn shared_reads_a_reader_starts_count_under_their_own_cap() {
     let mut asks: futures_util::stream::FuturesUnordered<_> = ENTITIES
         .iter()
         .map(|entity| {
-            let (gateway, auth, url) = (&gateway, &mallory, url(entity, 7));
+            let (gateway, auth, url) = (&gateway, &mallory, url(entity, 10));
             async move {
                 let answer = get(gateway, auth, &url).await;
                 (

@@ -3,7 +3,7 @@
 //! token, any role that can connect — and the guards that close each kind:
 //! - every SECURITY DEFINER function pins `search_path` with `pg_temp` last (checked on the
 //!   installed catalog, so a future function cannot forget it);
-//! - who may read what is re-derived from the catalogs (`sync.access_fingerprint`), so
+//! - who may read what is re-derived from the catalogs (`sync.access_digests`), so
 //!   commands without event triggers take effect within the poll interval;
 //! - a log row is judged under the tracking that wrote it;
 //! - no row that any role's command writes is on the path of every delivery.

@@ -353,16 +353,17 @@ SELECT pg_catalog.md5(pg_catalog.string_agg(
   FROM pg_catalog.pg_roles r WHERE r.rolname = ANY (roles)
 $$;
 
--- Who may read what, summarised for a gateway acting as `roles`: every tracked entity's
--- table and role digests, read in the caller's snapshot. The gateway reads it again when a
--- page shows a newer sync.access_event than its catalog was read with, and at every poll (for
--- what no event trigger sees: ALTER ROLE, GRANT of a role, REASSIGN OWNED), and rebuilds what
--- it judges with (catalog, policy plans) when it moved.
-CREATE FUNCTION sync.access_fingerprint(roles text[]) RETURNS text
+-- Who may read what, summarised for a gateway acting as `roles`: each tracked entity's table
+-- and role digests, as one digest, read in the caller's snapshot. The gateway reads them
+-- again when a page shows a newer sync.access_event than its catalog was read with, and at
+-- every poll (for what no event trigger sees: ALTER ROLE, GRANT of a role, REASSIGN OWNED),
+-- and rebuilds what it judges with (catalog, policy plans) when any moved. An entity's digest
+-- is also part of its pages' audience: a change of another table's access leaves it alone.
+CREATE FUNCTION sync.access_digests(roles text[])
+RETURNS TABLE (entity_code text, digest text)
 LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
-SELECT pg_catalog.md5(coalesce(pg_catalog.string_agg(
-           t.entity_code || '=' || sync._table_access(t.relid) || '/' || coalesce(sync._role_access(t.relid, roles), ''),
-           ';' ORDER BY t.entity_code), ''))
+SELECT t.entity_code,
+       pg_catalog.md5(coalesce(sync._table_access(t.relid), '') || '/' || coalesce(sync._role_access(t.relid, roles), ''))
   FROM sync.tracked t
 $$;
 
@@ -746,7 +747,7 @@ BEGIN
         'sync.ingest_wal(integer)', 'sync._wal_settled(text)', 'sync.status()',
         'sync._wakeup_mode()', 'sync.claim_mutation(text, text)', 'sync.tag_origin(text)',
         'sync.policy_plan(oid, text)', 'sync.visible(oid, jsonb, jsonb)',
-        'sync.members(text, jsonb, text[], jsonb)', 'sync.entities()', 'sync.tick()', 'sync.access_fingerprint(text[])', 'sync._table_access(regclass)',
+        'sync.members(text, jsonb, text[], jsonb)', 'sync.entities()', 'sync.tick()', 'sync.access_digests(text[])', 'sync._table_access(regclass)',
         'sync._role_access(regclass, text[])', 'sync.access_serial()', 'sync._note_access(text[])',
         'sync._entity_is(regclass, bigint, integer)'
     ]::regprocedure[] LOOP

@@ -36,12 +36,11 @@ pub async fn readable_entity(
     Ok(readable(catalog, plans, work, user, code).await?.entity)
 }
 
-/// An entity a user may read, with how: the role's plan, read under the access fingerprint
-/// `fingerprint` at catalog `epoch` (what decides who shares a cached page, `access::sharing`).
+/// An entity a user may read, with how: the role's plan, read at catalog `epoch` (what
+/// decides who shares a cached page, `access::sharing`).
 pub struct Readable {
     pub entity: Arc<Entity>,
     pub plan: Arc<Plan>,
-    pub fingerprint: String,
     pub epoch: u64,
 }
 
@@ -88,7 +87,6 @@ pub async fn readable(
             None => Ok(Readable {
                 entity,
                 plan,
-                fingerprint: view.fingerprint.clone(),
                 epoch,
             }),
         };

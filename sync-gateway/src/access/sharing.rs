@@ -19,19 +19,14 @@ use super::plans::Plan;
 use super::policy::Memberships;
 use super::roles::UserContext;
 use crate::feed::catalog::Entity;
+use crate::model::digest::short_digest;
 use pg_sync_core::policy::{Expr, Term};
 use serde_json::{json, Value};
-use sha2::{Digest, Sha256};
 use std::collections::BTreeSet;
 
-/// The audience of `user`'s reads of `entity` under `plan` (read at access `fingerprint`);
-/// None when its pages are the user's alone.
-pub fn audience(
-    fingerprint: &str,
-    entity: &Entity,
-    plan: &Plan,
-    user: &UserContext,
-) -> Option<String> {
+/// The audience of `user`'s reads of `entity` under `plan`; None when its pages are the
+/// user's alone.
+pub fn audience(entity: &Entity, plan: &Plan, user: &UserContext) -> Option<String> {
     let role = user.role.as_deref()?;
     let claims: Vec<Value> = match (&plan.expr, plan.rls) {
         (_, false) => Vec::new(),
@@ -51,7 +46,7 @@ pub fn audience(
         (None, true) => return None,
     };
     let inputs = json!([
-        fingerprint,
+        entity.access,
         entity.code,
         entity.tracking,
         role,
@@ -60,14 +55,6 @@ pub fn audience(
         claims
     ]);
     Some(short_digest(inputs.to_string().as_bytes()))
-}
-
-/// 128 bits of SHA-256, in hex: names a page's audience, and its bytes (`ETag`).
-pub fn short_digest(data: &[u8]) -> String {
-    Sha256::digest(data)[..16]
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
 }
 
 /// Every claim path `expr` reads.
@@ -116,6 +103,7 @@ mod tests {
             rls: true,
             schema_version: 1,
             tracking: 1,
+            access: "f".into(),
         }
     }
 
@@ -148,27 +136,24 @@ mod tests {
     fn users_share_an_audience_exactly_when_what_the_policy_reads_of_them_is_the_same() {
         let (e, p) = (entity(), plan(Some(org_policy()), true));
         let a = audience(
-            "f",
             &e,
             &p,
             &user("a", "app", json!({"sub": "a", "org": "acme"})),
         );
         let b = audience(
-            "f",
             &e,
             &p,
             &user("b", "app", json!({"sub": "b", "org": "acme"})),
         );
         let c = audience(
-            "f",
             &e,
             &p,
             &user("c", "app", json!({"sub": "c", "org": "beta"})),
         );
-        let missing = audience("f", &e, &p, &user("d", "app", json!({"sub": "d"})));
-        let null = audience("f", &e, &p, &user("d", "app", json!({"org": null})));
-        let number = audience("f", &e, &p, &user("e", "app", json!({"org": 7})));
-        let text = audience("f", &e, &p, &user("e", "app", json!({"org": "7"})));
+        let missing = audience(&e, &p, &user("d", "app", json!({"sub": "d"})));
+        let null = audience(&e, &p, &user("d", "app", json!({"org": null})));
+        let number = audience(&e, &p, &user("e", "app", json!({"org": 7})));
+        let text = audience(&e, &p, &user("e", "app", json!({"org": "7"})));
         assert!(a.is_some());
         assert_eq!(a, b, "the policy does not read sub");
         assert_ne!(a, c);
@@ -181,20 +166,24 @@ mod tests {
     }
 
     #[test]
-    fn the_role_the_fingerprint_and_the_tracking_each_make_another_audience() {
+    fn the_role_the_access_and_the_tracking_each_make_another_audience() {
         let (e, p) = (entity(), plan(Some(org_policy()), true));
         let alice = user("a", "app", json!({"org": "acme"}));
-        let base = audience("f", &e, &p, &alice);
-        assert_ne!(base, audience("g", &e, &p, &alice));
+        let base = audience(&e, &p, &alice);
+        let regranted = Entity {
+            access: "g".into(),
+            ..entity()
+        };
+        assert_ne!(base, audience(&regranted, &p, &alice));
         assert_ne!(
             base,
-            audience("f", &e, &p, &user("a", "auditor", json!({"org": "acme"})))
+            audience(&e, &p, &user("a", "auditor", json!({"org": "acme"})))
         );
         let retracked = Entity {
             tracking: 2,
             ..entity()
         };
-        assert_ne!(base, audience("f", &retracked, &p, &alice));
+        assert_ne!(base, audience(&retracked, &p, &alice));
     }
 
     #[test]
@@ -202,19 +191,19 @@ mod tests {
         let e = entity();
         let open = plan(None, false);
         assert_eq!(
-            audience("f", &e, &open, &user("a", "app", json!({"org": "x"}))),
-            audience("f", &e, &open, &user("b", "app", json!({"org": "y"})))
+            audience(&e, &open, &user("a", "app", json!({"org": "x"}))),
+            audience(&e, &open, &user("b", "app", json!({"org": "y"})))
         );
         let uncompiled = plan(None, true);
         assert_eq!(
-            audience("f", &e, &uncompiled, &user("a", "app", json!({}))),
+            audience(&e, &uncompiled, &user("a", "app", json!({}))),
             None
         );
         let roleless = UserContext {
             role: None,
             ..user("a", "app", json!({}))
         };
-        assert_eq!(audience("f", &e, &open, &roleless), None);
+        assert_eq!(audience(&e, &open, &roleless), None);
     }
 
     #[test]

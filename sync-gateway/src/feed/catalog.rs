@@ -1,8 +1,7 @@
 //! What the gateway knows about tracked entities: their table, primary key and published
 //! columns (for filters, `columns`, snapshots and writes), their tracking and whether
-//! row-level security is on; and the access fingerprint (`sync.access_fingerprint`) they were
-//! read with, whose every change gives the catalog a new `epoch` (policy plans are cached per
-//! epoch, `access::plans`).
+//! row-level security is on; and who may read each (`sync.access_digests`), whose every change
+//! gives the catalog a new `epoch` (policy plans are cached per epoch, `access::plans`).
 //!
 //! Read again when a page of the log shows a newer access event than the catalog was read
 //! with (`observe`: a GRANT, a policy, an ALTER TABLE, a track or untrack), at every poll of
@@ -12,6 +11,7 @@
 //!
 //! Every identifier that reaches SQL built by the gateway comes from here, quoted here.
 
+use crate::model::digest::short_digest;
 use deadpool_postgres::Pool;
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, RwLock};
@@ -45,6 +45,9 @@ pub struct Entity {
     /// another tracking is another table's (or an earlier tracking's) and is never judged as
     /// this one's.
     pub tracking: i64,
+    /// Who may read it, as a digest (`sync.access_digests` for this gateway's roles): part of
+    /// its pages' audience (`access::sharing`).
+    pub access: String,
 }
 
 impl Entity {
@@ -176,11 +179,12 @@ pub struct Catalog {
 }
 
 const ENTITIES_SQL: &str = "
-SELECT entity_code, rls, schema_name, table_name, schema_version, key_columns, key_types,
-       published, columns IS NOT NULL, tracking, relid
-  FROM sync.entities()";
+SELECT e.entity_code, e.rls, e.schema_name, e.table_name, e.schema_version, e.key_columns,
+       e.key_types, e.published, e.columns IS NOT NULL, e.tracking, e.relid, d.digest
+  FROM sync.entities() e
+  LEFT JOIN sync.access_digests($1) d ON d.entity_code = e.entity_code";
 
-const ACCESS_SQL: &str = "SELECT sync.access_serial(), sync.access_fingerprint($1)";
+const ACCESS_SQL: &str = "SELECT sync.access_serial()";
 
 impl Catalog {
     pub fn new(pool: Pool, notes: Pool, roles: Vec<String>) -> Self {
@@ -270,8 +274,8 @@ impl Catalog {
             .await?;
         let roles: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&self.roles];
         let (access, rows) = tokio::join!(
-            tx.query_one(ACCESS_SQL, &roles),
-            tx.query(ENTITIES_SQL, &[])
+            tx.query_one(ACCESS_SQL, &[]),
+            tx.query(ENTITIES_SQL, &roles)
         );
         let (access, rows) = (access?, rows?);
         tx.commit().await?;
@@ -293,11 +297,12 @@ impl Catalog {
                     schema_version: r.get(4),
                     tracking: r.get(9),
                     relid: r.get(10),
+                    access: r.get::<_, Option<String>>(11).unwrap_or_default(),
                 };
                 (code, Arc::new(entity))
             })
             .collect();
-        let fingerprint: String = access.get(1);
+        let fingerprint = fingerprint(&entities);
         let moved = fingerprint != view.fingerprint;
         if moved {
             // What changed may be what no event trigger sees (ALTER ROLE, GRANT of a role,
@@ -321,6 +326,18 @@ impl Catalog {
         *self.view.write().expect("catalog lock") = fresh.clone();
         Ok(fresh)
     }
+}
+
+/// One digest of who may read every entity: when it moves, what was decided before may be
+/// wrong now.
+fn fingerprint(entities: &HashMap<String, Arc<Entity>>) -> String {
+    let mut all: Vec<(&String, &String)> = entities.iter().map(|(c, e)| (c, &e.access)).collect();
+    all.sort();
+    short_digest(
+        serde_json::to_string(&all)
+            .expect("texts serialize")
+            .as_bytes(),
+    )
 }
 
 /// Whether `error` is `Entity::check_sql` finding the entity changed.

@@ -30,6 +30,7 @@ use crate::access::sharing;
 use crate::deliver::reach::{reach, Reach};
 use crate::feed::log::{read_page, Page as LogPage, ReadError};
 use crate::model::cursor::Cursor;
+use crate::model::digest::short_digest;
 use crate::model::protocol::{Mode, ResyncReason};
 use crate::model::subscription::{Judgement, Shape, Target};
 use crate::AppState;
@@ -188,16 +189,12 @@ async fn audience_of(
     if params.client_id.is_some() {
         return Ok(None);
     }
-    Ok(sharing::audience(
-        &readable.fingerprint,
-        &readable.entity,
-        &readable.plan,
-        user,
+    Ok(
+        sharing::audience(&readable.entity, &readable.plan, user).map(|id| Audience {
+            id,
+            epoch: readable.epoch,
+        }),
     )
-    .map(|id| Audience {
-        id,
-        epoch: readable.epoch,
-    }))
 }
 
 pub async fn changes(
@@ -415,7 +412,7 @@ async fn private(
                 .keep_refetch_checks(cursor.clone(), judge.refetch_checks())
                 .await;
             return Ok(Page {
-                etag: format!("\"{}\"", sharing::short_digest(&body)),
+                etag: format!("\"{}\"", short_digest(&body)),
                 body,
                 closed: full && cursor.in_batch_read_from(&request.since),
                 cursor,

@@ -4,6 +4,7 @@
 
 pub mod change;
 pub mod cursor;
+pub mod digest;
 pub mod filter;
 pub mod protocol;
 pub mod subscription;

@@ -1,0 +1,12 @@
+//! Short digests: names that stand for their inputs (a page's audience, a page's bytes for
+//! its `ETag`, who may read the entities).
+
+use sha2::{Digest, Sha256};
+
+/// 128 bits of SHA-256, in hex.
+pub fn short_digest(data: &[u8]) -> String {
+    Sha256::digest(data)[..16]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
