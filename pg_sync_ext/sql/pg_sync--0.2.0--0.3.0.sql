@@ -39,16 +39,6 @@ UPDATE sync.change_history h SET tracking = t.tracking
   JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
  WHERE h.entity_code = t.entity_code AND h.table_name = n.nspname || '.' || c.relname;
 
--- A page's transactions are found by their last rows, one per transaction: this index holds
--- only those, so finding them does not step over every row between (a page of 4,000 changes
--- in 1,000-row transactions stepped over 16,000).
-CREATE INDEX change_history_tx_last ON sync.change_history (id) WHERE tx_first IS NOT NULL;
--- The ACCESS and TRUNCATE rows of an entity after a position: a gateway asks for them after
--- judging a page by who may read what now (access/refetch.rs). Few rows, so a small index;
--- without it each question stepped over every change after the position (33 ms at 100,000).
-CREATE INDEX change_history_refetch ON sync.change_history (entity_code, id)
-    WHERE op IN ('ACCESS', 'TRUNCATE');
-
 ALTER TABLE sync.state DROP COLUMN policy_version;
 CREATE TABLE sync.access_event (
     id          bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,

@@ -80,15 +80,6 @@ CREATE TABLE sync.change_history (
 );
 -- The rows of a transaction that was running at a cursor are found by its txid.
 CREATE INDEX change_history_txid_id ON sync.change_history (txid, id);
--- A page's transactions are found by their last rows, one per transaction: this index holds
--- only those, so finding them does not step over every row between (a page of 4,000 changes
--- in 1,000-row transactions stepped over 16,000).
-CREATE INDEX change_history_tx_last ON sync.change_history (id) WHERE tx_first IS NOT NULL;
--- The ACCESS and TRUNCATE rows of an entity after a position: a gateway asks for them after
--- judging a page by who may read what now (access/refetch.rs). Few rows, so a small index;
--- without it each question stepped over every change after the position (33 ms at 100,000).
-CREATE INDEX change_history_refetch ON sync.change_history (entity_code, id)
-    WHERE op IN ('ACCESS', 'TRUNCATE');
 
 -- Each track of a table that was not tracked takes a new number: an entity's identity in
 -- the log, which survives renames and re-configuration, and changes on untrack/retrack and

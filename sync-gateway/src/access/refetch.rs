@@ -89,8 +89,8 @@ pub enum RefetchError {
     Cursor(#[from] CursorError),
 }
 
-/// The entity's ACCESS or TRUNCATE rows that a mark does not see (ids above `$2`, one scan of
-/// the log's index of such rows, `change_history_refetch`; the transactions of `$3`, by txid) and that come after the position ($4: its
+/// The entity's ACCESS or TRUNCATE rows that a mark does not see (ids above `$2`, one range
+/// scan; the transactions of `$3`, by txid) and that come after the position ($4: its
 /// batch's start, $5-$8: its batch's end and the position in it); the last of them by id.
 /// Two branches, as `PAGE_SQL` has them: with an OR and the ORDER BY, the planner may scan
 /// the whole log backwards with the id range as a mere filter.
