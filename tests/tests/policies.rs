@@ -24,7 +24,7 @@
 use pg_sync_tests::{error_text, Cluster, Rng, APP_ROLE, GATEWAY_ROLE};
 use serde_json::{json, Map, Value};
 use std::collections::BTreeSet;
-use sync_gateway::access::judge::read_memberships;
+use sync_gateway::access::in_database::read_memberships;
 use sync_gateway::access::policy::GroupIndex;
 use tokio_postgres::error::SqlState;
 

@@ -24,6 +24,7 @@
 use crate::changes::invalid_parameter;
 use crate::roles::as_role;
 mod compile;
+mod membership;
 
 use compile::Compiler;
 use pg_sync_core::policy::{Expr, Group, Member, Plan, Visibility};

@@ -24,10 +24,12 @@
 //! replay or request, with a catalog or plan newer than its page) while the log already held
 //! such a row after it (`access::refetch`).
 
+use super::in_database::{read_memberships, visible_in_database};
+use super::listeners::{Audience, Group, Listeners};
 use super::plans::{Plan, Plans};
 use super::policy::{GroupIndex, Memberships};
 use super::refetch::RefetchChecks;
-use super::roles::{GroupId, UserContext};
+use super::roles::GroupId;
 use crate::feed::catalog::{Catalog, CatalogError, Entity};
 use crate::model::change::{Change, Op};
 use crate::model::protocol::ResyncReason;
@@ -112,65 +114,6 @@ pub struct JudgedPage {
     pub refused: Vec<(String, GroupId, String)>,
     /// Whether any entity of the page was judged for row-level security (a metric).
     pub judged_rls: bool,
-}
-
-/// A group as its policies read it: a user of it (users of one group share role and claims).
-pub type Group = Arc<UserContext>;
-
-/// The groups listening to an entity, by role, as judging needs them; built again only when
-/// the set changes (its `generation`).
-pub struct Listeners {
-    generation: u64,
-    by_role: BTreeMap<String, Vec<(GroupId, Group)>>,
-    /// Groups without a role, which read nothing.
-    roleless: Vec<GroupId>,
-}
-
-impl Listeners {
-    pub fn new(generation: u64, groups: impl IntoIterator<Item = (GroupId, Group)>) -> Listeners {
-        let mut listeners = Listeners {
-            generation,
-            by_role: BTreeMap::new(),
-            roleless: Vec::new(),
-        };
-        for (g, group) in groups {
-            match group.role.clone() {
-                Some(role) => listeners.by_role.entry(role).or_default().push((g, group)),
-                None => listeners.roleless.push(g),
-            }
-        }
-        listeners
-    }
-
-    /// One user alone, as group 0 (a replay, a `/v1/changes` request).
-    pub fn alone(user: Arc<UserContext>, group: GroupId) -> Listeners {
-        Listeners::new(0, [(group, user)])
-    }
-
-    /// A number that changes whenever the groups do.
-    pub fn generation(&self) -> u64 {
-        self.generation
-    }
-
-    fn groups(&self) -> impl Iterator<Item = GroupId> + '_ {
-        self.by_role
-            .values()
-            .flatten()
-            .map(|(g, _)| *g)
-            .chain(self.roleless.iter().copied())
-    }
-}
-
-/// Who listens to the entities of a page.
-pub trait Audience {
-    /// The groups listening to `entity`; None when nobody does (its changes need no judging).
-    fn listeners(&mut self, entity: &str) -> Option<Arc<Listeners>>;
-}
-
-impl Audience for Arc<Listeners> {
-    fn listeners(&mut self, _entity: &str) -> Option<Arc<Listeners>> {
-        Some(self.clone())
-    }
 }
 
 /// Where a judgement's database work runs: a connection the caller holds (a replay, a
@@ -386,7 +329,7 @@ impl Judge {
                 see_all.extend(members.iter().map(|(g, _)| *g));
             } else if let Some(expr) = &plan.expr {
                 let key = (entity.code.clone(), role.clone());
-                let built_for = (listeners.generation, basis.epoch);
+                let built_for = (listeners.generation(), basis.epoch);
                 let index = match self.indexes.get(&key) {
                     Some((built, built_plan, index))
                         if *built == built_for && Arc::ptr_eq(built_plan, &plan) =>
@@ -599,70 +542,4 @@ impl Judge {
             judged_rls: false,
         }
     }
-}
-
-/// The membership rows the policy of `index` asks about that `images` and the claims of
-/// its groups match, read as `role`, and whether it asks about any; None when a membership
-/// table holds more rows under the images' keys than `sync.members` scans.
-pub async fn read_memberships(
-    client: &Client,
-    role: &str,
-    index: &GroupIndex,
-    images: &[&Map<String, Value>],
-) -> Result<Option<(Memberships, bool)>, tokio_postgres::Error> {
-    let mut read = Memberships::default();
-    for (member, wanted) in index.memberships() {
-        let keys = Memberships::keys(member, images);
-        let answer: Value = if keys.is_empty() || wanted.is_empty() {
-            Value::Object(Map::new())
-        } else {
-            let member_json = serde_json::to_value(member).expect("a member serializes");
-            client
-                .query_one(
-                    "SELECT sync.members($1, $2, $3, $4)",
-                    &[
-                        &role,
-                        &member_json,
-                        &keys,
-                        &serde_json::to_value(wanted).expect("texts serialize"),
-                    ],
-                )
-                .await?
-                .get(0)
-        };
-        if answer.is_null() {
-            return Ok(None);
-        }
-        read.insert(member.clone(), answer);
-    }
-    Ok(Some((read, !index.memberships().is_empty())))
-}
-
-/// `sync.visible` for `groups` over `images`: per group, a bit per image, or why it failed.
-async fn visible_in_database(
-    client: &Client,
-    entity: &Entity,
-    groups: &[(GroupId, &Group)],
-    images: &[&Map<String, Value>],
-) -> Result<Vec<Visibility>, tokio_postgres::Error> {
-    let groups: Vec<pg_sync_core::policy::Group> = groups
-        .iter()
-        .map(|(_, g)| pg_sync_core::policy::Group {
-            role: g.role.clone().unwrap_or_default(),
-            claims: g.claims_json.clone(),
-        })
-        .collect();
-    let count = groups.len();
-    let groups = serde_json::to_value(groups).expect("groups serialize");
-    let images = Value::Array(images.iter().map(|i| Value::Object((*i).clone())).collect());
-    let row = client
-        .query_one(
-            "SELECT sync.visible($1, $2, $3)",
-            &[&entity.relid, &groups, &images],
-        )
-        .await?;
-    let answers = serde_json::from_value(row.get::<_, Value>(0)).unwrap_or_else(|e| {
-        vec![Visibility::Error(format!("an answer of sync.visible did not parse: {e}")); count]
-    });
-    Ok(answers)
 }

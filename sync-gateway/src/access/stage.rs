@@ -7,7 +7,8 @@
 //! after a subscription was judged for that subscriber's group. The stage does not know the
 //! router's commands: it is generic over them (`Passing`), reading only who listens to what.
 
-use super::judge::{Audience, Db, Judge, JudgedPage, Listeners};
+use super::judge::{Db, Judge, JudgedPage};
+use super::listeners::{Audience, Listeners};
 use super::plans::Plans;
 use super::roles::{GroupId, UserContext};
 use crate::feed::catalog::{Catalog, View};

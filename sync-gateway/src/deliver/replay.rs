@@ -10,8 +10,9 @@
 //! unsubscribing in a loop nor many connections multiply the replays' memory.
 
 use super::command::{ReplayEvent, ReplayItem, ReplayStart};
-use crate::access::judge::{Db, Judge, JudgeError, Listeners};
+use crate::access::judge::{Db, Judge, JudgeError};
 use crate::access::limits::{Busy, Cap, ClientWork};
+use crate::access::listeners::Listeners;
 use crate::access::plans::Plans;
 use crate::feed::catalog::Catalog;
 use crate::feed::log::{read_page, ReadError};
