@@ -4,9 +4,10 @@
 //!
 //! Two users see the same changes of an entity when the same plan judges them with the same
 //! inputs: the same role (its privileges, whether row-level security applies to it), the
-//! same access fingerprint (every policy, grant, owner and role of the database as the
-//! catalog was read: any change of them gives every entity a new audience), the same
-//! tracking of the entity, and, under a compiled policy (itself part of the digest), the
+//! same access to the entity as the catalog read it (`Entity::access`: its table's grants,
+//! owner and policies, the tables they read, and the attributes and memberships of the
+//! gateway's roles that touch them: a change of them gives the entity new audiences, a change
+//! of another table's leaves them), the same tracking of the entity, and, under a compiled policy (itself part of the digest), the
 //! same value of every claim the policy reads. A policy the gateway cannot compile is
 //! evaluated by the database, which may read anything (another table, a function), and a
 //! compiled one that reads a membership table depends on that table too: their pages are

@@ -5,9 +5,10 @@
 //   {"open": {"gateway", "users": [{"name", "token"}], "entities": [...]}}
 //        -> {"ok": null} once every tab's first sync is done
 //   {"check": {"truth": {user: {entity: rows | "forbidden" | "unknown"}}, "timeoutMs"}}
-//        -> {"ok": null} once every user's copy equals what PostgreSQL lets them SELECT (the
-//           work is paused meanwhile, so a copy still different at the timeout stays wrong),
-//           else {"error": the first difference}
+//        -> {"ok": null} once every user's copy equals what PostgreSQL lets them SELECT, live
+//           and steadily (the work is paused meanwhile, so a copy still different at the
+//           timeout stays wrong), else {"error": the first difference}; an entity not
+//           tracked must not be shown live (its rows may stay)
 // Everything else it prints goes to stderr.
 import { chromium } from "playwright-core";
 import { createInterface } from "node:readline";
@@ -63,19 +64,28 @@ async function difference(name, truth) {
     Object.fromEntries(
       Object.entries(window.followed).map(([code, entity]) => [
         code,
-        { rows: entity.all(), error: window.client.syncStatus.entities[code]?.error ?? null },
+        {
+          rows: entity.all(),
+          error: window.client.syncStatus.entities[code]?.error ?? null,
+          live: window.client.syncStatus.entities[code]?.live ?? false,
+        },
       ]),
     ),
   );
   for (const [code, expected] of Object.entries(truth)) {
-    const { rows, error } = held[code];
-    if (expected === "unknown") continue; // not tracked: nothing to hold it to
+    const { rows, error, live } = held[code];
+    if (expected === "unknown") {
+      // Not tracked: the client must not show it live (what it held may stay).
+      if (live) return `${name} shows ${code} live, though it is not tracked`;
+      continue;
+    }
     if (expected === "forbidden") {
       if (error !== "forbidden" || rows.length > 0) {
         return `${name} holds ${rows.length} rows of ${code} (error ${error}) where PostgreSQL refuses it`;
       }
       continue;
     }
+    if (error !== null || !live) return `${name} is not live on ${code} (error ${error})`;
     const [have, want] = [sorted(rows), sorted(expected)];
     if (have.join("\n") !== want.join("\n")) {
       const extra = have.filter((r) => !want.includes(r));
@@ -86,15 +96,21 @@ async function difference(name, truth) {
   return null;
 }
 
+/** Equal this many polls in a row (50 ms apart): a copy that only passes through the right
+ * state on its way elsewhere (a stale change applied after) is not taken for converged. */
+const STEADY = 5;
+
 async function check({ truth, timeoutMs }) {
   const deadline = Date.now() + timeoutMs;
+  let steady = 0;
   for (;;) {
     let first = null;
     for (const name of Object.keys(truth)) {
       first ??= await difference(name, truth[name]);
     }
-    if (first === null) return;
-    if (Date.now() > deadline) throw new Error(`after ${timeoutMs} ms of no work: ${first}`);
+    steady = first === null ? steady + 1 : 0;
+    if (steady === STEADY) return;
+    if (first !== null && Date.now() > deadline) throw new Error(`after ${timeoutMs} ms of no work: ${first}`);
     await new Promise((resolve) => setTimeout(resolve, 50));
   }
 }
