@@ -5,13 +5,6 @@ use clap::Parser;
 use sync_gateway::config::{Cli, Command};
 use tokio_util::sync::CancellationToken;
 
-/// mimalloc, not the system's allocator: the gateway allocates per change and per message on
-/// every thread, and glibc's malloc and free took a fifth of its time in an RLS fan-out (at
-/// 1,000 claim sets: 122k changes/s with glibc, 153k with mimalloc; idle connections 14.0 ->
-/// 15.0 KiB each).
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
