@@ -1,6 +1,5 @@
 // What the browser scenarios share: the line protocol with tests/tests/browser.rs (requests
 // on stdout, answers on stdin), Chromium, the demo page, and reading a tab's state.
-import { chromium } from "playwright-core";
 import { createInterface } from "node:readline";
 
 const waiting = new Map();
@@ -42,9 +41,7 @@ export function log(...args) {
   console.log("  [browser]", ...args);
 }
 
-export function launch() {
-  return chromium.launch({ executablePath: process.env.CHROMIUM ?? "/usr/bin/chromium", args: ["--no-sandbox"] });
-}
+export { launch } from "./chromium.mjs";
 
 /** A tab of `context` with the demo open as `sub`, once its first snapshot is in. */
 export async function openDemo(context, sub) {

@@ -10,10 +10,10 @@
 //           timeout stays wrong), else {"error": the first difference}; an entity not
 //           tracked must not be shown live (its rows may stay)
 // Everything else it prints goes to stderr.
-import { chromium } from "playwright-core";
 import { createInterface } from "node:readline";
+import { launch } from "./chromium.mjs";
 
-const browser = await chromium.launch({ executablePath: process.env.CHROMIUM ?? "/usr/bin/chromium", args: ["--no-sandbox"] });
+const browser = await launch();
 const tabs = new Map();
 
 async function open({ gateway, users, entities }) {
