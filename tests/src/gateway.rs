@@ -212,6 +212,26 @@ impl Gateway {
             .unwrap_or_else(|| panic!("{name} in /metrics"))
     }
 
+    /// Waits until the gateway's live stream has passed `cursor` (AWAIT and REACHED on a
+    /// connection of its own): what was committed up to it has been routed, and a
+    /// subscription made now starts after it.
+    pub async fn passed(&self, cursor: &str) -> Result<(), String> {
+        let mut session = self
+            .connect_with(&token("settle", &[]), "")
+            .await
+            .map_err(|status| format!("no connection to await on: {status}"))?;
+        session
+            .send(json!({"type": "AWAIT", "payload": {"cursor": cursor, "ref": "passed"}}))
+            .await;
+        loop {
+            match tokio::time::timeout(PATIENCE, session.next_or_close()).await {
+                Ok(Ok(m)) if m["type"] == "REACHED" => return Ok(()),
+                Ok(Ok(_)) => {}
+                other => return Err(format!("no REACHED of {cursor}: {other:?}")),
+            }
+        }
+    }
+
     /// Waits until the gateway judges the live stream by a newer access epoch than `seen`
     /// (`sync_access_epoch`): it has seen a change of who may read what.
     pub async fn access_epoch_after(&self, seen: i64) -> i64 {

@@ -748,8 +748,7 @@ async fn truth(cluster: &Cluster, user: usize, entity: &str) -> Copy {
     }
 }
 
-/// Waits until `gateway`'s live stream has passed the log's current position (AWAIT and
-/// REACHED on a connection of its own).
+/// Waits until `gateway`'s live stream has passed the log's current position.
 async fn settled(cluster: &Cluster, gateway: &Gateway) -> Result<(), String> {
     let cursor: String = cluster
         .connect()
@@ -758,20 +757,7 @@ async fn settled(cluster: &Cluster, gateway: &Gateway) -> Result<(), String> {
         .await
         .map_err(|e| error_text(&e))?
         .get(0);
-    let mut session = gateway
-        .connect_with(&user_token(0), "")
-        .await
-        .map_err(|status| format!("no connection to settle on: {status}"))?;
-    session
-        .send(json!({"type": "AWAIT", "payload": {"cursor": cursor, "ref": "settled"}}))
-        .await;
-    loop {
-        match tokio::time::timeout(PATIENCE, session.next_or_close()).await {
-            Ok(Ok(m)) if m["type"] == "REACHED" => return Ok(()),
-            Ok(Ok(_)) => {}
-            other => return Err(format!("no REACHED of the log's position: {other:?}")),
-        }
-    }
+    gateway.passed(&cursor).await
 }
 
 /// The TypeScript client in Chromium, a tab of its own per user (its own IndexedDB and socket),
