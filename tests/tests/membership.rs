@@ -29,14 +29,19 @@ async fn setup() -> (Cluster, Gateway) {
     (cluster, gateway)
 }
 
-async fn watching(gateway: &Gateway, user: &str, since: Option<&str>) -> Session {
+/// `user` subscribed to markers and tasks once the live stream has passed what is committed
+/// now: an earlier membership's ACCESS row, read after the subscription, would have the
+/// subscriber refetch.
+async fn watching(cluster: &Cluster, gateway: &Gateway, user: &str) -> Session {
+    gateway
+        .passed(&cluster.current_cursor().await)
+        .await
+        .unwrap();
     let mut session = gateway.connect(user).await;
     session.subscribe(json!({"entityCode": "marker"})).await;
-    let mut task = json!({"entityCode": "task", "mode": "delta"});
-    if let Some(since) = since {
-        task["since"] = json!(since);
-    }
-    session.subscribe(task).await;
+    session
+        .subscribe(json!({"entityCode": "task", "mode": "delta"}))
+        .await;
     session
 }
 
@@ -130,7 +135,7 @@ async fn members(cluster: &Cluster, keys: &[&str], wanted: Value) -> Value {
 
 /// b subscribes, tasks 1 (project 1) and 2 (project 2) are written: b gets task 1 alone.
 async fn b_gets_project_1s_new_task(cluster: &Cluster, gateway: &Gateway) {
-    let mut b = watching(gateway, "b", None).await;
+    let mut b = watching(cluster, gateway, "b").await;
     let seen = after(
         cluster,
         &mut b,
@@ -177,7 +182,7 @@ async fn joining_and_leaving_a_project_reaches_the_live_copy_in_order() {
     cluster
         .execute("INSERT INTO task VALUES (1, 1, 'one'), (2, 1, 'two'), (3, 2, 'other')")
         .await;
-    let mut b = watching(&gateway, "b", None).await;
+    let mut b = watching(&cluster, &gateway, "b").await;
     cluster.execute("INSERT INTO marker VALUES (1)").await;
     assert!(b.changes_until(1).await.is_empty());
 
@@ -186,7 +191,7 @@ async fn joining_and_leaving_a_project_reaches_the_live_copy_in_order() {
     assert_eq!(snapshot_ids(&gateway, "b").await, [1, 2]);
 
     // Resubscribed after the refetch, b follows its project's tasks as before.
-    let mut b = watching(&gateway, "b", None).await;
+    let mut b = watching(&cluster, &gateway, "b").await;
     let seen = after(
         &cluster,
         &mut b,
@@ -213,12 +218,12 @@ async fn joining_and_leaving_a_project_reaches_the_live_copy_in_order() {
 
     // Someone else's membership moves b's sight too little to matter, but b cannot tell:
     // every membership write is a refetch of the entity (what compiling would spare).
-    let mut b = watching(&gateway, "b", None).await;
+    let mut b = watching(&cluster, &gateway, "b").await;
     let seen = after(&cluster, &mut b, "INSERT INTO member VALUES (2, 'c')", 5).await;
     assert_eq!(resyncs(&seen), ["\"task\" \"access_changed\""], "{seen:?}");
 
     // 100 statements on the membership table that change nothing: no refetch.
-    let mut b = watching(&gateway, "b", None).await;
+    let mut b = watching(&cluster, &gateway, "b").await;
     let statements = "DELETE FROM member WHERE user_id = 'nobody';".repeat(100);
     let seen = after(&cluster, &mut b, &statements, 6).await;
     assert!(resyncs(&seen).is_empty(), "{seen:?}");
@@ -236,7 +241,7 @@ async fn joining_and_leaving_a_project_reaches_the_live_copy_in_order() {
     assert_eq!(resyncs(&seen), ["\"task\" \"access_changed\""], "{seen:?}");
     assert_eq!(column::<i64>(&admin, access).await, [before[0] + 1]);
     // TRUNCATE, which no row trigger sees: its own trigger.
-    let mut b = watching(&gateway, "b", None).await;
+    let mut b = watching(&cluster, &gateway, "b").await;
     let seen = after(&cluster, &mut b, "TRUNCATE member", 8).await;
     assert_eq!(resyncs(&seen), ["\"task\" \"access_changed\""], "{seen:?}");
 }
@@ -414,7 +419,7 @@ async fn a_partitioned_membership_table_is_watched_through_its_partitions() {
     cluster
         .execute("INSERT INTO task VALUES (1, 1, 'one')")
         .await;
-    let mut b = watching(&gateway, "b", None).await;
+    let mut b = watching(&cluster, &gateway, "b").await;
     let seen = after(
         &cluster,
         &mut b,
@@ -543,7 +548,7 @@ async fn a_nested_membership_reaches_the_copy_through_either_table() {
         .execute("UPDATE task SET title = 'written before' WHERE id = 1")
         .await;
 
-    let mut b = watching(&gateway, "b", None).await;
+    let mut b = watching(&cluster, &gateway, "b").await;
     let seen = after(
         &cluster,
         &mut b,
@@ -554,7 +559,7 @@ async fn a_nested_membership_reaches_the_copy_through_either_table() {
     assert_eq!(resyncs(&seen), ["\"task\" \"access_changed\""], "{seen:?}");
     assert_eq!(snapshot_ids(&gateway, "b").await, [1, 2]);
 
-    let mut b = watching(&gateway, "b", None).await;
+    let mut b = watching(&cluster, &gateway, "b").await;
     let seen = after(
         &cluster,
         &mut b,
@@ -566,7 +571,7 @@ async fn a_nested_membership_reaches_the_copy_through_either_table() {
     assert_eq!(snapshot_ids(&gateway, "b").await, [1]);
 
     // Between the refetches, b follows its organisation's tasks as any subscriber does.
-    let mut b = watching(&gateway, "b", None).await;
+    let mut b = watching(&cluster, &gateway, "b").await;
     let seen = after(
         &cluster,
         &mut b,
@@ -617,7 +622,7 @@ async fn a_change_after_a_membership_is_not_hidden_by_it() {
     probe.subscribe(json!({"entityCode": "marker"})).await;
     cluster.execute("INSERT INTO marker VALUES (0)").await;
     probe.changes_until(0).await;
-    let mut c = watching(&gateway, "c", None).await;
+    let mut c = watching(&cluster, &gateway, "c").await;
     let seen = after(
         &cluster,
         &mut c,
@@ -649,7 +654,7 @@ async fn a_change_after_a_membership_is_not_hidden_by_it() {
 
     // The change ends its transaction and so the live read's batch: its cursor is the
     // batch's end.
-    let mut b = watching(&gateway, "b", None).await;
+    let mut b = watching(&cluster, &gateway, "b").await;
     cluster
         .execute("INSERT INTO marker VALUES (3); UPDATE task SET title = 'b sees' WHERE id = 1")
         .await;
@@ -674,13 +679,7 @@ async fn a_change_after_a_membership_is_not_hidden_by_it() {
 async fn a_renamed_membership_column_is_not_read_in_its_place() {
     let (cluster, gateway) = setup().await;
     cluster.execute("INSERT INTO member VALUES (1, 'b')").await;
-    // c subscribes after the live stream has passed b's membership (its ACCESS row would
-    // have c refetch).
-    gateway
-        .passed(&cluster.current_cursor().await)
-        .await
-        .unwrap();
-    let mut c = watching(&gateway, "c", None).await;
+    let mut c = watching(&cluster, &gateway, "c").await;
     // Judged once: the gateway holds the plan.
     let seen = after(&cluster, &mut c, "INSERT INTO task VALUES (1, 1, 'one')", 1).await;
     assert!(seen.is_empty(), "{seen:?}");
@@ -695,7 +694,7 @@ async fn a_renamed_membership_column_is_not_read_in_its_place() {
     .await;
     assert_eq!(resyncs(&seen), ["\"task\" \"access_changed\""], "{seen:?}");
     assert!(snapshot_ids(&gateway, "c").await.is_empty());
-    let mut c = watching(&gateway, "c", None).await;
+    let mut c = watching(&cluster, &gateway, "c").await;
     let seen = after(&cluster, &mut c, "INSERT INTO task VALUES (2, 1, 'two')", 3).await;
     assert!(
         !seen.iter().any(|m| m["type"] == "DELTA"),
@@ -711,7 +710,7 @@ async fn a_renamed_membership_column_is_not_read_in_its_place() {
 async fn what_the_membership_table_is_refetches_when_it_changes() {
     let (cluster, gateway) = setup().await;
     cluster.execute("INSERT INTO member VALUES (1, 'b')").await;
-    let mut b = watching(&gateway, "b", None).await;
+    let mut b = watching(&cluster, &gateway, "b").await;
     for (n, ddl) in [
         "ALTER TABLE member DISABLE TRIGGER ALL",
         "ALTER TABLE member ENABLE TRIGGER ALL",
@@ -729,7 +728,7 @@ async fn what_the_membership_table_is_refetches_when_it_changes() {
             ["\"task\" \"access_changed\""],
             "{ddl}: {seen:?}"
         );
-        b = watching(&gateway, "b", None).await;
+        b = watching(&cluster, &gateway, "b").await;
     }
     // Planned again after the rename: b still follows its project's tasks.
     let seen = after(
@@ -761,7 +760,7 @@ async fn a_membership_written_with_in_follows_the_members_projects() {
         )
         .await;
     assert_compiled(&cluster).await;
-    let mut b = watching(&gateway, "b", None).await;
+    let mut b = watching(&cluster, &gateway, "b").await;
     let seen = after(
         &cluster,
         &mut b,
