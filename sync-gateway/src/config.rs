@@ -273,12 +273,18 @@ pub struct CapArgs {
     pub max_replays_per_connection: usize,
 
     /// Replays running at once, in total: each reads the log a page at a time and holds up
-    /// to two pages in memory. Over it, a SUBSCRIBE with `since` ends with ERROR `internal`
-    /// (retry later).
+    /// to two pages in memory. Over it, a replay waits its turn (first come, first served)
+    /// up to `--replay-wait`.
     #[arg(long, env = "SYNC_MAX_REPLAYS", default_value_t = 64)]
     pub max_replays: usize,
 
-    /// Replays of one user running at once (all its connections).
+    /// How long a replay waits for its turn under `--max-replays` before its SUBSCRIBE ends
+    /// with ERROR `internal` (retry later).
+    #[arg(long, env = "SYNC_REPLAY_WAIT", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub replay_wait: Duration,
+
+    /// Replays of one user at once, waiting or running (all its connections). Over it, a
+    /// SUBSCRIBE with `since` ends with ERROR `internal` at once.
     #[arg(long, env = "SYNC_MAX_REPLAYS_PER_USER", default_value_t = 8)]
     pub max_replays_per_user: usize,
 

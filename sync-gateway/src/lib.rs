@@ -40,7 +40,7 @@ mod fuzz;
 
 use crate::access::auth::Verifier;
 use crate::access::limits::WorkPools;
-use crate::access::limits::{Cap, ClientWork};
+use crate::access::limits::{Cap, ClientWork, Turns};
 use crate::access::plans::Plans;
 use crate::access::roles::{Groups, Roles};
 use crate::access::stage::Stage;
@@ -270,11 +270,8 @@ pub async fn serve(args: ServeArgs, shutdown: CancellationToken) -> Result<(), S
     };
     tokio::spawn(stage.run(control_rx, feed_rx, router_tx));
     let replayer = Replayer {
-        places: Cap::new(
-            "replays",
-            args.caps.max_replays,
-            args.caps.max_replays_per_user,
-        ),
+        per_user: Cap::new("replays", usize::MAX, args.caps.max_replays_per_user),
+        turns: Turns::new("replays", args.caps.max_replays, args.caps.replay_wait),
         work: work.clone(),
         plans: plans.clone(),
         catalog: catalog.clone(),

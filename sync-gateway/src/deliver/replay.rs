@@ -6,12 +6,13 @@
 //! Before each part it waits for room in the connection's queue: a slow client slows only
 //! its own replay, and one that does not read at all is closed by its writer, which ends
 //! the replay. A replay also ends when its subscription does, and holds a place of the
-//! replays cap (in total and per user) while it runs, so that neither subscribing and
-//! unsubscribing in a loop nor many connections multiply the replays' memory.
+//! replays cap (per user, and one of the places in total, in turn) while it runs, so that
+//! neither subscribing and unsubscribing in a loop nor many connections multiply the
+//! replays' memory.
 
 use super::command::{ReplayEvent, ReplayItem, ReplayStart};
 use crate::access::judge::{Db, Judge, JudgeError};
-use crate::access::limits::{Busy, Cap, ClientWork};
+use crate::access::limits::{Busy, Cap, ClientWork, Turns};
 use crate::access::listeners::Listeners;
 use crate::access::plans::Plans;
 use crate::feed::catalog::Catalog;
@@ -34,8 +35,10 @@ const PAGE: i32 = 2_000;
 const PART: usize = 64;
 
 pub struct Replayer {
-    /// Replays running, in total and per user.
-    pub places: Arc<Cap>,
+    /// Replays of a user, waiting or running: over it, refused at once.
+    pub per_user: Arc<Cap>,
+    /// Places of the replays running: a replay waits its turn for one.
+    pub turns: Turns,
     pub work: Arc<ClientWork>,
     pub plans: Arc<Plans>,
     pub catalog: Arc<Catalog>,
@@ -113,10 +116,13 @@ impl Replayer {
             tokio::spawn(async move {
                 let (conn, sub) = (start.conn, start.sub);
                 let entity_code = start.subscription.entity_code.clone();
-                let outcome = match this.places.take(&start.user.sub) {
+                let outcome = match this.per_user.take(&start.user.sub) {
                     Ok(_place) => start
                         .cancel
-                        .run_until_cancelled(this.replay(&start))
+                        .run_until_cancelled(async {
+                            let _turn = this.turns.wait().await?;
+                            this.replay(&start).await
+                        })
                         .await
                         .unwrap_or(Err(ReplayError::Gone)),
                     Err(busy) => Err(busy.into()),
