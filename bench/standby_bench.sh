@@ -17,7 +17,7 @@ ulimit -n "$(ulimit -Hn)"
 
 # The standby: a base backup of the bench cluster, started with the same settings.
 STANDBY_PORT=$(free_port)
-as_pg "$PG_BIN/pg_basebackup" -D "$WORK/standby" -R -X stream -d "host=127.0.0.1 port=$PORT user=postgres"
+as_pg "$PG_BIN/pg_basebackup" -D "$WORK/standby" -R -X stream --checkpoint=fast -d "host=127.0.0.1 port=$PORT user=postgres"
 as_pg "$PG_BIN/pg_ctl" -D "$WORK/standby" -l "$WORK/standby.log" -w -o \
     "-p $STANDBY_PORT -c listen_addresses=127.0.0.1 -c unix_socket_directories=$WORK \
      -c shared_preload_libraries=pg_sync -c shared_buffers=1GB -c max_connections=200 \
