@@ -16,7 +16,9 @@
 //! reader; each hydrates from a snapshot, follows from its cursors, and refetches on RESYNC.
 //! And per user the TypeScript client in Chromium (a browser context each: its own IndexedDB
 //! and socket), checked at the same points: the work pauses until its copy equals what the
-//! user may SELECT, or fails the run once it has stayed different for a while.
+//! user may SELECT, or fails the run once it has stayed different for a while. A tab moves
+//! with its user's clients at their reconnections: its client closed and made again,
+//! resuming from its IndexedDB on the same gateway, hydrating anew on the other.
 //!
 //! It runs twice: with one gateway on the primary, and with a gateway that reads from a hot
 //! standby beside one on the primary, each client moving between them at its reconnections.
@@ -837,6 +839,13 @@ impl Browser {
         }
     }
 
+    /// Closes `user`'s client in its tab and makes it again on `gateway`.
+    async fn reconnect(&mut self, user: &str, gateway: &Gateway) -> Result<(), String> {
+        let url = format!("http://127.0.0.1:{}", gateway.port);
+        self.ask(json!({"reconnect": {"user": user, "gateway": url}}))
+            .await
+    }
+
     /// Waits until every user's tab holds what `truth` says each may SELECT, by user name and
     /// entity (rows, or "forbidden" / "unknown").
     async fn check(&mut self, truth: Value) -> Result<(), String> {
@@ -878,7 +887,13 @@ async fn run(steps: &[Step], topology: Topology) -> Result<(), String> {
             let read_url = standby.url_as(GATEWAY_ROLE, "postgres");
             let args = [&first[..], &["--read-url", read_url.as_str()]].concat();
             let on_standby = Gateway::start(&cluster, &args).await;
-            let on_primary = Gateway::start(&cluster, &poll).await;
+            // The browser's tabs, served by the first, move to it too.
+            let origin = format!("http://127.0.0.1:{}", on_standby.port);
+            let on_primary = Gateway::start(
+                &cluster,
+                &[&poll[..], &["--cors-origins", &origin]].concat(),
+            )
+            .await;
             (vec![on_standby, on_primary], Some(standby))
         }
     };
@@ -950,9 +965,10 @@ async fn run(steps: &[Step], topology: Topology) -> Result<(), String> {
                 let count = clients.len();
                 let client = &mut clients[*c % count];
                 client.home += 1;
-                client
-                    .connect(&gateways[client.home % gateways.len()])
-                    .await?;
+                let gateway = &gateways[client.home % gateways.len()];
+                client.connect(gateway).await?;
+                // The user's tab moves with it.
+                browser.reconnect(USERS[client.user].0, gateway).await?;
             }
             Step::Check => {
                 marker += 1;

@@ -4,6 +4,10 @@
 // line on stdin and reads one answer per line on stdout:
 //   {"open": {"gateway", "users": [{"name", "token"}], "entities": [...]}}
 //        -> {"ok": null} once every tab's first sync is done
+//   {"reconnect": {"user", "gateway"}}
+//        -> {"ok": null} once that tab's client is closed and made again on `gateway`: on the
+//           same gateway it resumes from the cursors in its IndexedDB, on another it starts a
+//           copy of its own (the database is per user and gateway)
 //   {"check": {"truth": {user: {entity: rows | "forbidden" | "unknown"}}, "timeoutMs"}}
 //        -> {"ok": null} once every user's copy equals what PostgreSQL lets them SELECT, live
 //           and steadily (the work is paused meanwhile, so a copy still different at the
@@ -25,15 +29,18 @@ async function open({ gateway, users, entities }) {
     await page.addScriptTag({ url: `${gateway}/client.js` });
     await page.evaluate(
       ([token, entities]) => {
-        // Retries and rechecks of a forbidden entity soon: the oracle waits for them.
-        window.client = window.PgSync.createClient({
-          url: location.origin,
-          token,
-          retry: { baseMs: 50, capMs: 500 },
-          recheckForbiddenMs: 200,
-          onError: () => undefined,
-        });
-        window.followed = Object.fromEntries(entities.map((code) => [code, window.client.entity(code)]));
+        window.follow = (url) => {
+          // Retries and rechecks of a forbidden entity soon: the oracle waits for them.
+          window.client = window.PgSync.createClient({
+            url,
+            token,
+            retry: { baseMs: 50, capMs: 500 },
+            recheckForbiddenMs: 200,
+            onError: () => undefined,
+          });
+          window.followed = Object.fromEntries(entities.map((code) => [code, window.client.entity(code)]));
+        };
+        window.follow(location.origin);
         // Each tab starts synced, so that a cold browser's first start is not taken for a
         // client that does not converge.
         return window.client.waitForFirstSync();
@@ -42,6 +49,13 @@ async function open({ gateway, users, entities }) {
     );
     tabs.set(name, page);
   }
+}
+
+async function reconnect({ user, gateway }) {
+  await tabs.get(user).evaluate((url) => {
+    window.client.close();
+    window.follow(url);
+  }, gateway);
 }
 
 /** A row as text with its keys in order, so that equal rows compare equal. */
@@ -119,6 +133,7 @@ for await (const line of createInterface({ input: process.stdin })) {
   const command = JSON.parse(line);
   try {
     if (command.open) await open(command.open);
+    else if (command.reconnect) await reconnect(command.reconnect);
     else if (command.check) await check(command.check);
     else throw new Error(`unknown command ${line}`);
     process.stdout.write(JSON.stringify({ ok: null }) + "\n");
