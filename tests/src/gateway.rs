@@ -1,5 +1,5 @@
 //! A real `sync-gateway` process for the tests, killed on drop, and the clients that talk to
-//! it: WebSocket sessions (tokio-tungstenite) and a minimal HTTP/1.1 client.
+//! it: WebSocket sessions (tokio-tungstenite) and HTTP requests (reqwest).
 
 use crate::{free_port, Cluster, APP_ROLE, AUTHENTICATOR_ROLE, GATEWAY_ROLE};
 use futures_util::stream::SplitSink;
@@ -8,7 +8,7 @@ use serde_json::{json, Value};
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncBufReadExt;
 use tokio::net::TcpStream;
 use tokio::process::{Child, Command};
 use tokio_tungstenite::tungstenite::{self, Message};
@@ -345,6 +345,7 @@ impl Gateway {
 }
 
 /// An HTTP/1.1 request to 127.0.0.1:`port` with extra headers and an optional JSON body.
+/// A body the server cuts short is kept, with `complete` false.
 pub async fn http_request(
     port: u16,
     method: &str,
@@ -352,24 +353,49 @@ pub async fn http_request(
     headers: &[(&str, &str)],
     body: Option<&Value>,
 ) -> std::io::Result<HttpResponse> {
-    let body = body.map(Value::to_string).unwrap_or_default();
-    let mut request = format!("{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n");
+    // A client per request: a pooled connection would outlive the test's runtime. Redirects
+    // are the tests' to see.
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .map_err(std::io::Error::other)?;
+    let method = reqwest::Method::from_bytes(method.as_bytes()).map_err(std::io::Error::other)?;
+    let mut request = client.request(method, format!("http://127.0.0.1:{port}{path}"));
     for (name, value) in headers {
-        request.push_str(&format!("{name}: {value}\r\n"));
+        request = request.header(*name, *value);
     }
-    if !body.is_empty() {
-        request.push_str(&format!(
-            "Content-Type: application/json\r\nContent-Length: {}\r\n",
-            body.len()
-        ));
+    if let Some(body) = body {
+        request = request
+            .header("Content-Type", "application/json")
+            .body(body.to_string());
     }
-    request.push_str("\r\n");
-    request.push_str(&body);
-    let mut stream = TcpStream::connect(("127.0.0.1", port)).await?;
-    stream.write_all(request.as_bytes()).await?;
-    let mut raw = Vec::new();
-    stream.read_to_end(&mut raw).await?;
-    Ok(HttpResponse::parse(&raw))
+    let mut response = request.send().await.map_err(std::io::Error::other)?;
+    let headers = response
+        .headers()
+        .iter()
+        .map(|(name, value)| {
+            (
+                name.to_string(),
+                String::from_utf8_lossy(value.as_bytes()).into_owned(),
+            )
+        })
+        .collect();
+    let status = response.status().as_u16();
+    let mut body = Vec::new();
+    let complete = loop {
+        match response.chunk().await {
+            Ok(Some(chunk)) => body.extend_from_slice(&chunk),
+            Ok(None) => break true,
+            Err(_) => break false,
+        }
+    };
+    Ok(HttpResponse {
+        status,
+        headers,
+        body,
+        complete,
+    })
 }
 
 fn binary() -> PathBuf {
@@ -385,68 +411,23 @@ fn binary() -> PathBuf {
         .join("sync-gateway")
 }
 
-/// An HTTP response, its chunked body decoded.
+/// An HTTP response.
 pub struct HttpResponse {
     pub status: u16,
-    /// The header lines, lower-cased.
-    pub headers: String,
-    /// The header lines as sent.
-    head: String,
+    /// (name in lower case, value).
+    pub headers: Vec<(String, String)>,
     pub body: Vec<u8>,
     /// The whole body arrived (a chunked body ended with its closing chunk).
     pub complete: bool,
 }
 
 impl HttpResponse {
-    /// The value of header `name` (any case), as sent, if present.
+    /// The value of header `name` (any case), if present.
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.head.lines().find_map(|l| {
-            let (n, value) = l.split_once(':')?;
-            n.eq_ignore_ascii_case(name).then_some(value.trim())
-        })
-    }
-
-    fn parse(raw: &[u8]) -> Self {
-        let split = raw
-            .windows(4)
-            .position(|w| w == b"\r\n\r\n")
-            .map(|i| i + 4)
-            .unwrap_or(raw.len());
-        let sent = String::from_utf8_lossy(&raw[..split]).into_owned();
-        let head = sent.to_lowercase();
-        let status = head
-            .split(' ')
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(0);
-        let mut body = raw[split..].to_vec();
-        let mut complete = true;
-        if head.contains("transfer-encoding: chunked") {
-            // Complete only with the closing zero-size chunk: a stream cut short is not.
-            complete = false;
-            let (mut rest, mut decoded) = (&body[..], Vec::new());
-            while let Some(end) = rest.windows(2).position(|w| w == b"\r\n") {
-                let size = usize::from_str_radix(String::from_utf8_lossy(&rest[..end]).trim(), 16)
-                    .unwrap_or(0);
-                if size == 0 {
-                    complete = true;
-                    break;
-                }
-                let Some(chunk) = rest.get(end + 2..end + 2 + size) else {
-                    break;
-                };
-                decoded.extend_from_slice(chunk);
-                rest = rest.get(end + 2 + size + 2..).unwrap_or_default();
-            }
-            body = decoded;
-        }
-        HttpResponse {
-            status,
-            headers: head,
-            head: sent,
-            body,
-            complete,
-        }
+        let name = name.to_ascii_lowercase();
+        self.headers
+            .iter()
+            .find_map(|(n, value)| (*n == name).then_some(value.as_str()))
     }
 }
 
