@@ -138,6 +138,14 @@ async fn a_closed_page_is_the_same_bytes_for_its_audience_and_no_one_else() {
     let variant = get(&gateway, &alice, &format!("{url}&x=1")).await;
     assert_eq!(variant.body, first.body);
     assert_eq!(variant.header("x-accel-expires"), None);
+    // A wait is taken as 1, 2 or 5 times a power of ten: 7 s is a variant of 5 s's URL,
+    // which links on with it and is kept.
+    let waiting = get(&gateway, &alice, &format!("{url}&wait=7")).await;
+    assert_eq!(waiting.body, first.body);
+    assert_eq!(waiting.header("x-accel-expires"), None);
+    assert_eq!(query(&next(&waiting), "wait").as_deref(), Some("5"));
+    let five = get(&gateway, &alice, &format!("{url}&wait=5")).await;
+    assert_eq!(five.header("x-accel-expires"), Some("31536000"));
     let etag = first.header("etag").expect("an ETag").to_owned();
     // Changes 11 to 20 of the log, of which alice sees acme's.
     assert_eq!(orgs(&first), vec!["acme"; 5]);
@@ -499,6 +507,13 @@ async fn through_an_http_cache_a_thousand_readers_cost_the_log_a_few_reads() {
         .unwrap();
     assert_eq!(page.status, 200);
     assert_eq!(query(&next(&page), "token"), Some(tom));
+    // Not kept in front: each token would be another copy of the page (and nginx would keep
+    // the token).
+    let again = http_request(nginx.port, "GET", &in_url, &[], None)
+        .await
+        .unwrap();
+    assert_eq!(again.body, page.body);
+    assert_eq!(again.header("x-cache-status"), Some("MISS"));
 }
 
 /// The page benchmark (`make bench`, bench/page_bench.sh): readers of one audience (1,000)

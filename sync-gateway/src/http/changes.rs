@@ -94,11 +94,15 @@ pub struct Params {
     token: Option<String>,
 }
 
-/// The limit a page is read with: `asked` rounded down to 1, 2 or 5 times a power of ten.
-/// Each limit is a page of its own (its URL, its read, its place in the caches), so that with
-/// every value from 1 to 10,000 one user could make 10,000 pages of each cursor; with these,
-/// 13. A limit is a most, so a smaller one answers the request.
-fn page_limit(asked: i32) -> i32 {
+/// `asked` rounded down to 1, 2 or 5 times a power of ten (0 stays 0): what a page's `limit`
+/// and `wait` are taken as. Each value is a URL of its own for the same page (and for
+/// `limit`, a read and a place in the caches of its own), so that with every value from 1 to
+/// 10,000 one user could make 10,000 of each page; with these, 13 limits and 7 waits. Both
+/// are a most, so a smaller one answers the request.
+fn one_two_five(asked: u64) -> u64 {
+    if asked == 0 {
+        return 0;
+    }
     let mut power = 1;
     while power * 10 <= asked {
         power *= 10;
@@ -106,7 +110,7 @@ fn page_limit(asked: i32) -> i32 {
     [5, 2, 1]
         .into_iter()
         .map(|step| step * power)
-        .find(|&limit| limit <= asked)
+        .find(|&rounded| rounded <= asked)
         .unwrap_or(power)
 }
 
@@ -131,8 +135,10 @@ impl<'a> Request<'a> {
         if !(1..=MAX_LIMIT).contains(&limit) {
             return Err(ApiError::bad_request(format!("limit is 1 to {MAX_LIMIT}")));
         }
-        let limit = page_limit(limit);
-        let wait = Duration::from_secs(params.wait.unwrap_or(0)).min(MAX_WAIT);
+        let limit = one_two_five(limit as u64) as i32;
+        let wait = Duration::from_secs(one_two_five(
+            params.wait.unwrap_or(0).min(MAX_WAIT.as_secs()),
+        ));
         Ok(Request {
             since,
             limit,
@@ -238,10 +244,11 @@ pub async fn changes(
     };
     // A cache in front keys pages by URL: only the one URL of a page (as links name it) is
     // kept there, so that variants of it (another order, an unknown parameter) cannot fill
-    // the cache and push out everyone's pages.
+    // the cache and push out everyone's pages. Nor a URL with a token: each token would be
+    // another copy of the page (and the cache would keep the token).
     let canonical =
         uri.path_and_query().map(|p| p.as_str()) == Some(&request.url(&request.since, id));
-    let caching = match state.config.shared_cache && canonical {
+    let caching = match state.config.shared_cache && canonical && params.token.is_none() {
         true => caching,
         false => Caching {
             shared_for: None,
@@ -531,18 +538,19 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_page_limit_is_one_two_or_five_times_a_power_of_ten_at_most_the_asked() {
-        let limits = |range: std::ops::RangeInclusive<i32>| {
-            let mut all: Vec<i32> = range.map(page_limit).collect();
+    fn limits_and_waits_are_one_two_or_five_times_a_power_of_ten_at_most_the_asked() {
+        let rounded = |range: std::ops::RangeInclusive<u64>| {
+            let mut all: Vec<u64> = range.map(one_two_five).collect();
             all.dedup();
             all
         };
         assert_eq!(
-            limits(1..=MAX_LIMIT),
+            rounded(1..=MAX_LIMIT as u64),
             [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10_000]
         );
-        assert_eq!(page_limit(1000), 1000, "the default stays");
-        assert_eq!(page_limit(999), 500);
-        assert_eq!(page_limit(4), 2);
+        assert_eq!(one_two_five(1000), 1000, "the default limit stays");
+        assert_eq!(one_two_five(999), 500);
+        assert_eq!(one_two_five(4), 2);
+        assert_eq!(rounded(0..=MAX_WAIT.as_secs()), [0, 1, 2, 5, 10, 20, 50]);
     }
 }
