@@ -28,7 +28,12 @@ export abstract class Leader extends Session {
       (e) => this.error(e),
       (deleted) => (deleted ? this.shutdown() : this.error(new Error("pg-sync: a newer version opened the database in another tab"))),
     );
-    this.replica.setPending((await this.store.outbox()) ?? []);
+    // Closed while it opened (shutdown ran before the store was here): nothing more starts,
+    // no channel, lock or listener is left behind.
+    if (this.closed) return this.store.close();
+    const outbox = await this.store.outbox();
+    if (this.closed) return;
+    this.replica.setPending(outbox ?? []);
     const storage = globalThis.localStorage as Storage | undefined;
     this.clientId = this.options.clientId ?? storage?.getItem(`${name}:client`) ?? crypto.randomUUID();
     storage?.setItem(`${name}:client`, this.clientId);

@@ -58,6 +58,15 @@ describe("first sync", () => {
     client.close();
   });
 
+  it("closed while it starts, starts nothing more", async () => {
+    const { open } = setup();
+    const client = open();
+    client.close();
+    await (client as unknown as { ready: Promise<void> }).ready;
+    // A channel opened after the close would talk to the other tabs for a closed client.
+    expect((client as unknown as { channel?: BroadcastChannel }).channel).toBeUndefined();
+  });
+
   it("takes ids in the key's own type", async () => {
     const { open } = setup();
     const client = open();
