@@ -405,7 +405,9 @@ async fn template() -> &'static std::path::Path {
             let base = clusters_dir();
             let name = format!("pg_sync_template_{:016x}", installed_extension());
             let kept = base.join(&name);
-            if !kept.exists() {
+            if !kept.join("data/PG_VERSION").exists() {
+                let _ = std::fs::remove_dir_all(&kept);
+                sweep_the_dead(&base);
                 let made = Cluster::initdb(new_dir("new_template")).await;
                 made.pg_ctl_stop("fast");
                 for old in std::fs::read_dir(&base).unwrap().flatten() {
@@ -422,7 +424,31 @@ async fn template() -> &'static std::path::Path {
         .await
 }
 
-/// A digest of the installed extension's files (and of what the template adds to them).
+/// Stops and deletes the clusters of test processes that are gone (killed before their
+/// clusters' drop ran): in /dev/shm they hold memory.
+fn sweep_the_dead(base: &std::path::Path) {
+    for entry in std::fs::read_dir(base).into_iter().flatten().flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(rest) = ["test", "standby", "new_template"]
+            .iter()
+            .find_map(|kind| name.strip_prefix(&format!("pg_sync_{kind}_")))
+        else {
+            continue;
+        };
+        let pid = rest.split('_').next().unwrap_or_default();
+        if pid.is_empty() || std::path::Path::new("/proc").join(pid).exists() {
+            continue;
+        }
+        let dead = Cluster {
+            dir: entry.path(),
+            port: 0,
+        };
+        drop(dead); // stops its server, if any, and deletes it
+    }
+}
+
+/// A digest of the installed extension's files, and of this file (which makes the
+/// template): a change of either makes a new template.
 fn installed_extension() -> u64 {
     use std::hash::{Hash, Hasher};
     let mut files: Vec<PathBuf> = std::fs::read_dir("/usr/share/postgresql/15/extension")
@@ -439,7 +465,7 @@ fn installed_extension() -> u64 {
     files.push(format!("{PG_BIN}/../lib/pg_sync.so").into());
     files.sort();
     let mut hasher = std::hash::DefaultHasher::new();
-    ROLES.hash(&mut hasher);
+    include_str!("lib.rs").hash(&mut hasher);
     for file in files {
         let meta = std::fs::metadata(&file).unwrap_or_else(|e| panic!("{file:?}: {e}"));
         (file, meta.len(), meta.modified().unwrap()).hash(&mut hasher);
