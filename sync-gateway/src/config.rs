@@ -132,6 +132,14 @@ pub struct ServeArgs {
     #[arg(long, env = "SYNC_SHARED_CACHE")]
     pub shared_cache: bool,
 
+    /// Signs the links between `/v1/changes` pages, so that a cache in front keeps a closed
+    /// page only at a position a gateway linked (`http::links`). Every gateway behind one
+    /// cache needs the same. Default: derived from `--jwt-secret`; with a public key and no
+    /// secret here, each process signs its own links, and a page linked by another gateway
+    /// is served but not kept in front.
+    #[arg(long, env = "SYNC_PAGE_LINK_SECRET", hide_env_values = true)]
+    pub page_link_secret: Option<String>,
+
     /// Megabytes of `/v1/changes` pages an audience shares, kept in memory (`http::pages`).
     #[arg(long, env = "SYNC_PAGE_CACHE_MB", default_value_t = 64)]
     pub page_cache_mb: u64,
@@ -212,7 +220,8 @@ pub struct PoolArgs {
     pub policy_timeout: Duration,
 }
 
-/// Caps on what clients may hold at once (SPEC 2.4). Over one, a request is refused at once.
+/// Caps on what clients may hold at once (SPEC 2.4). Over one, a request is refused at once
+/// (but for `--max-replays`, under which replays wait their turn, boundedly).
 #[derive(Clone, Debug, Args)]
 pub struct CapArgs {
     /// WebSocket connections in total.
@@ -277,6 +286,13 @@ pub struct CapArgs {
     /// up to `--replay-wait`.
     #[arg(long, env = "SYNC_MAX_REPLAYS", default_value_t = 64)]
     pub max_replays: usize,
+
+    /// Replays waiting for their turn under `--max-replays`, in total. Over it, a SUBSCRIBE
+    /// with `since` ends with ERROR `internal` at once. A waiting replay holds back its
+    /// subscription's live changes (an entry each, up to 100,000, then the connection is
+    /// closed as too slow).
+    #[arg(long, env = "SYNC_MAX_REPLAYS_WAITING", default_value_t = 10_000)]
+    pub max_replays_waiting: usize,
 
     /// How long a replay waits for its turn under `--max-replays` before its SUBSCRIBE ends
     /// with ERROR `internal` (retry later).

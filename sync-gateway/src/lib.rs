@@ -124,6 +124,8 @@ pub struct AppState {
     pub caps: Caps,
     /// `/v1/changes` pages shared within an audience.
     pub pages: http::pages::Pages,
+    /// Signs the positions pages are linked from.
+    pub page_links: http::links::PageLinks,
     pub metrics: Arc<Metrics>,
     pub gateway_id: String,
     pub ready: Arc<AtomicBool>,
@@ -271,7 +273,12 @@ pub async fn serve(args: ServeArgs, shutdown: CancellationToken) -> Result<(), S
     tokio::spawn(stage.run(control_rx, feed_rx, router_tx));
     let replayer = Replayer {
         per_user: Cap::new("replays", usize::MAX, args.caps.max_replays_per_user),
-        turns: Turns::new("replays", args.caps.max_replays, args.caps.replay_wait),
+        turns: Turns::new(
+            "replays",
+            args.caps.max_replays,
+            args.caps.max_replays_waiting,
+            args.caps.replay_wait,
+        ),
         work: work.clone(),
         plans: plans.clone(),
         catalog: catalog.clone(),
@@ -336,6 +343,12 @@ pub async fn serve(args: ServeArgs, shutdown: CancellationToken) -> Result<(), S
             shared_cache: args.shared_cache,
         },
         pages: http::pages::Pages::new(args.page_cache_mb << 20),
+        page_links: match (&args.page_link_secret, &args.auth.jwt_secret) {
+            (Some(secret), _) | (None, Some(secret)) => {
+                http::links::PageLinks::new(secret.as_bytes())
+            }
+            (None, None) => http::links::PageLinks::of_this_process(),
+        },
         caps: Caps {
             admissions: access::limits::Admissions::new(
                 caps.max_admissions_per_second,

@@ -27,12 +27,13 @@ const SCHEMA: &str = "
     SELECT sync.track('task');
     SELECT sync.track('note');";
 
-/// A cluster with 30 tasks and a gateway told that the cache in front checks audiences.
-async fn setup() -> (Cluster, Gateway, String) {
+/// A cluster with 30 tasks and a gateway told that the cache in front checks audiences; the
+/// cursor of a snapshot of tasks taken before them, and its signature.
+async fn setup() -> (Cluster, Gateway, String, String) {
     let cluster = Cluster::start().await;
     cluster.execute(SCHEMA).await;
     let gateway = Gateway::start(&cluster, &["--shared-cache"]).await;
-    let start = cluster.current_cursor().await;
+    let (start, sig) = snapshot_start(&gateway).await;
     // 30 tasks, half of each org, one transaction each.
     for id in 1..=30 {
         let org = if id % 2 == 0 { "acme" } else { "beta" };
@@ -40,7 +41,18 @@ async fn setup() -> (Cluster, Gateway, String) {
             .execute(&format!("INSERT INTO task VALUES ({id}, '{org}', 't{id}')"))
             .await;
     }
-    (cluster, gateway, start)
+    (cluster, gateway, start, sig)
+}
+
+/// The cursor of a snapshot of tasks and its `sig`: the page of `/v1/changes` from it may be
+/// kept in front.
+async fn snapshot_start(gateway: &Gateway) -> (String, String) {
+    let snapshot = get(gateway, &bearer("starter", "acme"), "/v1/snapshot/task").await;
+    assert_eq!(snapshot.status, 200);
+    let head = snapshot.body.split(|b| *b == b'\n').next().unwrap();
+    let head: Value = serde_json::from_slice(head).unwrap();
+    let field = |name: &str| head[name].as_str().expect("cursor and sig").to_owned();
+    (field("cursor"), field("sig"))
 }
 
 fn bearer(sub: &str, org: &str) -> String {
@@ -109,6 +121,7 @@ async fn second_page(gateway: &Gateway, auth: &str, start: &str) -> String {
     assert_eq!(plain.header("x-accel-expires"), None, "no aud, not shared");
     let next = next(&plain);
     assert!(query(&next, "aud").is_some(), "an audience in {next}");
+    assert!(query(&next, "sig").is_some(), "a signed position in {next}");
     next
 }
 
@@ -119,7 +132,7 @@ const BRIEF: &str = "private, max-age=1";
 /// the log once; bob (beta) presenting its URL is sent to his own audience's.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_closed_page_is_the_same_bytes_for_its_audience_and_no_one_else() {
-    let (cluster, gateway, start) = setup().await;
+    let (cluster, gateway, start, start_sig) = setup().await;
     let (alice, carol, bob) = (
         bearer("alice", "acme"),
         bearer("carol", "acme"),
@@ -146,6 +159,16 @@ async fn a_closed_page_is_the_same_bytes_for_its_audience_and_no_one_else() {
     assert_eq!(query(&next(&waiting), "wait").as_deref(), Some("5"));
     let five = get(&gateway, &alice, &format!("{url}&wait=5")).await;
     assert_eq!(five.header("x-accel-expires"), Some("31536000"));
+    // Only a position a gateway linked is kept in front: the same page without the link's
+    // signature, or with a made-up one, is served but not kept (else any consistent cursor
+    // would be a page kept a year, and a reader could push everyone's pages out).
+    let sig = query(&url, "sig").expect("a signed link");
+    let unsigned = url.replace(&format!("&sig={sig}"), "");
+    for made_up in [unsigned.clone(), url.replace(&sig, &"0".repeat(32))] {
+        let page = get(&gateway, &alice, &made_up).await;
+        assert_eq!(page.body, first.body);
+        assert_eq!(page.header("x-accel-expires"), None, "{made_up}");
+    }
     let etag = first.header("etag").expect("an ETag").to_owned();
     // Changes 11 to 20 of the log, of which alice sees acme's.
     assert_eq!(orgs(&first), vec!["acme"; 5]);
@@ -177,6 +200,11 @@ async fn a_closed_page_is_the_same_bytes_for_its_audience_and_no_one_else() {
     let own = get(&gateway, &bob, &his).await;
     assert_eq!(own.status, 200);
     assert_eq!(orgs(&own), vec!["beta"; 5]);
+    // The redirect keeps a valid signature and signs nothing itself.
+    assert_eq!(query(&his, "sig"), Some(sig));
+    let redirected = get(&gateway, &bob, &unsigned).await;
+    let location = redirected.header("location").expect("a Location");
+    assert_eq!(query(location, "sig"), None, "{location}");
 
     // The third page ends where its batch of the log ends: closed too. Then the live edge,
     // empty: not kept (its next link may be itself).
@@ -190,7 +218,8 @@ async fn a_closed_page_is_the_same_bytes_for_its_audience_and_no_one_else() {
     // its read found the log: as first read, the same bytes once the live position moved
     // (read again there, it would end elsewhere and link to another chain of URLs).
     let aud = query(&url, "aud").unwrap();
-    let from_start = format!("/v1/changes?since={start}&limit=10&entityCode=task&aud={aud}");
+    let from_start =
+        format!("/v1/changes?since={start}&limit=10&entityCode=task&aud={aud}&sig={start_sig}");
     let first_read = get(&gateway, &alice, &from_start).await;
     assert_eq!(first_read.header("cache-control"), Some(IMMUTABLE));
     assert_eq!(first_read.header("x-accel-expires"), Some("31536000"));
@@ -221,7 +250,7 @@ async fn a_closed_page_is_the_same_bytes_for_its_audience_and_no_one_else() {
 /// gateway cannot compile, it does not serve the page.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_audience_from_before_a_claim_or_policy_change_serves_nothing() {
-    let (cluster, gateway, start) = setup().await;
+    let (cluster, gateway, start, _) = setup().await;
     let alice = bearer("alice", "acme");
     let url = second_page(&gateway, &alice, &start).await;
     assert_eq!(get(&gateway, &alice, &url).await.status, 200);
@@ -293,7 +322,7 @@ async fn an_audience_from_before_a_claim_or_policy_change_serves_nothing() {
 /// at a closed page and at the live edge alike.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn readers_asking_for_one_page_at_once_read_the_log_once() {
-    let (cluster, gateway, start) = setup().await;
+    let (cluster, gateway, start, _) = setup().await;
     let alice = bearer("alice", "acme");
     let url = second_page(&gateway, &alice, &start).await;
     let live = cluster.current_cursor().await;
@@ -426,7 +455,7 @@ async fn catch_up(
 /// page; a reader of another audience presenting a cached page's URL is sent to their own.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn through_an_http_cache_a_thousand_readers_cost_the_log_a_few_reads() {
-    let (cluster, a, start) = setup().await;
+    let (cluster, a, start, start_sig) = setup().await;
     let b = Gateway::start(&cluster, &["--shared-cache"]).await;
     let nginx = Nginx::start(&[a.port, b.port]).await;
     let front = |auth: String, path: String| async move {
@@ -445,7 +474,7 @@ async fn through_an_http_cache_a_thousand_readers_cost_the_log_a_few_reads() {
         "aud",
     )
     .unwrap();
-    let first = format!("{first}&aud={aud}");
+    let first = format!("{first}&aud={aud}&sig={start_sig}");
     let before = reads().await;
     let readers = catch_up(nginx.port, 1000, |_| first.clone()).await;
     let reads = reads().await - before;

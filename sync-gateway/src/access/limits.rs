@@ -94,33 +94,50 @@ fn sweep_due(swept: &Mutex<Instant>, now: Instant) -> bool {
 }
 
 /// Places in total given in turn: over the cap, work waits for a place, first come first
-/// served, up to `patience`, then is refused. For work whose clients all come at once and
-/// would ask again at once: the replays of a reconnect storm. Refused at once, 10,000
-/// clients resubscribing every 200 ms were so many refusals (and cursor checks) that in 90 s
-/// fewer than 4,000 replays ran; the per-user bound stays a `Cap`, taken first, which
-/// bounds the waiters too.
+/// served, up to `patience`, then is refused; with `waiting` already waiting, it is refused
+/// at once. For work whose clients all come at once and would ask again at once: the
+/// replays of a reconnect storm. Refused at once, 10,000 clients resubscribing every 200 ms
+/// were so many refusals (and cursor checks) that in 90 s fewer than 4,000 replays ran. The
+/// per-user bound stays a `Cap`, taken first.
 pub struct Turns {
     what: &'static str,
     places: Arc<Semaphore>,
+    /// Places and room to wait for one, together.
+    queue: Arc<Semaphore>,
     patience: Duration,
 }
 
+/// A place given in turn, and its place in the queue; both given back on drop.
+pub struct Turn {
+    _queued: OwnedSemaphorePermit,
+    _place: OwnedSemaphorePermit,
+}
+
 impl Turns {
-    pub fn new(what: &'static str, total: usize, patience: Duration) -> Turns {
+    pub fn new(what: &'static str, total: usize, waiting: usize, patience: Duration) -> Turns {
+        let total = total.min(Semaphore::MAX_PERMITS);
         Turns {
             what,
             places: Arc::new(Semaphore::new(total)),
+            queue: Arc::new(Semaphore::new(
+                total.saturating_add(waiting).min(Semaphore::MAX_PERMITS),
+            )),
             patience,
         }
     }
 
-    /// A place, once it is this caller's turn; Busy when the turn did not come in time.
-    pub async fn wait(&self) -> Result<OwnedSemaphorePermit, Busy> {
-        let busy = Busy::GlobalCap { what: self.what };
+    /// A place, once it is this caller's turn; Busy when too many wait already, or when the
+    /// turn did not come in time.
+    pub async fn wait(&self) -> Result<Turn, Busy> {
+        let busy = || Busy::GlobalCap { what: self.what };
+        let queued = self.queue.clone().try_acquire_owned().map_err(|_| busy())?;
         match tokio::time::timeout(self.patience, self.places.clone().acquire_owned()).await {
-            Ok(Ok(place)) => Ok(place),
+            Ok(Ok(place)) => Ok(Turn {
+                _queued: queued,
+                _place: place,
+            }),
             // Never closed.
-            Ok(Err(_)) | Err(_) => Err(busy),
+            Ok(Err(_)) | Err(_) => Err(busy()),
         }
     }
 }
@@ -368,7 +385,7 @@ mod tests {
     /// patience is refused.
     #[tokio::test]
     async fn turns_are_given_in_order_and_a_long_wait_is_refused() {
-        let turns = Arc::new(Turns::new("things", 1, Duration::from_secs(60)));
+        let turns = Arc::new(Turns::new("things", 1, 3, Duration::from_secs(60)));
         let first = turns.wait().await.unwrap();
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
         for n in 0..3 {
@@ -387,11 +404,22 @@ mod tests {
         }
         assert_eq!(order, [0, 1, 2]);
 
-        let impatient = Turns::new("things", 1, Duration::from_millis(50));
+        let impatient = Turns::new("things", 1, 1, Duration::from_millis(50));
         let _held = impatient.wait().await.unwrap();
         assert!(matches!(
             impatient.wait().await,
             Err(Busy::GlobalCap { .. })
         ));
+
+        // One place, one waiting: a third is refused at once, whatever the patience.
+        let full = Arc::new(Turns::new("things", 1, 1, Duration::from_secs(3600)));
+        let _running = full.wait().await.unwrap();
+        let waiter = tokio::spawn({
+            let full = full.clone();
+            async move { full.wait().await.map(drop) }
+        });
+        tokio::task::yield_now().await;
+        assert!(matches!(full.wait().await, Err(Busy::GlobalCap { .. })));
+        waiter.abort();
     }
 }

@@ -1,4 +1,4 @@
-//! `GET /v1/changes?since=…[&limit=1000][&entityCode=…][&wait=25][&clientId=…][&aud=…]`: the
+//! `GET /v1/changes?since=…[&limit=1000][&entityCode=…][&wait=20][&clientId=…][&aud=…]`: the
 //! log for clients without sockets, judged as the socket judges it (`access::judge`, for a
 //! whole-entity DELTA subscription): a refusal is 403 as for a snapshot, a change of a
 //! replaced entity an item `{"action": "RESYNC", "reason": "entity_changed"}`.
@@ -92,6 +92,8 @@ pub struct Params {
     aud: Option<String>,
     /// The token, for clients that cannot send `Authorization` (kept in the links).
     token: Option<String>,
+    /// The signature of a link's position (`http::links`).
+    sig: Option<String>,
 }
 
 /// `asked` rounded down to 1, 2 or 5 times a power of ten (0 stays 0): what a page's `limit`
@@ -147,9 +149,9 @@ impl<'a> Request<'a> {
         })
     }
 
-    /// This request's URL from `since`, with `aud` (none: one reader's); the parameters in
-    /// one order, so that the same page has one URL.
-    fn url(&self, since: &Cursor, aud: Option<&str>) -> String {
+    /// This request's URL from `since`, with `aud` (none: one reader's) and the position's
+    /// `sig`; the parameters in one order, so that the same page has one URL.
+    fn url(&self, since: &Cursor, aud: Option<&str>, sig: Option<&str>) -> String {
         let encode = |s: &str| utf8_percent_encode(s, QUERY_VALUE).to_string();
         let mut url = format!(
             "/v1/changes?since={}&limit={}",
@@ -161,6 +163,9 @@ impl<'a> Request<'a> {
         }
         if let Some(aud) = aud {
             url += &format!("&aud={}", encode(aud));
+        }
+        if let Some(sig) = sig {
+            url += &format!("&sig={}", encode(sig));
         }
         if self.params.wait.is_some() {
             url += &format!("&wait={}", self.wait.as_secs());
@@ -215,9 +220,16 @@ pub async fn changes(
     let request = Request::parse(&params)?;
     let audience = audience_of(&state, &user, &params).await?;
     let id = audience.as_ref().map(|a| a.id.as_str());
+    // Whether a gateway linked this position (only then may a cache keep its page long).
+    let entity = params.entity_code.as_deref().unwrap_or_default();
+    let linked = params
+        .sig
+        .as_deref()
+        .filter(|sig| state.page_links.signed(entity, request.since.as_str(), sig));
     if params.aud.is_some() && params.aud.as_deref() != id {
-        // Another audience's URL (swapped, or from before a claim or policy change).
-        let location = request.url(&request.since, id);
+        // Another audience's URL (swapped, or from before a claim or policy change). A
+        // signature goes on only if it was valid: the redirect signs nothing.
+        let location = request.url(&request.since, id, linked);
         return Ok((
             StatusCode::TEMPORARY_REDIRECT,
             [
@@ -245,17 +257,23 @@ pub async fn changes(
     // A cache in front keys pages by URL: only the one URL of a page (as links name it) is
     // kept there, so that variants of it (another order, an unknown parameter) cannot fill
     // the cache and push out everyone's pages. Nor a URL with a token: each token would be
-    // another copy of the page (and the cache would keep the token).
+    // another copy of the page (and the cache would keep the token). Nor a closed page at a
+    // position no gateway linked (a made-up cursor would be a page kept a year).
     let canonical =
-        uri.path_and_query().map(|p| p.as_str()) == Some(&request.url(&request.since, id));
-    let caching = match state.config.shared_cache && canonical && params.token.is_none() {
+        uri.path_and_query().map(|p| p.as_str()) == Some(&request.url(&request.since, id, linked));
+    let kept_in_front = state.config.shared_cache
+        && canonical
+        && params.token.is_none()
+        && (linked.is_some() || !page.closed);
+    let caching = match kept_in_front {
         true => caching,
         false => Caching {
             shared_for: None,
             ..caching
         },
     };
-    let next = request.url(&page.cursor, id);
+    let sig = id.map(|_| state.page_links.sign(entity, page.cursor.as_str()));
+    let next = request.url(&page.cursor, id, sig.as_deref());
     Ok(answer(&page, caching, &next, &headers, place))
 }
 

@@ -7,6 +7,7 @@ pub mod admin;
 pub mod changes;
 pub mod error;
 pub mod extract;
+pub mod links;
 pub mod pages;
 mod row_lines;
 pub mod snapshot;

@@ -1,7 +1,8 @@
 //! `GET /v1/snapshot/{entityCode}[?ids=a,b]`: the rows a user may see, streamed as NDJSON
-//! from one REPEATABLE READ transaction run as the user. The first line is `{"cursor":…}`
-//! from that same transaction, so subscribing with `since` = that cursor continues exactly
-//! where the snapshot ends. A whole table is read with a binary `COPY (SELECT …) TO STDOUT`
+//! from one REPEATABLE READ transaction run as the user. The first line is
+//! `{"cursor":…,"sig":…}` from that same transaction, so subscribing with `since` = that
+//! cursor continues exactly where the snapshot ends (and `/v1/changes` with `sig` too, its
+//! first page then kept by a cache in front: `http::links`). A whole table is read with a binary `COPY (SELECT …) TO STDOUT`
 //! and each row written as JSON here (`row_lines`); rows travel in chunks through a small
 //! bounded channel as PostgreSQL sends them: memory stays flat for any table size.
 //!
@@ -222,7 +223,9 @@ pub async fn snapshot(
             // The columns' types fix how each is sent and written.
             let shape = RowLines::describe(&tx, &entity).await?;
             let select = format!("SELECT {} FROM {} t{filter}", shape.select_list(), entity.table);
-            let head = format!("{}\n", json!({"cursor": cursor})).into_bytes();
+            // The cursor's signature: the page of `/v1/changes` from it may be kept in front.
+            let sig = state.page_links.sign(&entity.code, &cursor);
+            let head = format!("{}\n", json!({"cursor": cursor, "sig": sig})).into_bytes();
             let mut begun = || {
                 // The query runs: from here on the answer is 200 and the rows follow.
                 if let Some(started) = started.take() {
