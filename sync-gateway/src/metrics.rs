@@ -21,6 +21,8 @@ pub struct Metrics {
     pub changes_pages_read: Counter,
     /// Pages of the log read for replays (what sharing identical reads saves).
     pub replay_pages_read: Counter,
+    /// Replays waiting for their turn under `--max-replays` (a storm's queue).
+    pub replays_waiting: Gauge,
     /// Seconds from a change's capture to its routing.
     pub delivery_lag: Histogram,
     /// Seconds from the read of a change's page to its routing.
@@ -48,6 +50,7 @@ impl Default for Metrics {
         let changes_read = Counter::default();
         let changes_pages_read = Counter::default();
         let replay_pages_read = Counter::default();
+        let replays_waiting = Gauge::default();
         let delivery_lag = Histogram::new(exponential_buckets(0.001, 2.0, 16));
         let route_lag = Histogram::new(exponential_buckets(0.0001, 2.0, 20));
         let send_wait = Histogram::new(exponential_buckets(0.0001, 2.0, 20));
@@ -89,6 +92,11 @@ impl Default for Metrics {
             "replay_pages_read",
             "Pages of the log read for replays",
             replay_pages_read.clone(),
+        );
+        registry.register(
+            "replays_waiting",
+            "Replays waiting for their turn under --max-replays",
+            replays_waiting.clone(),
         );
         registry.register(
             "delivery_lag_seconds",
@@ -134,6 +142,7 @@ impl Default for Metrics {
             changes_read,
             changes_pages_read,
             replay_pages_read,
+            replays_waiting,
             delivery_lag,
             route_lag,
             send_wait,
@@ -193,6 +202,7 @@ mod tests {
             "sync_route_lag_seconds_bucket",
             "sync_wal_slot_retained_bytes 42",
             "sync_replica_lag_seconds 0",
+            "sync_replays_waiting 0",
         ] {
             assert!(text.contains(name), "{name} in {text}");
         }

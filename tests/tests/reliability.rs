@@ -843,10 +843,15 @@ async fn a_restarts_reconnect_storm_loses_nothing_and_shares_its_reads() {
         .restart(cluster.execute("INSERT INTO room SELECT generate_series(11, 20)"))
         .await;
     let storm = tokio::time::Instant::now();
+    // The most replays seen waiting for their turn at once.
+    let queued = std::sync::atomic::AtomicI64::new(0);
     reaches("subscriptions again", count, deadline(), async || {
+        let waiting = gateway.metric("sync_replays_waiting").await;
+        queued.fetch_max(waiting, std::sync::atomic::Ordering::SeqCst);
         subscribed(&gateway).await
     })
     .await;
+    let queued = queued.into_inner();
     let back_in = storm.elapsed();
     cluster
         .execute("INSERT INTO room SELECT generate_series(21, 30)")
@@ -864,7 +869,8 @@ async fn a_restarts_reconnect_storm_loses_nothing_and_shares_its_reads() {
     let reads = gateway.metric("sync_replay_pages_read_total").await;
     eprintln!(
         "{count} clients came back in {back_in:?} with {reads} reads of the log; \
-         {refused} upgrades and {retried} replays were told to come back later"
+         {refused} upgrades and {retried} replays were told to come back later; \
+         up to {queued} replays seen waiting their turn"
     );
     assert!(
         reads * 10 <= count as i64,

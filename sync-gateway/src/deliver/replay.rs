@@ -86,6 +86,23 @@ impl Default for SharedReads {
     }
 }
 
+/// A replay counted among the waiting (`sync_replays_waiting`) while this lives: also when
+/// its subscription ends during the wait.
+struct Waiting(prometheus_client::metrics::gauge::Gauge);
+
+impl Waiting {
+    fn counted(gauge: &prometheus_client::metrics::gauge::Gauge) -> Waiting {
+        gauge.inc();
+        Waiting(gauge.clone())
+    }
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 enum ReplayError {
     #[error(transparent)]
@@ -120,7 +137,9 @@ impl Replayer {
                     Ok(_place) => start
                         .cancel
                         .run_until_cancelled(async {
+                            let waiting = Waiting::counted(&this.metrics.replays_waiting);
                             let _turn = this.turns.wait().await?;
+                            drop(waiting);
                             this.replay(&start).await
                         })
                         .await
