@@ -7,7 +7,6 @@ use crate::access::limits::Cap;
 use crate::deliver::command::SubscribeRequest;
 use crate::model::filter::Condition;
 use crate::model::subscription::Target;
-use std::collections::HashMap;
 use std::sync::Arc;
 
 /// Bounds per connection and per user.
@@ -37,14 +36,15 @@ pub struct Limits {
 impl Limits {
     /// Whether connection `conn_id` may add the subscription `request` asks for, else why
     /// not; `replacing` (a subscription it replaces) does not count.
-    pub(super) fn admits(
+    /// `users_conns`: the connections of `conn`'s user, `conn` among them.
+    pub(super) fn admits<'a>(
         &self,
-        connections: &HashMap<ConnId, Conn>,
         conn_id: ConnId,
+        conn: &Conn,
+        users_conns: impl Iterator<Item = (ConnId, &'a Conn)>,
         request: &SubscribeRequest,
         replacing: Option<(ConnId, SubId)>,
     ) -> Result<(), String> {
-        let conn = &connections[&conn_id];
         let held: usize = kept_subs(conn_id, conn, replacing)
             .map(|s| s.subscription.target.size())
             .sum();
@@ -54,11 +54,8 @@ impl Limits {
                 self.subscriptions
             ));
         }
-        let users = connections
-            .iter()
-            .filter(|(_, c)| c.user.sub == conn.user.sub);
-        let (held_by_user, conditions, values) = users
-            .flat_map(|(id, c)| kept_subs(*id, c, replacing))
+        let (held_by_user, conditions, values) = users_conns
+            .flat_map(|(id, c)| kept_subs(id, c, replacing))
             .map(|s| &s.subscription)
             .chain([&request.subscription])
             .map(|s| match &s.target {

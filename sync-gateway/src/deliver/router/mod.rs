@@ -88,6 +88,10 @@ pub struct Router {
     gateway_id: String,
     limits: Limits,
     connections: HashMap<ConnId, Conn>,
+    /// Each user's connections: a SUBSCRIBE checks its user's holdings over these, not over
+    /// every connection (with 10,000 users coming back at once, that scan was most of the
+    /// router's time).
+    users: HashMap<String, HashSet<ConnId>>,
     index: HashMap<String, EntityIndex>,
     next_sub: SubId,
     /// Where the live stream stands; None until the reader's first read.
@@ -111,6 +115,7 @@ impl Router {
             gateway_id,
             limits,
             connections: HashMap::new(),
+            users: HashMap::new(),
             index: HashMap::new(),
             next_sub: 1,
             position: None,
@@ -160,6 +165,10 @@ impl Router {
                     mirrored: false,
                     awaits: Awaits::default(),
                 };
+                self.users
+                    .entry(conn.user.sub.clone())
+                    .or_default()
+                    .insert(c.id);
                 self.connections.insert(c.id, conn);
             }
             Command::Disconnect(conn) => self.drop_connection(conn),

@@ -10,6 +10,7 @@ use crate::deliver::mirror::{MirrorOp, SubscriptionRow};
 use crate::model::filter::Condition;
 use crate::model::protocol::{ErrorCode, ServerMessage};
 use crate::model::subscription::{Subscription, Target};
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 
@@ -19,6 +20,13 @@ impl Router {
             return;
         };
         let old = conn.group;
+        if conn.user.sub != user.sub {
+            forget(&mut self.users, &conn.user.sub, conn_id);
+            self.users
+                .entry(user.sub.clone())
+                .or_default()
+                .insert(conn_id);
+        }
         conn.user = user;
         conn.group = group;
         let rows: Vec<(String, SubId)> = conn
@@ -50,9 +58,11 @@ impl Router {
             .iter()
             .find(|(_, s)| s.subscription == request.subscription)
             .map(|(id, _)| (conn_id, *id));
+        let users_conns = self.users.get(&conn.user.sub).into_iter().flatten();
+        let users_conns = users_conns.filter_map(|id| Some((*id, self.connections.get(id)?)));
         if let Err(message) = self
             .limits
-            .admits(&self.connections, conn_id, &request, same)
+            .admits(conn_id, conn, users_conns, &request, same)
         {
             let error = ServerMessage::error(ErrorCode::TooManySubscriptions, message, reference);
             self.send(conn_id, &error);
@@ -260,14 +270,25 @@ impl Router {
         let Some(conn) = self.connections.get(&conn_id) else {
             return;
         };
-        let (name, mirrored) = (conn.name.clone(), conn.mirrored);
+        let (name, mirrored, user) = (conn.name.clone(), conn.mirrored, conn.user.sub.clone());
         let subs: Vec<SubId> = conn.subs.keys().copied().collect();
         for sub in subs {
             self.remove_sub(conn_id, sub);
         }
         self.connections.remove(&conn_id);
+        forget(&mut self.users, &user, conn_id);
         if mirrored {
             self.out.mirror.send(MirrorOp::RemoveConnection(name)).ok();
+        }
+    }
+}
+
+/// `conn` is no longer one of `user`'s connections.
+fn forget(users: &mut HashMap<String, HashSet<ConnId>>, user: &str, conn: ConnId) {
+    if let Some(conns) = users.get_mut(user) {
+        conns.remove(&conn);
+        if conns.is_empty() {
+            users.remove(user);
         }
     }
 }
