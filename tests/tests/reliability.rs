@@ -514,6 +514,88 @@ async fn one_users_abuse_does_not_stall_another_user() {
     drop((polls, snapshots, deaf, bombs));
 }
 
+/// Waits until `/metrics` says `name` is `value`.
+async fn metric_is(gateway: &Gateway, name: &str, value: i64) {
+    tokio::time::timeout(PATIENCE, async {
+        while gateway.metric(name).await != value {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("{name} never became {value}"));
+}
+
+/// Replays over `--max-replays` wait their turn, boundedly. mallory's replay of a long log,
+/// which she does not read, holds the only place. bob's replay waits, then is refused with
+/// ERROR `internal` once `--replay-wait` has passed; carol's ends while it waits and gives
+/// its place in the queue back; once mallory goes, dave's replay runs at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn replays_over_the_cap_wait_their_turn_and_no_longer() {
+    let cluster = Cluster::start().await;
+    cluster
+        .execute("CREATE TABLE ev (id int PRIMARY KEY, body text); SELECT sync.track('ev');")
+        .await;
+    let old = cluster.current_cursor().await;
+    cluster
+        .execute("INSERT INTO ev SELECT g, repeat('o', 2000) FROM generate_series(1, 15000) g")
+        .await;
+    let recent = cluster.current_cursor().await;
+    let args = [
+        "--max-replays",
+        "1",
+        "--replay-wait",
+        "2s",
+        "--send-timeout",
+        "60s",
+    ];
+    let gateway = Gateway::start(&cluster, &args).await;
+    let replay = |since: &str| json!({"type": "SUBSCRIBE", "payload": {"entityCode": "ev", "mode": "delta", "since": since}});
+
+    // mallory subscribes from the start and reads nothing: once the socket's buffers and her
+    // queue (4 MiB) are full (30 MB of replay is more than they hold), her replay waits for
+    // room in her queue, holding the place.
+    let mut mallory = gateway.connect("mallory").await;
+    mallory.send(replay(&old)).await;
+    let mut bob = gateway.connect("bob").await;
+    bob.send(replay(&recent)).await;
+    metric_is(&gateway, "sync_replays_waiting", 1).await;
+    let refused = loop {
+        let message = tokio::time::timeout(PATIENCE, bob.next())
+            .await
+            .expect("bob is answered")
+            .expect("bob's connection stays open");
+        assert_ne!(message["type"], "SYNCED", "bob's replay ran: {message}");
+        if message["type"] == "ERROR" {
+            break message["payload"].clone();
+        }
+    };
+    assert_eq!(refused["code"], "internal", "{refused}");
+    assert_eq!(refused["entityCode"], "ev", "{refused}");
+    metric_is(&gateway, "sync_replays_waiting", 0).await;
+
+    let mut carol = gateway.connect("carol").await;
+    carol.send(replay(&recent)).await;
+    metric_is(&gateway, "sync_replays_waiting", 1).await;
+    carol
+        .send(json!({"type": "UNSUBSCRIBE", "payload": {"entityCode": "ev"}}))
+        .await;
+    metric_is(&gateway, "sync_replays_waiting", 0).await;
+
+    mallory.drop_connection();
+    let mut dave = gateway.connect("dave").await;
+    dave.send(replay(&recent)).await;
+    loop {
+        let message = tokio::time::timeout(PATIENCE, dave.next())
+            .await
+            .expect("dave's replay runs once mallory is gone")
+            .expect("dave's connection stays open");
+        assert_ne!(message["type"], "ERROR", "{message}");
+        if message["type"] == "SYNCED" {
+            break;
+        }
+    }
+}
+
 /// Subscribing and unsubscribing in a loop (with ids, and with replays from the start of the
 /// log) costs only the churner: another user's changes arrive, all of them, the gateway's
 /// heartbeat stays fresh (another gateway would otherwise take it for dead and remove its
