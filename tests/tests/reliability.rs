@@ -514,6 +514,24 @@ async fn one_users_abuse_does_not_stall_another_user() {
     drop((polls, snapshots, deaf, bombs));
 }
 
+/// A cluster with `table` (id, body text) tracked, and `rows` rows of `width` characters
+/// written after the cursor returned: a log for replays and pages to read.
+async fn with_a_log(table: &str, rows: usize, width: usize) -> (Cluster, String) {
+    let cluster = Cluster::start().await;
+    cluster
+        .execute(&format!(
+            "CREATE TABLE {table} (id int PRIMARY KEY, body text); SELECT sync.track('{table}');"
+        ))
+        .await;
+    let before = cluster.current_cursor().await;
+    cluster
+        .execute(&format!(
+            "INSERT INTO {table} SELECT g, repeat('o', {width}) FROM generate_series(1, {rows}) g"
+        ))
+        .await;
+    (cluster, before)
+}
+
 /// Waits until `/metrics` says `name` is `value`.
 async fn metric_is(gateway: &Gateway, name: &str, value: i64) {
     tokio::time::timeout(PATIENCE, async {
@@ -531,14 +549,7 @@ async fn metric_is(gateway: &Gateway, name: &str, value: i64) {
 /// its place in the queue back; once mallory goes, dave's replay runs at once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn replays_over_the_cap_wait_their_turn_and_no_longer() {
-    let cluster = Cluster::start().await;
-    cluster
-        .execute("CREATE TABLE ev (id int PRIMARY KEY, body text); SELECT sync.track('ev');")
-        .await;
-    let old = cluster.current_cursor().await;
-    cluster
-        .execute("INSERT INTO ev SELECT g, repeat('o', 2000) FROM generate_series(1, 15000) g")
-        .await;
+    let (cluster, old) = with_a_log("ev", 15_000, 2000).await;
     let recent = cluster.current_cursor().await;
     let args = [
         "--max-replays",
@@ -559,16 +570,9 @@ async fn replays_over_the_cap_wait_their_turn_and_no_longer() {
     let mut bob = gateway.connect("bob").await;
     bob.send(replay(&recent)).await;
     metric_is(&gateway, "sync_replays_waiting", 1).await;
-    let refused = loop {
-        let message = tokio::time::timeout(PATIENCE, bob.next())
-            .await
-            .expect("bob is answered")
-            .expect("bob's connection stays open");
-        assert_ne!(message["type"], "SYNCED", "bob's replay ran: {message}");
-        if message["type"] == "ERROR" {
-            break message["payload"].clone();
-        }
-    };
+    let refused = replay_end(&mut bob)
+        .await
+        .expect_err("bob's replay waits, then is refused");
     assert_eq!(refused["code"], "internal", "{refused}");
     assert_eq!(refused["entityCode"], "ev", "{refused}");
     metric_is(&gateway, "sync_replays_waiting", 0).await;
@@ -584,14 +588,22 @@ async fn replays_over_the_cap_wait_their_turn_and_no_longer() {
     mallory.drop_connection();
     let mut dave = gateway.connect("dave").await;
     dave.send(replay(&recent)).await;
+    replay_end(&mut dave)
+        .await
+        .expect("dave's replay runs once mallory is gone");
+}
+
+/// How a replay ends: Ok at its SYNCED, Err with the payload of an ERROR.
+async fn replay_end(session: &mut Session) -> Result<(), Value> {
     loop {
-        let message = tokio::time::timeout(PATIENCE, dave.next())
+        let message = tokio::time::timeout(PATIENCE, session.next())
             .await
-            .expect("dave's replay runs once mallory is gone")
-            .expect("dave's connection stays open");
-        assert_ne!(message["type"], "ERROR", "{message}");
-        if message["type"] == "SYNCED" {
-            break;
+            .expect("an answer in time")
+            .expect("the connection stays open");
+        match message["type"].as_str() {
+            Some("SYNCED") => return Ok(()),
+            Some("ERROR") => return Err(message["payload"].clone()),
+            _ => {}
         }
     }
 }
@@ -603,15 +615,8 @@ async fn replays_over_the_cap_wait_their_turn_and_no_longer() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn churning_subscriptions_and_replays_costs_only_the_churner() {
     const CYCLES: usize = 1000;
-    let cluster = Cluster::start().await;
-    cluster
-        .execute("CREATE TABLE ev (id int PRIMARY KEY, body text); SELECT sync.track('ev');")
-        .await;
-    let old = cluster.current_cursor().await;
     // A log for the replays to read.
-    cluster
-        .execute("INSERT INTO ev SELECT g, repeat('o', 200) FROM generate_series(1, 20000) g")
-        .await;
+    let (cluster, old) = with_a_log("ev", 20_000, 200).await;
     let gateway = Gateway::start(&cluster, &["--heartbeat-secs", "1"]).await;
     // Another gateway, which removes the subscriptions of a gateway silent for 6 s.
     let _reaper = Gateway::start(&cluster, &["--heartbeat-secs", "1"]).await;
@@ -688,15 +693,8 @@ async fn churning_subscriptions_and_replays_costs_only_the_churner() {
 /// up in the gateway's memory past the caps.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_unread_changes_answer_holds_its_place_until_taken() {
-    let cluster = Cluster::start().await;
-    cluster
-        .execute("CREATE TABLE big (id int PRIMARY KEY, pad text); SELECT sync.track('big');")
-        .await;
-    let since = cluster.current_cursor().await;
     // About 32 MB of JSON: more than the loopback sockets hold.
-    cluster
-        .execute("INSERT INTO big SELECT g, repeat('x', 16000) FROM generate_series(1, 2000) g")
-        .await;
+    let (cluster, since) = with_a_log("big", 2000, 16_000).await;
     let gateway = Gateway::start(&cluster, &["--max-long-polls-per-user", "1"]).await;
     let auth = format!("Bearer {}", token("mallory", &[]));
     let mut unread = tokio::net::TcpStream::connect(("127.0.0.1", gateway.port))
