@@ -546,16 +546,19 @@ async fn metric_is(gateway: &Gateway, name: &str, value: i64) {
 /// Replays over `--max-replays` wait their turn, boundedly. mallory's replay of a long log,
 /// which she does not read, holds the only place. bob's replay waits, then is refused with
 /// ERROR `internal` once `--replay-wait` has passed; carol's ends while it waits and gives
-/// its place in the queue back; once mallory goes, dave's replay runs at once.
+/// its place in the queue back (one waiting at most); dave's waits in it, and runs once
+/// mallory goes, all 64 MB of it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn replays_over_the_cap_wait_their_turn_and_no_longer() {
-    let (cluster, old) = with_a_log("ev", 15_000, 2000).await;
+    let (cluster, old) = with_a_log("ev", 16_000, 4000).await;
     let recent = cluster.current_cursor().await;
     let args = [
         "--max-replays",
         "1",
+        "--max-replays-waiting",
+        "1",
         "--replay-wait",
-        "2s",
+        "4s",
         "--send-timeout",
         "60s",
     ];
@@ -563,10 +566,20 @@ async fn replays_over_the_cap_wait_their_turn_and_no_longer() {
     let replay = |since: &str| json!({"type": "SUBSCRIBE", "payload": {"entityCode": "ev", "mode": "delta", "since": since}});
 
     // mallory subscribes from the start and reads nothing: once the socket's buffers and her
-    // queue (4 MiB) are full (30 MB of replay is more than they hold), her replay waits for
-    // room in her queue, holding the place.
+    // queue (4 MiB) are full, her replay waits for room in her queue, holding the place. 64 MB
+    // of replay is more than they hold (here a receiving socket may grow to 32 MiB: with 30
+    // MB, her whole replay went into the buffers now and then, and her place was free).
     let mut mallory = gateway.connect("mallory").await;
     mallory.send(replay(&old)).await;
+    // Her replay runs (it holds the place) before anyone else asks.
+    loop {
+        let message = mallory.next_or_close().await;
+        match message {
+            Ok(m) if m["type"] == "DELTA" => break,
+            Ok(_) => {}
+            Err(code) => panic!("mallory's connection closed: {code:?}"),
+        }
+    }
     let mut bob = gateway.connect("bob").await;
     bob.send(replay(&recent)).await;
     metric_is(&gateway, "sync_replays_waiting", 1).await;
@@ -577,17 +590,34 @@ async fn replays_over_the_cap_wait_their_turn_and_no_longer() {
     assert_eq!(refused["entityCode"], "ev", "{refused}");
     metric_is(&gateway, "sync_replays_waiting", 0).await;
 
+    // carol's replay waits, and she unsubscribes: not refused (her AWAIT is answered first),
+    // and her place in the queue (one, --max-replays-waiting) is free for dave's.
     let mut carol = gateway.connect("carol").await;
     carol.send(replay(&recent)).await;
     metric_is(&gateway, "sync_replays_waiting", 1).await;
     carol
         .send(json!({"type": "UNSUBSCRIBE", "payload": {"entityCode": "ev"}}))
         .await;
-    metric_is(&gateway, "sync_replays_waiting", 0).await;
-
-    mallory.drop_connection();
+    carol
+        .send(json!({"type": "AWAIT", "payload": {"cursor": recent, "ref": "after"}}))
+        .await;
+    loop {
+        let message = carol.next().await.expect("carol's connection open");
+        assert_ne!(
+            message["type"], "ERROR",
+            "carol's wait ended in a refusal: {message}"
+        );
+        if message["type"] == "REACHED" {
+            break;
+        }
+    }
+    // dave replays the whole log, reading as he goes: never cut off as too slow (parts of
+    // the replay handed on before the router had queued the earlier ones overfilled a
+    // reading client's queue with rows of 4 KB).
     let mut dave = gateway.connect("dave").await;
-    dave.send(replay(&recent)).await;
+    dave.send(replay(&old)).await;
+    metric_is(&gateway, "sync_replays_waiting", 1).await;
+    mallory.drop_connection();
     replay_end(&mut dave)
         .await
         .expect("dave's replay runs once mallory is gone");

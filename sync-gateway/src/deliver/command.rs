@@ -122,11 +122,14 @@ pub enum ReplayItem {
 
 /// What a replay reports.
 pub enum ReplayEvent {
-    /// A part of the gap, in log order.
+    /// A part of the gap, in log order. `queued` is told once the router has queued it: the
+    /// replay hands on its next part only then, so that its wait for room in the connection's
+    /// queue sees this part there (parts still in the channel are not counted yet).
     Page {
         conn: ConnId,
         sub: SubId,
         items: Vec<ReplayItem>,
+        queued: tokio::sync::oneshot::Sender<()>,
     },
     /// The gap is read up to `until`: SYNCED, then the live changes kept meanwhile.
     Done { conn: ConnId, sub: SubId },

@@ -196,15 +196,18 @@ impl Replayer {
                     .wait_for_room()
                     .await
                     .map_err(|_| ReplayError::Gone)?;
+                let (queued, in_the_queue) = tokio::sync::oneshot::channel();
                 let event = ReplayEvent::Page {
                     conn: start.conn,
                     sub: start.sub,
                     items: part.to_vec(),
+                    queued,
                 };
                 self.events
                     .send(event)
                     .await
                     .map_err(|_| ReplayError::Gone)?;
+                in_the_queue.await.map_err(|_| ReplayError::Gone)?;
             }
         }
         let done = ReplayEvent::Done {

@@ -86,7 +86,15 @@ impl Router {
 
     pub(super) fn replay_event(&mut self, event: ReplayEvent) {
         match event {
-            ReplayEvent::Page { conn, sub, items } => self.replayed(conn, sub, items),
+            ReplayEvent::Page {
+                conn,
+                sub,
+                items,
+                queued,
+            } => {
+                self.replayed(conn, sub, items);
+                let _ = queued.send(());
+            }
             ReplayEvent::Done { conn, sub } => {
                 // A transaction it held a change of may go on in the next page: then it ends
                 // there, with the live stream's messages.

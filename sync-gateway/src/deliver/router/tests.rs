@@ -189,6 +189,7 @@ fn replay_parts(h: &mut Harness, sub: SubId, parts: Vec<Vec<ReplayItem>>) {
             conn: 1,
             sub,
             items,
+            queued: tokio::sync::oneshot::channel().0,
         }));
     }
     h.router
