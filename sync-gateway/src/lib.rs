@@ -138,6 +138,8 @@ pub struct AppState {
 pub enum ServeError {
     #[error(transparent)]
     Auth(#[from] access::auth::AuthError),
+    #[error("--page-link-secret is empty: anyone could sign page links with it")]
+    EmptyPageLinkSecret,
     #[error("bad --database-url, --read-url or --authenticator-url: {0}")]
     DatabaseUrl(tokio_postgres::Error),
     #[error("cannot build a connection pool: {0}")]
@@ -168,6 +170,11 @@ const MIRROR_BACKLOG_PER_USER: usize = 20_000;
 /// them, and removes this gateway's subscriptions.
 pub async fn serve(args: ServeArgs, shutdown: CancellationToken) -> Result<(), ServeError> {
     let verifier = Verifier::new(&args.auth)?;
+    let page_links = match (&args.page_link_secret, &args.auth.jwt_secret) {
+        (Some(secret), _) if secret.is_empty() => return Err(ServeError::EmptyPageLinkSecret),
+        (Some(secret), _) | (None, Some(secret)) => http::links::PageLinks::new(secret.as_bytes()),
+        (None, None) => http::links::PageLinks::of_this_process(),
+    };
     let pools = Pools::new(&args)?;
     if pools.replica {
         pools.check_replica().await?;
@@ -343,12 +350,7 @@ pub async fn serve(args: ServeArgs, shutdown: CancellationToken) -> Result<(), S
             shared_cache: args.shared_cache,
         },
         pages: http::pages::Pages::new(args.page_cache_mb << 20),
-        page_links: match (&args.page_link_secret, &args.auth.jwt_secret) {
-            (Some(secret), _) | (None, Some(secret)) => {
-                http::links::PageLinks::new(secret.as_bytes())
-            }
-            (None, None) => http::links::PageLinks::of_this_process(),
-        },
+        page_links,
         caps: Caps {
             admissions: access::limits::Admissions::new(
                 caps.max_admissions_per_second,

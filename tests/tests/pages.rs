@@ -8,7 +8,7 @@
 use futures_util::StreamExt;
 use pg_sync_tests::gateway::{http_request, token, Gateway, HttpResponse, SECRET};
 use pg_sync_tests::nginx::Nginx;
-use pg_sync_tests::Cluster;
+use pg_sync_tests::{Cluster, GATEWAY_ROLE};
 use serde_json::{json, Value};
 
 /// Tasks are visible within their org; `note` is visible through a table the policy reads
@@ -42,6 +42,22 @@ async fn setup() -> (Cluster, Gateway, String, String) {
             .await;
     }
     (cluster, gateway, start, sig)
+}
+
+/// An empty `--page-link-secret` is refused at start: anyone could sign links with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_empty_page_link_secret_is_refused() {
+    let cluster = Cluster::start().await;
+    let args: Vec<String> = [
+        "--database-url",
+        &cluster.url_as(GATEWAY_ROLE, "postgres"),
+        "--page-link-secret",
+        "",
+    ]
+    .map(str::to_owned)
+    .into();
+    let refused = Gateway::launch(&args).await.err().expect("refused");
+    assert!(refused.contains("--page-link-secret is empty"), "{refused}");
 }
 
 /// The cursor of a snapshot of tasks and its `sig`: the page of `/v1/changes` from it may be
@@ -108,12 +124,13 @@ fn orgs(response: &HttpResponse) -> Vec<String> {
 }
 
 /// The URL of the second page of tasks after `start` (10 a page) for `auth`'s audience, as
-/// the first page links it. Its `since` is a position inside a batch of the log.
-async fn second_page(gateway: &Gateway, auth: &str, start: &str) -> String {
+/// the first page, from `start` signed with `sig`, links it. Its `since` is a position inside a
+/// batch of the log.
+async fn second_page(gateway: &Gateway, auth: &str, start: &str, sig: &str) -> String {
     let plain = get(
         gateway,
         auth,
-        &format!("/v1/changes?since={start}&limit=10&entityCode=task"),
+        &format!("/v1/changes?since={start}&limit=10&entityCode=task&sig={sig}"),
     )
     .await;
     assert_eq!(plain.status, 200);
@@ -138,7 +155,7 @@ async fn a_closed_page_is_the_same_bytes_for_its_audience_and_no_one_else() {
         bearer("carol", "acme"),
         bearer("bob", "beta"),
     );
-    let url = second_page(&gateway, &alice, &start).await;
+    let url = second_page(&gateway, &alice, &start, &start_sig).await;
 
     let first = get(&gateway, &alice, &url).await;
     assert_eq!(first.status, 200);
@@ -164,10 +181,18 @@ async fn a_closed_page_is_the_same_bytes_for_its_audience_and_no_one_else() {
     // would be a page kept a year, and a reader could push everyone's pages out).
     let sig = query(&url, "sig").expect("a signed link");
     let unsigned = url.replace(&format!("&sig={sig}"), "");
-    for made_up in [unsigned.clone(), url.replace(&sig, &"0".repeat(32))] {
+    let spellings = [
+        unsigned.clone(),
+        url.replace(&sig, &"0".repeat(32)),
+        url.replace(&sig, &sig.to_uppercase()),
+    ];
+    for made_up in spellings {
         let page = get(&gateway, &alice, &made_up).await;
         assert_eq!(page.body, first.body);
         assert_eq!(page.header("x-accel-expires"), None, "{made_up}");
+        // Nor does a page from a position no gateway signed link on to a signed one: else
+        // each made-up cursor would mint a signed position.
+        assert_eq!(query(&next(&page), "sig"), None, "{made_up}");
     }
     let etag = first.header("etag").expect("an ETag").to_owned();
     // Changes 11 to 20 of the log, of which alice sees acme's.
@@ -250,9 +275,9 @@ async fn a_closed_page_is_the_same_bytes_for_its_audience_and_no_one_else() {
 /// gateway cannot compile, it does not serve the page.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_audience_from_before_a_claim_or_policy_change_serves_nothing() {
-    let (cluster, gateway, start, _) = setup().await;
+    let (cluster, gateway, start, start_sig) = setup().await;
     let alice = bearer("alice", "acme");
-    let url = second_page(&gateway, &alice, &start).await;
+    let url = second_page(&gateway, &alice, &start, &start_sig).await;
     assert_eq!(get(&gateway, &alice, &url).await.status, 200);
 
     // alice moved to beta: her token's claims say so, and the old URL is not hers.
@@ -322,9 +347,9 @@ async fn an_audience_from_before_a_claim_or_policy_change_serves_nothing() {
 /// at a closed page and at the live edge alike.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn readers_asking_for_one_page_at_once_read_the_log_once() {
-    let (cluster, gateway, start, _) = setup().await;
+    let (cluster, gateway, start, start_sig) = setup().await;
     let alice = bearer("alice", "acme");
-    let url = second_page(&gateway, &alice, &start).await;
+    let url = second_page(&gateway, &alice, &start, &start_sig).await;
     let live = cluster.current_cursor().await;
     let aud = query(&url, "aud").unwrap();
     let edge = format!("/v1/changes?since={live}&limit=10&entityCode=task&aud={aud}");
@@ -508,7 +533,7 @@ async fn through_an_http_cache_a_thousand_readers_cost_the_log_a_few_reads() {
     assert!(reads <= 30, "{reads} reads of the log");
 
     // bob (beta) with the URL of acme's second page: sent to his own, never served acme's.
-    let acme = second_page(&a, &bearer("alice", "acme"), &start).await;
+    let acme = second_page(&a, &bearer("alice", "acme"), &start, &start_sig).await;
     assert_eq!(
         front(bearer("alice", "acme"), acme.clone()).await.status,
         200
@@ -563,7 +588,7 @@ async fn page_benchmark() {
     let cluster = Cluster::start().await;
     cluster.execute(SCHEMA).await;
     let gateway = Gateway::start(&cluster, &["--shared-cache"]).await;
-    let start = cluster.current_cursor().await;
+    let (start, sig) = snapshot_start(&gateway).await;
     cluster
         .execute(&format!(
             "INSERT INTO task SELECT g, CASE WHEN g % 2 = 0 THEN 'acme' ELSE 'beta' END, 't' || g
@@ -571,7 +596,7 @@ async fn page_benchmark() {
         ))
         .await;
     let nginx = Nginx::start(&[gateway.port]).await;
-    let first = format!("/v1/changes?since={start}&limit=1000&entityCode=task");
+    let first = format!("/v1/changes?since={start}&limit=1000&entityCode=task&sig={sig}");
     let mut figures = Vec::new();
     for (port, private) in [(nginx.port, false), (gateway.port, true)] {
         let before = gateway.metric("sync_changes_pages_read_total").await;

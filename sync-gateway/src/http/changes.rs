@@ -220,7 +220,9 @@ pub async fn changes(
     let request = Request::parse(&params)?;
     let audience = audience_of(&state, &user, &params).await?;
     let id = audience.as_ref().map(|a| a.id.as_str());
-    // Whether a gateway linked this position (only then may a cache keep its page long).
+    // Whether a gateway linked this position (only then may a cache keep its page long, and
+    // only then is the next position signed: a chain of signed positions starts at a
+    // snapshot's cursor, never at one the reader made up).
     let entity = params.entity_code.as_deref().unwrap_or_default();
     let linked = params
         .sig
@@ -272,7 +274,8 @@ pub async fn changes(
             ..caching
         },
     };
-    let sig = id.map(|_| state.page_links.sign(entity, page.cursor.as_str()));
+    let sig = (id.is_some() && linked.is_some())
+        .then(|| state.page_links.sign(entity, page.cursor.as_str()));
     let next = request.url(&page.cursor, id, sig.as_deref());
     Ok(answer(&page, caching, &next, &headers, place))
 }

@@ -42,9 +42,13 @@ impl PageLinks {
             .collect()
     }
 
-    /// Whether `sig` is the signature of a link to that page (compared in constant time).
+    /// Whether `sig` is the signature of a link to that page, spelled as `sign` spells it
+    /// (lower-case hex: each spelling would be a URL of its own in a cache), compared in
+    /// constant time.
     pub fn signed(&self, entity: &str, since: &str, sig: &str) -> bool {
-        let bytes: Option<Vec<u8>> = (sig.len() == 2 * SIGNATURE_BYTES)
+        let spelled = sig.len() == 2 * SIGNATURE_BYTES
+            && sig.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+        let bytes: Option<Vec<u8>> = spelled
             .then(|| {
                 (0..sig.len())
                     .step_by(2)
@@ -84,6 +88,12 @@ mod tests {
         );
         assert!(!links.signed("task", "1.a.3", &sig), "another position");
         assert!(!links.signed("note", "1.a.2", &sig), "another entity");
+        assert!(
+            !links.signed("task", "1.a.2", &sig.to_uppercase()),
+            "another spelling"
+        );
+        let plus = format!("+{}", &sig[1..]);
+        assert!(!links.signed("task", "1.a.2", &plus), "another spelling");
         let flipped = format!(
             "{}{}",
             if sig.starts_with('0') { '1' } else { '0' },
