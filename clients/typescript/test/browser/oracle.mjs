@@ -52,13 +52,12 @@ async function open({ gateway, users, entities }) {
 }
 
 async function reconnect({ user, gateway }) {
-  // Once started (its first sync done): a client closed while it starts is not what this
-  // tests.
+  // Not waiting for the new client's first sync: an entity no longer tracked never has one
+  // (the next check waits for what must hold). A client closed while it starts, starts
+  // nothing more (leader.ts).
   await tabs.get(user).evaluate((url) => {
     window.client.close();
     window.follow(url);
-    const late = new Promise((_, reject) => setTimeout(() => reject(new Error(`no first sync on ${url} in 15 s`)), 15_000));
-    return Promise.race([window.client.waitForFirstSync(), late]);
   }, gateway);
 }
 
