@@ -6,6 +6,7 @@
 //! an unsigned one is still served, to its reader alone. Every gateway behind one cache signs
 //! with the same key: `--page-link-secret`, or one derived from `--jwt-secret`.
 
+use crate::model::digest::hex;
 use hmac::{Hmac, Mac};
 use sha2::{Digest, Sha256};
 
@@ -36,10 +37,7 @@ impl PageLinks {
 
     /// The `sig` of a link to the page of `entity` starting at `since`.
     pub fn sign(&self, entity: &str, since: &str) -> String {
-        self.mac(entity, since).finalize().into_bytes()[..SIGNATURE_BYTES]
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect()
+        hex(&self.mac(entity, since).finalize().into_bytes()[..SIGNATURE_BYTES])
     }
 
     /// Whether `sig` is the signature of a link to that page, spelled as `sign` spells it
