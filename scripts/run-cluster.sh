@@ -58,8 +58,8 @@ start_gateway() {
         "$GATEWAY" serve "${@:2}" &
     PIDS+=($!)
 }
-start_gateway "$A" --shared-cache
-start_gateway "$B" --shared-cache --read-url "$(at sync_gateway "$STANDBY_PORT")"
+start_gateway "$A" --shared-cache --snapshot-share-for 10s
+start_gateway "$B" --shared-cache --snapshot-share-for 10s --read-url "$(at sync_gateway "$STANDBY_PORT")"
 
 # nginx in front, configured by docs/nginx.conf: WebSockets proxied to either gateway, change
 # pages cached and shared within their audience, everything else passed through.

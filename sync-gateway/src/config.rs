@@ -140,9 +140,18 @@ pub struct ServeArgs {
     #[arg(long, env = "SYNC_PAGE_LINK_SECRET", hide_env_values = true)]
     pub page_link_secret: Option<String>,
 
-    /// Megabytes of `/v1/changes` pages an audience shares, kept in memory (`http::pages`).
+    /// Megabytes of `/v1/changes` pages an audience shares, kept in memory (`http::pages`),
+    /// and as many of the snapshots it shares (`http::shared_snapshots`).
     #[arg(long, env = "SYNC_PAGE_CACHE_MB", default_value_t = 64)]
     pub page_cache_mb: u64,
+
+    /// How long a whole entity's snapshot is served to others of its audience after its
+    /// read, for cold starts of many clients at once (`http::shared_snapshots`). Such a
+    /// snapshot may not show a write committed meanwhile, not even the reader's own: it
+    /// arrives after it, from the snapshot's cursor. Off (0) by default: a snapshot is read
+    /// for each request.
+    #[arg(long, env = "SYNC_SNAPSHOT_SHARE_FOR", default_value = "0s", value_parser = humantime::parse_duration)]
+    pub snapshot_share_for: Duration,
 
     /// Serve the files of this folder at `/` (the demo app of `make run`). Off by default.
     #[arg(long, env = "SYNC_STATIC_DIR")]

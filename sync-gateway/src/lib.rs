@@ -124,6 +124,8 @@ pub struct AppState {
     pub caps: Caps,
     /// `/v1/changes` pages shared within an audience.
     pub pages: http::pages::Pages,
+    /// Whole-entity snapshots shared within an audience.
+    pub snapshots: http::shared_snapshots::SharedSnapshots,
     /// Signs the positions pages are linked from.
     pub page_links: http::links::PageLinks,
     pub metrics: Arc<Metrics>,
@@ -350,6 +352,10 @@ pub async fn serve(args: ServeArgs, shutdown: CancellationToken) -> Result<(), S
             shared_cache: args.shared_cache,
         },
         pages: http::pages::Pages::new(args.page_cache_mb << 20),
+        snapshots: http::shared_snapshots::SharedSnapshots::new(
+            args.snapshot_share_for,
+            args.page_cache_mb << 20,
+        ),
         page_links,
         caps: Caps {
             admissions: access::limits::Admissions::new(

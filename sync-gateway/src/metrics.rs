@@ -21,6 +21,8 @@ pub struct Metrics {
     pub changes_pages_read: Counter,
     /// Pages of the log read for replays (what sharing identical reads saves).
     pub replay_pages_read: Counter,
+    /// Snapshots read from the database (what sharing them within an audience saves).
+    pub snapshots_read: Counter,
     /// Replays waiting for their turn under `--max-replays` (a storm's queue).
     pub replays_waiting: Gauge,
     /// Seconds from a change's capture to its routing.
@@ -49,6 +51,7 @@ impl Default for Metrics {
         let bytes_sent = Counter::default();
         let changes_read = Counter::default();
         let changes_pages_read = Counter::default();
+        let snapshots_read = Counter::default();
         let replay_pages_read = Counter::default();
         let replays_waiting = Gauge::default();
         let delivery_lag = Histogram::new(exponential_buckets(0.001, 2.0, 16));
@@ -92,6 +95,11 @@ impl Default for Metrics {
             "replay_pages_read",
             "Pages of the log read for replays",
             replay_pages_read.clone(),
+        );
+        registry.register(
+            "snapshots_read",
+            "Snapshots read from the database",
+            snapshots_read.clone(),
         );
         registry.register(
             "replays_waiting",
@@ -142,6 +150,7 @@ impl Default for Metrics {
             changes_read,
             changes_pages_read,
             replay_pages_read,
+            snapshots_read,
             replays_waiting,
             delivery_lag,
             route_lag,

@@ -343,6 +343,118 @@ async fn an_audience_from_before_a_claim_or_policy_change_serves_nothing() {
     assert_eq!(query(forged.header("location").unwrap(), "aud"), None);
 }
 
+/// With `--snapshot-share-for`, a whole entity's snapshot read for one user is served to
+/// the others of their audience for that long, the same bytes, and its cursor leads each to
+/// what was written since. Never to another audience, nor a snapshot of a few ids, nor one
+/// of an entity only the database can judge, nor after a policy change.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_snapshot_is_shared_within_its_audience_and_no_further() {
+    let cluster = Cluster::start().await;
+    cluster.execute(SCHEMA).await;
+    cluster
+        .execute("INSERT INTO task SELECT g, CASE WHEN g % 2 = 0 THEN 'acme' ELSE 'beta' END, 't' || g FROM generate_series(1, 30) g")
+        .await;
+    let gateway = Gateway::start(&cluster, &["--snapshot-share-for", "10min"]).await;
+    let reads = || gateway.metric("sync_snapshots_read_total");
+    let snapshot = |sub: &'static str, org: &'static str, path: &'static str| {
+        let gateway = &gateway;
+        async move {
+            let answer = get(gateway, &bearer(sub, org), &format!("/v1/snapshot/{path}")).await;
+            assert_eq!(answer.status, 200, "{path} for {sub}");
+            answer.body
+        }
+    };
+    let orgs_of = |body: &[u8]| -> Vec<String> {
+        let mut orgs: Vec<String> = body
+            .split(|b| *b == b'\n')
+            .skip(1)
+            .filter(|l| !l.is_empty())
+            .map(|l| {
+                serde_json::from_slice::<Value>(l).unwrap()["org"]
+                    .as_str()
+                    .unwrap()
+                    .to_owned()
+            })
+            .collect();
+        orgs.dedup();
+        orgs
+    };
+
+    let first = snapshot("alice", "acme", "task").await;
+    assert_eq!(orgs_of(&first), ["acme"]);
+    assert_eq!(
+        first
+            .split(|b| *b == b'\n')
+            .filter(|l| !l.is_empty())
+            .count(),
+        16
+    );
+    let read = reads().await;
+    assert_eq!(
+        snapshot("anna", "acme", "task").await,
+        first,
+        "shared by her audience"
+    );
+    assert_eq!(reads().await, read, "served without a read");
+
+    // Another audience: its own read, its own rows.
+    let beta = snapshot("bob", "beta", "task").await;
+    assert_eq!(orgs_of(&beta), ["beta"]);
+    assert_eq!(reads().await, read + 1);
+
+    // A write after it: the shared snapshot does not show it, its cursor leads to it.
+    cluster
+        .execute("INSERT INTO task VALUES (32, 'acme', 'new')")
+        .await;
+    let again = snapshot("anna", "acme", "task").await;
+    assert_eq!(again, first);
+    let head: Value = serde_json::from_slice(again.split(|b| *b == b'\n').next().unwrap()).unwrap();
+    let cursor = head["cursor"].as_str().unwrap();
+    let anna = bearer("anna", "acme");
+    let since = get(
+        &gateway,
+        &anna,
+        &format!("/v1/changes?since={cursor}&entityCode=task&wait=5"),
+    )
+    .await;
+    assert_eq!(since.status, 200);
+    let ids: Vec<Value> = body(&since)["changes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["entityId"].clone())
+        .collect();
+    assert_eq!(ids, [json!("32")]);
+
+    // A snapshot of a few ids, and one of an entity the database judges: read each time.
+    let read = reads().await;
+    for _ in 0..2 {
+        snapshot("anna", "acme", "task?ids=2,4").await;
+        snapshot("anna", "acme", "note").await;
+    }
+    assert_eq!(reads().await, read + 4);
+
+    // A policy change: the snapshot of the old policy is nobody's.
+    let epoch = gateway.metric("sync_access_epoch").await;
+    cluster
+        .execute(
+            "ALTER POLICY by_org ON task USING (org = current_setting('request.jwt.claims', \
+             true)::jsonb ->> 'org' AND id < 10)",
+        )
+        .await;
+    gateway.access_epoch_after(epoch).await;
+    let after = snapshot("anna", "acme", "task").await;
+    assert_eq!(
+        after
+            .split(|b| *b == b'\n')
+            .filter(|l| !l.is_empty())
+            .count(),
+        5,
+        "ids 2, 4, 6, 8"
+    );
+    assert_eq!(reads().await, read + 5);
+}
+
 /// 100 readers of one audience asking for the same page at once cause one read of the log,
 /// at a closed page and at the live edge alike.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

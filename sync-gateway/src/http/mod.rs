@@ -10,6 +10,7 @@ pub mod extract;
 pub mod links;
 pub mod pages;
 mod row_lines;
+pub mod shared_snapshots;
 pub mod snapshot;
 pub mod write;
 

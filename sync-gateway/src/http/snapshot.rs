@@ -4,7 +4,9 @@
 //! cursor continues exactly where the snapshot ends (and `/v1/changes` with `sig` too, its
 //! first page then kept by a cache in front: `http::links`). A whole table is read with a binary `COPY (SELECT …) TO STDOUT`
 //! and each row written as JSON here (`row_lines`); rows travel in chunks through a small
-//! bounded channel as PostgreSQL sends them: memory stays flat for any table size.
+//! bounded channel as PostgreSQL sends them: memory stays flat for any table size. With
+//! `--snapshot-share-for`, a whole entity's snapshot is kept once read and served from memory
+//! to the others of its audience for that long (`http::shared_snapshots`).
 //!
 //! A snapshot holds a client connection and an open transaction (which holds back VACUUM),
 //! so it is capped in total and per user, and never kept open for a client that does not
@@ -27,12 +29,15 @@
 use super::error::ApiError;
 use super::extract::Authenticated;
 use super::row_lines::{Cells, RowLines};
-use crate::access::admission::readable_entity;
+use super::shared_snapshots::{SnapshotCopy, SnapshotKey};
+use crate::access::admission::{readable, readable_entity};
 use crate::access::roles::UserContext;
 use crate::access::roles::{act_as, lock_as, LockMode};
+use crate::access::sharing;
 use crate::feed::catalog::{entity_changed, Entity};
 use crate::AppState;
-use axum::body::Body;
+use crate::RuntimeConfig;
+use axum::body::{Body, Bytes};
 use axum::extract::{Path, RawQuery, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -113,7 +118,7 @@ pub async fn snapshot(
     RawQuery(query): RawQuery,
 ) -> Result<Response, ApiError> {
     let user = auth.with_role()?;
-    let mut entity = readable_entity(
+    let readable = readable(
         &state.catalog,
         &state.plans,
         &state.work,
@@ -121,6 +126,7 @@ pub async fn snapshot(
         &entity_code,
     )
     .await?;
+    let mut entity = readable.entity.clone();
     let ids = ids_param(query.as_deref());
     if ids
         .as_ref()
@@ -130,40 +136,60 @@ pub async fn snapshot(
             "ids lists 1 to {MAX_IDS} ids"
         )));
     }
+    // A whole entity's snapshot is its audience's (`http::shared_snapshots`): served from
+    // memory when one was read lately, else copied as it is read.
+    let audience = ids
+        .is_none()
+        .then(|| sharing::audience(&entity, &readable.plan, &user))
+        .flatten();
+    // Sent from memory too (compressed for each reader): under the same caps and timeouts.
     let place = state.caps.snapshots.take(&user.sub)?;
+    let copy = match audience {
+        Some(audience) => {
+            let key = SnapshotKey {
+                entity: entity.code.clone(),
+                audience,
+                epoch: readable.epoch,
+            };
+            if let Some(kept) = state.snapshots.get(&key).await {
+                let (outlet, body) = Outlet::new(&state.config);
+                tokio::spawn(async move {
+                    let _place = place;
+                    for at in (0..kept.len()).step_by(CHUNK_BYTES) {
+                        let chunk = kept.slice(at..(at + CHUNK_BYTES).min(kept.len()));
+                        if outlet.send(chunk).await.is_err() {
+                            return;
+                        }
+                    }
+                    outlet.finish();
+                });
+                return Ok(ndjson(body));
+            }
+            state.snapshots.copy(key)
+        }
+        None => None,
+    };
     let work = state.work.as_user(&user.sub).await?;
-    let (idle, longest) = (
-        state.config.snapshot_idle_timeout,
-        state.config.snapshot_max_duration,
-    );
-    let (chunks, body) = mpsc::channel::<Result<Vec<u8>, std::io::Error>>(BUFFERED_CHUNKS);
+    let (outlet, body) = Outlet::new(&state.config);
     let (started, start) = oneshot::channel::<Result<(), ApiError>>();
-    // Set when every row was sent: a body that ends without it ends with an error, so a
-    // client never takes a snapshot cut short for a whole one.
-    let complete = Arc::new(AtomicBool::new(false));
-    let finished = complete.clone();
     let state = state.clone();
+    state.metrics.snapshots_read.inc();
     tokio::spawn(async move {
         let _place = place;
+        let first = entity.clone();
+        // Whether the log had every change the snapshot sees (a WAL-captured entity's may
+        // not, below), and whether it was read where the catalog is (below: a WAL-captured
+        // entity's is read on the primary): only then is it shared.
+        let mut exact = true;
+        let mut on_primary = false;
         let mut work = work;
         let cancel = work.cancel_token();
         let mut started = Some(started);
-        let deadline = Instant::now() + longest;
         let send = |chunk: Vec<u8>| {
-            let chunks = chunks.clone();
-            async move {
-                match tokio::time::timeout_at(
-                    deadline.min(Instant::now() + idle),
-                    chunks.send(Ok(chunk)),
-                )
-                .await
-                {
-                    Ok(Ok(())) => Ok(()),
-                    Ok(Err(_)) => Err(Ended::Left),
-                    Err(_) if Instant::now() >= deadline => Err(Ended::TooLong(longest)),
-                    Err(_) => Err(Ended::Idle(idle)),
-                }
+            if let Some(copy) = &copy {
+                copy.append(&chunk);
             }
+            outlet.send(chunk.into())
         };
         let mut conflicts_left = CONFLICT_RETRIES;
         let outcome = loop {
@@ -201,6 +227,7 @@ pub async fn snapshot(
                 };
                 if row.get::<_, bool>(1) || Instant::now() >= settle_by {
                     if !row.get::<_, bool>(1) {
+                        exact = false;
                         tracing::warn!(entity = %entity.code, "snapshot served before WAL ingestion caught up");
                     }
                     break (tx, row.get::<_, String>(0));
@@ -245,7 +272,7 @@ pub async fn snapshot(
                 }
             }
             tx.commit().await?;
-            finished.store(true, Ordering::SeqCst);
+            outlet.finish();
             Ok(())
         }
         .await;
@@ -254,7 +281,10 @@ pub async fn snapshot(
             match outcome {
                 Err(Ended::NeedsPrimary) if started.is_some() => {
                     match state.work.as_user_on_primary(&user.sub).await {
-                        Ok(on_primary) => work = on_primary,
+                        Ok(primary) => {
+                            work = primary;
+                            on_primary = true;
+                        }
                         Err(busy) => break Err(Ended::Refused(busy.into())),
                     }
                 }
@@ -266,6 +296,9 @@ pub async fn snapshot(
                 outcome => break outcome,
             }
         };
+        if let Some(copy) = copy.filter(|_| outcome.is_ok() && exact && !on_primary) {
+            keep(&state, copy, &first, &entity).await;
+        }
         if let Err(e) = outcome {
             match (started.take(), e) {
                 (Some(started), Ended::Database(e)) => {
@@ -290,18 +323,83 @@ pub async fn snapshot(
     start
         .await
         .map_err(|_| ApiError::internal("snapshot task ended"))??;
-    let end = futures_util::stream::once(async move {
-        (!complete.load(Ordering::SeqCst))
-            .then(|| Err(std::io::Error::other("snapshot ended early")))
-    })
-    .filter_map(|end| async move { end });
-    let body = Body::from_stream(tokio_stream::wrappers::ReceiverStream::new(body).chain(end));
-    Ok((
+    Ok(ndjson(body))
+}
+
+/// Keeps a snapshot read to its end for its audience, if it was read under the policies and
+/// grants the audience was computed from: the same entity, and the catalog read again after
+/// the snapshot at the same epoch (a policy changed in the database before the gateway saw
+/// it would have given the snapshot another audience's rows).
+async fn keep(state: &AppState, copy: SnapshotCopy, first: &Arc<Entity>, entity: &Arc<Entity>) {
+    if !Arc::ptr_eq(first, entity) {
+        return;
+    }
+    match state.catalog.reload().await {
+        Ok(view) if view.epoch == copy.key().epoch => state.snapshots.keep(copy).await,
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %crate::ErrorChain(&e), "a snapshot was not kept"),
+    }
+}
+
+/// Where a snapshot's chunks go: the response body, through a small bounded channel. Each
+/// chunk must be taken within `--snapshot-idle-timeout` and all of them within
+/// `--snapshot-max-duration`, so that a client that does not read holds no place for long.
+struct Outlet {
+    chunks: mpsc::Sender<Result<Bytes, std::io::Error>>,
+    idle: Duration,
+    longest: Duration,
+    deadline: Instant,
+    /// Set when every chunk was sent: a body that ends without it ends with an error, so a
+    /// client never takes a snapshot cut short for a whole one.
+    complete: Arc<AtomicBool>,
+}
+
+impl Outlet {
+    /// An outlet and the body it feeds.
+    fn new(config: &RuntimeConfig) -> (Outlet, Body) {
+        let (chunks, sent) = mpsc::channel(BUFFERED_CHUNKS);
+        let complete = Arc::new(AtomicBool::new(false));
+        let whole = complete.clone();
+        let end = futures_util::stream::once(async move {
+            (!whole.load(Ordering::SeqCst))
+                .then(|| Err(std::io::Error::other("snapshot ended early")))
+        })
+        .filter_map(|end| async move { end });
+        let body = Body::from_stream(tokio_stream::wrappers::ReceiverStream::new(sent).chain(end));
+        let longest = config.snapshot_max_duration;
+        let outlet = Outlet {
+            chunks,
+            idle: config.snapshot_idle_timeout,
+            longest,
+            deadline: Instant::now() + longest,
+            complete,
+        };
+        (outlet, body)
+    }
+
+    async fn send(&self, chunk: Bytes) -> Result<(), Ended> {
+        let by = self.deadline.min(Instant::now() + self.idle);
+        match tokio::time::timeout_at(by, self.chunks.send(Ok(chunk))).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_)) => Err(Ended::Left),
+            Err(_) if Instant::now() >= self.deadline => Err(Ended::TooLong(self.longest)),
+            Err(_) => Err(Ended::Idle(self.idle)),
+        }
+    }
+
+    /// Every chunk was sent.
+    fn finish(&self) {
+        self.complete.store(true, Ordering::SeqCst);
+    }
+}
+
+fn ndjson(body: Body) -> Response {
+    (
         StatusCode::OK,
         [(header::CONTENT_TYPE, "application/x-ndjson")],
         body,
     )
-        .into_response())
+        .into_response()
 }
 
 /// Sends `head`, then each row as a line of JSON, in chunks of about `CHUNK_BYTES`; calls
