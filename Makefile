@@ -67,7 +67,7 @@ bench: install client
 ## minutes), into target/bench-quick/
 QUICK = BENCH_OUT=target/bench-quick BENCH_SECONDS=3 TRIGGER_ROWS=10000 WAL_CHANGES=20000 \
 	LATENCY_CONNECTIONS="100 1000" FANOUT_CONNECTIONS=1000 IDLE_CONNECTIONS=1000 \
-	SNAPSHOT_ROWS=100000 CATCHUP_CHANGES=100000 BACKLOG_CHANGES=20000
+	SNAPSHOT_ROWS=100000 CATCHUP_CHANGES=100000 BACKLOG_CHANGES=20000 COLD_CLIENTS=50
 bench-quick: install client
 	$(CARGO) build --release -p sync-gateway -p sync-loadgen
 	rm -rf target/bench-quick

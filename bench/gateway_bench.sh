@@ -23,8 +23,9 @@ ulimit -n "$(ulimit -Hn)"
 GATEWAY_PORT=$(free_port)
 ADMIN_PORT=$(free_port)
 SECRET=bench-secret
+# Extra arguments go to the gateway.
 start_gateway() {
-    target/release/sync-gateway serve --database-url "host=127.0.0.1 port=$PORT user=sync_gateway dbname=postgres" \
+    target/release/sync-gateway serve "$@" --database-url "host=127.0.0.1 port=$PORT user=sync_gateway dbname=postgres" \
         --authenticator-url "host=127.0.0.1 port=$PORT user=sync_authenticator dbname=postgres" \
         --listen "127.0.0.1:$GATEWAY_PORT" --admin-listen "127.0.0.1:$ADMIN_PORT" --jwt-secret "$SECRET" \
         --default-role app_user --allowed-roles app_user,bench_user --max-subscriptions 100 \
@@ -33,7 +34,7 @@ start_gateway() {
     CLEANUP+=("kill $GATEWAY_PID 2>/dev/null; wait $GATEWAY_PID 2>/dev/null")
     until curl -sf "http://127.0.0.1:$GATEWAY_PORT/readyz" >/dev/null; do sleep 0.1; done
 }
-restart_gateway() { kill "$GATEWAY_PID"; wait "$GATEWAY_PID" || true; start_gateway; }
+restart_gateway() { kill "$GATEWAY_PID"; wait "$GATEWAY_PID" || true; start_gateway "$@"; }
 loadgen() {
     target/release/sync-loadgen "$1" --gateway "${TARGET:-127.0.0.1:$GATEWAY_PORT}" \
         --database-url "host=127.0.0.1 port=$PORT user=postgres dbname=postgres" --secret "$SECRET" \
@@ -88,6 +89,13 @@ ROWS=${SNAPSHOT_ROWS:-1000000}
 loadgen snapshot --rows "$ROWS" --gateway-pid "$GATEWAY_PID"
 best=$(best_of_3 psql -qAt -c "COPY bench_snapshot TO STDOUT")
 echo "{\"mode\": \"copy\", \"rows\": $ROWS, \"seconds\": $best}" | tee -a "$OUT/results.jsonl"
+# Cold starts: clients of one audience fetch one table's snapshot at once, from a gateway that
+# reads a snapshot for each and from one that shares them (--snapshot-share-for).
+COLD="--connections ${COLD_CLIENTS:-200} --rows ${COLD_ROWS:-10000} --admin 127.0.0.1:$ADMIN_PORT"
+restart_gateway
+loadgen cold-start $COLD
+restart_gateway --snapshot-share-for 10s
+loadgen cold-start $COLD --shared-snapshots
 # Fan-out of a backlog: the changes are written while the gateway is paused (SIGSTOP) and
 # read at full speed once it resumes, so that the rows show the gateway's limit: writers
 # sharing its two cores committed 25-45k changes/s, less than it delivers. Transactions of

@@ -203,6 +203,17 @@ if snap:
                  f"{snap['rows_per_s']:,.0f} rows/s, gateway peak RSS {snap['gateway_peak_rss_kib'] // 1024} MiB | "
                  f"{ref} | {ratio} |")
 
+cold = {r["shared_snapshots"]: r for r in runs if r["mode"] == "cold_start"}
+if True in cold and False in cold:
+    shared, alone = cold[True], cold[False]
+    lines.append(f"| cold start: {shared['clients']:,} clients of one audience fetch the snapshot of a table of "
+                 f"{shared['rows']:,} rows at once (retrying after `Retry-After` at the snapshot caps), "
+                 f"the gateway sharing snapshots (`--snapshot-share-for 10s`) | "
+                 f"{shared['seconds']:.2f} s, {shared['snapshot_reads']} snapshots read, {shared['refused']:,} refusals | "
+                 f"a gateway reading one for each: {alone['seconds']:.2f} s, {alone['snapshot_reads']} read, "
+                 f"{alone['refused']:,} refusals | {shared['snapshot_reads'] / max(alone['snapshot_reads'], 1):.3f}× the reads, "
+                 f"{shared['seconds'] / alone['seconds']:.2f}× the time |")
+
 for mode, what in (("catchup", "catch-up of {changes:,} changes"), ("snapshot", "snapshot of {rows:,} rows")):
     p, s = run(mode, via="primary"), run(mode, via="standby")
     if not (p and s):

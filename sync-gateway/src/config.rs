@@ -270,6 +270,12 @@ pub struct CapArgs {
     #[arg(long, env = "SYNC_MAX_SNAPSHOTS_PER_USER", default_value_t = 2)]
     pub max_snapshots_per_user: usize,
 
+    /// Snapshots sent from memory at once (`--snapshot-share-for`), in total; per user,
+    /// `--max-snapshots-per-user`. They hold no database connection, but each is compressed
+    /// for its reader as it goes.
+    #[arg(long, env = "SYNC_MAX_SHARED_SNAPSHOTS", default_value_t = 1000)]
+    pub max_shared_snapshots: usize,
+
     /// A snapshot's client must take each line within this, or the snapshot ends.
     #[arg(long, env = "SYNC_SNAPSHOT_IDLE_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub snapshot_idle_timeout: Duration,

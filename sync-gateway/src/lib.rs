@@ -105,6 +105,8 @@ pub struct Caps {
     pub admissions: access::limits::Admissions,
     pub connections: Arc<Cap>,
     pub snapshots: Arc<Cap>,
+    /// Snapshots sent from memory (`http::shared_snapshots`).
+    pub shared_snapshots: Arc<Cap>,
     pub long_polls: Arc<Cap>,
 }
 
@@ -368,6 +370,11 @@ pub async fn serve(args: ServeArgs, shutdown: CancellationToken) -> Result<(), S
                 caps.max_connections_per_user,
             ),
             snapshots: Cap::new("snapshots", caps.max_snapshots, caps.max_snapshots_per_user),
+            shared_snapshots: Cap::new(
+                "shared snapshots",
+                caps.max_shared_snapshots,
+                caps.max_snapshots_per_user,
+            ),
             long_polls: Cap::new(
                 "long-polls",
                 caps.max_long_polls,

@@ -13,6 +13,9 @@
 //!   resident memory per connection.
 //! - `snapshot`: streams `GET /v1/snapshot` of a table of `--rows` rows; reports rows per
 //!   second and the gateway's peak resident memory.
+//! - `cold-start`: `--connections` clients fetch the snapshot of a table of `--rows` rows at
+//!   once, retrying when refused; reports the seconds and the snapshots the gateway read
+//!   (its `--admin` metrics).
 //!
 //! - `notify`: the reference for latency: a NOTIFY's round trip on loopback, from the
 //!   sending statement to the listening connection receiving it.
@@ -42,6 +45,7 @@
 //! `--rls-subquery` it looks the user's team up in a membership table instead
 //! (`team IN (SELECT …)`), which the gateway compiles too and reads per page.
 
+mod cold_start;
 mod membership;
 mod memory;
 mod primary;
@@ -70,6 +74,7 @@ enum Mode {
     Fanout(Common),
     Idle(Common),
     Snapshot(Common),
+    ColdStart(Common),
     Notify(Common),
     Catchup(Common),
     Enter(Common),
@@ -147,6 +152,12 @@ struct Common {
     /// Joins and leaves (enter).
     #[arg(long, default_value_t = 50)]
     rounds: usize,
+    /// The gateway's admin listener, host:port (cold-start reads its metrics).
+    #[arg(long)]
+    admin: Option<String>,
+    /// The gateway shares snapshots (`--snapshot-share-for`): labels the cold-start report.
+    #[arg(long)]
+    shared_snapshots: bool,
 }
 
 #[tokio::main]
@@ -156,6 +167,7 @@ async fn main() -> Result<()> {
         Mode::Fanout(c) => fanout(c).await?,
         Mode::Idle(c) => memory::idle(c).await?,
         Mode::Snapshot(c) => memory::snapshot(c).await?,
+        Mode::ColdStart(c) => cold_start::cold_start(c).await?,
         Mode::Notify(c) => reference::notify(c).await?,
         Mode::Catchup(c) => catchup(c).await?,
         Mode::Enter(c) => membership::enter(c).await?,

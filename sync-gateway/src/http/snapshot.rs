@@ -142,8 +142,6 @@ pub async fn snapshot(
         .is_none()
         .then(|| sharing::audience(&entity, &readable.plan, &user))
         .flatten();
-    // Sent from memory too (compressed for each reader): under the same caps and timeouts.
-    let place = state.caps.snapshots.take(&user.sub)?;
     let copy = match audience {
         Some(audience) => {
             let key = SnapshotKey {
@@ -152,6 +150,9 @@ pub async fn snapshot(
                 epoch: readable.epoch,
             };
             if let Some(kept) = state.snapshots.get(&key).await {
+                // Under caps of their own (no database connection is held), and the same
+                // timeouts: a client that does not read holds its place no longer.
+                let place = state.caps.shared_snapshots.take(&user.sub)?;
                 let (outlet, body) = Outlet::new(&state.config);
                 tokio::spawn(async move {
                     let _place = place;
@@ -169,6 +170,7 @@ pub async fn snapshot(
         }
         None => None,
     };
+    let place = state.caps.snapshots.take(&user.sub)?;
     let work = state.work.as_user(&user.sub).await?;
     let (outlet, body) = Outlet::new(&state.config);
     let (started, start) = oneshot::channel::<Result<(), ApiError>>();
