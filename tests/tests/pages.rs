@@ -426,13 +426,38 @@ async fn a_snapshot_is_shared_within_its_audience_and_no_further() {
         .collect();
     assert_eq!(ids, [json!("32")]);
 
-    // A snapshot of a few ids, and one of an entity the database judges: read each time.
+    // Compressed once: a reader taking gzip gets it as kept, without a read.
+    let read = reads().await;
+    let gzip = get_with(
+        &gateway,
+        &anna,
+        "/v1/snapshot/task",
+        &[("Accept-Encoding", "gzip")],
+    )
+    .await;
+    assert_eq!(gzip.header("content-encoding"), Some("gzip"));
+    assert!(gzip.body.starts_with(&[0x1f, 0x8b]), "a gzip stream");
+    assert_eq!(reads().await, read);
+
+    // A snapshot of a few ids, one of an entity the database judges, and one with a column
+    // whose JSON a user's cast writes (as the reader: it may write what differs by reader):
+    // read each time.
+    cluster
+        .execute(
+            "CREATE TYPE mood AS ENUM ('calm');
+             CREATE TABLE diary (id int PRIMARY KEY, mood mood);
+             INSERT INTO diary VALUES (1, 'calm');
+             SELECT sync.track('diary');",
+        )
+        .await;
+    snapshot("anna", "acme", "diary").await;
     let read = reads().await;
     for _ in 0..2 {
         snapshot("anna", "acme", "task?ids=2,4").await;
         snapshot("anna", "acme", "note").await;
+        snapshot("anna", "acme", "diary").await;
     }
-    assert_eq!(reads().await, read + 4);
+    assert_eq!(reads().await, read + 6);
 
     // A policy change: the snapshot of the old policy is nobody's.
     let epoch = gateway.metric("sync_access_epoch").await;
@@ -452,7 +477,7 @@ async fn a_snapshot_is_shared_within_its_audience_and_no_further() {
         5,
         "ids 2, 4, 6, 8"
     );
-    assert_eq!(reads().await, read + 5);
+    assert_eq!(reads().await, read + 7);
 }
 
 /// 100 readers of one audience asking for the same page at once cause one read of the log,

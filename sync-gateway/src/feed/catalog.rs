@@ -143,6 +143,9 @@ pub struct View {
     /// Bumped whenever the fingerprint changes: what was decided at another epoch (a policy
     /// plan, a judgement) may be wrong now.
     pub epoch: u64,
+    /// When the read of this view began (before its transaction's snapshot): it holds
+    /// everything committed before then, so that a reload asked for at a moment is a read
+    /// begun after it, not one already under way.
     loaded_at: Instant,
 }
 
@@ -265,6 +268,7 @@ impl Catalog {
         if fresh(&view) {
             return Ok(view);
         }
+        let began = Instant::now();
         let mut client = self.pool.get().await?;
         let tx = client
             .build_transaction()
@@ -321,7 +325,7 @@ impl Catalog {
             serial: access.get(0),
             fingerprint,
             epoch,
-            loaded_at: Instant::now(),
+            loaded_at: began,
         });
         *self.view.write().expect("catalog lock") = fresh.clone();
         Ok(fresh)

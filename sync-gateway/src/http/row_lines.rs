@@ -32,6 +32,9 @@ pub struct RowLines {
     keys: Vec<Vec<u8>>,
     cells: Vec<Cell>,
     select: String,
+    /// Every column is of a built-in type, written by PostgreSQL's own code alone: no user's
+    /// cast to `json` runs (one runs as the reader, and could write what differs by reader).
+    pub built_in: bool,
 }
 
 /// The table's columns, with whether `to_json` of one gives what `to_jsonb` does, on one line:
@@ -41,7 +44,7 @@ pub struct RowLines {
 /// type of the user's own makes the driver look the type up with statements it keeps, which
 /// the pool's `DISCARD ALL` has dropped ("prepared statement does not exist").
 const COLUMNS: &str = "
-SELECT a.attname::pg_catalog.text, a.atttypid,
+SELECT a.attname::pg_catalog.text, a.atttypid, ty.oid < 16384,
        ty.typtype = 'b' AND ty.typcategory <> 'A' AND ty.oid < 16384
            AND ty.oid NOT IN ('pg_catalog.json'::pg_catalog.regtype,
                               'pg_catalog.float4'::pg_catalog.regtype,
@@ -60,11 +63,13 @@ impl RowLines {
         let mut keys = Vec::new();
         let mut cells = Vec::new();
         let mut select = Vec::new();
+        let mut built_in = true;
         for row in tx.query(COLUMNS, &[&entity.relid]).await? {
-            let (name, oid, scalar): (String, u32, bool) = (row.get(0), row.get(1), row.get(2));
+            let (name, oid, scalar): (String, u32, bool) = (row.get(0), row.get(1), row.get(3));
             if entity.allow_listed && !entity.columns.contains(&name) {
                 continue;
             }
+            built_in &= row.get::<_, bool>(2);
             let mut key = vec![if keys.is_empty() { b'{' } else { b',' }];
             serde_json::to_writer(&mut key, &name).expect("a Vec takes any bytes");
             key.push(b':');
@@ -84,6 +89,7 @@ impl RowLines {
             keys,
             cells,
             select: select.join(", "),
+            built_in,
         })
     }
 

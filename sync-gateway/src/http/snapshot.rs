@@ -39,7 +39,7 @@ use crate::AppState;
 use crate::RuntimeConfig;
 use axum::body::{Body, Bytes};
 use axum::extract::{Path, RawQuery, State};
-use axum::http::{header, StatusCode};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use deadpool_postgres::Object;
 use futures_util::{pin_mut, StreamExt};
@@ -116,6 +116,7 @@ pub async fn snapshot(
     auth: Authenticated,
     Path(entity_code): Path<String>,
     RawQuery(query): RawQuery,
+    headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let user = auth.with_role()?;
     let readable = readable(
@@ -153,18 +154,29 @@ pub async fn snapshot(
                 // Under caps of their own (no database connection is held), and the same
                 // timeouts: a client that does not read holds its place no longer.
                 let place = state.caps.shared_snapshots.take(&user.sub)?;
+                let gzip = accepts_gzip(&headers);
+                let bytes = if gzip { &kept.gzip } else { &kept.plain }.clone();
                 let (outlet, body) = Outlet::new(&state.config);
                 tokio::spawn(async move {
                     let _place = place;
-                    for at in (0..kept.len()).step_by(CHUNK_BYTES) {
-                        let chunk = kept.slice(at..(at + CHUNK_BYTES).min(kept.len()));
+                    for at in (0..bytes.len()).step_by(CHUNK_BYTES) {
+                        let chunk = bytes.slice(at..(at + CHUNK_BYTES).min(bytes.len()));
                         if outlet.send(chunk).await.is_err() {
                             return;
                         }
                     }
                     outlet.finish();
                 });
-                return Ok(ndjson(body));
+                // Compressed once when kept: the compression layer leaves an answer that
+                // names its encoding alone.
+                let mut answer = ndjson(body);
+                let answer_headers = answer.headers_mut();
+                answer_headers.insert(header::VARY, HeaderValue::from_static("accept-encoding"));
+                if gzip {
+                    answer_headers
+                        .insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
+                }
+                return Ok(answer);
             }
             state.snapshots.copy(key)
         }
@@ -179,11 +191,11 @@ pub async fn snapshot(
     tokio::spawn(async move {
         let _place = place;
         let first = entity.clone();
-        // Whether the log had every change the snapshot sees (a WAL-captured entity's may
-        // not, below), and whether it was read where the catalog is (below: a WAL-captured
-        // entity's is read on the primary): only then is it shared.
-        let mut exact = true;
-        let mut on_primary = false;
+        // Whether the snapshot is the same for everyone of its audience, as far as can be
+        // told: not when the log may lack changes it sees (a WAL-captured entity's, below),
+        // when it was read elsewhere than the catalog (a WAL-captured entity's on the
+        // primary), or when a column's JSON is written by a user's cast (`RowLines`).
+        let mut shareable = true;
         let mut work = work;
         let cancel = work.cancel_token();
         let mut started = Some(started);
@@ -229,7 +241,7 @@ pub async fn snapshot(
                 };
                 if row.get::<_, bool>(1) || Instant::now() >= settle_by {
                     if !row.get::<_, bool>(1) {
-                        exact = false;
+                        shareable = false;
                         tracing::warn!(entity = %entity.code, "snapshot served before WAL ingestion caught up");
                     }
                     break (tx, row.get::<_, String>(0));
@@ -251,6 +263,7 @@ pub async fn snapshot(
             };
             // The columns' types fix how each is sent and written.
             let shape = RowLines::describe(&tx, &entity).await?;
+            shareable &= shape.built_in;
             let select = format!("SELECT {} FROM {} t{filter}", shape.select_list(), entity.table);
             // The cursor's signature: the page of `/v1/changes` from it may be kept in front.
             let sig = state.page_links.sign(&entity.code, &cursor);
@@ -285,7 +298,7 @@ pub async fn snapshot(
                     match state.work.as_user_on_primary(&user.sub).await {
                         Ok(primary) => {
                             work = primary;
-                            on_primary = true;
+                            shareable = false;
                         }
                         Err(busy) => break Err(Ended::Refused(busy.into())),
                     }
@@ -298,7 +311,7 @@ pub async fn snapshot(
                 outcome => break outcome,
             }
         };
-        if let Some(copy) = copy.filter(|_| outcome.is_ok() && exact && !on_primary) {
+        if let Some(copy) = copy.filter(|_| outcome.is_ok() && shareable) {
             keep(&state, copy, &first, &entity).await;
         }
         if let Err(e) = outcome {
@@ -395,6 +408,28 @@ impl Outlet {
     }
 }
 
+/// Whether `Accept-Encoding` takes gzip (`gzip`, `x-gzip` or `*`, not at `q=0`).
+fn accepts_gzip(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::ACCEPT_ENCODING)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .any(|item| {
+            let mut parts = item.split(';').map(str::trim);
+            let coding = parts.next().unwrap_or_default();
+            let refused = parts.any(|p| {
+                p.strip_prefix("q=")
+                    .and_then(|q| q.parse::<f32>().ok())
+                    .is_some_and(|q| q <= 0.0)
+            });
+            ["gzip", "x-gzip", "*"]
+                .iter()
+                .any(|c| coding.eq_ignore_ascii_case(c))
+                && !refused
+        })
+}
+
 fn ndjson(body: Body) -> Response {
     (
         StatusCode::OK,
@@ -449,7 +484,22 @@ async fn renewed(state: &AppState, user: &UserContext, code: &str) -> Result<Arc
 
 #[cfg(test)]
 mod tests {
-    use super::ids_param;
+    use super::*;
+
+    #[test]
+    fn gzip_is_taken_unless_refused() {
+        let asked = |value: &str| {
+            let mut headers = HeaderMap::new();
+            headers.insert(header::ACCEPT_ENCODING, value.parse().unwrap());
+            accepts_gzip(&headers)
+        };
+        assert!(asked("gzip"));
+        assert!(asked("br, GZIP;q=0.5"));
+        assert!(asked("*"));
+        assert!(!asked("gzip;q=0"));
+        assert!(!asked("br, deflate"));
+        assert!(!accepts_gzip(&HeaderMap::new()));
+    }
 
     #[test]
     fn ids_split_on_raw_commas_only() {
