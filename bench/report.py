@@ -152,6 +152,14 @@ for r in [r for r in runs if r["mode"] == "fanout" and r.get("rls_claim_sets") a
         refs.append(f"bare WebSocket server, one-change frames to {bare_one['connections']:,} connections: "
                     f"{bare_one['messages_per_s']:,.0f} msgs/s")
         ratios.append(f"{r['changes_per_s'] / bare_one['messages_per_s']:.2f}× the bare server's")
+    # One subscriber per claim set: each change of the log is delivered once, so the log's
+    # own read rate (sync.changes_since alone, the catch-up run) bounds the row, where the
+    # no-RLS rows deliver each change read to every subscriber.
+    log_read = run("catchup")
+    if log_read and sets == r["connections"]:
+        read_rate = log_read["changes"] / log_read["changes_since_seconds"]
+        refs.append(f"the log read alone (`sync.changes_since`, the catch-up run): {read_rate:,.0f} changes/s")
+        ratios.append(f"{r['changes_per_s'] / read_rate:.2f}× the log read alone")
     lines.append(f"| fan-out with RLS of a backlog of {r['changes_written']:,} changes, {r['connections']:,} "
                  f"subscribers in {sets:,} claim sets, {policy} | {backlog_run(r)} | {'; '.join(refs) or '—'} | "
                  f"{', '.join(ratios) or '—'} |")
