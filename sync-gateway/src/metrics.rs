@@ -23,6 +23,8 @@ pub struct Metrics {
     pub replay_pages_read: Counter,
     /// Snapshots read from the database (what sharing them within an audience saves).
     pub snapshots_read: Counter,
+    /// Snapshots kept for their audience (`--snapshot-share-for`).
+    pub snapshots_kept: Counter,
     /// Replays waiting for their turn under `--max-replays` (a storm's queue).
     pub replays_waiting: Gauge,
     /// Seconds from a change's capture to its routing.
@@ -52,6 +54,7 @@ impl Default for Metrics {
         let changes_read = Counter::default();
         let changes_pages_read = Counter::default();
         let snapshots_read = Counter::default();
+        let snapshots_kept = Counter::default();
         let replay_pages_read = Counter::default();
         let replays_waiting = Gauge::default();
         let delivery_lag = Histogram::new(exponential_buckets(0.001, 2.0, 16));
@@ -100,6 +103,11 @@ impl Default for Metrics {
             "snapshots_read",
             "Snapshots read from the database",
             snapshots_read.clone(),
+        );
+        registry.register(
+            "snapshots_kept",
+            "Snapshots kept for their audience",
+            snapshots_kept.clone(),
         );
         registry.register(
             "replays_waiting",
@@ -151,6 +159,7 @@ impl Default for Metrics {
             changes_pages_read,
             replay_pages_read,
             snapshots_read,
+            snapshots_kept,
             replays_waiting,
             delivery_lag,
             route_lag,

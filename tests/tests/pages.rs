@@ -6,7 +6,7 @@
 //! page.
 
 use futures_util::StreamExt;
-use pg_sync_tests::gateway::{http_request, token, Gateway, HttpResponse, SECRET};
+use pg_sync_tests::gateway::{http_request, token, Gateway, HttpResponse, PATIENCE, SECRET};
 use pg_sync_tests::nginx::Nginx;
 use pg_sync_tests::{Cluster, GATEWAY_ROLE};
 use serde_json::{json, Value};
@@ -356,6 +356,19 @@ async fn a_snapshot_is_shared_within_its_audience_and_no_further() {
         .await;
     let gateway = Gateway::start(&cluster, &["--snapshot-share-for", "10min"]).await;
     let reads = || gateway.metric("sync_snapshots_read_total");
+    // Kept once its reader's answer has ended: wait for the `n`th.
+    let kept = |n: i64| {
+        let gateway = &gateway;
+        async move {
+            tokio::time::timeout(PATIENCE, async {
+                while gateway.metric("sync_snapshots_kept_total").await < n {
+                    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                }
+            })
+            .await
+            .expect("the snapshot kept in time")
+        }
+    };
     let snapshot = |sub: &'static str, org: &'static str, path: &'static str| {
         let gateway = &gateway;
         async move {
@@ -389,6 +402,7 @@ async fn a_snapshot_is_shared_within_its_audience_and_no_further() {
             .count(),
         16
     );
+    kept(1).await;
     let read = reads().await;
     assert_eq!(
         snapshot("anna", "acme", "task").await,
@@ -436,26 +450,39 @@ async fn a_snapshot_is_shared_within_its_audience_and_no_further() {
     )
     .await;
     assert_eq!(gzip.header("content-encoding"), Some("gzip"));
-    assert!(gzip.body.starts_with(&[0x1f, 0x8b]), "a gzip stream");
+    assert_eq!(gzip.header("vary"), Some("accept-encoding"));
+    let mut unzipped = Vec::new();
+    std::io::Read::read_to_end(
+        &mut flate2::read::GzDecoder::new(&gzip.body[..]),
+        &mut unzipped,
+    )
+    .expect("a gzip stream");
+    assert_eq!(unzipped, first);
     assert_eq!(reads().await, read);
 
     // A snapshot of a few ids, one of an entity the database judges, and one with a column
     // whose JSON a user's cast writes (as the reader: it may write what differs by reader):
-    // read each time.
+    // read each time. Its twin with a text column is shared.
     cluster
         .execute(
             "CREATE TYPE mood AS ENUM ('calm');
              CREATE TABLE diary (id int PRIMARY KEY, mood mood);
+             CREATE TABLE journal (id int PRIMARY KEY, mood text);
              INSERT INTO diary VALUES (1, 'calm');
-             SELECT sync.track('diary');",
+             INSERT INTO journal VALUES (1, 'calm');
+             SELECT sync.track('diary');
+             SELECT sync.track('journal');",
         )
         .await;
     snapshot("anna", "acme", "diary").await;
+    snapshot("anna", "acme", "journal").await;
+    kept(3).await;
     let read = reads().await;
     for _ in 0..2 {
         snapshot("anna", "acme", "task?ids=2,4").await;
         snapshot("anna", "acme", "note").await;
         snapshot("anna", "acme", "diary").await;
+        snapshot("anna", "acme", "journal").await;
     }
     assert_eq!(reads().await, read + 6);
 

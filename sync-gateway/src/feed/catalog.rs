@@ -143,10 +143,11 @@ pub struct View {
     /// Bumped whenever the fingerprint changes: what was decided at another epoch (a policy
     /// plan, a judgement) may be wrong now.
     pub epoch: u64,
+    loaded_at: Instant,
     /// When the read of this view began (before its transaction's snapshot): it holds
     /// everything committed before then, so that a reload asked for at a moment is a read
     /// begun after it, not one already under way.
-    loaded_at: Instant,
+    read_began: Instant,
 }
 
 impl View {
@@ -197,6 +198,7 @@ impl Catalog {
             fingerprint: String::new(),
             epoch: 0,
             loaded_at: Instant::now() - MISS_INTERVAL * 2,
+            read_began: Instant::now() - MISS_INTERVAL * 2,
         };
         Catalog {
             pool,
@@ -231,7 +233,7 @@ impl Catalog {
     /// The catalog read again now (a query found the table changed under it).
     pub async fn reload(&self) -> Result<Arc<View>, CatalogError> {
         let asked = Instant::now();
-        self.reload_unless(|view| view.loaded_at > asked).await
+        self.reload_unless(|view| view.read_began > asked).await
     }
 
     /// The entity named `code`, if it is tracked. Clients name entities: an unknown name
@@ -325,7 +327,8 @@ impl Catalog {
             serial: access.get(0),
             fingerprint,
             epoch,
-            loaded_at: began,
+            loaded_at: Instant::now(),
+            read_began: began,
         });
         *self.view.write().expect("catalog lock") = fresh.clone();
         Ok(fresh)

@@ -81,13 +81,21 @@ impl SharedSnapshots {
         })
     }
 
-    /// Keeps `copy`, read to its end, unless it grew past the largest kept or its time has
-    /// passed already.
-    pub async fn keep(&self, copy: SnapshotCopy) {
+    /// Keeps `copy`, read to its end, unless it grew past the largest kept, its time has
+    /// passed already, or one kept meanwhile (by a reader who began with it) lasts as long.
+    /// Whether it was kept.
+    pub async fn keep(&self, copy: SnapshotCopy) -> bool {
         let until = copy.began + self.share_for;
+        if self
+            .get(&copy.key)
+            .await
+            .is_some_and(|kept| kept.until >= until)
+        {
+            return false;
+        }
         let body = copy.body.into_inner().unwrap_or_else(|e| e.into_inner());
         let Some(plain) = body.filter(|_| Instant::now() < until) else {
-            return;
+            return false;
         };
         let compressed = tokio::task::spawn_blocking(move || {
             let mut gzip = GzEncoder::new(Vec::new(), flate2::Compression::default());
@@ -99,14 +107,16 @@ impl SharedSnapshots {
             Ok::<_, std::io::Error>((plain, gzip))
         })
         .await;
-        if let Ok(Ok((plain, gzip))) = compressed {
-            let kept = Kept {
-                plain: plain.into(),
-                gzip: gzip.into(),
-                until,
-            };
-            self.cache.insert(copy.key, Arc::new(kept)).await;
-        }
+        let Ok(Ok((plain, gzip))) = compressed else {
+            return false;
+        };
+        let kept = Kept {
+            plain: plain.into(),
+            gzip: gzip.into(),
+            until,
+        };
+        self.cache.insert(copy.key, Arc::new(kept)).await;
+        true
     }
 }
 
@@ -156,7 +166,7 @@ mod tests {
         let copy = shared.copy(key("a")).unwrap();
         copy.append(b"{\"cursor\":\"1\"}\n");
         copy.append(b"{\"id\":1}\n");
-        shared.keep(copy).await;
+        assert!(shared.keep(copy).await);
         let kept = shared.get(&key("a")).await.expect("kept");
         assert_eq!(&kept.plain[..], b"{\"cursor\":\"1\"}\n{\"id\":1}\n");
         let mut unzipped = Vec::new();
@@ -176,6 +186,17 @@ mod tests {
         copy.append(b"\n");
         shared.keep(copy).await;
         assert!(shared.get(&key("c")).await.is_none());
+    }
+
+    #[tokio::test]
+    async fn a_snapshot_is_served_until_the_sharing_after_its_read_began() {
+        let shared = SharedSnapshots::new(Duration::from_millis(200), 4096);
+        let copy = shared.copy(key("a")).unwrap();
+        copy.append(b"{}\n");
+        assert!(shared.keep(copy).await);
+        assert!(shared.get(&key("a")).await.is_some());
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        assert!(shared.get(&key("a")).await.is_none());
     }
 
     #[tokio::test]

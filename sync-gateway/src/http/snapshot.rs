@@ -311,26 +311,33 @@ pub async fn snapshot(
                 outcome => break outcome,
             }
         };
-        if let Some(copy) = copy.filter(|_| outcome.is_ok() && shareable) {
-            keep(&state, copy, &first, &entity).await;
-        }
-        if let Err(e) = outcome {
-            match (started.take(), e) {
-                (Some(started), Ended::Database(e)) => {
-                    let _ = started.send(Err(ApiError::from_db(e)));
+        let e = match outcome {
+            Ok(()) => {
+                // The reader's answer ends, and its connection and place are given back,
+                // before the snapshot is kept (a catalog read and a compression).
+                drop((outlet, work, _place));
+                if let Some(copy) = copy.filter(|_| shareable) {
+                    keep(&state, copy, &first, &entity).await;
                 }
-                (Some(started), Ended::Refused(e)) => {
-                    let _ = started.send(Err(e));
-                }
-                (_, e) => {
-                    tracing::info!(error = %crate::ErrorChain(&e), "snapshot ended early");
-                    // Stop the query (else PostgreSQL streams the rest of the table into a
-                    // connection that discards it); the transaction is rolled back before the
-                    // connection goes back to the pool. The client sees the body end with an
-                    // error, not a complete snapshot.
-                    if !matches!(e, Ended::Database(_)) {
-                        let _ = cancel.cancel_query(tokio_postgres::NoTls).await;
-                    }
+                return;
+            }
+            Err(e) => e,
+        };
+        match (started.take(), e) {
+            (Some(started), Ended::Database(e)) => {
+                let _ = started.send(Err(ApiError::from_db(e)));
+            }
+            (Some(started), Ended::Refused(e)) => {
+                let _ = started.send(Err(e));
+            }
+            (_, e) => {
+                tracing::info!(error = %crate::ErrorChain(&e), "snapshot ended early");
+                // Stop the query (else PostgreSQL streams the rest of the table into a
+                // connection that discards it); the transaction is rolled back before the
+                // connection goes back to the pool. The client sees the body end with an
+                // error, not a complete snapshot.
+                if !matches!(e, Ended::Database(_)) {
+                    let _ = cancel.cancel_query(tokio_postgres::NoTls).await;
                 }
             }
         }
@@ -350,7 +357,11 @@ async fn keep(state: &AppState, copy: SnapshotCopy, first: &Arc<Entity>, entity:
         return;
     }
     match state.catalog.reload().await {
-        Ok(view) if view.epoch == copy.key().epoch => state.snapshots.keep(copy).await,
+        Ok(view) if view.epoch == copy.key().epoch => {
+            if state.snapshots.keep(copy).await {
+                state.metrics.snapshots_kept.inc();
+            }
+        }
         Ok(_) => {}
         Err(e) => tracing::warn!(error = %crate::ErrorChain(&e), "a snapshot was not kept"),
     }
@@ -408,26 +419,35 @@ impl Outlet {
     }
 }
 
-/// Whether `Accept-Encoding` takes gzip (`gzip`, `x-gzip` or `*`, not at `q=0`).
+/// Whether `Accept-Encoding` takes gzip: `gzip` or `x-gzip` listed with a weight above 0, or
+/// else `*` so listed (RFC 9110: a coding listed by name is not taken by `*`).
 fn accepts_gzip(headers: &HeaderMap) -> bool {
-    headers
+    let codings: Vec<(String, bool)> = headers
         .get_all(header::ACCEPT_ENCODING)
         .iter()
         .filter_map(|value| value.to_str().ok())
         .flat_map(|value| value.split(','))
-        .any(|item| {
+        .map(|item| {
             let mut parts = item.split(';').map(str::trim);
-            let coding = parts.next().unwrap_or_default();
+            let coding = parts.next().unwrap_or_default().to_ascii_lowercase();
             let refused = parts.any(|p| {
-                p.strip_prefix("q=")
-                    .and_then(|q| q.parse::<f32>().ok())
-                    .is_some_and(|q| q <= 0.0)
+                let (name, weight) = p.split_once('=').unwrap_or((p, ""));
+                name.trim().eq_ignore_ascii_case("q")
+                    && weight.trim().parse::<f32>().is_ok_and(|q| q <= 0.0)
             });
-            ["gzip", "x-gzip", "*"]
-                .iter()
-                .any(|c| coding.eq_ignore_ascii_case(c))
-                && !refused
+            (coding, !refused)
         })
+        .collect();
+    let named = |names: &[&str]| {
+        codings
+            .iter()
+            .filter(|(coding, _)| names.contains(&coding.as_str()))
+            .map(|(_, taken)| *taken)
+            .reduce(|a, b| a || b)
+    };
+    named(&["gzip", "x-gzip"])
+        .or_else(|| named(&["*"]))
+        .unwrap_or(false)
 }
 
 fn ndjson(body: Body) -> Response {
@@ -497,6 +517,9 @@ mod tests {
         assert!(asked("br, GZIP;q=0.5"));
         assert!(asked("*"));
         assert!(!asked("gzip;q=0"));
+        assert!(!asked("gzip; Q=0"));
+        assert!(!asked("gzip;q=0, *"));
+        assert!(asked("br;q=0, *;q=0.1"));
         assert!(!asked("br, deflate"));
         assert!(!accepts_gzip(&HeaderMap::new()));
     }
