@@ -138,6 +138,7 @@ if fan_backlog:
                  f"resumed): {fan_backlog['changes_written']:,} changes in transactions of "
                  f"{fan_backlog['rows_per_commit']:,} rows to {fan_backlog['connections']:,} subscribers, no RLS | "
                  f"{backlog_run(fan_backlog)} | — | — |")
+log_read = run("catchup")
 for r in [r for r in runs if r["mode"] == "fanout" and r.get("rls_claim_sets") and r.get("backlog")]:
     sets, subquery = r["rls_claim_sets"], r.get("rls_policy") == "subquery"
     policy = "a membership policy (`IN (SELECT …)`, compiled: membership rows read per page)" if subquery \
@@ -155,7 +156,6 @@ for r in [r for r in runs if r["mode"] == "fanout" and r.get("rls_claim_sets") a
     # One subscriber per claim set: each change of the log is delivered once, so the log's
     # own read rate (sync.changes_since alone, the catch-up run) bounds the row, where the
     # no-RLS rows deliver each change read to every subscriber.
-    log_read = run("catchup")
     if log_read and sets == r["connections"]:
         read_rate = log_read["changes"] / log_read["changes_since_seconds"]
         refs.append(f"the log read alone (`sync.changes_since`, the catch-up run): {read_rate:,.0f} changes/s")

@@ -271,8 +271,8 @@ pub struct CapArgs {
     pub max_snapshots_per_user: usize,
 
     /// Snapshots sent from memory at once (`--snapshot-share-for`), in total; per user,
-    /// `--max-snapshots-per-user`. They hold no database connection, but each is compressed
-    /// for its reader as it goes.
+    /// `--max-snapshots-per-user`. They hold no database connection (and were compressed once,
+    /// when kept), but each holds a socket and a task while its reader takes it.
     #[arg(long, env = "SYNC_MAX_SHARED_SNAPSHOTS", default_value_t = 1000)]
     pub max_shared_snapshots: usize,
 

@@ -5,12 +5,11 @@
 //! gateway that shares snapshots within an audience (`--snapshot-share-for`) with one that
 //! does not, in the same run.
 
-use super::{database, token, Common};
+use super::{database, http_get, token, Common};
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 pub(super) async fn cold_start(c: Common) -> Result<Value> {
     let admin = c.admin.clone().context("--admin is required")?;
@@ -33,7 +32,7 @@ pub(super) async fn cold_start(c: Common) -> Result<Value> {
         async move {
             loop {
                 let (status, retry_after, body) =
-                    get(&c.gateway, "/v1/snapshot/bench_cold", Some(&token(c, i))).await?;
+                    http_get(&c.gateway, "/v1/snapshot/bench_cold", Some(&token(c, i))).await?;
                 match status {
                     200 => return Ok(body.iter().filter(|b| **b == b'\n').count()),
                     503 => {
@@ -61,7 +60,7 @@ pub(super) async fn cold_start(c: Common) -> Result<Value> {
 
 /// `sync_snapshots_read_total` of the gateway's `/metrics`.
 async fn snapshots_read(admin: &str) -> Result<u64> {
-    let (_, _, body) = get(admin, "/metrics", None).await?;
+    let (_, _, body) = http_get(admin, "/metrics", None).await?;
     let text = String::from_utf8(body)?;
     text.lines()
         .find_map(|l| l.strip_prefix("sync_snapshots_read_total "))
@@ -69,36 +68,4 @@ async fn snapshots_read(admin: &str) -> Result<u64> {
         .trim()
         .parse()
         .context("a count")
-}
-
-/// A GET over HTTP/1.1 (the body read to the connection's end): the status, `Retry-After`,
-/// and the body (chunked framing left in: only its lines are counted).
-async fn get(
-    address: &str,
-    path: &str,
-    token: Option<&str>,
-) -> Result<(u16, Option<u64>, Vec<u8>)> {
-    let mut stream = tokio::net::TcpStream::connect(address).await?;
-    let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
-    let request = format!("GET {path} HTTP/1.1\r\nHost: x\r\n{auth}Connection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).await?;
-    let mut answer = Vec::new();
-    stream.read_to_end(&mut answer).await?;
-    let split = answer
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .context("an HTTP answer")?;
-    let head = String::from_utf8_lossy(&answer[..split]).into_owned();
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .context("a status")?;
-    let retry_after = head.lines().find_map(|l| {
-        let (name, value) = l.split_once(':')?;
-        name.eq_ignore_ascii_case("retry-after")
-            .then(|| value.trim().parse().ok())
-            .flatten()
-    });
-    Ok((status, retry_after, answer[split + 4..].to_vec()))
 }

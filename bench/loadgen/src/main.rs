@@ -199,6 +199,39 @@ fn token(c: &Common, i: usize) -> String {
     encode(&Header::new(Algorithm::HS256), &claims, &key).unwrap()
 }
 
+/// A GET over HTTP/1.1 (the body read to the connection's end): the status, `Retry-After`,
+/// and the body (chunked framing left in: callers count lines or rows in it).
+async fn http_get(
+    address: &str,
+    path: &str,
+    token: Option<&str>,
+) -> Result<(u16, Option<u64>, Vec<u8>)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(address).await?;
+    let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
+    let request = format!("GET {path} HTTP/1.1\r\nHost: x\r\n{auth}Connection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await?;
+    let mut answer = Vec::new();
+    stream.read_to_end(&mut answer).await?;
+    let split = answer
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .context("an HTTP answer")?;
+    let head = String::from_utf8_lossy(&answer[..split]).into_owned();
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .context("a status")?;
+    let retry_after = head.lines().find_map(|l| {
+        let (name, value) = l.split_once(':')?;
+        name.eq_ignore_ascii_case("retry-after")
+            .then(|| value.trim().parse().ok())
+            .flatten()
+    });
+    Ok((status, retry_after, answer[split + 4..].to_vec()))
+}
+
 /// A connection, subscribed with `subscribe`.
 struct Subscriber {
     socket: Socket,

@@ -5,12 +5,11 @@
 //! membership's own commit (its round trip, a WAL flush) is part of the time, and is
 //! reported apart too, as is the time until the RESYNC arrived.
 
-use super::{connect, database, percentiles, token, Common, Socket};
+use super::{connect, database, http_get, percentiles, token, Common, Socket};
 use anyhow::{bail, Context, Result};
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
 use std::time::Instant;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_tungstenite::tungstenite::Message;
 
 pub(super) async fn enter(c: Common) -> Result<Value> {
@@ -97,13 +96,7 @@ async fn until(socket: &mut Socket, kind: &str) -> Result<()> {
 
 /// `GET /v1/snapshot/bench_task` as the user: it must hold `rows` rows.
 async fn expect_rows(c: &Common, auth: &str, rows: usize) -> Result<()> {
-    let mut stream = tokio::net::TcpStream::connect(&c.gateway).await?;
-    let request = format!(
-        "GET /v1/snapshot/bench_task HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {auth}\r\nConnection: close\r\n\r\n"
-    );
-    stream.write_all(request.as_bytes()).await?;
-    let mut body = Vec::new();
-    stream.read_to_end(&mut body).await?;
+    let (_, _, body) = http_get(&c.gateway, "/v1/snapshot/bench_task", Some(auth)).await?;
     let text = String::from_utf8_lossy(&body);
     let held = text.matches("\"pad\"").count();
     if held != rows {
