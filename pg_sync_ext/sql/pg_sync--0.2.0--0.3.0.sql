@@ -504,21 +504,34 @@ BEGIN
         RETURN;
     END IF;
     FOR w IN
-        WITH wanted AS (
-            SELECT i.input, pg_catalog.array_agg(i.relid ORDER BY i.relid) AS relids
-              FROM (SELECT DISTINCT d.refobjid AS input, p.polrelid::oid AS relid
-                      FROM sync.tracked t
-                      JOIN pg_catalog.pg_class tc ON tc.oid = t.relid
-                      JOIN pg_catalog.pg_policy p ON p.polrelid = t.relid
-                      JOIN pg_catalog.pg_depend d
-                        ON d.classid = 'pg_catalog.pg_policy'::pg_catalog.regclass AND d.objid = p.oid
-                       AND d.refclassid = 'pg_catalog.pg_class'::pg_catalog.regclass
-                       AND d.refobjid <> p.polrelid
-                      JOIN pg_catalog.pg_class c ON c.oid = d.refobjid
-                     WHERE c.relkind IN ('r', 'p') AND c.relpersistence <> 't'
-                       AND (pg_catalog.pg_has_role(tc.relowner, c.relowner, 'USAGE')
-                            OR pg_catalog.has_table_privilege(tc.relowner, c.oid, 'TRIGGER'))) i
-             GROUP BY i.input),
+        -- Per watched table: the tracked tables whose policies read it, and the first
+        -- argument, naming the table and the columns the policies read (PostgreSQL records a
+        -- policy's dependency on each column its quals read, and on the table alone when
+        -- they read none, or the whole row: then no column).
+        WITH reads AS (
+            SELECT d.refobjid AS input, d.refobjsubid AS attnum, p.polrelid::oid AS relid
+              FROM sync.tracked t
+              JOIN pg_catalog.pg_class tc ON tc.oid = t.relid
+              JOIN pg_catalog.pg_policy p ON p.polrelid = t.relid
+              JOIN pg_catalog.pg_depend d
+                ON d.classid = 'pg_catalog.pg_policy'::pg_catalog.regclass AND d.objid = p.oid
+               AND d.refclassid = 'pg_catalog.pg_class'::pg_catalog.regclass
+               AND d.refobjid <> p.polrelid
+              JOIN pg_catalog.pg_class c ON c.oid = d.refobjid
+             WHERE c.relkind IN ('r', 'p') AND c.relpersistence <> 't'
+               AND (pg_catalog.pg_has_role(tc.relowner, c.relowner, 'USAGE')
+                    OR pg_catalog.has_table_privilege(tc.relowner, c.oid, 'TRIGGER'))),
+        wanted AS (
+            SELECT r.input,
+                   pg_catalog.array_prepend(
+                       pg_catalog.json_build_object(
+                           'input', r.input::pg_catalog.int8,
+                           'columns', CASE WHEN pg_catalog.bool_or(r.attnum <= 0) THEN NULL
+                                           ELSE pg_catalog.array_agg(DISTINCT a.attname::text) END)::text,
+                       pg_catalog.array_agg(DISTINCT r.relid::text)) AS args
+              FROM reads r
+              LEFT JOIN pg_catalog.pg_attribute a ON a.attrelid = r.input AND a.attnum = r.attnum
+             GROUP BY r.input),
         -- Each trigger as its type (29: AFTER INSERT OR UPDATE OR DELETE FOR EACH ROW; 32:
         -- AFTER TRUNCATE FOR EACH STATEMENT) and its arguments.
         present AS (
@@ -529,15 +542,15 @@ BEGIN
              WHERE g.tgfoid = 'sync._policy_input()'::pg_catalog.regprocedure
                AND g.tgparentid = 0 -- not the copies a partitioned table's row trigger makes
              GROUP BY g.tgrelid)
-        SELECT coalesce(wanted.input, present.input)::regclass AS input, wanted.relids,
+        SELECT coalesce(wanted.input, present.input)::regclass AS input, wanted.args,
                present.tgnames
           FROM wanted FULL JOIN present ON present.input = wanted.input
          WHERE present.triggers IS DISTINCT FROM
                (SELECT ARRAY['29:' || a.hex, '32:' || a.hex]
                   FROM (SELECT pg_catalog.string_agg(
-                                   pg_catalog.encode(pg_catalog.convert_to(r::text, 'UTF8'), 'hex') || '00',
+                                   pg_catalog.encode(pg_catalog.convert_to(r, 'UTF8'), 'hex') || '00',
                                    '' ORDER BY o) AS hex
-                          FROM pg_catalog.unnest(wanted.relids) WITH ORDINALITY u(r, o)) a)
+                          FROM pg_catalog.unnest(wanted.args) WITH ORDINALITY u(r, o)) a)
     LOOP
         BEGIN
             -- (A subtransaction: the DDL below is pg_sync's own in it too.)
@@ -546,9 +559,9 @@ BEGIN
             FOR name IN SELECT pg_catalog.unnest(w.tgnames) LOOP
                 EXECUTE format('DROP TRIGGER %I ON %s', name, w.input);
             END LOOP;
-            IF w.relids IS NOT NULL THEN
-                args := (SELECT pg_catalog.string_agg(pg_catalog.quote_literal(r::text), ', ' ORDER BY o)
-                           FROM pg_catalog.unnest(w.relids) WITH ORDINALITY u(r, o));
+            IF w.args IS NOT NULL THEN
+                args := (SELECT pg_catalog.string_agg(pg_catalog.quote_literal(r), ', ' ORDER BY o)
+                           FROM pg_catalog.unnest(w.args) WITH ORDINALITY u(r, o));
                 EXECUTE format('CREATE TRIGGER %I AFTER INSERT OR UPDATE OR DELETE ON %s '
                                'FOR EACH ROW EXECUTE FUNCTION sync._policy_input(%s)',
                                'sync_policy_input_' || pg_catalog.md5(pg_catalog.random()::text), w.input, args);

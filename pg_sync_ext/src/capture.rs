@@ -326,16 +326,22 @@ impl TableCapture {
 
 /// Appends an ACCESS row for `tbl`'s entity: who may read it changed here, so that every
 /// reader meets the change in the log's order (`sync._note_access` calls it; granted to no
-/// one else).
+/// one else). Its subscribers all refetch there.
 #[pg_extern(name = "_log_access", volatile, parallel_unsafe)]
 fn log_access(tbl: pg_sys::Oid) {
+    append_access(tbl, None);
+}
+
+/// Appends an ACCESS row for `tbl`'s entity, naming in `data` the membership rows whose
+/// write it marks (`Scope`), or nothing (None): then everyone refetches.
+fn append_access(tbl: pg_sys::Oid, data: Option<&serde_json::Value>) {
     let Some(tracked) = TrackedRow::find(tbl) else {
         return;
     };
     let log = LogTable::resolve().unwrap_or_else(|e| CaptureError::from(e).report());
     // SAFETY: names read from the syscache (NULL when the table is gone), and a row of no
-    // datums. No lock on the table: writers of a table a policy reads must not wait for
-    // whoever holds the tracked table.
+    // datums but its JSON. No lock on the table: writers of a table a policy reads must not
+    // wait for whoever holds the tracked table.
     unsafe {
         let text = |name: *mut std::ffi::c_char| {
             (!name.is_null()).then(|| CStr::from_ptr(name).to_string_lossy().into_owned())
@@ -352,7 +358,7 @@ fn log_access(tbl: pg_sys::Oid) {
             entity_code: &tracked.entity_code,
             op: "ACCESS",
             entity_id: None,
-            data: None,
+            data: data.and_then(|d| pgrx::JsonB(d.clone()).into_datum()),
             old_data: None,
             changed_columns: None,
             schema_version: tracked.schema_version,
@@ -365,28 +371,61 @@ fn log_access(tbl: pg_sys::Oid) {
     wakeup::note_log_write();
 }
 
+/// The most changed rows of one statement whose ACCESS rows name them: past it, one ACCESS
+/// row naming nothing (everyone refetches) and none for the rest, so that a bulk write of a
+/// membership table puts a bounded number of rows into the log.
+const NAMED_PER_STATEMENT: u32 = 100;
+
 thread_local! {
-    /// The statement (local transaction, subtransaction, command, table) whose first changed
-    /// row wrote the ACCESS rows of `_policy_input`: its other rows write none. The
-    /// subtransaction: an inner write rolled back with its ACCESS row (an EXCEPTION block)
-    /// shares the outer statement's command id. The local transaction id: a transaction
-    /// writing only to a foreign partition has no xid.
-    static ACCESS_NOTED: Cell<Option<(u32, u32, u32, u32)>> = const { Cell::new(None) };
+    /// The statement (local transaction, subtransaction, command, table) whose changed rows
+    /// the last ACCESS rows of `_policy_input` were written for, and how many of its rows
+    /// wrote them. The subtransaction: an inner write rolled back with its ACCESS row (an
+    /// EXCEPTION block) shares the outer statement's command id. The local transaction id: a
+    /// transaction writing only to a foreign partition has no xid.
+    static ACCESS_NOTED: Cell<Option<((u32, u32, u32, u32), u32)>> = const { Cell::new(None) };
 }
 
-/// The triggers `sync._policy_input(relid, ...)` that `sync._watch_policy_inputs` puts on
-/// each table a tracked table's policies read (a membership table): rows of the tracked
-/// tables named by its arguments enter or leave users' sight when it changes, without
-/// changing themselves, so each gets an ACCESS row at this point of the log. A row trigger
-/// (INSERT, UPDATE, DELETE) writes them at the statement's first changed row, so that a
-/// statement that changes nothing writes nothing; a statement trigger, at TRUNCATE. It runs
-/// as the writer, runs no SQL, and writes only for tables that are tracked; attaching it
-/// elsewhere needs EXECUTE on it, which no one is granted.
+/// What `sync._watch_policy_inputs` passes a `_policy_input` trigger first: the watched
+/// table, and the columns of it that the policies read (None: they read it whole, or read no
+/// column of it, so no row can be named).
+#[derive(serde::Deserialize)]
+struct Watched {
+    input: u32,
+    columns: Option<Vec<String>>,
+}
+
+/// The triggers `sync._policy_input(watched, relid, ...)` that `sync._watch_policy_inputs`
+/// puts on each table a tracked table's policies read (a membership table): rows of the
+/// tracked tables named by its arguments enter or leave users' sight when it changes,
+/// without changing themselves, so each gets an ACCESS row at this point of the log. A row
+/// trigger (INSERT, UPDATE, DELETE) writes one per changed row that changes a column the
+/// policies read, naming the row's old and new values of those columns (as text), so that
+/// only the subscribers a policy matches with them refetch (`Scope` in the gateway); past
+/// `NAMED_PER_STATEMENT` rows, one naming nothing. A statement that changes nothing writes
+/// nothing; TRUNCATE (the statement trigger) names nothing. It runs as the writer (the
+/// columns' output functions too, as a SELECT of them by the writer would), runs no SQL,
+/// and writes only for tables that are tracked; attaching it elsewhere needs EXECUTE on it,
+/// which no one is granted.
 #[pg_trigger]
 fn _policy_input<'a>(
     trigger: &'a PgTrigger<'a>,
 ) -> Result<Option<PgHeapTuple<'a, AllocatedByPostgres>>, std::convert::Infallible> {
+    let args = trigger.extra_args().unwrap_or_default();
+    // Triggers made before the first argument named the watched table pass relids only.
+    let (watched, relids) = match args.first().map(|a| serde_json::from_str::<Watched>(a)) {
+        Some(Ok(watched)) => (Some(watched), &args[1..]),
+        _ => (None, &args[..]),
+    };
+    let mut data = None;
     if matches!(trigger.level(), PgTriggerLevel::Row) {
+        // SAFETY: the row trigger's own tuples and relation, live until it returns.
+        let named = unsafe { watched.as_ref().and_then(|w| named_rows(trigger, w)) };
+        if named
+            .as_ref()
+            .is_some_and(|rows| rows.len() == 2 && rows[0] == rows[1])
+        {
+            return Ok(None); // no column a policy reads changed
+        }
         // SAFETY: reads of this backend's transaction state; MyProc is set in a backend.
         let statement = unsafe {
             (
@@ -396,15 +435,68 @@ fn _policy_input<'a>(
                 trigger.relid().map_or(0, u32::from),
             )
         };
-        if ACCESS_NOTED.with(|noted| noted.replace(Some(statement))) == Some(statement) {
+        let written = match ACCESS_NOTED.get() {
+            Some((noted, written)) if noted == statement => written,
+            _ => 0,
+        };
+        if written > NAMED_PER_STATEMENT {
             return Ok(None);
         }
+        ACCESS_NOTED.set(Some((statement, written + 1)));
+        if written < NAMED_PER_STATEMENT {
+            data = named
+                .zip(watched.as_ref())
+                .map(|(rows, w)| serde_json::json!({"input": w.input, "rows": rows}));
+        }
+        // A row naming nothing refetches everyone: the statement's later rows need none.
+        if data.is_none() {
+            ACCESS_NOTED.set(Some((statement, NAMED_PER_STATEMENT + 1)));
+        }
     }
-    let args = trigger.extra_args().unwrap_or_default();
-    for relid in args.iter().filter_map(|a| a.parse::<u32>().ok()) {
-        log_access(pg_sys::Oid::from(relid));
+    for relid in relids.iter().filter_map(|a| a.parse::<u32>().ok()) {
+        append_access(pg_sys::Oid::from(relid), data.as_ref());
     }
     Ok(None)
+}
+
+/// The changed row's old and new values (as the writer reads them, text or null) of the
+/// columns the policies read, one object per image; None when a column is not found (the
+/// table changed since its trigger was made: everyone refetches).
+unsafe fn named_rows(
+    trigger: &PgTrigger<'_>,
+    watched: &Watched,
+) -> Option<Vec<serde_json::Map<String, serde_json::Value>>> {
+    let columns = watched.columns.as_ref()?;
+    let data = trigger.trigger_data();
+    let event = data.tg_event;
+    let desc = (*data.tg_relation).rd_att;
+    let images = if pgrx::trigger_support::trigger_fired_by_update(event) {
+        vec![data.tg_trigtuple, data.tg_newtuple]
+    } else {
+        vec![data.tg_trigtuple]
+    };
+    images
+        .into_iter()
+        .map(|tuple| {
+            columns
+                .iter()
+                .map(|column| {
+                    let name = std::ffi::CString::new(column.as_str()).ok()?;
+                    let attnum = pg_sys::SPI_fnumber(desc, name.as_ptr());
+                    if attnum <= 0 {
+                        return None;
+                    }
+                    let value = pg_sys::SPI_getvalue(tuple, desc, attnum);
+                    let value = (!value.is_null()).then(|| {
+                        serde_json::Value::String(
+                            CStr::from_ptr(value).to_string_lossy().into_owned(),
+                        )
+                    });
+                    Some((column.clone(), value.unwrap_or(serde_json::Value::Null)))
+                })
+                .collect()
+        })
+        .collect()
 }
 
 /// A table's row of `sync.tracked`, read without SQL and without privileges (the writer has

@@ -216,18 +216,18 @@ async fn joining_and_leaving_a_project_reaches_the_live_copy_in_order() {
     assert_eq!(resyncs(&seen), ["\"task\" \"access_changed\""], "{seen:?}");
     assert!(snapshot_ids(&gateway, "b").await.is_empty());
 
-    // Someone else's membership moves b's sight too little to matter, but b cannot tell:
-    // every membership write is a refetch of the entity (what compiling would spare).
+    // Someone else's membership: its ACCESS row names the row (2, 'c'), which b's policy
+    // cannot match, so b does not refetch.
     let mut b = watching(&cluster, &gateway, "b").await;
     let seen = after(&cluster, &mut b, "INSERT INTO member VALUES (2, 'c')", 5).await;
-    assert_eq!(resyncs(&seen), ["\"task\" \"access_changed\""], "{seen:?}");
+    assert!(resyncs(&seen).is_empty(), "{seen:?}");
 
     // 100 statements on the membership table that change nothing: no refetch.
     let mut b = watching(&cluster, &gateway, "b").await;
     let statements = "DELETE FROM member WHERE user_id = 'nobody';".repeat(100);
     let seen = after(&cluster, &mut b, &statements, 6).await;
     assert!(resyncs(&seen).is_empty(), "{seen:?}");
-    // A statement that changes three rows: one ACCESS row in the log, one refetch.
+    // A statement that changes three rows of others: an ACCESS row naming each, no refetch.
     let admin = cluster.connect().await;
     let access = "SELECT count(*) FROM sync.change_history WHERE op = 'ACCESS'";
     let before = column::<i64>(&admin, access).await;
@@ -238,12 +238,96 @@ async fn joining_and_leaving_a_project_reaches_the_live_copy_in_order() {
         7,
     )
     .await;
+    assert!(resyncs(&seen).is_empty(), "{seen:?}");
+    assert_eq!(column::<i64>(&admin, access).await, [before[0] + 3]);
+    // A bulk write: the first 100 rows named, then one ACCESS row naming none, where
+    // everyone refetches, and none for the rest.
+    let seen = after(
+        &cluster,
+        &mut b,
+        "INSERT INTO member SELECT i, 'y' FROM generate_series(1, 150) i",
+        8,
+    )
+    .await;
     assert_eq!(resyncs(&seen), ["\"task\" \"access_changed\""], "{seen:?}");
-    assert_eq!(column::<i64>(&admin, access).await, [before[0] + 1]);
+    assert_eq!(column::<i64>(&admin, access).await, [before[0] + 3 + 101]);
     // TRUNCATE, which no row trigger sees: its own trigger.
     let mut b = watching(&cluster, &gateway, "b").await;
-    let seen = after(&cluster, &mut b, "TRUNCATE member", 8).await;
+    let seen = after(&cluster, &mut b, "TRUNCATE member", 9).await;
     assert_eq!(resyncs(&seen), ["\"task\" \"access_changed\""], "{seen:?}");
+}
+
+/// A membership write concerns the user it names: b joins project 2, and only b refetches,
+/// on the live stream, in a replay and in `/v1/changes` from before it. c, a member of
+/// project 2 already, whose policy matches no row the write names, is shown the changes
+/// around it (written before it in the same transaction too) and no refetch; b is shown
+/// none of the versions written before it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_membership_write_refetches_only_the_member_it_names() {
+    let (cluster, gateway) = setup().await;
+    assert_compiled(&cluster).await;
+    cluster
+        .execute(
+            "INSERT INTO member VALUES (1, 'b'), (2, 'c');
+             INSERT INTO task VALUES (1, 1, 'one'), (2, 2, 'two');",
+        )
+        .await;
+    let cursor = cluster.current_cursor().await;
+    let mut b = watching(&cluster, &gateway, "b").await;
+    let mut c = watching(&cluster, &gateway, "c").await;
+    let write = "BEGIN;
+         UPDATE task SET title = 'two v2' WHERE id = 2;
+         INSERT INTO member VALUES (2, 'b');
+         UPDATE task SET title = 'two v3' WHERE id = 2;
+         INSERT INTO marker VALUES (1);
+         COMMIT;";
+    cluster.execute(write).await;
+    let seen = b.changes_until(1).await;
+    assert_eq!(resyncs(&seen), ["\"task\" \"access_changed\""], "{seen:?}");
+    assert!(
+        !serde_json::to_string(&seen).unwrap().contains("two v2"),
+        "{seen:?}"
+    );
+    let titles = |seen: &[Value]| -> Vec<Value> {
+        seen.iter()
+            .filter(|m| m["type"] == "DELTA")
+            .flat_map(|m| m["payload"]["changes"].as_array().unwrap().clone())
+            .map(|c| c["data"]["title"].clone())
+            .collect()
+    };
+    let seen = c.changes_until(1).await;
+    assert!(
+        resyncs(&seen).is_empty(),
+        "c refetched for b's membership: {seen:?}"
+    );
+    assert_eq!(titles(&seen), ["two v2", "two v3"], "{seen:?}");
+
+    // Read from before it, as an offline client would: the same.
+    let answer = changes(&gateway, "c", &cursor).await;
+    let text = serde_json::to_string(&answer).unwrap();
+    assert!(!text.contains("RESYNC"), "{text}");
+    assert_eq!(
+        answer
+            .iter()
+            .map(|c| c["data"]["title"].clone())
+            .collect::<Vec<_>>(),
+        [json!("two v2"), json!("two v3")],
+        "{text}"
+    );
+    let answer = changes(&gateway, "b", &cursor).await;
+    let text = serde_json::to_string(&answer).unwrap();
+    assert!(!text.contains("two v2"), "{text}");
+    assert_eq!(answer[0]["action"], "RESYNC", "{text}");
+    let seen = replayed(&cluster, &gateway, "c", &cursor).await;
+    assert!(resyncs(&seen).is_empty(), "{seen:?}");
+    assert_eq!(titles(&seen), ["two v2", "two v3"], "{seen:?}");
+    let seen = replayed(&cluster, &gateway, "b", &cursor).await;
+    assert_eq!(resyncs(&seen), ["\"task\" \"access_changed\""], "{seen:?}");
+    assert!(
+        !serde_json::to_string(&seen).unwrap().contains("two v2"),
+        "{seen:?}"
+    );
+    assert_eq!(snapshot_ids(&gateway, "b").await, [1, 2]);
 }
 
 /// c is a member of project 5 and holds task 1 from a snapshot; task 1 moves to project 1,
@@ -328,14 +412,24 @@ async fn the_watched_tables_follow_the_policies_and_no_one_else() {
                FROM pg_trigger WHERE tgfoid = 'sync._policy_input()'::regprocedure ORDER BY 1",
         )
     };
-    let task: String = admin
-        .query_one("SELECT 'task'::regclass::oid::text", &[])
-        .await
-        .unwrap()
-        .get(0);
-    // One trigger per changed row (a statement's first writes the ACCESS rows), one at
-    // TRUNCATE.
-    let both = [format!("member {task}\\000"), format!("member {task}\\000")];
+    let oid = |table: &'static str| {
+        let admin = &admin;
+        async move {
+            let oid: String = admin
+                .query_one(&format!("SELECT '{table}'::regclass::oid::text"), &[])
+                .await
+                .unwrap()
+                .get(0);
+            oid
+        }
+    };
+    let (task, member) = (oid("task").await, oid("member").await);
+    // One trigger per changed row, one at TRUNCATE; their arguments name the table, the
+    // columns the policy reads of it, and the tracked table whose policy reads it.
+    let args = format!(
+        "member {{\"input\" : {member}, \"columns\" : [\"project_id\",\"user_id\"]}}\\000{task}\\000"
+    );
+    let both = [args.clone(), args];
     assert_eq!(watched().await, both);
     // Renamed by the owner of `member`, it is still pg_sync's, and not made twice.
     cluster

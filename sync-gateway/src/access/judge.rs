@@ -28,10 +28,10 @@ use super::in_database::{read_memberships, visible_in_database};
 use super::listeners::{Audience, Group, Listeners};
 use super::plans::{Plan, Plans};
 use super::policy::{GroupIndex, Memberships};
-use super::refetch::RefetchChecks;
+use super::refetch::{Following, RefetchChecks};
 use super::roles::GroupId;
 use crate::feed::catalog::{Catalog, CatalogError, Entity};
-use crate::model::change::{Change, Op};
+use crate::model::change::{AccessScope, Change, Op};
 use crate::model::protocol::ResyncReason;
 use crate::model::subscription::{judge, Judgement, Sight, Target};
 use deadpool_postgres::{Object, Pool};
@@ -66,11 +66,13 @@ impl ChangeSight {
 /// What a page says of one change, for the groups listening to its entity.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Verdict {
-    /// Judged: None when every group listening sees every version, else who sees which.
+    /// Judged: None when every group listening sees every version, else who sees which (of
+    /// an ACCESS row: `after` holds the groups that refetch at it).
     Seen(Option<Arc<ChangeSight>>),
-    /// Written under a tracking its entity no longer has: nobody is shown it, and the
-    /// entity's subscribers refetch.
-    Replaced,
+    /// Every subscriber of the entity refetches here, and nobody is shown the change: it was
+    /// written under a tracking its entity no longer has (`EntityChanged`), or too many
+    /// membership writes follow it to judge it for each group (`AccessChanged`).
+    Refetch(ResyncReason),
 }
 
 impl Verdict {
@@ -97,7 +99,7 @@ pub fn decide(
     target: &Target,
 ) -> Judgement {
     let sight = match verdict {
-        Verdict::Replaced => return Judgement::Resync(ResyncReason::EntityChanged),
+        Verdict::Refetch(reason) => return Judgement::Resync(*reason),
         Verdict::Seen(None) => Sight::ALL,
         Verdict::Seen(Some(sight)) => sight.of(subscriber.group),
     };
@@ -180,9 +182,31 @@ struct EntityJudgement {
     /// Per change (in order), or None when every group sees everything.
     sights: Option<Vec<ChangeSight>>,
     refused: Vec<(GroupId, String)>,
-    /// The database judged them while the log already held an ACCESS or TRUNCATE of the
-    /// entity after them: shown to nobody (`access::refetch`).
-    superseded: bool,
+    /// What the log already held after them when they were judged later than written.
+    superseded: Superseded,
+    /// Per ACCESS row naming membership rows: the groups (sorted) that refetch at it.
+    named: Vec<Vec<GroupId>>,
+}
+
+/// Changes judged by who may read what later than they were written, while the log already
+/// held rows after them where their subscribers refetch (`access::refetch`).
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Superseded {
+    /// None such, or the groups they concern are left out of `sights`.
+    No,
+    /// A row where everyone refetches: shown to nobody.
+    ForAll,
+    /// More membership writes than are matched to groups: shown to nobody, and everyone
+    /// refetches at the last change.
+    RefetchNow,
+}
+
+/// An ACCESS row that names the membership rows written (`AccessScope`), in a page: where
+/// it is, and how many of the entity's changes judged with it come before it.
+struct NamedAccess {
+    at: usize,
+    after_changes: usize,
+    scope: AccessScope,
 }
 
 impl Judge {
@@ -229,42 +253,79 @@ impl Judge {
                 continue;
             };
             let entity = view.entities.get(code);
-            // Every subscriber refetches at an ACCESS or TRUNCATE of the entity: the changes
-            // before it in the page are shown to nobody rather than judged by who may read
-            // what now, after it (a user who joined a project since would be shown versions
-            // of its rows that PostgreSQL never let them SELECT).
-            let refetch = at
+            // Every subscriber refetches at a TRUNCATE or an ACCESS row that names no
+            // membership rows: the changes before it in the page are shown to nobody rather
+            // than judged by who may read what now, after it (a user who joined a project
+            // since would be shown versions of its rows that PostgreSQL never let them
+            // SELECT). Before an ACCESS row naming membership rows, they are shown to nobody
+            // it concerns (`entity`).
+            let everyone = at
                 .iter()
                 .rev()
-                .find(|&&i| matches!(changes[i].op, Op::Access | Op::Truncate))
+                .find(|&&i| refetches_everyone(&changes[i]))
                 .copied();
             let mut current = Vec::with_capacity(at.len());
+            let mut named = Vec::new();
+            let mut refetched = false;
             for i in at {
                 match entity {
                     Some(e) if changes[i].tracking != Some(e.tracking) => {
-                        verdicts[i] = Verdict::Replaced
+                        verdicts[i] = Verdict::Refetch(ResyncReason::EntityChanged)
                     }
-                    Some(_) if refetch.is_some_and(|r| i < r) => verdicts[i] = Verdict::hidden(),
-                    Some(_) => current.push(i),
-                    None => verdicts[i] = Verdict::Replaced,
+                    Some(_) if everyone.is_some_and(|r| i < r) => verdicts[i] = Verdict::hidden(),
+                    Some(_) => match changes[i].op {
+                        Op::Truncate => refetched = true,
+                        Op::Access => match AccessScope::of(changes[i].data.as_ref()) {
+                            Some(scope) => named.push(NamedAccess {
+                                at: i,
+                                after_changes: current.len(),
+                                scope,
+                            }),
+                            None => refetched = true,
+                        },
+                        _ => current.push(i),
+                    },
+                    None => verdicts[i] = Verdict::Refetch(ResyncReason::EntityChanged),
                 }
             }
-            let (Some(entity), false) = (entity, current.is_empty()) else {
+            let Some(entity) = entity else {
                 continue;
             };
+            if current.is_empty() && named.is_empty() && !refetched {
+                continue;
+            }
             let of_entity: Vec<&Change> = current.iter().map(|&i| &*changes[i]).collect();
             let judgement = self
-                .entity(db, plans, basis, entity, &listeners, &of_entity)
+                .entity(db, plans, basis, entity, &listeners, &of_entity, &named)
                 .await;
-            if judgement.superseded {
-                for i in current {
-                    verdicts[i] = Verdict::hidden();
+            match judgement.superseded {
+                Superseded::ForAll => {
+                    for &i in &current {
+                        verdicts[i] = Verdict::hidden();
+                    }
                 }
-            } else if let Some(sights) = judgement.sights {
-                judged_rls = true;
-                for (i, sight) in current.into_iter().zip(sights) {
-                    verdicts[i] = Verdict::Seen(Some(Arc::new(sight)));
+                Superseded::RefetchNow => {
+                    for &i in &current {
+                        verdicts[i] = Verdict::hidden();
+                    }
+                    if let Some(&last) = current.last() {
+                        verdicts[last] = Verdict::Refetch(ResyncReason::AccessChanged);
+                    }
                 }
+                Superseded::No => {
+                    if let Some(sights) = judgement.sights {
+                        judged_rls = true;
+                        for (&i, sight) in current.iter().zip(sights) {
+                            verdicts[i] = Verdict::Seen(Some(Arc::new(sight)));
+                        }
+                    }
+                }
+            }
+            for (access, groups) in named.iter().zip(judgement.named) {
+                verdicts[access.at] = Verdict::Seen(Some(Arc::new(ChangeSight {
+                    before: Vec::new(),
+                    after: groups,
+                })));
             }
             refused.extend(
                 judgement
@@ -281,7 +342,9 @@ impl Judge {
         })
     }
 
-    /// Judges `changes` (all of `entity`, under its tracking) for the groups listening.
+    /// Judges `changes` (all of `entity`, under its tracking, none an ACCESS row that names
+    /// membership rows) for the groups listening, and finds who refetches at each of `named`.
+    #[allow(clippy::too_many_arguments)]
     async fn entity(
         &mut self,
         db: &mut Db<'_>,
@@ -290,11 +353,13 @@ impl Judge {
         entity: &Entity,
         listeners: &Listeners,
         changes: &[&Change],
+        named: &[NamedAccess],
     ) -> EntityJudgement {
         let nobody = |why: &str| EntityJudgement {
             sights: Some(vec![ChangeSight::default(); changes.len()]),
             refused: listeners.groups().map(|g| (g, why.to_owned())).collect(),
-            superseded: false,
+            superseded: Superseded::No,
+            named: vec![Vec::new(); named.len()],
         };
         let client = match db.client().await {
             Ok(client) => client,
@@ -406,18 +471,38 @@ impl Judge {
                 }
             }
         }
+        // The groups whose sight a membership write named by `scopes` may change: those the
+        // database judges (whatever their policy reads), and those whose compiled policy
+        // matches a row it names.
+        let concerned = |scopes: &[&AccessScope]| -> Vec<GroupId> {
+            if scopes.is_empty() {
+                return Vec::new();
+            }
+            let mut groups: Vec<GroupId> = in_database.iter().map(|(g, _)| *g).collect();
+            for (_, index, _) in &indexed {
+                groups.extend(index.named_by(scopes));
+            }
+            groups.sort_unstable();
+            groups.dedup();
+            groups
+        };
+        let named_groups: Vec<Vec<GroupId>> =
+            named.iter().map(|n| concerned(&[&n.scope])).collect();
         // Judged by who may read what later than the page's own time: the database's
         // answer is as of now (its verdicts, the membership rows), and so are the catalog and
         // plans read since the page (a plan read on the live stream after a policy changed,
         // before the catalog saw it).
-        let judged_later = !in_database.is_empty()
-            || asked_members
-            || ((basis.read_later || plan_later) && !(indexed.is_empty() && see_all.is_empty()));
+        let judged_later = !changes.is_empty()
+            && (!in_database.is_empty()
+                || asked_members
+                || ((basis.read_later || plan_later)
+                    && !(indexed.is_empty() && see_all.is_empty())));
         if indexed.is_empty() && in_database.is_empty() && !judged_later {
             return EntityJudgement {
                 sights: None,
                 refused,
-                superseded: false,
+                superseded: Superseded::No,
+                named: named_groups,
             };
         }
         let answers = if in_database.is_empty() {
@@ -425,35 +510,52 @@ impl Judge {
         } else {
             visible_in_database(client, entity, &in_database, &images).await
         };
+        // Groups that refetch after a change, where it is shown to none of them: at an
+        // ACCESS row later in the page, or later in the log (asked of changes judged later).
+        let mut later: Vec<Vec<GroupId>> = vec![Vec::new(); changes.len()];
+        for (n, groups) in named.iter().zip(&named_groups) {
+            for hidden in &mut later[..n.after_changes] {
+                hidden.extend(groups);
+            }
+        }
         if judged_later && answers.is_ok() {
-            let last = &changes
-                .last()
-                .expect("a page's changes of an entity")
-                .cursor;
-            match self
+            let last = &changes.last().expect("judged later: changes").cursor;
+            let superseded = match self
                 .refetch_checks
                 .follows(client, &entity.code, last.as_str())
                 .await
             {
-                Ok(false) => {}
-                Ok(true) => {
-                    return EntityJudgement {
-                        sights: None,
-                        refused,
-                        superseded: true,
+                Ok(Following::Nothing) => Superseded::No,
+                Ok(Following::Everyone) => Superseded::ForAll,
+                Ok(Following::TooMany) => Superseded::RefetchNow,
+                Ok(Following::Named(scopes)) => {
+                    let scopes: Vec<&AccessScope> = scopes.iter().map(|s| &**s).collect();
+                    let groups = concerned(&scopes);
+                    for hidden in &mut later {
+                        hidden.extend(&groups);
                     }
+                    Superseded::No
                 }
                 Err(e) => {
                     tracing::warn!(entity = entity.code, error = %crate::ErrorChain(&e), "reading the log after a page failed");
                     return nobody(UNJUDGED);
                 }
+            };
+            if superseded != Superseded::No {
+                return EntityJudgement {
+                    sights: None,
+                    refused,
+                    superseded,
+                    named: named_groups,
+                };
             }
         }
         if indexed.is_empty() && in_database.is_empty() {
             return EntityJudgement {
                 sights: None,
                 refused,
-                superseded: false,
+                superseded: Superseded::No,
+                named: named_groups,
             };
         }
         let mut database_sees: Vec<Vec<GroupId>> = vec![Vec::new(); images.len()];
@@ -500,17 +602,32 @@ impl Judge {
         };
         let sights = changes
             .iter()
-            .map(|c| {
-                let before = seen_by(c.old_data.as_ref());
-                let after = seen_by(c.data.as_ref());
+            .zip(later)
+            .map(|(c, hidden)| {
+                let shown = |groups: Vec<GroupId>| -> Vec<GroupId> {
+                    groups.into_iter().filter(|g| !hidden.contains(g)).collect()
+                };
+                let before = shown(seen_by(c.old_data.as_ref()));
+                let after = shown(seen_by(c.data.as_ref()));
                 ChangeSight { before, after }
             })
             .collect();
         EntityJudgement {
             sights: Some(sights),
             refused,
-            superseded: false,
+            superseded: Superseded::No,
+            named: named_groups,
         }
+    }
+}
+
+/// Whether every subscriber of the change's entity refetches at it: a TRUNCATE, or an
+/// ACCESS row that names no membership rows (a policy, a grant, a bulk write).
+fn refetches_everyone(change: &Change) -> bool {
+    match change.op {
+        Op::Truncate => true,
+        Op::Access => AccessScope::of(change.data.as_ref()).is_none(),
+        _ => false,
     }
 }
 

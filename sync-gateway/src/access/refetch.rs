@@ -1,23 +1,44 @@
-//! Whether the log already holds an ACCESS or TRUNCATE of an entity after a position: the
+//! Which ACCESS or TRUNCATE rows of an entity the log already holds after a position: the
 //! question `judge` asks of a page judged by who may read what *later* than the page was
 //! written. The database judges by the tables its policies read as they are now (a
 //! membership), and the gateway by policies and grants as it last read them; if they changed
-//! after a change was written, their ACCESS row lies after the change in the log, where every
-//! subscriber of the entity refetches. Until then the change is shown to nobody: a user who
-//! joined a project since is never shown versions PostgreSQL never let them SELECT.
+//! after a change was written, their ACCESS row lies after the change in the log, where the
+//! subscribers it concerns refetch (everyone, or those whose policy matches the membership
+//! rows it names). Until then the change is shown to none of them: a user who joined a
+//! project since is never shown versions PostgreSQL never let them SELECT.
 //!
 //! The rows after a position are found as `sync.changes_since` finds a batch
 //! (`pg_sync_core::cursor`): those not visible in a mark are the ids above its `max_id` and
 //! the transactions unsettled at it, one range scan and a few lookups; of those, the rows of
 //! the position's own batch up to the position are left out. What one question finds is
-//! kept (`RefetchChecks`) for the next page, which comes later in the log: a mark as of
-//! which nothing follows (then only what committed since is looked at), or the row that
-//! follows (then pages before it need no question). So the questions of a catch-up cost the
-//! log's length once, not once per page.
+//! kept (`RefetchChecks`) for the next page, which comes later in the log: the rows that
+//! follow as of a mark (then only what committed since is looked at), or a row after which
+//! everyone refetches (then pages before it need no question). So the questions of a
+//! catch-up cost the log's length once, not once per page.
 
+use crate::model::change::AccessScope;
 use pg_sync_core::cursor::{Cursor, CursorError, Mark, Position};
+use serde_json::Value;
 use std::collections::HashMap;
+use std::sync::Arc;
 use tokio_postgres::Client;
+
+/// The most rows naming membership rows that one question keeps: past them, the page's
+/// subscribers all refetch rather than the judge matching each row.
+const MAX_NAMED: usize = 1000;
+
+/// What follows a position in the log, for the entity asked about.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Following {
+    Nothing,
+    /// A row after which every subscriber refetches (an ACCESS row naming no rows, a
+    /// TRUNCATE).
+    Everyone,
+    /// ACCESS rows naming membership rows: the subscribers they concern refetch there.
+    Named(Vec<Arc<AccessScope>>),
+    /// More of those than are kept (`MAX_NAMED`).
+    TooMany,
+}
 
 /// What the questions about each entity found so far: facts about the log, true for any
 /// later position, so they are shared between users (`http::pages` keeps them per page end).
@@ -35,12 +56,13 @@ pub struct RefetchChecks {
 
 #[derive(Clone, Debug)]
 enum Known {
-    /// Nothing follows the positions asked about, as of this mark (durable: a mark is made
-    /// only once the WAL up to it is flushed, so no transaction it counts as completed is
-    /// taken back by a crash and its xid handed out again).
-    Clear(Mark),
-    /// This row follows the positions asked about.
-    Follows(LogRow),
+    /// As of this mark, these rows naming membership rows (and no others) follow the
+    /// positions asked about (durable: a mark is made only once the WAL up to it is flushed,
+    /// so no transaction it counts as completed is taken back by a crash and its xid handed
+    /// out again).
+    AsOf(Mark, Vec<(LogRow, Arc<AccessScope>)>),
+    /// This row, after which everyone refetches, follows the positions asked about.
+    Everyone(LogRow),
 }
 
 /// An ACCESS or TRUNCATE row of the log: its transaction, its id, and its transaction's
@@ -91,35 +113,35 @@ pub enum RefetchError {
 
 /// The entity's ACCESS or TRUNCATE rows that a mark does not see (ids above `$2`, one range
 /// scan; the transactions of `$3`, by txid) and that come after the position ($4: its
-/// batch's start, $5-$8: its batch's end and the position in it); the last of them by id.
-/// Two branches, as `PAGE_SQL` has them: with an OR and the ORDER BY, the planner may scan
-/// the whole log backwards with the id range as a mere filter. The range's upper end, the
-/// largest id this statement sees, changes nothing it finds: it is there for a log not yet
-/// analyzed (a new one, filled in a burst), where `id > $2` alone is guessed to hold a third
-/// of the log and read by a scan of all of it, each page of a catch-up again (80-100 ms a
-/// page at 1M changes: a catch-up took 26-45 s instead of 7-9); a range with both ends is
-/// guessed small.
+/// batch's start, $5-$8: its batch's end and the position in it), with what they name: one
+/// naming nothing first, else up to `$9` of them. Two branches, as `PAGE_SQL` has them: with
+/// an OR and the ORDER BY, the planner may scan the whole log backwards with the id range as
+/// a mere filter. The range's upper end, the largest id this statement sees, changes nothing
+/// it finds: it is there for a log not yet analyzed (a new one, filled in a burst), where
+/// `id > $2` alone is guessed to hold a third of the log and read by a scan of all of it,
+/// each page of a catch-up again (80-100 ms a page at 1M changes: a catch-up took 26-45 s
+/// instead of 7-9); a range with both ends is guessed small.
 const FOLLOWING_SQL: &str = "
 WITH candidates AS (
-        SELECT h.txid, h.id FROM sync.change_history h
+        SELECT h.txid, h.id, h.data FROM sync.change_history h
          WHERE h.id > $2 AND h.id <= (SELECT max(m.id) FROM sync.change_history m)
            AND h.entity_code = $1 AND h.op IN ('ACCESS', 'TRUNCATE')
     UNION ALL
-        SELECT h.txid, h.id FROM sync.change_history h
+        SELECT h.txid, h.id, h.data FROM sync.change_history h
          WHERE h.txid = ANY ($3::text::xid8[]) AND h.entity_code = $1
            AND h.op IN ('ACCESS', 'TRUNCATE')
 )
-SELECT c.txid::text, c.id, k.txkey
+SELECT c.txid::text, c.id, k.txkey, c.data
   FROM candidates c
  CROSS JOIN LATERAL (SELECT max(x.id) AS txkey FROM sync.change_history x
                       WHERE x.txid = c.txid) k
  WHERE NOT pg_catalog.pg_visible_in_snapshot(c.txid, $4::text::pg_snapshot)
    AND NOT (pg_catalog.pg_visible_in_snapshot(c.txid, $5::text::pg_snapshot)
             AND (k.txkey < $6 OR (c.txid = $7::text::xid8 AND c.id <= $8)))
- ORDER BY c.id DESC LIMIT 1";
+ ORDER BY c.data IS NULL DESC, c.id DESC LIMIT $9";
 
 impl RefetchChecks {
-    /// Whether the log holds an ACCESS or TRUNCATE of `entity` after `position` that the
+    /// What ACCESS or TRUNCATE rows of `entity` the log holds after `position` that the
     /// database sees now. Asked after the judging it checks, so that whatever the judging
     /// saw, this sees too.
     pub async fn follows(
@@ -127,19 +149,25 @@ impl RefetchChecks {
         client: &Client,
         entity: &str,
         position: &str,
-    ) -> Result<bool, RefetchError> {
+    ) -> Result<Following, RefetchError> {
         let position = Cursor::decode(position)?;
         if self.generation.as_deref() != Some(position.generation()) {
             self.known.clear();
             self.generation = Some(position.generation().to_owned());
         }
-        let base = match self.known.remove(entity) {
-            Some(Known::Follows(row)) if row.after(&position) => {
-                self.known.insert(entity.to_owned(), Known::Follows(row));
-                return Ok(true);
+        let (base, mut named) = match self.known.remove(entity) {
+            Some(Known::Everyone(row)) if row.after(&position) => {
+                self.known.insert(entity.to_owned(), Known::Everyone(row));
+                return Ok(Following::Everyone);
             }
-            Some(Known::Clear(mark)) => mark,
-            _ => position.base().clone(),
+            Some(Known::AsOf(mark, named)) => {
+                let still: Vec<_> = named
+                    .into_iter()
+                    .filter(|(row, _)| row.after(&position))
+                    .collect();
+                (mark, still)
+            }
+            _ => (position.base().clone(), Vec::new()),
         };
         // Made before the question, so that it sees no more than the question did.
         let now = match &self.page_mark {
@@ -156,7 +184,7 @@ impl RefetchChecks {
                 .join(",")
         );
         let found = client
-            .query_opt(
+            .query(
                 FOLLOWING_SQL,
                 &[
                     &entity,
@@ -167,26 +195,52 @@ impl RefetchChecks {
                     &p.txkey,
                     &p.txid.to_string(),
                     &p.id,
+                    &(MAX_NAMED as i64 + 1),
                 ],
             )
             .await?;
-        let Some(found) = found else {
-            self.known.insert(entity.to_owned(), Known::Clear(now));
-            return Ok(false);
-        };
-        let txid: String = found.get(0);
-        let row = LogRow {
-            txid: txid.parse().map_err(|_| CursorError::Malformed("txid"))?,
-            id: found.get(1),
-            txkey: found.get(2),
-        };
-        // The row may be an asynchronous commit not yet on disk: a crash would take it back,
-        // and the changes hidden for it would never be followed by a refetch. A mark made now
-        // makes it durable. (On a hot standby nothing is flushed; what it replayed was on the
-        // primary's disk already.)
-        current_mark(client).await?;
-        self.known.insert(entity.to_owned(), Known::Follows(row));
-        Ok(true)
+        let mut everyone = None;
+        for found in &found {
+            let txid: String = found.get(0);
+            let row = LogRow {
+                txid: txid.parse().map_err(|_| CursorError::Malformed("txid"))?,
+                id: found.get(1),
+                txkey: found.get(2),
+            };
+            let data: Option<Value> = found.get(3);
+            let scope = data.and_then(|d| d.as_object().and_then(|d| AccessScope::of(Some(d))));
+            match scope {
+                None => {
+                    everyone = Some(row);
+                    break;
+                }
+                // Found again when it committed after the mark it was found under.
+                Some(_) if named.iter().any(|(r, _)| r.id == row.id) => {}
+                Some(scope) => named.push((row, Arc::new(scope))),
+            }
+        }
+        if !found.is_empty() {
+            // The rows may be asynchronous commits not yet on disk: a crash would take them
+            // back, and the changes hidden for them would never be followed by a refetch. A
+            // mark made now makes them durable. (On a hot standby nothing is flushed; what it
+            // replayed was on the primary's disk already.)
+            current_mark(client).await?;
+        }
+        if let Some(row) = everyone {
+            self.known.insert(entity.to_owned(), Known::Everyone(row));
+            return Ok(Following::Everyone);
+        }
+        if named.len() > MAX_NAMED {
+            return Ok(Following::TooMany);
+        }
+        let scopes: Vec<Arc<AccessScope>> = named.iter().map(|(_, s)| s.clone()).collect();
+        self.known
+            .insert(entity.to_owned(), Known::AsOf(now, named));
+        Ok(if scopes.is_empty() {
+            Following::Nothing
+        } else {
+            Following::Named(scopes)
+        })
     }
 
     /// A new page: its first question makes a mark of its own.
@@ -203,11 +257,17 @@ impl RefetchChecks {
         self.known
             .iter()
             .map(|(entity, known)| {
-                let xids = match known {
-                    Known::Clear(mark) => mark.snapshot.xip.len(),
-                    Known::Follows(_) => 0,
+                let held = match known {
+                    Known::AsOf(mark, named) => {
+                        8 * mark.snapshot.xip.len()
+                            + named
+                                .iter()
+                                .map(|(_, s)| s.approximate_size())
+                                .sum::<usize>()
+                    }
+                    Known::Everyone(_) => 0,
                 };
-                entity.len() + 8 * xids + 96
+                entity.len() + held + 96
             })
             .sum()
     }

@@ -44,6 +44,36 @@ pub enum Op {
     Access,
 }
 
+/// The membership row an ACCESS row names (`sync._policy_input` writes it in the row's
+/// `data`): a table that policies of the entity read changed this row, so only the
+/// subscribers whose policy matches its values may now see other rows of the entity. An
+/// ACCESS row that names none (a policy, a grant, a TRUNCATE, a bulk write) concerns every
+/// subscriber.
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+pub struct AccessScope {
+    /// The table written (the oid a compiled membership names, `Member::table`).
+    pub input: u32,
+    /// The row's old and new values of the columns the policies read: text, or null.
+    pub rows: Vec<Map<String, Value>>,
+}
+
+impl AccessScope {
+    /// The scope an ACCESS row's `data` names, if it names one.
+    pub fn of(data: Option<&Map<String, Value>>) -> Option<AccessScope> {
+        serde_json::from_value(Value::Object(data?.clone())).ok()
+    }
+
+    /// About the bytes it holds, for a cache of them.
+    pub fn approximate_size(&self) -> usize {
+        self.rows
+            .iter()
+            .flat_map(|r| r.iter())
+            .map(|(k, v)| k.len() + v.as_str().map_or(0, str::len) + 16)
+            .sum::<usize>()
+            + 32
+    }
+}
+
 /// A change as a subscriber sees it (SPEC 2.3), and what a mutation of `/v1/write` asks for.
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq, Hash)]
 #[serde(rename_all = "UPPERCASE")]

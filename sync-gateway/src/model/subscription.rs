@@ -109,7 +109,9 @@ pub fn judge(change: &Change, target: &Target, sight: Sight, own: bool) -> Judge
         // What empties or changes the copy as a whole reaches the writer too: its copy is
         // not emptied by its own write.
         Op::Truncate => return Judgement::Resync(ResyncReason::Truncate),
-        Op::Access => return Judgement::Resync(ResyncReason::AccessChanged),
+        // Only the subscribers an ACCESS row concerns refetch (`access::judge`).
+        Op::Access if sight.after => return Judgement::Resync(ResyncReason::AccessChanged),
+        Op::Access => return Judgement::Skip,
         _ if own => return Judgement::Skip,
         Op::Insert => (false, true),
         Op::Delete => (true, false),

@@ -10,9 +10,19 @@
 use super::eval::{claim_value, eval, inexact, json_text, json_val, typed, EvalError, Row, Val};
 use super::members::Memberships;
 use crate::access::roles::GroupId;
+use crate::model::change::AccessScope;
 use pg_sync_core::policy::{CmpOp, Expr, Member, Term, Ty};
 use serde_json::{Map, Value};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+
+/// What a named membership row's fields read, for one membership.
+enum Named {
+    /// A null: `=` matches no group.
+    Nobody,
+    Fields(Vec<String>),
+    /// Not named, or not of the field's type: any group may match.
+    Unknown,
+}
 
 /// One literal of a disjunct: an atom, maybe negated (with SQL's NOT).
 #[derive(Clone, Debug)]
@@ -302,6 +312,65 @@ impl GroupIndex {
     /// one of the groups to match.
     pub fn memberships(&self) -> &[(Member, Vec<Vec<String>>)] {
         &self.memberships
+    }
+
+    /// The groups (sorted, of those judged here) whose sight a write of membership rows that
+    /// `scopes` name may have changed: those whose policy asks about a row of that table
+    /// with the fields one of the rows holds. A row lacking a field the policy compares (its
+    /// trigger was made for other policies) concerns every group.
+    pub fn named_by(&self, scopes: &[&AccessScope]) -> Vec<GroupId> {
+        let mut out = Vec::new();
+        for (member, _) in &self.memberships {
+            let mut named: HashSet<Vec<String>> = HashSet::new();
+            for row in scopes
+                .iter()
+                .filter(|s| s.input == member.table)
+                .flat_map(|s| &s.rows)
+            {
+                match Self::fields(member, row) {
+                    Named::Nobody => {}
+                    Named::Fields(fields) => {
+                        named.insert(fields);
+                    }
+                    Named::Unknown => {
+                        out.extend(self.claims.keys());
+                        named.clear();
+                        break;
+                    }
+                }
+            }
+            if named.is_empty() {
+                continue;
+            }
+            for (g, claims) in &self.claims {
+                if Memberships::wanted(member, std::iter::once(claims))
+                    .iter()
+                    .any(|w| named.contains(w))
+                {
+                    out.push(*g);
+                }
+            }
+        }
+        out.sort_unstable();
+        out.dedup();
+        out
+    }
+
+    /// What `member`'s fields read in a named row, as `Memberships::wanted` has them (each
+    /// as its type's text: a boolean column's `t` is `true`).
+    fn fields(member: &Member, row: &Map<String, Value>) -> Named {
+        let mut fields = Vec::with_capacity(member.fields.len());
+        for f in &member.fields {
+            match row.get(&f.field) {
+                None => return Named::Unknown,
+                Some(Value::Null) => return Named::Nobody, // `=` NULL matches no one
+                Some(text) => match json_val(text, f.ty) {
+                    Some(value) => fields.push(value.pg_text()),
+                    None => return Named::Unknown,
+                },
+            }
+        }
+        Named::Fields(fields)
     }
 
     /// The groups (sorted) that may see `row`, among those that did not fail.

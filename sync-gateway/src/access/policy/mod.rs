@@ -17,6 +17,8 @@ pub use members::Memberships;
 mod tests {
     use super::eval::{eval, parse_bool, parse_uuid};
     use super::*;
+    use crate::access::roles::GroupId;
+    use crate::model::change::AccessScope;
     use pg_sync_core::policy::Expr;
     use serde_json::{json, Map, Value};
 
@@ -213,6 +215,44 @@ mod tests {
             [1]
         );
     }
+    /// An ACCESS row names the membership rows written: the groups a named row matches (by
+    /// its fields as their type reads them: a boolean's `t` is `true`), none for a null or
+    /// another table, all when it lacks a field the policy compares.
+    #[test]
+    fn a_membership_write_concerns_the_groups_its_rows_match() {
+        let member = json!({"table": 1, "key": "project", "key_attnum": 1, "column": "project",
+            "type": "int", "fields": [
+                {"field": "usr", "attnum": 2, "type": "text", "term": {"claim": {"path": ["sub"]}}},
+                {"field": "active", "attnum": 3, "type": "bool", "term": {"value": "true"}}]});
+        let index = GroupIndex::new(
+            expr(json!({ "member": member })),
+            [
+                (1, json!({"sub": "u1"})),
+                (2, json!({"sub": "u2"})),
+                (3, json!({})),
+            ],
+        );
+        let named = |input: u32, rows: Value| -> Vec<GroupId> {
+            let scope: AccessScope =
+                serde_json::from_value(json!({"input": input, "rows": rows})).unwrap();
+            index.named_by(&[&scope])
+        };
+        let u1 = json!({"project": "7", "usr": "u1", "active": "t"});
+        assert_eq!(named(1, json!([u1])), [1]);
+        assert!(named(2, json!([u1])).is_empty(), "another table");
+        assert!(named(1, json!([{"project": "7", "usr": "u1", "active": "f"}])).is_empty());
+        assert!(named(1, json!([{"project": "7", "usr": null, "active": "t"}])).is_empty());
+        assert_eq!(
+            named(
+                1,
+                json!([{"project": "7", "usr": "u2", "active": "true"}, u1])
+            ),
+            [1, 2],
+            "an update: its old and new row"
+        );
+        assert_eq!(named(1, json!([{"project": "7", "usr": "u1"}])), [1, 2, 3]);
+    }
+
     /// Only rows a group can match are asked for: each group's terms once, as PostgreSQL
     /// prints their type (an int claim " 3" asks for "3"), none for a group whose claim is
     /// missing, does not parse, or holds NUL.

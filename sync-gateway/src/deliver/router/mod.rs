@@ -281,7 +281,7 @@ impl Router {
             if let Some(entry) = self.index.get(&change.entity_code) {
                 candidates.clear();
                 match (change.op, verdict) {
-                    (Op::Truncate | Op::Access, _) | (_, Verdict::Replaced) => {
+                    (Op::Truncate | Op::Access, _) | (_, Verdict::Refetch(_)) => {
                         entry.all(&mut candidates)
                     }
                     (_, Verdict::Seen(None)) => entry.every_group(change, &mut candidates),

@@ -824,7 +824,7 @@ async fn subscribers_of_a_replaced_entity_refetch_and_their_subscriptions_end() 
     subscribe(&mut h, 1, Target::Rows(None), None);
     drain(&mut q).await;
     let mut stale = batch(vec![insert("2")], vec![], 12, true);
-    stale.page.verdicts = vec![Verdict::Replaced];
+    stale.page.verdicts = vec![Verdict::Refetch(ResyncReason::EntityChanged)];
     h.router.handle(Command::Batch(Arc::new(stale)));
     let resync = drain(&mut q).await;
     assert_eq!(resync.len(), 1, "{resync:?}");
