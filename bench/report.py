@@ -180,6 +180,9 @@ if enter:
                  f"(leaving: p50 {enter['leave']['p50_ms']:.1f}, p99 {enter['leave']['p99_ms']:.1f} ms; "
                  f"the membership's own commit p50 {enter['commit']['p50_ms']:.1f}, "
                  f"p99 {enter['commit']['p99_ms']:.1f} ms"
+                 + (f"; {enter['bystanders']:,} other users following the tasks got "
+                    f"{enter['bystander_resyncs']:,} RESYNCs in {2 * enter['rounds']} membership writes"
+                    if "bystanders" in enter else "")
                  + (f"; commit → RESYNC received p50 {enter['resync']['p50_ms']:.1f}, "
                     f"p99 {enter['resync']['p99_ms']:.1f} ms" if "resync" in enter else "")
                  + ") | "

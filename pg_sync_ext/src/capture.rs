@@ -30,7 +30,7 @@ use crate::wakeup;
 use pgrx::pg_sys::panic::ErrorReport;
 use pgrx::prelude::*;
 use pgrx::{PgMemoryContexts, PgRelation, PgTupleDesc};
-use std::cell::{Cell, RefCell};
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::ffi::CStr;
 use std::rc::Rc;
@@ -377,12 +377,14 @@ fn append_access(tbl: pg_sys::Oid, data: Option<&serde_json::Value>) {
 const NAMED_PER_STATEMENT: u32 = 100;
 
 thread_local! {
-    /// The statement (local transaction, subtransaction, command, table) whose changed rows
-    /// the last ACCESS rows of `_policy_input` were written for, and how many of its rows
-    /// wrote them. The subtransaction: an inner write rolled back with its ACCESS row (an
-    /// EXCEPTION block) shares the outer statement's command id. The local transaction id: a
-    /// transaction writing only to a foreign partition has no xid.
-    static ACCESS_NOTED: Cell<Option<((u32, u32, u32, u32), u32)>> = const { Cell::new(None) };
+    /// Per `_policy_input` trigger (its oid: a partition's copy and a trigger of its own
+    /// count apart, and so do two tables a statement alternates between): the statement
+    /// (local transaction, subtransaction, command) whose changed rows it last wrote ACCESS
+    /// rows for, and how many of its rows did. The subtransaction: an inner write rolled back
+    /// with its ACCESS row (an EXCEPTION block) shares the outer statement's command id. The
+    /// local transaction id: a transaction writing only to a foreign partition has no xid.
+    static ACCESS_NOTED: RefCell<HashMap<u32, ((u32, u32, u32), u32)>> =
+        RefCell::new(HashMap::new());
 }
 
 /// What `sync._watch_policy_inputs` passes a `_policy_input` trigger first: the watched
@@ -398,11 +400,14 @@ struct Watched {
 /// puts on each table a tracked table's policies read (a membership table): rows of the
 /// tracked tables named by its arguments enter or leave users' sight when it changes,
 /// without changing themselves, so each gets an ACCESS row at this point of the log. A row
-/// trigger (INSERT, UPDATE, DELETE) writes one per changed row that changes a column the
-/// policies read, naming the row's old and new values of those columns (as text), so that
-/// only the subscribers a policy matches with them refetch (`Scope` in the gateway); past
-/// `NAMED_PER_STATEMENT` rows, one naming nothing. A statement that changes nothing writes
-/// nothing; TRUNCATE (the statement trigger) names nothing. It runs as the writer (the
+/// trigger (INSERT, UPDATE, DELETE) writes one per changed row, naming the row's old and
+/// new values of the columns the policies read (as text), so that only the subscribers a
+/// policy matches with them refetch (`AccessScope` in the gateway); past
+/// `NAMED_PER_STATEMENT` rows, one naming nothing. An UPDATE of other columns writes one
+/// too: the column list may be older than a policy that reads more (its update waits for a
+/// lock at most 1 s), and a row lacking a column a policy compares concerns everyone. A
+/// statement that changes nothing writes nothing; TRUNCATE (the statement trigger) names
+/// nothing, nor does a database whose encoding is not UTF-8. It runs as the writer (the
 /// columns' output functions too, as a SELECT of them by the writer would), runs no SQL,
 /// and writes only for tables that are tracked; attaching it elsewhere needs EXECUTE on it,
 /// which no one is granted.
@@ -418,40 +423,35 @@ fn _policy_input<'a>(
     };
     let mut data = None;
     if matches!(trigger.level(), PgTriggerLevel::Row) {
-        // SAFETY: the row trigger's own tuples and relation, live until it returns.
-        let named = unsafe { watched.as_ref().and_then(|w| named_rows(trigger, w)) };
-        if named
-            .as_ref()
-            .is_some_and(|rows| rows.len() == 2 && rows[0] == rows[1])
-        {
-            return Ok(None); // no column a policy reads changed
-        }
         // SAFETY: reads of this backend's transaction state; MyProc is set in a backend.
         let statement = unsafe {
             (
                 (*pg_sys::MyProc).lxid,
                 pg_sys::GetCurrentSubTransactionId(),
                 pg_sys::GetCurrentCommandId(false),
-                trigger.relid().map_or(0, u32::from),
             )
         };
-        let written = match ACCESS_NOTED.get() {
-            Some((noted, written)) if noted == statement => written,
+        let tgoid = u32::from(trigger.trigger().tgoid);
+        let written = ACCESS_NOTED.with_borrow(|noted| match noted.get(&tgoid) {
+            Some((noted, written)) if *noted == statement => *written,
             _ => 0,
-        };
+        });
         if written > NAMED_PER_STATEMENT {
             return Ok(None);
         }
-        ACCESS_NOTED.set(Some((statement, written + 1)));
         if written < NAMED_PER_STATEMENT {
+            // SAFETY: the row trigger's own tuples and relation, live until it returns.
+            let named = unsafe { watched.as_ref().and_then(|w| named_rows(trigger, w)) };
             data = named
                 .zip(watched.as_ref())
                 .map(|(rows, w)| serde_json::json!({"input": w.input, "rows": rows}));
         }
         // A row naming nothing refetches everyone: the statement's later rows need none.
-        if data.is_none() {
-            ACCESS_NOTED.set(Some((statement, NAMED_PER_STATEMENT + 1)));
-        }
+        let written = match data {
+            Some(_) => written + 1,
+            None => NAMED_PER_STATEMENT + 1,
+        };
+        ACCESS_NOTED.with_borrow_mut(|noted| noted.insert(tgoid, (statement, written)));
     }
     for relid in relids.iter().filter_map(|a| a.parse::<u32>().ok()) {
         append_access(pg_sys::Oid::from(relid), data.as_ref());
@@ -461,12 +461,16 @@ fn _policy_input<'a>(
 
 /// The changed row's old and new values (as the writer reads them, text or null) of the
 /// columns the policies read, one object per image; None when a column is not found (the
-/// table changed since its trigger was made: everyone refetches).
+/// table changed since its trigger was made: everyone refetches), or when the text is not
+/// UTF-8 (another server encoding: the gateway compares it with its claims' UTF-8).
 unsafe fn named_rows(
     trigger: &PgTrigger<'_>,
     watched: &Watched,
 ) -> Option<Vec<serde_json::Map<String, serde_json::Value>>> {
     let columns = watched.columns.as_ref()?;
+    if pg_sys::GetDatabaseEncoding() != pg_sys::pg_enc::PG_UTF8 as i32 {
+        return None;
+    }
     let data = trigger.trigger_data();
     let event = data.tg_event;
     let desc = (*data.tg_relation).rd_att;
@@ -487,12 +491,13 @@ unsafe fn named_rows(
                         return None;
                     }
                     let value = pg_sys::SPI_getvalue(tuple, desc, attnum);
-                    let value = (!value.is_null()).then(|| {
-                        serde_json::Value::String(
-                            CStr::from_ptr(value).to_string_lossy().into_owned(),
-                        )
-                    });
-                    Some((column.clone(), value.unwrap_or(serde_json::Value::Null)))
+                    let value = match value.is_null() {
+                        true => serde_json::Value::Null,
+                        false => serde_json::Value::String(
+                            CStr::from_ptr(value).to_str().ok()?.to_owned(),
+                        ),
+                    };
+                    Some((column.clone(), value))
                 })
                 .collect()
         })

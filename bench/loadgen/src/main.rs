@@ -25,7 +25,9 @@
 //! - `enter`: a project of `--rows` tasks behind a compiled membership policy; a user joins it
 //!   and leaves it again, `--rounds` times. Reports the time from the membership's commit to
 //!   the user's copy holding the project's rows (the RESYNC, then the refetch in full), and
-//!   beside it the same refetch alone, with no membership change.
+//!   beside it the same refetch alone, with no membership change. The other `--connections`
+//!   are other users of another project, subscribed to the same tasks: the RESYNCs they
+//!   receive are counted (a membership write concerns only the user it names).
 //! - `bare-server` and `bare-fanout`: the reference for fan-out: a WebSocket server that
 //!   only writes the same DELTA frame (`--changes-per-frame` changes) to every connection
 //!   as fast as it can, and the clients that count what arrives, as `fanout` does.

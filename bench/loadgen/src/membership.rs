@@ -3,7 +3,9 @@
 //! none). The gateway tells the user's socket to refetch (RESYNC `access_changed`) and the
 //! client takes a snapshot; the reference is that snapshot alone, of the same rows. The
 //! membership's own commit (its round trip, a WAL flush) is part of the time, and is
-//! reported apart too, as is the time until the RESYNC arrived.
+//! reported apart too, as is the time until the RESYNC arrived. Meanwhile the other
+//! connections, members of another project, follow the same tasks: the RESYNCs they get
+//! are counted, since a write of the user's membership should concern the user alone.
 
 use super::{connect, database, http_get, percentiles, token, Common, Socket};
 use anyhow::{bail, Context, Result};
@@ -30,10 +32,19 @@ pub(super) async fn enter(c: Common) -> Result<Value> {
          CREATE POLICY member ON bench_task USING (EXISTS (
              SELECT 1 FROM bench_project_member m WHERE m.project_id = bench_task.project_id
                 AND m.user_id = current_setting('request.jwt.claims', true)::jsonb ->> 'sub'));
+         INSERT INTO bench_project_member SELECT 2, 'user' || i FROM generate_series(1, {}) i;
          SELECT sync.track('bench_task');",
-        c.rows * 2
+        c.rows * 2,
+        c.connections.saturating_sub(1)
     ))
     .await?;
+    let mut bystanders = Vec::new();
+    for i in 1..c.connections {
+        let url = format!("ws://{}/ws/sync?token={}", c.gateway, token(&c, i));
+        let mut socket = connect(&url).await?;
+        subscribe(&mut socket).await?;
+        bystanders.push(tokio::spawn(resyncs_before_a_change(socket)));
+    }
     let auth = token(&c, 0);
     let url = format!("ws://{}/ws/sync?token={auth}", c.gateway);
     let mut socket = connect(&url).await?;
@@ -56,13 +67,24 @@ pub(super) async fn enter(c: Common) -> Result<Value> {
 
         subscribe(&mut socket).await?;
         let start = Instant::now();
-        db.batch_execute("DELETE FROM bench_project_member").await?;
+        db.batch_execute("DELETE FROM bench_project_member WHERE user_id = 'user0'")
+            .await?;
         refetch_asked(&mut socket).await?;
         expect_rows(&c, &auth, 0).await?;
         leave.push(start.elapsed().as_micros() as u64);
     }
+    // A task of the bystanders' project changes: each socket's messages follow the log's
+    // order, so every RESYNC a bystander was sent came before it.
+    db.batch_execute("UPDATE bench_task SET pad = 'changed' WHERE project_id = 2 AND id = 1")
+        .await?;
+    let mut bystander_resyncs = 0;
+    for counted in bystanders {
+        bystander_resyncs += counted.await??;
+    }
     Ok(json!({
         "mode": "enter", "rows": c.rows, "rounds": c.rounds,
+        "bystanders": c.connections.saturating_sub(1),
+        "bystander_resyncs": bystander_resyncs,
         "enter": percentiles(enter), "leave": percentiles(leave), "snapshot": percentiles(alone),
         "commit": percentiles(commit), "resync": percentiles(told),
     }))
@@ -74,6 +96,22 @@ async fn subscribe(socket: &mut Socket) -> Result<()> {
         json!({"type": "SUBSCRIBE", "payload": {"entityCode": "bench_task", "mode": "delta"}});
     socket.send(Message::text(subscribe.to_string())).await?;
     until(socket, "SUBSCRIBED").await
+}
+
+/// The RESYNCs a socket receives before its first change.
+async fn resyncs_before_a_change(mut socket: Socket) -> Result<usize> {
+    let mut resyncs = 0;
+    loop {
+        let frame = socket.next().await.context("connection closed")??;
+        let Message::Text(text) = frame else { continue };
+        let value: Value = serde_json::from_str(&text)?;
+        match value["type"].as_str() {
+            Some("RESYNC") => resyncs += 1,
+            Some("DELTA") => return Ok(resyncs),
+            Some("ERROR") => bail!("unexpected: {text}"),
+            _ => {}
+        }
+    }
 }
 
 /// Waits for the RESYNC that a membership change sends.

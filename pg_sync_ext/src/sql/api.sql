@@ -448,7 +448,7 @@ BEGIN
         -- Per watched table: the tracked tables whose policies read it, and the first
         -- argument, naming the table and the columns the policies read (PostgreSQL records a
         -- policy's dependency on each column its quals read, and on the table alone when
-        -- they read none, or the whole row: then no column).
+        -- they read no column of it: then no column is named).
         WITH reads AS (
             SELECT d.refobjid AS input, d.refobjsubid AS attnum, p.polrelid::oid AS relid
               FROM sync.tracked t

@@ -445,6 +445,12 @@ impl Judge {
                 .flatten()
                 .collect()
         };
+        // Who a membership write concerns, decided as it will be when its own ACCESS row is
+        // judged, whatever this page's keys make of the groups below: each compiled
+        // policy's index says whom the rows it names match, and the groups judged in the
+        // database by their plan (or claims) are concerned by any.
+        let compiled: Vec<Arc<GroupIndex>> = indexed.iter().map(|(_, i, _)| i.clone()).collect();
+        let always_concerned: Vec<GroupId> = in_database.iter().map(|(g, _)| *g).collect();
         // Membership rows as the database holds them now, for the roles whose compiled
         // policy asks about them.
         let mut memberships: Vec<Memberships> = Vec::with_capacity(indexed.len());
@@ -471,15 +477,13 @@ impl Judge {
                 }
             }
         }
-        // The groups whose sight a membership write named by `scopes` may change: those the
-        // database judges (whatever their policy reads), and those whose compiled policy
-        // matches a row it names.
+        // The groups whose sight a membership write named by `scopes` may change.
         let concerned = |scopes: &[&AccessScope]| -> Vec<GroupId> {
             if scopes.is_empty() {
                 return Vec::new();
             }
-            let mut groups: Vec<GroupId> = in_database.iter().map(|(g, _)| *g).collect();
-            for (_, index, _) in &indexed {
+            let mut groups = always_concerned.clone();
+            for index in &compiled {
                 groups.extend(index.named_by(scopes));
             }
             groups.sort_unstable();

@@ -63,6 +63,9 @@ enum Known {
     AsOf(Mark, Vec<(LogRow, Arc<AccessScope>)>),
     /// This row, after which everyone refetches, follows the positions asked about.
     Everyone(LogRow),
+    /// More rows naming membership rows than are kept follow the positions asked about:
+    /// the newest of them, while more than that many still follow.
+    Many(Vec<LogRow>),
 }
 
 /// An ACCESS or TRUNCATE row of the log: its transaction, its id, and its transaction's
@@ -160,6 +163,14 @@ impl RefetchChecks {
                 self.known.insert(entity.to_owned(), Known::Everyone(row));
                 return Ok(Following::Everyone);
             }
+            Some(Known::Many(rows)) => {
+                let still: Vec<LogRow> = rows.into_iter().filter(|r| r.after(&position)).collect();
+                if still.len() > MAX_NAMED {
+                    self.known.insert(entity.to_owned(), Known::Many(still));
+                    return Ok(Following::TooMany);
+                }
+                (position.base().clone(), Vec::new())
+            }
             Some(Known::AsOf(mark, named)) => {
                 let still: Vec<_> = named
                     .into_iter()
@@ -231,6 +242,8 @@ impl RefetchChecks {
             return Ok(Following::Everyone);
         }
         if named.len() > MAX_NAMED {
+            let rows = named.into_iter().map(|(row, _)| row).collect();
+            self.known.insert(entity.to_owned(), Known::Many(rows));
             return Ok(Following::TooMany);
         }
         let scopes: Vec<Arc<AccessScope>> = named.iter().map(|(_, s)| s.clone()).collect();
@@ -266,6 +279,7 @@ impl RefetchChecks {
                                 .sum::<usize>()
                     }
                     Known::Everyone(_) => 0,
+                    Known::Many(rows) => 24 * rows.len(),
                 };
                 entity.len() + held + 96
             })

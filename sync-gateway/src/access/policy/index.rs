@@ -13,7 +13,7 @@ use crate::access::roles::GroupId;
 use crate::model::change::AccessScope;
 use pg_sync_core::policy::{CmpOp, Expr, Member, Term, Ty};
 use serde_json::{Map, Value};
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 
 /// What a named membership row's fields read, for one membership.
 enum Named {
@@ -221,6 +221,8 @@ pub struct GroupIndex {
     /// Each membership the policy asks about, with the field values its groups ask for
     /// (`Memberships::wanted`): made once with the index, not for every page.
     memberships: Vec<(Member, Vec<Vec<String>>)>,
+    /// Per membership (as `memberships`), the groups that ask for each field values.
+    askers: Vec<HashMap<Vec<String>, Vec<GroupId>>>,
 }
 
 impl GroupIndex {
@@ -284,6 +286,7 @@ impl GroupIndex {
             failed: Vec::new(),
             inexact: set_apart,
             memberships: Vec::new(),
+            askers: Vec::new(),
         };
         if index.conjuncts.is_none() {
             // Evaluated one by one: a group fails when its claims make the policy raise on
@@ -305,6 +308,19 @@ impl GroupIndex {
             .into_iter()
             .map(|m| (m.clone(), Memberships::wanted(m, index.claims.values())))
             .collect();
+        index.askers = index
+            .memberships
+            .iter()
+            .map(|(m, _)| {
+                let mut askers: HashMap<Vec<String>, Vec<GroupId>> = HashMap::new();
+                for (g, claims) in &index.claims {
+                    for fields in Memberships::wanted(m, std::iter::once(claims)) {
+                        askers.entry(fields).or_default().push(*g);
+                    }
+                }
+                askers
+            })
+            .collect();
         index
     }
 
@@ -320,8 +336,7 @@ impl GroupIndex {
     /// trigger was made for other policies) concerns every group.
     pub fn named_by(&self, scopes: &[&AccessScope]) -> Vec<GroupId> {
         let mut out = Vec::new();
-        for (member, _) in &self.memberships {
-            let mut named: HashSet<Vec<String>> = HashSet::new();
+        for ((member, _), askers) in self.memberships.iter().zip(&self.askers) {
             for row in scopes
                 .iter()
                 .filter(|s| s.input == member.table)
@@ -329,25 +344,11 @@ impl GroupIndex {
             {
                 match Self::fields(member, row) {
                     Named::Nobody => {}
-                    Named::Fields(fields) => {
-                        named.insert(fields);
-                    }
+                    Named::Fields(fields) => out.extend(askers.get(&fields).into_iter().flatten()),
                     Named::Unknown => {
                         out.extend(self.claims.keys());
-                        named.clear();
                         break;
                     }
-                }
-            }
-            if named.is_empty() {
-                continue;
-            }
-            for (g, claims) in &self.claims {
-                if Memberships::wanted(member, std::iter::once(claims))
-                    .iter()
-                    .any(|w| named.contains(w))
-                {
-                    out.push(*g);
                 }
             }
         }
