@@ -764,6 +764,62 @@ async fn a_change_after_a_membership_is_not_hidden_by_it() {
     );
 }
 
+/// A policy starts reading another column of `member` while a reader holds `member`: the
+/// trigger, which names the columns the policies read, cannot be replaced (its update waits
+/// 1 s for the lock, then warns) and keeps naming the old ones. An UPDATE of the new column
+/// alone must still reach the member it makes an editor: its ACCESS row names a row that
+/// lacks the column the compiled policy compares, which concerns every subscriber.
+#[tokio::test]
+async fn a_column_the_trigger_does_not_name_yet_still_refetches() {
+    let (cluster, gateway) = setup().await;
+    cluster
+        .execute(
+            "ALTER TABLE member ADD COLUMN role text NOT NULL DEFAULT 'viewer';
+             INSERT INTO member VALUES (1, 'b');
+             INSERT INTO task VALUES (1, 1, 'one');",
+        )
+        .await;
+    let reader = cluster.connect().await;
+    reader
+        .batch_execute("BEGIN; SELECT count(*) FROM member;")
+        .await
+        .unwrap();
+    cluster
+        .execute(
+            "DROP POLICY by_membership ON task;
+             CREATE POLICY by_membership ON task USING (EXISTS (
+                 SELECT 1 FROM member m
+                  WHERE m.project_id = task.project_id AND m.role = 'editor'
+                    AND m.user_id = current_setting('request.jwt.claims', true)::jsonb ->> 'sub'));",
+        )
+        .await;
+    reader.batch_execute("COMMIT").await.unwrap();
+    let admin = cluster.connect().await;
+    let args = column::<String>(
+        &admin,
+        "SELECT DISTINCT encode(tgargs, 'escape') FROM pg_trigger
+          WHERE tgfoid = 'sync._policy_input()'::regprocedure",
+    )
+    .await;
+    assert!(
+        args.len() == 1 && !args[0].contains("role"),
+        "the trigger was replaced after all: {args:?}"
+    );
+    assert_compiled(&cluster).await;
+    assert!(snapshot_ids(&gateway, "b").await.is_empty());
+
+    let mut b = watching(&cluster, &gateway, "b").await;
+    let seen = after(
+        &cluster,
+        &mut b,
+        "UPDATE member SET role = 'editor' WHERE user_id = 'b'",
+        1,
+    )
+    .await;
+    assert_eq!(resyncs(&seen), ["\"task\" \"access_changed\""], "{seen:?}");
+    assert_eq!(snapshot_ids(&gateway, "b").await, [1]);
+}
+
 /// The table's owner renames the membership column the policy reads and gives its name to a
 /// new column that says otherwise. PostgreSQL's policy still reads the old column (by
 /// number), so c, named only in the new one, sees nothing; the compiled policy, planned
