@@ -367,15 +367,17 @@ SELECT pg_catalog.md5(pg_catalog.concat_ws(',',
                                                               p.polroles, p.polqual::text), ';' ORDER BY p.oid)
               FROM pg_catalog.pg_policy p WHERE p.polrelid = t.relid),
            -- The tables its policies read: who may read them, their columns (a policy names
-           -- them by number; a compiled one by name too), and whether pg_sync's triggers on
-           -- them are enabled (sync._watch_policy_inputs).
+           -- them by number; a compiled one by name too), and pg_sync's triggers on them:
+           -- enabled, and what they name (sync._watch_policy_inputs; a trigger replaced late,
+           -- after a lock wait, may let a policy compile that did not).
            (SELECT pg_catalog.string_agg(pg_catalog.concat_ws(':', i.oid, i.relacl, i.relrowsecurity,
                        i.relforcerowsecurity,
                        (SELECT pg_catalog.string_agg(a.attnum || '=' || a.attname || '/' || coalesce(a.attacl::text, ''),
                                                      ';' ORDER BY a.attnum)
                           FROM pg_catalog.pg_attribute a
                          WHERE a.attrelid = i.oid AND a.attnum > 0 AND NOT a.attisdropped),
-                       (SELECT pg_catalog.string_agg(g.tgenabled::text, ';' ORDER BY g.oid)
+                       (SELECT pg_catalog.string_agg(g.tgenabled::text || pg_catalog.encode(g.tgargs, 'hex'),
+                                                     ';' ORDER BY g.oid)
                           FROM pg_catalog.pg_trigger g
                           JOIN pg_catalog.pg_proc f ON f.oid = g.tgfoid
                          WHERE g.tgrelid = i.oid AND f.proname = '_policy_input'
@@ -507,9 +509,13 @@ BEGIN
         -- Per watched table: the tracked tables whose policies read it, and the first
         -- argument, naming the table and the columns the policies read (PostgreSQL records a
         -- policy's dependency on each column its quals read, and on the table alone when
-        -- they read no column of it: then no column is named).
+        -- they read no column of it: then no column is named; nor for a table inheriting from
+        -- another, whose rows a policy reading the parent reads too, where the gateway would
+        -- look for the parent's).
         WITH reads AS (
-            SELECT d.refobjid AS input, d.refobjsubid AS attnum, p.polrelid::oid AS relid
+            SELECT d.refobjid AS input, d.refobjsubid AS attnum, p.polrelid::oid AS relid,
+                   NOT c.relispartition AND EXISTS (SELECT FROM pg_catalog.pg_inherits h
+                                                     WHERE h.inhrelid = c.oid) AS inherits
               FROM sync.tracked t
               JOIN pg_catalog.pg_class tc ON tc.oid = t.relid
               JOIN pg_catalog.pg_policy p ON p.polrelid = t.relid
@@ -526,7 +532,8 @@ BEGIN
                    pg_catalog.array_prepend(
                        pg_catalog.json_build_object(
                            'input', r.input::pg_catalog.int8,
-                           'columns', CASE WHEN pg_catalog.bool_or(r.attnum <= 0) THEN NULL
+                           'columns', CASE WHEN pg_catalog.bool_or(r.attnum <= 0)
+                                                  OR pg_catalog.bool_or(r.inherits) THEN NULL
                                            ELSE pg_catalog.array_agg(DISTINCT a.attname::text) END)::text,
                        pg_catalog.array_agg(DISTINCT r.relid::text)) AS args
               FROM reads r

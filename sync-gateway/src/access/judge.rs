@@ -509,20 +509,24 @@ impl Judge {
                 named: named_groups,
             };
         }
-        let answers = if in_database.is_empty() {
-            Ok(Vec::new())
+        let answers = if in_database.is_empty() || images.is_empty() {
+            Ok(vec![Visibility::Visible(Vec::new()); in_database.len()])
         } else {
             visible_in_database(client, entity, &in_database, &images).await
         };
-        // Groups that refetch after a change, where it is shown to none of them: at an
-        // ACCESS row later in the page, or later in the log (asked of changes judged later).
-        let mut later: Vec<Vec<GroupId>> = vec![Vec::new(); changes.len()];
+        // Groups that refetch after changes, which are shown to none of them: per group, how
+        // many of the changes come before its last refetch (an ACCESS row later in the page,
+        // or one later in the log, asked of changes judged later: all of them).
+        let mut hidden_before: HashMap<GroupId, usize> = HashMap::new();
         for (n, groups) in named.iter().zip(&named_groups) {
-            for hidden in &mut later[..n.after_changes] {
-                hidden.extend(groups);
+            for g in groups {
+                let before = hidden_before.entry(*g).or_default();
+                *before = (*before).max(n.after_changes);
             }
         }
-        if judged_later && answers.is_ok() {
+        // Asked also when the database's judging failed: the groups judged here are shown
+        // the changes still.
+        if judged_later {
             let last = &changes.last().expect("judged later: changes").cursor;
             let superseded = match self
                 .refetch_checks
@@ -534,9 +538,8 @@ impl Judge {
                 Ok(Following::TooMany) => Superseded::RefetchNow,
                 Ok(Following::Named(scopes)) => {
                     let scopes: Vec<&AccessScope> = scopes.iter().map(|s| &**s).collect();
-                    let groups = concerned(&scopes);
-                    for hidden in &mut later {
-                        hidden.extend(&groups);
+                    for g in concerned(&scopes) {
+                        hidden_before.insert(g, changes.len());
                     }
                     Superseded::No
                 }
@@ -606,10 +609,13 @@ impl Judge {
         };
         let sights = changes
             .iter()
-            .zip(later)
-            .map(|(c, hidden)| {
+            .enumerate()
+            .map(|(k, c)| {
                 let shown = |groups: Vec<GroupId>| -> Vec<GroupId> {
-                    groups.into_iter().filter(|g| !hidden.contains(g)).collect()
+                    groups
+                        .into_iter()
+                        .filter(|g| hidden_before.get(g).is_none_or(|&before| k >= before))
+                        .collect()
                 };
                 let before = shown(seen_by(c.old_data.as_ref()));
                 let after = shown(seen_by(c.data.as_ref()));

@@ -116,9 +116,14 @@ impl Router {
         });
         let state = SubState {
             subscription,
-            replay: replay
-                .as_ref()
-                .map(|r| Replay::new(r.until.clone(), reference.clone(), r.cancel.clone())),
+            replay: replay.as_ref().map(|r| {
+                Replay::new(
+                    r.until.clone(),
+                    reference.clone(),
+                    r.cancel.clone(),
+                    r.group,
+                )
+            }),
         };
         self.connections
             .get_mut(&conn_id)
