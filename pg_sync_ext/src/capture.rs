@@ -376,6 +376,9 @@ fn append_access(tbl: pg_sys::Oid, data: Option<&serde_json::Value>) {
 /// membership table puts a bounded number of rows into the log.
 const NAMED_PER_STATEMENT: u32 = 100;
 
+/// A statement of this backend: local transaction, subtransaction, command.
+type Statement = (u32, u32, u32);
+
 thread_local! {
     /// Per `_policy_input` trigger (its oid: a partition's copy and a trigger of its own
     /// count apart, and so do two tables a statement alternates between): the statement
@@ -383,7 +386,7 @@ thread_local! {
     /// rows for, and how many of its rows did. The subtransaction: an inner write rolled back
     /// with its ACCESS row (an EXCEPTION block) shares the outer statement's command id. The
     /// local transaction id: a transaction writing only to a foreign partition has no xid.
-    static ACCESS_NOTED: RefCell<HashMap<u32, ((u32, u32, u32), u32)>> =
+    static ACCESS_NOTED: RefCell<HashMap<u32, (Statement, u32)>> =
         RefCell::new(HashMap::new());
 }
 
