@@ -184,6 +184,16 @@ async fn main() -> Result<()> {
 type Socket =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
+/// The next message the server sends, as JSON (control frames passed over).
+async fn next_message(socket: &mut Socket) -> Result<Value> {
+    loop {
+        let frame = socket.next().await.context("connection closed")??;
+        if let Message::Text(text) = frame {
+            return Ok(serde_json::from_str(&text)?);
+        }
+    }
+}
+
 /// The token of connection `i`: its own user and, with RLS, its team.
 fn token(c: &Common, i: usize) -> String {
     use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
@@ -729,14 +739,12 @@ async fn catchup(c: Common) -> Result<Value> {
     socket.send(Message::text(subscribe.to_string())).await?;
     let mut received = 0usize;
     loop {
-        let frame = socket.next().await.context("connection closed")??;
-        let Message::Text(text) = frame else { continue };
-        let value: Value = serde_json::from_str(&text)?;
+        let value = next_message(&mut socket).await?;
         match value["type"].as_str() {
             Some("DELTA") => received += value["payload"]["changes"].as_array().map_or(0, Vec::len),
             Some("SYNCED") => break,
             Some("SUBSCRIBED") => {}
-            _ => bail!("unexpected: {text}"),
+            _ => bail!("unexpected: {value}"),
         }
     }
     let gateway_seconds = start.elapsed().as_secs_f64();

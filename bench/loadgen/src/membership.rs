@@ -7,9 +7,9 @@
 //! connections, members of another project, follow the same tasks: the RESYNCs they get
 //! are counted, since a write of the user's membership should concern the user alone.
 
-use super::{connect, database, http_get, percentiles, token, Common, Socket};
-use anyhow::{bail, Context, Result};
-use futures_util::{SinkExt, StreamExt};
+use super::{connect, database, http_get, next_message, percentiles, token, Common, Socket};
+use anyhow::{bail, Result};
+use futures_util::SinkExt;
 use serde_json::{json, Value};
 use std::time::Instant;
 use tokio_tungstenite::tungstenite::Message;
@@ -102,13 +102,11 @@ async fn subscribe(socket: &mut Socket) -> Result<()> {
 async fn resyncs_before_a_change(mut socket: Socket) -> Result<usize> {
     let mut resyncs = 0;
     loop {
-        let frame = socket.next().await.context("connection closed")??;
-        let Message::Text(text) = frame else { continue };
-        let value: Value = serde_json::from_str(&text)?;
+        let value = next_message(&mut socket).await?;
         match value["type"].as_str() {
             Some("RESYNC") => resyncs += 1,
             Some("DELTA") => return Ok(resyncs),
-            Some("ERROR") => bail!("unexpected: {text}"),
+            Some("ERROR") => bail!("unexpected: {value}"),
             _ => {}
         }
     }
@@ -121,12 +119,10 @@ async fn refetch_asked(socket: &mut Socket) -> Result<()> {
 
 async fn until(socket: &mut Socket, kind: &str) -> Result<()> {
     loop {
-        let frame = socket.next().await.context("connection closed")??;
-        let Message::Text(text) = frame else { continue };
-        let value: Value = serde_json::from_str(&text)?;
+        let value = next_message(socket).await?;
         match value["type"].as_str() {
             Some(t) if t == kind => return Ok(()),
-            Some("ERROR") => bail!("unexpected: {text}"),
+            Some("ERROR") => bail!("unexpected: {value}"),
             _ => {}
         }
     }

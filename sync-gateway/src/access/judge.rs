@@ -259,31 +259,31 @@ impl Judge {
             // since would be shown versions of its rows that PostgreSQL never let them
             // SELECT). Before an ACCESS row naming membership rows, they are shown to nobody
             // it concerns (`entity`).
+            let refetches: Vec<Refetches> =
+                at.iter().map(|&i| Refetches::at(&changes[i])).collect();
             let everyone = at
                 .iter()
+                .zip(&refetches)
                 .rev()
-                .find(|&&i| refetches_everyone(&changes[i]))
-                .copied();
+                .find(|(_, r)| matches!(r, Refetches::Everyone))
+                .map(|(&i, _)| i);
             let mut current = Vec::with_capacity(at.len());
             let mut named = Vec::new();
             let mut refetched = false;
-            for i in at {
+            for (i, refetch) in at.into_iter().zip(refetches) {
                 match entity {
                     Some(e) if changes[i].tracking != Some(e.tracking) => {
                         verdicts[i] = Verdict::Refetch(ResyncReason::EntityChanged)
                     }
                     Some(_) if everyone.is_some_and(|r| i < r) => verdicts[i] = Verdict::hidden(),
-                    Some(_) => match changes[i].op {
-                        Op::Truncate => refetched = true,
-                        Op::Access => match AccessScope::of(changes[i].data.as_ref()) {
-                            Some(scope) => named.push(NamedAccess {
-                                at: i,
-                                after_changes: current.len(),
-                                scope,
-                            }),
-                            None => refetched = true,
-                        },
-                        _ => current.push(i),
+                    Some(_) => match refetch {
+                        Refetches::Nobody => current.push(i),
+                        Refetches::Everyone => refetched = true,
+                        Refetches::Named(scope) => named.push(NamedAccess {
+                            at: i,
+                            after_changes: current.len(),
+                            scope,
+                        }),
                     },
                     None => verdicts[i] = Verdict::Refetch(ResyncReason::EntityChanged),
                 }
@@ -298,26 +298,20 @@ impl Judge {
             let judgement = self
                 .entity(db, plans, basis, entity, &listeners, &of_entity, &named)
                 .await;
-            match judgement.superseded {
-                Superseded::ForAll => {
-                    for &i in &current {
-                        verdicts[i] = Verdict::hidden();
+            match (judgement.superseded, judgement.sights) {
+                (Superseded::No, None) => {}
+                (Superseded::No, Some(sights)) => {
+                    judged_rls = true;
+                    for (&i, sight) in current.iter().zip(sights) {
+                        verdicts[i] = Verdict::Seen(Some(Arc::new(sight)));
                     }
                 }
-                Superseded::RefetchNow => {
+                (superseded, _) => {
                     for &i in &current {
                         verdicts[i] = Verdict::hidden();
                     }
-                    if let Some(&last) = current.last() {
+                    if let (Superseded::RefetchNow, Some(&last)) = (superseded, current.last()) {
                         verdicts[last] = Verdict::Refetch(ResyncReason::AccessChanged);
-                    }
-                }
-                Superseded::No => {
-                    if let Some(sights) = judgement.sights {
-                        judged_rls = true;
-                        for (&i, sight) in current.iter().zip(sights) {
-                            verdicts[i] = Verdict::Seen(Some(Arc::new(sight)));
-                        }
                     }
                 }
             }
@@ -631,13 +625,26 @@ impl Judge {
     }
 }
 
-/// Whether every subscriber of the change's entity refetches at it: a TRUNCATE, or an
-/// ACCESS row that names no membership rows (a policy, a grant, a bulk write).
-fn refetches_everyone(change: &Change) -> bool {
-    match change.op {
-        Op::Truncate => true,
-        Op::Access => AccessScope::of(change.data.as_ref()).is_none(),
-        _ => false,
+/// Who refetches at a change of the log.
+enum Refetches {
+    /// A row change: nobody.
+    Nobody,
+    /// Every subscriber of its entity: a TRUNCATE, or an ACCESS row that names no
+    /// membership rows (a policy, a grant, a bulk write).
+    Everyone,
+    /// The subscribers the membership rows an ACCESS row names concern.
+    Named(AccessScope),
+}
+
+impl Refetches {
+    fn at(change: &Change) -> Refetches {
+        match change.op {
+            Op::Truncate => Refetches::Everyone,
+            Op::Access => {
+                AccessScope::of(change.data.as_ref()).map_or(Refetches::Everyone, Refetches::Named)
+            }
+            _ => Refetches::Nobody,
+        }
     }
 }
 

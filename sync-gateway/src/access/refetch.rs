@@ -219,7 +219,7 @@ impl RefetchChecks {
                 txkey: found.get(2),
             };
             let data: Option<Value> = found.get(3);
-            let scope = data.and_then(|d| d.as_object().and_then(|d| AccessScope::of(Some(d))));
+            let scope = data.as_ref().and_then(|d| AccessScope::of(d.as_object()));
             match scope {
                 None => {
                     everyone = Some(row);

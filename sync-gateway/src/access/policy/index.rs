@@ -304,23 +304,21 @@ impl GroupIndex {
             index.claims.remove(g);
         }
         index.failed = failed;
-        index.memberships = Memberships::asked(&index.expr)
+        // What each membership's rows must read for any group is what some group asks for.
+        (index.memberships, index.askers) = Memberships::asked(&index.expr)
             .into_iter()
-            .map(|m| (m.clone(), Memberships::wanted(m, index.claims.values())))
-            .collect();
-        index.askers = index
-            .memberships
-            .iter()
-            .map(|(m, _)| {
+            .map(|m| {
                 let mut askers: HashMap<Vec<String>, Vec<GroupId>> = HashMap::new();
                 for (g, claims) in &index.claims {
                     for fields in Memberships::wanted(m, std::iter::once(claims)) {
                         askers.entry(fields).or_default().push(*g);
                     }
                 }
-                askers
+                let mut wanted: Vec<Vec<String>> = askers.keys().cloned().collect();
+                wanted.sort_unstable();
+                ((m.clone(), wanted), askers)
             })
-            .collect();
+            .unzip();
         index
     }
 
