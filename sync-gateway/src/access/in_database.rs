@@ -20,21 +20,15 @@ pub async fn read_memberships(
     images: &[&Map<String, Value>],
 ) -> Result<Option<(Memberships, bool)>, tokio_postgres::Error> {
     let mut read = Memberships::default();
-    for (member, wanted) in index.memberships() {
-        let keys = Memberships::keys(member, images);
-        let answer: Value = if keys.is_empty() || wanted.is_empty() {
+    for asked in index.memberships() {
+        let keys = Memberships::keys(&asked.member, images);
+        let answer: Value = if keys.is_empty() || !asked.wanted_by_any() {
             Value::Object(Map::new())
         } else {
-            let member_json = serde_json::to_value(member).expect("a member serializes");
             client
                 .query_one(
                     "SELECT sync.members($1, $2, $3, $4)",
-                    &[
-                        &role,
-                        &member_json,
-                        &keys,
-                        &serde_json::to_value(wanted).expect("texts serialize"),
-                    ],
+                    &[&role, &asked.member_json, &keys, &asked.wanted],
                 )
                 .await?
                 .get(0)
@@ -42,7 +36,7 @@ pub async fn read_memberships(
         if answer.is_null() {
             return Ok(None);
         }
-        read.insert(member.clone(), answer);
+        read.insert(asked.member.clone(), answer);
     }
     Ok(Some((read, !index.memberships().is_empty())))
 }

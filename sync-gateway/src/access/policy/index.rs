@@ -15,6 +15,24 @@ use pg_sync_core::policy::{CmpOp, Expr, Member, Term, Ty};
 use serde_json::{Map, Value};
 use std::collections::HashMap;
 
+/// A membership a policy asks about, with what `sync.members` reads of it made once with the
+/// index, not for every page.
+pub struct Asked {
+    pub member: Member,
+    /// `member` as JSON.
+    pub member_json: Value,
+    /// What the fields of its rows must read for one of the groups to match
+    /// (`Memberships::wanted`), as JSON: an array of arrays of texts.
+    pub wanted: Value,
+}
+
+impl Asked {
+    /// Whether any group asks for its rows.
+    pub fn wanted_by_any(&self) -> bool {
+        self.wanted.as_array().is_some_and(|w| !w.is_empty())
+    }
+}
+
 /// What a named membership row's fields read, for one membership.
 enum Named {
     /// A null: `=` matches no group.
@@ -218,9 +236,8 @@ pub struct GroupIndex {
     pub failed: Vec<(GroupId, EvalError)>,
     /// Groups this index cannot judge exactly (`eval::inexact`): the database must.
     pub inexact: Vec<GroupId>,
-    /// Each membership the policy asks about, with the field values its groups ask for
-    /// (`Memberships::wanted`): made once with the index, not for every page.
-    memberships: Vec<(Member, Vec<Vec<String>>)>,
+    /// Each membership the policy asks about.
+    memberships: Vec<Asked>,
     /// Per membership (as `memberships`), the groups that ask for each field values.
     askers: Vec<HashMap<Vec<String>, Vec<GroupId>>>,
 }
@@ -314,17 +331,21 @@ impl GroupIndex {
                         askers.entry(fields).or_default().push(*g);
                     }
                 }
-                let mut wanted: Vec<Vec<String>> = askers.keys().cloned().collect();
+                let mut wanted: Vec<&Vec<String>> = askers.keys().collect();
                 wanted.sort_unstable();
-                ((m.clone(), wanted), askers)
+                let asked = Asked {
+                    member: m.clone(),
+                    member_json: serde_json::to_value(m).expect("a member serializes"),
+                    wanted: serde_json::to_value(wanted).expect("texts serialize"),
+                };
+                (asked, askers)
             })
             .unzip();
         index
     }
 
-    /// Each membership the policy asks about, with what the fields of its rows must read for
-    /// one of the groups to match.
-    pub fn memberships(&self) -> &[(Member, Vec<Vec<String>>)] {
+    /// Each membership the policy asks about.
+    pub fn memberships(&self) -> &[Asked] {
         &self.memberships
     }
 
@@ -334,7 +355,7 @@ impl GroupIndex {
     /// trigger was made for other policies) concerns every group.
     pub fn named_by(&self, scopes: &[&AccessScope]) -> Vec<GroupId> {
         let mut out = Vec::new();
-        for ((member, _), askers) in self.memberships.iter().zip(&self.askers) {
+        for (Asked { member, .. }, askers) in self.memberships.iter().zip(&self.askers) {
             for row in scopes
                 .iter()
                 .filter(|s| s.input == member.table)
