@@ -423,17 +423,18 @@ $$;
 -- reads changes (a membership table in `EXISTS (SELECT 1 FROM member m WHERE ...)`). Each such
 -- table gets two triggers of sync._policy_input, one per row (INSERT, UPDATE, DELETE) and one
 -- at TRUNCATE, whose arguments name the table, the columns of it the policies read, and the
--- tracked tables whose policies read it. Each changed row puts an ACCESS row of each tracked table into the log, naming the row's old and new values
--- of them (the first 100 rows of a statement; then one naming nothing): the subscribers whose
--- policy those values match refetch at that point; a TRUNCATE, or a row naming nothing, makes
--- every subscriber refetch; a statement that changes none, nothing. The tables and columns read are PostgreSQL's own dependencies of
--- each policy (pg_depend): one read through a function or a view is not seen, nor a policy
--- reading its own table. A table is watched only when the tracked table's owner owns it or
--- may create triggers on it, so that no one can have pg_sync put a trigger on a table they
--- could not. The trigger is found by its function, whatever it is named, and made under a
--- name no one can take first. Called whenever who may read what is noted again (policies,
--- tables, tracking changed); it touches a table only when its trigger's arguments differ, and
--- waits at most 1 s for a table's lock (then warns; a later command catches up).
+-- tracked tables whose policies read it. Each changed row puts an ACCESS row of each tracked
+-- table into the log, naming the row's old and new values of them (the first 100 rows of a
+-- statement; then one naming nothing): the subscribers whose policy those values match refetch
+-- at that point; a TRUNCATE, or a row naming nothing, makes every subscriber refetch; a
+-- statement that changes none, nothing. The tables and columns read are PostgreSQL's own
+-- dependencies of each policy (pg_depend): one read through a function or a view is not seen,
+-- nor a policy reading its own table. A table is watched only when the tracked table's owner
+-- owns it or may create triggers on it, so that no one can have pg_sync put a trigger on a
+-- table they could not. The trigger is found by its function, whatever it is named, and made
+-- under a name no one can take first. Called whenever who may read what is noted again
+-- (policies, tables, tracking changed); it touches a table only when its trigger's arguments
+-- differ, and waits at most 1 s for a table's lock (then warns; a later command catches up).
 CREATE FUNCTION sync._watch_policy_inputs() RETURNS void
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
