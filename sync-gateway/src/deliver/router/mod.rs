@@ -222,27 +222,17 @@ impl Router {
     /// `entity_changed` (the rows held are another table's; refetch and subscribe again).
     fn replaced(&mut self, codes: &[String]) {
         for code in codes {
-            let ended: Vec<(ConnId, SubId)> = self
+            let ended: Vec<(ConnId, SubId, String)> = self
                 .connections
                 .iter()
                 .flat_map(|(id, c)| {
                     c.subs
                         .iter()
                         .filter(|(_, s)| s.subscription.entity_code == *code)
-                        .map(move |(sub, _)| (*id, *sub))
+                        .map(move |(sub, _)| (*id, *sub, code.clone()))
                 })
                 .collect();
-            let mut told = HashSet::new();
-            for (conn, sub) in ended {
-                if told.insert(conn) {
-                    let message = ServerMessage::Resync {
-                        entity_code: code.clone(),
-                        reason: ResyncReason::EntityChanged,
-                    };
-                    self.send(conn, &message);
-                }
-                self.end_sub(conn, sub);
-            }
+            self.end_with_resync(ended, ResyncReason::EntityChanged);
         }
     }
 

@@ -6,7 +6,6 @@
 
 use super::{ConnId, Router, SubId};
 use crate::access::judge::decide;
-use crate::access::roles::GroupId;
 use crate::deliver::command::{ReplayEvent, ReplayItem};
 use crate::deliver::outbox::{OpenRun, Outbox, RunCache};
 use crate::model::change::{Action, Change};
@@ -35,21 +34,11 @@ pub(super) struct Replay {
     /// The replay's changes of a transaction under way went out in an earlier part, without
     /// its end: where to tell it.
     open_run: Option<OpenRun>,
-    /// The group its pages are judged for: the connection's when it began, kept when a
-    /// refreshed token puts the connection in another group (whose verdicts the pages do
-    /// not hold: it would be shown nothing of the gap, and no refetch).
-    group: GroupId,
 }
 
 impl Replay {
-    pub fn new(
-        until: Cursor,
-        reference: Option<String>,
-        cancel: CancellationToken,
-        group: GroupId,
-    ) -> Replay {
+    pub fn new(until: Cursor, reference: Option<String>, cancel: CancellationToken) -> Replay {
         Replay {
-            group,
             held: Vec::new(),
             changes: 0,
             until,
@@ -156,10 +145,7 @@ impl Router {
         let Some(state) = owner.subs.get(&sub) else {
             return;
         };
-        let mut subscriber = owner.subscriber();
-        if let Some(replay) = &state.replay {
-            subscriber.group = replay.group;
-        }
+        let subscriber = owner.subscriber();
         let mut open_run = state.replay.as_ref().and_then(|r| r.open_run.clone());
         let mut out = Outbox::default();
         let mut entity_changed = false;

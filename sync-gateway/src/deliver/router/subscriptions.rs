@@ -8,7 +8,7 @@ use crate::access::roles::{GroupId, UserContext};
 use crate::deliver::command::{ReplayStart, SubscribeRequest};
 use crate::deliver::mirror::{MirrorOp, SubscriptionRow};
 use crate::model::filter::Condition;
-use crate::model::protocol::{ErrorCode, ServerMessage};
+use crate::model::protocol::{ErrorCode, ResyncReason, ServerMessage};
 use crate::model::subscription::{Subscription, Target};
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -39,6 +39,47 @@ impl Router {
             if let Some(entry) = self.index.get_mut(&entity) {
                 entry.regroup(old, group, (conn_id, sub));
             }
+        }
+        if old != group {
+            self.end_replays(conn_id);
+        }
+    }
+
+    /// A refreshed token put the connection in another group: the gaps its subscriptions
+    /// still replay are judged for the old token's role and claims, which no longer apply.
+    /// They end with RESYNC `access_changed`, to be fetched again under the new token.
+    fn end_replays(&mut self, conn_id: ConnId) {
+        let Some(conn) = self.connections.get(&conn_id) else {
+            return;
+        };
+        let replaying: Vec<(ConnId, SubId, String)> = conn
+            .subs
+            .iter()
+            .filter(|(_, s)| s.replay.is_some())
+            .map(|(id, s)| (conn_id, *id, s.subscription.entity_code.clone()))
+            .collect();
+        self.end_with_resync(replaying, ResyncReason::AccessChanged);
+    }
+
+    /// Ends these subscriptions (connection, subscription, entity), each connection told
+    /// RESYNC `reason` once per entity.
+    pub(super) fn end_with_resync(
+        &mut self,
+        ended: Vec<(ConnId, SubId, String)>,
+        reason: ResyncReason,
+    ) {
+        let mut told = HashSet::new();
+        for (conn, sub, entity_code) in ended {
+            if told.insert((conn, entity_code.clone())) {
+                self.send(
+                    conn,
+                    &ServerMessage::Resync {
+                        entity_code,
+                        reason,
+                    },
+                );
+            }
+            self.end_sub(conn, sub);
         }
     }
 
@@ -116,14 +157,9 @@ impl Router {
         });
         let state = SubState {
             subscription,
-            replay: replay.as_ref().map(|r| {
-                Replay::new(
-                    r.until.clone(),
-                    reference.clone(),
-                    r.cancel.clone(),
-                    r.group,
-                )
-            }),
+            replay: replay
+                .as_ref()
+                .map(|r| Replay::new(r.until.clone(), reference.clone(), r.cancel.clone())),
         };
         self.connections
             .get_mut(&conn_id)

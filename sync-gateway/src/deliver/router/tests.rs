@@ -875,3 +875,41 @@ async fn many_access_changes_in_one_read_make_one_refetch() {
         .collect();
     assert_eq!(kinds, ["RESYNC", "DELTA", "RESYNC"]);
 }
+
+/// A refreshed token that puts the connection in another group (other claims or role) ends
+/// the replays under way, which judge the gap for the old token: RESYNC `access_changed`, and
+/// nothing more of the gap. One that keeps the group lets them go on.
+#[tokio::test]
+async fn a_refreshed_token_of_another_group_ends_the_replays_judged_for_the_old_one() {
+    let mut h = harness();
+    let (mut q, _) = connect(&mut h, 1, 1, 1 << 20);
+    subscribe(&mut h, 1, Target::Rows(None), Some(cursor(5)));
+    let start = h.replays.try_recv().expect("a replay to run");
+    drain(&mut q).await;
+    let token = |claims: Value| {
+        Arc::new(UserContext {
+            sub: "user1".into(),
+            role: Some("app_user".into()),
+            claims: claims.to_string(),
+            claims_json: claims,
+        })
+    };
+    h.router.handle(Command::Reauth {
+        conn: 1,
+        user: token(json!({})),
+        group: 1,
+    });
+    assert!(drain(&mut q).await.is_empty() && !start.cancel.is_cancelled());
+    h.router.handle(Command::Reauth {
+        conn: 1,
+        user: token(json!({"team": "b"})),
+        group: 2,
+    });
+    let messages = drain(&mut q).await;
+    assert_eq!(messages.len(), 1, "{messages:?}");
+    assert_eq!(messages[0]["type"], "RESYNC");
+    assert_eq!(messages[0]["payload"]["reason"], "access_changed");
+    assert!(start.cancel.is_cancelled(), "the replay task stops");
+    replay(&mut h, start.sub, vec![insert("6")]);
+    assert!(drain(&mut q).await.is_empty(), "nothing of the gap after");
+}
