@@ -129,9 +129,13 @@ impl Follower {
         panic!("{}: no gateway took the client", self.name);
     }
 
-    /// Applies messages until the insert of item `id` arrived.
-    async fn until_item(&mut self, id: i32) {
-        while !self.items.contains(&id) {
+    /// Applies messages until both entities' `DONE` rows arrived. Each subscription is
+    /// delivered in log order, so each entity's earlier changes have arrived too; the
+    /// entities are not ordered against each other (one may still be replaying its gap while
+    /// the other is live).
+    async fn until_done(&mut self) {
+        let done = DONE.to_string();
+        while !(self.items.contains(&DONE) && self.versions.contains_key(&done)) {
             let message = self.session.next().await.expect("connection open");
             self.apply(&message);
         }
@@ -170,7 +174,7 @@ impl Follower {
     }
 }
 
-/// The item inserted last, once the writers are done.
+/// The id of the item and the counter inserted last, once the writers are done.
 const DONE: i32 = 9_999_999;
 
 /// Pauses the standby's replay for `pause` every `every`, until cancelled (then resumes it).
@@ -241,11 +245,13 @@ async fn clients_of_the_standbys_gateway_get_each_change_once_and_may_move_betwe
     pauses.cancel();
     let committed = workload::committed(writers).await;
     primary
-        .execute(&format!("INSERT INTO item (id) VALUES ({DONE})"))
+        .execute(&format!(
+            "INSERT INTO item (id) VALUES ({DONE}); INSERT INTO counter VALUES ({DONE}, 1)"
+        ))
         .await;
     moving.move_to(&on_standby, &on_primary).await;
-    staying.until_item(DONE).await;
-    moving.until_item(DONE).await;
+    staying.until_done().await;
+    moving.until_done().await;
     staying.check(&committed, &primary, seed).await;
     moving.check(&committed, &primary, seed).await;
 }
