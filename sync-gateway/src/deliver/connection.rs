@@ -347,7 +347,9 @@ impl Session {
     }
 
     /// A refreshed token: its claims and role apply from now on, and the subscriptions it may
-    /// no longer read end with ERROR `forbidden`.
+    /// no longer read end with ERROR `forbidden`. A check that could not be made (the
+    /// gateway busy, the database failing) keeps the subscription: every change is judged
+    /// for the new token's group anyway (`access::judge`), which refuses it there.
     async fn reauthenticate(&mut self, claims: Claims, user: UserContext) {
         let mut entities: Vec<String> = self.subscribed.iter().cloned().collect();
         entities.sort();
