@@ -256,7 +256,9 @@ BEGIN
     PERFORM sync._internal_ddl(true);
     PERFORM sync._drop_capture(tbl);
     PERFORM sync._internal_ddl(false);
-    PERFORM sync._watch_policy_inputs();
+    -- The tables its policies read are watched for the others only (the triggers' arguments
+    -- move, and with them the others' digests).
+    PERFORM sync._note_access();
 END
 $$;
 
@@ -366,7 +368,8 @@ SELECT pg_catalog.md5(pg_catalog.concat_ws(',',
            (SELECT pg_catalog.string_agg(pg_catalog.concat_ws(':', p.oid, p.polcmd, p.polpermissive,
                                                               p.polroles, p.polqual::text), ';' ORDER BY p.oid)
               FROM pg_catalog.pg_policy p WHERE p.polrelid = t.relid),
-           -- The tables its policies read: who may read them, their columns (a policy names
+           -- The tables its policies read and the tables inheriting from them (their rows
+           -- are read too): who may read them, their columns (a policy names
            -- them by number; a compiled one by name too), and pg_sync's triggers on them:
            -- enabled, and what they name (sync._watch_policy_inputs; a trigger replaced late,
            -- after a lock wait, may let a policy compile that did not).
@@ -383,11 +386,18 @@ SELECT pg_catalog.md5(pg_catalog.concat_ws(',',
                          WHERE g.tgrelid = i.oid AND f.proname = '_policy_input'
                            AND f.pronamespace = 'sync'::pg_catalog.regnamespace)), ';' ORDER BY i.oid)
               FROM pg_catalog.pg_class i
-             WHERE i.oid IN (SELECT d.refobjid FROM pg_catalog.pg_policy p
-                               JOIN pg_catalog.pg_depend d
-                                 ON d.classid = 'pg_catalog.pg_policy'::pg_catalog.regclass AND d.objid = p.oid
-                                AND d.refclassid = 'pg_catalog.pg_class'::pg_catalog.regclass
-                              WHERE p.polrelid = t.relid AND d.refobjid <> t.relid))))
+             WHERE i.relpersistence <> 't'
+               AND i.oid IN (WITH RECURSIVE read(oid) AS (
+                                 SELECT d.refobjid FROM pg_catalog.pg_policy p
+                                   JOIN pg_catalog.pg_depend d
+                                     ON d.classid = 'pg_catalog.pg_policy'::pg_catalog.regclass
+                                    AND d.objid = p.oid
+                                    AND d.refclassid = 'pg_catalog.pg_class'::pg_catalog.regclass
+                                  WHERE p.polrelid = t.relid AND d.refobjid <> t.relid
+                                 UNION
+                                 SELECT h.inhrelid FROM read
+                                   JOIN pg_catalog.pg_inherits h ON h.inhparent = read.oid)
+                             SELECT read.oid FROM read))))
   FROM sync.tracked t
   JOIN pg_catalog.pg_class c ON c.oid = t.relid
   JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
@@ -441,9 +451,11 @@ $$;
 -- triggers, track), or the digest of what depends on `roles` (a gateway, when its access
 -- fingerprint moved). An entity whose digest of that kind differs from the one noted last
 -- gets a row of sync.access_event and an ACCESS row in the log: its subscribers refetch,
--- wherever they read the log. The first digest of a kind is only noted. Returns the entities
--- whose access changed. SECURITY DEFINER: it writes pg_sync's tables for any role's DDL and
--- for the gateway; it runs no code a caller can define.
+-- wherever they read the log. The first digest of a kind is only noted. A table's digest
+-- includes pg_sync's triggers on the tables its policies read, so they are put right first
+-- (else the digest moves again at the next command). Returns the entities whose access
+-- changed. SECURITY DEFINER: it writes pg_sync's tables for any role's DDL and for the
+-- gateway; it runs no code a caller can define.
 CREATE OR REPLACE FUNCTION sync._note_access(roles text[] DEFAULT NULL) RETURNS integer
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
@@ -456,6 +468,9 @@ DECLARE
     noted_before boolean;
     changed integer := 0;
 BEGIN
+    IF roles IS NULL THEN
+        PERFORM sync._watch_policy_inputs();
+    END IF;
     FOR t IN SELECT k.relid, k.entity_code FROM sync.tracked k ORDER BY k.entity_code LOOP
         digest := CASE WHEN roles IS NULL THEN sync._table_access(t.relid)
                        ELSE sync._role_access(t.relid, roles) END;
@@ -473,9 +488,6 @@ BEGIN
     END LOOP;
     IF changed > 0 THEN
         PERFORM pg_catalog.pg_notify('sync_changes', 'access');
-    END IF;
-    IF roles IS NULL THEN
-        PERFORM sync._watch_policy_inputs();
     END IF;
     RETURN changed;
 END
@@ -512,8 +524,9 @@ BEGIN
         -- they read no column of it: then no column is named; nor for a table inheriting from
         -- another, whose rows a policy reading the parent reads too, where the gateway would
         -- look for the parent's).
-        WITH reads AS (
+        WITH RECURSIVE reads AS (
             SELECT d.refobjid AS input, d.refobjsubid AS attnum, p.polrelid::oid AS relid,
+                   tc.relowner AS owner,
                    NOT c.relispartition AND EXISTS (SELECT FROM pg_catalog.pg_inherits h
                                                      WHERE h.inhrelid = c.oid) AS inherits
               FROM sync.tracked t
@@ -527,18 +540,43 @@ BEGIN
              WHERE c.relkind IN ('r', 'p') AND c.relpersistence <> 't'
                AND (pg_catalog.pg_has_role(tc.relowner, c.relowner, 'USAGE')
                     OR pg_catalog.has_table_privilege(tc.relowner, c.oid, 'TRIGGER'))),
+        -- The tables inheriting from an input, at any depth: the policy reads their rows
+        -- with the input's, but a write of one fires its own row triggers, not the input's
+        -- (PostgreSQL copies a partitioned table's onto its partitions; not these).
+        heirs(input, relid, heir) AS (
+            SELECT r.input, r.relid, h.inhrelid FROM reads r
+              JOIN pg_catalog.pg_inherits h ON h.inhparent = r.input
+            UNION
+            SELECT s.input, s.relid, h.inhrelid FROM heirs s
+              JOIN pg_catalog.pg_inherits h ON h.inhparent = s.heir),
+        -- Each table to watch, and a reading of it: its own, or an input's it inherits from,
+        -- under the same condition on its owner.
+        watch AS (
+            SELECT r.input AS watched, r.* FROM reads r
+            UNION ALL
+            SELECT s.heir, r.* FROM heirs s
+              JOIN reads r ON r.input = s.input AND r.relid = s.relid
+              JOIN pg_catalog.pg_class c ON c.oid = s.heir
+             WHERE c.relkind = 'r' AND NOT c.relispartition AND c.relpersistence <> 't'
+               AND (pg_catalog.pg_has_role(r.owner, c.relowner, 'USAGE')
+                    OR pg_catalog.has_table_privilege(r.owner, c.oid, 'TRIGGER'))),
+        -- Its trigger's arguments: the input its rows are read as (itself when it is read
+        -- as more than one) and the columns read of it (by name, an heir having them too).
         wanted AS (
-            SELECT r.input,
+            SELECT x.watched AS input,
                    pg_catalog.array_prepend(
                        pg_catalog.json_build_object(
-                           'input', r.input::pg_catalog.int8,
-                           'columns', CASE WHEN pg_catalog.bool_or(r.attnum <= 0)
-                                                  OR pg_catalog.bool_or(r.inherits) THEN NULL
+                           'input', CASE WHEN pg_catalog.count(DISTINCT x.input) = 1
+                                         THEN pg_catalog.min(x.input::pg_catalog.int8)
+                                         ELSE x.watched::pg_catalog.int8 END,
+                           'columns', CASE WHEN pg_catalog.bool_or(x.attnum <= 0)
+                                                  OR pg_catalog.bool_or(x.inherits)
+                                                  OR pg_catalog.count(DISTINCT x.input) > 1 THEN NULL
                                            ELSE pg_catalog.array_agg(DISTINCT a.attname::text) END)::text,
-                       pg_catalog.array_agg(DISTINCT r.relid::text)) AS args
-              FROM reads r
-              LEFT JOIN pg_catalog.pg_attribute a ON a.attrelid = r.input AND a.attnum = r.attnum
-             GROUP BY r.input),
+                       pg_catalog.array_agg(DISTINCT x.relid::text)) AS args
+              FROM watch x
+              LEFT JOIN pg_catalog.pg_attribute a ON a.attrelid = x.input AND a.attnum = x.attnum
+             GROUP BY x.watched),
         -- Each trigger as its type (29: AFTER INSERT OR UPDATE OR DELETE FOR EACH ROW; 32:
         -- AFTER TRUNCATE FOR EACH STATEMENT) and its arguments.
         present AS (
@@ -593,10 +631,20 @@ $$;
 -- Policies, grants, owners and tables changed: who may read each tracked table is noted
 -- again (sync._note_access). SECURITY DEFINER, as the other event triggers: every role's
 -- GRANT runs it. An entity's noted digest changes only by commands of roles with rights on
--- its table; another role's open transaction holds nothing anyone waits for.
+-- its table; another role's open transaction holds nothing anyone waits for. A new table
+-- matters only when it inherits (a policy reading its parent reads its rows: it is watched
+-- as the parent is, and the parent's readers' digests move); the others pass at once.
 CREATE OR REPLACE FUNCTION sync._on_access_change() RETURNS event_trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
+    IF sync._in_internal_ddl() THEN
+        RETURN; -- pg_sync's own DDL, whose caller notes access once it is done
+    END IF;
+    IF TG_TAG = 'CREATE TABLE' AND NOT EXISTS (
+            SELECT FROM pg_catalog.pg_event_trigger_ddl_commands() c
+              JOIN pg_catalog.pg_inherits h ON h.inhrelid = c.objid) THEN
+        RETURN;
+    END IF;
     PERFORM sync._note_access();
 END
 $$;
@@ -836,10 +884,11 @@ BEGIN
     END LOOP;
 END
 $$;
--- The event trigger of access changes also fires for DROP OWNED and ALTER SCHEMA.
+-- The event trigger of access changes also fires for DROP OWNED, ALTER SCHEMA and CREATE
+-- TABLE.
 CREATE EVENT TRIGGER sync_access_change ON ddl_command_end
     WHEN TAG IN ('CREATE POLICY', 'ALTER POLICY', 'DROP POLICY', 'GRANT', 'REVOKE', 'ALTER TABLE',
-                 'DROP OWNED', 'ALTER SCHEMA')
+                 'DROP OWNED', 'ALTER SCHEMA', 'CREATE TABLE')
     EXECUTE FUNCTION sync._on_access_change();
 ALTER EVENT TRIGGER sync_access_change ENABLE ALWAYS;
 

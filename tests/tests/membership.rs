@@ -488,6 +488,72 @@ async fn the_watched_tables_follow_the_policies_and_no_one_else() {
     );
 }
 
+/// A policy that starts reading another table moves its tracked table's access once: the
+/// trigger on the table read is made before who may read the tracked table is noted again,
+/// so the next, unrelated command writes no ACCESS row of it. (Noted first, the digest moved
+/// once more at the next command that notes access, and every subscriber of the table
+/// refetched again for nothing.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_policy_that_starts_reading_a_table_moves_access_once() {
+    let cluster = Cluster::start().await;
+    cluster.execute(SCHEMA).await;
+    let admin = cluster.connect().await;
+    let accesses = || {
+        column::<i64>(
+            &admin,
+            "SELECT count(*) FROM sync.change_history WHERE op = 'ACCESS' AND entity_code = 'task'",
+        )
+    };
+    let before = accesses().await[0];
+    cluster
+        .execute(
+            "CREATE TABLE viewer (user_id text PRIMARY KEY);
+             CREATE POLICY by_viewer ON task USING (EXISTS (
+                 SELECT 1 FROM viewer v
+                  WHERE v.user_id = current_setting('request.jwt.claims', true)::jsonb ->> 'sub'))",
+        )
+        .await;
+    assert_eq!(accesses().await, [before + 1]);
+    cluster.execute("GRANT SELECT ON marker TO PUBLIC").await;
+    assert_eq!(accesses().await, [before + 1]);
+}
+
+/// Plain inheritance: the policy's `FROM member` reads the rows of the tables inheriting from
+/// `member` too, but PostgreSQL fires the row triggers of the table a row is in, not its
+/// parent's. So each inheriting table is watched as `member` is: a membership written into
+/// one, or through `member` into one, reaches b as a refetch; and so does a table with rows
+/// that starts or stops inheriting (`ALTER TABLE ... [NO] INHERIT`), which changes no row.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn memberships_in_inheriting_tables_reach_the_copy() {
+    let (cluster, gateway) = setup().await;
+    cluster
+        .execute(
+            "INSERT INTO task VALUES (1, 1, 'one');
+             CREATE TABLE guest (since date) INHERITS (member);
+             CREATE TABLE visitor (project_id int NOT NULL, user_id text NOT NULL);
+             INSERT INTO visitor VALUES (1, 'b')",
+        )
+        .await;
+    assert_compiled(&cluster).await;
+    let access_changed = ["\"task\" \"access_changed\""];
+    let mut marker = 0;
+    let steps: [(&str, &[i64]); 6] = [
+        ("INSERT INTO guest VALUES (1, 'b')", &[1]),
+        ("DELETE FROM member WHERE user_id = 'b'", &[]),
+        ("ALTER TABLE visitor INHERIT member", &[1]),
+        ("UPDATE member SET user_id = 'c' WHERE user_id = 'b'", &[]),
+        ("UPDATE visitor SET user_id = 'b'", &[1]),
+        ("ALTER TABLE visitor NO INHERIT member", &[]),
+    ];
+    for (sql, visible) in steps {
+        marker += 1;
+        let mut b = watching(&cluster, &gateway, "b").await;
+        let seen = after(&cluster, &mut b, sql, marker).await;
+        assert_eq!(resyncs(&seen), access_changed, "{sql}: {seen:?}");
+        assert_eq!(snapshot_ids(&gateway, "b").await, visible, "{sql}");
+    }
+}
+
 /// A partitioned membership table: PostgreSQL copies its row trigger onto each partition,
 /// and those copies are not pg_sync's to drop (every DDL command, which watches the tables
 /// again, failed on them); a write straight into a partition is seen through its copy.
