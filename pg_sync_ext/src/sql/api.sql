@@ -258,7 +258,11 @@ BEGIN
                                WHERE object_type = 'table')
         RETURNING entity_code)
     INSERT INTO sync.access_event (entity_code, kind) SELECT g.entity_code, 'untracked' FROM gone g;
-    PERFORM sync._note_access();
+    -- Not while pg_sync drops its own triggers (sync._watch_policy_inputs): its caller notes
+    -- access once they are all made.
+    IF NOT sync._in_internal_ddl() THEN
+        PERFORM sync._note_access();
+    END IF;
 END
 $$;
 CREATE EVENT TRIGGER sync_sql_drop ON sql_drop EXECUTE FUNCTION sync._on_sql_drop();
@@ -574,14 +578,15 @@ $$;
 -- GRANT runs it. An entity's noted digest changes only by commands of roles with rights on
 -- its table; another role's open transaction holds nothing anyone waits for. A new table
 -- matters only when it inherits (a policy reading its parent reads its rows: it is watched
--- as the parent is, and the parent's readers' digests move); the others pass at once.
+-- as the parent is, and the parent's readers' digests move), also made by CREATE SCHEMA;
+-- the others pass at once.
 CREATE FUNCTION sync._on_access_change() RETURNS event_trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
     IF sync._in_internal_ddl() THEN
         RETURN; -- pg_sync's own DDL, whose caller notes access once it is done
     END IF;
-    IF TG_TAG = 'CREATE TABLE' AND NOT EXISTS (
+    IF TG_TAG IN ('CREATE TABLE', 'CREATE SCHEMA') AND NOT EXISTS (
             SELECT FROM pg_catalog.pg_event_trigger_ddl_commands() c
               JOIN pg_catalog.pg_inherits h ON h.inhrelid = c.objid) THEN
         RETURN;
@@ -591,7 +596,7 @@ END
 $$;
 CREATE EVENT TRIGGER sync_access_change ON ddl_command_end
     WHEN TAG IN ('CREATE POLICY', 'ALTER POLICY', 'DROP POLICY', 'GRANT', 'REVOKE', 'ALTER TABLE',
-                 'DROP OWNED', 'ALTER SCHEMA', 'CREATE TABLE')
+                 'DROP OWNED', 'ALTER SCHEMA', 'CREATE TABLE', 'CREATE SCHEMA')
     EXECUTE FUNCTION sync._on_access_change();
 ALTER EVENT TRIGGER sync_access_change ENABLE ALWAYS;
 
