@@ -558,7 +558,10 @@ async fn memberships_in_inheriting_tables_reach_the_copy() {
         ("UPDATE visitor SET user_id = 'b'", &[1]),
         ("ALTER TABLE visitor NO INHERIT member", &[]),
         // A table made inside CREATE SCHEMA, whose command is CREATE SCHEMA.
-        ("CREATE SCHEMA annex CREATE TABLE h () INHERITS (member)", &[]),
+        (
+            "CREATE SCHEMA annex CREATE TABLE h () INHERITS (member)",
+            &[],
+        ),
         ("INSERT INTO annex.h VALUES (1, 'b')", &[1]),
     ];
     for (sql, visible) in steps {
