@@ -3,7 +3,7 @@
 //! round; `make fuzz` runs new random rounds for FUZZ_SECONDS. Findings become the regression
 //! cases below.
 
-use crate::model::filter::{Condition, Op};
+use crate::model::filter::{equality_keys, Condition, Op};
 use crate::model::protocol::{parse, reference_of};
 use proptest::prelude::*;
 use serde_json::{json, Map, Value};
@@ -56,7 +56,41 @@ fn any_op() -> impl Strategy<Value = Op> {
     ])
 }
 
+/// Scalars that `eq` may find equal across types: numbers, numeric and boolean strings.
+fn confusable_scalar() -> impl Strategy<Value = Value> {
+    prop_oneof![
+        any::<bool>().prop_map(Value::Bool),
+        (-3i64..3).prop_map(|n| json!(n)),
+        prop::sample::select(vec![0.0, -0.0, 1.0, 1.5, -2.0, 1e300]).prop_map(|f| json!(f)),
+        prop::sample::select(vec![
+            "0", "-0", " 1", "1.0", "01", "1e0", "true", "false", "True", "", "x", "1.5", "-2",
+        ])
+        .prop_map(|s| json!(s)),
+        ".{0,4}".prop_map(Value::String),
+    ]
+}
+
 proptest! {
+    /// The router files `eq` and `in` filters by `index_keys` and looks a change's values up
+    /// by `equality_keys`: every row a filter matches must be found.
+    #[test]
+    fn an_index_by_equality_keys_finds_every_row_a_filter_matches(
+        actual in confusable_scalar(),
+        values in prop::collection::vec(confusable_scalar(), 1..4),
+        listed in any::<bool>(),
+    ) {
+        let (op, value) = match listed {
+            true => (Op::In, Value::Array(values)),
+            false => (Op::Eq, values[0].clone()),
+        };
+        let condition = Condition { column: "c".into(), op, value: Some(value) };
+        let row: Map<String, Value> = [("c".to_owned(), actual.clone())].into_iter().collect();
+        if condition.matches(&row) {
+            let filed = condition.index_keys().expect("eq and in are filed");
+            prop_assert!(equality_keys(&actual).any(|k| filed.contains(&k)), "{actual} {condition:?}");
+        }
+    }
+
     #[test]
     fn parsing_never_panics(text in ".{0,200}") {
         let _ = parse(&text);

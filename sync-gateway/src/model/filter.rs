@@ -108,6 +108,52 @@ impl Condition {
     }
 }
 
+impl Condition {
+    /// Where an index of subscriptions may file this condition: for `eq` and `in`, the keys
+    /// (`equality_keys`) of the values it matches; None for the other operators.
+    pub fn index_keys(&self) -> Option<Vec<u64>> {
+        match (self.op, &self.value) {
+            (Op::Eq, Some(value)) => Some(equality_keys(value).collect()),
+            (Op::In, Some(Value::Array(values))) => {
+                Some(values.iter().flat_map(equality_keys).collect())
+            }
+            _ => None,
+        }
+    }
+}
+
+/// A form a scalar takes in `compare`.
+#[derive(Hash)]
+enum Form<'a> {
+    Text(&'a str),
+    /// A finite number's bits, -0 as 0.
+    Number(u64),
+    Bool(bool),
+}
+
+/// Hashes of the forms `value` takes in `compare`: as text, as a finite number, as a
+/// boolean. Two values that `compare` finds equal share one (not conversely: an index by
+/// them finds candidates, which the filter then decides).
+pub fn equality_keys(value: &Value) -> impl Iterator<Item = u64> + '_ {
+    let number = || as_number(value).map(|n| Form::Number((n + 0.0).to_bits()));
+    let forms = match value {
+        Value::Number(_) => [number(), None, None],
+        Value::String(s) => [
+            Some(Form::Text(s)),
+            number(),
+            as_bool(value).map(Form::Bool),
+        ],
+        Value::Bool(b) => [Some(Form::Bool(*b)), None, None],
+        _ => [None, None, None],
+    };
+    forms.into_iter().flatten().map(|form| {
+        use std::hash::{Hash, Hasher};
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        form.hash(&mut hasher);
+        hasher.finish()
+    })
+}
+
 /// Whether `row` satisfies every condition.
 pub fn matches_all(conditions: &[Condition], row: &Map<String, Value>) -> bool {
     conditions.iter().all(|c| c.matches(row))

@@ -1,10 +1,14 @@
-//! Who wants which changes of one entity: by entity id (subscriptions naming ids), and by
-//! group (whole-entity and filtered subscriptions), so that a change of a table with
-//! row-level security visits only the subscriptions of the groups that may see it.
+//! Who wants which changes of one entity: by entity id (subscriptions naming ids), by the
+//! value of a column (filters with an `eq` or `in` condition) and group, and by group (the
+//! other whole-entity and filtered subscriptions), so that a change visits only the
+//! subscriptions that may want it: of the groups that may see it under row-level security,
+//! and of the filters its values may match (a subscriber per team filtering on its team).
+//! What a subscription then gets is decided for each one visited (`access::judge::decide`).
 
 use super::{ConnId, SubId};
 use crate::access::roles::GroupId;
 use crate::model::change::Change;
+use crate::model::filter::{equality_keys, Condition};
 use crate::model::subscription::Target;
 use std::collections::{HashMap, HashSet};
 
@@ -13,31 +17,68 @@ type Key = (ConnId, SubId);
 #[derive(Default)]
 pub struct EntityIndex {
     by_id: HashMap<String, HashSet<Key>>,
+    /// Per column, per key of a value (`Condition::index_keys`), per group: the filters
+    /// filed under one of their `eq` or `in` conditions.
+    by_value: HashMap<String, HashMap<u64, HashMap<GroupId, HashSet<Key>>>>,
     rows: HashMap<GroupId, HashSet<Key>>,
+}
+
+/// The condition a filter is filed by, with its keys: its first `eq` or `in` (a row it
+/// matches holds one of the values, so it is found by them).
+fn filed_by(target: &Target) -> Option<(&str, Vec<u64>)> {
+    let Target::Rows(Some(filter)) = target else {
+        return None;
+    };
+    filter
+        .iter()
+        .find_map(|c: &Condition| Some((c.column.as_str(), c.index_keys()?)))
 }
 
 impl EntityIndex {
     pub fn add(&mut self, target: &Target, group: GroupId, key: Key) {
-        match target {
-            Target::Ids(ids) => {
+        match (target, filed_by(target)) {
+            (Target::Ids(ids), _) => {
                 for id in ids {
                     self.by_id.entry(id.clone()).or_default().insert(key);
                 }
             }
-            Target::Rows(_) => {
+            (_, Some((column, keys))) => {
+                let values = self.by_value.entry(column.to_owned()).or_default();
+                for k in keys {
+                    let groups = values.entry(k).or_default();
+                    groups.entry(group).or_default().insert(key);
+                }
+            }
+            (Target::Rows(_), None) => {
                 self.rows.entry(group).or_default().insert(key);
             }
         }
     }
 
     pub fn remove(&mut self, target: &Target, group: GroupId, key: Key) {
-        match target {
-            Target::Ids(ids) => {
+        match (target, filed_by(target)) {
+            (Target::Ids(ids), _) => {
                 for id in ids {
                     remove_from(&mut self.by_id, id, &key);
                 }
             }
-            Target::Rows(_) => remove_from(&mut self.rows, &group, &key),
+            (_, Some((column, keys))) => {
+                let Some(values) = self.by_value.get_mut(column) else {
+                    return;
+                };
+                for k in keys {
+                    if let Some(groups) = values.get_mut(&k) {
+                        remove_from(groups, &group, &key);
+                        if groups.is_empty() {
+                            values.remove(&k);
+                        }
+                    }
+                }
+                if values.is_empty() {
+                    self.by_value.remove(column);
+                }
+            }
+            (Target::Rows(_), None) => remove_from(&mut self.rows, &group, &key),
         }
     }
 
@@ -46,27 +87,31 @@ impl EntityIndex {
         remove_from(&mut self.by_id, id, &key);
     }
 
-    /// A rows subscription whose connection moved to another group (a refreshed token).
-    pub fn regroup(&mut self, old: GroupId, new: GroupId, key: Key) {
-        remove_from(&mut self.rows, &old, &key);
-        self.rows.entry(new).or_default().insert(key);
+    /// A subscription whose connection moved to another group (a refreshed token).
+    pub fn regroup(&mut self, target: &Target, old: GroupId, new: GroupId, key: Key) {
+        self.remove(target, old, key);
+        self.add(target, new, key);
     }
 
     /// Every subscription of the entity (a TRUNCATE, a replaced entity).
     pub fn all(&self, out: &mut Vec<Key>) {
         out.extend(self.by_id.values().flatten());
+        let filed = self.by_value.values().flat_map(|v| v.values());
+        out.extend(filed.flat_map(|groups| groups.values()).flatten());
         out.extend(self.rows.values().flatten());
     }
 
     /// The subscriptions that may want `change` when every group sees it.
     pub fn every_group(&self, change: &Change, out: &mut Vec<Key>) {
         self.naming(change, out);
+        self.filed(change, None, out);
         out.extend(self.rows.values().flatten());
     }
 
     /// The subscriptions that may want `change` when only `groups` see a version of it.
     pub fn groups(&self, change: &Change, groups: &[GroupId], out: &mut Vec<Key>) {
         self.naming(change, out);
+        self.filed(change, Some(groups), out);
         for g in groups {
             out.extend(self.rows.get(g).into_iter().flatten());
         }
@@ -75,6 +120,27 @@ impl EntityIndex {
     fn naming(&self, change: &Change, out: &mut Vec<Key>) {
         let by_id = change.entity_id.as_ref().and_then(|id| self.by_id.get(id));
         out.extend(by_id.into_iter().flatten());
+    }
+
+    /// The filed filters that a value of the change's row, before or after it, may match
+    /// (of `groups`, or of every group). A filter found twice is judged twice, to the same
+    /// end.
+    fn filed(&self, change: &Change, groups: Option<&[GroupId]>, out: &mut Vec<Key>) {
+        let images = [change.old_data.as_ref(), change.data.as_ref()];
+        for (column, values) in &self.by_value {
+            for value in images.iter().flatten().filter_map(|row| row.get(column)) {
+                for by_group in equality_keys(value).filter_map(|k| values.get(&k)) {
+                    match groups {
+                        None => out.extend(by_group.values().flatten()),
+                        Some(groups) => {
+                            for g in groups {
+                                out.extend(by_group.get(g).into_iter().flatten());
+                            }
+                        }
+                    }
+                }
+            }
+        }
     }
 }
 

@@ -29,15 +29,22 @@ impl Router {
         }
         conn.user = user;
         conn.group = group;
-        let rows: Vec<(String, SubId)> = conn
+        let rows: Vec<(String, SubId, Target)> = conn
             .subs
             .iter()
             .filter(|(_, s)| matches!(s.subscription.target, Target::Rows(_)))
-            .map(|(id, s)| (s.subscription.entity_code.clone(), *id))
+            .map(|(id, s)| {
+                let subscription = &s.subscription;
+                (
+                    subscription.entity_code.clone(),
+                    *id,
+                    subscription.target.clone(),
+                )
+            })
             .collect();
-        for (entity, sub) in rows {
+        for (entity, sub, target) in rows {
             if let Some(entry) = self.index.get_mut(&entity) {
-                entry.regroup(old, group, (conn_id, sub));
+                entry.regroup(&target, old, group, (conn_id, sub));
             }
         }
         if old != group {

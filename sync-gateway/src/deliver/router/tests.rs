@@ -375,6 +375,73 @@ async fn a_group_refused_loses_its_subscriptions_with_forbidden() {
     assert_eq!(h.metrics.subscriptions.get(), 0);
 }
 
+/// Filters with an `eq` or `in` condition are filed by its values (`index::EntityIndex`):
+/// each still gets the rows that enter, stay in and leave it, found by the row before and
+/// after, whatever type the client wrote the value as; one filed by nothing (`gt`) is
+/// visited for every change; an unsubscribed one, for none.
+#[tokio::test]
+async fn filters_filed_by_value_get_the_rows_entering_staying_in_and_leaving_them() {
+    let mut h = harness();
+    let filter = |op, value: Value| {
+        let column = "team".into();
+        let condition = crate::model::filter::Condition {
+            column,
+            op,
+            value: Some(value),
+        };
+        Target::Rows(Some(vec![condition]))
+    };
+    let targets = [
+        filter(FilterOp::Eq, json!("7")),
+        filter(FilterOp::In, json!([7, 8])),
+        filter(FilterOp::Gt, json!(6)),
+        filter(FilterOp::Eq, json!(9)),
+        filter(FilterOp::Eq, json!(7)),
+    ];
+    let mut queues = Vec::new();
+    for (conn, target) in (1..).zip(targets) {
+        let (mut q, _) = connect(&mut h, conn, 1, 1 << 20);
+        subscribe(&mut h, conn, target, None);
+        drain(&mut q).await;
+        queues.push(q);
+    }
+    h.router.handle(Command::Unsubscribe {
+        conn: 5,
+        entity_code: "doc".into(),
+        entity_ids: None,
+    });
+    let row = |team: Option<i64>| team.map(|t| json!({"id": "1", "team": t}));
+    let change = |id, op, before, after| Change {
+        id,
+        ..sample(op, "1", row(after), row(before))
+    };
+    route(&mut h, vec![change(1, Op::Insert, None, Some(7))], 11);
+    route(&mut h, vec![change(2, Op::Update, Some(7), Some(7))], 12);
+    route(&mut h, vec![change(3, Op::Update, Some(7), Some(9))], 13);
+    route(&mut h, vec![change(4, Op::Delete, Some(9), None)], 14);
+    let mut got = Vec::new();
+    for q in &mut queues {
+        let actions = shape(&drain(q).await).into_iter().map(|(_, _, a)| a);
+        got.push(actions.collect::<Vec<_>>());
+    }
+    let [created, updated, deleted] = ["CREATE", "UPDATE", "DELETE"].map(String::from);
+    assert_eq!(
+        got,
+        [
+            vec![created.clone(), updated.clone(), deleted.clone()],
+            vec![created.clone(), updated.clone(), deleted.clone()],
+            vec![
+                created.clone(),
+                updated.clone(),
+                updated.clone(),
+                deleted.clone()
+            ],
+            vec![created, deleted],
+            vec![],
+        ]
+    );
+}
+
 #[tokio::test]
 async fn filters_are_bounded_per_user_and_replays_per_connection() {
     let mut h = harness();
