@@ -104,6 +104,10 @@ BACKLOG=${BACKLOG_CHANGES:-200000}
 backlog() { loadgen fanout --backlog --gateway-pid "$GATEWAY_PID" --rows 20000 --rows-per-commit 1000 "$@"; }
 restart_gateway
 backlog --connections 1000 --changes 20000
+# The same deliveries as the RLS rows of one subscriber per claim set, without RLS: each
+# connection subscribes with a filter on its team instead, the reference of those rows.
+backlog --connections 1000 --filter-sets 1000 --changes "$BACKLOG"
+backlog --connections "$FANOUT" --filter-sets "$FANOUT" --changes "$BACKLOG"
 # Row-level security last: the table keeps its policy from here on. A fresh gateway per
 # policy: a policy replaced under running subscriptions sends each a RESYNC.
 restart_gateway

@@ -132,7 +132,7 @@ def backlog_run(r):
             f"{r['deliveries_expected']:,} deliveries in {r['seconds']:.2f} s)")
 
 
-fan_backlog = run("fanout", rls_claim_sets=0, backlog=True)
+fan_backlog = run("fanout", rls_claim_sets=0, filter_sets=0, backlog=True)
 if fan_backlog:
     lines.append(f"| fan-out of a backlog (written while the gateway was paused, read at full speed once it "
                  f"resumed): {fan_backlog['changes_written']:,} changes in transactions of "
@@ -149,6 +149,12 @@ for r in [r for r in runs if r["mode"] == "fanout" and r.get("rls_claim_sets") a
                     f"{fan_backlog['changes_per_s']:,.0f} changes/s")
     ratios = [f"{r['changes_per_s'] / x['changes_per_s']:.3f}× {name}"
               for x, name in ((fan, "live"), (fan_backlog, "backlog")) if x]
+    # The same deliveries without RLS: each subscriber filtering on its team.
+    filtered = run("fanout", rls_claim_sets=0, filter_sets=sets, connections=r["connections"], backlog=True)
+    if filtered:
+        refs.append(f"no RLS, the same deliveries (each subscriber a filter on its team): "
+                    f"{filtered['changes_per_s']:,.0f} changes/s")
+        ratios.append(f"{r['changes_per_s'] / filtered['changes_per_s']:.2f}× the same deliveries")
     if bare_one and sets == r["connections"]:
         refs.append(f"bare WebSocket server, one-change frames to {bare_one['connections']:,} connections: "
                     f"{bare_one['messages_per_s']:,.0f} msgs/s")

@@ -131,6 +131,11 @@ struct Common {
     /// With row-level security: a membership-subquery policy.
     #[arg(long)]
     rls_subquery: bool,
+    /// Without row-level security, this many subscription filters (0: none): connection `i`
+    /// subscribes to the rows of team `i % N`, so that each change reaches the subscribers
+    /// it reaches with N claim sets (the reference of those rows: the same deliveries).
+    #[arg(long, default_value_t = 0)]
+    filter_sets: usize,
     /// Rows each writer's transaction updates (fan-out): with many claim sets a change
     /// reaches few subscribers, and single-row commits would measure PostgreSQL's commit
     /// rate rather than the gateway.
@@ -326,7 +331,7 @@ async fn database(url: &str) -> Result<tokio_postgres::Client> {
 
 async fn prepare_table(c: &Common) -> Result<()> {
     let db = database(&c.database_url).await?;
-    let teams = c.rls_claim_sets.max(1);
+    let teams = c.rls_claim_sets.max(c.filter_sets).max(1);
     db.batch_execute(&format!(
         "DROP TABLE IF EXISTS bench_item;
          CREATE TABLE bench_item (id int PRIMARY KEY, team text NOT NULL, seq bigint NOT NULL DEFAULT 0, pad text);
@@ -523,7 +528,12 @@ async fn latency(c: Common) -> Result<Value> {
 
 async fn fanout(c: Common) -> Result<Value> {
     prepare_table(&c).await?;
-    let sockets = open(&c, c.connections, |_| json!({"entityCode": "bench_item"})).await?;
+    let sockets = open(&c, c.connections, |i| match c.filter_sets {
+        0 => json!({"entityCode": "bench_item"}),
+        n => json!({"entityCode": "bench_item",
+                    "filter": [{"column": "team", "op": "eq", "value": (i % n).to_string()}]}),
+    })
+    .await?;
     if c.backlog {
         return backlog(c, sockets).await;
     }
@@ -603,7 +613,7 @@ async fn backlog(c: Common, sockets: Vec<Subscriber>) -> Result<Value> {
     let delivered = delivered.load(Ordering::Relaxed);
     Ok(json!({
         "mode": "fanout", "backlog": true, "connections": c.connections,
-        "rls_claim_sets": c.rls_claim_sets,
+        "rls_claim_sets": c.rls_claim_sets, "filter_sets": c.filter_sets,
         "rls_policy": if c.rls_subquery { "subquery" } else { "claim" },
         "rows_per_commit": c.rows_per_commit, "changes_written": passes * c.rows,
         "deliveries_expected": expected, "changes_delivered": delivered,
@@ -613,14 +623,15 @@ async fn backlog(c: Common, sockets: Vec<Subscriber>) -> Result<Value> {
 }
 
 /// The deliveries one update of every row of `bench_item` makes: row `id` reaches the
-/// connections of team `id % N` (all of them without RLS).
+/// connections of team `id % N`, N claim sets or filters (all of them without either).
 fn deliveries_per_pass(c: &Common) -> u64 {
-    if c.rls_claim_sets == 0 {
+    let teams = c.rls_claim_sets.max(c.filter_sets);
+    if teams == 0 {
         return (c.rows * c.connections) as u64;
     }
-    let mut per_team = vec![0u64; c.rls_claim_sets];
-    (0..c.connections).for_each(|i| per_team[i % c.rls_claim_sets] += 1);
-    (0..c.rows).map(|id| per_team[id % c.rls_claim_sets]).sum()
+    let mut per_team = vec![0u64; teams];
+    (0..c.connections).for_each(|i| per_team[i % teams] += 1);
+    (0..c.rows).map(|id| per_team[id % teams]).sum()
 }
 
 /// Updates every row of `bench_item` `passes` times, in transactions of `--rows-per-commit`
