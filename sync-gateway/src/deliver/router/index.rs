@@ -96,8 +96,10 @@ impl EntityIndex {
     /// Every subscription of the entity (a TRUNCATE, a replaced entity).
     pub fn all(&self, out: &mut Vec<Key>) {
         out.extend(self.by_id.values().flatten());
+        let start = out.len();
         let filed = self.by_value.values().flat_map(|v| v.values());
         out.extend(filed.flat_map(|groups| groups.values()).flatten());
+        once_each(out, start);
         out.extend(self.rows.values().flatten());
     }
 
@@ -123,9 +125,9 @@ impl EntityIndex {
     }
 
     /// The filed filters that a value of the change's row, before or after it, may match
-    /// (of `groups`, or of every group). A filter found twice is judged twice, to the same
-    /// end.
+    /// (of `groups`, or of every group), each once.
     fn filed(&self, change: &Change, groups: Option<&[GroupId]>, out: &mut Vec<Key>) {
+        let start = out.len();
         let images = [change.old_data.as_ref(), change.data.as_ref()];
         for (column, values) in &self.by_value {
             for value in images.iter().flatten().filter_map(|row| row.get(column)) {
@@ -141,6 +143,20 @@ impl EntityIndex {
                 }
             }
         }
+        once_each(out, start);
+    }
+}
+
+/// Leaves each subscription of `out[start..]` once: a filter is filed under each key of each
+/// of its values and found by each image of a change, and a subscription given a change
+/// twice would hold it twice while it replays (the router's `last_change` check is for
+/// live deliveries).
+fn once_each(out: &mut Vec<Key>, start: usize) {
+    if out.len() > start + 1 {
+        let mut found = out.split_off(start);
+        found.sort_unstable();
+        found.dedup();
+        out.append(&mut found);
     }
 }
 

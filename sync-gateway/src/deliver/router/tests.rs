@@ -442,6 +442,34 @@ async fn filters_filed_by_value_get_the_rows_entering_staying_in_and_leaving_the
     );
 }
 
+/// A filed filter is found by each key of each image of a change (here the row before and
+/// after, and the value's text and number): a subscription replaying its gap still holds the
+/// change once, and gets it once after SYNCED.
+#[tokio::test]
+async fn a_replaying_filed_filter_holds_a_live_change_once() {
+    let mut h = harness();
+    let (mut q, _) = connect(&mut h, 1, 1, 1 << 20);
+    let target = Target::Rows(Some(vec![crate::model::filter::Condition {
+        column: "team".into(),
+        op: FilterOp::Eq,
+        value: Some(json!("7")),
+    }]));
+    subscribe(&mut h, 1, target, Some(cursor(5)));
+    let start = h.replays.try_recv().expect("a replay to run");
+    drain(&mut q).await;
+    let row = json!({"id": "1", "team": "7"});
+    let update = Change {
+        id: 11,
+        ..sample(Op::Update, "1", Some(row.clone()), Some(row))
+    };
+    route(&mut h, vec![update], 11);
+    replay(&mut h, start.sub, vec![]);
+    assert_eq!(
+        shape(&drain(&mut q).await),
+        [triple("SYNCED", "", ""), triple("DELTA", "1", "UPDATE")]
+    );
+}
+
 #[tokio::test]
 async fn filters_are_bounded_per_user_and_replays_per_connection() {
     let mut h = harness();
