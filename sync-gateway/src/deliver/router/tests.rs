@@ -470,6 +470,50 @@ async fn a_replaying_filed_filter_holds_a_live_change_once() {
     );
 }
 
+/// A refreshed token that puts the connection in another group moves its filed filters with
+/// it: a change only the new group may see reaches it (left filed under the old group, the
+/// filter would never be visited for it), and one only the old group may see does not.
+#[tokio::test]
+async fn a_filed_filter_follows_its_connection_into_another_group() {
+    let mut h = harness();
+    let (mut q, _) = connect(&mut h, 1, 1, 1 << 20);
+    let target = Target::Rows(Some(vec![crate::model::filter::Condition {
+        column: "team".into(),
+        op: FilterOp::Eq,
+        value: Some(json!(7)),
+    }]));
+    subscribe(&mut h, 1, target, None);
+    drain(&mut q).await;
+    h.router.handle(Command::Reauth {
+        conn: 1,
+        user: Arc::new(UserContext {
+            sub: "user1".into(),
+            role: Some("app_user".into()),
+            claims: r#"{"team":"b"}"#.into(),
+            claims_json: json!({"team": "b"}),
+        }),
+        group: 2,
+    });
+    let seen_by = |id: i64, group: GroupId| {
+        let row = json!({"id": id.to_string(), "team": 7});
+        let change = Change {
+            id,
+            ..sample(Op::Insert, &id.to_string(), Some(row), None)
+        };
+        let sight = ChangeSight {
+            before: vec![],
+            after: vec![group],
+        };
+        batch(vec![change], vec![Some(sight)], 10 + id as u64, true)
+    };
+    h.router.handle(Command::Batch(Arc::new(seen_by(1, 2))));
+    h.router.handle(Command::Batch(Arc::new(seen_by(2, 1))));
+    assert_eq!(
+        shape(&drain(&mut q).await),
+        [triple("DELTA", "1", "CREATE")]
+    );
+}
+
 #[tokio::test]
 async fn filters_are_bounded_per_user_and_replays_per_connection() {
     let mut h = harness();
