@@ -258,11 +258,7 @@ BEGIN
                                WHERE object_type = 'table')
         RETURNING entity_code)
     INSERT INTO sync.access_event (entity_code, kind) SELECT g.entity_code, 'untracked' FROM gone g;
-    -- Not while pg_sync drops its own triggers (sync._watch_policy_inputs): its caller notes
-    -- access once they are all made.
-    IF NOT sync._in_internal_ddl() THEN
-        PERFORM sync._note_access();
-    END IF;
+    PERFORM sync._note_access();
 END
 $$;
 CREATE EVENT TRIGGER sync_sql_drop ON sql_drop EXECUTE FUNCTION sync._on_sql_drop();
@@ -395,9 +391,10 @@ $$;
 -- gets a row of sync.access_event and an ACCESS row in the log: its subscribers refetch,
 -- wherever they read the log. The first digest of a kind is only noted. A table's digest
 -- includes pg_sync's triggers on the tables its policies read, so they are put right first
--- (else the digest moves again at the next command). Returns the entities whose access
--- changed. SECURITY DEFINER: it writes pg_sync's tables for any role's DDL and for the
--- gateway; it runs no code a caller can define.
+-- (else the digest moves again at the next command); nothing is noted during pg_sync's own
+-- DDL, which the event triggers see too. Returns the entities whose access changed. SECURITY
+-- DEFINER: it writes pg_sync's tables for any role's DDL and for the gateway; it runs no code
+-- a caller can define.
 CREATE FUNCTION sync._note_access(roles text[] DEFAULT NULL) RETURNS integer
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
@@ -410,6 +407,9 @@ DECLARE
     noted_before boolean;
     changed integer := 0;
 BEGIN
+    IF sync._in_internal_ddl() THEN
+        RETURN 0; -- pg_sync's own DDL (its event triggers): the caller notes access when done
+    END IF;
     IF roles IS NULL THEN
         PERFORM sync._watch_policy_inputs();
     END IF;
@@ -459,9 +459,6 @@ DECLARE
     args text;
     waited text := pg_catalog.current_setting('lock_timeout');
 BEGIN
-    IF sync._in_internal_ddl() THEN
-        RETURN;
-    END IF;
     FOR w IN
         -- Per watched table: the tracked tables whose policies read it, and the first
         -- argument, naming the table and the columns the policies read (PostgreSQL records a
@@ -583,9 +580,6 @@ $$;
 CREATE FUNCTION sync._on_access_change() RETURNS event_trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
-    IF sync._in_internal_ddl() THEN
-        RETURN; -- pg_sync's own DDL, whose caller notes access once it is done
-    END IF;
     IF TG_TAG IN ('CREATE TABLE', 'CREATE SCHEMA') AND NOT EXISTS (
             SELECT FROM pg_catalog.pg_event_trigger_ddl_commands() c
               JOIN pg_catalog.pg_inherits h ON h.inhrelid = c.objid) THEN
