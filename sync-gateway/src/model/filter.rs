@@ -106,9 +106,7 @@ impl Condition {
             }
         }
     }
-}
 
-impl Condition {
     /// Where an index of subscriptions may file this condition: for `eq` and `in`, the keys
     /// (`equality_keys`) of the values it matches; None for the other operators.
     pub fn index_keys(&self) -> Option<Vec<u64>> {

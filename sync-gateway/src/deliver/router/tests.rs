@@ -202,6 +202,16 @@ fn route_cut(h: &mut Harness, changes: Vec<Change>, end: u64) {
         .handle(Command::Batch(Arc::new(batch(changes, vec![], end, false))));
 }
 
+/// A filter of one condition on the column `team`.
+fn team_filter(op: FilterOp, value: Value) -> Target {
+    let condition = crate::model::filter::Condition {
+        column: "team".into(),
+        op,
+        value: Some(value),
+    };
+    Target::Rows(Some(vec![condition]))
+}
+
 fn triple(kind: &str, id: &str, action: &str) -> (String, String, String) {
     (kind.into(), id.into(), action.into())
 }
@@ -382,21 +392,12 @@ async fn a_group_refused_loses_its_subscriptions_with_forbidden() {
 #[tokio::test]
 async fn filters_filed_by_value_get_the_rows_entering_staying_in_and_leaving_them() {
     let mut h = harness();
-    let filter = |op, value: Value| {
-        let column = "team".into();
-        let condition = crate::model::filter::Condition {
-            column,
-            op,
-            value: Some(value),
-        };
-        Target::Rows(Some(vec![condition]))
-    };
     let targets = [
-        filter(FilterOp::Eq, json!("7")),
-        filter(FilterOp::In, json!([7, 8])),
-        filter(FilterOp::Gt, json!(6)),
-        filter(FilterOp::Eq, json!(9)),
-        filter(FilterOp::Eq, json!(7)),
+        team_filter(FilterOp::Eq, json!("7")),
+        team_filter(FilterOp::In, json!([7, 8])),
+        team_filter(FilterOp::Gt, json!(6)),
+        team_filter(FilterOp::Eq, json!(9)),
+        team_filter(FilterOp::Eq, json!(7)),
     ];
     let mut queues = Vec::new();
     for (conn, target) in (1..).zip(targets) {
@@ -449,12 +450,12 @@ async fn filters_filed_by_value_get_the_rows_entering_staying_in_and_leaving_the
 async fn a_replaying_filed_filter_holds_a_live_change_once() {
     let mut h = harness();
     let (mut q, _) = connect(&mut h, 1, 1, 1 << 20);
-    let target = Target::Rows(Some(vec![crate::model::filter::Condition {
-        column: "team".into(),
-        op: FilterOp::Eq,
-        value: Some(json!("7")),
-    }]));
-    subscribe(&mut h, 1, target, Some(cursor(5)));
+    subscribe(
+        &mut h,
+        1,
+        team_filter(FilterOp::Eq, json!("7")),
+        Some(cursor(5)),
+    );
     let start = h.replays.try_recv().expect("a replay to run");
     drain(&mut q).await;
     let row = json!({"id": "1", "team": "7"});
@@ -477,12 +478,7 @@ async fn a_replaying_filed_filter_holds_a_live_change_once() {
 async fn a_filed_filter_follows_its_connection_into_another_group() {
     let mut h = harness();
     let (mut q, _) = connect(&mut h, 1, 1, 1 << 20);
-    let target = Target::Rows(Some(vec![crate::model::filter::Condition {
-        column: "team".into(),
-        op: FilterOp::Eq,
-        value: Some(json!(7)),
-    }]));
-    subscribe(&mut h, 1, target, None);
+    subscribe(&mut h, 1, team_filter(FilterOp::Eq, json!(7)), None);
     drain(&mut q).await;
     h.router.handle(Command::Reauth {
         conn: 1,
