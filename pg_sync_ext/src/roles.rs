@@ -91,13 +91,14 @@ fn here() -> (u32, pg_sys::SubTransactionId) {
 }
 
 /// Marks the start (true) or end (false) of pg_sync's own DDL on a tracked table, which the
-/// event triggers must not count as a schema change. (Internal: `_install_capture`.)
+/// event triggers must not count as a schema change. (Internal: `_install_capture`, `untrack`,
+/// `_watch_policy_inputs`.)
 #[pg_extern(name = "_internal_ddl", volatile, parallel_unsafe)]
 fn internal_ddl(on: bool) {
     INTERNAL_DDL.with(|flag| flag.set(on.then(here)));
 }
 
-/// Whether the DDL being run is pg_sync's own. (Internal: the event triggers.)
+/// Whether the DDL being run is pg_sync's own. (Internal: `_on_alter_table`, `_note_access`.)
 #[pg_extern(name = "_in_internal_ddl", volatile, parallel_unsafe)]
 fn in_internal_ddl() -> bool {
     INTERNAL_DDL.with(|flag| flag.get() == Some(here()))

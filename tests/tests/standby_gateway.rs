@@ -436,3 +436,53 @@ async fn the_standbys_gateway_reads_on_when_the_standby_is_promoted() {
     assert_eq!(status, 200, "{page}");
     assert_eq!(page["changes"].as_array().unwrap().len(), 2, "{page}");
 }
+
+/// A SUBSCRIBE checked while its entity was tracked, whose cursor the standby had not
+/// replayed, is waited for; the entity is untracked in what replays meanwhile. The client
+/// is told to refetch (RESYNC `entity_changed`), never served the untracked entity as live.
+/// Fails when the subscription passes on to the router after the replacement was handed on
+/// (the soak's oracle saw a browser tab show an untracked entity live).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_subscription_whose_entity_is_untracked_while_its_cursor_is_awaited_refetches() {
+    let primary = Cluster::start().await;
+    primary.execute(workload::SCHEMA).await;
+    let standby = primary.standby().await;
+    let gateway = standby_gateway(&primary, &standby, &["--behind-patience", "60s"]).await;
+    standby.execute("SELECT pg_wal_replay_pause()").await;
+    primary.execute("INSERT INTO item (id) VALUES (1)").await;
+    let ahead = primary.current_cursor().await;
+    primary.execute("SELECT sync.untrack('item')").await;
+    let mut session = gateway.connect("u").await;
+    session
+        .send(json!({"type": "SUBSCRIBE", "payload": {"entityCode": "item", "since": ahead}}))
+        .await;
+    // Checked and waiting: the gateway asked the primary whether it has the cursor (an idle
+    // backend shows the last statement it ran).
+    let observer = primary.connect().await;
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        let asked: bool = observer
+            .query_one(
+                "SELECT EXISTS (SELECT FROM pg_stat_activity WHERE usename = $1
+                                   AND query = 'SELECT sync.cursor_reached(sync.current_cursor(), $1)')",
+                &[&GATEWAY_ROLE],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if asked {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the gateway never asked"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    standby.execute("SELECT pg_wal_replay_resume()").await;
+    let answer = session.next().await.unwrap();
+    assert_eq!(answer["type"], "RESYNC", "{answer}");
+    assert_eq!(answer["payload"]["reason"], "entity_changed");
+    // Refetching finds it gone (400 `unknown_entity`).
+    assert_eq!(gateway.snapshot("u", "item").await.unwrap_err(), 400);
+}

@@ -41,6 +41,13 @@ pub enum Staged {
     /// These entities were untracked, tracked again or replaced by another table: their
     /// subscribers hold another table's rows, and refetch.
     Replaced(Vec<String>),
+    /// This subscription was checked against a table no longer tracked under its code
+    /// (replaced while the check, or the wait for its cursor, was under way): it is not
+    /// passed on, and the connection refetches.
+    Outdated {
+        conn: u64,
+        entity_code: String,
+    },
 }
 
 /// What a command passing through says about who listens.
@@ -58,6 +65,8 @@ pub enum Listening<'a> {
     Subscribe {
         conn: u64,
         entity: &'a str,
+        /// The entity's tracking the subscription was checked against.
+        tracking: i64,
     },
     /// Every subscription of the connection to the entity ends.
     Unsubscribe {
@@ -110,7 +119,7 @@ impl Registry {
                     }
                 }
             }
-            Listening::Subscribe { conn, entity } => {
+            Listening::Subscribe { conn, entity, .. } => {
                 if let Some((group, _)) = self.connections.get(&conn) {
                     let group = *group;
                     self.listen(entity, group, conn);
@@ -226,12 +235,24 @@ impl Stage {
             let out: Vec<C> = tokio::select! {
                 biased;
                 command = control.recv(), if control_open => match command {
-                    Some(command) => {
-                        if let Some(event) = command.listening() {
-                            registry.observe(event);
+                    Some(command) => match command.listening() {
+                        // The connection checked it against the catalog as it was then,
+                        // perhaps older than `seen`, whose replacements were handed on already:
+                        // passed on, a subscription to a replaced table would never end. The
+                        // catalog now is at least as new as both. (One checked against a newer
+                        // catalog than `seen` passes: the next batch's replacements end it.)
+                        Some(Listening::Subscribe { conn, entity, tracking })
+                            if !self.catalog.view().tracks(entity, tracking) =>
+                        {
+                            let entity_code = entity.to_owned();
+                            vec![Staged::Outdated { conn, entity_code }.into()]
                         }
-                        vec![command]
-                    }
+                        Some(event) => {
+                            registry.observe(event);
+                            vec![command]
+                        }
+                        None => vec![command],
+                    },
                     None => {
                         control_open = false;
                         continue;

@@ -46,6 +46,12 @@ pub enum Command {
     Reset(Cursor),
     /// Entities replaced under their code: their subscribers refetch.
     Replaced(Vec<String>),
+    /// A SUBSCRIBE checked against a table no longer tracked under its code: refused with
+    /// RESYNC (the client refetches).
+    Outdated {
+        conn: ConnId,
+        entity_code: String,
+    },
     Replay(ReplayEvent),
 }
 
@@ -55,6 +61,7 @@ impl From<Staged> for Command {
             Staged::Batch(batch) => Command::Batch(batch),
             Staged::Reset(position) => Command::Reset(position),
             Staged::Replaced(codes) => Command::Replaced(codes),
+            Staged::Outdated { conn, entity_code } => Command::Outdated { conn, entity_code },
         }
     }
 }
@@ -75,6 +82,7 @@ impl Passing for Command {
             Command::Subscribe(s) => Listening::Subscribe {
                 conn: s.conn,
                 entity: &s.subscription.entity_code,
+                tracking: s.tracking,
             },
             Command::Unsubscribe {
                 conn,
@@ -109,6 +117,9 @@ pub struct SubscribeRequest {
     pub subscription: Subscription,
     pub since: Option<Cursor>,
     pub reference: Option<String>,
+    /// The entity's tracking when the request was checked (`Entity::tracking`): a request
+    /// checked against a table since replaced under the code is refused at the stage.
+    pub tracking: i64,
 }
 
 /// One step of a replay's page, in log order.

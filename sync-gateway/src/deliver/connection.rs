@@ -486,6 +486,7 @@ impl Session {
             },
             since,
             reference: s.reference,
+            tracking: entity.tracking,
         };
         self.command(Command::Subscribe(request)).await;
         None

@@ -151,6 +151,13 @@ pub struct View {
 }
 
 impl View {
+    /// Whether the entity named `code` is the table tracked as `tracking`.
+    pub fn tracks(&self, code: &str, tracking: i64) -> bool {
+        self.entities
+            .get(code)
+            .is_some_and(|e| e.tracking == tracking)
+    }
+
     /// The entities of `older` that this view no longer has as they were: untracked, or
     /// tracked again (another table, or the same one after an untrack). Their subscribers'
     /// copies hold another table's rows.

@@ -191,6 +191,7 @@ impl Router {
             Command::Batch(batch) => self.route(&batch),
             Command::Reset(position) => self.reset(position),
             Command::Replaced(codes) => self.replaced(&codes),
+            Command::Outdated { conn, entity_code } => self.outdated(conn, entity_code),
             Command::Replay(event) => self.replay_event(event),
         }
     }
@@ -220,7 +221,9 @@ impl Router {
 
     /// Entities replaced under their code: every subscription of them ends with RESYNC
     /// `entity_changed` (the rows held are another table's; refetch and subscribe again).
+    /// So do subscriptions deferred to the end of a drain, checked against the old table.
     fn replaced(&mut self, codes: &[String]) {
+        let mut told = HashSet::new();
         for code in codes {
             let ended: Vec<(ConnId, SubId, String)> = self
                 .connections
@@ -232,8 +235,32 @@ impl Router {
                         .map(move |(sub, _)| (*id, *sub, code.clone()))
                 })
                 .collect();
+            told.extend(ended.iter().map(|(conn, _, code)| (*conn, code.clone())));
             self.end_with_resync(ended, ResyncReason::EntityChanged);
         }
+        let (deferred, kept) = std::mem::take(&mut self.deferred)
+            .into_iter()
+            .partition(|r| codes.contains(&r.subscription.entity_code));
+        self.deferred = kept;
+        for request in deferred {
+            let (conn, entity_code) = (request.conn, request.subscription.entity_code);
+            if told.insert((conn, entity_code.clone())) {
+                self.outdated(conn, entity_code);
+            }
+        }
+    }
+
+    /// A subscription that was never made, checked against a table since replaced: the
+    /// connection refetches.
+    fn outdated(&mut self, conn: ConnId, entity_code: String) {
+        let reason = ResyncReason::EntityChanged;
+        self.send(
+            conn,
+            &ServerMessage::Resync {
+                entity_code,
+                reason,
+            },
+        );
     }
 
     fn set_position(&mut self, position: Cursor, complete: bool) {

@@ -128,6 +128,7 @@ fn subscribe(h: &mut Harness, conn: ConnId, target: Target, since: Option<Cursor
         },
         since,
         reference: None,
+        tracking: 1,
     }));
 }
 
@@ -966,6 +967,28 @@ async fn subscribers_of_a_replaced_entity_refetch_and_their_subscriptions_end() 
     assert_eq!(resync[0]["payload"]["reason"], "entity_changed");
     route(&mut h, vec![insert("3")], 13);
     assert!(drain(&mut q).await.is_empty(), "the subscription ended");
+}
+
+/// A subscription waiting for the end of a drain when its entity is replaced was checked
+/// against the old table: it ends with RESYNC too, and is never made. Fails when `replaced`
+/// passes over the deferred requests (the client was served an untracked entity as live).
+#[tokio::test]
+async fn a_subscription_deferred_when_its_entity_is_replaced_refetches() {
+    let mut h = harness();
+    let (mut q, _) = connect(&mut h, 1, 1, 1 << 20);
+    route_cut(&mut h, vec![insert("1")], 10);
+    subscribe(&mut h, 1, Target::Rows(None), Some(cursor(5)));
+    assert!(
+        drain(&mut q).await.is_empty(),
+        "deferred to the drain's end"
+    );
+    h.router.handle(Command::Replaced(vec!["doc".into()]));
+    let resync = drain(&mut q).await;
+    assert_eq!(shape(&resync), [triple("RESYNC", "", "")]);
+    assert_eq!(resync[0]["payload"]["reason"], "entity_changed");
+    route(&mut h, vec![insert("2")], 11);
+    assert!(drain(&mut q).await.is_empty(), "never subscribed");
+    assert!(h.replays.try_recv().is_err(), "nothing replayed");
 }
 
 #[tokio::test]
