@@ -209,6 +209,47 @@ impl Audience for Registry {
     }
 }
 
+/// The catalog as the stage handed it on: the replacements since `seen` are not handed on
+/// yet. Every tracking a subscription passed on was checked against is in `seen`, so that
+/// its replacement is found.
+struct Handed {
+    seen: Arc<View>,
+}
+
+/// A subscription checked against a table no longer tracked under its code.
+#[derive(Debug, PartialEq)]
+struct Outdated;
+
+impl Handed {
+    /// The entities `view` no longer has as `seen` had them, now handed on.
+    fn replacements(&mut self, view: Arc<View>) -> Vec<String> {
+        let replaced = if view.epoch != self.seen.epoch {
+            view.replaced_since(&self.seen)
+        } else {
+            vec![]
+        };
+        self.seen = view;
+        replaced
+    }
+
+    /// Whether a subscription checked against `entity` as `tracking` passes, `view` being
+    /// the catalog now (at least as new as the one it was checked against, and as `seen`),
+    /// and the replacements to hand on before it. Checked against an older catalog than
+    /// `seen`, whose replacements were handed on, it would never end; against a newer one,
+    /// a replacement compared with `seen`, which lacks its tracking, would not be found.
+    fn subscription(
+        &mut self,
+        view: Arc<View>,
+        entity: &str,
+        tracking: i64,
+    ) -> Result<Vec<String>, Outdated> {
+        if !view.tracks(entity, tracking) {
+            return Err(Outdated);
+        }
+        Ok(self.replacements(view))
+    }
+}
+
 /// The stage's task.
 pub struct Stage {
     /// Policies judged in the database (`--visibility-pool-size`).
@@ -229,23 +270,30 @@ impl Stage {
     ) {
         let mut registry = Registry::default();
         let mut judge = Judge::default();
-        let mut seen: Arc<View> = self.catalog.view();
+        let mut handed = Handed {
+            seen: self.catalog.view(),
+        };
         let (mut control_open, mut batches_open) = (true, true);
         while control_open || batches_open {
             let out: Vec<C> = tokio::select! {
                 biased;
                 command = control.recv(), if control_open => match command {
                     Some(command) => match command.listening() {
-                        // The connection checked it against the catalog as it was then,
-                        // perhaps older than `seen`, whose replacements were handed on already:
-                        // passed on, a subscription to a replaced table would never end. The
-                        // catalog now is at least as new as both. (One checked against a newer
-                        // catalog than `seen` passes: the next batch's replacements end it.)
-                        Some(Listening::Subscribe { conn, entity, tracking })
-                            if !self.catalog.view().tracks(entity, tracking) =>
-                        {
-                            let entity_code = entity.to_owned();
-                            vec![Staged::Outdated { conn, entity_code }.into()]
+                        Some(Listening::Subscribe { conn, entity, tracking }) => {
+                            match handed.subscription(self.catalog.view(), entity, tracking) {
+                                Ok(replaced) => {
+                                    for code in &replaced {
+                                        registry.drop_entity(code);
+                                    }
+                                    registry.observe(Listening::Subscribe { conn, entity, tracking });
+                                    let replaced = (!replaced.is_empty()).then(|| Staged::Replaced(replaced).into());
+                                    replaced.into_iter().chain([command]).collect()
+                                }
+                                Err(Outdated) => {
+                                    let entity_code = entity.to_owned();
+                                    vec![Staged::Outdated { conn, entity_code }.into()]
+                                }
+                            }
                         }
                         Some(event) => {
                             registry.observe(event);
@@ -265,8 +313,7 @@ impl Stage {
                         // before anything of this batch reaches them.
                         let view = self.catalog.view();
                         self.metrics.access_epoch.set(view.epoch as i64);
-                        let replaced = if view.epoch != seen.epoch { view.replaced_since(&seen) } else { vec![] };
-                        seen = view;
+                        let replaced = handed.replacements(view);
                         for code in &replaced {
                             registry.drop_entity(code);
                         }
@@ -321,5 +368,42 @@ impl Stage {
             complete: batch.complete,
             read_at: batch.read_at,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_subscription_checked_against_a_replaced_table_is_outdated() {
+        let mut handed = Handed {
+            seen: Arc::new(View::of(1, &[("task", 7)])),
+        };
+        let retracked = Arc::new(View::of(2, &[("task", 8)]));
+        assert_eq!(
+            handed.subscription(retracked.clone(), "task", 7),
+            Err(Outdated)
+        );
+        // Checked against the new table: passes, after the old one's replacement.
+        assert_eq!(
+            handed.subscription(retracked, "task", 8),
+            Ok(vec!["task".to_owned()])
+        );
+        let untracked = Arc::new(View::of(3, &[]));
+        assert_eq!(handed.subscription(untracked, "task", 8), Err(Outdated));
+    }
+
+    /// Fails when a subscription passes without `seen` moving to the catalog it passed
+    /// against: the entity, tracked after `seen`, is untracked before the next batch.
+    #[test]
+    fn the_replacement_of_a_table_tracked_after_the_last_batch_is_found() {
+        let mut handed = Handed {
+            seen: Arc::new(View::of(1, &[])),
+        };
+        let tracked = Arc::new(View::of(2, &[("task", 7)]));
+        assert_eq!(handed.subscription(tracked, "task", 7), Ok(vec![]));
+        let untracked = Arc::new(View::of(3, &[]));
+        assert_eq!(handed.replacements(untracked), ["task"]);
     }
 }

@@ -151,6 +151,44 @@ pub struct View {
 }
 
 impl View {
+    /// The view before the first read: no entities.
+    fn empty() -> View {
+        View {
+            entities: HashMap::new(),
+            serial: -1,
+            fingerprint: String::new(),
+            epoch: 0,
+            loaded_at: Instant::now() - MISS_INTERVAL * 2,
+            read_began: Instant::now() - MISS_INTERVAL * 2,
+        }
+    }
+
+    /// A view at `epoch` of entities (code, tracking), for tests.
+    #[cfg(test)]
+    pub fn of(epoch: u64, entities: &[(&str, i64)]) -> View {
+        let entities = entities.iter().map(|(code, tracking)| {
+            let entity = Entity {
+                code: code.to_string(),
+                table: quote(code),
+                relid: 1,
+                key: vec!["id".into()],
+                key_types: vec!["bigint".into()],
+                columns: Default::default(),
+                allow_listed: false,
+                rls: false,
+                schema_version: 1,
+                tracking: *tracking,
+                access: String::new(),
+            };
+            (code.to_string(), Arc::new(entity))
+        });
+        View {
+            entities: entities.collect(),
+            epoch,
+            ..View::empty()
+        }
+    }
+
     /// Whether the entity named `code` is the table tracked as `tracking`.
     pub fn tracks(&self, code: &str, tracking: i64) -> bool {
         self.entities
@@ -199,19 +237,11 @@ const ACCESS_SQL: &str = "SELECT sync.access_serial()";
 
 impl Catalog {
     pub fn new(pool: Pool, notes: Pool, roles: Vec<String>) -> Self {
-        let empty = View {
-            entities: HashMap::new(),
-            serial: -1,
-            fingerprint: String::new(),
-            epoch: 0,
-            loaded_at: Instant::now() - MISS_INTERVAL * 2,
-            read_began: Instant::now() - MISS_INTERVAL * 2,
-        };
         Catalog {
             pool,
             notes,
             roles,
-            view: RwLock::new(Arc::new(empty)),
+            view: RwLock::new(Arc::new(View::empty())),
             reloading: tokio::sync::Mutex::new(()),
         }
     }
