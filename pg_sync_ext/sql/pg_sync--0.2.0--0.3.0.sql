@@ -355,6 +355,17 @@ SELECT t.entity_code, t.relid::oid, n.nspname::text, c.relname::text, t.capture,
   JOIN pg_catalog.pg_index k ON k.indrelid = t.relid AND k.indisprimary
 $$;
 
+-- The tables inheriting from `parent`, at any depth: a policy reading `parent` reads their
+-- rows too.
+CREATE OR REPLACE FUNCTION sync._heirs(parent oid) RETURNS SETOF oid
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+WITH RECURSIVE heirs(oid) AS (
+    SELECT h.inhrelid FROM pg_catalog.pg_inherits h WHERE h.inhparent = parent
+    UNION
+    SELECT h.inhrelid FROM heirs JOIN pg_catalog.pg_inherits h ON h.inhparent = heirs.oid)
+SELECT heirs.oid FROM heirs
+$$;
+
 -- What of who may read `tbl` the table itself decides: its tracking and published columns,
 -- owner, table, column and schema privileges, row-level security enabled or forced, its
 -- policies, and the tables they read (their privileges, security, columns and watch).
@@ -387,17 +398,12 @@ SELECT pg_catalog.md5(pg_catalog.concat_ws(',',
                            AND f.pronamespace = 'sync'::pg_catalog.regnamespace)), ';' ORDER BY i.oid)
               FROM pg_catalog.pg_class i
              WHERE i.relpersistence <> 't'
-               AND i.oid IN (WITH RECURSIVE read(oid) AS (
-                                 SELECT d.refobjid FROM pg_catalog.pg_policy p
-                                   JOIN pg_catalog.pg_depend d
-                                     ON d.classid = 'pg_catalog.pg_policy'::pg_catalog.regclass
-                                    AND d.objid = p.oid
-                                    AND d.refclassid = 'pg_catalog.pg_class'::pg_catalog.regclass
-                                  WHERE p.polrelid = t.relid AND d.refobjid <> t.relid
-                                 UNION
-                                 SELECT h.inhrelid FROM read
-                                   JOIN pg_catalog.pg_inherits h ON h.inhparent = read.oid)
-                             SELECT read.oid FROM read))))
+               AND i.oid IN (SELECT x.oid FROM pg_catalog.pg_policy p
+                               JOIN pg_catalog.pg_depend d
+                                 ON d.classid = 'pg_catalog.pg_policy'::pg_catalog.regclass AND d.objid = p.oid
+                                AND d.refclassid = 'pg_catalog.pg_class'::pg_catalog.regclass
+                              CROSS JOIN LATERAL (SELECT d.refobjid UNION SELECT sync._heirs(d.refobjid)) x(oid)
+                              WHERE p.polrelid = t.relid AND d.refobjid <> t.relid))))
   FROM sync.tracked t
   JOIN pg_catalog.pg_class c ON c.oid = t.relid
   JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
@@ -525,7 +531,7 @@ BEGIN
         -- they read no column of it: then no column is named; nor for a table inheriting from
         -- another, whose rows a policy reading the parent reads too, where the gateway would
         -- look for the parent's).
-        WITH RECURSIVE reads AS (
+        WITH reads AS (
             SELECT d.refobjid AS input, d.refobjsubid AS attnum, p.polrelid::oid AS relid,
                    tc.relowner AS owner,
                    NOT c.relispartition AND EXISTS (SELECT FROM pg_catalog.pg_inherits h
@@ -541,22 +547,15 @@ BEGIN
              WHERE c.relkind IN ('r', 'p') AND c.relpersistence <> 't'
                AND (pg_catalog.pg_has_role(tc.relowner, c.relowner, 'USAGE')
                     OR pg_catalog.has_table_privilege(tc.relowner, c.oid, 'TRIGGER'))),
-        -- The tables inheriting from an input, at any depth: the policy reads their rows
-        -- with the input's, but a write of one fires its own row triggers, not the input's
-        -- (PostgreSQL copies a partitioned table's onto its partitions; not these).
-        heirs(input, relid, heir) AS (
-            SELECT r.input, r.relid, h.inhrelid FROM reads r
-              JOIN pg_catalog.pg_inherits h ON h.inhparent = r.input
-            UNION
-            SELECT s.input, s.relid, h.inhrelid FROM heirs s
-              JOIN pg_catalog.pg_inherits h ON h.inhparent = s.heir),
         -- Each table to watch, and a reading of it: its own, or an input's it inherits from,
-        -- under the same condition on its owner.
+        -- under the same condition on its owner (the policy reads an heir's rows with the
+        -- input's, but a write of one fires its own row triggers, not the input's; PostgreSQL
+        -- copies a partitioned table's onto its partitions, not these).
         watch AS (
             SELECT r.input AS watched, r.* FROM reads r
             UNION ALL
-            SELECT s.heir, r.* FROM heirs s
-              JOIN reads r ON r.input = s.input AND r.relid = s.relid
+            SELECT s.heir, r.* FROM reads r
+             CROSS JOIN LATERAL sync._heirs(r.input) s(heir)
               JOIN pg_catalog.pg_class c ON c.oid = s.heir
              WHERE c.relkind = 'r' AND NOT c.relispartition AND c.relpersistence <> 't'
                AND (pg_catalog.pg_has_role(r.owner, c.relowner, 'USAGE')
@@ -853,7 +852,7 @@ BEGIN
         'sync.ingest_wal(integer)', 'sync._wal_settled(text)', 'sync.status()',
         'sync._wakeup_mode()', 'sync.claim_mutation(text, text)', 'sync.tag_origin(text)',
         'sync.policy_plan(oid, text)', 'sync.visible(oid, jsonb, jsonb)',
-        'sync.members(text, jsonb, text[], jsonb)', 'sync.entities()', 'sync.tick()', 'sync.access_digests(text[])', 'sync._table_access(regclass)',
+        'sync.members(text, jsonb, text[], jsonb)', 'sync.entities()', 'sync.tick()', 'sync.access_digests(text[])', 'sync._table_access(regclass)', 'sync._heirs(oid)',
         'sync._role_access(regclass, text[])', 'sync.access_serial()', 'sync._note_access(text[])',
         'sync._entity_is(regclass, bigint, integer)'
     ]::regprocedure[] LOOP
