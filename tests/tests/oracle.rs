@@ -872,7 +872,22 @@ enum Topology {
 }
 
 /// Runs `steps` on a fresh cluster and gateways; the first difference found, if any.
-async fn run(steps: &[Step], topology: Topology) -> Result<(), String> {
+/// Where a run failed: the step (0 also for the start), and how.
+struct Failure {
+    step: usize,
+    what: String,
+}
+
+/// Runs the steps; a failure says at which.
+async fn run(steps: &[Step], topology: Topology) -> Result<(), Failure> {
+    let mut step = 0;
+    play(steps, topology, &mut step)
+        .await
+        .map_err(|what| Failure { step, what })
+}
+
+/// Plays the steps, `at` following the one under way.
+async fn play(steps: &[Step], topology: Topology, at: &mut usize) -> Result<(), String> {
     let cluster = Cluster::start().await;
     cluster.execute(SCHEMA).await;
     cluster.execute(BY_MEMBERSHIP).await;
@@ -914,6 +929,7 @@ async fn run(steps: &[Step], topology: Topology) -> Result<(), String> {
     let mut marker = 0;
     let log = std::env::var("PG_SYNC_ORACLE_LOG").is_ok();
     for (n, step) in steps.iter().enumerate() {
+        *at = n;
         if log {
             eprintln!("step {n}: {step:?}");
         }
@@ -1028,29 +1044,33 @@ async fn run(steps: &[Step], topology: Topology) -> Result<(), String> {
     Ok(())
 }
 
-/// Steps that still fail, fewer: chunks of steps removed as long as the run fails (checks
-/// are kept: the last one is where a difference shows).
+/// Steps that still fail, fewer: those after the failing one go, then chunks of the others
+/// as long as the run fails (the failing step stays: it is where a difference shows; when
+/// a shorter run fails earlier, the steps after that one go too).
 async fn shrink(
     mut steps: Vec<Step>,
+    failed: usize,
     topology: Topology,
     budget: std::time::Duration,
 ) -> Vec<Step> {
+    steps.truncate(failed + 1);
     let deadline = tokio::time::Instant::now() + budget;
     let mut chunk = steps.len() / 2;
     while chunk > 0 && tokio::time::Instant::now() < deadline {
         let mut start = 0;
-        while start < steps.len() && tokio::time::Instant::now() < deadline {
-            let end = (start + chunk).min(steps.len());
+        while start + 1 < steps.len() && tokio::time::Instant::now() < deadline {
+            let end = (start + chunk).min(steps.len() - 1);
             let candidate: Vec<Step> = steps[..start]
                 .iter()
                 .chain(&steps[end..])
                 .cloned()
                 .collect();
-            let keeps_a_check = matches!(candidate.last(), Some(Step::Check));
-            if keeps_a_check && run(&candidate, topology).await.is_err() {
-                steps = candidate;
-            } else {
-                start = end;
+            match run(&candidate, topology).await {
+                Err(failure) => {
+                    steps = candidate;
+                    steps.truncate(failure.step + 1);
+                }
+                Ok(()) => start = end,
             }
         }
         chunk /= 2;
@@ -1078,9 +1098,19 @@ async fn oracle(topology: Topology, length: usize) {
     let clients = USERS.len() * 4;
     let steps = steps(&mut Rng(seed), length, clients);
     if let Err(failure) = run(&steps, topology).await {
-        eprintln!("seed {seed}: {failure}\nshrinking {} steps…", steps.len());
-        let shrunk = shrink(steps, topology, std::time::Duration::from_secs(120)).await;
-        let failure = run(&shrunk, topology).await.err().unwrap_or(failure);
+        let failed = failure.step + 1;
+        eprintln!(
+            "seed {seed}: {}\nshrinking the {failed} steps up to it…",
+            failure.what
+        );
+        let shrunk = shrink(
+            steps,
+            failure.step,
+            topology,
+            std::time::Duration::from_secs(300),
+        )
+        .await;
+        let failure = run(&shrunk, topology).await.err().unwrap_or(failure).what;
         panic!(
             "{topology:?}, seed {seed} (PG_SYNC_SEED={seed} repeats it): {failure}\nshrunk to {} steps:\n{}",
             shrunk.len(),
