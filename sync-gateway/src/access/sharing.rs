@@ -90,21 +90,13 @@ fn claim_paths(expr: &Expr) -> BTreeSet<Vec<String>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::collections::HashSet;
 
     fn entity() -> Entity {
         Entity {
-            code: "task".into(),
             table: "\"app\".\"task\"".into(),
-            relid: 1,
-            key: vec!["id".into()],
-            key_types: vec!["bigint".into()],
-            columns: HashSet::new(),
-            allow_listed: false,
             rls: true,
-            schema_version: 1,
-            tracking: 1,
             access: "f".into(),
+            ..Entity::of("task", 1)
         }
     }
 

@@ -51,6 +51,24 @@ pub struct Entity {
 }
 
 impl Entity {
+    /// A table `code` keyed by a bigint `id`, without row-level security, for tests.
+    #[cfg(test)]
+    pub fn of(code: &str, tracking: i64) -> Entity {
+        Entity {
+            code: code.to_owned(),
+            table: quote(code),
+            relid: 1,
+            key: vec!["id".into()],
+            key_types: vec!["bigint".into()],
+            columns: HashSet::new(),
+            allow_listed: false,
+            rls: false,
+            schema_version: 1,
+            tracking,
+            access: String::new(),
+        }
+    }
+
     /// SQL for what clients see of row `t` (snapshots, conflict answers): the published
     /// columns named one by one when there is an allow-list, so that a column added since
     /// the catalog was read stays in the database (a deny-list of the others would let it
@@ -166,22 +184,9 @@ impl View {
     /// A view at `epoch` of entities (code, tracking), for tests.
     #[cfg(test)]
     pub fn of(epoch: u64, entities: &[(&str, i64)]) -> View {
-        let entities = entities.iter().map(|(code, tracking)| {
-            let entity = Entity {
-                code: code.to_string(),
-                table: quote(code),
-                relid: 1,
-                key: vec!["id".into()],
-                key_types: vec!["bigint".into()],
-                columns: Default::default(),
-                allow_listed: false,
-                rls: false,
-                schema_version: 1,
-                tracking: *tracking,
-                access: String::new(),
-            };
-            (code.to_string(), Arc::new(entity))
-        });
+        let entities = entities
+            .iter()
+            .map(|(code, tracking)| (code.to_string(), Arc::new(Entity::of(code, *tracking))));
         View {
             entities: entities.collect(),
             epoch,
