@@ -203,25 +203,20 @@ impl Router {
             if entity_code.is_some_and(|e| e != sub.subscription.entity_code) {
                 continue;
             }
-            match (ids, &mut sub.subscription.target) {
-                (Some(ids), Target::Ids(held)) => {
-                    for id in ids {
-                        if held.remove(id) {
-                            removed_ids.push((
-                                *sub_id,
-                                sub.subscription.entity_code.clone(),
-                                id.clone(),
-                            ));
-                        }
-                    }
-                    if held.is_empty() {
-                        emptied.push(*sub_id);
-                    }
-                }
-                (Some(_), Target::Rows(_)) => {}
-                (None, _) => emptied.push(*sub_id),
+            let (removed, empty) = unsubscribed(&mut sub.subscription.target, ids);
+            let entity = &sub.subscription.entity_code;
+            removed_ids.extend(removed.into_iter().map(|id| (*sub_id, entity.clone(), id)));
+            if empty {
+                emptied.push(*sub_id);
             }
         }
+        // A request deferred to the drain's end came before this: it is made less too (made
+        // as it was, it would outlive the UNSUBSCRIBE).
+        self.deferred.retain_mut(|request| {
+            let theirs = request.conn == conn_id
+                && entity_code.is_none_or(|e| e == request.subscription.entity_code);
+            !(theirs && unsubscribed(&mut request.subscription.target, ids).1)
+        });
         if removed_ids.is_empty() && emptied.is_empty() {
             return; // nothing held: nothing for the mirror either
         }
@@ -358,5 +353,18 @@ fn mirror_rows(conn: &Conn, subscription: &Subscription) -> Vec<SubscriptionRow>
     match &subscription.target {
         Target::Ids(ids) => ids.iter().map(|id| row(Some(id.clone()), None)).collect(),
         Target::Rows(filter) => vec![row(None, filter_json(filter.as_deref()))],
+    }
+}
+
+/// What an UNSUBSCRIBE of `ids` (None: all of it) takes from `target`: the ids removed, and
+/// whether nothing is left (an UNSUBSCRIBE of ids leaves a filter's rows as they were).
+fn unsubscribed(target: &mut Target, ids: Option<&[String]>) -> (Vec<String>, bool) {
+    match (ids, target) {
+        (Some(ids), Target::Ids(held)) => {
+            let removed = ids.iter().filter(|id| held.remove(*id)).cloned().collect();
+            (removed, held.is_empty())
+        }
+        (Some(_), Target::Rows(_)) => (Vec::new(), false),
+        (None, _) => (Vec::new(), true),
     }
 }

@@ -991,6 +991,47 @@ async fn a_subscription_deferred_when_its_entity_is_replaced_refetches() {
     assert!(h.replays.try_recv().is_err(), "nothing replayed");
 }
 
+/// An UNSUBSCRIBE that follows a SUBSCRIBE deferred to the drain's end ends it too: made at
+/// the drain's end as it was, the subscription outlived the UNSUBSCRIBE and got the entity's
+/// changes. One of some ids leaves the others.
+#[tokio::test]
+async fn an_unsubscribe_after_a_deferred_subscribe_ends_it() {
+    let mut h = harness();
+    let (mut q, _) = connect(&mut h, 1, 1, 1 << 20);
+    route_cut(&mut h, vec![insert("1")], 10);
+    subscribe(&mut h, 1, Target::Rows(None), Some(cursor(5)));
+    let ids = Target::Ids(["2", "3"].map(String::from).into_iter().collect());
+    subscribe(&mut h, 1, ids, Some(cursor(5)));
+    h.router.handle(Command::Unsubscribe {
+        conn: 1,
+        entity_code: "doc".into(),
+        entity_ids: Some(vec!["2".into()]),
+    });
+    assert_eq!(
+        h.router.deferred.len(),
+        2,
+        "an UNSUBSCRIBE of ids leaves a filter"
+    );
+    h.router.handle(Command::Unsubscribe {
+        conn: 1,
+        entity_code: "doc".into(),
+        entity_ids: Some(vec!["3".into()]),
+    });
+    assert_eq!(
+        h.router.deferred.len(),
+        1,
+        "its last id gone, the subscription goes"
+    );
+    h.router.handle(Command::Unsubscribe {
+        conn: 1,
+        entity_code: "doc".into(),
+        entity_ids: None,
+    });
+    route(&mut h, vec![insert("4")], 11);
+    assert!(drain(&mut q).await.is_empty(), "never subscribed");
+    assert!(h.replays.try_recv().is_err(), "nothing replayed");
+}
+
 #[tokio::test]
 async fn a_resync_met_live_during_a_replay_follows_the_replays_older_changes() {
     let mut h = harness();
