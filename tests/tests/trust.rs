@@ -419,6 +419,28 @@ async fn an_old_cursor_never_replays_another_tables_history_under_a_reused_code(
         "payroll rows in /v1/changes: {text}"
     );
     assert_eq!(body["changes"][0]["action"], "RESYNC", "{text}");
+
+    // A copy taken before the code changed table, with nothing written to either table
+    // after it: the replay from its cursor still says so (the re-track writes an ACCESS row).
+    let taken = cluster.current_cursor().await;
+    cluster
+        .execute(
+            "SELECT sync.untrack('notes');
+             CREATE TABLE drafts (id int PRIMARY KEY, body text);
+             SELECT sync.track('drafts', 'doc');",
+        )
+        .await;
+    let mut resuming = gateway.connect("bob").await;
+    resuming
+        .send(json!({"type": "SUBSCRIBE", "payload": {"entityCode": "doc", "mode": "delta", "since": taken}}))
+        .await;
+    let answer = loop {
+        let message = resuming.next().await.expect("open");
+        if message["type"] != "SUBSCRIBED" {
+            break message;
+        }
+    };
+    assert_eq!(answer["type"], "RESYNC", "{answer}");
 }
 
 /// The event trigger updated the one row of sync.state on every GRANT, REVOKE, ALTER and
