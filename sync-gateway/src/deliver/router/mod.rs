@@ -434,14 +434,31 @@ impl Router {
                     .map(move |(sub, _)| (*id, *sub))
             })
             .collect();
+        // Subscriptions deferred to the drain's end go too: made later, they would get the
+        // entity's changes judged for nobody (the stage no longer lists the group).
+        let mut deferred = Vec::new();
+        self.deferred.retain(|r| {
+            let refused = r.subscription.entity_code == entity
+                && self
+                    .connections
+                    .get(&r.conn)
+                    .is_some_and(|c| c.group == group);
+            if refused {
+                deferred.push(r.conn);
+            }
+            !refused
+        });
         let mut told = HashSet::new();
-        for (conn, sub) in ended {
+        let refused = ended.iter().map(|(conn, _)| *conn).chain(deferred);
+        for conn in refused {
             if told.insert(conn) {
                 outboxes
                     .entry(conn)
                     .or_default()
                     .message(ServerMessage::forbidden(entity, why));
             }
+        }
+        for (conn, sub) in ended {
             self.end_sub(conn, sub);
         }
     }

@@ -210,12 +210,16 @@ impl Router {
                 emptied.push(*sub_id);
             }
         }
-        // A request deferred to the drain's end came before this: it is made less too (made
-        // as it was, it would outlive the UNSUBSCRIBE).
+        // A request deferred to the drain's end came before this: it is narrowed or dropped
+        // likewise (made as it was, it would outlive the UNSUBSCRIBE).
         self.deferred.retain_mut(|request| {
             let theirs = request.conn == conn_id
                 && entity_code.is_none_or(|e| e == request.subscription.entity_code);
-            !(theirs && unsubscribed(&mut request.subscription.target, ids).1)
+            if !theirs {
+                return true;
+            }
+            let (_, empty) = unsubscribed(&mut request.subscription.target, ids);
+            !empty
         });
         if removed_ids.is_empty() && emptied.is_empty() {
             return; // nothing held: nothing for the mirror either
@@ -356,8 +360,9 @@ fn mirror_rows(conn: &Conn, subscription: &Subscription) -> Vec<SubscriptionRow>
     }
 }
 
-/// What an UNSUBSCRIBE of `ids` (None: all of it) takes from `target`: the ids removed, and
-/// whether nothing is left (an UNSUBSCRIBE of ids leaves a filter's rows as they were).
+/// Takes what an UNSUBSCRIBE of `ids` (None: all of it) takes from `target`; returns the ids
+/// removed, and whether nothing is left (an UNSUBSCRIBE of ids leaves a filter's rows as
+/// they were).
 fn unsubscribed(target: &mut Target, ids: Option<&[String]>) -> (Vec<String>, bool) {
     match (ids, target) {
         (Some(ids), Target::Ids(held)) => {

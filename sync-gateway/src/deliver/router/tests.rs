@@ -386,6 +386,29 @@ async fn a_group_refused_loses_its_subscriptions_with_forbidden() {
     assert_eq!(h.metrics.subscriptions.get(), 0);
 }
 
+/// A group refused while its SUBSCRIBE waits for the drain's end: the request goes with
+/// ERROR forbidden. Fails when `refuse` passes over the deferred requests: made at the
+/// drain's end, the subscription got changes the stage judged for nobody.
+#[tokio::test]
+async fn a_group_refused_while_its_subscription_is_deferred_never_gets_it() {
+    let mut h = harness();
+    let (mut q, _) = connect(&mut h, 1, 7, 1 << 20);
+    route_cut(&mut h, vec![insert("1")], 10);
+    subscribe(&mut h, 1, Target::Rows(None), Some(cursor(5)));
+    let mut refused = batch(vec![], vec![], 11, false);
+    refused
+        .page
+        .refused
+        .push(("doc".into(), 7, "no read access to doc".into()));
+    h.router.handle(Command::Batch(Arc::new(refused)));
+    let messages = drain(&mut q).await;
+    assert_eq!(shape(&messages), [triple("ERROR", "", "")]);
+    assert_eq!(messages[0]["payload"]["code"], "forbidden");
+    route(&mut h, vec![insert("2")], 12);
+    assert!(drain(&mut q).await.is_empty(), "never subscribed");
+    assert!(h.replays.try_recv().is_err(), "nothing replayed");
+}
+
 /// Filters with an `eq` or `in` condition are filed by its values (`index::EntityIndex`):
 /// each still gets the rows that enter, stay in and leave it, found by the row before and
 /// after, whatever type the client wrote the value as; one filed by nothing (`gt`) is
