@@ -250,6 +250,12 @@ impl Judge {
         }
         for (code, at) in by_entity {
             let Some(listeners) = audience.listeners(code) else {
+                // Nobody listens: shown to nobody, should a subscription the audience does not
+                // know of (a bug) be held anywhere, rather than to everyone unjudged.
+                let hidden = Verdict::hidden();
+                for i in at {
+                    verdicts[i] = hidden.clone();
+                }
                 continue;
             };
             let entity = view.entities.get(code);
