@@ -238,10 +238,10 @@ impl Router {
             told.extend(ended.iter().map(|(conn, _, code)| (*conn, code.clone())));
             self.end_with_resync(ended, ResyncReason::EntityChanged);
         }
-        let (deferred, kept) = std::mem::take(&mut self.deferred)
-            .into_iter()
-            .partition(|r| codes.contains(&r.subscription.entity_code));
-        self.deferred = kept;
+        let deferred: Vec<SubscribeRequest> = self
+            .deferred
+            .extract_if(.., |r| codes.contains(&r.subscription.entity_code))
+            .collect();
         for request in deferred {
             let (conn, entity_code) = (request.conn, request.subscription.entity_code);
             if told.insert((conn, entity_code.clone())) {
@@ -436,18 +436,15 @@ impl Router {
             .collect();
         // Subscriptions deferred to the drain's end go too: made later, they would get the
         // entity's changes judged for nobody (the stage no longer lists the group).
-        let mut deferred = Vec::new();
-        self.deferred.retain(|r| {
-            let refused = r.subscription.entity_code == entity
-                && self
-                    .connections
-                    .get(&r.conn)
-                    .is_some_and(|c| c.group == group);
-            if refused {
-                deferred.push(r.conn);
-            }
-            !refused
-        });
+        let connections = &self.connections;
+        let deferred: Vec<ConnId> = self
+            .deferred
+            .extract_if(.., |r| {
+                r.subscription.entity_code == entity
+                    && connections.get(&r.conn).is_some_and(|c| c.group == group)
+            })
+            .map(|r| r.conn)
+            .collect();
         let mut told = HashSet::new();
         let refused = ended.iter().map(|(conn, _)| *conn).chain(deferred);
         for conn in refused {
