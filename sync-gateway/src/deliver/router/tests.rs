@@ -367,18 +367,21 @@ async fn each_group_sees_a_change_as_row_level_security_judged_it() {
     );
 }
 
+/// An empty batch ending at `end` that refuses `group` the entity `doc`.
+fn refusal(group: GroupId, end: u64, complete: bool) -> Command {
+    let mut refused = batch(vec![], vec![], end, complete);
+    let why = "no read access to doc".to_owned();
+    refused.page.refused.push(("doc".into(), group, why));
+    Command::Batch(Arc::new(refused))
+}
+
 #[tokio::test]
 async fn a_group_refused_loses_its_subscriptions_with_forbidden() {
     let mut h = harness();
     let (mut q, _) = connect(&mut h, 1, 7, 1 << 20);
     subscribe(&mut h, 1, Target::Rows(None), None);
     drain(&mut q).await;
-    let mut refused = batch(vec![], vec![], 11, true);
-    refused
-        .page
-        .refused
-        .push(("doc".into(), 7, "no read access to doc".into()));
-    h.router.handle(Command::Batch(Arc::new(refused)));
+    h.router.handle(refusal(7, 11, true));
     let messages = drain(&mut q).await;
     assert_eq!(messages[0]["payload"]["code"], "forbidden");
     route(&mut h, vec![insert("1")], 12);
@@ -392,21 +395,12 @@ async fn a_group_refused_loses_its_subscriptions_with_forbidden() {
 #[tokio::test]
 async fn a_group_refused_while_its_subscription_is_deferred_never_gets_it() {
     let mut h = harness();
-    let (mut q, _) = connect(&mut h, 1, 7, 1 << 20);
-    route_cut(&mut h, vec![insert("1")], 10);
-    subscribe(&mut h, 1, Target::Rows(None), Some(cursor(5)));
-    let mut refused = batch(vec![], vec![], 11, false);
-    refused
-        .page
-        .refused
-        .push(("doc".into(), 7, "no read access to doc".into()));
-    h.router.handle(Command::Batch(Arc::new(refused)));
+    let mut q = deferred_subscriber(&mut h, 7).await;
+    h.router.handle(refusal(7, 11, false));
     let messages = drain(&mut q).await;
     assert_eq!(shape(&messages), [triple("ERROR", "", "")]);
     assert_eq!(messages[0]["payload"]["code"], "forbidden");
-    route(&mut h, vec![insert("2")], 12);
-    assert!(drain(&mut q).await.is_empty(), "never subscribed");
-    assert!(h.replays.try_recv().is_err(), "nothing replayed");
+    never_subscribed(&mut h, &mut q, 12).await;
 }
 
 /// Filters with an `eq` or `in` condition are filed by its values (`index::EntityIndex`):
@@ -998,19 +992,31 @@ async fn subscribers_of_a_replaced_entity_refetch_and_their_subscriptions_end() 
 #[tokio::test]
 async fn a_subscription_deferred_when_its_entity_is_replaced_refetches() {
     let mut h = harness();
-    let (mut q, _) = connect(&mut h, 1, 1, 1 << 20);
-    route_cut(&mut h, vec![insert("1")], 10);
-    subscribe(&mut h, 1, Target::Rows(None), Some(cursor(5)));
-    assert!(
-        drain(&mut q).await.is_empty(),
-        "deferred to the drain's end"
-    );
+    let mut q = deferred_subscriber(&mut h, 1).await;
     h.router.handle(Command::Replaced(vec!["doc".into()]));
     let resync = drain(&mut q).await;
     assert_eq!(shape(&resync), [triple("RESYNC", "", "")]);
     assert_eq!(resync[0]["payload"]["reason"], "entity_changed");
-    route(&mut h, vec![insert("2")], 11);
-    assert!(drain(&mut q).await.is_empty(), "never subscribed");
+    never_subscribed(&mut h, &mut q, 11).await;
+}
+
+/// Connection 1, of `group`, with a SUBSCRIBE of every row from cursor 5 that waits for the
+/// end of the drain under way (cursor 10).
+async fn deferred_subscriber(h: &mut Harness, group: GroupId) -> Queue {
+    let (mut q, _) = connect(h, 1, group, 1 << 20);
+    route_cut(h, vec![insert("1")], 10);
+    subscribe(h, 1, Target::Rows(None), Some(cursor(5)));
+    assert!(
+        drain(&mut q).await.is_empty(),
+        "deferred to the drain's end"
+    );
+    q
+}
+
+/// Once the drain ends at `end`, connection 1 was never subscribed: sent and replayed nothing.
+async fn never_subscribed(h: &mut Harness, q: &mut Queue, end: u64) {
+    route(h, vec![insert("2")], end);
+    assert!(drain(q).await.is_empty(), "never subscribed");
     assert!(h.replays.try_recv().is_err(), "nothing replayed");
 }
 
@@ -1020,39 +1026,22 @@ async fn a_subscription_deferred_when_its_entity_is_replaced_refetches() {
 #[tokio::test]
 async fn an_unsubscribe_after_a_deferred_subscribe_ends_it() {
     let mut h = harness();
-    let (mut q, _) = connect(&mut h, 1, 1, 1 << 20);
-    route_cut(&mut h, vec![insert("1")], 10);
-    subscribe(&mut h, 1, Target::Rows(None), Some(cursor(5)));
+    let mut q = deferred_subscriber(&mut h, 1).await;
     let ids = Target::Ids(["2", "3"].map(String::from).into_iter().collect());
     subscribe(&mut h, 1, ids, Some(cursor(5)));
-    h.router.handle(Command::Unsubscribe {
+    let unsubscribe = |ids: Option<&str>| Command::Unsubscribe {
         conn: 1,
         entity_code: "doc".into(),
-        entity_ids: Some(vec!["2".into()]),
-    });
-    assert_eq!(
-        h.router.deferred.len(),
-        2,
-        "an UNSUBSCRIBE of ids leaves a filter"
-    );
-    h.router.handle(Command::Unsubscribe {
-        conn: 1,
-        entity_code: "doc".into(),
-        entity_ids: Some(vec!["3".into()]),
-    });
-    assert_eq!(
-        h.router.deferred.len(),
-        1,
-        "its last id gone, the subscription goes"
-    );
-    h.router.handle(Command::Unsubscribe {
-        conn: 1,
-        entity_code: "doc".into(),
-        entity_ids: None,
-    });
-    route(&mut h, vec![insert("4")], 11);
-    assert!(drain(&mut q).await.is_empty(), "never subscribed");
-    assert!(h.replays.try_recv().is_err(), "nothing replayed");
+        entity_ids: ids.map(|id| vec![id.to_owned()]),
+    };
+    h.router.handle(unsubscribe(Some("2")));
+    let left = h.router.deferred.len();
+    assert_eq!(left, 2, "an UNSUBSCRIBE of ids leaves a filter");
+    h.router.handle(unsubscribe(Some("3")));
+    let left = h.router.deferred.len();
+    assert_eq!(left, 1, "its last id gone, the subscription goes");
+    h.router.handle(unsubscribe(None));
+    never_subscribed(&mut h, &mut q, 11).await;
 }
 
 #[tokio::test]
