@@ -186,6 +186,13 @@ impl Registry {
             self.changed(entity);
         }
     }
+
+    /// These entities were replaced: nobody listens to them here, and the router is told
+    /// (None when there are none).
+    fn replaced(&mut self, codes: Vec<String>) -> Option<Staged> {
+        codes.iter().for_each(|code| self.drop_entity(code));
+        (!codes.is_empty()).then_some(Staged::Replaced(codes))
+    }
 }
 
 impl Audience for Registry {
@@ -282,11 +289,8 @@ impl Stage {
                         Some(Listening::Subscribe { conn, entity, tracking }) => {
                             match handed.subscription(self.catalog.view(), entity, tracking) {
                                 Ok(replaced) => {
-                                    for code in &replaced {
-                                        registry.drop_entity(code);
-                                    }
+                                    let replaced = registry.replaced(replaced).map(Into::into);
                                     registry.observe(Listening::Subscribe { conn, entity, tracking });
-                                    let replaced = (!replaced.is_empty()).then(|| Staged::Replaced(replaced).into());
                                     replaced.into_iter().chain([command]).collect()
                                 }
                                 Err(Outdated) => {
@@ -313,12 +317,8 @@ impl Stage {
                         // before anything of this batch reaches them.
                         let view = self.catalog.view();
                         self.metrics.access_epoch.set(view.epoch as i64);
-                        let replaced = handed.replacements(view);
-                        for code in &replaced {
-                            registry.drop_entity(code);
-                        }
-                        let replaced = (!replaced.is_empty()).then(|| Staged::Replaced(replaced).into());
-                        replaced.into_iter().chain([Staged::Batch(Arc::new(judged)).into()]).collect()
+                        let replaced = registry.replaced(handed.replacements(view));
+                        replaced.into_iter().chain([Staged::Batch(Arc::new(judged))]).map(Into::into).collect()
                     }
                     Some(Feed::Reset(position)) => vec![Staged::Reset(position).into()],
                     None => {
