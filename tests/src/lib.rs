@@ -265,24 +265,27 @@ impl Cluster {
             .await
             .unwrap()
             .get(0);
-        let standby = self.connect().await;
+        let replayed = "SELECT pg_last_wal_replay_lsn() >= $1::text::pg_lsn";
+        self.wait_until(replayed, &[&lsn], "the standby did not catch up")
+            .await;
+    }
+
+    /// Waits until `sql`, one boolean, answers true here; panics with `what` after PATIENCE.
+    pub async fn wait_until(
+        &self,
+        sql: &str,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+        what: &str,
+    ) {
+        let client = self.connect().await;
         let deadline = tokio::time::Instant::now() + gateway::PATIENCE;
-        loop {
-            let replayed: bool = standby
-                .query_one(
-                    "SELECT pg_last_wal_replay_lsn() >= $1::text::pg_lsn",
-                    &[&lsn],
-                )
-                .await
-                .unwrap()
-                .get(0);
-            if replayed {
-                return;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "the standby did not catch up"
-            );
+        while !client
+            .query_one(sql, params)
+            .await
+            .unwrap()
+            .get::<_, bool>(0)
+        {
+            assert!(tokio::time::Instant::now() < deadline, "{what}");
             tokio::time::sleep(std::time::Duration::from_millis(10)).await;
         }
     }
@@ -296,18 +299,8 @@ impl Cluster {
     /// Waits until the `pg_sync` replication slot exists (a gateway makes it on its first
     /// ingest); panics after PATIENCE.
     pub async fn wait_for_slot(&self) {
-        let client = self.connect().await;
-        let deadline = tokio::time::Instant::now() + gateway::PATIENCE;
         let exists = "SELECT EXISTS (SELECT FROM pg_replication_slots WHERE slot_name = 'pg_sync')";
-        while !client
-            .query_one(exists, &[])
-            .await
-            .unwrap()
-            .get::<_, bool>(0)
-        {
-            assert!(tokio::time::Instant::now() < deadline, "no pg_sync slot");
-            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-        }
+        self.wait_until(exists, &[], "no pg_sync slot").await;
     }
 
     /// Stops the server in immediate mode and leaves it down (see [`Cluster::start_again`]).

@@ -13,6 +13,14 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
+/// A primary with the workload's schema, and a streaming standby of it.
+async fn workload_standby() -> (Cluster, Cluster) {
+    let primary = Cluster::start().await;
+    primary.execute(workload::SCHEMA).await;
+    let standby = primary.standby().await;
+    (primary, standby)
+}
+
 /// A gateway on `primary` that reads from `standby`.
 async fn standby_gateway(primary: &Cluster, standby: &Cluster, extra: &[&str]) -> Gateway {
     let read_url = standby.url_as(GATEWAY_ROLE, "postgres");
@@ -212,9 +220,7 @@ fn pausing_replay(standby: &Cluster, every: Duration, pause: Duration) -> Cancel
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn clients_of_the_standbys_gateway_get_each_change_once_and_may_move_between_gateways() {
     let seed = pg_sync_tests::seed();
-    let primary = Cluster::start().await;
-    primary.execute(workload::SCHEMA).await;
-    let standby = primary.standby().await;
+    let (primary, standby) = workload_standby().await;
     let on_standby = standby_gateway(&primary, &standby, &["--behind-patience", "2s"]).await;
     let on_primary = Gateway::start(&primary, &[]).await;
     // A cursor from before the work, through the standby (as a client's first snapshot).
@@ -258,9 +264,7 @@ async fn clients_of_the_standbys_gateway_get_each_change_once_and_may_move_betwe
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_cursor_the_standby_has_not_replayed_is_waited_for_then_the_client_is_sent_away() {
-    let primary = Cluster::start().await;
-    primary.execute(workload::SCHEMA).await;
-    let standby = primary.standby().await;
+    let (primary, standby) = workload_standby().await;
     let gateway = standby_gateway(&primary, &standby, &["--behind-patience", "1s"]).await;
     let (before, _) = gateway.snapshot("u", "item").await.unwrap();
 
@@ -406,9 +410,7 @@ async fn snapshots_come_from_the_standby_and_a_wal_captured_entitys_from_the_pri
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_standbys_gateway_reads_on_when_the_standby_is_promoted() {
-    let primary = Cluster::start().await;
-    primary.execute(workload::SCHEMA).await;
-    let standby = primary.standby().await;
+    let (primary, standby) = workload_standby().await;
     let gateway = standby_gateway(&primary, &standby, &[]).await;
     let (before, _) = gateway.snapshot("u", "item").await.unwrap();
     let mut session = gateway.connect("u").await;
@@ -444,9 +446,7 @@ async fn the_standbys_gateway_reads_on_when_the_standby_is_promoted() {
 /// (the soak's oracle saw a browser tab show an untracked entity live).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_subscription_whose_entity_is_untracked_while_its_cursor_is_awaited_refetches() {
-    let primary = Cluster::start().await;
-    primary.execute(workload::SCHEMA).await;
-    let standby = primary.standby().await;
+    let (primary, standby) = workload_standby().await;
     let gateway = standby_gateway(&primary, &standby, &["--behind-patience", "60s"]).await;
     standby.execute("SELECT pg_wal_replay_pause()").await;
     primary.execute("INSERT INTO item (id) VALUES (1)").await;
@@ -458,27 +458,11 @@ async fn a_subscription_whose_entity_is_untracked_while_its_cursor_is_awaited_re
         .await;
     // Checked and waiting: the gateway asked the primary whether it has the cursor (an idle
     // backend shows the last statement it ran).
-    let observer = primary.connect().await;
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    loop {
-        let asked: bool = observer
-            .query_one(
-                "SELECT EXISTS (SELECT FROM pg_stat_activity WHERE usename = $1
-                                   AND query = 'SELECT sync.cursor_reached(sync.current_cursor(), $1)')",
-                &[&GATEWAY_ROLE],
-            )
-            .await
-            .unwrap()
-            .get(0);
-        if asked {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the gateway never asked"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let asked = "SELECT EXISTS (SELECT FROM pg_stat_activity WHERE usename = $1
+                     AND query = 'SELECT sync.cursor_reached(sync.current_cursor(), $1)')";
+    primary
+        .wait_until(asked, &[&GATEWAY_ROLE], "the gateway never asked")
+        .await;
     standby.execute("SELECT pg_wal_replay_resume()").await;
     let answer = session.next().await.unwrap();
     assert_eq!(answer["type"], "RESYNC", "{answer}");
