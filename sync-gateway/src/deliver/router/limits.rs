@@ -81,12 +81,36 @@ impl Limits {
             .filter(|s| s.replay.is_some())
             .count();
         if request.since.is_some() && replays >= self.replays {
-            return Err(format!(
-                "a connection replays at most {} subscriptions at once",
-                self.replays
-            ));
+            return Err(self.too_many_replays());
         }
         Ok(())
+    }
+
+    /// Whether connection `conn` may defer `request` (with `since`) to the drain's end,
+    /// `waiting` being how many other requests it deferred: each starts a replay there, so
+    /// they count with the replays it runs (but not one `request` replaces). This bounds
+    /// what a connection can queue while a drain lasts.
+    pub(super) fn admits_deferred(
+        &self,
+        conn: &Conn,
+        waiting: usize,
+        request: &SubscribeRequest,
+    ) -> Result<(), String> {
+        let running = conn
+            .subs
+            .values()
+            .filter(|s| s.replay.is_some() && s.subscription != request.subscription);
+        if running.count() + waiting >= self.replays {
+            return Err(self.too_many_replays());
+        }
+        Ok(())
+    }
+
+    fn too_many_replays(&self) -> String {
+        format!(
+            "a connection replays at most {} subscriptions at once",
+            self.replays
+        )
     }
 }
 

@@ -99,7 +99,9 @@ pub struct Router {
     /// The last batch ended inside a batch of the log (a full page): not a place a replay
     /// can end, so replays start when the drain ends.
     mid_drain: bool,
-    deferred: Vec<SubscribeRequest>,
+    /// Per connection, SUBSCRIBEs with `since` that arrived mid-drain, made at its end in
+    /// order (at most as many as it may replay: `Limits::admits_deferred`).
+    deferred: HashMap<ConnId, Vec<SubscribeRequest>>,
     /// Replaying subscriptions that held back a change of the transaction under way, which
     /// may go on in the next page: told where it ends.
     held_open: HashSet<(ConnId, SubId)>,
@@ -120,7 +122,7 @@ impl Router {
             next_sub: 1,
             position: None,
             mid_drain: false,
-            deferred: Vec::new(),
+            deferred: HashMap::new(),
             held_open: HashSet::new(),
             open_elsewhere: HashMap::new(),
             out,
@@ -174,7 +176,7 @@ impl Router {
             Command::Disconnect(conn) => self.drop_connection(conn),
             Command::Reauth { conn, user, group } => self.reauth(conn, user, group),
             Command::Subscribe(request) if request.since.is_some() && self.mid_drain => {
-                self.deferred.push(request);
+                self.defer(request)
             }
             Command::Subscribe(request) => self.subscribe(request),
             Command::Unsubscribe {
@@ -240,7 +242,10 @@ impl Router {
         }
         let deferred: Vec<SubscribeRequest> = self
             .deferred
-            .extract_if(.., |r| codes.contains(&r.subscription.entity_code))
+            .values_mut()
+            .flat_map(|waiting| {
+                waiting.extract_if(.., |r| codes.contains(&r.subscription.entity_code))
+            })
             .collect();
         for request in deferred {
             let (conn, entity_code) = (request.conn, request.subscription.entity_code);
@@ -268,7 +273,7 @@ impl Router {
         self.mid_drain = !complete;
         self.out.position.send_replace(Some(position));
         if complete {
-            for request in std::mem::take(&mut self.deferred) {
+            for request in std::mem::take(&mut self.deferred).into_values().flatten() {
                 self.subscribe(request);
             }
             let waiting: Vec<ConnId> = self
@@ -439,9 +444,10 @@ impl Router {
         let connections = &self.connections;
         let deferred: Vec<ConnId> = self
             .deferred
-            .extract_if(.., |r| {
-                r.subscription.entity_code == entity
-                    && connections.get(&r.conn).is_some_and(|c| c.group == group)
+            .iter_mut()
+            .filter(|(conn, _)| connections.get(conn).is_some_and(|c| c.group == group))
+            .flat_map(|(_, waiting)| {
+                waiting.extract_if(.., |r| r.subscription.entity_code == entity)
             })
             .map(|r| r.conn)
             .collect();

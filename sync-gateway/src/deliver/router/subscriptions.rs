@@ -90,6 +90,32 @@ impl Router {
         }
     }
 
+    /// Keeps a SUBSCRIBE with `since` that arrived mid-drain for the drain's end, unless the
+    /// connection has as many replays running and waiting as it may (ERROR then). The same
+    /// subscription again takes the place of the one waiting, as it would replace it once
+    /// made (the one it replaces is not answered).
+    pub(super) fn defer(&mut self, request: SubscribeRequest) {
+        let Some(conn) = self.connections.get(&request.conn) else {
+            return;
+        };
+        let waiting = self.deferred.entry(request.conn).or_default();
+        if let Some(twin) = waiting
+            .iter_mut()
+            .find(|r| r.subscription == request.subscription)
+        {
+            *twin = request;
+            return;
+        }
+        match self.limits.admits_deferred(conn, waiting.len(), &request) {
+            Ok(()) => waiting.push(request),
+            Err(message) => {
+                let code = ErrorCode::TooManySubscriptions;
+                let error = ServerMessage::error(code, message, request.reference);
+                self.send(request.conn, &error);
+            }
+        }
+    }
+
     pub(super) fn subscribe(&mut self, request: SubscribeRequest) {
         let conn_id = request.conn;
         let Some(conn) = self.connections.get(&conn_id) else {
@@ -212,15 +238,15 @@ impl Router {
         }
         // A request deferred to the drain's end came before this: it is narrowed or dropped
         // likewise (made as it was, it would outlive the UNSUBSCRIBE).
-        self.deferred.retain_mut(|request| {
-            let theirs = request.conn == conn_id
-                && entity_code.is_none_or(|e| e == request.subscription.entity_code);
-            if !theirs {
-                return true;
-            }
-            let (_, empty) = unsubscribed(&mut request.subscription.target, ids);
-            !empty
-        });
+        if let Some(waiting) = self.deferred.get_mut(&conn_id) {
+            waiting.retain_mut(|request| {
+                if entity_code.is_some_and(|e| e != request.subscription.entity_code) {
+                    return true;
+                }
+                let (_, empty) = unsubscribed(&mut request.subscription.target, ids);
+                !empty
+            });
+        }
         if removed_ids.is_empty() && emptied.is_empty() {
             return; // nothing held: nothing for the mirror either
         }
@@ -323,6 +349,7 @@ impl Router {
             self.remove_sub(conn_id, sub);
         }
         self.connections.remove(&conn_id);
+        self.deferred.remove(&conn_id);
         forget(&mut self.users, &user, conn_id);
         if mirrored {
             self.out.mirror.send(MirrorOp::RemoveConnection(name)).ok();

@@ -1020,6 +1020,35 @@ async fn never_subscribed(h: &mut Harness, q: &mut Queue, end: u64) {
     assert!(h.replays.try_recv().is_err(), "nothing replayed");
 }
 
+/// A connection defers no more SUBSCRIBEs than it may replay (2 here): the next is refused
+/// at once (an attacker's flood during a drain would hold memory until its end, and make
+/// each refusal and replacement scan it); the same one again takes its twin's place; a
+/// disconnection drops what waits.
+#[tokio::test]
+async fn a_connection_defers_no_more_subscriptions_than_it_may_replay() {
+    let mut h = harness();
+    let mut q = deferred_subscriber(&mut h, 1).await;
+    subscribe(&mut h, 1, Target::Rows(None), Some(cursor(6)));
+    let ids = |id: &str| Target::Ids([id.to_owned()].into_iter().collect());
+    subscribe(&mut h, 1, ids("2"), Some(cursor(5)));
+    assert!(drain(&mut q).await.is_empty());
+    subscribe(&mut h, 1, ids("3"), Some(cursor(5)));
+    let refused = drain(&mut q).await;
+    assert_eq!(
+        refused[0]["payload"]["code"], "too_many_subscriptions",
+        "{refused:?}"
+    );
+    assert_eq!(h.router.deferred[&1].len(), 2);
+    let twin = &h.router.deferred[&1][0];
+    assert_eq!(
+        twin.since,
+        Some(cursor(6)),
+        "the later twin in the earlier's place"
+    );
+    h.router.handle(Command::Disconnect(1));
+    assert!(!h.router.deferred.contains_key(&1));
+}
+
 /// An UNSUBSCRIBE that follows a SUBSCRIBE deferred to the drain's end ends it too: made at
 /// the drain's end as it was, the subscription outlived the UNSUBSCRIBE and got the entity's
 /// changes. One of some ids leaves the others.
@@ -1035,10 +1064,10 @@ async fn an_unsubscribe_after_a_deferred_subscribe_ends_it() {
         entity_ids: ids.map(|id| vec![id.to_owned()]),
     };
     h.router.handle(unsubscribe(Some("2")));
-    let left = h.router.deferred.len();
+    let left = h.router.deferred[&1].len();
     assert_eq!(left, 2, "an UNSUBSCRIBE of ids leaves a filter");
     h.router.handle(unsubscribe(Some("3")));
-    let left = h.router.deferred.len();
+    let left = h.router.deferred[&1].len();
     assert_eq!(left, 1, "its last id gone, the subscription goes");
     h.router.handle(unsubscribe(None));
     never_subscribed(&mut h, &mut q, 11).await;
