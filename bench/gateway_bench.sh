@@ -104,6 +104,11 @@ BACKLOG=${BACKLOG_CHANGES:-200000}
 backlog() { loadgen fanout --backlog --gateway-pid "$GATEWAY_PID" --rows 20000 --rows-per-commit 1000 "$@"; }
 restart_gateway
 backlog --connections 1000 --changes 20000
+# The same at $FANOUT connections, on a table of 2,000 rows: 2,000 changes, as many
+# deliveries as the row above at 1,000. The reference of the RLS rows where every subscriber
+# sees every change (--rls-one-team).
+wide() { loadgen fanout --backlog --gateway-pid "$GATEWAY_PID" --rows 2000 --rows-per-commit 1000 --changes 2000 "$@"; }
+wide --connections "$FANOUT"
 # The same deliveries as the RLS rows of one subscriber per claim set, without RLS: each
 # connection subscribes with a filter on its team instead, the reference of those rows.
 backlog --connections 1000 --filter-sets 1000 --changes "$BACKLOG"
@@ -114,10 +119,15 @@ restart_gateway
 backlog --connections 1000 --rls-claim-sets 1000 --changes "$BACKLOG"
 backlog --connections 1000 --rls-claim-sets 10 --changes "$((BACKLOG / 10))"
 backlog --connections "$FANOUT" --rls-claim-sets "$FANOUT" --changes "$BACKLOG"
+# Every subscriber sees every change, through a claim set of its own: the fan-out of the
+# no-RLS rows above, with the policy judged for each subscriber.
+backlog --connections 1000 --rls-claim-sets 1000 --rls-one-team --changes 20000
 restart_gateway
 backlog --connections 1000 --rls-claim-sets 1000 --rls-subquery --changes "$BACKLOG"
 backlog --connections 1000 --rls-claim-sets 10 --rls-subquery --changes "$((BACKLOG / 10))"
 backlog --connections "$FANOUT" --rls-claim-sets "$FANOUT" --rls-subquery --changes "$BACKLOG"
+backlog --connections 1000 --rls-claim-sets 1000 --rls-subquery --rls-one-team --changes 20000
+wide --connections "$FANOUT" --rls-claim-sets "$FANOUT" --rls-subquery --rls-one-team
 # A visibility change without row changes: joining and leaving a project of 1,000 tasks.
 restart_gateway
 loadgen enter --rows 1000

@@ -45,7 +45,11 @@
 //! `id % N`, connection `i` is in team `i % N` (a claim of its token), and sees its team's rows.
 //! The policy compares the row's team with the claim, which the gateway compiles; with
 //! `--rls-subquery` it looks the user's team up in a membership table instead
-//! (`team IN (SELECT …)`), which the gateway compiles too and reads per page.
+//! (`team IN (SELECT …)`), which the gateway compiles too and reads per page. With
+//! `--rls-one-team`, every row and every user are of team 0 instead: each change reaches every
+//! subscriber, as without RLS, and the policy is still judged for as many claim sets as there
+//! are connections (each token its own `sub`; the claim policy matches a `teams` claim naming
+//! team 0 and one of the user's own, `claims -> 'teams' ? team`).
 
 mod cold_start;
 mod membership;
@@ -131,6 +135,10 @@ struct Common {
     /// With row-level security: a membership-subquery policy.
     #[arg(long)]
     rls_subquery: bool,
+    /// With row-level security: every row and every user in one team, so that each change
+    /// reaches every subscriber through a claim set of its own.
+    #[arg(long)]
+    rls_one_team: bool,
     /// Without row-level security, this many subscription filters (0: none): connection `i`
     /// subscribes to the rows of team `i % N`, so that each change reaches the subscribers
     /// it reaches with N claim sets (the reference of those rows: the same deliveries).
@@ -210,7 +218,11 @@ fn token(c: &Common, i: usize) -> String {
     let mut claims = json!({"sub": format!("user{i}"), "exp": exp});
     if c.rls_claim_sets > 0 {
         claims["role"] = json!("bench_user");
-        claims["team"] = json!((i % c.rls_claim_sets).to_string());
+        if c.rls_one_team {
+            claims["teams"] = json!(["0", format!("own{i}")]);
+        } else {
+            claims["team"] = json!((i % c.rls_claim_sets).to_string());
+        }
     }
     let key = EncodingKey::from_secret(c.secret.as_bytes());
     encode(&Header::new(Algorithm::HS256), &claims, &key).unwrap()
@@ -272,6 +284,13 @@ async fn open(c: &Common, n: usize, payload: impl Fn(usize) -> Value) -> Result<
                     Some(Ok(Message::Text(t))) if t.contains("SUBSCRIBED") => {
                         return Ok::<_, anyhow::Error>(Subscriber { socket, subscribe });
                     }
+                    // Checked against the gateway's catalog from before the table was made
+                    // again for this run: subscribe again, as a client would, once the
+                    // gateway has had a moment to read the log that far.
+                    Some(Ok(Message::Text(t))) if t.contains("entity_changed") => {
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                        socket.send(Message::text(subscribe.clone())).await?;
+                    }
                     Some(Ok(Message::Text(t))) => bail!("unexpected answer: {t}"),
                     Some(Ok(_)) => continue,
                     _ => bail!("connection closed while subscribing"),
@@ -331,7 +350,7 @@ async fn database(url: &str) -> Result<tokio_postgres::Client> {
 
 async fn prepare_table(c: &Common) -> Result<()> {
     let db = database(&c.database_url).await?;
-    let teams = c.rls_claim_sets.max(c.filter_sets).max(1);
+    let teams = teams(c).max(1);
     db.batch_execute(&format!(
         "DROP TABLE IF EXISTS bench_item;
          CREATE TABLE bench_item (id int PRIMARY KEY, team text NOT NULL, seq bigint NOT NULL DEFAULT 0, pad text);
@@ -359,6 +378,12 @@ async fn prepare_table(c: &Common) -> Result<()> {
                   WHERE m.user_id = current_setting('request.jwt.claims', true)::jsonb ->> 'sub'));",
             c.connections - 1
         ))
+        .await?;
+    } else if c.rls_claim_sets > 0 && c.rls_one_team {
+        db.batch_execute(
+            "CREATE POLICY team ON bench_item
+                 USING ((current_setting('request.jwt.claims', true)::jsonb -> 'teams') ? team);",
+        )
         .await?;
     } else if c.rls_claim_sets > 0 {
         db.batch_execute(
@@ -615,6 +640,7 @@ async fn backlog(c: Common, sockets: Vec<Subscriber>) -> Result<Value> {
         "mode": "fanout", "backlog": true, "connections": c.connections,
         "rls_claim_sets": c.rls_claim_sets, "filter_sets": c.filter_sets,
         "rls_policy": if c.rls_subquery { "subquery" } else { "claim" },
+        "rls_one_team": c.rls_one_team,
         "rows_per_commit": c.rows_per_commit, "changes_written": passes * c.rows,
         "deliveries_expected": expected, "changes_delivered": delivered,
         "seconds": (seconds * 100.0).round() / 100.0,
@@ -622,10 +648,19 @@ async fn backlog(c: Common, sockets: Vec<Subscriber>) -> Result<Value> {
     }))
 }
 
+/// The teams of `bench_item`'s rows and of the users: N claim sets or filters, one with
+/// `--rls-one-team`, none without RLS or filters.
+fn teams(c: &Common) -> usize {
+    match c.rls_claim_sets > 0 && c.rls_one_team {
+        true => 1,
+        false => c.rls_claim_sets.max(c.filter_sets),
+    }
+}
+
 /// The deliveries one update of every row of `bench_item` makes: row `id` reaches the
-/// connections of team `id % N`, N claim sets or filters (all of them without either).
+/// connections of team `id % N` (all of them without teams).
 fn deliveries_per_pass(c: &Common) -> u64 {
-    let teams = c.rls_claim_sets.max(c.filter_sets);
+    let teams = teams(c);
     if teams == 0 {
         return (c.rows * c.connections) as u64;
     }

@@ -37,6 +37,7 @@ use crate::model::subscription::{judge, Judgement, Sight, Target};
 use deadpool_postgres::{Object, Pool};
 use pg_sync_core::policy::Visibility;
 use serde_json::{Map, Value};
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use tokio_postgres::Client;
@@ -60,6 +61,32 @@ impl ChangeSight {
             before: self.before.binary_search(&group).is_ok(),
             after: self.after.binary_search(&group).is_ok(),
         }
+    }
+
+    /// The groups that see one version or the other, sorted: the lists themselves when they
+    /// are one (an update that kept the row in the same sight, the common case), else their
+    /// merge. With every subscriber in a claim set of its own these lists are as long as
+    /// the connections, and sorting their concatenation was the router's largest cost.
+    pub fn either(&self) -> Cow<'_, [GroupId]> {
+        if self.before == self.after || self.before.is_empty() {
+            return Cow::Borrowed(&self.after);
+        }
+        if self.after.is_empty() {
+            return Cow::Borrowed(&self.before);
+        }
+        let (mut a, mut b) = (self.before.iter().peekable(), self.after.iter().peekable());
+        let mut out = Vec::with_capacity(self.before.len().max(self.after.len()));
+        while let (Some(&&x), Some(&&y)) = (a.peek(), b.peek()) {
+            out.push(x.min(y));
+            if x <= y {
+                a.next();
+            }
+            if y <= x {
+                b.next();
+            }
+        }
+        out.extend(a.chain(b));
+        Cow::Owned(out)
     }
 }
 
@@ -681,5 +708,29 @@ impl Judge {
             refused,
             judged_rls: false,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_groups_seeing_either_version_are_each_named_once_in_order() {
+        let sight = |before: &[GroupId], after: &[GroupId]| ChangeSight {
+            before: before.to_vec(),
+            after: after.to_vec(),
+        };
+        let either = |s: &ChangeSight| s.either().into_owned();
+        assert_eq!(either(&sight(&[1, 3, 5], &[1, 3, 5])), [1, 3, 5]);
+        assert!(matches!(sight(&[1, 3], &[1, 3]).either(), Cow::Borrowed(_)));
+        assert_eq!(either(&sight(&[], &[2, 4])), [2, 4]);
+        assert_eq!(either(&sight(&[2, 4], &[])), [2, 4]);
+        assert_eq!(
+            either(&sight(&[1, 3, 5], &[2, 3, 6, 7])),
+            [1, 2, 3, 5, 6, 7]
+        );
+        assert_eq!(either(&sight(&[4, 8], &[1, 2])), [1, 2, 4, 8]);
+        assert_eq!(either(&sight(&[], &[])), Vec::<GroupId>::new());
     }
 }

@@ -110,12 +110,22 @@ impl EntityIndex {
         out.extend(self.rows.values().flatten());
     }
 
-    /// The subscriptions that may want `change` when only `groups` see a version of it.
+    /// The subscriptions that may want `change` when only `groups` (sorted) see a version of
+    /// it. Of many groups, those listening are found by walking the listeners instead of
+    /// looking each group up.
     pub fn groups(&self, change: &Change, groups: &[GroupId], out: &mut Vec<Key>) {
         self.naming(change, out);
         self.filed(change, Some(groups), out);
-        for g in groups {
-            out.extend(self.rows.get(g).into_iter().flatten());
+        if groups.len() < self.rows.len() {
+            for g in groups {
+                out.extend(self.rows.get(g).into_iter().flatten());
+            }
+        } else {
+            let seeing = self
+                .rows
+                .iter()
+                .filter(|(g, _)| groups.binary_search(g).is_ok());
+            out.extend(seeing.flat_map(|(_, keys)| keys));
         }
     }
 
@@ -166,5 +176,33 @@ fn remove_from<K: std::hash::Hash + Eq>(map: &mut HashMap<K, HashSet<Key>>, key:
         if set.is_empty() {
             map.remove(key);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::change::{sample, Op};
+
+    #[test]
+    fn the_groups_that_see_a_change_find_their_listeners_whether_looked_up_or_walked() {
+        let mut index = EntityIndex::default();
+        for (group, conn) in [(1, 10), (2, 20), (2, 21), (3, 30)] {
+            index.add(&Target::Rows(None), group, (conn, 1));
+        }
+        let change = sample(Op::Update, "7", None, None);
+        let found = |groups: &[GroupId]| {
+            let mut out = Vec::new();
+            index.groups(&change, groups, &mut out);
+            out.sort_unstable();
+            out.iter().map(|&(conn, _)| conn).collect::<Vec<_>>()
+        };
+        // Fewer groups than listen: each looked up.
+        assert_eq!(found(&[2]), [20, 21]);
+        assert_eq!(found(&[4]), Vec::<ConnId>::new());
+        // As many or more: the listeners walked, each kept if its group is named.
+        assert_eq!(found(&[2, 4, 5, 6]), [20, 21]);
+        assert_eq!(found(&[1, 2, 3, 4]), [10, 20, 21, 30]);
+        assert_eq!(found(&[5, 6, 7, 8]), Vec::<ConnId>::new());
     }
 }

@@ -308,11 +308,7 @@ impl Router {
                     }
                     (_, Verdict::Seen(None)) => entry.every_group(change, &mut candidates),
                     (_, Verdict::Seen(Some(s))) => {
-                        let mut groups: Vec<GroupId> =
-                            s.before.iter().chain(&s.after).copied().collect();
-                        groups.sort_unstable();
-                        groups.dedup();
-                        entry.groups(change, &groups, &mut candidates)
+                        entry.groups(change, &s.either(), &mut candidates)
                     }
                 }
                 for &(conn_id, sub_id) in &candidates {
