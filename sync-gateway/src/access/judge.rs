@@ -49,9 +49,10 @@ const UNJUDGED: &str = "the gateway could not judge this table's rows; subscribe
 /// Who may see the versions of one change of an entity with row-level security.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct ChangeSight {
-    /// Groups that may see the row before the change, sorted.
+    /// Groups that may see the row before the change, ascending, each once (`either` and
+    /// the router's index rely on it).
     pub before: Vec<GroupId>,
-    /// Groups that may see it after, sorted.
+    /// Groups that may see it after, likewise.
     pub after: Vec<GroupId>,
 }
 
@@ -68,6 +69,8 @@ impl ChangeSight {
     /// merge. With every subscriber in a claim set of its own these lists are as long as
     /// the connections, and sorting their concatenation was the router's largest cost.
     pub fn either(&self) -> Cow<'_, [GroupId]> {
+        let ascending = |groups: &[GroupId]| groups.windows(2).all(|w| w[0] < w[1]);
+        debug_assert!(ascending(&self.before) && ascending(&self.after));
         if self.before == self.after || self.before.is_empty() {
             return Cow::Borrowed(&self.after);
         }
@@ -620,13 +623,20 @@ impl Judge {
             }
         }
         let mut at = 0;
+        // Per index, the groups that see each distinct inputs of an image (`inputs`).
+        let mut seen: Vec<HashMap<String, Vec<GroupId>>> = vec![HashMap::new(); indexed.len()];
         let mut seen_by = |image: Option<&Map<String, Value>>| -> Vec<GroupId> {
             let Some(image) = image else {
                 return Vec::new();
             };
             let mut groups: Vec<GroupId> = see_all.clone();
-            for ((_, index, _), memberships) in indexed.iter().zip(&memberships) {
-                groups.extend(index.visible(&memberships.row(image)));
+            for (((_, index, _), memberships), seen) in
+                indexed.iter().zip(&memberships).zip(&mut seen)
+            {
+                let by_index = seen
+                    .entry(index.inputs(image))
+                    .or_insert_with(|| index.visible(&memberships.row(image)));
+                groups.extend_from_slice(by_index);
             }
             groups.append(&mut database_sees[at]);
             at += 1;

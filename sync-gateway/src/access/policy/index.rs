@@ -113,6 +113,31 @@ fn reads_columns(expr: &Expr) -> bool {
     }
 }
 
+/// Every column of the row `expr` reads: its terms', and each membership's key column (its
+/// rows are found by that column's value).
+fn columns_read(expr: &Expr, out: &mut Vec<String>) {
+    let term = |t: &Term, out: &mut Vec<String>| {
+        if let Term::Column(c) = t {
+            out.push(c.clone());
+        }
+    };
+    match expr {
+        Expr::And(a) | Expr::Or(a) => a.iter().for_each(|e| columns_read(e, out)),
+        Expr::Not(a) => columns_read(a, out),
+        Expr::Const(_) => {}
+        Expr::Cmp { left, right, .. } => {
+            term(left, out);
+            term(right, out);
+        }
+        Expr::Null(t) | Expr::NotNull(t) => term(t, out),
+        Expr::Contains { item, .. } => term(item, out),
+        Expr::Member(m) => {
+            out.push(m.column.clone());
+            m.fields.iter().for_each(|f| term(&f.term, out));
+        }
+    }
+}
+
 fn reads_claims(expr: &Expr) -> bool {
     let term = |t: &Term| matches!(t, Term::Claim { .. });
     match expr {
@@ -240,6 +265,8 @@ pub struct GroupIndex {
     memberships: Vec<Asked>,
     /// Per membership (as `memberships`), the groups that ask for each field values.
     askers: Vec<HashMap<Vec<String>, Vec<GroupId>>>,
+    /// The columns of a row the policy reads, each once.
+    reads: Vec<String>,
 }
 
 impl GroupIndex {
@@ -296,6 +323,10 @@ impl GroupIndex {
                 })
                 .collect()
         });
+        let mut reads = Vec::new();
+        columns_read(&expr, &mut reads);
+        reads.sort_unstable();
+        reads.dedup();
         let mut index = GroupIndex {
             expr,
             claims,
@@ -304,6 +335,7 @@ impl GroupIndex {
             inexact: set_apart,
             memberships: Vec::new(),
             askers: Vec::new(),
+            reads,
         };
         if index.conjuncts.is_none() {
             // Evaluated one by one: a group fails when its claims make the policy raise on
@@ -394,6 +426,24 @@ impl GroupIndex {
     }
 
     /// The groups (sorted) that may see `row`, among those that did not fail.
+    /// What `visible` depends on of an image: the values of the columns the policy reads
+    /// (the membership rows of a page are found by them too), as text. Two images with the
+    /// same inputs are seen by the same groups, with the same memberships: a page judges
+    /// each distinct inputs once (with every subscriber in a claim set of its own, finding
+    /// the groups of one image is as many lookups as there are subscribers).
+    pub fn inputs(&self, image: &Map<String, Value>) -> String {
+        let mut out = String::new();
+        for column in &self.reads {
+            // Control characters are escaped in JSON: neither mark can occur in a value.
+            match image.get(column) {
+                Some(value) => out.push_str(&value.to_string()),
+                None => out.push('\u{0}'),
+            }
+            out.push('\u{1}');
+        }
+        out
+    }
+
     pub fn visible<R: Row + ?Sized>(&self, row: &R) -> Vec<GroupId> {
         let mut out = Vec::new();
         match &self.conjuncts {

@@ -21,6 +21,7 @@ mod tests {
     use crate::model::change::AccessScope;
     use pg_sync_core::policy::Expr;
     use serde_json::{json, Map, Value};
+    use std::collections::HashSet;
 
     fn expr(value: Value) -> Expr {
         serde_json::from_value(value).unwrap()
@@ -197,6 +198,57 @@ mod tests {
         let not = expr(json!({"not": serde_json::to_value(&e).unwrap()}));
         let index = GroupIndex::new(not, groups);
         assert_eq!(index.visible(&memberships.row(&seven)), [3, 4]);
+    }
+
+    /// A page judges each distinct inputs of an image once (`GroupIndex::inputs`): images
+    /// with the same inputs must be seen by the same groups, whatever else they hold.
+    #[test]
+    fn images_with_the_same_inputs_are_seen_by_the_same_groups() {
+        let (member, memberships) = membership();
+        let team = json!({"cmp": {"op": "eq", "type": "text", "left": {"column": "team"}, "right": {"claim": {"path": ["team"]}}}});
+        let e = expr(json!({"or": [team, serde_json::to_value(&member).unwrap()]}));
+        let groups = (0..6u32).map(|g| {
+            (
+                g,
+                json!({"sub": format!("u{}", g % 3), "team": if g % 2 == 0 { "a" } else { "b" }}),
+            )
+        });
+        let index = GroupIndex::new(e, groups);
+        let values = [
+            json!(null),
+            json!("a"),
+            json!("b"),
+            json!(7),
+            json!(8),
+            json!("7"),
+        ];
+        let mut images = Vec::new();
+        for team in values.iter().map(Some).chain([None]) {
+            for project in values.iter().map(Some).chain([None]) {
+                for pad in [1, 2] {
+                    let mut image = row(json!({ "pad": pad }));
+                    image.extend(team.map(|t| ("team".to_owned(), t.clone())));
+                    image.extend(project.map(|p| ("project".to_owned(), p.clone())));
+                    images.push(image);
+                }
+            }
+        }
+        let judged: Vec<(String, Vec<GroupId>)> = images
+            .iter()
+            .map(|i| (index.inputs(i), index.visible(&memberships.row(i))))
+            .collect();
+        for (a, seen_a) in &judged {
+            for (b, seen_b) in &judged {
+                if a == b {
+                    assert_eq!(seen_a, seen_b, "inputs {a:?}");
+                }
+            }
+        }
+        // What the policy does not read is not an input; NULL and a missing column differ.
+        assert_eq!(judged[0].0, judged[1].0);
+        let distinct: HashSet<&String> = judged.iter().map(|(i, _)| i).collect();
+        assert_eq!(distinct.len(), images.len() / 2);
+        assert!(judged.iter().any(|(_, seen)| !seen.is_empty()));
     }
 
     #[test]
