@@ -425,7 +425,6 @@ impl GroupIndex {
         Named::Fields(fields)
     }
 
-    /// The groups (sorted) that may see `row`, among those that did not fail.
     /// What `visible` depends on of an image: the values of the columns the policy reads
     /// (the membership rows of a page are found by them too), as text. Two images with the
     /// same inputs are seen by the same groups, with the same memberships: a page judges
@@ -444,6 +443,7 @@ impl GroupIndex {
         out
     }
 
+    /// The groups (sorted) that may see `row`, among those that did not fail.
     pub fn visible<R: Row + ?Sized>(&self, row: &R) -> Vec<GroupId> {
         let mut out = Vec::new();
         match &self.conjuncts {
