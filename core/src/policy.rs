@@ -57,6 +57,32 @@ pub enum Expr {
     Member(Member),
 }
 
+impl Expr {
+    /// Calls `f` with this expression and each one under it.
+    pub fn each<'a>(&'a self, f: &mut impl FnMut(&'a Expr)) {
+        f(self);
+        match self {
+            Expr::And(all) | Expr::Or(all) => all.iter().for_each(|e| e.each(f)),
+            Expr::Not(e) => e.each(f),
+            _ => {}
+        }
+    }
+
+    /// Calls `f` with each term compared at any depth: both sides of a comparison, a NULL
+    /// test's, a `?`'s item, each membership field's.
+    pub fn each_term<'a>(&'a self, f: &mut impl FnMut(&'a Term)) {
+        self.each(&mut |e| match e {
+            Expr::Cmp { left, right, .. } => {
+                f(left);
+                f(right);
+            }
+            Expr::Null(t) | Expr::NotNull(t) | Expr::Contains { item: t, .. } => f(t),
+            Expr::Member(m) => m.fields.iter().for_each(|field| f(&field.term)),
+            Expr::And(_) | Expr::Or(_) | Expr::Not(_) | Expr::Const(_) => {}
+        });
+    }
+}
+
 /// The membership an `Expr::Member` asks about. The gateway reads the rows of `table` whose
 /// `key` equals a row's `column` as the subscriber's role (`sync.members`), and compares
 /// their fields with the terms itself.

@@ -60,30 +60,17 @@ pub fn audience(entity: &Entity, plan: &Plan, user: &UserContext) -> Option<Stri
 
 /// Every claim path `expr` reads.
 fn claim_paths(expr: &Expr) -> BTreeSet<Vec<String>> {
-    fn term(t: &Term, out: &mut BTreeSet<Vec<String>>) {
+    let mut out = BTreeSet::new();
+    expr.each_term(&mut |t| {
         if let Term::Claim { path, .. } = t {
             out.insert(path.clone());
         }
-    }
-    fn walk(e: &Expr, out: &mut BTreeSet<Vec<String>>) {
-        match e {
-            Expr::And(all) | Expr::Or(all) => all.iter().for_each(|e| walk(e, out)),
-            Expr::Not(e) => walk(e, out),
-            Expr::Const(_) => {}
-            Expr::Cmp { left, right, .. } => {
-                term(left, out);
-                term(right, out);
-            }
-            Expr::Null(t) | Expr::NotNull(t) => term(t, out),
-            Expr::Contains { claim, item } => {
-                out.insert(claim.clone());
-                term(item, out);
-            }
-            Expr::Member(m) => m.fields.iter().for_each(|f| term(&f.term, out)),
+    });
+    expr.each(&mut |e| {
+        if let Expr::Contains { claim, .. } = e {
+            out.insert(claim.clone());
         }
-    }
-    let mut out = BTreeSet::new();
-    walk(expr, &mut out);
+    });
     out
 }
 

@@ -113,31 +113,6 @@ fn reads_columns(expr: &Expr) -> bool {
     }
 }
 
-/// Every column of the row `expr` reads: its terms', and each membership's key column (its
-/// rows are found by that column's value).
-fn columns_read(expr: &Expr, out: &mut Vec<String>) {
-    let term = |t: &Term, out: &mut Vec<String>| {
-        if let Term::Column(c) = t {
-            out.push(c.clone());
-        }
-    };
-    match expr {
-        Expr::And(a) | Expr::Or(a) => a.iter().for_each(|e| columns_read(e, out)),
-        Expr::Not(a) => columns_read(a, out),
-        Expr::Const(_) => {}
-        Expr::Cmp { left, right, .. } => {
-            term(left, out);
-            term(right, out);
-        }
-        Expr::Null(t) | Expr::NotNull(t) => term(t, out),
-        Expr::Contains { item, .. } => term(item, out),
-        Expr::Member(m) => {
-            out.push(m.column.clone());
-            m.fields.iter().for_each(|f| term(&f.term, out));
-        }
-    }
-}
-
 fn reads_claims(expr: &Expr) -> bool {
     let term = |t: &Term| matches!(t, Term::Claim { .. });
     match expr {
@@ -323,8 +298,19 @@ impl GroupIndex {
                 })
                 .collect()
         });
+        // Every column of the row the policy reads: its terms', and each membership's key
+        // column (its rows are found by that column's value).
         let mut reads = Vec::new();
-        columns_read(&expr, &mut reads);
+        expr.each_term(&mut |t| {
+            if let Term::Column(c) = t {
+                reads.push(c.clone());
+            }
+        });
+        expr.each(&mut |e| {
+            if let Expr::Member(m) = e {
+                reads.push(m.column.clone());
+            }
+        });
         reads.sort_unstable();
         reads.dedup();
         let mut index = GroupIndex {

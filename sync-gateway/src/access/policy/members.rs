@@ -19,16 +19,11 @@ pub struct Memberships {
 impl Memberships {
     /// The memberships `expr` asks about, each once.
     pub fn asked(expr: &Expr) -> Vec<&Member> {
-        fn walk<'a>(e: &'a Expr, out: &mut Vec<&'a Member>) {
-            match e {
-                Expr::And(all) | Expr::Or(all) => all.iter().for_each(|e| walk(e, out)),
-                Expr::Not(e) => walk(e, out),
-                Expr::Member(m) if !out.contains(&m) => out.push(m),
-                _ => {}
-            }
-        }
         let mut out = Vec::new();
-        walk(expr, &mut out);
+        expr.each(&mut |e| match e {
+            Expr::Member(m) if !out.contains(&m) => out.push(m),
+            _ => {}
+        });
         out
     }
 
