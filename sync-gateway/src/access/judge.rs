@@ -67,7 +67,7 @@ impl ChangeSight {
     /// The groups that see one version or the other, sorted: the lists themselves when they
     /// are one (an update that kept the row in the same sight, the common case), else their
     /// merge. With every subscriber in a claim set of its own these lists are as long as
-    /// the connections, and sorting their concatenation was the router's largest cost.
+    /// the connections, and sorting their concatenation took a tenth of the router's time.
     pub fn either(&self) -> Cow<'_, [GroupId]> {
         let ascending = |groups: &[GroupId]| groups.windows(2).all(|w| w[0] < w[1]);
         debug_assert!(ascending(&self.before) && ascending(&self.after));
