@@ -77,30 +77,25 @@ impl Limits {
                 self.conditions, self.in_values
             ));
         }
-        let replays = kept_subs(conn_id, conn, replacing)
-            .filter(|s| s.replay.is_some())
-            .count();
-        if request.since.is_some() && replays >= self.replays {
+        if request.since.is_some() && running_replays(conn_id, conn, replacing) >= self.replays {
             return Err(self.too_many_replays());
         }
         Ok(())
     }
 
-    /// Whether connection `conn` may defer `request` (with `since`) to the drain's end,
+    /// Whether connection `conn` may defer a SUBSCRIBE with `since` to the drain's end,
     /// `waiting` being how many other requests it deferred: each starts a replay there, so
-    /// they count with the replays it runs (but not one `request` replaces). This bounds
-    /// what a connection can queue while a drain lasts.
+    /// they count with the replays it runs (but not the one of `replacing`, the subscription
+    /// the request would replace). This bounds what a connection can queue while a drain
+    /// lasts.
     pub(super) fn admits_deferred(
         &self,
+        conn_id: ConnId,
         conn: &Conn,
         waiting: usize,
-        request: &SubscribeRequest,
+        replacing: Option<(ConnId, SubId)>,
     ) -> Result<(), String> {
-        let running = conn
-            .subs
-            .values()
-            .filter(|s| s.replay.is_some() && s.subscription != request.subscription);
-        if running.count() + waiting >= self.replays {
+        if running_replays(conn_id, conn, replacing) + waiting >= self.replays {
             return Err(self.too_many_replays());
         }
         Ok(())
@@ -112,6 +107,13 @@ impl Limits {
             self.replays
         )
     }
+}
+
+/// The replays `conn` runs, but the one of `replacing`.
+fn running_replays(conn_id: ConnId, conn: &Conn, replacing: Option<(ConnId, SubId)>) -> usize {
+    kept_subs(conn_id, conn, replacing)
+        .filter(|s| s.replay.is_some())
+        .count()
 }
 
 /// The subscriptions of `conn` but `replacing`.

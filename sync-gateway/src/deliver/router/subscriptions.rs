@@ -106,7 +106,11 @@ impl Router {
             *twin = request;
             return;
         }
-        match self.limits.admits_deferred(conn, waiting.len(), &request) {
+        let replacing = held_as(request.conn, conn, &request.subscription);
+        match self
+            .limits
+            .admits_deferred(request.conn, conn, waiting.len(), replacing)
+        {
             Ok(()) => waiting.push(request),
             Err(message) => {
                 let code = ErrorCode::TooManySubscriptions;
@@ -127,11 +131,7 @@ impl Router {
         let reference = request.reference.clone();
         // The same subscription again replaces the one held (once the new one is admitted):
         // one entry each, however often a client sends it.
-        let same = conn
-            .subs
-            .iter()
-            .find(|(_, s)| s.subscription == request.subscription)
-            .map(|(id, _)| (conn_id, *id));
+        let same = held_as(conn_id, conn, &request.subscription);
         let users_conns = self.users.get(&conn.user.sub).into_iter().flatten();
         let users_conns = users_conns.filter_map(|id| Some((*id, self.connections.get(id)?)));
         if let Err(message) = self
@@ -385,6 +385,14 @@ fn mirror_rows(conn: &Conn, subscription: &Subscription) -> Vec<SubscriptionRow>
         Target::Ids(ids) => ids.iter().map(|id| row(Some(id.clone()), None)).collect(),
         Target::Rows(filter) => vec![row(None, filter_json(filter.as_deref()))],
     }
+}
+
+/// The subscription of `conn` that is `subscription`: a SUBSCRIBE of it again replaces it.
+fn held_as(conn_id: ConnId, conn: &Conn, subscription: &Subscription) -> Option<(ConnId, SubId)> {
+    conn.subs
+        .iter()
+        .find(|(_, s)| s.subscription == *subscription)
+        .map(|(id, _)| (conn_id, *id))
 }
 
 /// Takes what an UNSUBSCRIBE of `ids` (None: all of it) takes from `target`; returns the ids
