@@ -704,23 +704,11 @@ async fn readiness_takes_no_client_connection() {
         .await;
     session.expect("SUBSCRIBED").await;
     // The replay's judgement runs (on the one client connection) once sync.visible sleeps.
-    let sleeping = "SELECT count(*) FROM pg_stat_activity
-                     WHERE usename = 'sync_gateway' AND query LIKE '%sync.visible%'";
-    let observer = cluster.connect().await;
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    while observer
-        .query_one(sleeping, &[])
-        .await
-        .unwrap()
-        .get::<_, i64>(0)
-        == 0
-    {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the replay never judged"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
+    let sleeping = "SELECT EXISTS (SELECT FROM pg_stat_activity
+                     WHERE usename = 'sync_gateway' AND query LIKE '%sync.visible%')";
+    cluster
+        .wait_until(sleeping, &[], "the replay never judged")
+        .await;
     for _ in 0..20 {
         assert_eq!(gateway.get("/readyz").await.unwrap().0, 200);
     }

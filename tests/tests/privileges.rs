@@ -860,19 +860,8 @@ async fn no_role_can_hold_pg_syncs_locks() {
     let mut bob = watch_doc(&gateway, "bob", "").await;
     cluster.execute("INSERT INTO doc VALUES ('d1', 'x')").await;
     // The WAL change is ingested before the marker's (trigger-captured) change is read.
-    let ingested = "SELECT count(*) FROM sync.change_history WHERE entity_code = 'doc'";
-    let client = cluster.connect().await;
-    let deadline = tokio::time::Instant::now() + pg_sync_tests::gateway::PATIENCE;
-    while client
-        .query_one(ingested, &[])
-        .await
-        .unwrap()
-        .get::<_, i64>(0)
-        == 0
-    {
-        assert!(tokio::time::Instant::now() < deadline, "never ingested");
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
+    let ingested = "SELECT EXISTS (SELECT FROM sync.change_history WHERE entity_code = 'doc')";
+    cluster.wait_until(ingested, &[], "never ingested").await;
     cluster.execute("INSERT INTO marker VALUES (1)").await;
     assert_eq!(
         actions(&bob.changes_until(1).await),
