@@ -633,10 +633,13 @@ impl Judge {
             for (((_, index, _), memberships), seen) in
                 indexed.iter().zip(&memberships).zip(&mut seen)
             {
-                let by_index = seen
-                    .entry(index.inputs(image))
-                    .or_insert_with(|| index.visible(&memberships.row(image)));
-                groups.extend_from_slice(by_index);
+                let row = memberships.row(image);
+                match index.inputs(image) {
+                    Some(inputs) => groups.extend_from_slice(
+                        seen.entry(inputs).or_insert_with(|| index.visible(&row)),
+                    ),
+                    None => groups.extend(index.visible(&row)),
+                }
             }
             groups.append(&mut database_sees[at]);
             at += 1;

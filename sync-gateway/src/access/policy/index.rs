@@ -55,6 +55,9 @@ impl Literal {
     }
 }
 
+/// The longest inputs of an image (`GroupIndex::inputs`) a page keeps, in bytes.
+const MAX_INPUTS: usize = 1024;
+
 /// Disjuncts of conjunctions, as many as this at most; beyond, groups are evaluated one by
 /// one.
 const MAX_DISJUNCTS: usize = 64;
@@ -415,8 +418,10 @@ impl GroupIndex {
     /// (the membership rows of a page are found by them too), as text. Two images with the
     /// same inputs are seen by the same groups, with the same memberships: a page judges
     /// each distinct inputs once (with every subscriber in a claim set of its own, finding
-    /// the groups of one image is as many lookups as there are subscribers).
-    pub fn inputs(&self, image: &Map<String, Value>) -> String {
+    /// the groups of one image is as many lookups as there are subscribers). None past
+    /// `MAX_INPUTS`: such an image is judged alone, so that values a writer made large are
+    /// not kept again, escaped, beside the page.
+    pub fn inputs(&self, image: &Map<String, Value>) -> Option<String> {
         let mut out = String::new();
         for column in &self.reads {
             // Control characters are escaped in JSON: neither mark can occur in a value.
@@ -425,8 +430,11 @@ impl GroupIndex {
                 None => out.push('\u{0}'),
             }
             out.push('\u{1}');
+            if out.len() > MAX_INPUTS {
+                return None;
+            }
         }
-        out
+        Some(out)
     }
 
     /// The groups (sorted) that may see `row`, among those that did not fail.

@@ -235,7 +235,7 @@ mod tests {
         }
         let judged: Vec<(String, Vec<GroupId>)> = images
             .iter()
-            .map(|i| (index.inputs(i), index.visible(&memberships.row(i))))
+            .map(|i| (index.inputs(i).unwrap(), index.visible(&memberships.row(i))))
             .collect();
         for (a, seen_a) in &judged {
             for (b, seen_b) in &judged {
@@ -249,6 +249,9 @@ mod tests {
         let distinct: HashSet<&String> = judged.iter().map(|(i, _)| i).collect();
         assert_eq!(distinct.len(), images.len() / 2);
         assert!(judged.iter().any(|(_, seen)| !seen.is_empty()));
+        // Inputs a writer made large are not kept: that image is judged alone.
+        let large = row(json!({"team": "\u{1}".repeat(200), "project": 7}));
+        assert_eq!(index.inputs(&large), None);
     }
 
     #[test]
